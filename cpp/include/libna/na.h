@@ -1,0 +1,94 @@
+// libna's operators. Each one validates its arguments (throwing
+// std::invalid_argument, or libna::dtype_error for element-type problems,
+// with the op name and offending values in the message) and then runs on
+// the device that holds the tensors.
+//
+// Layout is heads-last: q [B, *spatial, heads, D], k [B, *spatial, heads_kv, D],
+// v [B, *spatial, heads_kv, D_v]. Outputs are allocated by the caller.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "libna/export.h"
+#include "libna/tensor.h"
+#include "libna/window.h"
+
+namespace libna {
+
+struct NaParams {
+  int rank = 2;  // number of spatial axes: 1, 2 or 3
+  std::array<std::int64_t, kMaxSpatialRank> kernel_size{};
+  std::array<std::int64_t, kMaxSpatialRank> stride{1, 1, 1};
+  std::array<std::int64_t, kMaxSpatialRank> dilation{1, 1, 1};
+  std::array<bool, kMaxSpatialRank> is_causal{};
+  std::optional<double> scale;  // softmax scale; default head_dim^-0.5
+
+  // Per-axis neighbourhood parameters for spatial extents `spatial`.
+  AxisParams axis(int a, std::int64_t length) const {
+    return AxisParams{length, kernel_size[a], stride[a], dilation[a], is_causal[a]};
+  }
+  // Number of attention slots per query: prod(kernel_size).
+  std::int64_t window_size() const {
+    std::int64_t n = 1;
+    for (int a = 0; a < rank; ++a) n *= kernel_size[a];
+    return n;
+  }
+};
+
+// "na2d" etc.: the name used in error messages.
+LIBNA_API std::string op_name(const NaParams& params, const char* suffix = "");
+
+// ---- fused attention --------------------------------------------------------
+// out = softmax(scale * q.k + rpb) . v over each query's neighbourhood.
+// rpb: optional [heads, 2k_1-1, ..., 2k_n-1] (non-causal, stride 1 only).
+// lse: optional [B, *spatial, heads], float32 (float64 for float64 inputs).
+LIBNA_API void na_forward(const TensorView& q, const TensorView& k,
+                          const TensorView& v, const TensorView* rpb,
+                          const TensorView& out, const TensorView* lse,
+                          const NaParams& params, void* stream = nullptr);
+
+// Checks the inputs of na_forward without running it (nothing is read from
+// the data pointers), so that callers can validate before they allocate.
+LIBNA_API void check_na_forward(const TensorView& q, const TensorView& k,
+                                const TensorView& v, const TensorView* rpb,
+                                const NaParams& params);
+
+// ---- unfused attention (stride 1) ------------------------------------------
+// attn [B, *spatial, heads, prod(kernel_size)] = q.k (+ rpb), unscaled. Slot t
+// is the row-major index of the per-axis window positions; slots that a causal
+// window does not fill are set to -inf.
+LIBNA_API void na_qk(const TensorView& q, const TensorView& k,
+                     const TensorView* rpb, const TensorView& attn,
+                     const NaParams& params, void* stream = nullptr);
+LIBNA_API void check_na_qk(const TensorView& q, const TensorView& k,
+                           const TensorView* rpb, const NaParams& params);
+
+// out [B, *spatial, heads, D_v] = attn . v with attn in the na_qk slot layout;
+// slots outside a causal window are ignored.
+LIBNA_API void na_av(const TensorView& attn, const TensorView& v,
+                     const TensorView& out, const NaParams& params,
+                     void* stream = nullptr);
+LIBNA_API void check_na_av(const TensorView& attn, const TensorView& v,
+                           const NaParams& params);
+
+// ---- CPU thread pool --------------------------------------------------------
+// Threads used by the CPU backend; the default comes from LIBNA_NUM_THREADS,
+// else the cores this process may run on.
+LIBNA_API void set_num_threads(int num_threads);
+LIBNA_API int get_num_threads();
+
+// ---- build description ------------------------------------------------------
+struct BuildInfo {
+  std::string version;
+  std::vector<std::string> backends;        // "cpu", and "cuda" when compiled
+  std::vector<std::string> cuda_architectures;
+  std::string simd;                         // SIMD level the CPU backend uses
+  std::string compiler;
+};
+LIBNA_API BuildInfo build_info();
+
+}  // namespace libna

@@ -1,0 +1,54 @@
+// The contract between the validating op layer (ops.cpp) and the backends.
+// Arguments arrive validated; backends dispatch rank and dtype once and run.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "libna/na.h"
+
+namespace libna::detail {
+
+struct ForwardArgs {
+  TensorView q, k, v;
+  const TensorView* rpb;  // optional
+  TensorView out;
+  const TensorView* lse;  // optional
+  NaParams params;
+  double scale;
+  void* stream;
+};
+
+struct QkArgs {
+  TensorView q, k;
+  const TensorView* rpb;  // optional
+  TensorView attn;
+  NaParams params;
+  void* stream;
+};
+
+struct AvArgs {
+  TensorView attn, v;
+  TensorView out;
+  NaParams params;
+  void* stream;
+};
+
+}  // namespace libna::detail
+
+namespace libna::cpu {
+void na_forward(const detail::ForwardArgs& args);
+void na_qk(const detail::QkArgs& args);
+void na_av(const detail::AvArgs& args);
+std::string simd_level();
+}  // namespace libna::cpu
+
+// Implemented in cuda/; a build without CUDA links cuda/no_cuda.cpp, which
+// provides the same symbols and throws "built without CUDA".
+namespace libna::cuda {
+bool compiled();
+std::vector<std::string> architectures();
+void na_forward(const detail::ForwardArgs& args);
+void na_qk(const detail::QkArgs& args);
+void na_av(const detail::AvArgs& args);
+}  // namespace libna::cuda

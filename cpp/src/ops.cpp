@@ -1,0 +1,333 @@
+// The op layer: validate once, with the op name and the offending values in
+// every message, then route by device.
+#include <cmath>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#include "backend.h"
+#include "libna/na.h"
+
+namespace libna {
+
+std::string op_name(const NaParams& params, const char* suffix) {
+  return "na" + std::to_string(params.rank) + "d" + suffix;
+}
+
+namespace {
+
+using detail::AvArgs;
+using detail::ForwardArgs;
+using detail::QkArgs;
+
+std::string shape_str(const TensorView& t) {
+  std::ostringstream s;
+  s << "(";
+  for (int i = 0; i < t.ndim; ++i) s << (i ? ", " : "") << t.shape[i];
+  s << (t.ndim == 1 ? ",)" : ")");
+  return s.str();
+}
+
+template <typename T>
+std::string tuple_str(const T* values, int n) {
+  std::ostringstream s;
+  s << "(";
+  for (int i = 0; i < n; ++i) s << (i ? ", " : "") << values[i];
+  s << (n == 1 ? ",)" : ")");
+  return s.str();
+}
+
+std::string layout(int rank, const char* last) {
+  return std::string("[batch, *spatial(") + std::to_string(rank) + "), " + last + "]";
+}
+
+class Checker {
+ public:
+  Checker(const NaParams& params, const char* suffix)
+      : params_(params), op_(op_name(params, suffix)) {}
+
+  [[noreturn]] void fail(const std::string& message) const {
+    throw std::invalid_argument("[" + op_ + "] " + message);
+  }
+  const std::string& op() const { return op_; }
+  int rank() const { return params_.rank; }
+
+  void rank_is_valid() const {
+    if (params_.rank < 1 || params_.rank > kMaxSpatialRank) {
+      fail("spatial rank must be 1, 2 or 3, got " + std::to_string(params_.rank));
+    }
+  }
+
+  // t has rank + 3 dimensions, none of them empty.
+  void attention_tensor(const char* name, const TensorView& t, const char* last) const {
+    if (t.ndim != params_.rank + 3) {
+      fail(std::string(name) + " must have " + std::to_string(params_.rank + 3) +
+           " dimensions " + layout(params_.rank, last) + ", got " + std::to_string(t.ndim) +
+           " with shape " + shape_str(t));
+    }
+    nonempty(name, t);
+  }
+
+  void nonempty(const char* name, const TensorView& t) const {
+    for (int i = 0; i < t.ndim; ++i) {
+      if (t.shape[i] <= 0) {
+        fail(std::string(name) + " has a zero-size dimension: shape " + shape_str(t) +
+             "; every dimension must be at least 1");
+      }
+    }
+  }
+
+  void same_dtype_and_device(const char* ref_name, const TensorView& ref, const char* name,
+                             const TensorView& t) const {
+    if (t.dtype != ref.dtype) {
+      throw dtype_error("[" + op_ + "] " + name + " has dtype " + dtype_name(t.dtype) +
+                        " but " + ref_name + " has dtype " + dtype_name(ref.dtype) +
+                        "; all inputs must share one dtype");
+    }
+    if (t.device != ref.device) {
+      fail(std::string(name) + " is on " + device_name(t.device) + " but " + ref_name +
+           " is on " + device_name(ref.device) + "; all inputs must be on one device");
+    }
+  }
+
+  // Dimensions [first, last) of a and b agree.
+  void same_dims(const char* a_name, const TensorView& a, const char* b_name,
+                 const TensorView& b, int first, int last, const char* what) const {
+    for (int i = first; i < last; ++i) {
+      if (a.shape[i] != b.shape[i]) {
+        fail(std::string(b_name) + " shape " + shape_str(b) + " does not match " + a_name +
+             " shape " + shape_str(a) + " in the " + what + " dimensions");
+      }
+    }
+  }
+
+  // kernel, stride, dilation against the spatial extents of `t`.
+  void window_params(const TensorView& t) const {
+    const int n = params_.rank;
+    std::int64_t spatial[kMaxSpatialRank] = {};
+    for (int a = 0; a < n; ++a) spatial[a] = t.shape[1 + a];
+    const auto& ks = params_.kernel_size;
+    const auto& st = params_.stride;
+    const auto& dl = params_.dilation;
+    for (int a = 0; a < n; ++a) {
+      if (ks[a] < 2) {
+        fail("kernel_size=" + tuple_str(ks.data(), n) + " must be at least 2 along every axis");
+      }
+      if (dl[a] < 1) {
+        fail("dilation=" + tuple_str(dl.data(), n) + " must be at least 1 along every axis");
+      }
+      if (ks[a] > spatial[a]) {
+        fail("kernel_size=" + tuple_str(ks.data(), n) + " must not exceed the spatial extent " +
+             tuple_str(spatial, n) + " along any axis");
+      }
+      if (ks[a] * dl[a] > spatial[a]) {
+        fail("kernel_size * dilation = " + tuple_str(ks.data(), n) + " * " +
+             tuple_str(dl.data(), n) + " must not exceed the spatial extent " +
+             tuple_str(spatial, n) + " along any axis");
+      }
+      if (st[a] < 1 || st[a] > ks[a]) {
+        fail("stride=" + tuple_str(st.data(), n) +
+             " must be between 1 and the kernel size " + tuple_str(ks.data(), n) +
+             " along every axis");
+      }
+    }
+  }
+
+  void stride_is_one() const {
+    for (int a = 0; a < params_.rank; ++a) {
+      if (params_.stride[a] != 1) {
+        fail("stride=" + tuple_str(params_.stride.data(), params_.rank) +
+             " is not supported here; only stride 1");
+      }
+    }
+  }
+
+  void rpb(const TensorView& rpb, const TensorView& q) const {
+    const int n = params_.rank;
+    for (int a = 0; a < n; ++a) {
+      if (params_.is_causal[a]) {
+        fail("rpb (relative positional bias) is only defined for non-causal attention, got "
+             "is_causal=" + causal_str());
+      }
+      if (params_.stride[a] != 1) {
+        fail("rpb (relative positional bias) is only defined for stride 1, got stride=" +
+             tuple_str(params_.stride.data(), n));
+      }
+    }
+    same_dtype_and_device("q", q, "rpb", rpb);
+    bool ok = rpb.ndim == n + 1 && rpb.shape[0] == q.shape[n + 1];
+    for (int a = 0; ok && a < n; ++a) ok = rpb.shape[1 + a] == 2 * params_.kernel_size[a] - 1;
+    if (!ok) {
+      std::int64_t expected[kMaxSpatialRank + 1] = {q.shape[n + 1]};
+      for (int a = 0; a < n; ++a) expected[1 + a] = 2 * params_.kernel_size[a] - 1;
+      fail("rpb must have shape [heads, 2*kernel_size-1 per axis] = " +
+           tuple_str(expected, n + 1) + ", got " + shape_str(rpb));
+    }
+  }
+
+  void scale(const std::optional<double>& scale) const {
+    if (scale && !std::isfinite(*scale)) {
+      fail("scale=" + std::to_string(*scale) + " must be a finite number");
+    }
+  }
+
+  std::string causal_str() const {
+    std::ostringstream s;
+    s << "(";
+    for (int a = 0; a < params_.rank; ++a) {
+      s << (a ? ", " : "") << (params_.is_causal[a] ? "True" : "False");
+    }
+    s << (params_.rank == 1 ? ",)" : ")");
+    return s.str();
+  }
+
+ private:
+  const NaParams& params_;
+  std::string op_;
+};
+
+// Shape of t with its last dimension replaced (or dropped, when last < 0).
+TensorView with_last_dim(const TensorView& t, std::int64_t last) {
+  TensorView r = t;
+  if (last < 0) {
+    r.ndim -= 1;
+  } else {
+    r.shape[r.ndim - 1] = last;
+  }
+  return r;
+}
+
+void check_output_like(const Checker& c, const char* name, const TensorView& out,
+                       const TensorView& expected_shape, DType dtype, const TensorView& like) {
+  bool ok = out.ndim == expected_shape.ndim;
+  for (int i = 0; ok && i < out.ndim; ++i) ok = out.shape[i] == expected_shape.shape[i];
+  if (!ok) {
+    c.fail(std::string("output ") + name + " must have shape " + shape_str(expected_shape) +
+           ", got " + shape_str(out));
+  }
+  if (out.dtype != dtype) {
+    throw dtype_error("[" + c.op() + "] output " + name + " must have dtype " +
+                      dtype_name(dtype) + ", got " + dtype_name(out.dtype));
+  }
+  if (out.device != like.device) {
+    c.fail(std::string("output ") + name + " is on " + device_name(out.device) +
+           " but the inputs are on " + device_name(like.device));
+  }
+  if (out.data == nullptr) c.fail(std::string("output ") + name + " has no data");
+}
+
+DType lse_dtype(DType input) { return input == DType::float64 ? DType::float64 : DType::float32; }
+
+// q/k (and v) agree in batch, spatial extents and head dims; heads divide.
+void check_qkv(const Checker& c, const TensorView& q, const TensorView& k, const TensorView* v) {
+  const int n = c.rank();
+  c.attention_tensor("q", q, "heads, head_dim");
+  c.attention_tensor("k", k, "heads_kv, head_dim");
+  c.same_dtype_and_device("q", q, "k", k);
+  c.same_dims("q", q, "k", k, 0, n + 1, "batch and spatial");
+  if (k.shape[n + 2] != q.shape[n + 2]) {
+    c.fail("k head_dim " + std::to_string(k.shape[n + 2]) + " (shape " + shape_str(k) +
+           ") does not match q head_dim " + std::to_string(q.shape[n + 2]) + " (shape " +
+           shape_str(q) + ")");
+  }
+  const std::int64_t heads = q.shape[n + 1], heads_kv = k.shape[n + 1];
+  if (heads % heads_kv != 0) {
+    c.fail("q has " + std::to_string(heads) + " heads, which is not a multiple of the " +
+           std::to_string(heads_kv) + " heads of k and v (grouped-query attention needs heads "
+           "divisible by heads_kv)");
+  }
+  if (v != nullptr) {
+    c.attention_tensor("v", *v, "heads_kv, head_dim_v");
+    c.same_dtype_and_device("q", q, "v", *v);
+    c.same_dims("k", k, "v", *v, 0, n + 2, "batch, spatial and heads");
+  }
+  c.window_params(q);
+}
+
+}  // namespace
+
+void check_na_forward(const TensorView& q, const TensorView& k, const TensorView& v,
+                      const TensorView* rpb, const NaParams& params) {
+  Checker c(params, "");
+  c.rank_is_valid();
+  check_qkv(c, q, k, &v);
+  if (rpb != nullptr) c.rpb(*rpb, q);
+  c.scale(params.scale);
+}
+
+void na_forward(const TensorView& q, const TensorView& k, const TensorView& v,
+                const TensorView* rpb, const TensorView& out, const TensorView* lse,
+                const NaParams& params, void* stream) {
+  check_na_forward(q, k, v, rpb, params);
+  Checker c(params, "");
+  const int n = params.rank;
+  check_output_like(c, "out", out, with_last_dim(q, v.shape[n + 2]), q.dtype, q);
+  if (lse != nullptr) check_output_like(c, "lse", *lse, with_last_dim(q, -1), lse_dtype(q.dtype), q);
+  const double scale =
+      params.scale ? *params.scale : 1.0 / std::sqrt(static_cast<double>(q.shape[n + 2]));
+  const detail::ForwardArgs args{q, k, v, rpb, out, lse, params, scale, stream};
+  if (q.device.type == DeviceType::cuda) {
+    cuda::na_forward(args);
+  } else {
+    cpu::na_forward(args);
+  }
+}
+
+void check_na_qk(const TensorView& q, const TensorView& k, const TensorView* rpb,
+                 const NaParams& params) {
+  Checker c(params, "_qk");
+  c.rank_is_valid();
+  c.stride_is_one();
+  check_qkv(c, q, k, nullptr);
+  if (rpb != nullptr) c.rpb(*rpb, q);
+}
+
+void na_qk(const TensorView& q, const TensorView& k, const TensorView* rpb,
+           const TensorView& attn, const NaParams& params, void* stream) {
+  check_na_qk(q, k, rpb, params);
+  Checker c(params, "_qk");
+  check_output_like(c, "attn", attn, with_last_dim(q, params.window_size()), q.dtype, q);
+  const detail::QkArgs args{q, k, rpb, attn, params, stream};
+  if (q.device.type == DeviceType::cuda) {
+    cuda::na_qk(args);
+  } else {
+    cpu::na_qk(args);
+  }
+}
+
+void check_na_av(const TensorView& attn, const TensorView& v, const NaParams& params) {
+  Checker c(params, "_av");
+  c.rank_is_valid();
+  c.stride_is_one();
+  const int n = params.rank;
+  c.attention_tensor("attn", attn, "heads, prod(kernel_size)");
+  c.attention_tensor("v", v, "heads_kv, head_dim_v");
+  c.same_dtype_and_device("attn", attn, "v", v);
+  c.same_dims("attn", attn, "v", v, 0, n + 1, "batch and spatial");
+  const std::int64_t heads = attn.shape[n + 1], heads_kv = v.shape[n + 1];
+  if (heads % heads_kv != 0) {
+    c.fail("attn has " + std::to_string(heads) + " heads, which is not a multiple of the " +
+           std::to_string(heads_kv) + " heads of v");
+  }
+  c.window_params(v);
+  if (attn.shape[n + 2] != params.window_size()) {
+    c.fail("attn last dimension must be prod(kernel_size) = " +
+           std::to_string(params.window_size()) + ", got shape " + shape_str(attn));
+  }
+}
+
+void na_av(const TensorView& attn, const TensorView& v, const TensorView& out,
+           const NaParams& params, void* stream) {
+  check_na_av(attn, v, params);
+  Checker c(params, "_av");
+  const int n = params.rank;
+  check_output_like(c, "out", out, with_last_dim(attn, v.shape[n + 2]), attn.dtype, attn);
+  const detail::AvArgs args{attn, v, out, params, stream};
+  if (attn.device.type == DeviceType::cuda) {
+    cuda::na_av(args);
+  } else {
+    cpu::na_av(args);
+  }
+}
+
+}  // namespace libna

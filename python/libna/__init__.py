@@ -1,0 +1,1 @@
+"""libna: neighborhood attention for every DLPack framework."""

@@ -1,0 +1,238 @@
+// libna._C: DLPack arrays in, validated tensor views to the C++ core, and
+// outputs allocated by a Python callable so that every framework gets its own
+// array type back. Validation happens in C++ before anything is allocated.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "libna/libna.h"
+
+namespace nb = nanobind;
+
+namespace {
+
+using libna::DType;
+using libna::NaParams;
+using libna::TensorView;
+using InArray = nb::ndarray<nb::ro>;
+using OutArray = nb::ndarray<>;
+
+// Python-side calling context of one op call.
+struct Call {
+  std::string op;
+  bool uint16_is_bfloat16;  // NumPy has no bfloat16: ml_dtypes arrays arrive as uint16 views
+  std::uintptr_t stream;
+
+  [[noreturn]] void fail(const std::string& message) const {
+    throw std::invalid_argument("[" + op + "] " + message);
+  }
+
+  DType dtype(nb::dlpack::dtype dt, const char* name) const {
+    using Code = nb::dlpack::dtype_code;
+    const auto code = static_cast<Code>(dt.code);
+    if (dt.lanes == 1) {
+      if (code == Code::Float && dt.bits == 16) return DType::float16;
+      if (code == Code::Float && dt.bits == 32) return DType::float32;
+      if (code == Code::Float && dt.bits == 64) return DType::float64;
+      if (code == Code::Bfloat && dt.bits == 16) return DType::bfloat16;
+      if (code == Code::UInt && dt.bits == 16 && uint16_is_bfloat16) return DType::bfloat16;
+    }
+    const char* kind = code == Code::Int ? "int" : code == Code::UInt ? "uint"
+                     : code == Code::Bool ? "bool" : code == Code::Complex ? "complex"
+                     : code == Code::Float ? "float" : "other";
+    throw libna::dtype_error("[" + op + "] " + name + " has dtype " + kind +
+                             std::to_string(dt.bits) +
+                             (dt.lanes == 1 ? std::string() : "x" + std::to_string(dt.lanes)) +
+                             "; expected float16, bfloat16, float32 or float64");
+  }
+
+  template <typename Array>
+  TensorView view(const Array& a, const char* name) const {
+    TensorView t;
+    t.data = const_cast<void*>(static_cast<const void*>(a.data()));
+    t.dtype = dtype(a.dtype(), name);
+    if (a.ndim() > static_cast<std::size_t>(libna::kMaxDims)) {
+      fail(std::string(name) + " has " + std::to_string(a.ndim()) +
+           " dimensions; at most " + std::to_string(libna::kMaxDims) + " are supported");
+    }
+    t.ndim = static_cast<int>(a.ndim());
+    for (int i = 0; i < t.ndim; ++i) {
+      t.shape[i] = static_cast<std::int64_t>(a.shape(i));
+      t.strides[i] = static_cast<std::int64_t>(a.stride(i));
+    }
+    const int device = a.device_type();
+    if (device == nb::device::cpu::value) {
+      t.device = {libna::DeviceType::cpu, 0};
+    } else if (device == nb::device::cuda::value) {
+      t.device = {libna::DeviceType::cuda, a.device_id()};
+    } else {
+      fail(std::string(name) + " lives on DLPack device type " + std::to_string(device) +
+           "; libna supports CPU and CUDA arrays");
+    }
+    return t;
+  }
+
+  // Calls the Python allocator and views what it returns as a writable array.
+  std::pair<nb::object, TensorView> allocate(const nb::callable& alloc, const TensorView& shape_of,
+                                             DType dtype, const char* name) const {
+    nb::list shape;
+    for (int i = 0; i < shape_of.ndim; ++i) shape.append(shape_of.shape[i]);
+    nb::object array = alloc(nb::tuple(shape), libna::dtype_name(dtype));
+    OutArray out;
+    if (!nb::try_cast<OutArray>(array, out, /*convert=*/false)) {
+      throw std::runtime_error("[" + op + "] the allocator returned an object that is not a "
+                               "writable DLPack array for output " + name);
+    }
+    return {array, view(out, name)};
+  }
+};
+
+NaParams make_params(const Call& call, int rank, const std::vector<std::int64_t>& kernel_size,
+                     const std::vector<std::int64_t>& stride,
+                     const std::vector<std::int64_t>& dilation,
+                     const std::vector<bool>& is_causal, std::optional<double> scale) {
+  NaParams p;
+  p.rank = rank;
+  if (rank < 1 || rank > libna::kMaxSpatialRank) {
+    call.fail("spatial rank must be 1, 2 or 3, got " + std::to_string(rank));
+  }
+  auto copy = [&](const char* name, const auto& values, auto& into) {
+    if (values.size() != static_cast<std::size_t>(rank)) {
+      call.fail(std::string(name) + " has " + std::to_string(values.size()) +
+                " values; expected " + std::to_string(rank) + " (one per spatial axis)");
+    }
+    for (int a = 0; a < rank; ++a) into[a] = values[a];
+  };
+  copy("kernel_size", kernel_size, p.kernel_size);
+  copy("stride", stride, p.stride);
+  copy("dilation", dilation, p.dilation);
+  copy("is_causal", is_causal, p.is_causal);
+  p.scale = scale;
+  return p;
+}
+
+// Shape of t with its last dimension replaced, or dropped when last < 0.
+TensorView reshaped_last(const TensorView& t, std::int64_t last) {
+  TensorView r = t;
+  if (last < 0) {
+    r.ndim -= 1;
+  } else {
+    r.shape[r.ndim - 1] = last;
+  }
+  return r;
+}
+
+DType lse_dtype(DType input) { return input == DType::float64 ? DType::float64 : DType::float32; }
+
+nb::tuple na_forward(int rank, const InArray& q_in, const InArray& k_in, const InArray& v_in,
+                     std::optional<InArray> rpb_in, const std::vector<std::int64_t>& kernel_size,
+                     const std::vector<std::int64_t>& stride,
+                     const std::vector<std::int64_t>& dilation,
+                     const std::vector<bool>& is_causal, std::optional<double> scale,
+                     bool return_lse, const nb::callable& alloc, bool uint16_is_bfloat16,
+                     std::uintptr_t stream) {
+  const Call call{"na" + std::to_string(rank) + "d", uint16_is_bfloat16, stream};
+  const NaParams p = make_params(call, rank, kernel_size, stride, dilation, is_causal, scale);
+  const TensorView q = call.view(q_in, "q"), k = call.view(k_in, "k"), v = call.view(v_in, "v");
+  std::optional<TensorView> rpb;
+  if (rpb_in) rpb = call.view(*rpb_in, "rpb");
+  libna::check_na_forward(q, k, v, rpb ? &*rpb : nullptr, p);
+
+  auto [out_obj, out] = call.allocate(alloc, reshaped_last(q, v.shape[rank + 2]), q.dtype, "out");
+  nb::object lse_obj = nb::none();
+  std::optional<TensorView> lse;
+  if (return_lse) {
+    auto [obj, view] = call.allocate(alloc, reshaped_last(q, -1), lse_dtype(q.dtype), "lse");
+    lse_obj = obj;
+    lse = view;
+  }
+  {
+    nb::gil_scoped_release release;
+    libna::na_forward(q, k, v, rpb ? &*rpb : nullptr, out, lse ? &*lse : nullptr, p,
+                      reinterpret_cast<void*>(stream));
+  }
+  return nb::make_tuple(out_obj, lse_obj);
+}
+
+nb::object na_qk(int rank, const InArray& q_in, const InArray& k_in, std::optional<InArray> rpb_in,
+                 const std::vector<std::int64_t>& kernel_size,
+                 const std::vector<std::int64_t>& dilation, const std::vector<bool>& is_causal,
+                 const nb::callable& alloc, bool uint16_is_bfloat16, std::uintptr_t stream) {
+  const Call call{"na" + std::to_string(rank) + "d_qk", uint16_is_bfloat16, stream};
+  const std::vector<std::int64_t> ones(kernel_size.size(), 1);
+  const NaParams p = make_params(call, rank, kernel_size, ones, dilation, is_causal, std::nullopt);
+  const TensorView q = call.view(q_in, "q"), k = call.view(k_in, "k");
+  std::optional<TensorView> rpb;
+  if (rpb_in) rpb = call.view(*rpb_in, "rpb");
+  libna::check_na_qk(q, k, rpb ? &*rpb : nullptr, p);
+  auto [attn_obj, attn] = call.allocate(alloc, reshaped_last(q, p.window_size()), q.dtype, "attn");
+  {
+    nb::gil_scoped_release release;
+    libna::na_qk(q, k, rpb ? &*rpb : nullptr, attn, p, reinterpret_cast<void*>(stream));
+  }
+  return attn_obj;
+}
+
+nb::object na_av(int rank, const InArray& attn_in, const InArray& v_in,
+                 const std::vector<std::int64_t>& kernel_size,
+                 const std::vector<std::int64_t>& dilation, const std::vector<bool>& is_causal,
+                 const nb::callable& alloc, bool uint16_is_bfloat16, std::uintptr_t stream) {
+  const Call call{"na" + std::to_string(rank) + "d_av", uint16_is_bfloat16, stream};
+  const std::vector<std::int64_t> ones(kernel_size.size(), 1);
+  const NaParams p = make_params(call, rank, kernel_size, ones, dilation, is_causal, std::nullopt);
+  const TensorView attn = call.view(attn_in, "attn"), v = call.view(v_in, "v");
+  libna::check_na_av(attn, v, p);
+  auto [out_obj, out] = call.allocate(alloc, reshaped_last(attn, v.shape[rank + 2]), attn.dtype, "out");
+  {
+    nb::gil_scoped_release release;
+    libna::na_av(attn, v, out, p, reinterpret_cast<void*>(stream));
+  }
+  return out_obj;
+}
+
+nb::dict build_info() {
+  const libna::BuildInfo info = libna::build_info();
+  nb::dict d;
+  d["version"] = info.version;
+  d["backends"] = info.backends;
+  d["cuda_architectures"] = info.cuda_architectures;
+  d["simd"] = info.simd;
+  d["compiler"] = info.compiler;
+  return d;
+}
+
+}  // namespace
+
+NB_MODULE(_C, m) {
+  m.doc() = "libna's compiled core (use the functions of the libna package instead)";
+
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const libna::dtype_error& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    }
+  });
+
+  m.def("na_forward", &na_forward, nb::arg("rank"), nb::arg("q"), nb::arg("k"), nb::arg("v"),
+        nb::arg("rpb").none(), nb::arg("kernel_size"), nb::arg("stride"), nb::arg("dilation"),
+        nb::arg("is_causal"), nb::arg("scale").none(), nb::arg("return_lse"), nb::arg("alloc"),
+        nb::arg("uint16_is_bfloat16") = false, nb::arg("stream") = 0);
+  m.def("na_qk", &na_qk, nb::arg("rank"), nb::arg("q"), nb::arg("k"), nb::arg("rpb").none(),
+        nb::arg("kernel_size"), nb::arg("dilation"), nb::arg("is_causal"), nb::arg("alloc"),
+        nb::arg("uint16_is_bfloat16") = false, nb::arg("stream") = 0);
+  m.def("na_av", &na_av, nb::arg("rank"), nb::arg("attn"), nb::arg("v"), nb::arg("kernel_size"),
+        nb::arg("dilation"), nb::arg("is_causal"), nb::arg("alloc"),
+        nb::arg("uint16_is_bfloat16") = false, nb::arg("stream") = 0);
+  m.def("build_info", &build_info);
+  m.def("set_num_threads", &libna::set_num_threads, nb::arg("num_threads"));
+  m.def("get_num_threads", &libna::get_num_threads);
+}
