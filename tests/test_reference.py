@@ -423,8 +423,7 @@ def test_dtype_round_trip(dtype):
     grads = R.na2d_backward(q, k, v, out, out, lse, 3, rpb=rpb)
     assert [g.dtype for g in grads] == [np.dtype(dtype)] * 4
     assert [g.dtype for g in R.na2d_qk_backward(scores, q, k, 3)] == [np.dtype(dtype)] * 2
-    assert [g.dtype for g in R.na2d_av_backward(q[..., :3].repeat(1, -2)[..., :2, :], attn, v, 3)] \
-        == [np.dtype(dtype)] * 2
+    assert [g.dtype for g in R.na2d_av_backward(out, attn, v, 3)] == [np.dtype(dtype)] * 2
 
 
 class _ArrayLike:
@@ -612,12 +611,6 @@ def test_bad_input_raises(thunk, exc, substrings):
     for s in substrings:
         assert s in msg, f"{s!r} not in message {msg!r}"
 
-
-def test_bad_input_exception_is_exact_type():
-    # a TypeError row must not be a ValueError (and vice versa): they are
-    # distinct classes, so pytest.raises above already checks that; this just
-    # makes sure none of the table rows silently succeed with a warning instead.
-    assert all(issubclass(b[2], (TypeError, ValueError)) for b in BAD)
 
 
 # --------------------------------------------------------------------------

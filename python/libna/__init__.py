@@ -1,1 +1,80 @@
-"""libna: neighborhood attention for every DLPack framework."""
+"""libna: neighborhood attention for every DLPack framework.
+
+    import libna
+    out = libna.na2d(q, k, v, kernel_size=7)   # q, k, v: [B, H, W, heads, D]
+
+NumPy in gives NumPy out, torch in gives torch out; see ``libna.build_info()``.
+"""
+
+from __future__ import annotations
+
+import os as _os
+import warnings as _warnings
+
+from . import reference
+from ._ops import _C, _C_IMPORT_ERROR, rank_ops as _rank_ops
+
+__version__ = "0.1.0"
+
+na1d, na1d_qk, na1d_av = _rank_ops(1)
+na2d, na2d_qk, na2d_av = _rank_ops(2)
+na3d, na3d_qk, na3d_av = _rank_ops(3)
+
+if _C is None:
+    _warnings.warn(
+        f"libna: the compiled core could not be loaded ({_C_IMPORT_ERROR}); using the slow "
+        "pure-NumPy reference implementation instead",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def set_num_threads(num_threads: int) -> None:
+    """Threads used by libna's CPU kernels (default: LIBNA_NUM_THREADS, else all cores)."""
+    if not isinstance(num_threads, int) or isinstance(num_threads, bool):
+        raise TypeError(f"[set_num_threads] num_threads={num_threads!r} must be an int")
+    if _C is not None:
+        _C.set_num_threads(num_threads)
+    elif num_threads < 1:
+        raise ValueError(f"[set_num_threads] num_threads={num_threads} must be at least 1")
+
+
+def get_num_threads() -> int:
+    """Threads used by libna's CPU kernels."""
+    return _C.get_num_threads() if _C is not None else 1
+
+
+def build_info() -> dict:
+    """What this build of libna contains: version, backends, CUDA
+    architectures, SIMD level, compiler and CPU thread count."""
+    if _C is None:
+        return {
+            "version": __version__,
+            "backends": ["numpy-reference"],
+            "cuda_architectures": [],
+            "simd": "none",
+            "compiler": "none (compiled core not loaded)",
+            "num_threads": 1,
+        }
+    info = dict(_C.build_info())
+    info["num_threads"] = _C.get_num_threads()
+    return info
+
+
+def cmake_dir() -> str:
+    """Directory holding libnaConfig.cmake, for find_package(libna)."""
+    return _os.path.join(_os.path.dirname(__file__), "lib", "cmake", "libna")
+
+
+def include_dir() -> str:
+    """Directory holding the libna C++ headers."""
+    return _os.path.join(_os.path.dirname(__file__), "include")
+
+
+__all__ = [
+    "na1d", "na2d", "na3d",
+    "na1d_qk", "na2d_qk", "na3d_qk",
+    "na1d_av", "na2d_av", "na3d_av",
+    "build_info", "set_num_threads", "get_num_threads",
+    "cmake_dir", "include_dir", "reference",
+]

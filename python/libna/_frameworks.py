@@ -1,0 +1,129 @@
+"""Which array library a call's arrays come from, and how to hand them to
+libna's compiled core and give results back in the caller's own type.
+
+The core reads any DLPack array; outputs are allocated by the caller's own
+framework (through the ``alloc`` callback the binding calls after it has
+validated the inputs), so torch in gives torch out, NumPy in gives NumPy out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_BFLOAT16_NAMES = ("bfloat16",)
+
+
+def _family(x) -> str | None:
+    """'numpy', 'torch', 'jax', 'cupy', 'dlpack' or None (not an array)."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    root = type(x).__module__.split(".", 1)[0]
+    if root == "torch" and hasattr(x, "__dlpack__"):
+        return "torch"
+    if root in ("jax", "jaxlib") and hasattr(x, "__dlpack__"):
+        return "jax"
+    if root == "cupy" and hasattr(x, "__dlpack__"):
+        return "cupy"
+    if hasattr(x, "__dlpack__"):
+        return "dlpack"
+    return None
+
+
+def _is_numpy_bfloat16(dtype) -> bool:
+    return isinstance(dtype, np.dtype) and dtype.name in _BFLOAT16_NAMES
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        return np.dtype(np.uint16)  # viewed back as ml_dtypes.bfloat16 by `finish`
+    return np.dtype(name)
+
+
+class Arrays:
+    """The arrays of one op call, all from one framework."""
+
+    def __init__(self, op: str, named: dict):
+        families = {}
+        for name, x in named.items():
+            if x is None:
+                continue
+            family = _family(x)
+            if family is None:
+                raise TypeError(
+                    f"[{op}] {name} must be an array that supports DLPack (NumPy, PyTorch, "
+                    f"JAX, CuPy, ...), got {type(x).__module__}.{type(x).__qualname__}"
+                )
+            families[name] = family
+        kinds = set(families.values())
+        if len(kinds) > 1:
+            listing = ", ".join(f"{n}: {f}" for n, f in families.items())
+            raise TypeError(f"[{op}] all arrays must come from one framework, got {listing}")
+        self.op = op
+        self.family = kinds.pop() if kinds else "numpy"
+        self.stream = 0
+        self._device = None
+        self.inputs = {name: self._prepare(name, x) for name, x in named.items()}
+
+    # NumPy has no bfloat16 of its own and cannot export ml_dtypes' bfloat16
+    # over DLPack, so bfloat16 NumPy arrays (inputs and outputs) travel as
+    # uint16 views and the binding reads uint16 as bfloat16. Genuine uint16
+    # inputs are therefore refused here, before they could be misread.
+    uint16_is_bfloat16 = True
+
+    def _prepare(self, name, x):
+        if x is None:
+            return None
+        if str(getattr(x, "dtype", "")).rsplit(".", 1)[-1] == "uint16":
+            raise TypeError(
+                f"[{self.op}] {name} has dtype uint16; expected float16, bfloat16, float32 "
+                "or float64"
+            )
+        if self.family == "numpy":
+            if _is_numpy_bfloat16(x.dtype):
+                return x.view(np.uint16)
+            return x
+        if self.family == "torch":
+            self._device = x.device
+            if x.device.type == "cuda":
+                import torch
+
+                self.stream = torch.cuda.current_stream(x.device).cuda_stream
+            # PyTorch refuses to export tensors that require grad over DLPack.
+            return x.detach()
+        if self.family == "cupy":
+            import cupy
+
+            self._device = x.device
+            self.stream = cupy.cuda.get_current_stream().ptr
+        return x
+
+    def alloc(self, shape, dtype_name):
+        """Called by the binding (after validation) for each output."""
+        if self.family == "torch":
+            import torch
+
+            return torch.empty(shape, dtype=getattr(torch, dtype_name), device=self._device)
+        if self.family == "cupy":
+            import cupy
+
+            with self._device:
+                return cupy.empty(shape, dtype=dtype_name)
+        return np.empty(shape, dtype=_numpy_dtype(dtype_name))
+
+    def finish(self, out, like):
+        """An output in the caller's own array type."""
+        if out is None:
+            return None
+        if self.family in ("torch", "cupy"):
+            return out
+        if out.dtype == np.uint16:  # a bfloat16 output held as uint16
+            import ml_dtypes
+
+            out = out.view(ml_dtypes.bfloat16)
+        if self.family == "jax":
+            import jax.numpy as jnp
+
+            return jnp.asarray(out)
+        if self.family == "dlpack" and hasattr(like, "__array_namespace__"):
+            return like.__array_namespace__().from_dlpack(out)
+        return out

@@ -1,0 +1,167 @@
+"""libna's public operators, written once for every spatial rank.
+
+A call normalises its per-axis arguments, works out which framework its
+arrays come from, and hands them to the compiled core, which validates them
+(ValueError / TypeError naming the argument) before it allocates outputs
+through the caller's framework and runs. When the compiled core cannot be
+loaded, the same API runs on the pure-NumPy reference implementation.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from . import reference
+from ._frameworks import Arrays
+
+try:
+    from . import _C
+except ImportError as error:  # pragma: no cover - exercised by the fallback test
+    _C = None
+    _C_IMPORT_ERROR = error
+else:
+    _C_IMPORT_ERROR = None
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (numbers.Integral, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_bool(x) -> bool:
+    return isinstance(x, (bool, np.bool_))
+
+
+def per_axis(op: str, name: str, value, rank: int, *, boolean: bool = False) -> tuple:
+    """An int (bool) or a sequence of rank ints (bools) as a rank-tuple."""
+    check, kind = (_is_bool, "bool") if boolean else (_is_int, "int")
+    if check(value):
+        return (bool(value) if boolean else int(value),) * rank
+    if isinstance(value, (tuple, list)) and all(check(x) for x in value):
+        if len(value) != rank:
+            raise ValueError(
+                f"[{op}] {name}={tuple(value)!r} has {len(value)} values; expected one "
+                f"{kind} or {rank} (one per spatial axis)"
+            )
+        return tuple(bool(x) if boolean else int(x) for x in value)
+    raise TypeError(
+        f"[{op}] {name}={value!r} must be an {kind} or a tuple of {rank} {kind}s"
+    )
+
+
+def check_scale(op: str, scale):
+    if scale is None:
+        return None
+    if not isinstance(scale, (numbers.Real, np.floating, np.integer)) or isinstance(
+        scale, (bool, np.bool_)
+    ):
+        raise TypeError(f"[{op}] scale={scale!r} must be a real number or None")
+    return float(scale)
+
+
+def check_flag(op: str, name: str, value) -> bool:
+    if not _is_bool(value):
+        raise TypeError(f"[{op}] {name}={value!r} must be a bool")
+    return bool(value)
+
+
+def na(rank, q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False, scale=None,
+       rpb=None, return_lse=False):
+    op = f"na{rank}d"
+    if _C is None:
+        return getattr(reference, op)(
+            q, k, v, kernel_size, stride=stride, dilation=dilation, is_causal=is_causal,
+            scale=scale, rpb=rpb, return_lse=return_lse)
+    kernel_size = per_axis(op, "kernel_size", kernel_size, rank)
+    stride = per_axis(op, "stride", stride, rank)
+    dilation = per_axis(op, "dilation", dilation, rank)
+    is_causal = per_axis(op, "is_causal", is_causal, rank, boolean=True)
+    scale = check_scale(op, scale)
+    return_lse = check_flag(op, "return_lse", return_lse)
+    arrays = Arrays(op, {"q": q, "k": k, "v": v, "rpb": rpb})
+    a = arrays.inputs
+    out, lse = _C.na_forward(
+        rank, a["q"], a["k"], a["v"], a["rpb"], kernel_size, stride, dilation, is_causal,
+        scale, return_lse, arrays.alloc, arrays.uint16_is_bfloat16, arrays.stream)
+    out = arrays.finish(out, q)
+    return (out, arrays.finish(lse, q)) if return_lse else out
+
+
+def na_qk(rank, q, k, kernel_size, *, dilation=1, is_causal=False, rpb=None):
+    op = f"na{rank}d_qk"
+    if _C is None:
+        return getattr(reference, op)(
+            q, k, kernel_size, dilation=dilation, is_causal=is_causal, rpb=rpb)
+    kernel_size = per_axis(op, "kernel_size", kernel_size, rank)
+    dilation = per_axis(op, "dilation", dilation, rank)
+    is_causal = per_axis(op, "is_causal", is_causal, rank, boolean=True)
+    arrays = Arrays(op, {"q": q, "k": k, "rpb": rpb})
+    a = arrays.inputs
+    attn = _C.na_qk(rank, a["q"], a["k"], a["rpb"], kernel_size, dilation, is_causal,
+                    arrays.alloc, arrays.uint16_is_bfloat16, arrays.stream)
+    return arrays.finish(attn, q)
+
+
+def na_av(rank, attn, v, kernel_size, *, dilation=1, is_causal=False):
+    op = f"na{rank}d_av"
+    if _C is None:
+        return getattr(reference, op)(
+            attn, v, kernel_size, dilation=dilation, is_causal=is_causal)
+    kernel_size = per_axis(op, "kernel_size", kernel_size, rank)
+    dilation = per_axis(op, "dilation", dilation, rank)
+    is_causal = per_axis(op, "is_causal", is_causal, rank, boolean=True)
+    arrays = Arrays(op, {"attn": attn, "v": v})
+    a = arrays.inputs
+    out = _C.na_av(rank, a["attn"], a["v"], kernel_size, dilation, is_causal,
+                   arrays.alloc, arrays.uint16_is_bfloat16, arrays.stream)
+    return arrays.finish(out, attn)
+
+
+_SPATIAL = {1: "L", 2: "H, W", 3: "T, H, W"}
+
+
+def _rank_op(rank, impl, name, doc):
+    def op(*args, **kwargs):
+        return impl(rank, *args, **kwargs)
+
+    op.__name__ = op.__qualname__ = name
+    op.__doc__ = doc.format(rank=rank, spatial=_SPATIAL[rank])
+    return op
+
+
+_NA_DOC = """{rank}D neighborhood attention, fused.
+
+    out = {rank}d-neighborhood softmax(scale * q.k + rpb) . v
+
+    q: [B, {spatial}, heads, D]; k: [B, {spatial}, heads_kv, D];
+    v: [B, {spatial}, heads_kv, D_v] (heads divisible by heads_kv).
+    kernel_size, stride, dilation: an int or a tuple of {rank} ints;
+    is_causal: a bool or a tuple of {rank} bools; scale: default D**-0.5;
+    rpb: optional relative positional bias [heads, 2*kernel_size-1 per axis]
+    (non-causal, stride 1 only). Returns out [B, {spatial}, heads, D_v] in the
+    caller's array type, and with return_lse=True also the log-sum-exp of the
+    logits, [B, {spatial}, heads] (float32; float64 for float64 inputs).
+    """
+
+_QK_DOC = """{rank}D neighborhood attention scores (unfused): q.k (+ rpb), not scaled.
+
+    Returns [B, {spatial}, heads, prod(kernel_size)]; slot t is the row-major
+    index of the per-axis window positions; slots that a causal window does
+    not fill hold -inf.
+    """
+
+_AV_DOC = """{rank}D neighborhood attention weighted sum (unfused): attn . v.
+
+    attn: [B, {spatial}, heads, prod(kernel_size)] in the slot layout of
+    na{rank}d_qk; v: [B, {spatial}, heads_kv, D_v]. Returns
+    [B, {spatial}, heads, D_v].
+    """
+
+
+def rank_ops(rank):
+    return (
+        _rank_op(rank, na, f"na{rank}d", _NA_DOC),
+        _rank_op(rank, na_qk, f"na{rank}d_qk", _QK_DOC),
+        _rank_op(rank, na_av, f"na{rank}d_av", _AV_DOC),
+    )
