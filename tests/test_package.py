@@ -1,0 +1,102 @@
+"""The installed package: build info, the `python -m libna` tour, install
+locations, thread settings, the NumPy fallback and torch-free operation."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import libna
+
+
+def run_python(code, env=None):
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, env=full_env, timeout=300)
+
+
+def test_build_info():
+    info = libna.build_info()
+    assert info["version"] == libna.__version__
+    assert "cpu" in info["backends"]
+    assert isinstance(info["cuda_architectures"], list)
+    assert info["simd"] and info["compiler"]
+    assert info["num_threads"] == libna.get_num_threads() >= 1
+
+
+def test_main_demo_runs():
+    result = subprocess.run([sys.executable, "-m", "libna", "--repeats", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "self-check" in result.stdout and "FAILED" not in result.stdout
+    assert result.stdout.count(": ok (") == 4
+    assert "GFLOP/s" in result.stdout
+
+
+def test_install_locations():
+    for flag, marker in (("--cmake-dir", "libnaConfig.cmake"), ("--include-dir", "libna/na.h")):
+        result = subprocess.run([sys.executable, "-m", "libna", flag], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0
+        path = result.stdout.strip()
+        assert os.path.isfile(os.path.join(path, marker)), path
+
+
+def test_num_threads_setting_and_env():
+    n = libna.get_num_threads()
+    try:
+        libna.set_num_threads(1)
+        assert libna.get_num_threads() == 1
+    finally:
+        libna.set_num_threads(n)
+    with pytest.raises(ValueError, match="num_threads=0"):
+        libna.set_num_threads(0)
+    with pytest.raises(TypeError, match="num_threads"):
+        libna.set_num_threads(2.5)
+    result = run_python("import libna; print(libna.get_num_threads())",
+                        env={"LIBNA_NUM_THREADS": "3"})
+    assert result.stdout.strip() == "3", result.stderr
+
+
+def test_numpy_fallback_when_compiled_core_is_missing():
+    result = run_python("""
+        import sys, warnings
+        sys.modules["libna._C"] = None   # makes `from . import _C` fail
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import libna
+        print(len(caught), caught[0].category.__name__)
+        import numpy as np
+        rng = np.random.default_rng(0)
+        q = rng.standard_normal((1, 6, 6, 2, 4))
+        out = libna.na2d(q, q, q, 3)
+        ref = libna.reference.na2d(q, q, q, 3)
+        print(out.shape, bool(np.array_equal(out, ref)), libna.build_info()["backends"])
+        try:
+            libna.na2d(q, q, q, 9)
+        except ValueError as e:
+            print("ValueError")
+    """)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "1 RuntimeWarning"
+    assert lines[1] == "(1, 6, 6, 2, 4) True ['numpy-reference']"
+    assert lines[2] == "ValueError"
+
+
+def test_compiled_path_needs_no_torch():
+    result = run_python("""
+        import sys
+        sys.modules["torch"] = None      # any import of torch now fails
+        import numpy as np, libna
+        rng = np.random.default_rng(0)
+        q = rng.standard_normal((1, 8, 2, 4)).astype(np.float32)
+        out = libna.na1d(q, q, q, 3)
+        attn = libna.na1d_qk(q, q, 3)
+        print(type(out).__name__, out.dtype, attn.shape)
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ndarray float32 (1, 8, 2, 3)"
