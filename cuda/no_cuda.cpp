@@ -18,5 +18,14 @@ std::vector<std::string> architectures() { return {}; }
 void na_forward(const detail::ForwardArgs& a) { unavailable(op_name(a.params).c_str()); }
 void na_qk(const detail::QkArgs& a) { unavailable(op_name(a.params, "_qk").c_str()); }
 void na_av(const detail::AvArgs& a) { unavailable(op_name(a.params, "_av").c_str()); }
+void na_backward(const detail::BackwardArgs& a) {
+  unavailable(op_name(a.params, "_backward").c_str());
+}
+void na_qk_backward(const detail::QkBackwardArgs& a) {
+  unavailable(op_name(a.params, "_qk_backward").c_str());
+}
+void na_av_backward(const detail::AvBackwardArgs& a) {
+  unavailable(op_name(a.params, "_av_backward").c_str());
+}
 
 }  // namespace libna::cuda

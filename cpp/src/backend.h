@@ -34,12 +34,41 @@ struct AvArgs {
   void* stream;
 };
 
+struct BackwardArgs {
+  TensorView q, k, v;
+  const TensorView* rpb;  // optional
+  TensorView out, dout, lse;
+  TensorView dq, dk, dv;
+  const TensorView* drpb;  // given exactly when rpb is
+  NaParams params;
+  double scale;
+  void* stream;
+};
+
+struct QkBackwardArgs {
+  TensorView dattn, q, k;
+  TensorView dq, dk;
+  const TensorView* drpb;  // optional
+  NaParams params;
+  void* stream;
+};
+
+struct AvBackwardArgs {
+  TensorView dout, attn, v;
+  TensorView dattn, dv;
+  NaParams params;
+  void* stream;
+};
+
 }  // namespace libna::detail
 
 namespace libna::cpu {
 void na_forward(const detail::ForwardArgs& args);
 void na_qk(const detail::QkArgs& args);
 void na_av(const detail::AvArgs& args);
+void na_backward(const detail::BackwardArgs& args);
+void na_qk_backward(const detail::QkBackwardArgs& args);
+void na_av_backward(const detail::AvBackwardArgs& args);
 std::string simd_level();
 }  // namespace libna::cpu
 
@@ -51,4 +80,7 @@ std::vector<std::string> architectures();
 void na_forward(const detail::ForwardArgs& args);
 void na_qk(const detail::QkArgs& args);
 void na_av(const detail::AvArgs& args);
+void na_backward(const detail::BackwardArgs& args);
+void na_qk_backward(const detail::QkBackwardArgs& args);
+void na_av_backward(const detail::AvBackwardArgs& args);
 }  // namespace libna::cuda

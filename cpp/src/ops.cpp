@@ -197,23 +197,35 @@ TensorView with_last_dim(const TensorView& t, std::int64_t last) {
   return r;
 }
 
+// `t` (an output, or an input such as dout whose shape follows from the
+// others) has exactly the expected shape, dtype and device.
+void check_like(const Checker& c, const char* role, const char* name, const TensorView& t,
+                const TensorView& expected_shape, DType dtype, const TensorView& like) {
+  const std::string what = std::string(role) + name;
+  bool ok = t.ndim == expected_shape.ndim;
+  for (int i = 0; ok && i < t.ndim; ++i) ok = t.shape[i] == expected_shape.shape[i];
+  if (!ok) {
+    c.fail(what + " must have shape " + shape_str(expected_shape) + ", got " + shape_str(t));
+  }
+  if (t.dtype != dtype) {
+    throw dtype_error("[" + c.op() + "] " + what + " must have dtype " + dtype_name(dtype) +
+                      ", got " + dtype_name(t.dtype));
+  }
+  if (t.device != like.device) {
+    c.fail(what + " is on " + device_name(t.device) + " but the inputs are on " +
+           device_name(like.device));
+  }
+  if (t.data == nullptr) c.fail(what + " has no data");
+}
+
 void check_output_like(const Checker& c, const char* name, const TensorView& out,
                        const TensorView& expected_shape, DType dtype, const TensorView& like) {
-  bool ok = out.ndim == expected_shape.ndim;
-  for (int i = 0; ok && i < out.ndim; ++i) ok = out.shape[i] == expected_shape.shape[i];
-  if (!ok) {
-    c.fail(std::string("output ") + name + " must have shape " + shape_str(expected_shape) +
-           ", got " + shape_str(out));
-  }
-  if (out.dtype != dtype) {
-    throw dtype_error("[" + c.op() + "] output " + name + " must have dtype " +
-                      dtype_name(dtype) + ", got " + dtype_name(out.dtype));
-  }
-  if (out.device != like.device) {
-    c.fail(std::string("output ") + name + " is on " + device_name(out.device) +
-           " but the inputs are on " + device_name(like.device));
-  }
-  if (out.data == nullptr) c.fail(std::string("output ") + name + " has no data");
+  check_like(c, "output ", name, out, expected_shape, dtype, like);
+}
+
+void check_input_like(const Checker& c, const char* name, const TensorView& t,
+                      const TensorView& expected_shape, DType dtype, const TensorView& like) {
+  check_like(c, "", name, t, expected_shape, dtype, like);
 }
 
 DType lse_dtype(DType input) { return input == DType::float64 ? DType::float64 : DType::float32; }
@@ -327,6 +339,90 @@ void na_av(const TensorView& attn, const TensorView& v, const TensorView& out,
     cuda::na_av(args);
   } else {
     cpu::na_av(args);
+  }
+}
+
+void check_na_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                       const TensorView* rpb, const TensorView& out, const TensorView& dout,
+                       const TensorView& lse, const NaParams& params) {
+  check_na_forward(q, k, v, rpb, params);
+  Checker c(params, "_backward");
+  const int n = params.rank;
+  const TensorView out_shape = with_last_dim(q, v.shape[n + 2]);
+  check_input_like(c, "out", out, out_shape, q.dtype, q);
+  check_input_like(c, "dout", dout, out_shape, q.dtype, q);
+  check_input_like(c, "lse", lse, with_last_dim(q, -1), lse_dtype(q.dtype), q);
+}
+
+void na_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                 const TensorView* rpb, const TensorView& out, const TensorView& dout,
+                 const TensorView& lse, const TensorView& dq, const TensorView& dk,
+                 const TensorView& dv, const TensorView* drpb, const NaParams& params,
+                 void* stream) {
+  check_na_backward(q, k, v, rpb, out, dout, lse, params);
+  Checker c(params, "_backward");
+  check_output_like(c, "dq", dq, q, q.dtype, q);
+  check_output_like(c, "dk", dk, k, q.dtype, q);
+  check_output_like(c, "dv", dv, v, q.dtype, q);
+  if ((rpb == nullptr) != (drpb == nullptr)) {
+    c.fail("drpb must be given exactly when rpb is");
+  }
+  if (drpb != nullptr) check_output_like(c, "drpb", *drpb, *rpb, q.dtype, q);
+  const int n = params.rank;
+  const double scale =
+      params.scale ? *params.scale : 1.0 / std::sqrt(static_cast<double>(q.shape[n + 2]));
+  const detail::BackwardArgs args{q, k, v, rpb, out, dout, lse, dq, dk, dv, drpb,
+                                  params, scale, stream};
+  if (q.device.type == DeviceType::cuda) {
+    cuda::na_backward(args);
+  } else {
+    cpu::na_backward(args);
+  }
+}
+
+void check_na_qk_backward(const TensorView& dattn, const TensorView& q, const TensorView& k,
+                          const TensorView* drpb, const NaParams& params) {
+  check_na_qk(q, k, nullptr, params);
+  Checker c(params, "_qk_backward");
+  check_input_like(c, "dattn", dattn, with_last_dim(q, params.window_size()), q.dtype, q);
+  if (drpb != nullptr) c.rpb(*drpb, q);
+}
+
+void na_qk_backward(const TensorView& dattn, const TensorView& q, const TensorView& k,
+                    const TensorView& dq, const TensorView& dk, const TensorView* drpb,
+                    const NaParams& params, void* stream) {
+  check_na_qk_backward(dattn, q, k, drpb, params);
+  Checker c(params, "_qk_backward");
+  check_output_like(c, "dq", dq, q, q.dtype, q);
+  check_output_like(c, "dk", dk, k, q.dtype, q);
+  const detail::QkBackwardArgs args{dattn, q, k, dq, dk, drpb, params, stream};
+  if (q.device.type == DeviceType::cuda) {
+    cuda::na_qk_backward(args);
+  } else {
+    cpu::na_qk_backward(args);
+  }
+}
+
+void check_na_av_backward(const TensorView& dout, const TensorView& attn, const TensorView& v,
+                          const NaParams& params) {
+  check_na_av(attn, v, params);
+  Checker c(params, "_av_backward");
+  const int n = params.rank;
+  check_input_like(c, "dout", dout, with_last_dim(attn, v.shape[n + 2]), attn.dtype, attn);
+}
+
+void na_av_backward(const TensorView& dout, const TensorView& attn, const TensorView& v,
+                    const TensorView& dattn, const TensorView& dv, const NaParams& params,
+                    void* stream) {
+  check_na_av_backward(dout, attn, v, params);
+  Checker c(params, "_av_backward");
+  check_output_like(c, "dattn", dattn, attn, attn.dtype, attn);
+  check_output_like(c, "dv", dv, v, attn.dtype, attn);
+  const detail::AvBackwardArgs args{dout, attn, v, dattn, dv, params, stream};
+  if (attn.device.type == DeviceType::cuda) {
+    cuda::na_av_backward(args);
+  } else {
+    cpu::na_av_backward(args);
   }
 }
 

@@ -16,9 +16,8 @@ from ._ops import _C, _C_IMPORT_ERROR, rank_ops as _rank_ops
 
 __version__ = "0.1.0"
 
-na1d, na1d_qk, na1d_av = _rank_ops(1)
-na2d, na2d_qk, na2d_av = _rank_ops(2)
-na3d, na3d_qk, na3d_av = _rank_ops(3)
+_OPS = {**_rank_ops(1), **_rank_ops(2), **_rank_ops(3)}
+globals().update(_OPS)
 
 if _C is None:
     _warnings.warn(
@@ -72,9 +71,7 @@ def include_dir() -> str:
 
 
 __all__ = [
-    "na1d", "na2d", "na3d",
-    "na1d_qk", "na2d_qk", "na3d_qk",
-    "na1d_av", "na2d_av", "na3d_av",
+    *_OPS,
     "build_info", "set_num_threads", "get_num_threads",
     "cmake_dir", "include_dir", "reference",
 ]

@@ -118,6 +118,60 @@ def na_av(rank, attn, v, kernel_size, *, dilation=1, is_causal=False):
     return arrays.finish(out, attn)
 
 
+def na_backward(rank, q, k, v, out, dout, lse, kernel_size, *, stride=1, dilation=1,
+                is_causal=False, scale=None, rpb=None):
+    op = f"na{rank}d_backward"
+    if _C is None:
+        return getattr(reference, op)(
+            q, k, v, out, dout, lse, kernel_size, stride=stride, dilation=dilation,
+            is_causal=is_causal, scale=scale, rpb=rpb)
+    kernel_size = per_axis(op, "kernel_size", kernel_size, rank)
+    stride = per_axis(op, "stride", stride, rank)
+    dilation = per_axis(op, "dilation", dilation, rank)
+    is_causal = per_axis(op, "is_causal", is_causal, rank, boolean=True)
+    scale = check_scale(op, scale)
+    arrays = Arrays(op, {"q": q, "k": k, "v": v, "rpb": rpb, "out": out, "dout": dout,
+                         "lse": lse})
+    a = arrays.inputs
+    grads = _C.na_backward(
+        rank, a["q"], a["k"], a["v"], a["rpb"], a["out"], a["dout"], a["lse"], kernel_size,
+        stride, dilation, is_causal, scale, arrays.alloc, arrays.uint16_is_bfloat16,
+        arrays.stream)
+    grads = tuple(arrays.finish(g, q) for g in grads)
+    return grads if rpb is not None else grads[:3]
+
+
+def na_qk_backward(rank, dattn, q, k, kernel_size, *, dilation=1, is_causal=False, rpb=None):
+    op = f"na{rank}d_qk_backward"
+    if _C is None:
+        return getattr(reference, op)(
+            dattn, q, k, kernel_size, dilation=dilation, is_causal=is_causal, rpb=rpb)
+    kernel_size = per_axis(op, "kernel_size", kernel_size, rank)
+    dilation = per_axis(op, "dilation", dilation, rank)
+    is_causal = per_axis(op, "is_causal", is_causal, rank, boolean=True)
+    arrays = Arrays(op, {"dattn": dattn, "q": q, "k": k, "rpb": rpb})
+    a = arrays.inputs
+    grads = _C.na_qk_backward(rank, a["dattn"], a["q"], a["k"], a["rpb"], kernel_size, dilation,
+                              is_causal, arrays.alloc, arrays.uint16_is_bfloat16, arrays.stream)
+    grads = tuple(arrays.finish(g, q) for g in grads)
+    return grads if rpb is not None else grads[:2]
+
+
+def na_av_backward(rank, dout, attn, v, kernel_size, *, dilation=1, is_causal=False):
+    op = f"na{rank}d_av_backward"
+    if _C is None:
+        return getattr(reference, op)(
+            dout, attn, v, kernel_size, dilation=dilation, is_causal=is_causal)
+    kernel_size = per_axis(op, "kernel_size", kernel_size, rank)
+    dilation = per_axis(op, "dilation", dilation, rank)
+    is_causal = per_axis(op, "is_causal", is_causal, rank, boolean=True)
+    arrays = Arrays(op, {"dout": dout, "attn": attn, "v": v})
+    a = arrays.inputs
+    grads = _C.na_av_backward(rank, a["dout"], a["attn"], a["v"], kernel_size, dilation,
+                              is_causal, arrays.alloc, arrays.uint16_is_bfloat16, arrays.stream)
+    return tuple(arrays.finish(g, attn) for g in grads)
+
+
 _SPATIAL = {1: "L", 2: "H, W", 3: "T, H, W"}
 
 
@@ -159,9 +213,32 @@ _AV_DOC = """{rank}D neighborhood attention weighted sum (unfused): attn . v.
     """
 
 
+_BACKWARD_DOC = """Gradients of na{rank}d: (dq, dk, dv), plus drpb when rpb is given.
+
+    Takes the forward's inputs and arguments with its out and lse
+    (``na{rank}d(..., return_lse=True)``) and dout, the gradient of out. The
+    probabilities are recomputed from lse; dk/dv sum over the query heads of
+    each kv head; drpb sums over batch and queries.
+    """
+
+_QK_BACKWARD_DOC = """Gradients of na{rank}d_qk: (dq, dk), plus drpb when rpb is given.
+
+    dattn has the shape of the scores; unfilled causal slots are ignored.
+    """
+
+_AV_BACKWARD_DOC = """Gradients of na{rank}d_av: (dattn, dv); dattn is 0 in the slots
+    that a causal window does not fill.
+    """
+
+
 def rank_ops(rank):
-    return (
-        _rank_op(rank, na, f"na{rank}d", _NA_DOC),
-        _rank_op(rank, na_qk, f"na{rank}d_qk", _QK_DOC),
-        _rank_op(rank, na_av, f"na{rank}d_av", _AV_DOC),
-    )
+    """The public functions of one spatial rank, by name."""
+    ops = [
+        (na, f"na{rank}d", _NA_DOC),
+        (na_qk, f"na{rank}d_qk", _QK_DOC),
+        (na_av, f"na{rank}d_av", _AV_DOC),
+        (na_backward, f"na{rank}d_backward", _BACKWARD_DOC),
+        (na_qk_backward, f"na{rank}d_qk_backward", _QK_BACKWARD_DOC),
+        (na_av_backward, f"na{rank}d_av_backward", _AV_BACKWARD_DOC),
+    ]
+    return {name: _rank_op(rank, impl, name, doc) for impl, name, doc in ops}

@@ -198,6 +198,90 @@ nb::object na_av(int rank, const InArray& attn_in, const InArray& v_in,
   return out_obj;
 }
 
+nb::tuple na_backward(int rank, const InArray& q_in, const InArray& k_in, const InArray& v_in,
+                      std::optional<InArray> rpb_in, const InArray& out_in, const InArray& dout_in,
+                      const InArray& lse_in, const std::vector<std::int64_t>& kernel_size,
+                      const std::vector<std::int64_t>& stride,
+                      const std::vector<std::int64_t>& dilation,
+                      const std::vector<bool>& is_causal, std::optional<double> scale,
+                      const nb::callable& alloc, bool uint16_is_bfloat16, std::uintptr_t stream) {
+  const Call call{"na" + std::to_string(rank) + "d_backward", uint16_is_bfloat16, stream};
+  const NaParams p = make_params(call, rank, kernel_size, stride, dilation, is_causal, scale);
+  const TensorView q = call.view(q_in, "q"), k = call.view(k_in, "k"), v = call.view(v_in, "v");
+  const TensorView out = call.view(out_in, "out"), dout = call.view(dout_in, "dout"),
+                   lse = call.view(lse_in, "lse");
+  std::optional<TensorView> rpb;
+  if (rpb_in) rpb = call.view(*rpb_in, "rpb");
+  libna::check_na_backward(q, k, v, rpb ? &*rpb : nullptr, out, dout, lse, p);
+  auto [dq_obj, dq] = call.allocate(alloc, q, q.dtype, "dq");
+  auto [dk_obj, dk] = call.allocate(alloc, k, q.dtype, "dk");
+  auto [dv_obj, dv] = call.allocate(alloc, v, q.dtype, "dv");
+  nb::object drpb_obj = nb::none();
+  std::optional<TensorView> drpb;
+  if (rpb) {
+    auto [obj, view] = call.allocate(alloc, *rpb, q.dtype, "drpb");
+    drpb_obj = obj;
+    drpb = view;
+  }
+  {
+    nb::gil_scoped_release release;
+    libna::na_backward(q, k, v, rpb ? &*rpb : nullptr, out, dout, lse, dq, dk, dv,
+                       drpb ? &*drpb : nullptr, p, reinterpret_cast<void*>(stream));
+  }
+  return nb::make_tuple(dq_obj, dk_obj, dv_obj, drpb_obj);
+}
+
+nb::tuple na_qk_backward(int rank, const InArray& dattn_in, const InArray& q_in,
+                         const InArray& k_in, std::optional<InArray> rpb_in,
+                         const std::vector<std::int64_t>& kernel_size,
+                         const std::vector<std::int64_t>& dilation,
+                         const std::vector<bool>& is_causal, const nb::callable& alloc,
+                         bool uint16_is_bfloat16, std::uintptr_t stream) {
+  const Call call{"na" + std::to_string(rank) + "d_qk_backward", uint16_is_bfloat16, stream};
+  const std::vector<std::int64_t> ones(kernel_size.size(), 1);
+  const NaParams p = make_params(call, rank, kernel_size, ones, dilation, is_causal, std::nullopt);
+  const TensorView dattn = call.view(dattn_in, "dattn"), q = call.view(q_in, "q"),
+                   k = call.view(k_in, "k");
+  std::optional<TensorView> rpb;  // only its shape matters: drpb takes it
+  if (rpb_in) rpb = call.view(*rpb_in, "rpb");
+  libna::check_na_qk_backward(dattn, q, k, rpb ? &*rpb : nullptr, p);
+  auto [dq_obj, dq] = call.allocate(alloc, q, q.dtype, "dq");
+  auto [dk_obj, dk] = call.allocate(alloc, k, q.dtype, "dk");
+  nb::object drpb_obj = nb::none();
+  std::optional<TensorView> drpb;
+  if (rpb) {
+    auto [obj, view] = call.allocate(alloc, *rpb, q.dtype, "drpb");
+    drpb_obj = obj;
+    drpb = view;
+  }
+  {
+    nb::gil_scoped_release release;
+    libna::na_qk_backward(dattn, q, k, dq, dk, drpb ? &*drpb : nullptr, p,
+                          reinterpret_cast<void*>(stream));
+  }
+  return nb::make_tuple(dq_obj, dk_obj, drpb_obj);
+}
+
+nb::tuple na_av_backward(int rank, const InArray& dout_in, const InArray& attn_in,
+                         const InArray& v_in, const std::vector<std::int64_t>& kernel_size,
+                         const std::vector<std::int64_t>& dilation,
+                         const std::vector<bool>& is_causal, const nb::callable& alloc,
+                         bool uint16_is_bfloat16, std::uintptr_t stream) {
+  const Call call{"na" + std::to_string(rank) + "d_av_backward", uint16_is_bfloat16, stream};
+  const std::vector<std::int64_t> ones(kernel_size.size(), 1);
+  const NaParams p = make_params(call, rank, kernel_size, ones, dilation, is_causal, std::nullopt);
+  const TensorView dout = call.view(dout_in, "dout"), attn = call.view(attn_in, "attn"),
+                   v = call.view(v_in, "v");
+  libna::check_na_av_backward(dout, attn, v, p);
+  auto [dattn_obj, dattn] = call.allocate(alloc, attn, attn.dtype, "dattn");
+  auto [dv_obj, dv] = call.allocate(alloc, v, attn.dtype, "dv");
+  {
+    nb::gil_scoped_release release;
+    libna::na_av_backward(dout, attn, v, dattn, dv, p, reinterpret_cast<void*>(stream));
+  }
+  return nb::make_tuple(dattn_obj, dv_obj);
+}
+
 nb::dict build_info() {
   const libna::BuildInfo info = libna::build_info();
   nb::dict d;
@@ -232,6 +316,18 @@ NB_MODULE(_C, m) {
   m.def("na_av", &na_av, nb::arg("rank"), nb::arg("attn"), nb::arg("v"), nb::arg("kernel_size"),
         nb::arg("dilation"), nb::arg("is_causal"), nb::arg("alloc"),
         nb::arg("uint16_is_bfloat16") = false, nb::arg("stream") = 0);
+  m.def("na_backward", &na_backward, nb::arg("rank"), nb::arg("q"), nb::arg("k"), nb::arg("v"),
+        nb::arg("rpb").none(), nb::arg("out"), nb::arg("dout"), nb::arg("lse"),
+        nb::arg("kernel_size"), nb::arg("stride"), nb::arg("dilation"), nb::arg("is_causal"),
+        nb::arg("scale").none(), nb::arg("alloc"), nb::arg("uint16_is_bfloat16") = false,
+        nb::arg("stream") = 0);
+  m.def("na_qk_backward", &na_qk_backward, nb::arg("rank"), nb::arg("dattn"), nb::arg("q"),
+        nb::arg("k"), nb::arg("rpb").none(), nb::arg("kernel_size"), nb::arg("dilation"),
+        nb::arg("is_causal"), nb::arg("alloc"), nb::arg("uint16_is_bfloat16") = false,
+        nb::arg("stream") = 0);
+  m.def("na_av_backward", &na_av_backward, nb::arg("rank"), nb::arg("dout"), nb::arg("attn"),
+        nb::arg("v"), nb::arg("kernel_size"), nb::arg("dilation"), nb::arg("is_causal"),
+        nb::arg("alloc"), nb::arg("uint16_is_bfloat16") = false, nb::arg("stream") = 0);
   m.def("build_info", &build_info);
   m.def("set_num_threads", &libna::set_num_threads, nb::arg("num_threads"));
   m.def("get_num_threads", &libna::get_num_threads);

@@ -75,6 +75,40 @@ LIBNA_API void na_av(const TensorView& attn, const TensorView& v,
 LIBNA_API void check_na_av(const TensorView& attn, const TensorView& v,
                            const NaParams& params);
 
+// ---- gradients ---------------------------------------------------------------
+// Fused backward of na_forward, FlashAttention-2 style: the probabilities are
+// recomputed from lse (as returned by na_forward), with the row term
+// D_i = dout_i . out_i; no score tensor is materialised. dq, dk, dv have the
+// shapes of q, k, v (dk/dv sum over the query heads of each kv head); drpb,
+// given exactly when rpb is, has rpb's shape and sums over batch and queries.
+LIBNA_API void na_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                           const TensorView* rpb, const TensorView& out,
+                           const TensorView& dout, const TensorView& lse,
+                           const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                           const TensorView* drpb, const NaParams& params,
+                           void* stream = nullptr);
+LIBNA_API void check_na_backward(const TensorView& q, const TensorView& k,
+                                 const TensorView& v, const TensorView* rpb,
+                                 const TensorView& out, const TensorView& dout,
+                                 const TensorView& lse, const NaParams& params);
+
+// Backward of na_qk: dq, dk (and drpb, when given) from dattn.
+LIBNA_API void na_qk_backward(const TensorView& dattn, const TensorView& q,
+                              const TensorView& k, const TensorView& dq, const TensorView& dk,
+                              const TensorView* drpb, const NaParams& params,
+                              void* stream = nullptr);
+LIBNA_API void check_na_qk_backward(const TensorView& dattn, const TensorView& q,
+                                    const TensorView& k, const TensorView* drpb,
+                                    const NaParams& params);
+
+// Backward of na_av: dattn (zero in slots outside a causal window) and dv.
+LIBNA_API void na_av_backward(const TensorView& dout, const TensorView& attn,
+                              const TensorView& v, const TensorView& dattn,
+                              const TensorView& dv, const NaParams& params,
+                              void* stream = nullptr);
+LIBNA_API void check_na_av_backward(const TensorView& dout, const TensorView& attn,
+                                    const TensorView& v, const NaParams& params);
+
 // ---- CPU thread pool --------------------------------------------------------
 // Threads used by the CPU backend; the default comes from LIBNA_NUM_THREADS,
 // else the cores this process may run on.

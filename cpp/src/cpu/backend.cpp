@@ -11,6 +11,12 @@ template <int Rank, typename T>
 void na_qk(const detail::QkArgs&);
 template <int Rank, typename T>
 void na_av(const detail::AvArgs&);
+template <int Rank, typename T>
+void na_backward(const detail::BackwardArgs&);
+template <int Rank, typename T>
+void na_qk_backward(const detail::QkBackwardArgs&);
+template <int Rank, typename T>
+void na_av_backward(const detail::AvBackwardArgs&);
 
 
 void na_forward(const detail::ForwardArgs& args) {
@@ -33,6 +39,30 @@ void na_av(const detail::AvArgs& args) {
   detail::dispatch_rank(args.params.rank, "na_av", [&](auto rank) {
     detail::dispatch_float_types(args.attn.dtype, "na_av", [&](auto tag) {
       na_av<decltype(rank)::value, typename decltype(tag)::type>(args);
+    });
+  });
+}
+
+void na_backward(const detail::BackwardArgs& args) {
+  detail::dispatch_rank(args.params.rank, "na_backward", [&](auto rank) {
+    detail::dispatch_float_types(args.q.dtype, "na_backward", [&](auto tag) {
+      na_backward<decltype(rank)::value, typename decltype(tag)::type>(args);
+    });
+  });
+}
+
+void na_qk_backward(const detail::QkBackwardArgs& args) {
+  detail::dispatch_rank(args.params.rank, "na_qk_backward", [&](auto rank) {
+    detail::dispatch_float_types(args.q.dtype, "na_qk_backward", [&](auto tag) {
+      na_qk_backward<decltype(rank)::value, typename decltype(tag)::type>(args);
+    });
+  });
+}
+
+void na_av_backward(const detail::AvBackwardArgs& args) {
+  detail::dispatch_rank(args.params.rank, "na_av_backward", [&](auto rank) {
+    detail::dispatch_float_types(args.attn.dtype, "na_av_backward", [&](auto tag) {
+      na_av_backward<decltype(rank)::value, typename decltype(tag)::type>(args);
     });
   });
 }
