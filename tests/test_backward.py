@@ -1,0 +1,144 @@
+"""libna's compiled backward ops (framework-free, NumPy arrays) against the
+float64 reference over the feature grid, plus determinism and a torch-free
+end-to-end run. PyTorch autograd is tested in test_torch.py."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+import libna
+from libna import reference
+
+from test_forward import case_id, grid, make_qkv, make_rpb
+
+
+def run_backward(module, rank, q, k, v, kernel, rpb, dout_seed=1, **kw):
+    out, lse = getattr(libna, f"na{rank}d")(q, k, v, kernel, rpb=rpb, return_lse=True, **kw)
+    dout = np.random.default_rng(dout_seed).standard_normal(out.shape).astype(q.dtype)
+    return getattr(module, f"na{rank}d_backward")(q, k, v, out, dout, lse, kernel, rpb=rpb, **kw)
+
+
+@pytest.mark.parametrize("case", grid()[::2], ids=case_id)
+def test_backward_matches_reference_float64(case, rng):
+    spatial, kernel, stride, dilation, causal = case
+    rank = len(spatial)
+    q, k, v = make_qkv(rng, 2, spatial, 4, 2, 8, 6)
+    use_rpb = not any(causal) and all(x == 1 for x in stride)
+    rpb = make_rpb(rng, 4, kernel) if use_rpb else None
+    kw = dict(stride=stride, dilation=dilation, is_causal=causal, scale=0.4)
+    grads = run_backward(libna, rank, q, k, v, kernel, rpb, **kw)
+    ref = run_backward(reference, rank, q, k, v, kernel, rpb, **kw)
+    assert len(grads) == (4 if use_rpb else 3)
+    for name, g, r in zip(("dq", "dk", "dv", "drpb"), grads, ref):
+        assert g.shape == r.shape and g.dtype == np.float64, name
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-11, err_msg=name)
+
+
+@pytest.mark.parametrize("heads,heads_kv,dim,dim_v", [(6, 3, 32, 16), (4, 1, 64, 64), (2, 2, 128, 8)])
+def test_backward_gqa_and_head_dims(heads, heads_kv, dim, dim_v, rng):
+    q, k, v = make_qkv(rng, 1, (6, 7), heads, heads_kv, dim, dim_v)
+    rpb = make_rpb(rng, heads, (3, 5))
+    grads = run_backward(libna, 2, q, k, v, (3, 5), rpb)
+    ref = run_backward(reference, 2, q, k, v, (3, 5), rpb)
+    for g, r in zip(grads, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-11)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 2e-5), (np.float16, 2e-2)])
+def test_backward_low_precision(dtype, tol, rng):
+    q, k, v = make_qkv(rng, 1, (9, 8), 2, 2, 16, 16)
+    rpb = make_rpb(rng, 2, (3, 3))
+    low = [x.astype(dtype) for x in (q, k, v)]
+    rounded = [x.astype(np.float64) for x in low]
+    grads = run_backward(libna, 2, *low, 3, rpb.astype(dtype))
+    ref = run_backward(reference, 2, *rounded, 3, rpb.astype(dtype).astype(np.float64))
+    for g, r in zip(grads, ref):
+        assert g.dtype == dtype
+        assert np.abs(g.astype(np.float64) - r).max() <= tol * max(1.0, np.abs(r).max())
+
+
+def test_backward_is_deterministic_across_thread_counts(rng):
+    q, k, v = make_qkv(rng, 2, (20, 20), 4, 2, 16, 16, np.float32)
+    rpb = make_rpb(rng, 4, (5, 5), np.float32)
+    n = libna.get_num_threads()
+    try:
+        libna.set_num_threads(1)
+        one = run_backward(libna, 2, q, k, v, 5, rpb)
+        libna.set_num_threads(2)
+        two = run_backward(libna, 2, q, k, v, 5, rpb)
+    finally:
+        libna.set_num_threads(n)
+    for a, b in zip(one, two):
+        assert np.array_equal(a, b)
+
+
+UNFUSED = [
+    ((11,), (4,), (2,), (False,)),
+    ((11,), (3,), (1,), (True,)),
+    ((7, 8), (3, 2), (1, 3), (True, False)),
+    ((7, 8), (3, 3), (2, 1), (False, False)),
+    ((4, 5, 6), (2, 3, 2), (1, 1, 2), (False, True, False)),
+    ((4, 5, 6), (3, 3, 3), (1, 1, 1), (False, False, False)),
+]
+
+
+@pytest.mark.parametrize("case", UNFUSED, ids=lambda c: f"{c[0]}-k{c[1]}-d{c[2]}-c{c[3]}")
+def test_unfused_backward_matches_reference(case, rng):
+    spatial, kernel, dilation, causal = case
+    rank = len(spatial)
+    q, k, v = make_qkv(rng, 2, spatial, 4, 2, 6, 5)
+    rpb = None if any(causal) else make_rpb(rng, 4, kernel)
+    kw = dict(dilation=dilation, is_causal=causal)
+    attn = getattr(libna, f"na{rank}d_qk")(q, k, kernel, rpb=rpb, **kw)
+    dattn = rng.standard_normal(attn.shape)
+    got = getattr(libna, f"na{rank}d_qk_backward")(dattn, q, k, kernel, rpb=rpb, **kw)
+    ref = getattr(reference, f"na{rank}d_qk_backward")(dattn, q, k, kernel, rpb=rpb, **kw)
+    assert len(got) == (3 if rpb is not None else 2)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-11)
+
+    probs = rng.random(attn.shape)
+    dout = rng.standard_normal((2, *spatial, 4, 5))
+    got = getattr(libna, f"na{rank}d_av_backward")(dout, probs, v, kernel, **kw)
+    ref = getattr(reference, f"na{rank}d_av_backward")(dout, probs, v, kernel, **kw)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-11)
+    if any(causal):  # dattn is exactly zero where the causal window has no key
+        assert np.all(got[0][np.isneginf(attn)] == 0)
+
+
+def test_backward_bad_input(rng):
+    q, k, v = make_qkv(rng, 1, (8,), 2, 2, 4, 4)
+    out, lse = libna.na1d(q, k, v, 3, return_lse=True)
+    with pytest.raises(ValueError, match=r"\[na1d_backward\] dout must have shape"):
+        libna.na1d_backward(q, k, v, out, out[..., :2], lse, 3)
+    with pytest.raises(ValueError, match=r"lse must have shape"):
+        libna.na1d_backward(q, k, v, out, out, lse[..., :1], 3)
+    with pytest.raises(TypeError, match=r"lse must have dtype float64"):
+        libna.na1d_backward(q, k, v, out, out, lse.astype(np.float32), 3)
+    with pytest.raises(ValueError, match=r"kernel_size=\(9,\)"):
+        libna.na1d_backward(q, k, v, out, out, lse, 9)
+
+
+def test_numpy_backward_without_torch():
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["torch"] = None
+        import numpy as np, libna
+        rng = np.random.default_rng(0)
+        q, k, v = (rng.standard_normal((1, 6, 6, 2, 4)) for _ in range(3))
+        out, lse = libna.na2d(q, k, v, 3, return_lse=True)
+        dq, dk, dv = libna.na2d_backward(q, k, v, out, np.ones_like(out), lse, 3)
+        ref = libna.reference.na2d_backward(q, k, v, out, np.ones_like(out), lse, 3)
+        print(all(np.allclose(a, b) for a, b in zip((dq, dk, dv), ref)), "torch" in sys.modules
+              and sys.modules["torch"] is not None)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True False"
