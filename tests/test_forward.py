@@ -134,21 +134,18 @@ DTYPE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", list(TORCH_DTYPES))
-@pytest.mark.parametrize("case", DTYPE_CASES, ids=lambda c: f"{len(c[0])}d-{c[0]}")
-def test_dtypes_error_bound(dtype, case):
+def check_error_bound(dtype, spatial, kernel, stride, dilation, causal, use_rpb, dim=32):
     """Error vs the float64 reference is at most twice that of a plain
     same-dtype PyTorch implementation, plus a floor of two units in the
     dtype's last place (the kernels accumulate in float32 and round once).
     In float64 the plain implementation *is* the reference: there the
     bound is a fixed 1e-12."""
-    spatial, kernel, stride, dilation, causal, use_rpb = case
     rank = len(spatial)
     g = torch.Generator().manual_seed(1)
     td = TORCH_DTYPES[dtype]
     shape = (2, *spatial)
-    q64 = torch.randn(*shape, 4, 32, generator=g, dtype=torch.float64)
-    k64 = torch.randn(*shape, 2, 32, generator=g, dtype=torch.float64)
+    q64 = torch.randn(*shape, 4, dim, generator=g, dtype=torch.float64)
+    k64 = torch.randn(*shape, 2, dim, generator=g, dtype=torch.float64)
     v64 = torch.randn(*shape, 2, 16, generator=g, dtype=torch.float64)
     rpb64 = torch.randn(4, *[2 * x - 1 for x in kernel], generator=g,
                         dtype=torch.float64) if use_rpb else None
@@ -173,6 +170,28 @@ def test_dtypes_error_bound(dtype, case):
     assert err <= bound, (err, plain_err, ulp)
     lse_tol = 1e-12 if td == torch.float64 else 1e-5 * max(1.0, ref_lse.abs().max().item())
     assert (lse.double() - ref_lse).abs().max().item() <= lse_tol
+
+
+@pytest.mark.parametrize("dtype", list(TORCH_DTYPES))
+@pytest.mark.parametrize("case", DTYPE_CASES, ids=lambda c: f"{len(c[0])}d-{c[0]}")
+def test_dtypes_error_bound(dtype, case):
+    check_error_bound(dtype, *case)
+
+
+@pytest.mark.parametrize("case", grid(), ids=case_id)
+def test_float32_grid_error_bound(case):
+    """The vectorised float32 kernels over the whole feature grid."""
+    spatial, kernel, stride, dilation, causal = case
+    use_rpb = not any(causal) and all(x == 1 for x in stride)
+    check_error_bound("float32", spatial, kernel, stride, dilation, causal, use_rpb, dim=16)
+
+
+@pytest.mark.parametrize("case", grid()[1::5], ids=case_id)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_grid_error_bound(case, dtype):
+    spatial, kernel, stride, dilation, causal = case
+    use_rpb = not any(causal) and all(x == 1 for x in stride)
+    check_error_bound(dtype, spatial, kernel, stride, dilation, causal, use_rpb, dim=16)
 
 
 def test_numpy_bfloat16_round_trip():

@@ -3,7 +3,32 @@
 #include "backend.h"
 #include "dispatch.h"
 
+#include <type_traits>
+
 namespace libna::cpu {
+
+// The vectorised forward (fast_forward_impl.h), per instruction set.
+namespace portable {
+template <int Rank, typename T>
+void na_forward(const detail::ForwardArgs&);
+}
+#if defined(LIBNA_HAVE_AVX2_KERNELS)
+namespace avx2 {
+template <int Rank, typename T>
+void na_forward(const detail::ForwardArgs&);
+}
+#endif
+
+namespace {
+bool cpu_has_avx2_fma() {
+#if defined(LIBNA_HAVE_AVX2_KERNELS)
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+}  // namespace
 
 template <int Rank, typename T>
 void na_forward(const detail::ForwardArgs&);
@@ -22,7 +47,16 @@ void na_av_backward(const detail::AvBackwardArgs&);
 void na_forward(const detail::ForwardArgs& args) {
   detail::dispatch_rank(args.params.rank, "na_forward", [&](auto rank) {
     detail::dispatch_float_types(args.q.dtype, "na_forward", [&](auto tag) {
-      na_forward<decltype(rank)::value, typename decltype(tag)::type>(args);
+      constexpr int R = decltype(rank)::value;
+      using T = typename decltype(tag)::type;
+      if constexpr (std::is_same_v<T, double>) {
+        na_forward<R, T>(args);  // float64 (gradient checking) keeps the scalar kernel
+      } else {
+#if defined(LIBNA_HAVE_AVX2_KERNELS)
+        if (cpu_has_avx2_fma()) return avx2::na_forward<R, T>(args);
+#endif
+        portable::na_forward<R, T>(args);
+      }
     });
   });
 }
@@ -68,16 +102,13 @@ void na_av_backward(const detail::AvBackwardArgs& args) {
 }
 
 std::string simd_level() {
-#if defined(__AVX512F__)
-  return "avx512";
-#elif defined(__AVX2__)
-  return "avx2";
-#elif defined(__x86_64__)
-  return "sse2 (compiler auto-vectorisation)";
+  if (cpu_has_avx2_fma()) return "avx2+fma";
+#if defined(__x86_64__) || defined(_M_X64)
+  return "sse2";
 #elif defined(__aarch64__)
-  return "neon (compiler auto-vectorisation)";
+  return "neon";
 #else
-  return "none";
+  return "portable";
 #endif
 }
 

@@ -1,0 +1,401 @@
+// The vectorised fused forward, included once per instruction set by
+// fast_forward_{avx2,portable}.cpp with LIBNA_SIMD_NS and LIBNA_SIMD_TARGET
+// defined. Used for float32/float16/bfloat16 (float64 keeps the scalar
+// kernel in kernels.h).
+//
+// The idea (see ../shared notes): put 8 consecutive queries of one dilation
+// group along the last spatial axis in SIMD lanes. Their windows along that
+// axis are the same shape shifted by one position each (away from the
+// borders), and along the other axes they are identical. With K and V
+// repacked head-dim-major and group-contiguous ("[row][d][col]"), the keys of
+// all 8 lanes at one window offset are a single contiguous load, so Q.K and
+// P.V become FMAs with no broadcasts, no wasted products and no horizontal
+// sums. Blocks where the windows do not shift in step (borders, causal
+// starts, stride > 1, partial blocks) use the union of the lanes' windows
+// with broadcast keys and a per-lane mask instead.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "cpu/simd.h"
+
+namespace libna::cpu::LIBNA_SIMD_NS {
+
+using simd::f32x8;
+using simd::kLanes;
+
+// K and V as float, indexed [b][hk][row][d][col]: `row` enumerates the
+// positions of all but the last spatial axis, `col` is the last axis with
+// each dilation group's positions stored contiguously from group_base[g].
+struct PackedKV {
+  std::vector<float> k, v;
+  std::vector<std::int64_t> group_base;
+  std::int64_t rows = 0, width = 0, dim = 0, dim_v = 0, heads_kv = 0;
+
+  const float* k_row(std::int64_t b, std::int64_t hk, std::int64_t row) const {
+    return k.data() + (((b * heads_kv + hk) * rows + row) * dim) * width;
+  }
+  const float* v_row(std::int64_t b, std::int64_t hk, std::int64_t row) const {
+    return v.data() + (((b * heads_kv + hk) * rows + row) * dim_v) * width;
+  }
+};
+
+template <int Rank>
+void row_coords(const Geometry<Rank>& g, std::int64_t row, std::int64_t* c) {
+  for (int a = Rank - 2; a >= 0; --a) {
+    c[a] = row % g.spatial[a];
+    row /= g.spatial[a];
+  }
+}
+
+template <int Rank, typename T>
+PackedKV pack_kv(const detail::ForwardArgs& args, const Geometry<Rank>& g) {
+  const TensorView &k = args.k, &v = args.v;
+  PackedKV p;
+  p.width = g.spatial[Rank - 1];
+  p.rows = g.tokens / p.width;
+  p.dim = k.shape[Rank + 2];
+  p.dim_v = v.shape[Rank + 2];
+  p.heads_kv = k.shape[Rank + 1];
+  const AxisParams& last = g.axes[Rank - 1];
+  p.group_base.resize(last.dilation);
+  for (std::int64_t grp = 0, base = 0; grp < last.dilation; ++grp) {
+    p.group_base[grp] = base;
+    base += group_length(last.length, last.dilation, grp);
+  }
+  p.k.resize(g.batch * p.heads_kv * p.rows * p.dim * p.width);
+  p.v.resize(g.batch * p.heads_kv * p.rows * p.dim_v * p.width);
+  const T* k_data = static_cast<const T*>(k.data);
+  const T* v_data = static_cast<const T*>(v.data);
+  parallel_for(g.batch * p.heads_kv * p.rows, 4, [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t item = begin; item < end; ++item) {
+      const std::int64_t row = item % p.rows, hk = (item / p.rows) % p.heads_kv,
+                         b = item / (p.rows * p.heads_kv);
+      std::int64_t c[Rank];
+      row_coords<Rank>(g, row, c);
+      float* k_out = p.k.data() + item * p.dim * p.width;
+      float* v_out = p.v.data() + item * p.dim_v * p.width;
+      for (std::int64_t x = 0; x < p.width; ++x) {
+        c[Rank - 1] = x;
+        const std::int64_t col = p.group_base[x % last.dilation] + x / last.dilation;
+        const T* kx = k_data + row_offset<Rank>(k, b, c, hk);
+        const T* vx = v_data + row_offset<Rank>(v, b, c, hk);
+        for (std::int64_t d = 0; d < p.dim; ++d) {
+          k_out[d * p.width + col] = load<float>(kx + d * k.strides[Rank + 2]);
+        }
+        for (std::int64_t d = 0; d < p.dim_v; ++d) {
+          v_out[d * p.width + col] = load<float>(vx + d * v.strides[Rank + 2]);
+        }
+      }
+    }
+  });
+  return p;
+}
+
+// logits[j] (8 lanes) = sum_d q[d] * key(d, j) for N window positions j,
+// where key(d, j) is 8 consecutive columns (Shifted) or one broadcast column.
+template <int N, bool Shifted>
+LIBNA_SIMD_TARGET void qk_chunk(const float* q, const float* keys, std::int64_t width,
+                                std::int64_t dim, float* logits) {
+  f32x8 acc[N];
+  for (int j = 0; j < N; ++j) acc[j] = simd::splat(0.0f);
+  for (std::int64_t d = 0; d < dim; ++d) {
+    const f32x8 qd = simd::load(q + d * kLanes);
+    const float* kd = keys + d * width;
+    for (int j = 0; j < N; ++j) acc[j] += qd * (Shifted ? simd::load(kd + j) : simd::splat(kd[j]));
+  }
+  for (int j = 0; j < N; ++j) simd::store(logits + j * kLanes, acc[j]);
+}
+
+// out[j] (8 lanes) = sum over key rows r and window positions c of
+// probs[r][c] * value(r, d0 + j, c), for N head-dim channels.
+template <int N, bool Shifted>
+LIBNA_SIMD_TARGET void pv_chunk(const float* probs, const float* const* value_rows,
+                                std::int64_t key_rows, std::int64_t window, std::int64_t width,
+                                std::int64_t d0, float* out) {
+  f32x8 acc[N];
+  for (int j = 0; j < N; ++j) acc[j] = simd::splat(0.0f);
+  for (std::int64_t r = 0; r < key_rows; ++r) {
+    const float* vr = value_rows[r] + d0 * width;
+    const float* pr = probs + r * window * kLanes;
+    for (std::int64_t c = 0; c < window; ++c) {
+      const f32x8 p = simd::load(pr + c * kLanes);
+      for (int j = 0; j < N; ++j) {
+        acc[j] += p * (Shifted ? simd::load(vr + j * width + c) : simd::splat(vr[j * width + c]));
+      }
+    }
+  }
+  for (int j = 0; j < N; ++j) simd::store(out + j * kLanes, acc[j]);
+}
+
+template <bool Shifted>
+LIBNA_SIMD_TARGET void qk_range(const float* q, const float* keys, std::int64_t width,
+                                std::int64_t dim, std::int64_t window, float* logits) {
+  std::int64_t j = 0;
+  for (; j + 8 <= window; j += 8) qk_chunk<8, Shifted>(q, keys + j, width, dim, logits + j * kLanes);
+  switch (window - j) {
+    case 1: qk_chunk<1, Shifted>(q, keys + j, width, dim, logits + j * kLanes); break;
+    case 2: qk_chunk<2, Shifted>(q, keys + j, width, dim, logits + j * kLanes); break;
+    case 3: qk_chunk<3, Shifted>(q, keys + j, width, dim, logits + j * kLanes); break;
+    case 4: qk_chunk<4, Shifted>(q, keys + j, width, dim, logits + j * kLanes); break;
+    case 5: qk_chunk<5, Shifted>(q, keys + j, width, dim, logits + j * kLanes); break;
+    case 6: qk_chunk<6, Shifted>(q, keys + j, width, dim, logits + j * kLanes); break;
+    case 7: qk_chunk<7, Shifted>(q, keys + j, width, dim, logits + j * kLanes); break;
+    default: break;
+  }
+}
+
+template <bool Shifted>
+LIBNA_SIMD_TARGET void pv_range(const float* probs, const float* const* value_rows,
+                                std::int64_t key_rows, std::int64_t window, std::int64_t width,
+                                std::int64_t dim_v, float* out) {
+  std::int64_t d = 0;
+  for (; d + 8 <= dim_v; d += 8) pv_chunk<8, Shifted>(probs, value_rows, key_rows, window, width, d, out + d * kLanes);
+  switch (dim_v - d) {
+    case 1: pv_chunk<1, Shifted>(probs, value_rows, key_rows, window, width, d, out + d * kLanes); break;
+    case 2: pv_chunk<2, Shifted>(probs, value_rows, key_rows, window, width, d, out + d * kLanes); break;
+    case 3: pv_chunk<3, Shifted>(probs, value_rows, key_rows, window, width, d, out + d * kLanes); break;
+    case 4: pv_chunk<4, Shifted>(probs, value_rows, key_rows, window, width, d, out + d * kLanes); break;
+    case 5: pv_chunk<5, Shifted>(probs, value_rows, key_rows, window, width, d, out + d * kLanes); break;
+    case 6: pv_chunk<6, Shifted>(probs, value_rows, key_rows, window, width, d, out + d * kLanes); break;
+    case 7: pv_chunk<7, Shifted>(probs, value_rows, key_rows, window, width, d, out + d * kLanes); break;
+    default: break;
+  }
+}
+
+// Softmax over `entries` logit vectors in place (probabilities, unnormalised);
+// returns the per-lane maximum and sum.
+LIBNA_SIMD_TARGET inline void softmax_lanes(float* logits, std::int64_t entries, f32x8* max_out,
+                                            f32x8* sum_out) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  f32x8 m = simd::splat(neg_inf);
+  for (std::int64_t e = 0; e < entries; ++e) m = simd::max(m, simd::load(logits + e * kLanes));
+  m = m == simd::splat(neg_inf) ? simd::splat(0.0f) : m;  // empty (padding) lanes
+  f32x8 s = simd::splat(0.0f);
+  for (std::int64_t e = 0; e < entries; ++e) {
+    const f32x8 p = simd::exp_nonpositive(simd::load(logits + e * kLanes) - m);
+    simd::store(logits + e * kLanes, p);
+    s += p;
+  }
+  *max_out = m;
+  *sum_out = s;
+}
+
+template <int Rank, typename T>
+struct Forward {
+  const detail::ForwardArgs& args;
+  const Geometry<Rank>& g;
+  const PackedKV& kv;
+  std::vector<float> bias;               // rpb as contiguous float [heads][2k-1...]
+  std::int64_t bias_strides[Rank + 1] = {};
+  std::int64_t heads_per_kv;
+  float scale;
+
+  // Per-thread working memory.
+  struct Scratch {
+    std::vector<float> q, out;  // [d][lane]
+    std::vector<float> logits;
+    std::vector<std::int64_t> key_rows, key_row_bias;
+    std::vector<const float*> value_rows;
+  };
+
+  Forward(const detail::ForwardArgs& a, const Geometry<Rank>& geometry, const PackedKV& packed)
+      : args(a), g(geometry), kv(packed) {
+    heads_per_kv = g.heads / kv.heads_kv;
+    scale = static_cast<float>(a.scale);
+    if (a.rpb) {
+      std::int64_t s = 1;
+      for (int ax = Rank - 1; ax >= 0; --ax) {
+        bias_strides[ax + 1] = s;
+        s *= 2 * a.params.kernel_size[ax] - 1;
+      }
+      bias_strides[0] = s;
+      bias.resize(s * g.heads);
+      const T* rpb = static_cast<const T*>(a.rpb->data);
+      for (std::int64_t i = 0; i < s * g.heads; ++i) {
+        std::int64_t rest = i, off = 0;
+        for (int ax = Rank; ax >= 0; --ax) {
+          const std::int64_t extent = a.rpb->shape[ax];
+          off += (rest % extent) * a.rpb->strides[ax];
+          rest /= extent;
+        }
+        bias[i] = load<float>(rpb + off);
+      }
+    }
+  }
+
+  // All queries of one (b, h, row): every dilation group of the last axis,
+  // eight queries at a time.
+  LIBNA_SIMD_TARGET void row(std::int64_t b, std::int64_t h, std::int64_t row_index,
+                             Scratch& s) const {
+    std::int64_t c[Rank];
+    row_coords<Rank>(g, row_index, c);
+    // Key rows: the cartesian product of the windows along the leading axes.
+    std::int64_t n_rows = 1;
+    AxisWindow w[Rank];
+    for (int a = 0; a < Rank - 1; ++a) {
+      w[a] = axis_window(c[a], g.axes[a]);
+      n_rows *= w[a].count;
+    }
+    s.key_rows.resize(n_rows);
+    s.key_row_bias.resize(n_rows);
+    s.value_rows.resize(n_rows);
+    {
+      std::int64_t t[Rank] = {};
+      for (std::int64_t r = 0; r < n_rows; ++r) {
+        std::int64_t key_row = 0, bias_off = 0;
+        for (int a = 0; a < Rank - 1; ++a) {
+          key_row = key_row * g.spatial[a] + w[a].first + t[a] * w[a].step;
+          bias_off += (w[a].rpb_first + t[a]) * bias_strides[a + 1];
+        }
+        s.key_rows[r] = key_row;
+        s.key_row_bias[r] = bias_off;
+        for (int a = Rank - 2; a >= 0; --a) {
+          if (++t[a] < w[a].count) break;
+          t[a] = 0;
+        }
+      }
+    }
+    const std::int64_t hk = h / heads_per_kv;
+    const AxisParams& last = g.axes[Rank - 1];
+    for (std::int64_t grp = 0; grp < last.dilation; ++grp) {
+      const std::int64_t len = group_length(last.length, last.dilation, grp);
+      for (std::int64_t i0 = 0; i0 < len; i0 += kLanes) {
+        block(b, h, hk, c, grp, len, i0, std::min<std::int64_t>(kLanes, len - i0), n_rows, s);
+      }
+    }
+  }
+
+  LIBNA_SIMD_TARGET void block(std::int64_t b, std::int64_t h, std::int64_t hk, std::int64_t* c,
+                               std::int64_t grp, std::int64_t len, std::int64_t i0,
+                               std::int64_t lanes, std::int64_t n_rows, Scratch& s) const {
+    const AxisParams& last = g.axes[Rank - 1];
+    const std::int64_t kernel = last.kernel, dim = kv.dim, dim_v = kv.dim_v, width = kv.width;
+    std::int64_t lo[kLanes], count[kLanes];
+    bool shifted = lanes == kLanes;
+    std::int64_t umin = std::numeric_limits<std::int64_t>::max(), umax = 0;
+    for (std::int64_t l = 0; l < lanes; ++l) {
+      group_window(i0 + l, len, last, &lo[l], &count[l]);
+      shifted = shifted && count[l] == kernel && lo[l] == lo[0] + l;
+      umin = std::min(umin, lo[l]);
+      umax = std::max(umax, lo[l] + count[l]);
+    }
+    const std::int64_t window = shifted ? kernel : umax - umin;
+    const std::int64_t first_col = kv.group_base[grp] + (shifted ? lo[0] : umin);
+
+    // Queries, transposed to [d][lane] and scaled.
+    const TensorView& q = args.q;
+    const T* q_data = static_cast<const T*>(q.data);
+    s.q.resize(dim * kLanes);
+    {
+      const T* q_rows[kLanes];
+      for (std::int64_t l = 0; l < lanes; ++l) {
+        c[Rank - 1] = grp + (i0 + l) * last.dilation;
+        q_rows[l] = q_data + row_offset<Rank>(q, b, c, h);
+      }
+      for (std::int64_t d = 0; d < dim; ++d) {
+        for (std::int64_t l = 0; l < kLanes; ++l) {
+          s.q[d * kLanes + l] =
+              l < lanes ? scale * load<float>(q_rows[l] + d * q.strides[Rank + 2]) : 0.0f;
+        }
+      }
+    }
+
+    // Logits [key row][window position][lane].
+    s.logits.resize(n_rows * window * kLanes);
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    for (std::int64_t r = 0; r < n_rows; ++r) {
+      const float* keys = kv.k_row(b, hk, s.key_rows[r]) + first_col;
+      float* logits = s.logits.data() + r * window * kLanes;
+      const float* bias_row =
+          bias.empty() ? nullptr : bias.data() + h * bias_strides[0] + s.key_row_bias[r];
+      const std::int64_t bias_step = bias_strides[Rank];
+      if (shifted) {
+        qk_range<true>(s.q.data(), keys, width, dim, window, logits);
+        if (bias_row) {
+          const std::int64_t rel0 = lo[0] - i0 + kernel - 1;
+          for (std::int64_t j = 0; j < window; ++j) {
+            f32x8 x = simd::load(logits + j * kLanes) + simd::splat(bias_row[(rel0 + j) * bias_step]);
+            simd::store(logits + j * kLanes, x);
+          }
+        }
+      } else {
+        qk_range<false>(s.q.data(), keys, width, dim, window, logits);
+        for (std::int64_t j = 0; j < window; ++j) {
+          const std::int64_t key = umin + j;
+          for (std::int64_t l = 0; l < kLanes; ++l) {
+            float& x = logits[j * kLanes + l];
+            if (l >= lanes || key < lo[l] || key >= lo[l] + count[l]) {
+              x = neg_inf;
+            } else if (bias_row) {
+              x += bias_row[(key - (i0 + l) + kernel - 1) * bias_step];
+            }
+          }
+        }
+      }
+    }
+
+    f32x8 max_logit, sum;
+    softmax_lanes(s.logits.data(), n_rows * window, &max_logit, &sum);
+
+    for (std::int64_t r = 0; r < n_rows; ++r) {
+      s.value_rows[r] = kv.v_row(b, hk, s.key_rows[r]) + first_col;
+    }
+    s.out.resize(dim_v * kLanes);
+    if (shifted) {
+      pv_range<true>(s.logits.data(), s.value_rows.data(), n_rows, window, width, dim_v, s.out.data());
+    } else {
+      pv_range<false>(s.logits.data(), s.value_rows.data(), n_rows, window, width, dim_v, s.out.data());
+    }
+
+    // Normalise and store, lane by lane.
+    const TensorView& out = args.out;
+    T* out_data = static_cast<T*>(out.data);
+    alignas(32) float inv_sum[kLanes], m[kLanes], total[kLanes];
+    simd::store(total, sum);
+    simd::store(m, max_logit);
+    simd::store(inv_sum, simd::splat(1.0f) / sum);
+    for (std::int64_t l = 0; l < lanes; ++l) {
+      c[Rank - 1] = grp + (i0 + l) * last.dilation;
+      T* o = out_data + row_offset<Rank>(out, b, c, h);
+      for (std::int64_t d = 0; d < dim_v; ++d) {
+        store<T, float>(o + d * out.strides[Rank + 2], s.out[d * kLanes + l] * inv_sum[l]);
+      }
+      if (args.lse) {
+        float* lse = static_cast<float*>(args.lse->data);
+        lse[row_offset<Rank>(*args.lse, b, c, 0) + h * args.lse->strides[Rank + 1]] =
+            m[l] + std::log(total[l]);
+      }
+    }
+  }
+};
+
+template <int Rank, typename T>
+void na_forward(const detail::ForwardArgs& args) {
+  const Geometry<Rank> g(args.q, args.params);
+  const PackedKV kv = pack_kv<Rank, T>(args, g);
+  const Forward<Rank, T> fwd(args, g, kv);
+  const std::int64_t rows = kv.rows;
+  parallel_for(g.batch * g.heads * rows, 1, [&](std::int64_t begin, std::int64_t end) {
+    typename Forward<Rank, T>::Scratch scratch;
+    for (std::int64_t item = begin; item < end; ++item) {
+      const std::int64_t row = item % rows, h = (item / rows) % g.heads,
+                         b = item / (rows * g.heads);
+      fwd.row(b, h, row, scratch);
+    }
+  });
+}
+
+template void na_forward<1, detail::Half>(const detail::ForwardArgs&);
+template void na_forward<2, detail::Half>(const detail::ForwardArgs&);
+template void na_forward<3, detail::Half>(const detail::ForwardArgs&);
+template void na_forward<1, detail::BFloat16>(const detail::ForwardArgs&);
+template void na_forward<2, detail::BFloat16>(const detail::ForwardArgs&);
+template void na_forward<3, detail::BFloat16>(const detail::ForwardArgs&);
+template void na_forward<1, float>(const detail::ForwardArgs&);
+template void na_forward<2, float>(const detail::ForwardArgs&);
+template void na_forward<3, float>(const detail::ForwardArgs&);
+
+}  // namespace libna::cpu::LIBNA_SIMD_NS
