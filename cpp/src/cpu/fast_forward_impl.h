@@ -30,15 +30,16 @@ using simd::kLanes;
 // positions of all but the last spatial axis, `col` is the last axis with
 // each dilation group's positions stored contiguously from group_base[g].
 struct PackedKV {
-  std::vector<float> k, v;
+  float* k = nullptr;  // in the calling thread's workspace (see workspace())
+  float* v = nullptr;
   std::vector<std::int64_t> group_base;
   std::int64_t rows = 0, width = 0, dim = 0, dim_v = 0, heads_kv = 0;
 
   const float* k_row(std::int64_t b, std::int64_t hk, std::int64_t row) const {
-    return k.data() + (((b * heads_kv + hk) * rows + row) * dim) * width;
+    return k + (((b * heads_kv + hk) * rows + row) * dim) * width;
   }
   const float* v_row(std::int64_t b, std::int64_t hk, std::int64_t row) const {
-    return v.data() + (((b * heads_kv + hk) * rows + row) * dim_v) * width;
+    return v + (((b * heads_kv + hk) * rows + row) * dim_v) * width;
   }
 };
 
@@ -47,6 +48,27 @@ void row_coords(const Geometry<Rank>& g, std::int64_t row, std::int64_t* c) {
   for (int a = Rank - 2; a >= 0; --a) {
     c[a] = row % g.spatial[a];
     row /= g.spatial[a];
+  }
+}
+
+// Scratch memory of the calling thread, kept between calls: a fresh
+// allocation of this size would be mapped (and page-faulted) anew each call.
+inline float* workspace(std::int64_t size) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<std::int64_t>(buffer.size()) < size) {
+    buffer = std::vector<float>();  // release first: never hold both
+    buffer.resize(size);
+  }
+  return buffer.data();
+}
+
+// dst[0..n) = src[0, stride, 2 stride, ...) as float.
+template <typename T>
+inline void load_floats(const T* src, std::int64_t stride, std::int64_t n, float* dst) {
+  if (stride == 1) {
+    for (std::int64_t i = 0; i < n; ++i) dst[i] = load<float>(src + i);
+  } else {
+    for (std::int64_t i = 0; i < n; ++i) dst[i] = load<float>(src + i * stride);
   }
 }
 
@@ -65,30 +87,40 @@ PackedKV pack_kv(const detail::ForwardArgs& args, const Geometry<Rank>& g) {
     p.group_base[grp] = base;
     base += group_length(last.length, last.dilation, grp);
   }
-  p.k.resize(g.batch * p.heads_kv * p.rows * p.dim * p.width);
-  p.v.resize(g.batch * p.heads_kv * p.rows * p.dim_v * p.width);
+  const std::int64_t k_size = g.batch * p.heads_kv * p.rows * p.dim * p.width;
+  const std::int64_t v_size = g.batch * p.heads_kv * p.rows * p.dim_v * p.width;
+  p.k = workspace(k_size + v_size);
+  p.v = p.k + k_size;
   const T* k_data = static_cast<const T*>(k.data);
   const T* v_data = static_cast<const T*>(v.data);
+  // Transpose [col][d] -> [d][col] through a buffer of kLanes rows at a time,
+  // so that reads are whole rows and writes are runs of columns.
+  const auto transpose = [&](const TensorView& t, const T* data, std::int64_t b,
+                             std::int64_t hk, std::int64_t* c, std::int64_t dim, float* out,
+                             float* rows) {
+    for (std::int64_t x0 = 0; x0 < p.width; x0 += kLanes) {
+      const std::int64_t n = std::min<std::int64_t>(kLanes, p.width - x0);
+      std::int64_t cols[kLanes];
+      for (std::int64_t j = 0; j < n; ++j) {
+        const std::int64_t x = x0 + j;
+        c[Rank - 1] = x;
+        cols[j] = p.group_base[x % last.dilation] + x / last.dilation;
+        load_floats(data + row_offset<Rank>(t, b, c, hk), t.strides[Rank + 2], dim, rows + j * dim);
+      }
+      for (std::int64_t d = 0; d < dim; ++d) {
+        for (std::int64_t j = 0; j < n; ++j) out[d * p.width + cols[j]] = rows[j * dim + d];
+      }
+    }
+  };
   parallel_for(g.batch * p.heads_kv * p.rows, 4, [&](std::int64_t begin, std::int64_t end) {
+    std::vector<float> rows(kLanes * std::max(p.dim, p.dim_v));
     for (std::int64_t item = begin; item < end; ++item) {
       const std::int64_t row = item % p.rows, hk = (item / p.rows) % p.heads_kv,
                          b = item / (p.rows * p.heads_kv);
       std::int64_t c[Rank];
       row_coords<Rank>(g, row, c);
-      float* k_out = p.k.data() + item * p.dim * p.width;
-      float* v_out = p.v.data() + item * p.dim_v * p.width;
-      for (std::int64_t x = 0; x < p.width; ++x) {
-        c[Rank - 1] = x;
-        const std::int64_t col = p.group_base[x % last.dilation] + x / last.dilation;
-        const T* kx = k_data + row_offset<Rank>(k, b, c, hk);
-        const T* vx = v_data + row_offset<Rank>(v, b, c, hk);
-        for (std::int64_t d = 0; d < p.dim; ++d) {
-          k_out[d * p.width + col] = load<float>(kx + d * k.strides[Rank + 2]);
-        }
-        for (std::int64_t d = 0; d < p.dim_v; ++d) {
-          v_out[d * p.width + col] = load<float>(vx + d * v.strides[Rank + 2]);
-        }
-      }
+      transpose(k, k_data, b, hk, c, p.dim, p.k + item * p.dim * p.width, rows.data());
+      transpose(v, v_data, b, hk, c, p.dim_v, p.v + item * p.dim_v * p.width, rows.data());
     }
   });
   return p;
@@ -196,6 +228,7 @@ struct Forward {
   // Per-thread working memory.
   struct Scratch {
     std::vector<float> q, out;  // [d][lane]
+    std::vector<float> q_rows;  // [lane][d]
     std::vector<float> logits;
     std::vector<std::int64_t> key_rows, key_row_bias;
     std::vector<const float*> value_rows;
@@ -289,18 +322,18 @@ struct Forward {
     const TensorView& q = args.q;
     const T* q_data = static_cast<const T*>(q.data);
     s.q.resize(dim * kLanes);
-    {
-      const T* q_rows[kLanes];
-      for (std::int64_t l = 0; l < lanes; ++l) {
+    s.q_rows.resize(kLanes * dim);
+    for (std::int64_t l = 0; l < kLanes; ++l) {
+      float* row = s.q_rows.data() + l * dim;
+      if (l < lanes) {
         c[Rank - 1] = grp + (i0 + l) * last.dilation;
-        q_rows[l] = q_data + row_offset<Rank>(q, b, c, h);
+        load_floats(q_data + row_offset<Rank>(q, b, c, h), q.strides[Rank + 2], dim, row);
+      } else {
+        std::fill(row, row + dim, 0.0f);
       }
-      for (std::int64_t d = 0; d < dim; ++d) {
-        for (std::int64_t l = 0; l < kLanes; ++l) {
-          s.q[d * kLanes + l] =
-              l < lanes ? scale * load<float>(q_rows[l] + d * q.strides[Rank + 2]) : 0.0f;
-        }
-      }
+    }
+    for (std::int64_t d = 0; d < dim; ++d) {
+      for (std::int64_t l = 0; l < kLanes; ++l) s.q[d * kLanes + l] = scale * s.q_rows[l * dim + d];
     }
 
     // Logits [key row][window position][lane].
