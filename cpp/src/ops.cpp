@@ -120,7 +120,7 @@ class Checker {
         fail("kernel_size=" + tuple_str(ks.data(), n) + " must not exceed the spatial extent " +
              tuple_str(spatial, n) + " along any axis");
       }
-      if (ks[a] * dl[a] > spatial[a]) {
+      if (dl[a] > spatial[a] / ks[a]) {  // kernel * dilation > extent, without overflow
         fail("kernel_size * dilation = " + tuple_str(ks.data(), n) + " * " +
              tuple_str(dl.data(), n) + " must not exceed the spatial extent " +
              tuple_str(spatial, n) + " along any axis");

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 _BFLOAT16_NAMES = ("bfloat16",)
+_NUMPY_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _family(x) -> str | None:
@@ -42,11 +43,13 @@ def _numpy_dtype(name: str) -> np.dtype:
 class Arrays:
     """The arrays of one op call, all from one framework."""
 
-    def __init__(self, op: str, named: dict):
+    def __init__(self, op: str, named: dict, optional=("rpb",)):
         families = {}
         for name, x in named.items():
             if x is None:
-                continue
+                if name in optional:
+                    continue
+                raise TypeError(f"[{op}] {name} must be an array, got None")
             family = _family(x)
             if family is None:
                 raise TypeError(
@@ -81,8 +84,18 @@ class Arrays:
         if self.family == "numpy":
             if _is_numpy_bfloat16(x.dtype):
                 return x.view(np.uint16)
+            if x.dtype not in _NUMPY_FLOATS:
+                raise TypeError(
+                    f"[{self.op}] {name} has dtype {x.dtype}; expected float16, bfloat16, "
+                    "float32 or float64"
+                )
             return x
         if self.family == "torch":
+            if x.device.type not in ("cpu", "cuda"):
+                raise ValueError(
+                    f"[{self.op}] {name} is on device '{x.device}'; libna supports CPU and "
+                    "CUDA tensors"
+                )
             self._device = x.device
             if x.device.type == "cuda":
                 import torch

@@ -33,18 +33,30 @@ def _is_bool(x) -> bool:
     return isinstance(x, (bool, np.bool_))
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def per_axis(op: str, name: str, value, rank: int, *, boolean: bool = False) -> tuple:
     """An int (bool) or a sequence of rank ints (bools) as a rank-tuple."""
     check, kind = (_is_bool, "bool") if boolean else (_is_int, "int")
     if check(value):
-        return (bool(value) if boolean else int(value),) * rank
-    if isinstance(value, (tuple, list)) and all(check(x) for x in value):
+        values = (value,) * rank
+    elif isinstance(value, (tuple, list)) and all(check(x) for x in value):
         if len(value) != rank:
             raise ValueError(
                 f"[{op}] {name}={tuple(value)!r} has {len(value)} values; expected one "
                 f"{kind} or {rank} (one per spatial axis)"
             )
-        return tuple(bool(x) if boolean else int(x) for x in value)
+        values = tuple(value)
+    else:
+        values = None
+    if values is not None:
+        if boolean:
+            return tuple(bool(x) for x in values)
+        values = tuple(int(x) for x in values)
+        if any(abs(x) > _INT64_MAX for x in values):
+            raise ValueError(f"[{op}] {name}={values!r} is out of range (64-bit integers)")
+        return values
     raise TypeError(
         f"[{op}] {name}={value!r} must be an {kind} or a tuple of {rank} {kind}s"
     )
@@ -57,7 +69,10 @@ def check_scale(op: str, scale):
         scale, (bool, np.bool_)
     ):
         raise TypeError(f"[{op}] scale={scale!r} must be a real number or None")
-    return float(scale)
+    try:
+        return float(scale)
+    except OverflowError:
+        raise ValueError(f"[{op}] scale={scale!r} must be a finite number") from None
 
 
 def check_flag(op: str, name: str, value) -> bool:

@@ -135,10 +135,14 @@ def _as_array(fn, name, x) -> np.ndarray:
             f"[{fn}] {name} must be an array (numpy array or an object with "
             f"__array__ / __dlpack__); got {type(x).__name__}."
         )
-    elif hasattr(x, "__array__"):
-        arr = np.asarray(x)
-    elif hasattr(x, "__dlpack__"):
-        arr = np.from_dlpack(x)
+    elif hasattr(x, "__array__") or hasattr(x, "__dlpack__"):
+        try:
+            arr = np.asarray(x) if hasattr(x, "__array__") else np.from_dlpack(x)
+        except Exception as error:  # e.g. a tensor on a device NumPy cannot read
+            raise TypeError(
+                f"[{fn}] {name} ({type(x).__module__}.{type(x).__qualname__}) could not be "
+                f"read as a NumPy array: {error}"
+            ) from error
     else:
         raise TypeError(
             f"[{fn}] {name} must be an array (numpy array or an object with "
@@ -152,6 +156,15 @@ def _as_array(fn, name, x) -> np.ndarray:
             f"float16, float32, float64, bfloat16."
         )
     return arr
+
+
+def _one_framework(fn, **named):
+    """All given arrays come from one library (non-arrays are left to _as_array)."""
+    libraries = {name: type(x).__module__.split(".", 1)[0] for name, x in named.items()
+                 if hasattr(x, "__array__") or hasattr(x, "__dlpack__")}
+    if len(set(libraries.values())) > 1:
+        listing = ", ".join(f"{name}: {lib}" for name, lib in libraries.items())
+        raise TypeError(f"[{fn}] all arrays must come from one framework, got {listing}.")
 
 
 def _same_dtype(fn, arrays):
@@ -219,7 +232,10 @@ def _check_scale(fn, scale, head_dim):
             f"[{fn}] scale={scale!r} must be a real number (int or float) or "
             f"None; got type {type(scale).__name__}."
         )
-    value = float(scale)
+    try:
+        value = float(scale)
+    except OverflowError:
+        value = math.inf
     if not math.isfinite(value):
         raise ValueError(f"[{fn}] scale={scale!r} must be finite.")
     return value
@@ -613,6 +629,7 @@ def _av_backward(dout, attn, v, ks, dil, causal):
 
 def _na_fused(n, fn, q, k, v, kernel_size, stride, dilation, is_causal, scale,
               rpb, return_lse):
+    _one_framework(fn, q=q, k=k, v=v, rpb=rpb)
     q = _as_array(fn, "q", q)
     k = _as_array(fn, "k", k)
     v = _as_array(fn, "v", v)
@@ -634,6 +651,7 @@ def _na_fused(n, fn, q, k, v, kernel_size, stride, dilation, is_causal, scale,
 
 def _na_fused_backward(n, fn, q, k, v, out, dout, lse, kernel_size, stride,
                        dilation, is_causal, scale, rpb):
+    _one_framework(fn, q=q, k=k, v=v, out=out, dout=dout, lse=lse, rpb=rpb)
     q = _as_array(fn, "q", q)
     k = _as_array(fn, "k", k)
     v = _as_array(fn, "v", v)
@@ -664,6 +682,7 @@ def _na_fused_backward(n, fn, q, k, v, out, dout, lse, kernel_size, stride,
 
 
 def _na_qk(n, fn, q, k, kernel_size, dilation, is_causal, rpb):
+    _one_framework(fn, q=q, k=k, rpb=rpb)
     q = _as_array(fn, "q", q)
     k = _as_array(fn, "k", k)
     _check_qkv(fn, n, q, k, None)
@@ -682,6 +701,7 @@ def _check_attn(fn, name, attn, n, ks, ref_shape, dtype):
 
 
 def _na_qk_backward(n, fn, dattn, q, k, kernel_size, dilation, is_causal, rpb):
+    _one_framework(fn, dattn=dattn, q=q, k=k, rpb=rpb)
     dattn = _as_array(fn, "dattn", dattn)
     q = _as_array(fn, "q", q)
     k = _as_array(fn, "k", k)
@@ -716,6 +736,7 @@ def _check_attn_v(fn, n, attn, v):
 
 
 def _na_av(n, fn, attn, v, kernel_size, dilation, is_causal):
+    _one_framework(fn, attn=attn, v=v)
     attn = _as_array(fn, "attn", attn)
     v = _as_array(fn, "v", v)
     _check_attn_v(fn, n, attn, v)
@@ -727,6 +748,7 @@ def _na_av(n, fn, attn, v, kernel_size, dilation, is_causal):
 
 
 def _na_av_backward(n, fn, dout, attn, v, kernel_size, dilation, is_causal):
+    _one_framework(fn, dout=dout, attn=attn, v=v)
     dout = _as_array(fn, "dout", dout)
     attn = _as_array(fn, "attn", attn)
     v = _as_array(fn, "v", v)
