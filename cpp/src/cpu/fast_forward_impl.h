@@ -93,34 +93,47 @@ PackedKV pack_kv(const detail::ForwardArgs& args, const Geometry<Rank>& g) {
   p.v = p.k + k_size;
   const T* k_data = static_cast<const T*>(k.data);
   const T* v_data = static_cast<const T*>(v.data);
-  // Transpose [col][d] -> [d][col] through a buffer of kLanes rows at a time,
-  // so that reads are whole rows and writes are runs of columns.
-  const auto transpose = [&](const TensorView& t, const T* data, std::int64_t b,
-                             std::int64_t hk, std::int64_t* c, std::int64_t dim, float* out,
-                             float* rows) {
-    for (std::int64_t x0 = 0; x0 < p.width; x0 += kLanes) {
-      const std::int64_t n = std::min<std::int64_t>(kLanes, p.width - x0);
-      std::int64_t cols[kLanes];
-      for (std::int64_t j = 0; j < n; ++j) {
-        const std::int64_t x = x0 + j;
-        c[Rank - 1] = x;
-        cols[j] = p.group_base[x % last.dilation] + x / last.dilation;
-        load_floats(data + row_offset<Rank>(t, b, c, hk), t.strides[Rank + 2], dim, rows + j * dim);
-      }
-      for (std::int64_t d = 0; d < dim; ++d) {
-        for (std::int64_t j = 0; j < n; ++j) out[d * p.width + cols[j]] = rows[j * dim + d];
-      }
-    }
-  };
-  parallel_for(g.batch * p.heads_kv * p.rows, 4, [&](std::int64_t begin, std::int64_t end) {
-    std::vector<float> rows(kLanes * std::max(p.dim, p.dim_v));
+  // One work item per (b, row) packs every kv head, so that the input is
+  // read token by token in order. [col][d] -> [d][col] goes through a
+  // buffer of kLanes tokens, so writes are runs of columns.
+  const std::int64_t heads_kv = p.heads_kv;
+  parallel_for(g.batch * p.rows, 1, [&](std::int64_t begin, std::int64_t end) {
+    std::vector<float> buffer(kLanes * heads_kv * (p.dim + p.dim_v));
+    float* k_rows = buffer.data();                           // [j][hk][d]
+    float* v_rows = buffer.data() + kLanes * heads_kv * p.dim;  // [j][hk][d_v]
     for (std::int64_t item = begin; item < end; ++item) {
-      const std::int64_t row = item % p.rows, hk = (item / p.rows) % p.heads_kv,
-                         b = item / (p.rows * p.heads_kv);
+      const std::int64_t row = item % p.rows, b = item / p.rows;
       std::int64_t c[Rank];
       row_coords<Rank>(g, row, c);
-      transpose(k, k_data, b, hk, c, p.dim, p.k + item * p.dim * p.width, rows.data());
-      transpose(v, v_data, b, hk, c, p.dim_v, p.v + item * p.dim_v * p.width, rows.data());
+      for (std::int64_t x0 = 0; x0 < p.width; x0 += kLanes) {
+        const std::int64_t n = std::min<std::int64_t>(kLanes, p.width - x0);
+        std::int64_t cols[kLanes];
+        for (std::int64_t j = 0; j < n; ++j) {
+          const std::int64_t x = x0 + j;
+          c[Rank - 1] = x;
+          cols[j] = p.group_base[x % last.dilation] + x / last.dilation;
+          for (std::int64_t hk = 0; hk < heads_kv; ++hk) {
+            load_floats(k_data + row_offset<Rank>(k, b, c, hk), k.strides[Rank + 2], p.dim,
+                        k_rows + (j * heads_kv + hk) * p.dim);
+            load_floats(v_data + row_offset<Rank>(v, b, c, hk), v.strides[Rank + 2], p.dim_v,
+                        v_rows + (j * heads_kv + hk) * p.dim_v);
+          }
+        }
+        for (std::int64_t hk = 0; hk < heads_kv; ++hk) {
+          float* k_out = p.k + ((b * heads_kv + hk) * p.rows + row) * p.dim * p.width;
+          float* v_out = p.v + ((b * heads_kv + hk) * p.rows + row) * p.dim_v * p.width;
+          for (std::int64_t d = 0; d < p.dim; ++d) {
+            for (std::int64_t j = 0; j < n; ++j) {
+              k_out[d * p.width + cols[j]] = k_rows[(j * heads_kv + hk) * p.dim + d];
+            }
+          }
+          for (std::int64_t d = 0; d < p.dim_v; ++d) {
+            for (std::int64_t j = 0; j < n; ++j) {
+              v_out[d * p.width + cols[j]] = v_rows[(j * heads_kv + hk) * p.dim_v + d];
+            }
+          }
+        }
+      }
     }
   });
   return p;
@@ -413,8 +426,9 @@ void na_forward(const detail::ForwardArgs& args) {
   const std::int64_t rows = kv.rows;
   parallel_for(g.batch * g.heads * rows, 1, [&](std::int64_t begin, std::int64_t end) {
     typename Forward<Rank, T>::Scratch scratch;
+    // Heads innermost: consecutive items read the same query tokens.
     for (std::int64_t item = begin; item < end; ++item) {
-      const std::int64_t row = item % rows, h = (item / rows) % g.heads,
+      const std::int64_t h = item % g.heads, row = (item / g.heads) % rows,
                          b = item / (rows * g.heads);
       fwd.row(b, h, row, scratch);
     }
