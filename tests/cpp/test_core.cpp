@@ -1,0 +1,489 @@
+// Tests of libna's C++ API, against the installed package:
+//   (a) axis_window against a brute-force re-derivation of the window rule,
+//   (b) every validation failure of na_forward throws the right type, naming
+//       the op,
+//   (c) float16 / bfloat16 forward against float32 forward on the same values,
+//   (d) the thread-count setting, and bitwise identical results on 1 and 2
+//       threads.
+// Prints one line per failure and a summary; exits non-zero on any failure.
+#include <libna/libna.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <set>
+#include <string>
+#include <typeinfo>
+#include <vector>
+
+namespace {
+
+int g_passed = 0, g_failed = 0;
+
+void report(bool ok, const std::string& what, const char* file, int line) {
+  if (ok) {
+    ++g_passed;
+  } else {
+    ++g_failed;
+    std::printf("FAILED %s:%d: %s\n", file, line, what.c_str());
+  }
+}
+
+#define CHECK(cond) report(static_cast<bool>(cond), #cond, __FILE__, __LINE__)
+#define CHECK_MSG(cond, msg) report(static_cast<bool>(cond), std::string(#cond) + " -- " + (msg), __FILE__, __LINE__)
+
+using libna::DType;
+using libna::NaParams;
+using libna::TensorView;
+using i64 = std::int64_t;
+
+// ---- (a) axis_window ---------------------------------------------------------
+
+// The keys (full-axis indices) of query i, found by enumeration rather than by
+// formula: the stride block of i's group position, its leader (the block
+// member at offset floor(s/2), or s-1 when causal, else the block's last
+// member), then the window that the leader's rule admits.
+std::set<i64> brute_force_keys(i64 L, i64 k, i64 d, i64 s, bool causal, i64 i) {
+  const i64 g = i % d;
+  std::vector<i64> group;  // full-axis indices of i's group, in order
+  for (i64 j = 0; j < L; ++j)
+    if (j % d == g) group.push_back(j);
+  const i64 Lg = static_cast<i64>(group.size());
+  const i64 iq = static_cast<i64>(std::find(group.begin(), group.end(), i) - group.begin());
+  std::vector<i64> block;  // group positions sharing i's stride block
+  for (i64 p = 0; p < Lg; ++p)
+    if (p / s == iq / s) block.push_back(p);
+  const std::size_t offset = causal ? s - 1 : s / 2;
+  const i64 leader = offset < block.size() ? block[offset] : block.back();
+  std::set<i64> keys;
+  if (causal) {  // the last k positions up to the leader, cut at the query
+    for (i64 p = 0; p <= iq; ++p)
+      if (p > leader - k) keys.insert(group[p]);
+  } else {  // of the k-long windows inside the group, the one nearest centred on the leader
+    i64 best = -1, best_dist = 0;
+    for (i64 lo = 0; lo + k <= Lg; ++lo) {
+      const i64 dist = std::abs(lo - (leader - k / 2));
+      if (best < 0 || dist < best_dist) best = lo, best_dist = dist;
+    }
+    for (i64 p = best; p < best + k; ++p) keys.insert(group[p]);
+  }
+  return keys;
+}
+
+void test_axis_window() {
+  int mismatches = 0, cases = 0;
+  for (i64 L = 1; L <= 20; ++L)
+    for (i64 k = 2; k <= L; ++k)
+      for (i64 d = 1; d <= L / k; ++d)
+        for (i64 s = 1; s <= k; ++s)
+          for (bool causal : {false, true})
+            for (i64 i = 0; i < L; ++i) {
+              ++cases;
+              const libna::AxisParams p{L, k, s, d, causal};
+              const libna::AxisWindow w = libna::axis_window(i, p);
+              std::set<i64> got;
+              for (i64 t = 0; t < w.count; ++t) got.insert(w.first + t * w.step);
+              const std::set<i64> want = brute_force_keys(L, k, d, s, causal, i);
+              // rpb index of the first key: (j' - i') + k - 1 in group positions.
+              const i64 want_rpb = want.empty() ? -1 : (*want.begin() / d - i / d) + k - 1;
+              const bool in_range = w.count >= 1 && w.first >= 0 &&
+                                    w.first + (w.count - 1) * w.step < L;
+              const bool ok = in_range && w.step == d && got == want && w.rpb_first == want_rpb &&
+                              static_cast<i64>(got.size()) == w.count;
+              if (!ok && ++mismatches <= 10) {
+                std::printf("  axis_window L=%lld k=%lld d=%lld s=%lld causal=%d i=%lld: "
+                            "first=%lld step=%lld count=%lld rpb_first=%lld, expected %zu keys "
+                            "from %lld, rpb_first=%lld\n",
+                            (long long)L, (long long)k, (long long)d, (long long)s, int(causal),
+                            (long long)i, (long long)w.first, (long long)w.step,
+                            (long long)w.count, (long long)w.rpb_first, want.size(),
+                            (long long)(want.empty() ? -1 : *want.begin()), (long long)want_rpb);
+              }
+            }
+  CHECK_MSG(mismatches == 0, std::to_string(mismatches) + " of " + std::to_string(cases) +
+                                 " axis_window cases differ from the brute force");
+  CHECK(cases > 10000);  // the grid was actually walked
+}
+
+// ---- helpers for the forward tests ------------------------------------------------
+
+// IEEE binary16 and bfloat16 bits from float, rounding to nearest even.
+std::uint16_t float_to_half(float f) {
+  std::uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const std::uint32_t sign = (x >> 16) & 0x8000u;
+  std::uint32_t a = x & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<std::uint16_t>(sign | 0x7e00u);  // NaN
+  if (a >= 0x477ff000u) return static_cast<std::uint16_t>(sign | 0x7c00u);  // >= 65520: inf
+  if (a < 0x38800000u) {  // below 2^-14: subnormal half, in units of 2^-24
+    float mag;
+    std::memcpy(&mag, &a, 4);
+    return static_cast<std::uint16_t>(sign | static_cast<std::uint32_t>(std::nearbyint(mag * 16777216.0f)));
+  }
+  a += 0xc8000000u + 0xfffu + ((a >> 13) & 1u);  // rebias exponent 127 -> 15, round
+  return static_cast<std::uint16_t>(sign | (a >> 13));
+}
+
+float half_to_float(std::uint16_t h) {
+  const int exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+  float mag;
+  if (exponent == 0) mag = std::ldexp(static_cast<float>(mantissa), -24);
+  else if (exponent == 31) mag = mantissa ? NAN : INFINITY;
+  else mag = std::ldexp(static_cast<float>(mantissa | 0x400), exponent - 25);
+  return (h & 0x8000u) ? -mag : mag;
+}
+
+std::uint16_t float_to_bf16(float f) {
+  std::uint32_t x;
+  std::memcpy(&x, &f, 4);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((x >> 16) | 0x40u);
+  x += 0x7fffu + ((x >> 16) & 1u);
+  return static_cast<std::uint16_t>(x >> 16);
+}
+
+float bf16_to_float(std::uint16_t b) {
+  const std::uint32_t x = static_cast<std::uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
+
+void test_converters() {
+  CHECK(float_to_half(1.0f) == 0x3c00);
+  CHECK(float_to_half(-2.0f) == 0xc000);
+  CHECK(float_to_half(65504.0f) == 0x7bff);
+  CHECK(float_to_half(65520.0f) == 0x7c00);
+  CHECK(float_to_half(std::ldexp(1.0f, -24)) == 0x0001);
+  CHECK(float_to_half(std::ldexp(1.0f, -14)) == 0x0400);
+  CHECK(float_to_half(1.0f + std::ldexp(1.0f, -11)) == 0x3c00);      // tie -> even
+  CHECK(float_to_half(1.0f + 3 * std::ldexp(1.0f, -11)) == 0x3c02);  // tie -> even
+  CHECK(half_to_float(0x3555) == 0.333251953125f);
+  CHECK(half_to_float(float_to_half(0.1f)) == 0.0999755859375f);
+  CHECK(float_to_bf16(1.0f) == 0x3f80);
+  CHECK(float_to_bf16(1.0f + std::ldexp(1.0f, -8)) == 0x3f80);  // tie -> even
+  CHECK(bf16_to_float(float_to_bf16(-3.0f)) == -3.0f);
+  CHECK(bf16_to_float(0x3eab) == 0.333984375f);
+}
+
+// One 2D forward problem, with its data as float; run() converts to `dtype`.
+struct Problem {
+  i64 B, H, W, heads, heads_kv, D, Dv;
+  NaParams params;
+  bool with_rpb = false;
+  std::vector<float> q, k, v, rpb;
+
+  Problem(i64 B_, i64 H_, i64 W_, i64 heads_, i64 heads_kv_, i64 D_, i64 Dv_, NaParams p,
+          bool rpb_, unsigned seed)
+      : B(B_), H(H_), W(W_), heads(heads_), heads_kv(heads_kv_), D(D_), Dv(Dv_), params(p),
+        with_rpb(rpb_) {
+    std::mt19937 gen(seed);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    auto fill = [&](std::vector<float>& x, i64 n) {
+      x.resize(n);
+      for (float& e : x) e = normal(gen);
+    };
+    fill(q, B * H * W * heads * D);
+    fill(k, B * H * W * heads_kv * D);
+    fill(v, B * H * W * heads_kv * Dv);
+    if (with_rpb) fill(rpb, heads * (2 * p.kernel_size[0] - 1) * (2 * p.kernel_size[1] - 1));
+  }
+
+  // Rounds the data to what `dtype` can hold (so float32 sees the same values).
+  void round_to(DType dtype) {
+    for (auto* x : {&q, &k, &v, &rpb})
+      for (float& e : *x)
+        e = dtype == DType::float16 ? half_to_float(float_to_half(e))
+            : dtype == DType::bfloat16 ? bf16_to_float(float_to_bf16(e))
+                                       : e;
+  }
+
+  // Runs na_forward in `dtype`; returns out (as float) and lse.
+  void run(DType dtype, std::vector<float>& out, std::vector<float>& lse) const {
+    const i64 n_out = B * H * W * heads * Dv;
+    out.assign(n_out, 0.0f);
+    lse.assign(B * H * W * heads, 0.0f);
+    const i64 r0 = 2 * params.kernel_size[0] - 1, r1 = 2 * params.kernel_size[1] - 1;
+    auto lse_view = TensorView::contiguous(lse.data(), DType::float32, {B, H, W, heads});
+    if (dtype == DType::float32) {
+      std::vector<float> q_ = q, k_ = k, v_ = v, rpb_ = rpb;
+      forward(dtype, q_.data(), k_.data(), v_.data(), rpb_.data(), out.data(), lse_view, r0, r1);
+      return;
+    }
+    auto to16 = [&](const std::vector<float>& x) {
+      std::vector<std::uint16_t> y(x.size());
+      for (std::size_t i = 0; i < x.size(); ++i)
+        y[i] = dtype == DType::float16 ? float_to_half(x[i]) : float_to_bf16(x[i]);
+      return y;
+    };
+    std::vector<std::uint16_t> q16 = to16(q), k16 = to16(k), v16 = to16(v), rpb16 = to16(rpb),
+                               out16(n_out);
+    forward(dtype, q16.data(), k16.data(), v16.data(), rpb16.data(), out16.data(), lse_view, r0,
+            r1);
+    for (i64 i = 0; i < n_out; ++i)
+      out[i] = dtype == DType::float16 ? half_to_float(out16[i]) : bf16_to_float(out16[i]);
+  }
+
+ private:
+  void forward(DType dtype, void* q_, void* k_, void* v_, void* rpb_, void* out_,
+               const TensorView& lse_view, i64 r0, i64 r1) const {
+    const auto qv = TensorView::contiguous(q_, dtype, {B, H, W, heads, D});
+    const auto kv = TensorView::contiguous(k_, dtype, {B, H, W, heads_kv, D});
+    const auto vv = TensorView::contiguous(v_, dtype, {B, H, W, heads_kv, Dv});
+    const auto rv = TensorView::contiguous(rpb_, dtype, {heads, r0, r1});
+    const auto ov = TensorView::contiguous(out_, dtype, {B, H, W, heads, Dv});
+    libna::na_forward(qv, kv, vv, with_rpb ? &rv : nullptr, ov, &lse_view, params);
+  }
+};
+
+NaParams params2d(i64 k0, i64 k1, i64 d0 = 1, i64 d1 = 1, i64 s0 = 1, i64 s1 = 1,
+                  bool c0 = false, bool c1 = false) {
+  NaParams p;
+  p.rank = 2;
+  p.kernel_size = {k0, k1, 0};
+  p.dilation = {d0, d1, 1};
+  p.stride = {s0, s1, 1};
+  p.is_causal = {c0, c1, false};
+  return p;
+}
+
+double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  double err = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) err = std::max(err, std::abs(double(a[i]) - b[i]));
+  return err;
+}
+
+// ---- (b) validation ------------------------------------------------------------
+
+// Arguments of one na_forward call; every view points into one buffer large
+// enough for all of them, so a check that fails to throw cannot read out of
+// bounds.
+struct Call {
+  std::vector<double> buffer = std::vector<double>(1 << 16, 0.0);
+  TensorView q, k, v, rpb, out, lse;
+  bool use_rpb = false;
+  NaParams params = params2d(3, 3);
+
+  Call() {  // a valid call: B=1, 6x7, 4 heads, 2 kv heads, D=8, Dv=5
+    void* p = buffer.data();
+    const DType f = DType::float32;
+    q = TensorView::contiguous(p, f, {1, 6, 7, 4, 8});
+    k = TensorView::contiguous(p, f, {1, 6, 7, 2, 8});
+    v = TensorView::contiguous(p, f, {1, 6, 7, 2, 5});
+    rpb = TensorView::contiguous(p, f, {4, 5, 5});
+    out = TensorView::contiguous(p, f, {1, 6, 7, 4, 5});
+    lse = TensorView::contiguous(p, f, {1, 6, 7, 4});
+  }
+  void run() const { libna::na_forward(q, k, v, use_rpb ? &rpb : nullptr, out, &lse, params); }
+  void check() const { libna::check_na_forward(q, k, v, use_rpb ? &rpb : nullptr, params); }
+};
+
+// Expects `fn` to throw exactly `dtype_error` (when want_dtype_error) or a
+// std::invalid_argument that is not one, with the op name ("[na2d]") and
+// `keyword` in the message.
+void expect_error(const std::string& name, bool want_dtype_error, const char* op,
+                  const char* keyword, const std::function<void()>& fn) {
+  std::string problem;
+  try {
+    fn();
+    problem = "did not throw";
+  } catch (const libna::dtype_error& e) {
+    if (!want_dtype_error) problem = std::string("threw dtype_error: ") + e.what();
+    else if (!std::strstr(e.what(), op) || !std::strstr(e.what(), keyword))
+      problem = std::string("message lacks ") + op + " or '" + keyword + "': " + e.what();
+  } catch (const std::invalid_argument& e) {
+    if (want_dtype_error) problem = std::string("threw invalid_argument, not dtype_error: ") + e.what();
+    else if (!std::strstr(e.what(), op) || !std::strstr(e.what(), keyword))
+      problem = std::string("message lacks ") + op + " or '" + keyword + "': " + e.what();
+  } catch (const std::exception& e) {
+    problem = std::string("threw ") + typeid(e).name() + ": " + e.what();
+  } catch (...) {
+    problem = "threw a non-std exception";
+  }
+  CHECK_MSG(problem.empty(), name + ": " + problem);
+}
+
+void test_validation() {
+  {
+    Call c;
+    c.use_rpb = true;
+    bool ok = true;
+    try {
+      c.run();
+    } catch (const std::exception& e) {
+      ok = false;
+      std::printf("  valid call threw: %s\n", e.what());
+    }
+    CHECK_MSG(ok, "the unmodified call is valid");
+  }
+  struct Bad {
+    const char* name;
+    bool dtype_error;
+    const char* keyword;
+    bool input_only;  // check_na_forward must reject it too
+    std::function<void(Call&)> mutate;
+  };
+  const std::vector<Bad> bad = {
+      {"kernel 1", false, "kernel_size", true, [](Call& c) { c.params.kernel_size[1] = 1; }},
+      {"kernel > extent", false, "kernel_size", true, [](Call& c) { c.params.kernel_size[0] = 7; }},
+      {"kernel * dilation > extent", false, "dilation", true,
+       [](Call& c) { c.params.dilation[0] = 3; }},
+      {"dilation 0", false, "dilation", true, [](Call& c) { c.params.dilation[1] = 0; }},
+      {"stride 0", false, "stride", true, [](Call& c) { c.params.stride[0] = 0; }},
+      {"stride > kernel", false, "stride", true, [](Call& c) { c.params.stride[1] = 4; }},
+      {"q rank wrong", false, "dimensions", true,
+       [](Call& c) { c.q = TensorView::contiguous(c.buffer.data(), DType::float32, {6, 7, 4, 8}); }},
+      {"spatial rank 4", false, "rank", true, [](Call& c) { c.params.rank = 4; }},  // "[na4d]"
+      {"head dim mismatch", false, "head_dim", true, [](Call& c) { c.k.shape[4] = 6; }},
+      {"heads not divisible", false, "heads", true, [](Call& c) {
+         c.k.shape[3] = 3;
+         c.v.shape[3] = 3;
+       }},
+      {"k spatial mismatch", false, "k shape", true, [](Call& c) { c.k.shape[2] = 6; }},
+      {"v heads mismatch", false, "v shape", true, [](Call& c) { c.v.shape[3] = 1; }},
+      {"rpb with causal", false, "rpb", true, [](Call& c) {
+         c.use_rpb = true;
+         c.params.is_causal[0] = true;
+       }},
+      {"rpb with stride", false, "rpb", true, [](Call& c) {
+         c.use_rpb = true;
+         c.params.stride[1] = 2;
+       }},
+      {"rpb wrong shape", false, "rpb", true, [](Call& c) {
+         c.use_rpb = true;
+         c.rpb.shape[2] = 4;
+       }},
+      {"rpb wrong heads", false, "rpb", true, [](Call& c) {
+         c.use_rpb = true;
+         c.rpb.shape[0] = 2;
+       }},
+      {"zero-size dim", false, "zero-size", true, [](Call& c) {
+         for (TensorView* t : {&c.q, &c.k, &c.v, &c.out, &c.lse}) t->shape[0] = 0;
+       }},
+      {"zero-size head dim", false, "zero-size", true, [](Call& c) { c.v.shape[4] = 0; }},
+      {"scale not finite", false, "scale", true, [](Call& c) { c.params.scale = NAN; }},
+      {"mixed dtype k", true, "dtype", true, [](Call& c) { c.k.dtype = DType::float64; }},
+      {"mixed dtype v", true, "dtype", true, [](Call& c) { c.v.dtype = DType::float16; }},
+      {"mixed dtype rpb", true, "dtype", true, [](Call& c) {
+         c.use_rpb = true;
+         c.rpb.dtype = DType::float64;
+       }},
+      {"wrong out shape", false, "out", false, [](Call& c) { c.out.shape[4] = 8; }},
+      {"wrong out dtype", true, "out", false, [](Call& c) { c.out.dtype = DType::bfloat16; }},
+      {"wrong lse shape", false, "lse", false, [](Call& c) { c.lse.shape[3] = 2; }},
+      {"wrong lse dtype", true, "lse", false, [](Call& c) { c.lse.dtype = DType::float16; }},
+  };
+  for (const Bad& b : bad) {
+    Call c;
+    b.mutate(c);
+    const char* op = c.params.rank == 4 ? "[na4d]" : "[na2d]";
+    expect_error(std::string("na_forward, ") + b.name, b.dtype_error, op, b.keyword,
+                 [&] { c.run(); });
+    if (b.input_only) {
+      expect_error(std::string("check_na_forward, ") + b.name, b.dtype_error, op, b.keyword,
+                   [&] { c.check(); });
+    }
+  }
+}
+
+// ---- (c) half precision ----------------------------------------------------------------
+
+void test_half_precision() {
+  struct Config {
+    const char* name;
+    NaParams params;
+    bool rpb;
+  };
+  const Config configs[] = {
+      {"dilated", params2d(3, 5, 2, 1), false},
+      {"causal + stride", params2d(3, 5, 2, 1, 2, 3, true, false), false},
+      {"rpb", params2d(5, 3, 1, 2), true},
+  };
+  struct Precision {
+    DType dtype;
+    const char* name;
+    double out_tol, lse_tol;  // out in the dtype, lse in float32
+  };
+  // Inputs are rounded to the dtype first, so the errors are those of the
+  // kernel's arithmetic plus the rounding of out (|out| < 3 here: a few ulp of
+  // the dtype); lse is float32 from float32 accumulation in both runs.
+  const Precision precisions[] = {{DType::float16, "float16", 3e-3, 1e-4},
+                                  {DType::bfloat16, "bfloat16", 2e-2, 1e-4}};
+  for (const Precision& pr : precisions)
+    for (const Config& cfg : configs) {
+      Problem p(2, 9, 10, 4, 2, 16, 8, cfg.params, cfg.rpb, 7);
+      p.round_to(pr.dtype);
+      std::vector<float> out32, lse32, out16, lse16;
+      p.run(DType::float32, out32, lse32);
+      p.run(pr.dtype, out16, lse16);
+      const double out_err = max_abs_diff(out16, out32), lse_err = max_abs_diff(lse16, lse32);
+      std::printf("  %-8s %-16s max |out err| %.2e, max |lse err| %.2e\n", pr.name, cfg.name,
+                  out_err, lse_err);
+      CHECK_MSG(out_err <= pr.out_tol, std::string(pr.name) + " " + cfg.name + " out");
+      CHECK_MSG(lse_err <= pr.lse_tol, std::string(pr.name) + " " + cfg.name + " lse");
+    }
+}
+
+// ---- (d) threads -------------------------------------------------------------------------
+
+void test_threads() {
+  const int initial = libna::get_num_threads();
+  CHECK(initial >= 1);
+  for (int n : {1, 3, 2}) {
+    libna::set_num_threads(n);
+    CHECK(libna::get_num_threads() == n);
+  }
+  for (int n : {0, -1}) {
+    bool threw = false;
+    try {
+      libna::set_num_threads(n);
+    } catch (const std::invalid_argument&) {
+      threw = true;
+    }
+    CHECK_MSG(threw, "set_num_threads(" + std::to_string(n) + ") throws");
+  }
+  CHECK(libna::get_num_threads() == 2);
+
+  const NaParams configs[] = {params2d(5, 7, 1, 2), params2d(3, 5, 2, 1, 2, 3, true, false)};
+  for (const NaParams& params : configs)
+    for (DType dtype : {DType::float32, DType::float16}) {
+      Problem p(2, 16, 18, 4, 2, 32, 16, params, false, 11);
+      std::vector<float> out1, lse1, out2, lse2;
+      libna::set_num_threads(1);
+      p.run(dtype, out1, lse1);
+      libna::set_num_threads(2);
+      p.run(dtype, out2, lse2);
+      const bool same = out1.size() == out2.size() && lse1.size() == lse2.size() &&
+                        std::memcmp(out1.data(), out2.data(), out1.size() * sizeof(float)) == 0 &&
+                        std::memcmp(lse1.data(), lse2.data(), lse1.size() * sizeof(float)) == 0;
+      CHECK_MSG(same, std::string("1 and 2 threads agree bitwise, ") + libna::dtype_name(dtype));
+    }
+  libna::set_num_threads(initial);
+  CHECK(libna::get_num_threads() == initial);
+}
+
+}  // namespace
+
+int main() {
+  const libna::BuildInfo info = libna::build_info();
+  std::printf("libna %s, simd %s\n", info.version.c_str(), info.simd.c_str());
+  const std::pair<const char*, void (*)()> tests[] = {
+      {"axis_window", test_axis_window},   {"converters", test_converters},
+      {"validation", test_validation},     {"half_precision", test_half_precision},
+      {"threads", test_threads},
+  };
+  for (const auto& [name, fn] : tests) {
+    const int failed_before = g_failed;
+    try {
+      fn();
+    } catch (const std::exception& e) {
+      report(false, std::string("unexpected exception: ") + e.what(), __FILE__, __LINE__);
+    }
+    std::printf("%s: %s\n", name, g_failed == failed_before ? "ok" : "FAILED");
+  }
+  std::printf("%d passed, %d failed\n", g_passed, g_failed);
+  return g_failed == 0 ? 0 : 1;
+}

@@ -1,0 +1,72 @@
+"""Builds the C++ example (examples/cpp) and the C++ tests (tests/cpp) against
+the installed package with CMake, runs them, and checks their output."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import libna
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cxx_compiler():
+    cxx = os.environ.get("CXX")
+    if cxx:
+        return shutil.which(cxx.split()[0])
+    return next(filter(None, map(shutil.which, ("c++", "g++", "clang++"))), None)
+
+
+@pytest.fixture(scope="module")
+def cmake():
+    exe = shutil.which("cmake")
+    if exe is None:
+        pytest.skip("cmake is not on PATH")
+    if _cxx_compiler() is None:
+        pytest.skip("no C++ compiler (c++, g++, clang++ or $CXX) is on PATH")
+    return exe
+
+
+def build(cmake, source, build_dir, target):
+    """Configures and builds `source` against the installed libna; returns the
+    path of the executable `target`."""
+    configure = [cmake, "-S", str(source), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+                 f"-Dlibna_DIR={libna.cmake_dir()}"]
+    if shutil.which("ninja"):
+        configure += ["-G", "Ninja"]
+    for cmd in (configure, [cmake, "--build", str(build_dir), "--parallel", "2"]):
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (
+            f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
+    exe = build_dir / target
+    assert exe.is_file(), f"{exe} was not built"
+    return exe
+
+
+def run(exe):
+    result = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (
+        f"{exe.name} exited with {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+def test_cpp_example(cmake, tmp_path):
+    out = run(build(cmake, ROOT / "examples" / "cpp", tmp_path / "example", "na2d_example"))
+    lines = out.splitlines()
+    assert lines[0].startswith(f"libna {libna.__version__} (backends: cpu"), out
+    checks = [line for line in lines if "max |out err|" in line]
+    assert len(checks) == 3 and all(line.endswith(": ok") for line in checks), out
+    assert lines[-1] == "all cases match the naive loop", out
+
+
+def test_cpp_core(cmake, tmp_path):
+    out = run(build(cmake, ROOT / "tests" / "cpp", tmp_path / "tests", "test_core"))
+    lines = out.splitlines()
+    for name in ("axis_window", "converters", "validation", "half_precision", "threads"):
+        assert f"{name}: ok" in lines, out
+    assert "FAILED" not in out, out
+    summary = lines[-1].split()
+    assert summary[1:] == ["passed,", "0", "failed"] and int(summary[0]) > 50, out
