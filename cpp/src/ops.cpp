@@ -186,17 +186,6 @@ class Checker {
   std::string op_;
 };
 
-// Shape of t with its last dimension replaced (or dropped, when last < 0).
-TensorView with_last_dim(const TensorView& t, std::int64_t last) {
-  TensorView r = t;
-  if (last < 0) {
-    r.ndim -= 1;
-  } else {
-    r.shape[r.ndim - 1] = last;
-  }
-  return r;
-}
-
 // `t` (an output, or an input such as dout whose shape follows from the
 // others) has exactly the expected shape, dtype and device.
 void check_like(const Checker& c, const char* role, const char* name, const TensorView& t,
@@ -227,8 +216,6 @@ void check_input_like(const Checker& c, const char* name, const TensorView& t,
                       const TensorView& expected_shape, DType dtype, const TensorView& like) {
   check_like(c, "", name, t, expected_shape, dtype, like);
 }
-
-DType lse_dtype(DType input) { return input == DType::float64 ? DType::float64 : DType::float32; }
 
 // q/k (and v) agree in batch, spatial extents and head dims; heads divide.
 void check_qkv(const Checker& c, const TensorView& q, const TensorView& k, const TensorView* v) {
@@ -273,8 +260,8 @@ void na_forward(const TensorView& q, const TensorView& k, const TensorView& v,
   check_na_forward(q, k, v, rpb, params);
   Checker c(params, "");
   const int n = params.rank;
-  check_output_like(c, "out", out, with_last_dim(q, v.shape[n + 2]), q.dtype, q);
-  if (lse != nullptr) check_output_like(c, "lse", *lse, with_last_dim(q, -1), lse_dtype(q.dtype), q);
+  check_output_like(c, "out", out, q.with_last_dim(v.shape[n + 2]), q.dtype, q);
+  if (lse != nullptr) check_output_like(c, "lse", *lse, q.with_last_dim(-1), lse_dtype(q.dtype), q);
   const double scale =
       params.scale ? *params.scale : 1.0 / std::sqrt(static_cast<double>(q.shape[n + 2]));
   const detail::ForwardArgs args{q, k, v, rpb, out, lse, params, scale, stream};
@@ -298,7 +285,7 @@ void na_qk(const TensorView& q, const TensorView& k, const TensorView* rpb,
            const TensorView& attn, const NaParams& params, void* stream) {
   check_na_qk(q, k, rpb, params);
   Checker c(params, "_qk");
-  check_output_like(c, "attn", attn, with_last_dim(q, params.window_size()), q.dtype, q);
+  check_output_like(c, "attn", attn, q.with_last_dim(params.window_size()), q.dtype, q);
   const detail::QkArgs args{q, k, rpb, attn, params, stream};
   if (q.device.type == DeviceType::cuda) {
     cuda::na_qk(args);
@@ -333,7 +320,7 @@ void na_av(const TensorView& attn, const TensorView& v, const TensorView& out,
   check_na_av(attn, v, params);
   Checker c(params, "_av");
   const int n = params.rank;
-  check_output_like(c, "out", out, with_last_dim(attn, v.shape[n + 2]), attn.dtype, attn);
+  check_output_like(c, "out", out, attn.with_last_dim(v.shape[n + 2]), attn.dtype, attn);
   const detail::AvArgs args{attn, v, out, params, stream};
   if (attn.device.type == DeviceType::cuda) {
     cuda::na_av(args);
@@ -348,10 +335,10 @@ void check_na_backward(const TensorView& q, const TensorView& k, const TensorVie
   check_na_forward(q, k, v, rpb, params);
   Checker c(params, "_backward");
   const int n = params.rank;
-  const TensorView out_shape = with_last_dim(q, v.shape[n + 2]);
+  const TensorView out_shape = q.with_last_dim(v.shape[n + 2]);
   check_input_like(c, "out", out, out_shape, q.dtype, q);
   check_input_like(c, "dout", dout, out_shape, q.dtype, q);
-  check_input_like(c, "lse", lse, with_last_dim(q, -1), lse_dtype(q.dtype), q);
+  check_input_like(c, "lse", lse, q.with_last_dim(-1), lse_dtype(q.dtype), q);
 }
 
 void na_backward(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -384,7 +371,7 @@ void check_na_qk_backward(const TensorView& dattn, const TensorView& q, const Te
                           const TensorView* drpb, const NaParams& params) {
   check_na_qk(q, k, nullptr, params);
   Checker c(params, "_qk_backward");
-  check_input_like(c, "dattn", dattn, with_last_dim(q, params.window_size()), q.dtype, q);
+  check_input_like(c, "dattn", dattn, q.with_last_dim(params.window_size()), q.dtype, q);
   if (drpb != nullptr) c.rpb(*drpb, q);
 }
 
@@ -408,7 +395,7 @@ void check_na_av_backward(const TensorView& dout, const TensorView& attn, const 
   check_na_av(attn, v, params);
   Checker c(params, "_av_backward");
   const int n = params.rank;
-  check_input_like(c, "dout", dout, with_last_dim(attn, v.shape[n + 2]), attn.dtype, attn);
+  check_input_like(c, "dout", dout, attn.with_last_dim(v.shape[n + 2]), attn.dtype, attn);
 }
 
 void na_av_backward(const TensorView& dout, const TensorView& attn, const TensorView& v,

@@ -93,6 +93,15 @@ struct Call {
     }
     return {array, view(out, name)};
   }
+
+  // An optional output: (None, nullopt) when not wanted.
+  std::pair<nb::object, std::optional<TensorView>> allocate_if(
+      bool wanted, const nb::callable& alloc, const TensorView& shape_of, DType dtype,
+      const char* name) const {
+    if (!wanted) return {nb::none(), std::nullopt};
+    auto [array, view] = allocate(alloc, shape_of, dtype, name);
+    return {array, view};
+  }
 };
 
 NaParams make_params(const Call& call, int rank, const std::vector<std::int64_t>& kernel_size,
@@ -119,19 +128,6 @@ NaParams make_params(const Call& call, int rank, const std::vector<std::int64_t>
   return p;
 }
 
-// Shape of t with its last dimension replaced, or dropped when last < 0.
-TensorView reshaped_last(const TensorView& t, std::int64_t last) {
-  TensorView r = t;
-  if (last < 0) {
-    r.ndim -= 1;
-  } else {
-    r.shape[r.ndim - 1] = last;
-  }
-  return r;
-}
-
-DType lse_dtype(DType input) { return input == DType::float64 ? DType::float64 : DType::float32; }
-
 nb::tuple na_forward(int rank, const InArray& q_in, const InArray& k_in, const InArray& v_in,
                      std::optional<InArray> rpb_in, const std::vector<std::int64_t>& kernel_size,
                      const std::vector<std::int64_t>& stride,
@@ -146,14 +142,9 @@ nb::tuple na_forward(int rank, const InArray& q_in, const InArray& k_in, const I
   if (rpb_in) rpb = call.view(*rpb_in, "rpb");
   libna::check_na_forward(q, k, v, rpb ? &*rpb : nullptr, p);
 
-  auto [out_obj, out] = call.allocate(alloc, reshaped_last(q, v.shape[rank + 2]), q.dtype, "out");
-  nb::object lse_obj = nb::none();
-  std::optional<TensorView> lse;
-  if (return_lse) {
-    auto [obj, view] = call.allocate(alloc, reshaped_last(q, -1), lse_dtype(q.dtype), "lse");
-    lse_obj = obj;
-    lse = view;
-  }
+  auto [out_obj, out] = call.allocate(alloc, q.with_last_dim(v.shape[rank + 2]), q.dtype, "out");
+  auto [lse_obj, lse] =
+      call.allocate_if(return_lse, alloc, q.with_last_dim(-1), libna::lse_dtype(q.dtype), "lse");
   {
     nb::gil_scoped_release release;
     libna::na_forward(q, k, v, rpb ? &*rpb : nullptr, out, lse ? &*lse : nullptr, p,
@@ -173,7 +164,7 @@ nb::object na_qk(int rank, const InArray& q_in, const InArray& k_in, std::option
   std::optional<TensorView> rpb;
   if (rpb_in) rpb = call.view(*rpb_in, "rpb");
   libna::check_na_qk(q, k, rpb ? &*rpb : nullptr, p);
-  auto [attn_obj, attn] = call.allocate(alloc, reshaped_last(q, p.window_size()), q.dtype, "attn");
+  auto [attn_obj, attn] = call.allocate(alloc, q.with_last_dim(p.window_size()), q.dtype, "attn");
   {
     nb::gil_scoped_release release;
     libna::na_qk(q, k, rpb ? &*rpb : nullptr, attn, p, reinterpret_cast<void*>(stream));
@@ -190,7 +181,7 @@ nb::object na_av(int rank, const InArray& attn_in, const InArray& v_in,
   const NaParams p = make_params(call, rank, kernel_size, ones, dilation, is_causal, std::nullopt);
   const TensorView attn = call.view(attn_in, "attn"), v = call.view(v_in, "v");
   libna::check_na_av(attn, v, p);
-  auto [out_obj, out] = call.allocate(alloc, reshaped_last(attn, v.shape[rank + 2]), attn.dtype, "out");
+  auto [out_obj, out] = call.allocate(alloc, attn.with_last_dim(v.shape[rank + 2]), attn.dtype, "out");
   {
     nb::gil_scoped_release release;
     libna::na_av(attn, v, out, p, reinterpret_cast<void*>(stream));
@@ -216,13 +207,7 @@ nb::tuple na_backward(int rank, const InArray& q_in, const InArray& k_in, const 
   auto [dq_obj, dq] = call.allocate(alloc, q, q.dtype, "dq");
   auto [dk_obj, dk] = call.allocate(alloc, k, q.dtype, "dk");
   auto [dv_obj, dv] = call.allocate(alloc, v, q.dtype, "dv");
-  nb::object drpb_obj = nb::none();
-  std::optional<TensorView> drpb;
-  if (rpb) {
-    auto [obj, view] = call.allocate(alloc, *rpb, q.dtype, "drpb");
-    drpb_obj = obj;
-    drpb = view;
-  }
+  auto [drpb_obj, drpb] = call.allocate_if(rpb.has_value(), alloc, rpb ? *rpb : q, q.dtype, "drpb");
   {
     nb::gil_scoped_release release;
     libna::na_backward(q, k, v, rpb ? &*rpb : nullptr, out, dout, lse, dq, dk, dv,
@@ -247,13 +232,7 @@ nb::tuple na_qk_backward(int rank, const InArray& dattn_in, const InArray& q_in,
   libna::check_na_qk_backward(dattn, q, k, rpb ? &*rpb : nullptr, p);
   auto [dq_obj, dq] = call.allocate(alloc, q, q.dtype, "dq");
   auto [dk_obj, dk] = call.allocate(alloc, k, q.dtype, "dk");
-  nb::object drpb_obj = nb::none();
-  std::optional<TensorView> drpb;
-  if (rpb) {
-    auto [obj, view] = call.allocate(alloc, *rpb, q.dtype, "drpb");
-    drpb_obj = obj;
-    drpb = view;
-  }
+  auto [drpb_obj, drpb] = call.allocate_if(rpb.has_value(), alloc, rpb ? *rpb : q, q.dtype, "drpb");
   {
     nb::gil_scoped_release release;
     libna::na_qk_backward(dattn, q, k, dq, dk, drpb ? &*drpb : nullptr, p,

@@ -39,6 +39,11 @@ struct NaParams {
   }
 };
 
+// Element type of lse for inputs of `input` type: float32, float64 for float64.
+inline DType lse_dtype(DType input) {
+  return input == DType::float64 ? DType::float64 : DType::float32;
+}
+
 // "na2d" etc.: the name used in error messages.
 LIBNA_API std::string op_name(const NaParams& params, const char* suffix = "");
 

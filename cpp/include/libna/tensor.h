@@ -52,6 +52,18 @@ struct TensorView {
     return n;
   }
 
+  // The same view with the last dimension resized to `last`, or dropped when
+  // last < 0: the shapes of op outputs such as out [..., D_v] or lse [...].
+  TensorView with_last_dim(std::int64_t last) const {
+    TensorView r = *this;
+    if (last < 0) {
+      r.ndim -= 1;
+    } else {
+      r.shape[r.ndim - 1] = last;
+    }
+    return r;
+  }
+
   // A row-major (C-contiguous) view of `data`.
   static TensorView contiguous(void* data, DType dtype,
                                std::initializer_list<std::int64_t> shape,

@@ -233,8 +233,9 @@ struct Forward {
   const detail::ForwardArgs& args;
   const Geometry<Rank>& g;
   const PackedKV& kv;
-  std::vector<float> bias;               // rpb as contiguous float [heads][2k-1...]
-  std::int64_t bias_strides[Rank + 1] = {};
+  BiasBuffer<Rank, float> bias_layout;
+  std::vector<float> bias;  // rpb as contiguous float [heads][2k-1...], or empty
+  const std::int64_t* bias_strides;  // bias_layout.strides
   std::int64_t heads_per_kv;
   float scale;
 
@@ -248,29 +249,10 @@ struct Forward {
   };
 
   Forward(const detail::ForwardArgs& a, const Geometry<Rank>& geometry, const PackedKV& packed)
-      : args(a), g(geometry), kv(packed) {
-    heads_per_kv = g.heads / kv.heads_kv;
-    scale = static_cast<float>(a.scale);
-    if (a.rpb) {
-      std::int64_t s = 1;
-      for (int ax = Rank - 1; ax >= 0; --ax) {
-        bias_strides[ax + 1] = s;
-        s *= 2 * a.params.kernel_size[ax] - 1;
-      }
-      bias_strides[0] = s;
-      bias.resize(s * g.heads);
-      const T* rpb = static_cast<const T*>(a.rpb->data);
-      for (std::int64_t i = 0; i < s * g.heads; ++i) {
-        std::int64_t rest = i, off = 0;
-        for (int ax = Rank; ax >= 0; --ax) {
-          const std::int64_t extent = a.rpb->shape[ax];
-          off += (rest % extent) * a.rpb->strides[ax];
-          rest /= extent;
-        }
-        bias[i] = load<float>(rpb + off);
-      }
-    }
-  }
+      : args(a), g(geometry), kv(packed), bias_layout(a.params, geometry.heads),
+        bias(a.rpb ? bias_layout.template load_from<T>(*a.rpb) : std::vector<float>()),
+        bias_strides(bias_layout.strides), heads_per_kv(geometry.heads / packed.heads_kv),
+        scale(static_cast<float>(a.scale)) {}
 
   // All queries of one (b, h, row): every dilation group of the last axis,
   // eight queries at a time.

@@ -97,6 +97,47 @@ void list_keys(const AxisWindow* w, const NaParams& p, const std::int64_t* k_str
   }
 }
 
+// rpb-shaped [heads, 2k_1-1, ...] buffer in contiguous Acc storage.
+template <int Rank, typename Acc>
+struct BiasBuffer {
+  std::int64_t strides[Rank + 1];
+  std::int64_t size = 0;
+
+  explicit BiasBuffer(const NaParams& p, std::int64_t heads) {
+    std::int64_t s = 1;
+    for (int a = Rank - 1; a >= 0; --a) {
+      strides[a + 1] = s;
+      s *= 2 * p.kernel_size[a] - 1;
+    }
+    strides[0] = s;
+    size = s * heads;
+  }
+
+  // Element offset of linear index `i` of this buffer in a strided view `t`.
+  std::int64_t offset_in(const TensorView& t, std::int64_t i) const {
+    std::int64_t off = 0;
+    for (int d = Rank; d >= 0; --d) {
+      off += (i % t.shape[d]) * t.strides[d];
+      i /= t.shape[d];
+    }
+    return off;
+  }
+
+  template <typename T>
+  std::vector<Acc> load_from(const TensorView& t) const {
+    std::vector<Acc> buf(size);
+    const T* data = static_cast<const T*>(t.data);
+    for (std::int64_t i = 0; i < size; ++i) buf[i] = load<Acc>(data + offset_in(t, i));
+    return buf;
+  }
+
+  template <typename T>
+  void store_to(const std::vector<Acc>& buf, const TensorView& t) const {
+    T* data = static_cast<T*>(t.data);
+    for (std::int64_t i = 0; i < size; ++i) store<T, Acc>(data + offset_in(t, i), buf[i]);
+  }
+};
+
 template <typename Acc, typename T>
 inline Acc dot(const Acc* x, const T* y, std::int64_t n, std::int64_t y_stride) {
   Acc s = 0;
