@@ -1,0 +1,439 @@
+"""libna's operators as differentiable PyTorch custom ops.
+
+Each operator is one rank-generic ``torch.library.custom_op`` in the
+``libna`` namespace, with a fake (meta) implementation for tracing and an
+autograd formula, so that ``torch.compile(fullgraph=True)`` traces through
+them without graph breaks:
+
+=========================  ====================================================
+``libna::na_forward``      fused NA: (out, lse)
+``libna::na_backward``     its gradients: (dq, dk, dv, drpb)
+``libna::na_qk``           unfused scores q.k (+ rpb)
+``libna::na_qk_backward``  (dq, dk, drpb)
+``libna::na_av``           unfused weighted sum attn.v
+``libna::na_av_backward``  (dattn, dv)
+=========================  ====================================================
+
+Per-axis arguments are ``List[int]`` / ``List[bool]`` whose length is the
+spatial rank; ``scale`` is a plain float, resolved by the Python wrappers
+(default ``D ** -0.5``) before the op is called. A missing rpb gradient is
+returned as an empty tensor (custom ops cannot return None).
+
+The fused op saves q, k, v, out and lse (and rpb) for its backward, never the
+attention matrix. The gradient of lse is supported too: it is folded into the
+single fused backward call by appending a ones column to v, a zero column to
+out and the lse gradient as a column of dout.
+
+The wrappers (``na``, ``na_qk``, ``na_av`` and ``na{1,2,3}d*``) normalise the
+arguments, apply autocast (inside ``torch.autocast`` floating inputs other
+than float64 are cast to the autocast dtype) and check that all tensors share
+one dtype (TypeError otherwise) before calling the ops. Tensors on CUDA go to
+libna's CUDA backend on the caller's current stream.
+"""
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _ops
+
+__all__ = [
+    "na", "na_qk", "na_av",
+    "na1d", "na2d", "na3d",
+    "na1d_qk", "na2d_qk", "na3d_qk",
+    "na1d_av", "na2d_av", "na3d_av",
+]
+
+
+# --------------------------------------------------------------------------
+# Custom ops
+# --------------------------------------------------------------------------
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_fake_rank(op: str, name: str, x: Tensor, rank: int) -> None:
+    if x.dim() != rank + 3:
+        raise ValueError(
+            f"[{op}] {name} has {x.dim()} dimensions; expected {rank + 3} "
+            f"([B, {rank} spatial axes, heads, head_dim]) for kernel_size of length {rank}"
+        )
+
+
+@torch.library.custom_op("libna::na_forward", mutates_args=())
+def na_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rpb: Optional[Tensor],
+    kernel_size: List[int],
+    stride: List[int],
+    dilation: List[int],
+    is_causal: List[bool],
+    scale: float,
+) -> Tuple[Tensor, Tensor]:
+    """Fused neighborhood attention: (out, lse)."""
+    return _ops.na(
+        len(kernel_size), q, k, v, tuple(kernel_size), stride=tuple(stride),
+        dilation=tuple(dilation), is_causal=tuple(is_causal), scale=float(scale), rpb=rpb,
+        return_lse=True)
+
+
+@na_forward.register_fake
+def _(q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale):
+    _check_fake_rank("na_forward", "q", q, len(kernel_size))
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    lse = q.new_empty(q.shape[:-1], dtype=_lse_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.custom_op("libna::na_backward", mutates_args=())
+def na_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    dout: Tensor,
+    lse: Tensor,
+    rpb: Optional[Tensor],
+    kernel_size: List[int],
+    stride: List[int],
+    dilation: List[int],
+    is_causal: List[bool],
+    scale: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of na_forward: (dq, dk, dv, drpb); drpb is empty without rpb."""
+    grads = _ops.na_backward(
+        len(kernel_size), q, k, v, out, dout, lse, tuple(kernel_size), stride=tuple(stride),
+        dilation=tuple(dilation), is_causal=tuple(is_causal), scale=float(scale), rpb=rpb)
+    if rpb is None:
+        return (*grads, q.new_empty(0))
+    return tuple(grads)
+
+
+@na_backward.register_fake
+def _(q, k, v, out, dout, lse, rpb, kernel_size, stride, dilation, is_causal, scale):
+    _check_fake_rank("na_backward", "q", q, len(kernel_size))
+    drpb = q.new_empty(0) if rpb is None else torch.empty_like(rpb)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drpb
+
+
+@torch.library.custom_op("libna::na_qk", mutates_args=())
+def na_qk_op(
+    q: Tensor,
+    k: Tensor,
+    rpb: Optional[Tensor],
+    kernel_size: List[int],
+    dilation: List[int],
+    is_causal: List[bool],
+) -> Tensor:
+    """Unfused scores q.k (+ rpb), unscaled: [B, *spatial, heads, prod(kernel_size)]."""
+    return _ops.na_qk(len(kernel_size), q, k, tuple(kernel_size), dilation=tuple(dilation),
+                      is_causal=tuple(is_causal), rpb=rpb)
+
+
+@na_qk_op.register_fake
+def _(q, k, rpb, kernel_size, dilation, is_causal):
+    _check_fake_rank("na_qk", "q", q, len(kernel_size))
+    return q.new_empty((*q.shape[:-1], math.prod(kernel_size)))
+
+
+@torch.library.custom_op("libna::na_qk_backward", mutates_args=())
+def na_qk_backward(
+    dattn: Tensor,
+    q: Tensor,
+    k: Tensor,
+    rpb: Optional[Tensor],
+    kernel_size: List[int],
+    dilation: List[int],
+    is_causal: List[bool],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of na_qk: (dq, dk, drpb); drpb is empty without rpb."""
+    grads = _ops.na_qk_backward(len(kernel_size), dattn, q, k, tuple(kernel_size),
+                                dilation=tuple(dilation), is_causal=tuple(is_causal), rpb=rpb)
+    if rpb is None:
+        return (*grads, q.new_empty(0))
+    return tuple(grads)
+
+
+@na_qk_backward.register_fake
+def _(dattn, q, k, rpb, kernel_size, dilation, is_causal):
+    _check_fake_rank("na_qk_backward", "q", q, len(kernel_size))
+    drpb = q.new_empty(0) if rpb is None else torch.empty_like(rpb)
+    return torch.empty_like(q), torch.empty_like(k), drpb
+
+
+@torch.library.custom_op("libna::na_av", mutates_args=())
+def na_av_op(
+    attn: Tensor,
+    v: Tensor,
+    kernel_size: List[int],
+    dilation: List[int],
+    is_causal: List[bool],
+) -> Tensor:
+    """Unfused weighted sum attn.v: [B, *spatial, heads, D_v]."""
+    return _ops.na_av(len(kernel_size), attn, v, tuple(kernel_size), dilation=tuple(dilation),
+                      is_causal=tuple(is_causal))
+
+
+@na_av_op.register_fake
+def _(attn, v, kernel_size, dilation, is_causal):
+    _check_fake_rank("na_av", "attn", attn, len(kernel_size))
+    return attn.new_empty((*attn.shape[:-1], v.shape[-1]))
+
+
+@torch.library.custom_op("libna::na_av_backward", mutates_args=())
+def na_av_backward(
+    dout: Tensor,
+    attn: Tensor,
+    v: Tensor,
+    kernel_size: List[int],
+    dilation: List[int],
+    is_causal: List[bool],
+) -> Tuple[Tensor, Tensor]:
+    """Gradients of na_av: (dattn, dv)."""
+    return tuple(_ops.na_av_backward(len(kernel_size), dout, attn, v, tuple(kernel_size),
+                                     dilation=tuple(dilation), is_causal=tuple(is_causal)))
+
+
+@na_av_backward.register_fake
+def _(dout, attn, v, kernel_size, dilation, is_causal):
+    _check_fake_rank("na_av_backward", "attn", attn, len(kernel_size))
+    return torch.empty_like(attn), torch.empty_like(v)
+
+
+# --------------------------------------------------------------------------
+# Autograd formulas
+# --------------------------------------------------------------------------
+
+
+def _na_forward_setup(ctx, inputs, output):
+    q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, rpb)
+    ctx.params = (kernel_size, stride, dilation, is_causal, scale)
+    # An unused output (usually lse) gets None rather than a tensor of zeros,
+    # so that its gradient costs nothing when it does not flow.
+    ctx.set_materialize_grads(False)
+
+
+def _na_forward_backward(ctx, dout, dlse):
+    q, k, v, out, lse, rpb = ctx.saved_tensors
+    kernel_size, stride, dilation, is_causal, scale = ctx.params
+    if dout is None and dlse is None:
+        return None, None, None, None, None, None, None, None, None
+    if dout is None:
+        dout = torch.zeros_like(out)
+    if dlse is None:
+        dq, dk, dv, drpb = na_backward(q, k, v, out, dout, lse, rpb, kernel_size, stride,
+                                       dilation, is_causal, scale)
+    else:
+        # d lse / d logits = softmax probabilities p, so the lse gradient adds
+        # p * dlse to the logits' gradient p * (dout.v_j - dout.out). With a
+        # ones column appended to v, a zero column to out and dlse to dout,
+        # one fused backward computes p * (dout.v_j + dlse - dout.out).
+        v1 = torch.cat([v, v.new_ones((*v.shape[:-1], 1))], dim=-1)
+        out1 = torch.cat([out, out.new_zeros((*out.shape[:-1], 1))], dim=-1)
+        dout1 = torch.cat([dout, dlse.to(dout.dtype).unsqueeze(-1)], dim=-1)
+        dq, dk, dv1, drpb = na_backward(q, k, v1, out1, dout1, lse, rpb, kernel_size, stride,
+                                        dilation, is_causal, scale)
+        dv = dv1[..., :-1]
+    return dq, dk, dv, (drpb if rpb is not None else None), None, None, None, None, None
+
+
+na_forward.register_autograd(_na_forward_backward, setup_context=_na_forward_setup)
+
+
+def _na_qk_setup(ctx, inputs, output):
+    q, k, rpb, kernel_size, dilation, is_causal = inputs
+    ctx.save_for_backward(q, k, rpb)
+    ctx.params = (kernel_size, dilation, is_causal)
+
+
+def _na_qk_backward(ctx, dattn):
+    q, k, rpb = ctx.saved_tensors
+    dq, dk, drpb = na_qk_backward(dattn, q, k, rpb, *ctx.params)
+    return dq, dk, (drpb if rpb is not None else None), None, None, None
+
+
+na_qk_op.register_autograd(_na_qk_backward, setup_context=_na_qk_setup)
+
+
+def _na_av_setup(ctx, inputs, output):
+    attn, v, kernel_size, dilation, is_causal = inputs
+    ctx.save_for_backward(attn, v)
+    ctx.params = (kernel_size, dilation, is_causal)
+
+
+def _na_av_backward(ctx, dout):
+    attn, v = ctx.saved_tensors
+    dattn, dv = na_av_backward(dout, attn, v, *ctx.params)
+    return dattn, dv, None, None, None
+
+
+na_av_op.register_autograd(_na_av_backward, setup_context=_na_av_setup)
+
+
+# --------------------------------------------------------------------------
+# Python wrappers: argument normalisation, autocast, dtype checks
+# --------------------------------------------------------------------------
+
+
+def _autocast(*tensors):
+    """Inside torch.autocast, floating tensors other than float64 in the
+    autocast dtype (so e.g. an fp32 rpb parameter works with fp16 q)."""
+    first = tensors[0]
+    if not isinstance(first, Tensor):
+        return tensors
+    device_type = first.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(
+        t.to(dtype)
+        if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        and t.dtype != dtype
+        else t
+        for t in tensors
+    )
+
+
+def _check_tensors(op: str, named: dict) -> None:
+    dtype = None
+    first = None
+    for name, x in named.items():
+        if x is None and name == "rpb":
+            continue
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"[{op}] {name} must be a torch.Tensor, got "
+                f"{type(x).__module__}.{type(x).__qualname__}")
+        if dtype is None:
+            dtype, first = x.dtype, name
+        elif x.dtype != dtype:
+            raise TypeError(
+                f"[{op}] {name} has dtype {x.dtype} but {first} has dtype {dtype}; all inputs "
+                "must share one dtype (or run under torch.autocast)")
+
+
+def _static(x):
+    """Python ints / bools for symbolic ones (torch.compile(dynamic=True) can
+    turn integer arguments symbolic; libna's per-axis arguments are static)."""
+    if isinstance(x, (tuple, list)):
+        return type(x)(_static(y) for y in x)
+    if isinstance(x, (bool, torch.SymBool)):
+        return bool(x)
+    if isinstance(x, (int, torch.SymInt)):
+        return int(x)
+    return x
+
+
+def _per_axis(op, name, value, rank, boolean=False):
+    return list(_ops.per_axis(op, name, _static(value), rank, boolean=boolean))
+
+
+def na(rank: int, q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False, scale=None,
+       rpb=None, return_lse=False):
+    """Rank-generic fused neighborhood attention (see ``na1d``)."""
+    rank = _static(rank)
+    op = f"na{rank}d"
+    kernel_size = _per_axis(op, "kernel_size", kernel_size, rank)
+    stride = _per_axis(op, "stride", stride, rank)
+    dilation = _per_axis(op, "dilation", dilation, rank)
+    is_causal = _per_axis(op, "is_causal", is_causal, rank, boolean=True)
+    scale = _ops.check_scale(op, scale)
+    return_lse = _ops.check_flag(op, "return_lse", return_lse)
+    q, k, v, rpb = _autocast(q, k, v, rpb)
+    _check_tensors(op, {"q": q, "k": k, "v": v, "rpb": rpb})
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    out, lse = na_forward(q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale)
+    return (out, lse) if return_lse else out
+
+
+def na_qk(rank: int, q, k, kernel_size, *, dilation=1, is_causal=False, rpb=None):
+    """Rank-generic unfused attention scores (see ``na1d_qk``)."""
+    rank = _static(rank)
+    op = f"na{rank}d_qk"
+    kernel_size = _per_axis(op, "kernel_size", kernel_size, rank)
+    dilation = _per_axis(op, "dilation", dilation, rank)
+    is_causal = _per_axis(op, "is_causal", is_causal, rank, boolean=True)
+    q, k, rpb = _autocast(q, k, rpb)
+    _check_tensors(op, {"q": q, "k": k, "rpb": rpb})
+    return na_qk_op(q, k, rpb, kernel_size, dilation, is_causal)
+
+
+def na_av(rank: int, attn, v, kernel_size, *, dilation=1, is_causal=False):
+    """Rank-generic unfused weighted sum (see ``na1d_av``)."""
+    rank = _static(rank)
+    op = f"na{rank}d_av"
+    kernel_size = _per_axis(op, "kernel_size", kernel_size, rank)
+    dilation = _per_axis(op, "dilation", dilation, rank)
+    is_causal = _per_axis(op, "is_causal", is_causal, rank, boolean=True)
+    attn, v = _autocast(attn, v)
+    _check_tensors(op, {"attn": attn, "v": v})
+    return na_av_op(attn, v, kernel_size, dilation, is_causal)
+
+
+_NA_DOC = """{rank}D neighborhood attention, fused and differentiable (torch custom op).
+
+    q: [B, {spatial}, heads, D]; k: [B, {spatial}, heads_kv, D];
+    v: [B, {spatial}, heads_kv, D_v]. kernel_size, stride, dilation: an int
+    or a tuple of {rank} ints; is_causal: a bool or a tuple of {rank} bools;
+    scale: default D**-0.5; rpb: optional [heads, 2*kernel_size-1 per axis]
+    (non-causal, stride 1). Returns out [B, {spatial}, heads, D_v], and with
+    return_lse=True also lse [B, {spatial}, heads] (float32; float64 for
+    float64), which is differentiable as well.
+    """
+
+_QK_DOC = """{rank}D neighborhood attention scores q.k (+ rpb), unscaled,
+    differentiable: [B, {spatial}, heads, prod(kernel_size)]; slots that a
+    causal window does not fill hold -inf.
+    """
+
+_AV_DOC = """{rank}D neighborhood attention weighted sum attn.v, differentiable.
+
+    attn: [B, {spatial}, heads, prod(kernel_size)] in the slot layout of
+    na{rank}d_qk; v: [B, {spatial}, heads_kv, D_v]. Returns
+    [B, {spatial}, heads, D_v].
+    """
+
+_SPATIAL = {1: "L", 2: "H, W", 3: "T, H, W"}
+
+
+def _make_na(rank):
+    def fn(q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False, scale=None,
+           rpb=None, return_lse=False):
+        return na(rank, q, k, v, kernel_size, stride=stride, dilation=dilation,
+                  is_causal=is_causal, scale=scale, rpb=rpb, return_lse=return_lse)
+
+    fn.__name__ = fn.__qualname__ = f"na{rank}d"
+    fn.__doc__ = _NA_DOC.format(rank=rank, spatial=_SPATIAL[rank])
+    return fn
+
+
+def _make_qk(rank):
+    def fn(q, k, kernel_size, *, dilation=1, is_causal=False, rpb=None):
+        return na_qk(rank, q, k, kernel_size, dilation=dilation, is_causal=is_causal, rpb=rpb)
+
+    fn.__name__ = fn.__qualname__ = f"na{rank}d_qk"
+    fn.__doc__ = _QK_DOC.format(rank=rank, spatial=_SPATIAL[rank])
+    return fn
+
+
+def _make_av(rank):
+    def fn(attn, v, kernel_size, *, dilation=1, is_causal=False):
+        return na_av(rank, attn, v, kernel_size, dilation=dilation, is_causal=is_causal)
+
+    fn.__name__ = fn.__qualname__ = f"na{rank}d_av"
+    fn.__doc__ = _AV_DOC.format(rank=rank, spatial=_SPATIAL[rank])
+    return fn
+
+
+na1d, na2d, na3d = (_make_na(r) for r in (1, 2, 3))
+na1d_qk, na2d_qk, na3d_qk = (_make_qk(r) for r in (1, 2, 3))
+na1d_av, na2d_av, na3d_av = (_make_av(r) for r in (1, 2, 3))
