@@ -26,23 +26,6 @@ namespace libna::cpu::LIBNA_SIMD_NS {
 using simd::f32x8;
 using simd::kLanes;
 
-// K and V as float, indexed [b][hk][row][d][col]: `row` enumerates the
-// positions of all but the last spatial axis, `col` is the last axis with
-// each dilation group's positions stored contiguously from group_base[g].
-struct PackedKV {
-  float* k = nullptr;  // in the calling thread's workspace (see workspace())
-  float* v = nullptr;
-  std::vector<std::int64_t> group_base;
-  std::int64_t rows = 0, width = 0, dim = 0, dim_v = 0, heads_kv = 0;
-
-  const float* k_row(std::int64_t b, std::int64_t hk, std::int64_t row) const {
-    return k + (((b * heads_kv + hk) * rows + row) * dim) * width;
-  }
-  const float* v_row(std::int64_t b, std::int64_t hk, std::int64_t row) const {
-    return v + (((b * heads_kv + hk) * rows + row) * dim_v) * width;
-  }
-};
-
 template <int Rank>
 void row_coords(const Geometry<Rank>& g, std::int64_t row, std::int64_t* c) {
   for (int a = Rank - 2; a >= 0; --a) {
@@ -50,6 +33,37 @@ void row_coords(const Geometry<Rank>& g, std::int64_t row, std::int64_t* c) {
     row /= g.spatial[a];
   }
 }
+
+// How packed tensors lay out the spatial positions: `row` enumerates the
+// positions of all but the last spatial axis; `col` is the last axis, with
+// each dilation group's positions stored contiguously from group_base[g], so
+// that a window (which stays inside one group) is a contiguous run.
+struct ColumnLayout {
+  std::int64_t rows = 0, width = 0, dilation = 1;
+  std::vector<std::int64_t> group_base;
+
+  template <int Rank>
+  explicit ColumnLayout(const Geometry<Rank>& g)
+      : rows(g.tokens / g.spatial[Rank - 1]), width(g.spatial[Rank - 1]),
+        dilation(g.axes[Rank - 1].dilation), group_base(dilation) {
+    for (std::int64_t grp = 0, base = 0; grp < dilation; ++grp) {
+      group_base[grp] = base;
+      base += group_length(width, dilation, grp);
+    }
+  }
+  std::int64_t column(std::int64_t x) const { return group_base[x % dilation] + x / dilation; }
+};
+
+// One tensor [B, *spatial, heads, dim] as float, indexed [b][h][row][d][col].
+struct Packed {
+  float* data = nullptr;
+  std::int64_t heads = 0, rows = 0, width = 0, dim = 0;
+
+  std::int64_t size() const { return heads * rows * width * dim; }  // per batch entry
+  float* row(std::int64_t b, std::int64_t h, std::int64_t r) const {
+    return data + (((b * heads + h) * rows + r) * dim) * width;
+  }
+};
 
 // Scratch memory of the calling thread, kept between calls: a fresh
 // allocation of this size would be mapped (and page-faulted) anew each call.
@@ -72,35 +86,21 @@ inline void load_floats(const T* src, std::int64_t stride, std::int64_t n, float
   }
 }
 
+// Packs `t` (times `factor`) into dst. One work item per (b, row) packs every
+// head, so that the input is read token by token in order; [col][d] ->
+// [d][col] goes through a buffer of kLanes tokens, so writes are runs of columns.
 template <int Rank, typename T>
-PackedKV pack_kv(const detail::ForwardArgs& args, const Geometry<Rank>& g) {
-  const TensorView &k = args.k, &v = args.v;
-  PackedKV p;
-  p.width = g.spatial[Rank - 1];
-  p.rows = g.tokens / p.width;
-  p.dim = k.shape[Rank + 2];
-  p.dim_v = v.shape[Rank + 2];
-  p.heads_kv = k.shape[Rank + 1];
-  const AxisParams& last = g.axes[Rank - 1];
-  p.group_base.resize(last.dilation);
-  for (std::int64_t grp = 0, base = 0; grp < last.dilation; ++grp) {
-    p.group_base[grp] = base;
-    base += group_length(last.length, last.dilation, grp);
-  }
-  const std::int64_t k_size = g.batch * p.heads_kv * p.rows * p.dim * p.width;
-  const std::int64_t v_size = g.batch * p.heads_kv * p.rows * p.dim_v * p.width;
-  p.k = workspace(k_size + v_size);
-  p.v = p.k + k_size;
-  const T* k_data = static_cast<const T*>(k.data);
-  const T* v_data = static_cast<const T*>(v.data);
-  // One work item per (b, row) packs every kv head, so that the input is
-  // read token by token in order. [col][d] -> [d][col] goes through a
-  // buffer of kLanes tokens, so writes are runs of columns.
-  const std::int64_t heads_kv = p.heads_kv;
+Packed pack(const TensorView& t, const Geometry<Rank>& g, const ColumnLayout& layout,
+            float factor, float* dst) {
+  Packed p;
+  p.data = dst;
+  p.heads = t.shape[Rank + 1];
+  p.dim = t.shape[Rank + 2];
+  p.rows = layout.rows;
+  p.width = layout.width;
+  const T* data = static_cast<const T*>(t.data);
   parallel_for(g.batch * p.rows, 1, [&](std::int64_t begin, std::int64_t end) {
-    std::vector<float> buffer(kLanes * heads_kv * (p.dim + p.dim_v));
-    float* k_rows = buffer.data();                           // [j][hk][d]
-    float* v_rows = buffer.data() + kLanes * heads_kv * p.dim;  // [j][hk][d_v]
+    std::vector<float> buffer(kLanes * p.heads * p.dim);  // [j][h][d]
     for (std::int64_t item = begin; item < end; ++item) {
       const std::int64_t row = item % p.rows, b = item / p.rows;
       std::int64_t c[Rank];
@@ -109,27 +109,18 @@ PackedKV pack_kv(const detail::ForwardArgs& args, const Geometry<Rank>& g) {
         const std::int64_t n = std::min<std::int64_t>(kLanes, p.width - x0);
         std::int64_t cols[kLanes];
         for (std::int64_t j = 0; j < n; ++j) {
-          const std::int64_t x = x0 + j;
-          c[Rank - 1] = x;
-          cols[j] = p.group_base[x % last.dilation] + x / last.dilation;
-          for (std::int64_t hk = 0; hk < heads_kv; ++hk) {
-            load_floats(k_data + row_offset<Rank>(k, b, c, hk), k.strides[Rank + 2], p.dim,
-                        k_rows + (j * heads_kv + hk) * p.dim);
-            load_floats(v_data + row_offset<Rank>(v, b, c, hk), v.strides[Rank + 2], p.dim_v,
-                        v_rows + (j * heads_kv + hk) * p.dim_v);
+          c[Rank - 1] = x0 + j;
+          cols[j] = layout.column(x0 + j);
+          for (std::int64_t h = 0; h < p.heads; ++h) {
+            load_floats(data + row_offset<Rank>(t, b, c, h), t.strides[Rank + 2], p.dim,
+                        buffer.data() + (j * p.heads + h) * p.dim);
           }
         }
-        for (std::int64_t hk = 0; hk < heads_kv; ++hk) {
-          float* k_out = p.k + ((b * heads_kv + hk) * p.rows + row) * p.dim * p.width;
-          float* v_out = p.v + ((b * heads_kv + hk) * p.rows + row) * p.dim_v * p.width;
+        for (std::int64_t h = 0; h < p.heads; ++h) {
+          float* out = p.row(b, h, row);
           for (std::int64_t d = 0; d < p.dim; ++d) {
             for (std::int64_t j = 0; j < n; ++j) {
-              k_out[d * p.width + cols[j]] = k_rows[(j * heads_kv + hk) * p.dim + d];
-            }
-          }
-          for (std::int64_t d = 0; d < p.dim_v; ++d) {
-            for (std::int64_t j = 0; j < n; ++j) {
-              v_out[d * p.width + cols[j]] = v_rows[(j * heads_kv + hk) * p.dim_v + d];
+              out[d * p.width + cols[j]] = factor * buffer[(j * p.heads + h) * p.dim + d];
             }
           }
         }
@@ -232,7 +223,8 @@ template <int Rank, typename T>
 struct Forward {
   const detail::ForwardArgs& args;
   const Geometry<Rank>& g;
-  const PackedKV& kv;
+  const ColumnLayout& layout;
+  const Packed &k, &v;
   BiasBuffer<Rank, float> bias_layout;
   std::vector<float> bias;  // rpb as contiguous float [heads][2k-1...], or empty
   const std::int64_t* bias_strides;  // bias_layout.strides
@@ -248,10 +240,12 @@ struct Forward {
     std::vector<const float*> value_rows;
   };
 
-  Forward(const detail::ForwardArgs& a, const Geometry<Rank>& geometry, const PackedKV& packed)
-      : args(a), g(geometry), kv(packed), bias_layout(a.params, geometry.heads),
+  Forward(const detail::ForwardArgs& a, const Geometry<Rank>& geometry,
+          const ColumnLayout& columns, const Packed& packed_k, const Packed& packed_v)
+      : args(a), g(geometry), layout(columns), k(packed_k), v(packed_v),
+        bias_layout(a.params, geometry.heads),
         bias(a.rpb ? bias_layout.template load_from<T>(*a.rpb) : std::vector<float>()),
-        bias_strides(bias_layout.strides), heads_per_kv(geometry.heads / packed.heads_kv),
+        bias_strides(bias_layout.strides), heads_per_kv(geometry.heads / packed_k.heads),
         scale(static_cast<float>(a.scale)) {}
 
   // All queries of one (b, h, row): every dilation group of the last axis,
@@ -300,7 +294,7 @@ struct Forward {
                                std::int64_t grp, std::int64_t len, std::int64_t i0,
                                std::int64_t lanes, std::int64_t n_rows, Scratch& s) const {
     const AxisParams& last = g.axes[Rank - 1];
-    const std::int64_t kernel = last.kernel, dim = kv.dim, dim_v = kv.dim_v, width = kv.width;
+    const std::int64_t kernel = last.kernel, dim = k.dim, dim_v = v.dim, width = layout.width;
     std::int64_t lo[kLanes], count[kLanes];
     bool shifted = lanes == kLanes;
     std::int64_t umin = std::numeric_limits<std::int64_t>::max(), umax = 0;
@@ -311,7 +305,7 @@ struct Forward {
       umax = std::max(umax, lo[l] + count[l]);
     }
     const std::int64_t window = shifted ? kernel : umax - umin;
-    const std::int64_t first_col = kv.group_base[grp] + (shifted ? lo[0] : umin);
+    const std::int64_t first_col = layout.group_base[grp] + (shifted ? lo[0] : umin);
 
     // Queries, transposed to [d][lane] and scaled.
     const TensorView& q = args.q;
@@ -335,7 +329,7 @@ struct Forward {
     s.logits.resize(n_rows * window * kLanes);
     const float neg_inf = -std::numeric_limits<float>::infinity();
     for (std::int64_t r = 0; r < n_rows; ++r) {
-      const float* keys = kv.k_row(b, hk, s.key_rows[r]) + first_col;
+      const float* keys = k.row(b, hk, s.key_rows[r]) + first_col;
       float* logits = s.logits.data() + r * window * kLanes;
       const float* bias_row =
           bias.empty() ? nullptr : bias.data() + h * bias_strides[0] + s.key_row_bias[r];
@@ -369,7 +363,7 @@ struct Forward {
     softmax_lanes(s.logits.data(), n_rows * window, &max_logit, &sum);
 
     for (std::int64_t r = 0; r < n_rows; ++r) {
-      s.value_rows[r] = kv.v_row(b, hk, s.key_rows[r]) + first_col;
+      s.value_rows[r] = v.row(b, hk, s.key_rows[r]) + first_col;
     }
     s.out.resize(dim_v * kLanes);
     if (shifted) {
@@ -403,9 +397,14 @@ struct Forward {
 template <int Rank, typename T>
 void na_forward(const detail::ForwardArgs& args) {
   const Geometry<Rank> g(args.q, args.params);
-  const PackedKV kv = pack_kv<Rank, T>(args, g);
-  const Forward<Rank, T> fwd(args, g, kv);
-  const std::int64_t rows = kv.rows;
+  const ColumnLayout layout(g);
+  const std::int64_t k_size = g.batch * args.k.shape[Rank + 1] * g.tokens * args.k.shape[Rank + 2];
+  const std::int64_t v_size = g.batch * args.v.shape[Rank + 1] * g.tokens * args.v.shape[Rank + 2];
+  float* buffer = workspace(k_size + v_size);
+  const Packed k = pack<Rank, T>(args.k, g, layout, 1.0f, buffer);
+  const Packed v = pack<Rank, T>(args.v, g, layout, 1.0f, buffer + k_size);
+  const Forward<Rank, T> fwd(args, g, layout, k, v);
+  const std::int64_t rows = layout.rows;
   parallel_for(g.batch * g.heads * rows, 1, [&](std::int64_t begin, std::int64_t end) {
     typename Forward<Rank, T>::Scratch scratch;
     // Heads innermost: consecutive items read the same query tokens.
