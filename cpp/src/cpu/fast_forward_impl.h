@@ -219,34 +219,196 @@ LIBNA_SIMD_TARGET inline void softmax_lanes(float* logits, std::int64_t entries,
   *sum_out = s;
 }
 
+// The windows of up to kLanes consecutive positions i0, i0+1, ... of one
+// dilation group along the last axis: lane l covers window positions
+// [lo[l], lo[l] + count[l]) of the group. `shifted` when every lane is
+// present and each lane's window is the previous one moved by one: then the
+// block reads window positions first..first+window of all lanes with
+// contiguous loads; otherwise it reads the union of the windows (first =
+// its start) with broadcasts and masks lanes outside their own window.
+struct LaneWindows {
+  std::int64_t i0 = 0, lanes = 0, first = 0, window = 0;
+  std::int64_t lo[kLanes] = {}, count[kLanes] = {};
+  bool shifted = false;
+
+  void finish(std::int64_t full_window) {
+    shifted = lanes == kLanes;
+    std::int64_t umin = lo[0], umax = lo[0] + count[0];
+    for (std::int64_t l = 0; l < lanes; ++l) {
+      shifted = shifted && count[l] == full_window && lo[l] == lo[0] + l;
+      umin = std::min(umin, lo[l]);
+      umax = std::max(umax, lo[l] + count[l]);
+    }
+    first = shifted ? lo[0] : umin;
+    window = shifted ? full_window : umax - umin;
+  }
+  bool covers(std::int64_t l, std::int64_t position) const {
+    return l < lanes && position >= lo[l] && position < lo[l] + count[l];
+  }
+};
+
+// Query lanes: each lane's window of keys.
+inline LaneWindows query_lanes(const AxisParams& axis, std::int64_t group_len, std::int64_t i0,
+                               std::int64_t lanes) {
+  LaneWindows w;
+  w.i0 = i0;
+  w.lanes = lanes;
+  for (std::int64_t l = 0; l < lanes; ++l) group_window(i0 + l, group_len, axis, &w.lo[l], &w.count[l]);
+  w.finish(axis.kernel);
+  return w;
+}
+
+// Rows (positions of the leading axes) seen by one position of the leading
+// axes, with each one's offset into a contiguous rpb head.
+struct RowList {
+  std::vector<std::int64_t> rows, bias;
+  std::int64_t size = 0;
+};
+
+// Queries' view: the key rows of query row `c`.
+template <int Rank>
+void key_rows_of(const Geometry<Rank>& g, const std::int64_t* c, const std::int64_t* bias_strides,
+                 RowList& out) {
+  AxisWindow w[Rank];
+  std::int64_t n = 1;
+  for (int a = 0; a < Rank - 1; ++a) {
+    w[a] = axis_window(c[a], g.axes[a]);
+    n *= w[a].count;
+  }
+  out.size = n;
+  out.rows.resize(n);
+  out.bias.resize(n);
+  std::int64_t t[Rank] = {};
+  for (std::int64_t r = 0; r < n; ++r) {
+    std::int64_t row = 0, bias = 0;
+    for (int a = 0; a < Rank - 1; ++a) {
+      row = row * g.spatial[a] + w[a].first + t[a] * w[a].step;
+      bias += (w[a].rpb_first + t[a]) * bias_strides[a + 1];
+    }
+    out.rows[r] = row;
+    out.bias[r] = bias;
+    for (int a = Rank - 2; a >= 0; --a) {
+      if (++t[a] < w[a].count) break;
+      t[a] = 0;
+    }
+  }
+}
+
+// State shared by the vectorised forward and backward: geometry, the packed
+// K and V, the bias as contiguous float.
 template <int Rank, typename T>
-struct Forward {
-  const detail::ForwardArgs& args;
+struct LaneKernel {
   const Geometry<Rank>& g;
   const ColumnLayout& layout;
   const Packed &k, &v;
   BiasBuffer<Rank, float> bias_layout;
-  std::vector<float> bias;  // rpb as contiguous float [heads][2k-1...], or empty
+  std::vector<float> bias;           // rpb as contiguous float [heads][2k-1...], or empty
   const std::int64_t* bias_strides;  // bias_layout.strides
   std::int64_t heads_per_kv;
   float scale;
 
+  LaneKernel(const Geometry<Rank>& geometry, const ColumnLayout& columns, const Packed& packed_k,
+             const Packed& packed_v, const NaParams& params, const TensorView* rpb, double sc)
+      : g(geometry), layout(columns), k(packed_k), v(packed_v),
+        bias_layout(params, geometry.heads),
+        bias(rpb ? bias_layout.template load_from<T>(*rpb) : std::vector<float>()),
+        bias_strides(bias_layout.strides), heads_per_kv(geometry.heads / packed_k.heads),
+        scale(static_cast<float>(sc)) {}
+
+  const AxisParams& last() const { return g.axes[Rank - 1]; }
+
+  // dst[d][lane] = factor * t[b, c (last axis: lane positions), h, d]; lanes
+  // beyond w.lanes are zero.
+  void load_lanes(const TensorView& t, std::int64_t b, std::int64_t* c, std::int64_t h,
+                  std::int64_t grp, const LaneWindows& w, float factor, float* rows_buffer,
+                  float* dst) const {
+    const std::int64_t dim = t.shape[Rank + 2];
+    const T* data = static_cast<const T*>(t.data);
+    for (std::int64_t l = 0; l < kLanes; ++l) {
+      float* row = rows_buffer + l * dim;
+      if (l < w.lanes) {
+        c[Rank - 1] = grp + (w.i0 + l) * last().dilation;
+        load_floats(data + row_offset<Rank>(t, b, c, h), t.strides[Rank + 2], dim, row);
+      } else {
+        std::fill(row, row + dim, 0.0f);
+      }
+    }
+    for (std::int64_t d = 0; d < dim; ++d) {
+      for (std::int64_t l = 0; l < kLanes; ++l) dst[d * kLanes + l] = factor * rows_buffer[l * dim + d];
+    }
+  }
+
+  // logits[r][j][lane] = q.k (+ rpb) of each lane's query with the key at
+  // window position w.first + j of key row r; -inf outside a lane's window.
+  LIBNA_SIMD_TARGET void logits(const float* q_lanes, std::int64_t b, std::int64_t h,
+                                std::int64_t grp, const LaneWindows& w, const RowList& key_rows,
+                                float* out) const {
+    const std::int64_t hk = h / heads_per_kv, window = w.window, kernel = last().kernel;
+    const std::int64_t first_col = layout.group_base[grp] + w.first;
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    const std::int64_t bias_step = bias_strides[Rank];
+    for (std::int64_t r = 0; r < key_rows.size; ++r) {
+      const float* keys = k.row(b, hk, key_rows.rows[r]) + first_col;
+      float* logits = out + r * window * kLanes;
+      const float* bias_row =
+          bias.empty() ? nullptr : bias.data() + h * bias_strides[0] + key_rows.bias[r];
+      if (w.shifted) {
+        qk_range<true>(q_lanes, keys, layout.width, k.dim, window, logits);
+        if (bias_row) {
+          const std::int64_t rel0 = w.first - w.i0 + kernel - 1;
+          for (std::int64_t j = 0; j < window; ++j) {
+            simd::store(logits + j * kLanes, simd::load(logits + j * kLanes) +
+                                                 simd::splat(bias_row[(rel0 + j) * bias_step]));
+          }
+        }
+      } else {
+        qk_range<false>(q_lanes, keys, layout.width, k.dim, window, logits);
+        for (std::int64_t j = 0; j < window; ++j) {
+          const std::int64_t key = w.first + j;
+          for (std::int64_t l = 0; l < kLanes; ++l) {
+            float& x = logits[j * kLanes + l];
+            if (!w.covers(l, key)) {
+              x = neg_inf;
+            } else if (bias_row) {
+              x += bias_row[(key - (w.i0 + l) + kernel - 1) * bias_step];
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // Packed rows (of k or v, head hk) at the block's first window column.
+  void window_rows(const Packed& p, std::int64_t b, std::int64_t hk, std::int64_t grp,
+                   const LaneWindows& w, const RowList& rows,
+                   std::vector<const float*>& out) const {
+    out.resize(rows.size);
+    for (std::int64_t r = 0; r < rows.size; ++r) {
+      out[r] = p.row(b, hk, rows.rows[r]) + layout.group_base[grp] + w.first;
+    }
+  }
+};
+
+template <int Rank, typename T>
+struct Forward : LaneKernel<Rank, T> {
+  using Base = LaneKernel<Rank, T>;
+  using Base::g;
+  using Base::k;
+  using Base::v;
+  const detail::ForwardArgs& args;
+
   // Per-thread working memory.
   struct Scratch {
     std::vector<float> q, out;  // [d][lane]
-    std::vector<float> q_rows;  // [lane][d]
+    std::vector<float> rows;    // [lane][d]
     std::vector<float> logits;
-    std::vector<std::int64_t> key_rows, key_row_bias;
+    RowList key_rows;
     std::vector<const float*> value_rows;
   };
 
   Forward(const detail::ForwardArgs& a, const Geometry<Rank>& geometry,
           const ColumnLayout& columns, const Packed& packed_k, const Packed& packed_v)
-      : args(a), g(geometry), layout(columns), k(packed_k), v(packed_v),
-        bias_layout(a.params, geometry.heads),
-        bias(a.rpb ? bias_layout.template load_from<T>(*a.rpb) : std::vector<float>()),
-        bias_strides(bias_layout.strides), heads_per_kv(geometry.heads / packed_k.heads),
-        scale(static_cast<float>(a.scale)) {}
+      : Base(geometry, columns, packed_k, packed_v, a.params, a.rpb, a.scale), args(a) {}
 
   // All queries of one (b, h, row): every dilation group of the last axis,
   // eight queries at a time.
@@ -254,122 +416,36 @@ struct Forward {
                              Scratch& s) const {
     std::int64_t c[Rank];
     row_coords<Rank>(g, row_index, c);
-    // Key rows: the cartesian product of the windows along the leading axes.
-    std::int64_t n_rows = 1;
-    AxisWindow w[Rank];
-    for (int a = 0; a < Rank - 1; ++a) {
-      w[a] = axis_window(c[a], g.axes[a]);
-      n_rows *= w[a].count;
-    }
-    s.key_rows.resize(n_rows);
-    s.key_row_bias.resize(n_rows);
-    s.value_rows.resize(n_rows);
-    {
-      std::int64_t t[Rank] = {};
-      for (std::int64_t r = 0; r < n_rows; ++r) {
-        std::int64_t key_row = 0, bias_off = 0;
-        for (int a = 0; a < Rank - 1; ++a) {
-          key_row = key_row * g.spatial[a] + w[a].first + t[a] * w[a].step;
-          bias_off += (w[a].rpb_first + t[a]) * bias_strides[a + 1];
-        }
-        s.key_rows[r] = key_row;
-        s.key_row_bias[r] = bias_off;
-        for (int a = Rank - 2; a >= 0; --a) {
-          if (++t[a] < w[a].count) break;
-          t[a] = 0;
-        }
-      }
-    }
-    const std::int64_t hk = h / heads_per_kv;
-    const AxisParams& last = g.axes[Rank - 1];
+    key_rows_of<Rank>(g, c, this->bias_strides, s.key_rows);
+    const AxisParams& last = this->last();
     for (std::int64_t grp = 0; grp < last.dilation; ++grp) {
       const std::int64_t len = group_length(last.length, last.dilation, grp);
       for (std::int64_t i0 = 0; i0 < len; i0 += kLanes) {
-        block(b, h, hk, c, grp, len, i0, std::min<std::int64_t>(kLanes, len - i0), n_rows, s);
+        block(b, h, c, grp, query_lanes(last, len, i0, std::min<std::int64_t>(kLanes, len - i0)), s);
       }
     }
   }
 
-  LIBNA_SIMD_TARGET void block(std::int64_t b, std::int64_t h, std::int64_t hk, std::int64_t* c,
-                               std::int64_t grp, std::int64_t len, std::int64_t i0,
-                               std::int64_t lanes, std::int64_t n_rows, Scratch& s) const {
-    const AxisParams& last = g.axes[Rank - 1];
-    const std::int64_t kernel = last.kernel, dim = k.dim, dim_v = v.dim, width = layout.width;
-    std::int64_t lo[kLanes], count[kLanes];
-    bool shifted = lanes == kLanes;
-    std::int64_t umin = std::numeric_limits<std::int64_t>::max(), umax = 0;
-    for (std::int64_t l = 0; l < lanes; ++l) {
-      group_window(i0 + l, len, last, &lo[l], &count[l]);
-      shifted = shifted && count[l] == kernel && lo[l] == lo[0] + l;
-      umin = std::min(umin, lo[l]);
-      umax = std::max(umax, lo[l] + count[l]);
-    }
-    const std::int64_t window = shifted ? kernel : umax - umin;
-    const std::int64_t first_col = layout.group_base[grp] + (shifted ? lo[0] : umin);
-
-    // Queries, transposed to [d][lane] and scaled.
-    const TensorView& q = args.q;
-    const T* q_data = static_cast<const T*>(q.data);
+  LIBNA_SIMD_TARGET void block(std::int64_t b, std::int64_t h, std::int64_t* c, std::int64_t grp,
+                               const LaneWindows& w, Scratch& s) const {
+    const std::int64_t dim = k.dim, dim_v = v.dim, n_rows = s.key_rows.size;
     s.q.resize(dim * kLanes);
-    s.q_rows.resize(kLanes * dim);
-    for (std::int64_t l = 0; l < kLanes; ++l) {
-      float* row = s.q_rows.data() + l * dim;
-      if (l < lanes) {
-        c[Rank - 1] = grp + (i0 + l) * last.dilation;
-        load_floats(q_data + row_offset<Rank>(q, b, c, h), q.strides[Rank + 2], dim, row);
-      } else {
-        std::fill(row, row + dim, 0.0f);
-      }
-    }
-    for (std::int64_t d = 0; d < dim; ++d) {
-      for (std::int64_t l = 0; l < kLanes; ++l) s.q[d * kLanes + l] = scale * s.q_rows[l * dim + d];
-    }
-
-    // Logits [key row][window position][lane].
-    s.logits.resize(n_rows * window * kLanes);
-    const float neg_inf = -std::numeric_limits<float>::infinity();
-    for (std::int64_t r = 0; r < n_rows; ++r) {
-      const float* keys = k.row(b, hk, s.key_rows[r]) + first_col;
-      float* logits = s.logits.data() + r * window * kLanes;
-      const float* bias_row =
-          bias.empty() ? nullptr : bias.data() + h * bias_strides[0] + s.key_row_bias[r];
-      const std::int64_t bias_step = bias_strides[Rank];
-      if (shifted) {
-        qk_range<true>(s.q.data(), keys, width, dim, window, logits);
-        if (bias_row) {
-          const std::int64_t rel0 = lo[0] - i0 + kernel - 1;
-          for (std::int64_t j = 0; j < window; ++j) {
-            f32x8 x = simd::load(logits + j * kLanes) + simd::splat(bias_row[(rel0 + j) * bias_step]);
-            simd::store(logits + j * kLanes, x);
-          }
-        }
-      } else {
-        qk_range<false>(s.q.data(), keys, width, dim, window, logits);
-        for (std::int64_t j = 0; j < window; ++j) {
-          const std::int64_t key = umin + j;
-          for (std::int64_t l = 0; l < kLanes; ++l) {
-            float& x = logits[j * kLanes + l];
-            if (l >= lanes || key < lo[l] || key >= lo[l] + count[l]) {
-              x = neg_inf;
-            } else if (bias_row) {
-              x += bias_row[(key - (i0 + l) + kernel - 1) * bias_step];
-            }
-          }
-        }
-      }
-    }
+    s.rows.resize(kLanes * dim);
+    this->load_lanes(args.q, b, c, h, grp, w, this->scale, s.rows.data(), s.q.data());
+    s.logits.resize(n_rows * w.window * kLanes);
+    this->logits(s.q.data(), b, h, grp, w, s.key_rows, s.logits.data());
 
     f32x8 max_logit, sum;
-    softmax_lanes(s.logits.data(), n_rows * window, &max_logit, &sum);
+    softmax_lanes(s.logits.data(), n_rows * w.window, &max_logit, &sum);
 
-    for (std::int64_t r = 0; r < n_rows; ++r) {
-      s.value_rows[r] = v.row(b, hk, s.key_rows[r]) + first_col;
-    }
+    this->window_rows(v, b, h / this->heads_per_kv, grp, w, s.key_rows, s.value_rows);
     s.out.resize(dim_v * kLanes);
-    if (shifted) {
-      pv_range<true>(s.logits.data(), s.value_rows.data(), n_rows, window, width, dim_v, s.out.data());
+    if (w.shifted) {
+      pv_range<true>(s.logits.data(), s.value_rows.data(), n_rows, w.window, this->layout.width,
+                     dim_v, s.out.data());
     } else {
-      pv_range<false>(s.logits.data(), s.value_rows.data(), n_rows, window, width, dim_v, s.out.data());
+      pv_range<false>(s.logits.data(), s.value_rows.data(), n_rows, w.window, this->layout.width,
+                      dim_v, s.out.data());
     }
 
     // Normalise and store, lane by lane.
@@ -379,8 +455,8 @@ struct Forward {
     simd::store(total, sum);
     simd::store(m, max_logit);
     simd::store(inv_sum, simd::splat(1.0f) / sum);
-    for (std::int64_t l = 0; l < lanes; ++l) {
-      c[Rank - 1] = grp + (i0 + l) * last.dilation;
+    for (std::int64_t l = 0; l < w.lanes; ++l) {
+      c[Rank - 1] = grp + (w.i0 + l) * this->last().dilation;
       T* o = out_data + row_offset<Rank>(out, b, c, h);
       for (std::int64_t d = 0; d < dim_v; ++d) {
         store<T, float>(o + d * out.strides[Rank + 2], s.out[d * kLanes + l] * inv_sum[l]);
