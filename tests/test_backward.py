@@ -19,17 +19,24 @@ def run_backward(module, rank, q, k, v, kernel, rpb, dout_seed=1, **kw):
     return getattr(module, f"na{rank}d_backward")(q, k, v, out, dout, lse, kernel, rpb=rpb, **kw)
 
 
-@pytest.mark.parametrize("case", grid()[::2], ids=case_id)
-def test_backward_matches_reference_float64(case, rng):
+def grid_problem(case, rng, dim, dim_v, scale):
+    """Inputs for one feature-grid case: rank, q, k, v (float64), rpb where
+    the case allows it (non-causal, stride 1), and the keyword arguments."""
     spatial, kernel, stride, dilation, causal = case
-    rank = len(spatial)
-    q, k, v = make_qkv(rng, 2, spatial, 4, 2, 8, 6)
+    q, k, v = make_qkv(rng, 2, spatial, 4, 2, dim, dim_v)
     use_rpb = not any(causal) and all(x == 1 for x in stride)
     rpb = make_rpb(rng, 4, kernel) if use_rpb else None
-    kw = dict(stride=stride, dilation=dilation, is_causal=causal, scale=0.4)
+    kw = dict(stride=stride, dilation=dilation, is_causal=causal, scale=scale)
+    return len(spatial), q, k, v, rpb, kw
+
+
+@pytest.mark.parametrize("case", grid()[::2], ids=case_id)
+def test_backward_matches_reference_float64(case, rng):
+    rank, q, k, v, rpb, kw = grid_problem(case, rng, 8, 6, 0.4)
+    kernel = case[1]
     grads = run_backward(libna, rank, q, k, v, kernel, rpb, **kw)
     ref = run_backward(reference, rank, q, k, v, kernel, rpb, **kw)
-    assert len(grads) == (4 if use_rpb else 3)
+    assert len(grads) == (3 if rpb is None else 4)
     for name, g, r in zip(("dq", "dk", "dv", "drpb"), grads, ref):
         assert g.shape == r.shape and g.dtype == np.float64, name
         np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-11, err_msg=name)
@@ -142,3 +149,21 @@ def test_numpy_backward_without_torch():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "True False"
+
+
+@pytest.mark.parametrize("case", grid()[1::2], ids=case_id)
+def test_backward_float32_grid(case, rng):
+    """The vectorised float32 backward over the feature grid. Its error is a
+    few float32 ulps of the gradients' magnitude (float32 accumulation over
+    at most a few hundred terms): bound 1e-5 relative to max(1, |grad|)."""
+    rank, q, k, v, rpb, kw = grid_problem(case, rng, 16, 8, 0.3)
+    kernel = case[1]
+    out, lse = getattr(reference, f"na{rank}d")(q, k, v, kernel, rpb=rpb, return_lse=True, **kw)
+    dout = rng.standard_normal(out.shape)
+    ref = getattr(reference, f"na{rank}d_backward")(q, k, v, out, dout, lse, kernel, rpb=rpb, **kw)
+    f32 = lambda x: None if x is None else x.astype(np.float32)
+    got = getattr(libna, f"na{rank}d_backward")(
+        f32(q), f32(k), f32(v), f32(out), f32(dout), f32(lse), kernel, rpb=f32(rpb), **kw)
+    for name, g, r in zip(("dq", "dk", "dv", "drpb"), got, ref):
+        assert g.dtype == np.float32, name
+        assert np.abs(g - r).max() <= 1e-5 * max(1.0, np.abs(r).max()), name

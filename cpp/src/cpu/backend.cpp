@@ -7,16 +7,20 @@
 
 namespace libna::cpu {
 
-// The vectorised forward (fast_forward_impl.h), per instruction set.
+// The vectorised kernels (fast_{forward,backward}_impl.h), per instruction set.
 namespace portable {
 template <int Rank, typename T>
 void na_forward(const detail::ForwardArgs&);
-}
+template <int Rank, typename T>
+void na_backward(const detail::BackwardArgs&);
+}  // namespace portable
 #if defined(LIBNA_HAVE_AVX2_KERNELS)
 namespace avx2 {
 template <int Rank, typename T>
 void na_forward(const detail::ForwardArgs&);
-}
+template <int Rank, typename T>
+void na_backward(const detail::BackwardArgs&);
+}  // namespace avx2
 #endif
 
 namespace {
@@ -80,7 +84,16 @@ void na_av(const detail::AvArgs& args) {
 void na_backward(const detail::BackwardArgs& args) {
   detail::dispatch_rank(args.params.rank, "na_backward", [&](auto rank) {
     detail::dispatch_float_types(args.q.dtype, "na_backward", [&](auto tag) {
-      na_backward<decltype(rank)::value, typename decltype(tag)::type>(args);
+      constexpr int R = decltype(rank)::value;
+      using T = typename decltype(tag)::type;
+      if constexpr (std::is_same_v<T, double>) {
+        na_backward<R, T>(args);  // float64 (gradient checking) keeps the scalar kernel
+      } else {
+#if defined(LIBNA_HAVE_AVX2_KERNELS)
+        if (cpu_has_avx2_fma()) return avx2::na_backward<R, T>(args);
+#endif
+        portable::na_backward<R, T>(args);
+      }
     });
   });
 }

@@ -1,5 +1,5 @@
 // The vectorised fused forward, included once per instruction set by
-// fast_forward_{avx2,portable}.cpp with LIBNA_SIMD_NS and LIBNA_SIMD_TARGET
+// fast_kernels_impl.h (compiled by fast_kernels_{avx2,portable}.cpp) with LIBNA_SIMD_NS and LIBNA_SIMD_TARGET
 // defined. Used for float32/float16/bfloat16 (float64 keeps the scalar
 // kernel in kernels.h).
 //
@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -265,16 +266,14 @@ struct RowList {
   std::int64_t size = 0;
 };
 
-// Queries' view: the key rows of query row `c`.
-template <int Rank>
-void key_rows_of(const Geometry<Rank>& g, const std::int64_t* c, const std::int64_t* bias_strides,
-                 RowList& out) {
-  AxisWindow w[Rank];
+// Fills `out` with the rows of a cartesian product over the leading axes:
+// axis a offers count[a] choices, and choice t is position and rpb index
+// pick(a, t) along that axis.
+template <int Rank, typename Pick>
+void product_rows(const Geometry<Rank>& g, const std::int64_t* count, Pick pick,
+                  const std::int64_t* bias_strides, RowList& out) {
   std::int64_t n = 1;
-  for (int a = 0; a < Rank - 1; ++a) {
-    w[a] = axis_window(c[a], g.axes[a]);
-    n *= w[a].count;
-  }
+  for (int a = 0; a < Rank - 1; ++a) n *= count[a];
   out.size = n;
   out.rows.resize(n);
   out.bias.resize(n);
@@ -282,16 +281,35 @@ void key_rows_of(const Geometry<Rank>& g, const std::int64_t* c, const std::int6
   for (std::int64_t r = 0; r < n; ++r) {
     std::int64_t row = 0, bias = 0;
     for (int a = 0; a < Rank - 1; ++a) {
-      row = row * g.spatial[a] + w[a].first + t[a] * w[a].step;
-      bias += (w[a].rpb_first + t[a]) * bias_strides[a + 1];
+      const auto [position, rpb_index] = pick(a, t[a]);
+      row = row * g.spatial[a] + position;
+      bias += rpb_index * bias_strides[a + 1];
     }
     out.rows[r] = row;
     out.bias[r] = bias;
     for (int a = Rank - 2; a >= 0; --a) {
-      if (++t[a] < w[a].count) break;
+      if (++t[a] < count[a]) break;
       t[a] = 0;
     }
   }
+}
+
+// Queries' view: the key rows of query row `c`.
+template <int Rank>
+void key_rows_of(const Geometry<Rank>& g, const std::int64_t* c, const std::int64_t* bias_strides,
+                 RowList& out) {
+  AxisWindow w[Rank];
+  std::int64_t count[Rank] = {};
+  for (int a = 0; a < Rank - 1; ++a) {
+    w[a] = axis_window(c[a], g.axes[a]);
+    count[a] = w[a].count;
+  }
+  product_rows(
+      g, count,
+      [&](int a, std::int64_t t) {
+        return std::pair<std::int64_t, std::int64_t>(w[a].first + t * w[a].step, w[a].rpb_first + t);
+      },
+      bias_strides, out);
 }
 
 // State shared by the vectorised forward and backward: geometry, the packed
@@ -491,15 +509,5 @@ void na_forward(const detail::ForwardArgs& args) {
     }
   });
 }
-
-template void na_forward<1, detail::Half>(const detail::ForwardArgs&);
-template void na_forward<2, detail::Half>(const detail::ForwardArgs&);
-template void na_forward<3, detail::Half>(const detail::ForwardArgs&);
-template void na_forward<1, detail::BFloat16>(const detail::ForwardArgs&);
-template void na_forward<2, detail::BFloat16>(const detail::ForwardArgs&);
-template void na_forward<3, detail::BFloat16>(const detail::ForwardArgs&);
-template void na_forward<1, float>(const detail::ForwardArgs&);
-template void na_forward<2, float>(const detail::ForwardArgs&);
-template void na_forward<3, float>(const detail::ForwardArgs&);
 
 }  // namespace libna::cpu::LIBNA_SIMD_NS

@@ -1,4 +1,0 @@
-// The vectorised forward in portable vector code (SSE2 on x86-64, NEON on aarch64).
-#define LIBNA_SIMD_NS portable
-#define LIBNA_SIMD_TARGET
-#include "cpu/fast_forward_impl.h"
