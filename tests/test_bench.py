@@ -1,0 +1,107 @@
+"""Smoke tests of `python -m libna.bench` on tiny problems (a few seconds each)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+TINY = ["--size", "14", "--kernel", "3", "--repeats", "1"]
+
+
+def bench(*args, timeout=120):
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "libna.bench", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def table_row(output, section, method):
+    """The cells of `method`'s row in the table under the `## section` heading."""
+    part = output.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    for line in part.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] == method:
+            return cells
+    raise AssertionError(f"no {method} row under {section}:\n{output}")
+
+
+def test_help_explains_the_options():
+    code, out = bench("--help")
+    assert code == 0, out
+    for option in ("--size", "--kernel", "--heads", "--dim", "--dtype", "--rank",
+                   "--backward", "--repeats", "--threads", "--sweep", "--out-dir"):
+        assert option in out
+
+
+def test_table_every_method_checked_and_timed():
+    code, out = bench(*TINY, "--no-memory")
+    assert code == 0, out
+    assert "machine:" in out and "libna:" in out and "simd=" in out and "torch:" in out
+    assert "correctness: every method agrees with libna" in out
+    for section in ("forward", "backward"):
+        for method in ("libna", "gather", "sdpa-mask", "sdpa-full", "swin"):
+            cells = table_row(out, section, method)
+            best, gflops, err = float(cells[1]), float(cells[3]), float(cells[4])
+            assert best > 0 and gflops > 0 and err < 1e-3, cells
+            assert cells[6].endswith("x")
+        # NATTEN is not a dependency: its row is there, marked as skipped or timed
+        table_row(out, section, "natten")
+    assert table_row(out, "forward", "libna")[6] == "1.00x"
+    assert re.search(r"torch\.matmul 1024\^3 float32 = [\d.]+ GFLOP/s; libna forward = "
+                     r"[\d.]+ GFLOP/s = \d+% of it", out), out
+    assert "backward counted as 2x forward" in out
+
+
+def test_table_memory_in_fresh_processes():
+    code, out = bench(*TINY, "--methods", "libna,gather", "--no-backward")
+    assert code == 0, out
+    for method in ("libna", "gather"):
+        mib = float(table_row(out, "forward", method)[5])  # a number, not "error"
+        assert mib >= 0
+    assert "## backward" not in out
+
+
+@pytest.mark.parametrize("args", [
+    ["--rank", "1", "--size", "40", "--kernel", "7", "--dtype", "bfloat16"],
+    ["--rank", "3", "--size", "6", "--kernel", "3", "--dtype", "float16", "--heads", "2",
+     "--dim", "16"],
+])
+def test_table_other_ranks_and_dtypes(args, capsys):
+    from libna import bench as libna_bench  # in-process: no interpreter start-up
+
+    code = libna_bench.main([*args, "--repeats", "1", "--no-memory",
+                             "--methods", "libna,gather,sdpa-mask,swin"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "correctness: every method agrees" in out
+    table_row(out, "backward", "sdpa-mask")
+
+
+def test_disagreeing_method_fails_the_run(monkeypatch, capsys):
+    from libna import bench as libna_bench
+
+    real = libna_bench.GatherMethod.forward
+    monkeypatch.setattr(libna_bench.GatherMethod, "forward",
+                        lambda self, q, k, v: real(self, q, k, v) + 0.01)
+    code = libna_bench.main([*TINY, "--no-memory", "--no-backward", "--methods", "gather"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAIL" in table_row(out, "forward", "gather")[4]
+    assert "FAILED: gather" in out
+
+
+def test_sweep_writes_plots(tmp_path):
+    code, out = bench("--sweep", "--size", "14", "--kernel", "3", "--sweep-sizes", "14,21",
+                      "--sweep-kernels", "3,5", "--repeats", "1", "--sweep-min-time", "0", "--out-dir", str(tmp_path))
+    assert code == 0, out
+    assert re.search(r"\[tokens\] bwd libna .*21x21 k3x3: [\d.]+ ms", out), out
+    assert re.search(r"\[kernel\] fwd sdpa-mask .*14x14 k5x5: [\d.]+ ms", out), out
+    for name in ("bench_na2d_sweep_tokens.png", "bench_na2d_sweep_kernel.png"):
+        png = tmp_path / name
+        assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
