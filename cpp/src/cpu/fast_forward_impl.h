@@ -548,9 +548,10 @@ void na_forward(const detail::ForwardArgs& args) {
   const std::int64_t rows = layout.rows;
   parallel_for(g.batch * g.heads * rows, 1, [&](std::int64_t begin, std::int64_t end) {
     typename Forward<Rank, T>::Scratch scratch;
-    // Heads innermost: consecutive items read the same query tokens.
+    // Rows innermost: consecutive items share all but one of their key and
+    // value rows, which stay in cache.
     for (std::int64_t item = begin; item < end; ++item) {
-      const std::int64_t h = item % g.heads, row = (item / g.heads) % rows,
+      const std::int64_t row = item % rows, h = (item / rows) % g.heads,
                          b = item / (rows * g.heads);
       fwd.row(b, h, row, scratch);
     }
