@@ -56,37 +56,28 @@ template <int Rank, typename T>
 void na_av_backward(const detail::AvBackwardArgs&);
 
 
+// The vectorised kernel of `op` for the instruction set this CPU has.
+#if defined(LIBNA_HAVE_AVX2_KERNELS)
+#define LIBNA_VECTORISED(op, R, T, args) \
+  (cpu_has_avx2_fma() ? avx2::op<R, T>(args) : portable::op<R, T>(args))
+#else
+#define LIBNA_VECTORISED(op, R, T, args) portable::op<R, T>(args)
+#endif
+
 // Dispatches rank and dtype to the scalar kernels for float64 (gradient
 // checking) and to the vectorised ones for float32/float16/bfloat16.
-#if defined(LIBNA_HAVE_AVX2_KERNELS)
-#define LIBNA_DISPATCH_FAST(op, args, dtype)                                               \
-  detail::dispatch_rank(args.params.rank, #op, [&](auto rank) {                           \
-    detail::dispatch_float_types(dtype, #op, [&](auto tag) {                              \
-      constexpr int R = decltype(rank)::value;                                            \
-      using T = typename decltype(tag)::type;                                             \
-      if constexpr (std::is_same_v<T, double>) {                                          \
-        op<R, T>(args);                                                                   \
-      } else if (cpu_has_avx2_fma()) {                                                    \
-        avx2::op<R, T>(args);                                                             \
-      } else {                                                                            \
-        portable::op<R, T>(args);                                                         \
-      }                                                                                   \
-    });                                                                                   \
+#define LIBNA_DISPATCH_FAST(op, args, dtype)                  \
+  detail::dispatch_rank(args.params.rank, #op, [&](auto rank) { \
+    detail::dispatch_float_types(dtype, #op, [&](auto tag) {    \
+      constexpr int R = decltype(rank)::value;                  \
+      using T = typename decltype(tag)::type;                   \
+      if constexpr (std::is_same_v<T, double>) {                \
+        op<R, T>(args);                                         \
+      } else {                                                  \
+        LIBNA_VECTORISED(op, R, T, args);                       \
+      }                                                         \
+    });                                                         \
   })
-#else
-#define LIBNA_DISPATCH_FAST(op, args, dtype)                                               \
-  detail::dispatch_rank(args.params.rank, #op, [&](auto rank) {                           \
-    detail::dispatch_float_types(dtype, #op, [&](auto tag) {                              \
-      constexpr int R = decltype(rank)::value;                                            \
-      using T = typename decltype(tag)::type;                                             \
-      if constexpr (std::is_same_v<T, double>) {                                          \
-        op<R, T>(args);                                                                   \
-      } else {                                                                            \
-        portable::op<R, T>(args);                                                         \
-      }                                                                                   \
-    });                                                                                   \
-  })
-#endif
 
 void na_forward(const detail::ForwardArgs& args) { LIBNA_DISPATCH_FAST(na_forward, args, args.q.dtype); }
 void na_qk(const detail::QkArgs& args) { LIBNA_DISPATCH_FAST(na_qk, args, args.q.dtype); }

@@ -113,35 +113,35 @@ void for_rows(std::int64_t batch, std::int64_t heads, std::int64_t rows, const F
   });
 }
 
-template <int Rank, typename T>
-void na_qk(const detail::QkArgs& args) {
-  const Geometry<Rank> g(args.q, args.params);
+// Packs `keys` (k for na_qk, v for na_av) and runs run_block(op, b, h, c,
+// grp, w, scratch) over every lane block.
+template <int Rank, typename T, typename RunBlock>
+void run_unfused(const TensorView& like, const TensorView& keys, const TensorView* rpb,
+                 const NaParams& params, const RunBlock& run_block) {
+  const Geometry<Rank> g(like, params);
   const ColumnLayout layout(g);
-  float* buffer =
-      workspace(layout.packed_size(g.batch, args.k.shape[Rank + 1], args.k.shape[Rank + 2]));
-  const Packed k = pack<Rank, T>(args.k, g, layout, 1.0f, buffer);
-  const Unfused<Rank, T> op(g, layout, k, k, args.params, args.rpb);
+  float* buffer = workspace(layout.packed_size(g.batch, keys.shape[Rank + 1], keys.shape[Rank + 2]));
+  const Packed packed = pack<Rank, T>(keys, g, layout, 1.0f, buffer);
+  const Unfused<Rank, T> op(g, layout, packed, packed, params, rpb);
   for_rows(g.batch, g.heads, layout.rows, [&](std::int64_t b, std::int64_t h, std::int64_t row) {
     thread_local typename Unfused<Rank, T>::Scratch s;
     op.for_blocks(row, s, [&](std::int64_t* c, std::int64_t grp, const LaneWindows& w) {
-      op.qk_block(args, b, h, c, grp, w, s);
+      run_block(op, b, h, c, grp, w, s);
     });
   });
 }
 
 template <int Rank, typename T>
+void na_qk(const detail::QkArgs& args) {
+  run_unfused<Rank, T>(args.q, args.k, args.rpb, args.params, [&](const auto& op, auto&&... block) {
+    op.qk_block(args, block...);
+  });
+}
+
+template <int Rank, typename T>
 void na_av(const detail::AvArgs& args) {
-  const Geometry<Rank> g(args.attn, args.params);
-  const ColumnLayout layout(g);
-  float* buffer =
-      workspace(layout.packed_size(g.batch, args.v.shape[Rank + 1], args.v.shape[Rank + 2]));
-  const Packed v = pack<Rank, T>(args.v, g, layout, 1.0f, buffer);
-  const Unfused<Rank, T> op(g, layout, v, v, args.params, nullptr);
-  for_rows(g.batch, g.heads, layout.rows, [&](std::int64_t b, std::int64_t h, std::int64_t row) {
-    thread_local typename Unfused<Rank, T>::Scratch s;
-    op.for_blocks(row, s, [&](std::int64_t* c, std::int64_t grp, const LaneWindows& w) {
-      op.av_block(args, b, h, c, grp, w, s);
-    });
+  run_unfused<Rank, T>(args.attn, args.v, nullptr, args.params, [&](const auto& op, auto&&... block) {
+    op.av_block(args, block...);
   });
 }
 
