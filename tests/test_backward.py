@@ -115,6 +115,41 @@ def test_unfused_backward_matches_reference(case, rng):
         assert np.all(got[0][np.isneginf(attn)] == 0)
 
 
+@pytest.mark.parametrize("case", [c for c in grid() if all(s == 1 for s in c[2])], ids=case_id)
+def test_unfused_backward_float32_grid(case, rng):
+    """The vectorised float32 unfused backward kernels over the stride-1
+    feature grid (GQA, rpb where allowed), against the float64 reference
+    evaluated on the same float32 inputs."""
+    spatial, kernel, _, dilation, causal = case
+    rank = len(spatial)
+    f32 = lambda x: None if x is None else x.astype(np.float32)
+    q, k, v = (f32(x).astype(np.float64) for x in make_qkv(rng, 2, spatial, 4, 2, 16, 8))
+    rpb = None if any(causal) else f32(make_rpb(rng, 4, kernel)).astype(np.float64)
+    kw = dict(dilation=dilation, is_causal=causal)
+    attn = getattr(reference, f"na{rank}d_qk")(q, k, kernel, rpb=rpb, **kw)
+    dattn = f32(np.where(np.isneginf(attn), 0.0, rng.standard_normal(attn.shape))).astype(np.float64)
+    probs = f32(np.where(np.isneginf(attn), 0.0, rng.random(attn.shape))).astype(np.float64)
+    dout = f32(rng.standard_normal((2, *spatial, 4, 8))).astype(np.float64)
+
+    def check(name, got, ref, terms):
+        assert got.dtype == np.float32, name
+        bound = 4 * np.finfo(np.float32).eps * np.sqrt(terms) * max(1.0, np.abs(ref).max())
+        assert np.abs(got - ref).max() <= bound, name
+
+    terms = np.prod(kernel) * 2  # a kv head sums over two query heads
+    got = getattr(libna, f"na{rank}d_qk_backward")(f32(dattn), f32(q), f32(k), kernel,
+                                                     rpb=f32(rpb), **kw)
+    ref = getattr(reference, f"na{rank}d_qk_backward")(dattn, q, k, kernel, rpb=rpb, **kw)
+    assert len(got) == len(ref)
+    for name, g, r in zip(("dq", "dk", "drpb"), got, ref):
+        check(name, g, r, terms if name != "drpb" else 2 * 4 * np.prod(spatial))
+    got = getattr(libna, f"na{rank}d_av_backward")(f32(dout), f32(probs), f32(v), kernel, **kw)
+    ref = getattr(reference, f"na{rank}d_av_backward")(dout, probs, v, kernel, **kw)
+    for name, g, r in zip(("dattn", "dv"), got, ref):
+        check(name, g, r, terms)
+    assert np.all(got[0][np.isneginf(attn)] == 0)
+
+
 def test_backward_bad_input(rng):
     q, k, v = make_qkv(rng, 1, (8,), 2, 2, 4, 4)
     out, lse = libna.na1d(q, k, v, 3, return_lse=True)

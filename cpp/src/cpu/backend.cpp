@@ -17,6 +17,10 @@ template <int Rank, typename T>
 void na_qk(const detail::QkArgs&);
 template <int Rank, typename T>
 void na_av(const detail::AvArgs&);
+template <int Rank, typename T>
+void na_qk_backward(const detail::QkBackwardArgs&);
+template <int Rank, typename T>
+void na_av_backward(const detail::AvBackwardArgs&);
 }  // namespace portable
 #if defined(LIBNA_HAVE_AVX2_KERNELS)
 namespace avx2 {
@@ -28,6 +32,10 @@ template <int Rank, typename T>
 void na_qk(const detail::QkArgs&);
 template <int Rank, typename T>
 void na_av(const detail::AvArgs&);
+template <int Rank, typename T>
+void na_qk_backward(const detail::QkBackwardArgs&);
+template <int Rank, typename T>
+void na_av_backward(const detail::AvBackwardArgs&);
 }  // namespace avx2
 #endif
 
@@ -85,19 +93,10 @@ void na_av(const detail::AvArgs& args) { LIBNA_DISPATCH_FAST(na_av, args, args.a
 void na_backward(const detail::BackwardArgs& args) { LIBNA_DISPATCH_FAST(na_backward, args, args.q.dtype); }
 
 void na_qk_backward(const detail::QkBackwardArgs& args) {
-  detail::dispatch_rank(args.params.rank, "na_qk_backward", [&](auto rank) {
-    detail::dispatch_float_types(args.q.dtype, "na_qk_backward", [&](auto tag) {
-      na_qk_backward<decltype(rank)::value, typename decltype(tag)::type>(args);
-    });
-  });
+  LIBNA_DISPATCH_FAST(na_qk_backward, args, args.q.dtype);
 }
-
 void na_av_backward(const detail::AvBackwardArgs& args) {
-  detail::dispatch_rank(args.params.rank, "na_av_backward", [&](auto rank) {
-    detail::dispatch_float_types(args.attn.dtype, "na_av_backward", [&](auto tag) {
-      na_av_backward<decltype(rank)::value, typename decltype(tag)::type>(args);
-    });
-  });
+  LIBNA_DISPATCH_FAST(na_av_backward, args, args.attn.dtype);
 }
 
 std::string simd_level() {

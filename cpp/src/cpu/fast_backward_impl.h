@@ -29,6 +29,32 @@ inline LaneWindows key_lanes(const AxisTable& table, std::int64_t grp, std::int6
   return w;
 }
 
+LIBNA_SIMD_TARGET inline float lane_sum(f32x8 x) {
+  alignas(32) float lanes[kLanes];
+  simd::store(lanes, x);
+  float s = 0;
+  for (int l = 0; l < kLanes; ++l) s += lanes[l];
+  return s;
+}
+
+// bias_grad (one head of the rpb gradient) += ds[r][j][lane] summed by
+// relative position: entry j of every lane is at first + j - i0 (entries
+// outside a lane's window hold 0).
+LIBNA_SIMD_TARGET inline void add_bias_grad(const LaneWindows& w, const RowList& rows,
+                                            std::int64_t kernel, std::int64_t step,
+                                            const float* ds, float* bias_grad) {
+  const std::int64_t rel0 = w.first - w.i0 + kernel - 1;
+  const std::int64_t j_begin = std::max<std::int64_t>(0, -rel0);
+  const std::int64_t j_end = std::min(w.window, 2 * kernel - 1 - rel0);
+  for (std::int64_t r = 0; r < rows.size; ++r) {
+    float* head = bias_grad + rows.bias[r];
+    const float* row = ds + r * w.window * kLanes;
+    for (std::int64_t j = j_begin; j < j_end; ++j) {
+      head[(rel0 + j) * step] += lane_sum(simd::load(row + j * kLanes));
+    }
+  }
+}
+
 // Keys' view: the query rows that see key row `c`, with the rpb offset of
 // the key in each one's window.
 template <int Rank>
@@ -42,17 +68,10 @@ void query_rows_of(const Geometry<Rank>& g, const Tables<Rank>& tables, const st
         const AxisTable& table = tables.axis[a];
         const std::int64_t query = table.first_query[c[a]] + t * g.axes[a].dilation;
         const AxisWindow& w = table.window[query];
-        return std::pair<std::int64_t, std::int64_t>(query, w.rpb_first + (c[a] - w.first) / w.step);
+        const std::int64_t index = (c[a] - w.first) / w.step;
+        return std::array<std::int64_t, 3>{query, w.rpb_first + index, index};
       },
       bias_strides, out);
-}
-
-LIBNA_SIMD_TARGET inline float lane_sum(f32x8 x) {
-  alignas(32) float lanes[kLanes];
-  simd::store(lanes, x);
-  float s = 0;
-  for (int l = 0; l < kLanes; ++l) s += lanes[l];
-  return s;
 }
 
 template <int Rank, typename T>
@@ -157,20 +176,10 @@ struct Backward : LaneKernel<Rank, T> {
     pv_range(s.dlogits.data(), s.ptrs_b.data(), n_rows, w.window, width, dim, s.acc.data());
     this->store_lanes(args.dq, b, c, h, grp, w, simd::splat(this->scale), s.acc.data());
 
-    // The rpb gradient: dS summed by relative position (first + j - i0 for
-    // entry j in every lane; masked entries hold 0).
+    // The rpb gradient: dS summed by relative position.
     if (bias_grad) {
-      const std::int64_t kernel = this->last().kernel, step = this->bias_strides[Rank];
-      const std::int64_t rel0 = w.first - w.i0 + kernel - 1;
-      const std::int64_t j_begin = std::max<std::int64_t>(0, -rel0);
-      const std::int64_t j_end = std::min(w.window, 2 * kernel - 1 - rel0);
-      for (std::int64_t r = 0; r < n_rows; ++r) {
-        float* head = bias_grad + s.rows_list.bias[r];
-        const float* ds = s.dlogits.data() + r * w.window * kLanes;
-        for (std::int64_t j = j_begin; j < j_end; ++j) {
-          head[(rel0 + j) * step] += lane_sum(simd::load(ds + j * kLanes));
-        }
-      }
+      add_bias_grad(w, s.rows_list, this->last().kernel, this->bias_strides[Rank],
+                    s.dlogits.data(), bias_grad);
     }
   }
 
@@ -273,6 +282,22 @@ struct Backward : LaneKernel<Rank, T> {
   }
 };
 
+// drpb = the sum of the query pass' per-item rpb-gradient partials (items
+// are (b, h, row) with rows innermost), added in item order: deterministic.
+template <typename T, int Rank>
+void store_bias_grad(const BiasBuffer<Rank, float>& bias_layout, const float* partials,
+                     std::int64_t items, std::int64_t rows, const TensorView& drpb) {
+  const std::int64_t per_head = bias_layout.strides[0];
+  const std::int64_t heads = bias_layout.size / per_head;
+  std::vector<float> grad(bias_layout.size, 0.0f);
+  for (std::int64_t item = 0; item < items; ++item) {
+    const float* partial = partials + item * per_head;
+    float* head = grad.data() + ((item / rows) % heads) * per_head;
+    for (std::int64_t i = 0; i < per_head; ++i) head[i] += partial[i];
+  }
+  bias_layout.template store_to<T>(grad, drpb);
+}
+
 template <int Rank, typename T>
 void na_backward(const detail::BackwardArgs& args) {
   const Geometry<Rank> g(args.q, args.params);
@@ -326,15 +351,7 @@ void na_backward(const detail::BackwardArgs& args) {
       bwd.query_row(b, h, row, partial, scratch);
     }
   });
-  if (args.drpb) {
-    std::vector<float> grad(bias_layout.size, 0.0f);
-    for (std::int64_t item = 0; item < items; ++item) {
-      const float* partial = bias_partials + item * bias_head;
-      float* head = grad.data() + ((item / layout.rows) % heads) * bias_head;
-      for (std::int64_t i = 0; i < bias_head; ++i) head[i] += partial[i];
-    }
-    bias_layout.template store_to<T>(grad, *args.drpb);
-  }
+  if (args.drpb) store_bias_grad<T>(bias_layout, bias_partials, items, layout.rows, *args.drpb);
 
   // Key pass.
   parallel_for(g.batch * heads_kv * layout.rows, 1, [&](std::int64_t begin, std::int64_t end) {

@@ -16,6 +16,7 @@
 // the packed rows carry zero columns around each dilation group for the
 // reads that fall outside it.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -139,6 +140,17 @@ Packed pack(const TensorView& t, const Geometry<Rank>& g, const ColumnLayout& la
     }
   });
   return p;
+}
+
+// Packs two tensors into the calling thread's workspace.
+template <int Rank, typename T>
+std::pair<Packed, Packed> pack_pair(const TensorView& a, const TensorView& b,
+                                    const Geometry<Rank>& g, const ColumnLayout& layout) {
+  const auto size = [&](const TensorView& t) {
+    return layout.packed_size(g.batch, t.shape[Rank + 1], t.shape[Rank + 2]);
+  };
+  float* buffer = workspace(size(a) + size(b));
+  return {pack<Rank, T>(a, g, layout, 1.0f, buffer), pack<Rank, T>(b, g, layout, 1.0f, buffer + size(a))};
 }
 
 // logits[r][j] (8 lanes) = sum_d q[d] * key(r, d, j) for R key rows and N
@@ -322,16 +334,17 @@ inline LaneWindows query_lanes(const AxisParams& axis, std::int64_t group_len, s
 
 // Rows (positions of the leading axes) seen by one position of the leading
 // axes, with each one's offset into a contiguous rpb head.
-// `slot` is the row's first slot in the unfused ops' prod(kernel) layout
-// (row-major over the per-axis window positions; meaningful for key rows).
+// `slot` is the first slot of the (key row, query row) pair in the unfused
+// ops' prod(kernel) layout: row-major over the key's per-axis positions in
+// the query's window, times the last axis' kernel.
 struct RowList {
   std::vector<std::int64_t> rows, bias, slot;
   std::int64_t size = 0;
 };
 
 // Fills `out` with the rows of a cartesian product over the leading axes:
-// axis a offers count[a] choices, and choice t is position and rpb index
-// pick(a, t) along that axis.
+// axis a offers count[a] choices, and choice t is {position, rpb index, the
+// key's position in the query's window} = pick(a, t) along that axis.
 template <int Rank, typename Pick>
 void product_rows(const Geometry<Rank>& g, const std::int64_t* count, Pick pick,
                   const std::int64_t* bias_strides, RowList& out) {
@@ -345,10 +358,10 @@ void product_rows(const Geometry<Rank>& g, const std::int64_t* count, Pick pick,
   for (std::int64_t r = 0; r < n; ++r) {
     std::int64_t row = 0, bias = 0, slot = 0;
     for (int a = 0; a < Rank - 1; ++a) {
-      const auto [position, rpb_index] = pick(a, t[a]);
+      const auto [position, rpb_index, window_index] = pick(a, t[a]);
       row = row * g.spatial[a] + position;
       bias += rpb_index * bias_strides[a + 1];
-      slot = slot * g.axes[a].kernel + t[a];
+      slot = slot * g.axes[a].kernel + window_index;
     }
     out.rows[r] = row;
     out.bias[r] = bias;
@@ -373,7 +386,7 @@ void key_rows_of(const Geometry<Rank>& g, const std::int64_t* c, const std::int6
   product_rows(
       g, count,
       [&](int a, std::int64_t t) {
-        return std::pair<std::int64_t, std::int64_t>(w[a].first + t * w[a].step, w[a].rpb_first + t);
+        return std::array<std::int64_t, 3>{w[a].first + t * w[a].step, w[a].rpb_first + t, t};
       },
       bias_strides, out);
 }
@@ -544,11 +557,7 @@ template <int Rank, typename T>
 void na_forward(const detail::ForwardArgs& args) {
   const Geometry<Rank> g(args.q, args.params);
   const ColumnLayout layout(g);
-  const std::int64_t k_size = layout.packed_size(g.batch, args.k.shape[Rank + 1], args.k.shape[Rank + 2]);
-  const std::int64_t v_size = layout.packed_size(g.batch, args.v.shape[Rank + 1], args.v.shape[Rank + 2]);
-  float* buffer = workspace(k_size + v_size);
-  const Packed k = pack<Rank, T>(args.k, g, layout, 1.0f, buffer);
-  const Packed v = pack<Rank, T>(args.v, g, layout, 1.0f, buffer + k_size);
+  const auto [k, v] = pack_pair<Rank, T>(args.k, args.v, g, layout);
   const Forward<Rank, T> fwd(args, g, layout, k, v);
   const std::int64_t rows = layout.rows;
   parallel_for(g.batch * g.heads * rows, 1, [&](std::int64_t begin, std::int64_t end) {

@@ -1,4 +1,4 @@
-// The vectorised kernels (fused forward and backward, unfused qk and av), compiled once per
+// The vectorised kernels (fused forward and backward, unfused qk and av and their backward), compiled once per
 // instruction set by fast_kernels_{avx2,portable}.cpp with LIBNA_SIMD_NS and
 // LIBNA_SIMD_TARGET defined. Used for float32/float16/bfloat16; float64 keeps
 // the scalar kernels (kernels.h, backward.h) for gradient checking.
@@ -8,23 +8,22 @@
 
 namespace libna::cpu::LIBNA_SIMD_NS {
 
-#define LIBNA_FAST_INSTANCES(Rank)                                              \
-  template void na_forward<Rank, detail::Half>(const detail::ForwardArgs&);      \
-  template void na_forward<Rank, detail::BFloat16>(const detail::ForwardArgs&);  \
-  template void na_forward<Rank, float>(const detail::ForwardArgs&);             \
-  template void na_backward<Rank, detail::Half>(const detail::BackwardArgs&);    \
-  template void na_backward<Rank, detail::BFloat16>(const detail::BackwardArgs&);\
-  template void na_backward<Rank, float>(const detail::BackwardArgs&);          \
-  template void na_qk<Rank, detail::Half>(const detail::QkArgs&);              \
-  template void na_qk<Rank, detail::BFloat16>(const detail::QkArgs&);          \
-  template void na_qk<Rank, float>(const detail::QkArgs&);                     \
-  template void na_av<Rank, detail::Half>(const detail::AvArgs&);              \
-  template void na_av<Rank, detail::BFloat16>(const detail::AvArgs&);          \
-  template void na_av<Rank, float>(const detail::AvArgs&);
+#define LIBNA_FAST_TYPES(op, Args, Rank)                         \
+  template void op<Rank, detail::Half>(const detail::Args&);     \
+  template void op<Rank, detail::BFloat16>(const detail::Args&); \
+  template void op<Rank, float>(const detail::Args&);
+#define LIBNA_FAST_INSTANCES(Rank)                         \
+  LIBNA_FAST_TYPES(na_forward, ForwardArgs, Rank)          \
+  LIBNA_FAST_TYPES(na_backward, BackwardArgs, Rank)        \
+  LIBNA_FAST_TYPES(na_qk, QkArgs, Rank)                    \
+  LIBNA_FAST_TYPES(na_av, AvArgs, Rank)                    \
+  LIBNA_FAST_TYPES(na_qk_backward, QkBackwardArgs, Rank)   \
+  LIBNA_FAST_TYPES(na_av_backward, AvBackwardArgs, Rank)
 
 LIBNA_FAST_INSTANCES(1)
 LIBNA_FAST_INSTANCES(2)
 LIBNA_FAST_INSTANCES(3)
 #undef LIBNA_FAST_INSTANCES
+#undef LIBNA_FAST_TYPES
 
 }  // namespace libna::cpu::LIBNA_SIMD_NS

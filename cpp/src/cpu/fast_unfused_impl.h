@@ -39,67 +39,183 @@ struct Unfused : LaneKernel<Rank, T> {
     }
   }
 
-  // Slot pointers of lane l: attn[b, c (lane positions), h, :].
-  template <typename U>
-  void slot_rows(const TensorView& attn, std::int64_t b, std::int64_t* c, std::int64_t h,
-                 std::int64_t grp, const LaneWindows& w, U** rows) const {
-    this->lane_tokens(attn, b, c, h, grp, w, rows);
+  // values[r][j][lane] (j = position in the block's covering range) =
+  // attn[b, lane's query, h, slot of key (r, j)] for each lane's window, 0
+  // elsewhere.
+  void gather_query_slots(const TensorView& attn, std::int64_t b, std::int64_t* c, std::int64_t h,
+                          std::int64_t grp, const LaneWindows& w, const RowList& rows,
+                          float* values) const {
+    std::fill(values, values + rows.size * w.window * kLanes, 0.0f);
+    const T* src[kLanes];
+    this->lane_tokens(attn, b, c, h, grp, w, src);
+    const std::int64_t stride = attn.strides[Rank + 2];
+    for (std::int64_t l = 0; l < w.lanes; ++l) {
+      const std::int64_t j0 = w.lo[l] - l - w.first;
+      for (std::int64_t r = 0; r < rows.size; ++r) {
+        float* dst = values + (r * w.window + j0) * kLanes + l;
+        const T* row = src[l] + rows.slot[r] * stride;
+        for (std::int64_t t = 0; t < w.count[l]; ++t) dst[t * kLanes] = load<float>(row + t * stride);
+      }
+    }
+  }
+
+  // The inverse: attn[b, lane's query, h, slots] = values (slots outside the
+  // window, near causal starts, = `unfilled`).
+  void scatter_query_slots(const float* values, const TensorView& attn, std::int64_t b,
+                           std::int64_t* c, std::int64_t h, std::int64_t grp, const LaneWindows& w,
+                           const RowList& rows, float unfilled) const {
+    T* dst[kLanes];
+    this->lane_tokens(attn, b, c, h, grp, w, dst);
+    const std::int64_t stride = attn.strides[Rank + 2], slots = attn.shape[Rank + 2];
+    const std::int64_t kernel = this->last().kernel;
+    for (std::int64_t l = 0; l < w.lanes; ++l) {
+      if (rows.size * kernel < slots || w.count[l] < kernel) {
+        for (std::int64_t t = 0; t < slots; ++t) store<T, float>(dst[l] + t * stride, unfilled);
+      }
+      const std::int64_t j0 = w.lo[l] - l - w.first;
+      for (std::int64_t r = 0; r < rows.size; ++r) {
+        const float* src = values + (r * w.window + j0) * kLanes + l;
+        T* row = dst[l] + rows.slot[r] * stride;
+        for (std::int64_t t = 0; t < w.count[l]; ++t) store<T, float>(row + t * stride, src[t * kLanes]);
+      }
+    }
   }
 
   LIBNA_SIMD_TARGET void qk_block(const detail::QkArgs& args, std::int64_t b, std::int64_t h,
                                   std::int64_t* c, std::int64_t grp, const LaneWindows& w,
                                   Scratch& s) const {
-    const std::int64_t n_rows = s.rows.size, slots = args.params.window_size();
     s.lanes.resize(k.dim * kLanes);
     this->load_lanes(args.q, b, c, h, grp, w, 1.0f, s.lanes.data());
-    s.values.resize(n_rows * w.window * kLanes);
+    s.values.resize(s.rows.size * w.window * kLanes);
     this->window_rows(k, b, h / this->heads_per_kv, grp, w, s.rows, s.ptrs);
     this->logits(s.lanes.data(), h, w, s.rows, s.ptrs.data(), s.values.data());
+    scatter_query_slots(s.values.data(), args.attn, b, c, h, grp, w, s.rows,
+                        -std::numeric_limits<float>::infinity());
+  }
 
-    T* attn[kLanes];
-    slot_rows(args.attn, b, c, h, grp, w, attn);
-    const std::int64_t stride = args.attn.strides[Rank + 2];
-    const bool partial = n_rows * this->last().kernel < slots ||
-                         std::any_of(w.count, w.count + w.lanes,
-                                     [&](std::int64_t n) { return n < this->last().kernel; });
-    for (std::int64_t l = 0; l < w.lanes; ++l) {
-      if (partial) {  // a causal window near the start: unfilled slots hold -inf
-        for (std::int64_t t = 0; t < slots; ++t) {
-          store<T, float>(attn[l] + t * stride, -std::numeric_limits<float>::infinity());
-        }
-      }
-      const std::int64_t j0 = w.lo[l] - l - w.first;
-      for (std::int64_t r = 0; r < n_rows; ++r) {
-        const float* src = s.values.data() + (r * w.window + j0) * kLanes + l;
-        T* dst = attn[l] + s.rows.slot[r] * stride;
+  // result[b, lane's query, h] = sum over the window of weights[..., slot]
+  // times the packed rows (k = v here).
+  LIBNA_SIMD_TARGET void weighted_sum(const TensorView& weights, const TensorView& result,
+                                      std::int64_t b, std::int64_t h, std::int64_t* c,
+                                      std::int64_t grp, const LaneWindows& w, Scratch& s) const {
+    s.values.resize(s.rows.size * w.window * kLanes);
+    gather_query_slots(weights, b, c, h, grp, w, s.rows, s.values.data());
+    this->window_rows(v, b, h / this->heads_per_kv, grp, w, s.rows, s.ptrs);
+    s.lanes.resize(v.dim * kLanes);
+    pv_range(s.values.data(), s.ptrs.data(), s.rows.size, w.window, this->layout.width, v.dim,
+             s.lanes.data());
+    this->store_lanes(result, b, c, h, grp, w, simd::splat(1.0f), s.lanes.data());
+  }
+
+  void av_block(const detail::AvArgs& args, std::int64_t b, std::int64_t h, std::int64_t* c,
+                std::int64_t grp, const LaneWindows& w, Scratch& s) const {
+    weighted_sum(args.attn, args.out, b, h, c, grp, w, s);
+  }
+
+  // ---- backward: query blocks ----------------------------------------------
+  // dq = dattn . k (unscaled: na_qk does not scale), and the rpb gradient.
+  void qk_backward_block(const detail::QkBackwardArgs& args, float* bias_grad, std::int64_t b,
+                         std::int64_t h, std::int64_t* c, std::int64_t grp, const LaneWindows& w,
+                         Scratch& s) const {
+    weighted_sum(args.dattn, args.dq, b, h, c, grp, w, s);
+    if (bias_grad) {
+      add_bias_grad(w, s.rows, this->last().kernel, this->bias_strides[Rank], s.values.data(),
+                    bias_grad);
+    }
+  }
+
+  // dattn = dout . v (0 in unfilled slots).
+  LIBNA_SIMD_TARGET void av_backward_block(const detail::AvBackwardArgs& args, std::int64_t b,
+                                           std::int64_t h, std::int64_t* c, std::int64_t grp,
+                                           const LaneWindows& w, Scratch& s) const {
+    s.lanes.resize(k.dim * kLanes);
+    this->load_lanes(args.dout, b, c, h, grp, w, 1.0f, s.lanes.data());
+    s.values.resize(s.rows.size * w.window * kLanes);
+    this->window_rows(k, b, h / this->heads_per_kv, grp, w, s.rows, s.ptrs);
+    qk_rows(s.lanes.data(), s.ptrs.data(), s.rows.size, this->layout.width, k.dim, w.window,
+            s.values.data());
+    scatter_query_slots(s.values.data(), args.dattn, b, c, h, grp, w, s.rows, 0.0f);
+  }
+};
+
+// The key pass of the unfused backward ops, lanes = 8 keys: grad[key] =
+// sum over the queries that see it (and the query heads of its kv head) of
+// weights[query, slot of key] * rows[query], with weights = dattn and rows =
+// q (na_qk_backward: dk) or weights = attn and rows = dout (na_av_backward:
+// dv). `rows` is packed, all heads.
+template <int Rank, typename T>
+struct UnfusedKeyPass : LaneKernel<Rank, T> {
+  using Base = LaneKernel<Rank, T>;
+  using Base::g;
+  using Base::layout;
+  const Tables<Rank>& tables;
+  const Packed& rows;
+  std::int64_t group;  // query heads per kv head
+
+  struct Scratch {
+    std::vector<float> values, acc;
+    RowList queries;
+    std::vector<const float*> ptrs;
+  };
+
+  UnfusedKeyPass(const Geometry<Rank>& geometry, const ColumnLayout& columns,
+                 const Tables<Rank>& t, const Packed& packed_rows, const NaParams& params,
+                 std::int64_t heads_kv)
+      : Base(geometry, columns, packed_rows, packed_rows, params, nullptr, 1.0), tables(t),
+        rows(packed_rows), group(geometry.heads / heads_kv) {}
+
+  // values[r][j][lane] = weights[b, query first + j + lane of query row r, h,
+  // slot of the lane's key], 0 outside the lane's queries.
+  void gather_key_slots(const TensorView& weights, std::int64_t b, std::int64_t h,
+                        std::int64_t grp, const LaneWindows& w, const RowList& queries,
+                        float* values) const {
+    std::fill(values, values + queries.size * w.window * kLanes, 0.0f);
+    const AxisParams& last = this->last();
+    const AxisTable& table = tables.axis[Rank - 1];
+    const T* data = static_cast<const T*>(weights.data);
+    const std::int64_t stride = weights.strides[Rank + 2];
+    std::int64_t c[Rank];
+    for (std::int64_t r = 0; r < queries.size; ++r) {
+      row_coords<Rank>(g, queries.rows[r], c);
+      for (std::int64_t l = 0; l < w.lanes; ++l) {
+        const std::int64_t key = grp + (w.i0 + l) * last.dilation;
+        float* dst = values + (r * w.window + w.lo[l] - l - w.first) * kLanes + l;
         for (std::int64_t t = 0; t < w.count[l]; ++t) {
-          store<T, float>(dst + t * stride, src[t * kLanes]);
+          c[Rank - 1] = grp + (w.lo[l] + t) * last.dilation;
+          const AxisWindow& window = table.window[c[Rank - 1]];
+          const std::int64_t slot = queries.slot[r] + (key - window.first) / window.step;
+          dst[t * kLanes] = load<float>(data + row_offset<Rank>(weights, b, c, h) + slot * stride);
         }
       }
     }
   }
 
-  LIBNA_SIMD_TARGET void av_block(const detail::AvArgs& args, std::int64_t b, std::int64_t h,
-                                  std::int64_t* c, std::int64_t grp, const LaneWindows& w,
-                                  Scratch& s) const {
-    const std::int64_t n_rows = s.rows.size;
-    s.values.assign(n_rows * w.window * kLanes, 0.0f);
-    const T* attn[kLanes];
-    slot_rows(args.attn, b, c, h, grp, w, attn);
-    const std::int64_t stride = args.attn.strides[Rank + 2];
-    for (std::int64_t l = 0; l < w.lanes; ++l) {
-      const std::int64_t j0 = w.lo[l] - l - w.first;
-      for (std::int64_t r = 0; r < n_rows; ++r) {
-        float* dst = s.values.data() + (r * w.window + j0) * kLanes + l;
-        const T* src = attn[l] + s.rows.slot[r] * stride;
-        for (std::int64_t t = 0; t < w.count[l]; ++t) dst[t * kLanes] = load<float>(src + t * stride);
+  LIBNA_SIMD_TARGET void key_row(const TensorView& weights, const TensorView& grad, std::int64_t b,
+                                 std::int64_t hk, std::int64_t row, Scratch& s) const {
+    std::int64_t c[Rank];
+    row_coords<Rank>(g, row, c);
+    query_rows_of<Rank>(g, tables, c, this->bias_strides, s.queries);
+    const AxisParams& last = this->last();
+    const std::int64_t dim = rows.dim, n = s.queries.size;
+    for (std::int64_t grp = 0; grp < last.dilation; ++grp) {
+      const std::int64_t len = layout.group_len[grp];
+      for (std::int64_t i0 = 0; i0 < len; i0 += kLanes) {
+        const LaneWindows w = key_lanes(tables.axis[Rank - 1], grp, last.dilation, i0,
+                                        std::min<std::int64_t>(kLanes, len - i0));
+        s.acc.assign(dim * kLanes, 0.0f);
+        s.values.resize(n * w.window * kLanes);
+        s.ptrs.resize(n);
+        for (std::int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+          gather_key_slots(weights, b, h, grp, w, s.queries, s.values.data());
+          for (std::int64_t r = 0; r < n; ++r) {
+            s.ptrs[r] = rows.row(b, h, s.queries.rows[r]) + layout.group_base[grp] + w.first;
+          }
+          pv_range(s.values.data(), s.ptrs.data(), n, w.window, layout.width, dim, s.acc.data(),
+                   /*accumulate=*/true);
+        }
+        this->store_lanes(grad, b, c, hk, grp, w, simd::splat(1.0f), s.acc.data());
       }
     }
-    this->window_rows(v, b, h / this->heads_per_kv, grp, w, s.rows, s.ptrs);
-    s.lanes.resize(v.dim * kLanes);
-    pv_range(s.values.data(), s.ptrs.data(), n_rows, w.window, this->layout.width, v.dim,
-             s.lanes.data());
-    this->store_lanes(args.out, b, c, h, grp, w, simd::splat(1.0f), s.lanes.data());
   }
 };
 
@@ -143,6 +259,59 @@ void na_av(const detail::AvArgs& args) {
   run_unfused<Rank, T>(args.attn, args.v, nullptr, args.params, [&](const auto& op, auto&&... block) {
     op.av_block(args, block...);
   });
+}
+
+template <int Rank, typename T>
+void unfused_key_pass(const Geometry<Rank>& g, const ColumnLayout& layout, const NaParams& params,
+                      const Packed& rows, std::int64_t heads_kv, const TensorView& weights,
+                      const TensorView& grad) {
+  const Tables<Rank> tables(g, params);
+  const UnfusedKeyPass<Rank, T> op(g, layout, tables, rows, params, heads_kv);
+  for_rows(g.batch, heads_kv, layout.rows, [&](std::int64_t b, std::int64_t hk, std::int64_t row) {
+    thread_local typename UnfusedKeyPass<Rank, T>::Scratch s;
+    op.key_row(weights, grad, b, hk, row, s);
+  });
+}
+
+template <int Rank, typename T>
+void na_qk_backward(const detail::QkBackwardArgs& args) {
+  const Geometry<Rank> g(args.q, args.params);
+  const ColumnLayout layout(g);
+  const auto [k, q] = pack_pair<Rank, T>(args.k, args.q, g, layout);
+
+  const Unfused<Rank, T> op(g, layout, k, k, args.params, nullptr);
+  const BiasBuffer<Rank, float> bias_layout(args.params, g.heads);
+  const std::int64_t per_head = args.drpb ? bias_layout.strides[0] : 0;
+  std::vector<float> partials(g.batch * g.heads * layout.rows * per_head, 0.0f);
+  for_rows(g.batch, g.heads, layout.rows, [&](std::int64_t b, std::int64_t h, std::int64_t row) {
+    thread_local typename Unfused<Rank, T>::Scratch s;
+    float* partial = per_head ? partials.data() + ((b * g.heads + h) * layout.rows + row) * per_head
+                              : nullptr;
+    op.for_blocks(row, s, [&](std::int64_t* c, std::int64_t grp, const LaneWindows& w) {
+      op.qk_backward_block(args, partial, b, h, c, grp, w, s);
+    });
+  });
+  if (args.drpb) {
+    store_bias_grad<T>(bias_layout, partials.data(), g.batch * g.heads * layout.rows, layout.rows,
+                       *args.drpb);
+  }
+  unfused_key_pass<Rank, T>(g, layout, args.params, q, k.heads, args.dattn, args.dk);
+}
+
+template <int Rank, typename T>
+void na_av_backward(const detail::AvBackwardArgs& args) {
+  const Geometry<Rank> g(args.attn, args.params);
+  const ColumnLayout layout(g);
+  const auto [v, dout] = pack_pair<Rank, T>(args.v, args.dout, g, layout);
+
+  const Unfused<Rank, T> op(g, layout, v, v, args.params, nullptr);
+  for_rows(g.batch, g.heads, layout.rows, [&](std::int64_t b, std::int64_t h, std::int64_t row) {
+    thread_local typename Unfused<Rank, T>::Scratch s;
+    op.for_blocks(row, s, [&](std::int64_t* c, std::int64_t grp, const LaneWindows& w) {
+      op.av_backward_block(args, b, h, c, grp, w, s);
+    });
+  });
+  unfused_key_pass<Rank, T>(g, layout, args.params, dout, v.heads, args.attn, args.dv);
 }
 
 }  // namespace libna::cpu::LIBNA_SIMD_NS
