@@ -43,7 +43,8 @@ def _numpy_dtype(name: str) -> np.dtype:
 class Arrays:
     """The arrays of one op call, all from one framework."""
 
-    def __init__(self, op: str, named: dict, optional=("rpb",)):
+    def __init__(self, op: str, named: dict,
+                 optional=("rpb", "additional_keys", "additional_values")):
         families = {}
         for name, x in named.items():
             if x is None:
