@@ -191,7 +191,8 @@ def test_torch_gradcheck(case, rng):
         return na(q, k, v, kernel, rpb=rpb, return_lse=True, additional_keys=xk,
                   additional_values=xv, **kw)
 
-    assert torch.autograd.gradcheck(fn, tuple(leaves), fast_mode=rank == 3)
+    # Full Jacobians for the small causal case, fast mode (random projections) elsewhere.
+    assert torch.autograd.gradcheck(fn, tuple(leaves), fast_mode=case is not CASES[1])
 
 
 @compiled_only
