@@ -14,7 +14,7 @@ import numbers
 import numpy as np
 
 from . import reference
-from ._frameworks import Arrays
+from ._frameworks import Arrays, traced_by_jax
 
 try:
     from . import _C
@@ -93,6 +93,13 @@ def check_additional(op: str, additional_keys, additional_values) -> bool:
 def na(rank, q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False, scale=None,
        rpb=None, return_lse=False, additional_keys=None, additional_values=None):
     op = f"na{rank}d"
+    if traced_by_jax(q, k, v, rpb, additional_keys, additional_values):
+        from . import jax as libna_jax
+
+        return libna_jax.na(rank, q, k, v, kernel_size, stride=stride, dilation=dilation,
+                            is_causal=is_causal, scale=scale, rpb=rpb, return_lse=return_lse,
+                            additional_keys=additional_keys,
+                            additional_values=additional_values)
     if _C is None:
         return getattr(reference, op)(
             q, k, v, kernel_size, stride=stride, dilation=dilation, is_causal=is_causal,
@@ -243,6 +250,11 @@ def merge_attentions(outs, lses):
     lses[i]. Returns (out, lse) in the caller's array type.
     """
     op = "merge_attentions"
+    if isinstance(outs, (list, tuple)) and isinstance(lses, (list, tuple)) and traced_by_jax(
+            *outs, *lses):
+        from . import jax as libna_jax
+
+        return libna_jax.merge_attentions(outs, lses)
     if _C is None:
         return reference.merge_attentions(outs, lses)
     named = _parts(op, outs, lses)
@@ -295,7 +307,8 @@ _NA_DOC = """{rank}D neighborhood attention, fused.
     rpb: optional relative positional bias [heads, 2*kernel_size-1 per axis]
     (non-causal, stride 1 only). Returns out [B, {spatial}, heads, D_v] in the
     caller's array type, and with return_lse=True also the log-sum-exp of the
-    logits, [B, {spatial}, heads] (float32; float64 for float64 inputs).
+    logits, [B, {spatial}, heads] (float32; float64 for float64 inputs). JAX
+    tracers (calls inside jax.jit, jax.grad, jax.vmap) go to libna.jax.
 
     additional_keys [B, N, heads_kv, D] and additional_values [B, N, heads_kv, D_v]
     (both or neither): N extra keys that every query attends to as well, in
