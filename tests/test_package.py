@@ -120,7 +120,7 @@ def test_works_without_jax():
             print("ImportError:", error)
     """)
     assert result.returncode == 0, result.stderr
-    assert "ImportError" in result.stdout
+    assert "ImportError: libna.jax needs JAX" in result.stdout
 
 
 def test_jax_ffi_module_built_when_jaxlib_is_available():

@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import functools
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+
+try:
+    import jax
+    import jax.numpy as jnp
+except ImportError as error:
+    raise ImportError(f"libna.jax needs JAX (pip install jax jaxlib): {error}") from error
 
 from . import _ops
 
