@@ -463,6 +463,21 @@ void test_threads() {
                         std::memcmp(lse1.data(), lse2.data(), lse1.size() * sizeof(float)) == 0;
       CHECK_MSG(same, std::string("1 and 2 threads agree bitwise, ") + libna::dtype_name(dtype));
     }
+
+  // Changing the thread count right after a job, before the new workers
+  // have even been scheduled, must neither hang nor lose a job.
+  Problem small(1, 4, 9, 2, 2, 8, 8, params2d(3, 3, 1, 1), false, 5);
+  std::vector<float> reference_out, reference_lse, out, lse;
+  libna::set_num_threads(1);
+  small.run(DType::float32, reference_out, reference_lse);
+  bool all_same = true;
+  for (int i = 0; i < 300; ++i) {
+    libna::set_num_threads(2 + i % 3);
+    small.run(DType::float32, out, lse);
+    all_same = all_same && out == reference_out && lse == reference_lse;
+  }
+  CHECK_MSG(all_same, "results stay the same while the thread count changes between jobs");
+
   libna::set_num_threads(initial);
   CHECK(libna::get_num_threads() == initial);
 }

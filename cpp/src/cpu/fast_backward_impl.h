@@ -25,7 +25,7 @@ inline LaneWindows key_lanes(const AxisTable& table, std::int64_t grp, std::int6
     w.lo[l] = (table.first_query[j] - grp) / dilation;
     w.count[l] = table.query_count[j];
   }
-  w.finish(w.count[0]);
+  w.finish();
   return w;
 }
 
@@ -70,7 +70,7 @@ struct Backward : LaneKernel<Rank, T> {
 
   struct Scratch {
     std::vector<float> q, dout, k, v;  // lanes, [d][lane]
-    std::vector<float> rows, out_row;
+    std::vector<float> out_lanes;
     std::vector<float> probs, dlogits;  // [row][window position][lane]
     std::vector<float> acc, acc_k, acc_v;
     RowList rows_list;
@@ -112,85 +112,63 @@ struct Backward : LaneKernel<Rank, T> {
     const std::int64_t hk = h / this->heads_per_kv;
     s.q.resize(dim * kLanes);
     s.dout.resize(dim_v * kLanes);
-    s.rows.resize(kLanes * std::max(dim, dim_v));
-    s.out_row.resize(dim_v);
-    this->load_lanes(args.q, b, c, h, grp, w, this->scale, s.rows.data(), s.q.data());
-    this->load_lanes(args.dout, b, c, h, grp, w, 1.0f, s.rows.data(), s.dout.data());
+    s.out_lanes.resize(dim_v * kLanes);
+    this->load_lanes(args.q, b, c, h, grp, w, this->scale, s.q.data());
+    this->load_lanes(args.dout, b, c, h, grp, w, 1.0f, s.dout.data());
+    this->load_lanes(args.out, b, c, h, grp, w, 1.0f, s.out_lanes.data());
 
     // lse and D per lane (zero for absent lanes), kept for the key pass.
-    alignas(32) float lse_lanes[kLanes] = {}, delta_lanes[kLanes] = {};
-    const T* out_data = static_cast<const T*>(args.out.data);
+    alignas(32) float lse_lanes[kLanes] = {};
     const float* lse_data = static_cast<const float*>(args.lse.data);
-    const std::int64_t packed = scalar_row(b, h, row) + layout.group_base[grp] + w.i0;
     for (std::int64_t l = 0; l < w.lanes; ++l) {
       c[Rank - 1] = grp + (w.i0 + l) * this->last().dilation;
       lse_lanes[l] = lse_data[row_offset<Rank>(args.lse, b, c, 0) + h * args.lse.strides[Rank + 1]];
-      load_floats(out_data + row_offset<Rank>(args.out, b, c, h), args.out.strides[Rank + 2], dim_v,
-                  s.out_row.data());
-      float d_i = 0;
-      for (std::int64_t d = 0; d < dim_v; ++d) d_i += s.dout[d * kLanes + l] * s.out_row[d];
-      delta_lanes[l] = d_i;
-      lse[packed + l] = lse_lanes[l];
-      delta[packed + l] = d_i;
     }
+    f32x8 delta_v = simd::splat(0.0f);
+    for (std::int64_t d = 0; d < dim_v; ++d) {
+      delta_v += simd::load(s.dout.data() + d * kLanes) * simd::load(s.out_lanes.data() + d * kLanes);
+    }
+    const std::int64_t packed = scalar_row(b, h, row) + layout.group_base[grp] + w.i0;
+    alignas(32) float delta_lanes[kLanes];
+    simd::store(delta_lanes, delta_v);
+    std::copy(lse_lanes, lse_lanes + w.lanes, lse + packed);
+    std::copy(delta_lanes, delta_lanes + w.lanes, delta + packed);
 
     // P, then dP, then dS = P (dP - D).
     s.probs.resize(entries * kLanes);
     s.dlogits.resize(entries * kLanes);
-    this->logits(s.q.data(), b, h, grp, w, s.rows_list, s.probs.data());
-    const f32x8 lse_v = simd::load(lse_lanes), delta_v = simd::load(delta_lanes);
+    this->window_rows(k, b, hk, grp, w, s.rows_list, s.ptrs_b);
+    this->logits(s.q.data(), h, w, s.rows_list, s.ptrs_b.data(), s.probs.data());
+    const f32x8 lse_v = simd::load(lse_lanes);
     for (std::int64_t e = 0; e < entries; ++e) {
       simd::store(s.probs.data() + e * kLanes,
                   simd::exp_nonpositive(simd::load(s.probs.data() + e * kLanes) - lse_v));
     }
     this->window_rows(v, b, hk, grp, w, s.rows_list, s.ptrs_a);
-    for (std::int64_t r = 0; r < n_rows; ++r) {
-      float* dp = s.dlogits.data() + r * w.window * kLanes;
-      if (w.shifted) {
-        qk_range<true>(s.dout.data(), s.ptrs_a[r], width, dim_v, w.window, dp);
-      } else {
-        qk_range<false>(s.dout.data(), s.ptrs_a[r], width, dim_v, w.window, dp);
-      }
-    }
+    qk_rows(s.dout.data(), s.ptrs_a.data(), n_rows, width, dim_v, w.window, s.dlogits.data());
     for (std::int64_t e = 0; e < entries; ++e) {
       const f32x8 p = simd::load(s.probs.data() + e * kLanes);
       simd::store(s.dlogits.data() + e * kLanes,
                   p * (simd::load(s.dlogits.data() + e * kLanes) - delta_v));
     }
 
-    // dq = scale * dS . k
-    this->window_rows(k, b, hk, grp, w, s.rows_list, s.ptrs_b);
+    // dq = scale * dS . k (ptrs_b: the key rows)
     s.acc.resize(dim * kLanes);
-    if (w.shifted) {
-      pv_range<true>(s.dlogits.data(), s.ptrs_b.data(), n_rows, w.window, width, dim, s.acc.data());
-    } else {
-      pv_range<false>(s.dlogits.data(), s.ptrs_b.data(), n_rows, w.window, width, dim, s.acc.data());
-    }
-    const TensorView& dq = args.dq;
-    T* dq_data = static_cast<T*>(dq.data);
-    for (std::int64_t l = 0; l < w.lanes; ++l) {
-      c[Rank - 1] = grp + (w.i0 + l) * this->last().dilation;
-      T* o = dq_data + row_offset<Rank>(dq, b, c, h);
-      for (std::int64_t d = 0; d < dim; ++d) {
-        store<T, float>(o + d * dq.strides[Rank + 2], this->scale * s.acc[d * kLanes + l]);
-      }
-    }
+    pv_range(s.dlogits.data(), s.ptrs_b.data(), n_rows, w.window, width, dim, s.acc.data());
+    this->store_lanes(args.dq, b, c, h, grp, w, simd::splat(this->scale), s.acc.data());
 
-    // The rpb gradient: dS summed by relative position.
+    // The rpb gradient: dS summed by relative position (first + j - i0 for
+    // entry j in every lane; masked entries hold 0).
     if (bias_grad) {
       const std::int64_t kernel = this->last().kernel, step = this->bias_strides[Rank];
+      const std::int64_t rel0 = w.first - w.i0 + kernel - 1;
+      const std::int64_t j_begin = std::max<std::int64_t>(0, -rel0);
+      const std::int64_t j_end = std::min(w.window, 2 * kernel - 1 - rel0);
       for (std::int64_t r = 0; r < n_rows; ++r) {
         float* head = bias_grad + s.rows_list.bias[r];
         const float* ds = s.dlogits.data() + r * w.window * kLanes;
-        for (std::int64_t j = 0; j < w.window; ++j) {
-          const std::int64_t key = w.first + j;
-          if (w.shifted) {
-            head[(key - w.i0 + kernel - 1) * step] += lane_sum(simd::load(ds + j * kLanes));
-          } else {
-            for (std::int64_t l = 0; l < w.lanes; ++l) {
-              if (w.covers(l, key)) head[(key - (w.i0 + l) + kernel - 1) * step] += ds[j * kLanes + l];
-            }
-          }
+        for (std::int64_t j = j_begin; j < j_end; ++j) {
+          head[(rel0 + j) * step] += lane_sum(simd::load(ds + j * kLanes));
         }
       }
     }
@@ -214,11 +192,15 @@ struct Backward : LaneKernel<Rank, T> {
   }
 
   // Lanes of a packed row at columns col0 .. col0 + lanes (zero beyond).
-  static void packed_lanes(const float* row, std::int64_t width, std::int64_t dim,
-                           std::int64_t col0, std::int64_t lanes, float* dst) {
+  LIBNA_SIMD_TARGET static void packed_lanes(const float* row, std::int64_t width,
+                                             std::int64_t dim, std::int64_t col0,
+                                             std::int64_t lanes, float* dst) {
     for (std::int64_t d = 0; d < dim; ++d) {
-      for (std::int64_t l = 0; l < kLanes; ++l) {
-        dst[d * kLanes + l] = l < lanes ? row[d * width + col0 + l] : 0.0f;
+      const float* src = row + d * width + col0;
+      if (lanes == kLanes) {
+        simd::store(dst + d * kLanes, simd::load(src));
+      } else {
+        for (std::int64_t l = 0; l < kLanes; ++l) dst[d * kLanes + l] = l < lanes ? src[l] : 0.0f;
       }
     }
   }
@@ -230,14 +212,12 @@ struct Backward : LaneKernel<Rank, T> {
     const std::int64_t entries = n_rows * w.window, width = layout.width;
     const std::int64_t base = layout.group_base[grp], kernel = this->last().kernel;
     const std::int64_t step = this->bias_strides[Rank];
-    const float neg_inf = -std::numeric_limits<float>::infinity();
     s.k.resize(dim * kLanes);
     s.v.resize(dim_v * kLanes);
     packed_lanes(k.row(b, hk, row), width, dim, base + w.i0, w.lanes, s.k.data());
     packed_lanes(v.row(b, hk, row), width, dim_v, base + w.i0, w.lanes, s.v.data());
     s.acc_k.assign(dim * kLanes, 0.0f);
     s.acc_v.assign(dim_v * kLanes, 0.0f);
-    s.acc.resize(std::max(dim, dim_v) * kLanes);
     s.probs.resize(entries * kLanes);
     s.dlogits.resize(entries * kLanes);
     s.ptrs_a.resize(n_rows);
@@ -246,47 +226,36 @@ struct Backward : LaneKernel<Rank, T> {
     for (std::int64_t h = hk * this->heads_per_kv; h < (hk + 1) * this->heads_per_kv; ++h) {
       for (std::int64_t r = 0; r < n_rows; ++r) {
         const std::int64_t query_row = s.rows_list.rows[r];
-        const float* q_row = q_scaled.row(b, h, query_row) + base + w.first;
-        const float* do_row = dout.row(b, h, query_row) + base + w.first;
+        s.ptrs_a[r] = dout.row(b, h, query_row) + base + w.first;
+        s.ptrs_b[r] = q_scaled.row(b, h, query_row) + base + w.first;
+      }
+      qk_rows(s.k.data(), s.ptrs_b.data(), n_rows, width, dim, w.window, s.probs.data());
+      qk_rows(s.v.data(), s.ptrs_a.data(), n_rows, width, dim_v, w.window, s.dlogits.data());
+      // Query first + j + l of key i0 + l: relative position i0 - first - j.
+      const std::int64_t rel0 = w.i0 - w.first + kernel - 1;
+      const std::int64_t j_begin = std::max<std::int64_t>(0, rel0 - (2 * kernel - 2));
+      const std::int64_t j_end = std::min(w.window, rel0 + 1);
+      for (std::int64_t r = 0; r < n_rows; ++r) {
+        const std::int64_t query_row = s.rows_list.rows[r];
         const float* lse_row = lse + scalar_row(b, h, query_row) + base + w.first;
         const float* delta_row = delta + scalar_row(b, h, query_row) + base + w.first;
-        s.ptrs_a[r] = do_row;
-        s.ptrs_b[r] = q_row;
         float* probs = s.probs.data() + r * w.window * kLanes;
         float* dlog = s.dlogits.data() + r * w.window * kLanes;
-        const float* bias_row = this->bias.empty()
-                                    ? nullptr
-                                    : this->bias.data() + h * this->bias_strides[0] + s.rows_list.bias[r];
-        if (w.shifted) {
-          qk_range<true>(s.k.data(), q_row, width, dim, w.window, probs);
-          qk_range<true>(s.v.data(), do_row, width, dim_v, w.window, dlog);
-          for (std::int64_t j = 0; j < w.window; ++j) {
-            f32x8 logit = simd::load(probs + j * kLanes);
-            if (bias_row) logit += simd::splat(bias_row[(w.i0 - (w.first + j) + kernel - 1) * step]);
-            const f32x8 p = simd::exp_nonpositive(logit - simd::load(lse_row + j));
-            simd::store(probs + j * kLanes, p);
-            simd::store(dlog + j * kLanes,
-                        p * (simd::load(dlog + j * kLanes) - simd::load(delta_row + j)));
+        if (!this->bias.empty()) {
+          const float* bias_row =
+              this->bias.data() + h * this->bias_strides[0] + s.rows_list.bias[r];
+          for (std::int64_t j = j_begin; j < j_end; ++j) {
+            simd::store(probs + j * kLanes, simd::load(probs + j * kLanes) +
+                                                simd::splat(bias_row[(rel0 - j) * step]));
           }
-        } else {
-          qk_range<false>(s.k.data(), q_row, width, dim, w.window, probs);
-          qk_range<false>(s.v.data(), do_row, width, dim_v, w.window, dlog);
-          for (std::int64_t j = 0; j < w.window; ++j) {
-            const std::int64_t query = w.first + j;
-            for (std::int64_t l = 0; l < kLanes; ++l) {
-              float& x = probs[j * kLanes + l];
-              if (!w.covers(l, query)) {
-                x = neg_inf;
-              } else if (bias_row) {
-                x += bias_row[(w.i0 + l - query + kernel - 1) * step];
-              }
-            }
-            const f32x8 p = simd::exp_nonpositive(simd::load(probs + j * kLanes) -
-                                                  simd::splat(lse_row[j]));
-            simd::store(probs + j * kLanes, p);
-            simd::store(dlog + j * kLanes,
-                        p * (simd::load(dlog + j * kLanes) - simd::splat(delta_row[j])));
-          }
+        }
+        if (w.masked) w.mask(probs, w.window);
+        for (std::int64_t j = 0; j < w.window; ++j) {
+          const f32x8 p = simd::exp_nonpositive(simd::load(probs + j * kLanes) -
+                                                simd::load(lse_row + j));
+          simd::store(probs + j * kLanes, p);
+          simd::store(dlog + j * kLanes,
+                      p * (simd::load(dlog + j * kLanes) - simd::load(delta_row + j)));
         }
       }
       // dv += P . dout and dk += dS . (scale q), over this head's queries.
@@ -295,26 +264,12 @@ struct Backward : LaneKernel<Rank, T> {
         const float* const* rows = which == 0 ? s.ptrs_a.data() : s.ptrs_b.data();
         const std::int64_t n = which == 0 ? dim_v : dim;
         float* acc = which == 0 ? s.acc_v.data() : s.acc_k.data();
-        if (w.shifted) {
-          pv_range<true>(weights, rows, n_rows, w.window, width, n, s.acc.data());
-        } else {
-          pv_range<false>(weights, rows, n_rows, w.window, width, n, s.acc.data());
-        }
-        for (std::int64_t i = 0; i < n * kLanes; ++i) acc[i] += s.acc[i];
+        pv_range(weights, rows, n_rows, w.window, width, n, acc, /*accumulate=*/true);
       }
     }
 
-    for (std::int64_t l = 0; l < w.lanes; ++l) {
-      c[Rank - 1] = grp + (w.i0 + l) * this->last().dilation;
-      T* dk = static_cast<T*>(args.dk.data) + row_offset<Rank>(args.dk, b, c, hk);
-      T* dv = static_cast<T*>(args.dv.data) + row_offset<Rank>(args.dv, b, c, hk);
-      for (std::int64_t d = 0; d < dim; ++d) {
-        store<T, float>(dk + d * args.dk.strides[Rank + 2], s.acc_k[d * kLanes + l]);
-      }
-      for (std::int64_t d = 0; d < dim_v; ++d) {
-        store<T, float>(dv + d * args.dv.strides[Rank + 2], s.acc_v[d * kLanes + l]);
-      }
-    }
+    this->store_lanes(args.dk, b, c, hk, grp, w, simd::splat(1.0f), s.acc_k.data());
+    this->store_lanes(args.dv, b, c, hk, grp, w, simd::splat(1.0f), s.acc_v.data());
   }
 };
 
@@ -325,13 +280,16 @@ void na_backward(const detail::BackwardArgs& args) {
   const Tables<Rank> tables(g, args.params);
   const std::int64_t heads = g.heads, heads_kv = args.k.shape[Rank + 1];
   const std::int64_t dim = args.q.shape[Rank + 2], dim_v = args.v.shape[Rank + 2];
-  const std::int64_t per_token = g.batch * g.tokens;
+  const std::int64_t lanes_size = layout.packed_size(g.batch, heads, 1);
   const BiasBuffer<Rank, float> bias_layout(args.params, heads);
   const std::int64_t bias_head = args.rpb ? bias_layout.strides[0] : 0;
   const std::int64_t items = g.batch * heads * layout.rows;
-  const std::int64_t sizes[] = {per_token * heads_kv * dim, per_token * heads_kv * dim_v,
-                                per_token * heads * dim,    per_token * heads * dim_v,
-                                per_token * heads,          per_token * heads,
+  const std::int64_t sizes[] = {layout.packed_size(g.batch, heads_kv, dim),
+                                layout.packed_size(g.batch, heads_kv, dim_v),
+                                layout.packed_size(g.batch, heads, dim),
+                                layout.packed_size(g.batch, heads, dim_v),
+                                lanes_size,
+                                lanes_size,
                                 items * bias_head};
   std::int64_t total = 0;
   for (std::int64_t size : sizes) total += size;
@@ -346,8 +304,10 @@ void na_backward(const detail::BackwardArgs& args) {
   const Packed v = pack<Rank, T>(args.v, g, layout, 1.0f, carve(sizes[1]));
   const Packed q = pack<Rank, T>(args.q, g, layout, static_cast<float>(args.scale), carve(sizes[2]));
   const Packed dout = pack<Rank, T>(args.dout, g, layout, 1.0f, carve(sizes[3]));
+  // lse and D in the packed layout; the key pass reads their padding too.
   float* lse = carve(sizes[4]);
   float* delta = carve(sizes[5]);
+  std::fill(lse, lse + 2 * lanes_size, 0.0f);
   float* bias_partials = carve(sizes[6]);
   const Backward<Rank, T> bwd(args, g, layout, tables, k, v, q, dout, lse, delta);
 

@@ -11,15 +11,19 @@
 // all 8 lanes at one window offset are a single contiguous load, so Q.K and
 // P.V become FMAs with no broadcasts, no wasted products and no horizontal
 // sums. Blocks where the windows do not shift in step (borders, causal
-// starts, stride > 1, partial blocks) use the union of the lanes' windows
-// with broadcast keys and a per-lane mask instead.
+// starts, stride > 1, partial blocks) read the same way over the smallest
+// range that covers every lane's window, and mask each lane outside its own;
+// the packed rows carry zero columns around each dilation group for the
+// reads that fall outside it.
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/lanes.h"
 #include "cpu/simd.h"
 
 namespace libna::cpu::LIBNA_SIMD_NS {
@@ -38,21 +42,38 @@ void row_coords(const Geometry<Rank>& g, std::int64_t row, std::int64_t* c) {
 // How packed tensors lay out the spatial positions: `row` enumerates the
 // positions of all but the last spatial axis; `col` is the last axis, with
 // each dilation group's positions stored contiguously from group_base[g], so
-// that a window (which stays inside one group) is a contiguous run.
+// that a window (which stays inside one group) is a contiguous run. kPad zero
+// columns precede and follow every group: a block of lanes may read up to
+// kLanes - 1 columns beyond its group on either side (always masked).
 struct ColumnLayout {
-  std::int64_t rows = 0, width = 0, dilation = 1;
-  std::vector<std::int64_t> group_base;
+  static constexpr std::int64_t kPad = kLanes;
+  std::int64_t rows = 0, extent = 0, width = 0, dilation = 1;
+  std::vector<std::int64_t> group_base, group_len;
 
   template <int Rank>
   explicit ColumnLayout(const Geometry<Rank>& g)
-      : rows(g.tokens / g.spatial[Rank - 1]), width(g.spatial[Rank - 1]),
-        dilation(g.axes[Rank - 1].dilation), group_base(dilation) {
-    for (std::int64_t grp = 0, base = 0; grp < dilation; ++grp) {
+      : rows(g.tokens / g.spatial[Rank - 1]), extent(g.spatial[Rank - 1]),
+        dilation(g.axes[Rank - 1].dilation), group_base(dilation), group_len(dilation) {
+    std::int64_t base = kPad;
+    for (std::int64_t grp = 0; grp < dilation; ++grp) {
       group_base[grp] = base;
-      base += group_length(width, dilation, grp);
+      group_len[grp] = group_length(extent, dilation, grp);
+      base += group_len[grp] + kPad;
+    }
+    width = base;
+  }
+  // Floats of a packed tensor with `heads` heads of `dim` channels.
+  std::int64_t packed_size(std::int64_t batch, std::int64_t heads, std::int64_t dim) const {
+    return batch * heads * rows * dim * width;
+  }
+  // Zeroes the padding columns of one packed line of `width` floats.
+  void zero_padding(float* line) const {
+    std::fill(line, line + kPad, 0.0f);
+    for (std::int64_t grp = 0; grp < dilation; ++grp) {
+      float* end = line + group_base[grp] + group_len[grp];
+      std::fill(end, end + kPad, 0.0f);
     }
   }
-  std::int64_t column(std::int64_t x) const { return group_base[x % dilation] + x / dilation; }
 };
 
 // One tensor [B, *spatial, heads, dim] as float, indexed [b][h][row][d][col].
@@ -77,19 +98,10 @@ inline float* workspace(std::int64_t size) {
   return buffer.data();
 }
 
-// dst[0..n) = src[0, stride, 2 stride, ...) as float.
-template <typename T>
-inline void load_floats(const T* src, std::int64_t stride, std::int64_t n, float* dst) {
-  if (stride == 1) {
-    for (std::int64_t i = 0; i < n; ++i) dst[i] = load<float>(src + i);
-  } else {
-    for (std::int64_t i = 0; i < n; ++i) dst[i] = load<float>(src + i * stride);
-  }
-}
-
 // Packs `t` (times `factor`) into dst. One work item per (b, row) packs every
-// head, so that the input is read token by token in order; [col][d] ->
-// [d][col] goes through a buffer of kLanes tokens, so writes are runs of columns.
+// head, so that the input is read token by token in order; eight tokens of a
+// dilation group at a time go through a register transpose into eight
+// consecutive columns.
 template <int Rank, typename T>
 Packed pack(const TensorView& t, const Geometry<Rank>& g, const ColumnLayout& layout,
             float factor, float* dst) {
@@ -100,104 +112,133 @@ Packed pack(const TensorView& t, const Geometry<Rank>& g, const ColumnLayout& la
   p.rows = layout.rows;
   p.width = layout.width;
   const T* data = static_cast<const T*>(t.data);
+  const std::int64_t dilation = layout.dilation;
   parallel_for(g.batch * p.rows, 1, [&](std::int64_t begin, std::int64_t end) {
-    std::vector<float> buffer(kLanes * p.heads * p.dim);  // [j][h][d]
+    const T* tokens[kLanes];
     for (std::int64_t item = begin; item < end; ++item) {
       const std::int64_t row = item % p.rows, b = item / p.rows;
       std::int64_t c[Rank];
       row_coords<Rank>(g, row, c);
-      for (std::int64_t x0 = 0; x0 < p.width; x0 += kLanes) {
-        const std::int64_t n = std::min<std::int64_t>(kLanes, p.width - x0);
-        std::int64_t cols[kLanes];
-        for (std::int64_t j = 0; j < n; ++j) {
-          c[Rank - 1] = x0 + j;
-          cols[j] = layout.column(x0 + j);
+      for (std::int64_t grp = 0; grp < dilation; ++grp) {
+        const std::int64_t len = layout.group_len[grp];
+        for (std::int64_t i0 = 0; i0 < len; i0 += kLanes) {
+          const std::int64_t lanes = std::min<std::int64_t>(kLanes, len - i0);
           for (std::int64_t h = 0; h < p.heads; ++h) {
-            load_floats(data + row_offset<Rank>(t, b, c, h), t.strides[Rank + 2], p.dim,
-                        buffer.data() + (j * p.heads + h) * p.dim);
-          }
-        }
-        for (std::int64_t h = 0; h < p.heads; ++h) {
-          float* out = p.row(b, h, row);
-          for (std::int64_t d = 0; d < p.dim; ++d) {
-            for (std::int64_t j = 0; j < n; ++j) {
-              out[d * p.width + cols[j]] = factor * buffer[(j * p.heads + h) * p.dim + d];
+            for (std::int64_t l = 0; l < lanes; ++l) {
+              c[Rank - 1] = grp + (i0 + l) * dilation;
+              tokens[l] = data + row_offset<Rank>(t, b, c, h);
             }
+            gather_lanes(tokens, lanes, t.strides[Rank + 2], p.dim, factor,
+                         p.row(b, h, row) + layout.group_base[grp] + i0, p.width);
           }
         }
+      }
+      for (std::int64_t h = 0; h < p.heads; ++h) {
+        for (std::int64_t d = 0; d < p.dim; ++d) layout.zero_padding(p.row(b, h, row) + d * p.width);
       }
     }
   });
   return p;
 }
 
-// logits[j] (8 lanes) = sum_d q[d] * key(d, j) for N window positions j,
-// where key(d, j) is 8 consecutive columns (Shifted) or one broadcast column.
-template <int N, bool Shifted>
-LIBNA_SIMD_TARGET void qk_chunk(const float* q, const float* keys, std::int64_t width,
-                                std::int64_t dim, float* logits) {
-  f32x8 acc[N];
-  for (int j = 0; j < N; ++j) acc[j] = simd::splat(0.0f);
+// logits[r][j] (8 lanes) = sum_d q[d] * key(r, d, j) for R key rows and N
+// window positions j, where key(r, d, j) is the 8 consecutive columns of row
+// r from column j (lane l reads column j + l). Two rows at once give 2N
+// independent accumulators per q load, enough to hide the FMA latency.
+template <int R, int N>
+LIBNA_SIMD_TARGET void qk_chunk(const float* q, const float* const* keys, std::int64_t j0,
+                                std::int64_t width, std::int64_t dim, float* const* logits) {
+  f32x8 acc[R][N];
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < N; ++j) acc[r][j] = simd::splat(0.0f);
+  }
   for (std::int64_t d = 0; d < dim; ++d) {
     const f32x8 qd = simd::load(q + d * kLanes);
-    const float* kd = keys + d * width;
-    for (int j = 0; j < N; ++j) acc[j] += qd * (Shifted ? simd::load(kd + j) : simd::splat(kd[j]));
+    for (int r = 0; r < R; ++r) {
+      const float* kd = keys[r] + j0 + d * width;
+      for (int j = 0; j < N; ++j) {
+        acc[r][j] += qd * simd::load(kd + j);
+      }
+    }
   }
-  for (int j = 0; j < N; ++j) simd::store(logits + j * kLanes, acc[j]);
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < N; ++j) simd::store(logits[r] + (j0 + j) * kLanes, acc[r][j]);
+  }
 }
 
-// out[j] (8 lanes) = sum over key rows r and window positions c of
-// probs[r][c] * value(r, d0 + j, c), for N head-dim channels.
-template <int N, bool Shifted>
+template <int R>
+LIBNA_SIMD_TARGET void qk_window(const float* q, const float* const* keys, std::int64_t width,
+                                 std::int64_t dim, std::int64_t window, float* const* logits) {
+  std::int64_t j = 0;
+  for (; window - j >= 7; j += 7) qk_chunk<R, 7>(q, keys, j, width, dim, logits);
+  switch (window - j) {
+    case 1: qk_chunk<R, 1>(q, keys, j, width, dim, logits); break;
+    case 2: qk_chunk<R, 2>(q, keys, j, width, dim, logits); break;
+    case 3: qk_chunk<R, 3>(q, keys, j, width, dim, logits); break;
+    case 4: qk_chunk<R, 4>(q, keys, j, width, dim, logits); break;
+    case 5: qk_chunk<R, 5>(q, keys, j, width, dim, logits); break;
+    case 6: qk_chunk<R, 6>(q, keys, j, width, dim, logits); break;
+    default: break;
+  }
+}
+
+// logits[r][j][lane] = sum_d q[d][lane] * keys[r][d * width + j + lane] for
+// the n_rows rows and window positions j < window; row r's logits start at
+// logits + r * window * kLanes.
+LIBNA_SIMD_TARGET inline void qk_rows(const float* q, const float* const* keys, std::int64_t n_rows,
+                               std::int64_t width, std::int64_t dim, std::int64_t window,
+                               float* logits) {
+  std::int64_t r = 0;
+  for (; r + 2 <= n_rows; r += 2) {
+    float* const out[2] = {logits + r * window * kLanes, logits + (r + 1) * window * kLanes};
+    qk_window<2>(q, keys + r, width, dim, window, out);
+  }
+  if (r < n_rows) {
+    float* const out[1] = {logits + r * window * kLanes};
+    qk_window<1>(q, keys + r, width, dim, window, out);
+  }
+}
+
+// out[j] (8 lanes) = (out[j] if accumulate) + the sum over key rows r and
+// window positions c of probs[r][c] * value(r, d0 + j, c + lane), for N
+// head-dim channels.
+template <int N>
 LIBNA_SIMD_TARGET void pv_chunk(const float* probs, const float* const* value_rows,
                                 std::int64_t key_rows, std::int64_t window, std::int64_t width,
-                                std::int64_t d0, float* out) {
+                                std::int64_t d0, bool accumulate, float* out) {
   f32x8 acc[N];
-  for (int j = 0; j < N; ++j) acc[j] = simd::splat(0.0f);
+  for (int j = 0; j < N; ++j) acc[j] = accumulate ? simd::load(out + j * kLanes) : simd::splat(0.0f);
   for (std::int64_t r = 0; r < key_rows; ++r) {
     const float* vr = value_rows[r] + d0 * width;
     const float* pr = probs + r * window * kLanes;
     for (std::int64_t c = 0; c < window; ++c) {
       const f32x8 p = simd::load(pr + c * kLanes);
-      for (int j = 0; j < N; ++j) {
-        acc[j] += p * (Shifted ? simd::load(vr + j * width + c) : simd::splat(vr[j * width + c]));
-      }
+      for (int j = 0; j < N; ++j) acc[j] += p * simd::load(vr + j * width + c);
     }
   }
   for (int j = 0; j < N; ++j) simd::store(out + j * kLanes, acc[j]);
 }
 
-template <bool Shifted>
-LIBNA_SIMD_TARGET void qk_range(const float* q, const float* keys, std::int64_t width,
-                                std::int64_t dim, std::int64_t window, float* logits) {
-  std::int64_t j = 0;
-  for (; j + 8 <= window; j += 8) qk_chunk<8, Shifted>(q, keys + j, width, dim, logits + j * kLanes);
-  switch (window - j) {
-    case 1: qk_chunk<1, Shifted>(q, keys + j, width, dim, logits + j * kLanes); break;
-    case 2: qk_chunk<2, Shifted>(q, keys + j, width, dim, logits + j * kLanes); break;
-    case 3: qk_chunk<3, Shifted>(q, keys + j, width, dim, logits + j * kLanes); break;
-    case 4: qk_chunk<4, Shifted>(q, keys + j, width, dim, logits + j * kLanes); break;
-    case 5: qk_chunk<5, Shifted>(q, keys + j, width, dim, logits + j * kLanes); break;
-    case 6: qk_chunk<6, Shifted>(q, keys + j, width, dim, logits + j * kLanes); break;
-    case 7: qk_chunk<7, Shifted>(q, keys + j, width, dim, logits + j * kLanes); break;
-    default: break;
-  }
-}
-
-template <bool Shifted>
-LIBNA_SIMD_TARGET void pv_range(const float* probs, const float* const* value_rows,
-                                std::int64_t key_rows, std::int64_t window, std::int64_t width,
-                                std::int64_t dim_v, float* out) {
+// out[d][lane] (+)= sum over rows r and positions c of probs[r][c][lane] *
+// value_rows[r][d * width + c + lane], for d < dim_v.
+LIBNA_SIMD_TARGET inline void pv_range(const float* probs, const float* const* value_rows,
+                                       std::int64_t key_rows, std::int64_t window,
+                                       std::int64_t width, std::int64_t dim_v, float* out,
+                                       bool accumulate = false) {
   std::int64_t d = 0;
-  for (; d + 8 <= dim_v; d += 8) pv_chunk<8, Shifted>(probs, value_rows, key_rows, window, width, d, out + d * kLanes);
+  const auto chunk = [&](auto n) {
+    pv_chunk<decltype(n)::value>(probs, value_rows, key_rows, window, width, d, accumulate,
+                                 out + d * kLanes);
+  };
+  for (; d + 8 <= dim_v; d += 8) chunk(std::integral_constant<int, 8>());
   switch (dim_v - d) {
-    case 1: pv_chunk<1, Shifted>(probs, value_rows, key_rows, window, width, d, out + d * kLanes); break;
-    case 2: pv_chunk<2, Shifted>(probs, value_rows, key_rows, window, width, d, out + d * kLanes); break;
-    case 3: pv_chunk<3, Shifted>(probs, value_rows, key_rows, window, width, d, out + d * kLanes); break;
-    case 4: pv_chunk<4, Shifted>(probs, value_rows, key_rows, window, width, d, out + d * kLanes); break;
-    case 5: pv_chunk<5, Shifted>(probs, value_rows, key_rows, window, width, d, out + d * kLanes); break;
-    case 6: pv_chunk<6, Shifted>(probs, value_rows, key_rows, window, width, d, out + d * kLanes); break;
-    case 7: pv_chunk<7, Shifted>(probs, value_rows, key_rows, window, width, d, out + d * kLanes); break;
+    case 1: chunk(std::integral_constant<int, 1>()); break;
+    case 2: chunk(std::integral_constant<int, 2>()); break;
+    case 3: chunk(std::integral_constant<int, 3>()); break;
+    case 4: chunk(std::integral_constant<int, 4>()); break;
+    case 5: chunk(std::integral_constant<int, 5>()); break;
+    case 6: chunk(std::integral_constant<int, 6>()); break;
+    case 7: chunk(std::integral_constant<int, 7>()); break;
     default: break;
   }
 }
@@ -222,29 +263,49 @@ LIBNA_SIMD_TARGET inline void softmax_lanes(float* logits, std::int64_t entries,
 
 // The windows of up to kLanes consecutive positions i0, i0+1, ... of one
 // dilation group along the last axis: lane l covers window positions
-// [lo[l], lo[l] + count[l]) of the group. `shifted` when every lane is
-// present and each lane's window is the previous one moved by one: then the
-// block reads window positions first..first+window of all lanes with
-// contiguous loads; otherwise it reads the union of the windows (first =
-// its start) with broadcasts and masks lanes outside their own window.
+// [lo[l], lo[l] + count[l]) of the group. The block reads, for j < window,
+// position first + j + l in lane l: contiguous loads covering every lane's
+// window. `masked` unless every lane is present and reads exactly its own
+// window (each lane's window the previous one moved by one, away from the
+// borders); then mask() sets the entries outside a lane's window to -inf.
 struct LaneWindows {
   std::int64_t i0 = 0, lanes = 0, first = 0, window = 0;
   std::int64_t lo[kLanes] = {}, count[kLanes] = {};
-  bool shifted = false;
+  bool masked = true;
 
-  void finish(std::int64_t full_window) {
-    shifted = lanes == kLanes;
-    std::int64_t umin = lo[0], umax = lo[0] + count[0];
+  void finish() {
+    std::int64_t begin = 0, end = 0;
+    bool any = false;
     for (std::int64_t l = 0; l < lanes; ++l) {
-      shifted = shifted && count[l] == full_window && lo[l] == lo[0] + l;
-      umin = std::min(umin, lo[l]);
-      umax = std::max(umax, lo[l] + count[l]);
+      if (count[l] == 0) continue;  // a key no query sees (stride > 1)
+      begin = any ? std::min(begin, lo[l] - l) : lo[l] - l;
+      end = any ? std::max(end, lo[l] + count[l] - l) : lo[l] + count[l] - l;
+      any = true;
     }
-    first = shifted ? lo[0] : umin;
-    window = shifted ? full_window : umax - umin;
+    first = begin;
+    window = end - begin;
+    masked = lanes != kLanes;
+    for (std::int64_t l = 0; l < lanes; ++l) {
+      masked = masked || lo[l] - l != first || count[l] != window;
+    }
   }
-  bool covers(std::int64_t l, std::int64_t position) const {
-    return l < lanes && position >= lo[l] && position < lo[l] + count[l];
+  // values[j][lane] = -inf where position first + j + lane is outside the
+  // lane's window, for j < n.
+  LIBNA_SIMD_TARGET void mask(float* values, std::int64_t n) const {
+    alignas(32) std::int32_t lo32[kLanes] = {}, hi32[kLanes] = {};
+    for (std::int64_t l = 0; l < lanes; ++l) {
+      lo32[l] = static_cast<std::int32_t>(lo[l] - l - first);
+      hi32[l] = static_cast<std::int32_t>(lo[l] + count[l] - l - first);
+    }
+    i32x8 lo_v, hi_v;
+    std::memcpy(&lo_v, lo32, sizeof lo_v);
+    std::memcpy(&hi_v, hi32, sizeof hi_v);
+    const f32x8 neg_inf = simd::splat(-std::numeric_limits<float>::infinity());
+    for (std::int64_t j = 0; j < n; ++j) {
+      const i32x8 jv = i32x8{} + static_cast<std::int32_t>(j);
+      const i32x8 inside = (jv >= lo_v) & (jv < hi_v);
+      simd::store(values + j * kLanes, inside ? simd::load(values + j * kLanes) : neg_inf);
+    }
   }
 };
 
@@ -255,7 +316,7 @@ inline LaneWindows query_lanes(const AxisParams& axis, std::int64_t group_len, s
   w.i0 = i0;
   w.lanes = lanes;
   for (std::int64_t l = 0; l < lanes; ++l) group_window(i0 + l, group_len, axis, &w.lo[l], &w.count[l]);
-  w.finish(axis.kernel);
+  w.finish();
   return w;
 }
 
@@ -335,64 +396,62 @@ struct LaneKernel {
 
   const AxisParams& last() const { return g.axes[Rank - 1]; }
 
-  // dst[d][lane] = factor * t[b, c (last axis: lane positions), h, d]; lanes
-  // beyond w.lanes are zero.
-  void load_lanes(const TensorView& t, std::int64_t b, std::int64_t* c, std::int64_t h,
-                  std::int64_t grp, const LaneWindows& w, float factor, float* rows_buffer,
-                  float* dst) const {
-    const std::int64_t dim = t.shape[Rank + 2];
-    const T* data = static_cast<const T*>(t.data);
-    for (std::int64_t l = 0; l < kLanes; ++l) {
-      float* row = rows_buffer + l * dim;
-      if (l < w.lanes) {
-        c[Rank - 1] = grp + (w.i0 + l) * last().dilation;
-        load_floats(data + row_offset<Rank>(t, b, c, h), t.strides[Rank + 2], dim, row);
-      } else {
-        std::fill(row, row + dim, 0.0f);
-      }
-    }
-    for (std::int64_t d = 0; d < dim; ++d) {
-      for (std::int64_t l = 0; l < kLanes; ++l) dst[d * kLanes + l] = factor * rows_buffer[l * dim + d];
+  // Pointers to t[b, c (last axis: the lanes' positions), h] for the lanes
+  // of w in dilation group grp.
+  template <typename U>
+  void lane_tokens(const TensorView& t, std::int64_t b, std::int64_t* c, std::int64_t h,
+                   std::int64_t grp, const LaneWindows& w, U** tokens) const {
+    U* data = static_cast<U*>(t.data);
+    for (std::int64_t l = 0; l < w.lanes; ++l) {
+      c[Rank - 1] = grp + (w.i0 + l) * last().dilation;
+      tokens[l] = data + row_offset<Rank>(t, b, c, h);
     }
   }
 
+  // dst[d][lane] = factor * t[b, c (last axis: lane positions), h, d]; lanes
+  // beyond w.lanes are zero.
+  void load_lanes(const TensorView& t, std::int64_t b, std::int64_t* c, std::int64_t h,
+                  std::int64_t grp, const LaneWindows& w, float factor, float* dst) const {
+    const T* tokens[kLanes];
+    lane_tokens(t, b, c, h, grp, w, tokens);
+    const std::int64_t dim = t.shape[Rank + 2];
+    if (w.lanes < kLanes) std::fill(dst, dst + dim * kLanes, 0.0f);
+    gather_lanes(tokens, w.lanes, t.strides[Rank + 2], dim, factor, dst, kLanes);
+  }
+
+  // t[b, c (lane positions), h, d] = factor[lane] * src[d][lane], for the
+  // lanes of w.
+  void store_lanes(const TensorView& t, std::int64_t b, std::int64_t* c, std::int64_t h,
+                   std::int64_t grp, const LaneWindows& w, f32x8 factor, const float* src) const {
+    T* tokens[kLanes];
+    lane_tokens(t, b, c, h, grp, w, tokens);
+    scatter_lanes(src, factor, t.shape[Rank + 2], tokens, w.lanes, t.strides[Rank + 2]);
+  }
+
   // logits[r][j][lane] = q.k (+ rpb) of each lane's query with the key at
-  // window position w.first + j of key row r; -inf outside a lane's window.
-  LIBNA_SIMD_TARGET void logits(const float* q_lanes, std::int64_t b, std::int64_t h,
-                                std::int64_t grp, const LaneWindows& w, const RowList& key_rows,
+  // group position w.first + j + lane of key row r (packed row at
+  // key_ptrs[r], from window_rows); -inf outside a lane's window.
+  LIBNA_SIMD_TARGET void logits(const float* q_lanes, std::int64_t h, const LaneWindows& w,
+                                const RowList& key_rows, const float* const* key_ptrs,
                                 float* out) const {
-    const std::int64_t hk = h / heads_per_kv, window = w.window, kernel = last().kernel;
-    const std::int64_t first_col = layout.group_base[grp] + w.first;
-    const float neg_inf = -std::numeric_limits<float>::infinity();
+    const std::int64_t window = w.window, kernel = last().kernel;
     const std::int64_t bias_step = bias_strides[Rank];
+    qk_rows(q_lanes, key_ptrs, key_rows.size, layout.width, k.dim, window, out);
+    // Key first + j + l of query i0 + l: relative position first + j - i0,
+    // the same in every lane.
+    const std::int64_t rel0 = w.first - w.i0 + kernel - 1;
+    const std::int64_t j_begin = std::max<std::int64_t>(0, -rel0);
+    const std::int64_t j_end = std::min(window, 2 * kernel - 1 - rel0);
     for (std::int64_t r = 0; r < key_rows.size; ++r) {
-      const float* keys = k.row(b, hk, key_rows.rows[r]) + first_col;
       float* logits = out + r * window * kLanes;
-      const float* bias_row =
-          bias.empty() ? nullptr : bias.data() + h * bias_strides[0] + key_rows.bias[r];
-      if (w.shifted) {
-        qk_range<true>(q_lanes, keys, layout.width, k.dim, window, logits);
-        if (bias_row) {
-          const std::int64_t rel0 = w.first - w.i0 + kernel - 1;
-          for (std::int64_t j = 0; j < window; ++j) {
-            simd::store(logits + j * kLanes, simd::load(logits + j * kLanes) +
-                                                 simd::splat(bias_row[(rel0 + j) * bias_step]));
-          }
-        }
-      } else {
-        qk_range<false>(q_lanes, keys, layout.width, k.dim, window, logits);
-        for (std::int64_t j = 0; j < window; ++j) {
-          const std::int64_t key = w.first + j;
-          for (std::int64_t l = 0; l < kLanes; ++l) {
-            float& x = logits[j * kLanes + l];
-            if (!w.covers(l, key)) {
-              x = neg_inf;
-            } else if (bias_row) {
-              x += bias_row[(key - (w.i0 + l) + kernel - 1) * bias_step];
-            }
-          }
+      if (!bias.empty()) {
+        const float* bias_row = bias.data() + h * bias_strides[0] + key_rows.bias[r];
+        for (std::int64_t j = j_begin; j < j_end; ++j) {
+          simd::store(logits + j * kLanes, simd::load(logits + j * kLanes) +
+                                               simd::splat(bias_row[(rel0 + j) * bias_step]));
         }
       }
+      if (w.masked) w.mask(logits, window);
     }
   }
 
@@ -418,10 +477,9 @@ struct Forward : LaneKernel<Rank, T> {
   // Per-thread working memory.
   struct Scratch {
     std::vector<float> q, out;  // [d][lane]
-    std::vector<float> rows;    // [lane][d]
     std::vector<float> logits;
     RowList key_rows;
-    std::vector<const float*> value_rows;
+    std::vector<const float*> key_ptrs, value_rows;
   };
 
   Forward(const detail::ForwardArgs& a, const Geometry<Rank>& geometry,
@@ -448,39 +506,28 @@ struct Forward : LaneKernel<Rank, T> {
                                const LaneWindows& w, Scratch& s) const {
     const std::int64_t dim = k.dim, dim_v = v.dim, n_rows = s.key_rows.size;
     s.q.resize(dim * kLanes);
-    s.rows.resize(kLanes * dim);
-    this->load_lanes(args.q, b, c, h, grp, w, this->scale, s.rows.data(), s.q.data());
+    this->load_lanes(args.q, b, c, h, grp, w, this->scale, s.q.data());
     s.logits.resize(n_rows * w.window * kLanes);
-    this->logits(s.q.data(), b, h, grp, w, s.key_rows, s.logits.data());
+    this->window_rows(k, b, h / this->heads_per_kv, grp, w, s.key_rows, s.key_ptrs);
+    this->logits(s.q.data(), h, w, s.key_rows, s.key_ptrs.data(), s.logits.data());
 
     f32x8 max_logit, sum;
     softmax_lanes(s.logits.data(), n_rows * w.window, &max_logit, &sum);
 
     this->window_rows(v, b, h / this->heads_per_kv, grp, w, s.key_rows, s.value_rows);
     s.out.resize(dim_v * kLanes);
-    if (w.shifted) {
-      pv_range<true>(s.logits.data(), s.value_rows.data(), n_rows, w.window, this->layout.width,
-                     dim_v, s.out.data());
-    } else {
-      pv_range<false>(s.logits.data(), s.value_rows.data(), n_rows, w.window, this->layout.width,
-                      dim_v, s.out.data());
-    }
+    pv_range(s.logits.data(), s.value_rows.data(), n_rows, w.window, this->layout.width, dim_v,
+             s.out.data());
 
-    // Normalise and store, lane by lane.
-    const TensorView& out = args.out;
-    T* out_data = static_cast<T*>(out.data);
-    alignas(32) float inv_sum[kLanes], m[kLanes], total[kLanes];
-    simd::store(total, sum);
-    simd::store(m, max_logit);
-    simd::store(inv_sum, simd::splat(1.0f) / sum);
-    for (std::int64_t l = 0; l < w.lanes; ++l) {
-      c[Rank - 1] = grp + (w.i0 + l) * this->last().dilation;
-      T* o = out_data + row_offset<Rank>(out, b, c, h);
-      for (std::int64_t d = 0; d < dim_v; ++d) {
-        store<T, float>(o + d * out.strides[Rank + 2], s.out[d * kLanes + l] * inv_sum[l]);
-      }
-      if (args.lse) {
-        float* lse = static_cast<float*>(args.lse->data);
+    // Normalise and store.
+    this->store_lanes(args.out, b, c, h, grp, w, simd::splat(1.0f) / sum, s.out.data());
+    if (args.lse) {
+      alignas(32) float m[kLanes], total[kLanes];
+      simd::store(m, max_logit);
+      simd::store(total, sum);
+      float* lse = static_cast<float*>(args.lse->data);
+      for (std::int64_t l = 0; l < w.lanes; ++l) {
+        c[Rank - 1] = grp + (w.i0 + l) * this->last().dilation;
         lse[row_offset<Rank>(*args.lse, b, c, 0) + h * args.lse->strides[Rank + 1]] =
             m[l] + std::log(total[l]);
       }
@@ -492,8 +539,8 @@ template <int Rank, typename T>
 void na_forward(const detail::ForwardArgs& args) {
   const Geometry<Rank> g(args.q, args.params);
   const ColumnLayout layout(g);
-  const std::int64_t k_size = g.batch * args.k.shape[Rank + 1] * g.tokens * args.k.shape[Rank + 2];
-  const std::int64_t v_size = g.batch * args.v.shape[Rank + 1] * g.tokens * args.v.shape[Rank + 2];
+  const std::int64_t k_size = layout.packed_size(g.batch, args.k.shape[Rank + 1], args.k.shape[Rank + 2]);
+  const std::int64_t v_size = layout.packed_size(g.batch, args.v.shape[Rank + 1], args.v.shape[Rank + 2]);
   float* buffer = workspace(k_size + v_size);
   const Packed k = pack<Rank, T>(args.k, g, layout, 1.0f, buffer);
   const Packed v = pack<Rank, T>(args.v, g, layout, 1.0f, buffer + k_size);

@@ -110,7 +110,16 @@ class Pool {
   void ensure_workers(int count) {
     if (static_cast<int>(workers_.size()) == count) return;
     stop_workers();
-    for (int i = 0; i < count; ++i) workers_.emplace_back([this] { worker_loop(); });
+    std::uint64_t generation;
+    {
+      std::lock_guard<std::mutex> lock(state_mutex_);
+      generation = generation_;
+    }
+    // A worker counts generations from its creation, not from whenever the
+    // scheduler first runs it: a job or a stop announced in between is seen.
+    for (int i = 0; i < count; ++i) {
+      workers_.emplace_back([this, generation] { worker_loop(generation); });
+    }
   }
 
   void stop_workers() {
@@ -126,16 +135,11 @@ class Pool {
     stopping_ = false;
   }
 
-  void worker_loop() {
-    std::uint64_t seen;
-    {
-      std::lock_guard<std::mutex> lock(state_mutex_);
-      seen = generation_;
-    }
+  void worker_loop(std::uint64_t seen) {
     for (;;) {
       {
         std::unique_lock<std::mutex> lock(state_mutex_);
-        wake_.wait(lock, [&] { return generation_ != seen; });
+        wake_.wait(lock, [&] { return stopping_ || generation_ != seen; });
         seen = generation_;
         if (stopping_) return;
       }
