@@ -287,7 +287,8 @@ def merge_attentions_backward(outs, lses, out, lse, dout, dlse=None):
 _SPATIAL = {1: "L", 2: "H, W", 3: "T, H, W"}
 
 
-def _rank_op(rank, impl, name, doc):
+def rank_op(rank, impl, name, doc):
+    """impl(rank, ...) as the function `name` of one rank, documented by doc."""
     def op(*args, **kwargs):
         return impl(rank, *args, **kwargs)
 
@@ -360,4 +361,4 @@ def rank_ops(rank):
         (na_qk_backward, f"na{rank}d_qk_backward", _QK_BACKWARD_DOC),
         (na_av_backward, f"na{rank}d_av_backward", _AV_BACKWARD_DOC),
     ]
-    return {name: _rank_op(rank, impl, name, doc) for impl, name, doc in ops}
+    return {name: rank_op(rank, impl, name, doc) for impl, name, doc in ops}

@@ -240,8 +240,6 @@ def merge_attentions(outs, lses):
     return _merge(outs, lses)
 
 
-_SPATIAL = {1: "L", 2: "H, W", 3: "T, H, W"}
-
 _DOC = """{rank}D neighborhood attention for JAX (XLA FFI custom call on CPU).
 
     q: [B, {spatial}, heads, D]; k: [B, {spatial}, heads_kv, D];
@@ -251,16 +249,4 @@ _DOC = """{rank}D neighborhood attention for JAX (XLA FFI custom call on CPU).
     """
 
 
-def _make(rank):
-    def fn(q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False, scale=None,
-           rpb=None, return_lse=False, additional_keys=None, additional_values=None):
-        return na(rank, q, k, v, kernel_size, stride=stride, dilation=dilation,
-                  is_causal=is_causal, scale=scale, rpb=rpb, return_lse=return_lse,
-                  additional_keys=additional_keys, additional_values=additional_values)
-
-    fn.__name__ = fn.__qualname__ = f"na{rank}d"
-    fn.__doc__ = _DOC.format(rank=rank, spatial=_SPATIAL[rank])
-    return fn
-
-
-na1d, na2d, na3d = (_make(r) for r in (1, 2, 3))
+na1d, na2d, na3d = (_ops.rank_op(rank, na, f"na{rank}d", _DOC) for rank in (1, 2, 3))

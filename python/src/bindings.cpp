@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "common.h"
 #include "libna/libna.h"
 
 namespace nb = nanobind;
@@ -266,9 +267,7 @@ nb::tuple na_additional_forward(int rank, const InArray& q_in, const InArray& ke
                                 bool return_lse, const nb::callable& alloc,
                                 bool uint16_is_bfloat16, std::uintptr_t stream) {
   const Call call{"na" + std::to_string(rank) + "d", uint16_is_bfloat16, stream};
-  NaParams p;
-  p.rank = rank;
-  p.scale = scale;
+  const NaParams p = rank_and_scale(rank, scale);
   const TensorView q = call.view(q_in, "q"), keys = call.view(keys_in, "additional_keys"),
                    values = call.view(values_in, "additional_values");
   libna::check_na_additional_forward(q, keys, values, p);
@@ -289,9 +288,7 @@ nb::tuple na_additional_backward(int rank, const InArray& q_in, const InArray& k
                                  std::optional<double> scale, const nb::callable& alloc,
                                  bool uint16_is_bfloat16, std::uintptr_t stream) {
   const Call call{"na" + std::to_string(rank) + "d_backward", uint16_is_bfloat16, stream};
-  NaParams p;
-  p.rank = rank;
-  p.scale = scale;
+  const NaParams p = rank_and_scale(rank, scale);
   const TensorView q = call.view(q_in, "q"), keys = call.view(keys_in, "additional_keys"),
                    values = call.view(values_in, "additional_values");
   const TensorView out = call.view(out_in, "out"), dout = call.view(dout_in, "dout"),
@@ -380,13 +377,7 @@ nb::dict build_info() {
 NB_MODULE(_C, m) {
   m.doc() = "libna's compiled core (use the functions of the libna package instead)";
 
-  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
-    try {
-      std::rethrow_exception(p);
-    } catch (const libna::dtype_error& e) {
-      PyErr_SetString(PyExc_TypeError, e.what());
-    }
-  });
+  register_dtype_error_as_type_error();
 
   m.def("na_forward", &na_forward, nb::arg("rank"), nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("rpb").none(), nb::arg("kernel_size"), nb::arg("stride"), nb::arg("dilation"),

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "common.h"
 #include "libna/libna.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -165,19 +166,12 @@ ffi::Error na_backward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi
   });
 }
 
-NaParams rank_and_scale(std::int64_t rank, double scale) {
-  NaParams p;
-  p.rank = static_cast<int>(rank);
-  p.scale = scale;
-  return p;
-}
-
 ffi::Error na_additional_forward(ffi::AnyBuffer q, ffi::AnyBuffer keys, ffi::AnyBuffer values,
                                  ffi::Result<ffi::AnyBuffer> out,
                                  ffi::Result<ffi::AnyBuffer> lse, std::int64_t rank,
                                  double scale) {
   return guarded([&] {
-    const NaParams p = rank_and_scale(rank, scale);
+    const NaParams p = rank_and_scale(static_cast<int>(rank), scale);
     const Slices s(q, p.rank + 3);
     for (std::int64_t i = 0; i < s.count; ++i) {
       const TensorView lse_view = s.slice(lse, i);
@@ -194,7 +188,7 @@ ffi::Error na_additional_backward(ffi::AnyBuffer q, ffi::AnyBuffer keys, ffi::An
                                   ffi::Result<ffi::AnyBuffer> dvalues, std::int64_t rank,
                                   double scale) {
   return guarded([&] {
-    const NaParams p = rank_and_scale(rank, scale);
+    const NaParams p = rank_and_scale(static_cast<int>(rank), scale);
     const Slices s(q, p.rank + 3);
     for (std::int64_t i = 0; i < s.count; ++i) {
       libna::na_additional_backward(s.slice(q, i), s.slice(keys, i), s.slice(values, i),
@@ -269,22 +263,30 @@ ffi::Error merge_attentions_backward(ffi::RemainingArgs args, ffi::RemainingRets
 
 }  // namespace
 
+namespace {
+// The attributes of NA's per-axis parameters and scale (see make_params).
+template <typename Binding>
+auto with_na_attributes(Binding binding) {
+  return std::move(binding)
+      .template Attr<Int64s>("kernel_size")
+      .template Attr<Int64s>("stride")
+      .template Attr<Int64s>("dilation")
+      .template Attr<Int64s>("is_causal")
+      .template Attr<double>("scale");
+}
+}  // namespace
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(libna_na_forward, na_forward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .RemainingArgs()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<Int64s>("kernel_size")
-                                  .Attr<Int64s>("stride")
-                                  .Attr<Int64s>("dilation")
-                                  .Attr<Int64s>("is_causal")
-                                  .Attr<double>("scale"));
+                              with_na_attributes(ffi::Ffi::Bind()
+                                                     .Arg<ffi::AnyBuffer>()
+                                                     .Arg<ffi::AnyBuffer>()
+                                                     .Arg<ffi::AnyBuffer>()
+                                                     .RemainingArgs()
+                                                     .Ret<ffi::AnyBuffer>()
+                                                     .Ret<ffi::AnyBuffer>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(libna_na_backward, na_backward,
-                              ffi::Ffi::Bind()
+                              with_na_attributes(ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
@@ -295,12 +297,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(libna_na_backward, na_backward,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .RemainingRets()
-                                  .Attr<Int64s>("kernel_size")
-                                  .Attr<Int64s>("stride")
-                                  .Attr<Int64s>("dilation")
-                                  .Attr<Int64s>("is_causal")
-                                  .Attr<double>("scale"));
+                                  .RemainingRets()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(libna_na_additional_forward, na_additional_forward,
                               ffi::Ffi::Bind()
@@ -403,13 +400,7 @@ nb::capsule handler_capsule(Fn* fn) {
 
 NB_MODULE(_jax_ffi, m) {
   m.doc() = "XLA FFI handlers of libna for libna.jax (CPU)";
-  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
-    try {
-      std::rethrow_exception(p);
-    } catch (const libna::dtype_error& e) {
-      PyErr_SetString(PyExc_TypeError, e.what());
-    }
-  });
+  register_dtype_error_as_type_error();
   m.def("handlers", [] {
     nb::dict d;
     d["libna_na_forward"] = handler_capsule(libna_na_forward);

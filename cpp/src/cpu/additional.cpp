@@ -68,6 +68,11 @@ struct QueryRows {
   }
 };
 
+// Offset of [b, j, kv_head, 0] in an additional keys/values tensor.
+std::int64_t key_offset(const TensorView& t, std::int64_t b, std::int64_t j, std::int64_t kvh) {
+  return b * t.strides[0] + j * t.strides[1] + kvh * t.strides[2];
+}
+
 QueryRows query_rows(const TensorView& q, int rank) {
   return QueryRows{rank, product(q, 1, rank), q.shape[rank + 1], q.shape[0]};
 }
@@ -91,8 +96,7 @@ void additional_forward(const detail::AdditionalArgs& a) {
       load_row(q + rows.offset(a.q, row), a.q.strides[n + 2], dim, qrow.data());
       Acc max = -std::numeric_limits<Acc>::infinity();
       for (std::int64_t j = 0; j < keys; ++j) {
-        load_row(k + row.b * a.k.strides[0] + j * a.k.strides[1] + kvh * a.k.strides[2],
-                 a.k.strides[3], dim, krow.data());
+        load_row(k + key_offset(a.k, row.b, j, kvh), a.k.strides[3], dim, krow.data());
         logits[j] = static_cast<Acc>(a.scale) * dot(qrow.data(), krow.data(), dim);
         max = std::max(max, logits[j]);
       }
@@ -101,7 +105,7 @@ void additional_forward(const detail::AdditionalArgs& a) {
       for (std::int64_t j = 0; j < keys; ++j) {
         const Acc p = std::exp(logits[j] - max);
         sum += p;
-        const T* vj = v + row.b * a.v.strides[0] + j * a.v.strides[1] + kvh * a.v.strides[2];
+        const T* vj = v + key_offset(a.v, row.b, j, kvh);
         for (std::int64_t e = 0; e < dim_v; ++e) acc[e] += p * load<Acc>(vj + e * a.v.strides[3]);
       }
       T* o = out + rows.offset(a.out, row);
@@ -133,12 +137,6 @@ void additional_backward(const detail::AdditionalBackwardArgs& a) {
     return lse[row.b * a.lse.strides[0] + offset_of(a.lse, 1, n, row.position) +
                row.h * a.lse.strides[n + 1]];
   };
-  auto k_at = [&](std::int64_t b, std::int64_t j, std::int64_t kvh) {
-    return k + b * a.k.strides[0] + j * a.k.strides[1] + kvh * a.k.strides[2];
-  };
-  auto v_at = [&](std::int64_t b, std::int64_t j, std::int64_t kvh) {
-    return v + b * a.v.strides[0] + j * a.v.strides[1] + kvh * a.v.strides[2];
-  };
 
   // Row term D = dout . out of the merged attention, one per query row.
   std::vector<Acc> row_term(static_cast<std::size_t>(rows.count()));
@@ -156,8 +154,8 @@ void additional_backward(const detail::AdditionalBackwardArgs& a) {
       const Acc l = lse_of(row);
       std::fill(dq.begin(), dq.end(), Acc(0));
       for (std::int64_t j = 0; j < keys; ++j) {
-        load_row(k_at(row.b, j, kvh), a.k.strides[3], dim, krow.data());
-        load_row(v_at(row.b, j, kvh), a.v.strides[3], dim_v, vrow.data());
+        load_row(k + key_offset(a.k, row.b, j, kvh), a.k.strides[3], dim, krow.data());
+        load_row(v + key_offset(a.v, row.b, j, kvh), a.v.strides[3], dim_v, vrow.data());
         const Acc p = std::exp(scale * dot(qrow.data(), krow.data(), dim) - l);
         const Acc ds = p * (dot(dorow.data(), vrow.data(), dim_v) - d);
         for (std::int64_t e = 0; e < dim; ++e) dq[e] += ds * krow[e];
@@ -175,8 +173,8 @@ void additional_backward(const detail::AdditionalBackwardArgs& a) {
     for (std::int64_t item = begin; item < end; ++item) {
       const std::int64_t j = item % keys, kvh = (item / keys) % heads_kv,
                          b = item / (keys * heads_kv);
-      load_row(k_at(b, j, kvh), a.k.strides[3], dim, krow.data());
-      load_row(v_at(b, j, kvh), a.v.strides[3], dim_v, vrow.data());
+      load_row(k + key_offset(a.k, b, j, kvh), a.k.strides[3], dim, krow.data());
+      load_row(v + key_offset(a.v, b, j, kvh), a.v.strides[3], dim_v, vrow.data());
       std::fill(dk.begin(), dk.end(), Acc(0));
       std::fill(dv.begin(), dv.end(), Acc(0));
       for (std::int64_t position = 0; position < rows.positions; ++position) {
@@ -191,10 +189,8 @@ void additional_backward(const detail::AdditionalBackwardArgs& a) {
           for (std::int64_t e = 0; e < dim_v; ++e) dv[e] += p * dorow[e];
         }
       }
-      T* dk_dst = static_cast<T*>(a.dk.data) + b * a.dk.strides[0] + j * a.dk.strides[1] +
-                  kvh * a.dk.strides[2];
-      T* dv_dst = static_cast<T*>(a.dv.data) + b * a.dv.strides[0] + j * a.dv.strides[1] +
-                  kvh * a.dv.strides[2];
+      T* dk_dst = static_cast<T*>(a.dk.data) + key_offset(a.dk, b, j, kvh);
+      T* dv_dst = static_cast<T*>(a.dv.data) + key_offset(a.dv, b, j, kvh);
       for (std::int64_t e = 0; e < dim; ++e) store<T, Acc>(dk_dst + e * a.dk.strides[3], scale * dk[e]);
       for (std::int64_t e = 0; e < dim_v; ++e) store<T, Acc>(dv_dst + e * a.dv.strides[3], dv[e]);
     }
