@@ -315,6 +315,44 @@ def test_unfused_ops_match_reference_and_compose(case, rng):
     np.testing.assert_allclose(out, fused, rtol=1e-12, atol=1e-12)
 
 
+UNFUSED_GRID = [c for c in grid() if all(s == 1 for s in c[2])]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("case", UNFUSED_GRID, ids=case_id)
+def test_unfused_vectorised_kernels_over_the_grid(case, dtype, rng):
+    """The float32/float16 unfused kernels (the vectorised CPU path) against
+    the float64 reference over every stride-1 case of the feature grid: the
+    same unfilled (-inf) slots, and values within a few ulps of the inputs'
+    precision."""
+    spatial, kernel, _, dilation, causal = case
+    rank = len(spatial)
+    q, k, v = make_qkv(rng, 2, spatial, 4, 2, 16, 8)
+    rpb = None if any(causal) else make_rpb(rng, 4, kernel)
+    q, k, v = (x.astype(dtype).astype(np.float64) for x in (q, k, v))
+    rpb = None if rpb is None else rpb.astype(dtype).astype(np.float64)
+    kw = dict(dilation=dilation, is_causal=causal)
+    low = lambda x: None if x is None else x.astype(dtype)
+    eps = np.finfo(dtype).eps
+
+    attn = getattr(libna, f"na{rank}d_qk")(low(q), low(k), kernel, rpb=low(rpb), **kw)
+    ref_attn = getattr(reference, f"na{rank}d_qk")(q, k, kernel, rpb=rpb, **kw)
+    assert attn.dtype == dtype
+    np.testing.assert_array_equal(np.isneginf(attn), np.isneginf(ref_attn))
+    finite = np.isfinite(ref_attn)
+    bound = 4 * eps * (np.abs(q).max() * np.abs(k).max() * q.shape[-1] + 1)
+    assert np.abs(attn[finite].astype(np.float64) - ref_attn[finite]).max() <= bound
+
+    probs = np.exp(ref_attn - ref_attn.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    probs = probs.astype(dtype)
+    out = getattr(libna, f"na{rank}d_av")(probs, low(v), kernel, **kw)
+    ref_out = getattr(reference, f"na{rank}d_av")(probs.astype(np.float64), v, kernel, **kw)
+    assert out.dtype == dtype
+    bound = 4 * eps * np.abs(v).max() * np.sqrt(np.prod(kernel))  # float32/16 sums of prod(k) terms
+    assert np.abs(out.astype(np.float64) - ref_out).max() <= bound
+
+
 def test_av_ignores_unfilled_causal_slots(rng):
     q, k, v = make_qkv(rng, 1, (9,), 2, 2, 4, 4)
     attn = libna.na1d_qk(q, k, 4, is_causal=True)

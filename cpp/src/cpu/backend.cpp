@@ -7,12 +7,16 @@
 
 namespace libna::cpu {
 
-// The vectorised kernels (fast_{forward,backward}_impl.h), per instruction set.
+// The vectorised kernels (fast_kernels_impl.h), per instruction set.
 namespace portable {
 template <int Rank, typename T>
 void na_forward(const detail::ForwardArgs&);
 template <int Rank, typename T>
 void na_backward(const detail::BackwardArgs&);
+template <int Rank, typename T>
+void na_qk(const detail::QkArgs&);
+template <int Rank, typename T>
+void na_av(const detail::AvArgs&);
 }  // namespace portable
 #if defined(LIBNA_HAVE_AVX2_KERNELS)
 namespace avx2 {
@@ -20,6 +24,10 @@ template <int Rank, typename T>
 void na_forward(const detail::ForwardArgs&);
 template <int Rank, typename T>
 void na_backward(const detail::BackwardArgs&);
+template <int Rank, typename T>
+void na_qk(const detail::QkArgs&);
+template <int Rank, typename T>
+void na_av(const detail::AvArgs&);
 }  // namespace avx2
 #endif
 
@@ -48,55 +56,42 @@ template <int Rank, typename T>
 void na_av_backward(const detail::AvBackwardArgs&);
 
 
-void na_forward(const detail::ForwardArgs& args) {
-  detail::dispatch_rank(args.params.rank, "na_forward", [&](auto rank) {
-    detail::dispatch_float_types(args.q.dtype, "na_forward", [&](auto tag) {
-      constexpr int R = decltype(rank)::value;
-      using T = typename decltype(tag)::type;
-      if constexpr (std::is_same_v<T, double>) {
-        na_forward<R, T>(args);  // float64 (gradient checking) keeps the scalar kernel
-      } else {
+// Dispatches rank and dtype to the scalar kernels for float64 (gradient
+// checking) and to the vectorised ones for float32/float16/bfloat16.
 #if defined(LIBNA_HAVE_AVX2_KERNELS)
-        if (cpu_has_avx2_fma()) return avx2::na_forward<R, T>(args);
+#define LIBNA_DISPATCH_FAST(op, args, dtype)                                               \
+  detail::dispatch_rank(args.params.rank, #op, [&](auto rank) {                           \
+    detail::dispatch_float_types(dtype, #op, [&](auto tag) {                              \
+      constexpr int R = decltype(rank)::value;                                            \
+      using T = typename decltype(tag)::type;                                             \
+      if constexpr (std::is_same_v<T, double>) {                                          \
+        op<R, T>(args);                                                                   \
+      } else if (cpu_has_avx2_fma()) {                                                    \
+        avx2::op<R, T>(args);                                                             \
+      } else {                                                                            \
+        portable::op<R, T>(args);                                                         \
+      }                                                                                   \
+    });                                                                                   \
+  })
+#else
+#define LIBNA_DISPATCH_FAST(op, args, dtype)                                               \
+  detail::dispatch_rank(args.params.rank, #op, [&](auto rank) {                           \
+    detail::dispatch_float_types(dtype, #op, [&](auto tag) {                              \
+      constexpr int R = decltype(rank)::value;                                            \
+      using T = typename decltype(tag)::type;                                             \
+      if constexpr (std::is_same_v<T, double>) {                                          \
+        op<R, T>(args);                                                                   \
+      } else {                                                                            \
+        portable::op<R, T>(args);                                                         \
+      }                                                                                   \
+    });                                                                                   \
+  })
 #endif
-        portable::na_forward<R, T>(args);
-      }
-    });
-  });
-}
 
-void na_qk(const detail::QkArgs& args) {
-  detail::dispatch_rank(args.params.rank, "na_qk", [&](auto rank) {
-    detail::dispatch_float_types(args.q.dtype, "na_qk", [&](auto tag) {
-      na_qk<decltype(rank)::value, typename decltype(tag)::type>(args);
-    });
-  });
-}
-
-void na_av(const detail::AvArgs& args) {
-  detail::dispatch_rank(args.params.rank, "na_av", [&](auto rank) {
-    detail::dispatch_float_types(args.attn.dtype, "na_av", [&](auto tag) {
-      na_av<decltype(rank)::value, typename decltype(tag)::type>(args);
-    });
-  });
-}
-
-void na_backward(const detail::BackwardArgs& args) {
-  detail::dispatch_rank(args.params.rank, "na_backward", [&](auto rank) {
-    detail::dispatch_float_types(args.q.dtype, "na_backward", [&](auto tag) {
-      constexpr int R = decltype(rank)::value;
-      using T = typename decltype(tag)::type;
-      if constexpr (std::is_same_v<T, double>) {
-        na_backward<R, T>(args);  // float64 (gradient checking) keeps the scalar kernel
-      } else {
-#if defined(LIBNA_HAVE_AVX2_KERNELS)
-        if (cpu_has_avx2_fma()) return avx2::na_backward<R, T>(args);
-#endif
-        portable::na_backward<R, T>(args);
-      }
-    });
-  });
-}
+void na_forward(const detail::ForwardArgs& args) { LIBNA_DISPATCH_FAST(na_forward, args, args.q.dtype); }
+void na_qk(const detail::QkArgs& args) { LIBNA_DISPATCH_FAST(na_qk, args, args.q.dtype); }
+void na_av(const detail::AvArgs& args) { LIBNA_DISPATCH_FAST(na_av, args, args.attn.dtype); }
+void na_backward(const detail::BackwardArgs& args) { LIBNA_DISPATCH_FAST(na_backward, args, args.q.dtype); }
 
 void na_qk_backward(const detail::QkBackwardArgs& args) {
   detail::dispatch_rank(args.params.rank, "na_qk_backward", [&](auto rank) {

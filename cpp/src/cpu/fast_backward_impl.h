@@ -311,12 +311,12 @@ void na_backward(const detail::BackwardArgs& args) {
   float* bias_partials = carve(sizes[6]);
   const Backward<Rank, T> bwd(args, g, layout, tables, k, v, q, dout, lse, delta);
 
-  // Query pass; heads innermost, as in the forward. Each item owns one
+  // Query pass; rows innermost, as in the forward. Each item owns one
   // partial of the rpb gradient (summed below in item order: deterministic).
   parallel_for(items, 1, [&](std::int64_t begin, std::int64_t end) {
     typename Backward<Rank, T>::Scratch scratch;
     for (std::int64_t item = begin; item < end; ++item) {
-      const std::int64_t h = item % heads, row = (item / heads) % layout.rows,
+      const std::int64_t row = item % layout.rows, h = (item / layout.rows) % heads,
                          b = item / (layout.rows * heads);
       float* partial = nullptr;
       if (bias_head) {
@@ -330,7 +330,7 @@ void na_backward(const detail::BackwardArgs& args) {
     std::vector<float> grad(bias_layout.size, 0.0f);
     for (std::int64_t item = 0; item < items; ++item) {
       const float* partial = bias_partials + item * bias_head;
-      float* head = grad.data() + (item % heads) * bias_head;
+      float* head = grad.data() + ((item / layout.rows) % heads) * bias_head;
       for (std::int64_t i = 0; i < bias_head; ++i) head[i] += partial[i];
     }
     bias_layout.template store_to<T>(grad, *args.drpb);
@@ -340,7 +340,7 @@ void na_backward(const detail::BackwardArgs& args) {
   parallel_for(g.batch * heads_kv * layout.rows, 1, [&](std::int64_t begin, std::int64_t end) {
     typename Backward<Rank, T>::Scratch scratch;
     for (std::int64_t item = begin; item < end; ++item) {
-      const std::int64_t hk = item % heads_kv, row = (item / heads_kv) % layout.rows,
+      const std::int64_t row = item % layout.rows, hk = (item / layout.rows) % heads_kv,
                          b = item / (layout.rows * heads_kv);
       bwd.key_row(b, hk, row, scratch);
     }

@@ -322,8 +322,10 @@ inline LaneWindows query_lanes(const AxisParams& axis, std::int64_t group_len, s
 
 // Rows (positions of the leading axes) seen by one position of the leading
 // axes, with each one's offset into a contiguous rpb head.
+// `slot` is the row's first slot in the unfused ops' prod(kernel) layout
+// (row-major over the per-axis window positions; meaningful for key rows).
 struct RowList {
-  std::vector<std::int64_t> rows, bias;
+  std::vector<std::int64_t> rows, bias, slot;
   std::int64_t size = 0;
 };
 
@@ -338,16 +340,19 @@ void product_rows(const Geometry<Rank>& g, const std::int64_t* count, Pick pick,
   out.size = n;
   out.rows.resize(n);
   out.bias.resize(n);
+  out.slot.resize(n);
   std::int64_t t[Rank] = {};
   for (std::int64_t r = 0; r < n; ++r) {
-    std::int64_t row = 0, bias = 0;
+    std::int64_t row = 0, bias = 0, slot = 0;
     for (int a = 0; a < Rank - 1; ++a) {
       const auto [position, rpb_index] = pick(a, t[a]);
       row = row * g.spatial[a] + position;
       bias += rpb_index * bias_strides[a + 1];
+      slot = slot * g.axes[a].kernel + t[a];
     }
     out.rows[r] = row;
     out.bias[r] = bias;
+    out.slot[r] = slot * g.axes[Rank - 1].kernel;
     for (int a = Rank - 2; a >= 0; --a) {
       if (++t[a] < count[a]) break;
       t[a] = 0;
@@ -548,9 +553,10 @@ void na_forward(const detail::ForwardArgs& args) {
   const std::int64_t rows = layout.rows;
   parallel_for(g.batch * g.heads * rows, 1, [&](std::int64_t begin, std::int64_t end) {
     typename Forward<Rank, T>::Scratch scratch;
-    // Heads innermost: consecutive items read the same query tokens.
+    // Rows innermost: consecutive items share all but one of their key and
+    // value rows, which stay in cache.
     for (std::int64_t item = begin; item < end; ++item) {
-      const std::int64_t h = item % g.heads, row = (item / g.heads) % rows,
+      const std::int64_t row = item % rows, h = (item / rows) % g.heads,
                          b = item / (rows * g.heads);
       fwd.row(b, h, row, scratch);
     }
