@@ -27,5 +27,15 @@ void na_qk_backward(const detail::QkBackwardArgs& a) {
 void na_av_backward(const detail::AvBackwardArgs& a) {
   unavailable(op_name(a.params, "_av_backward").c_str());
 }
+void na_additional_forward(const detail::AdditionalArgs& a) {
+  unavailable(("na" + std::to_string(a.rank) + "d (additional_keys)").c_str());
+}
+void na_additional_backward(const detail::AdditionalBackwardArgs& a) {
+  unavailable(("na" + std::to_string(a.rank) + "d_backward (additional_keys)").c_str());
+}
+void merge_attentions(const detail::MergeArgs&) { unavailable("merge_attentions"); }
+void merge_attentions_backward(const detail::MergeBackwardArgs&) {
+  unavailable("merge_attentions_backward");
+}
 
 }  // namespace libna::cuda

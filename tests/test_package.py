@@ -100,3 +100,35 @@ def test_compiled_path_needs_no_torch():
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ndarray float32 (1, 8, 2, 3)"
+
+
+def test_works_without_jax():
+    """A process where jax cannot be imported still has a working libna, and
+    libna.jax says what is missing."""
+    result = run_python("""
+        import sys
+        sys.modules["jax"] = None  # import jax now raises ImportError
+        import numpy as np
+        import libna
+        q = np.random.default_rng(0).standard_normal((1, 6, 2, 4))
+        out = libna.na1d(q, q, q, 3, additional_keys=q[:, :2], additional_values=q[:, :2])
+        assert out.shape == q.shape and "jax" not in [m.split(".")[0] for m in sys.modules
+                                                      if sys.modules[m] is not None]
+        try:
+            import libna.jax
+        except ImportError as error:
+            print("ImportError:", error)
+    """)
+    assert result.returncode == 0, result.stderr
+    assert "ImportError: libna.jax needs JAX" in result.stdout
+
+
+def test_jax_ffi_module_built_when_jaxlib_is_available():
+    """The CI build (pip install with jaxlib in the build requirements) ships
+    libna._jax_ffi; a LIBNA_JAX=OFF build or a platform without jaxlib does not."""
+    pytest.importorskip("jaxlib", reason="jaxlib is not installed")
+    if os.environ.get("LIBNA_JAX", "").lower() in ("off", "0", "false", "no"):
+        pytest.skip("built with LIBNA_JAX=OFF")
+    import importlib.util
+
+    assert importlib.util.find_spec("libna._jax_ffi") is not None

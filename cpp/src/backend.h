@@ -60,6 +60,38 @@ struct AvBackwardArgs {
   void* stream;
 };
 
+struct AdditionalArgs {
+  TensorView q, k, v;  // k, v: the additional keys and values [B, N, heads_kv, D]
+  TensorView out;
+  const TensorView* lse;  // optional
+  int rank;
+  double scale;
+  void* stream;
+};
+
+struct AdditionalBackwardArgs {
+  TensorView q, k, v;
+  TensorView out, dout, lse;  // of the merged attention
+  TensorView dq, dk, dv;
+  int rank;
+  double scale;
+  void* stream;
+};
+
+struct MergeArgs {
+  std::vector<TensorView> outs, lses;
+  TensorView out, lse;
+  void* stream;
+};
+
+struct MergeBackwardArgs {
+  std::vector<TensorView> outs, lses;
+  TensorView out, lse, dout;
+  const TensorView* dlse;  // optional
+  std::vector<TensorView> douts, dlses;
+  void* stream;
+};
+
 }  // namespace libna::detail
 
 namespace libna::cpu {
@@ -69,6 +101,10 @@ void na_av(const detail::AvArgs& args);
 void na_backward(const detail::BackwardArgs& args);
 void na_qk_backward(const detail::QkBackwardArgs& args);
 void na_av_backward(const detail::AvBackwardArgs& args);
+void na_additional_forward(const detail::AdditionalArgs& args);
+void na_additional_backward(const detail::AdditionalBackwardArgs& args);
+void merge_attentions(const detail::MergeArgs& args);
+void merge_attentions_backward(const detail::MergeBackwardArgs& args);
 std::string simd_level();
 }  // namespace libna::cpu
 
@@ -83,4 +119,8 @@ void na_av(const detail::AvArgs& args);
 void na_backward(const detail::BackwardArgs& args);
 void na_qk_backward(const detail::QkBackwardArgs& args);
 void na_av_backward(const detail::AvBackwardArgs& args);
+void na_additional_forward(const detail::AdditionalArgs& args);
+void na_additional_backward(const detail::AdditionalBackwardArgs& args);
+void merge_attentions(const detail::MergeArgs& args);
+void merge_attentions_backward(const detail::MergeBackwardArgs& args);
 }  // namespace libna::cuda

@@ -4,6 +4,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "backend.h"
 #include "libna/na.h"
@@ -410,6 +411,220 @@ void na_av_backward(const TensorView& dout, const TensorView& attn, const Tensor
     cuda::na_av_backward(args);
   } else {
     cpu::na_av_backward(args);
+  }
+}
+
+// ---- composition: additional keys and merging ---------------------------------
+
+namespace {
+
+double resolve_scale(const NaParams& params, const TensorView& q) {
+  return params.scale ? *params.scale : 1.0 / std::sqrt(static_cast<double>(q.shape[q.ndim - 1]));
+}
+
+// q [B, *spatial, heads, D]; additional_keys [B, N, heads_kv, D];
+// additional_values [B, N, heads_kv, D_v].
+void check_additional(const Checker& c, const TensorView& q, const TensorView& keys,
+                      const TensorView& values) {
+  c.attention_tensor("q", q, "heads, head_dim");
+  const int n = c.rank();
+  auto check_one = [&](const char* name, const TensorView& t, const char* last) {
+    if (t.ndim != 4) {
+      c.fail(std::string(name) + " must have 4 dimensions [batch, num_additional, heads_kv, " +
+             last + "], got " + std::to_string(t.ndim) + " with shape " + shape_str(t));
+    }
+    c.nonempty(name, t);
+    c.same_dtype_and_device("q", q, name, t);
+    if (t.shape[0] != q.shape[0]) {
+      c.fail(std::string(name) + " has batch " + std::to_string(t.shape[0]) + " (shape " +
+             shape_str(t) + ") but q has batch " + std::to_string(q.shape[0]) + " (shape " +
+             shape_str(q) + ")");
+    }
+  };
+  check_one("additional_keys", keys, "head_dim");
+  check_one("additional_values", values, "head_dim_v");
+  c.same_dims("additional_keys", keys, "additional_values", values, 0, 3,
+              "batch, num_additional and heads_kv");
+  if (keys.shape[3] != q.shape[n + 2]) {
+    c.fail("additional_keys head_dim " + std::to_string(keys.shape[3]) + " (shape " +
+           shape_str(keys) + ") does not match q head_dim " + std::to_string(q.shape[n + 2]) +
+           " (shape " + shape_str(q) + ")");
+  }
+  const std::int64_t heads = q.shape[n + 1], heads_kv = keys.shape[2];
+  if (heads % heads_kv != 0) {
+    c.fail("q has " + std::to_string(heads) + " heads, which is not a multiple of the " +
+           std::to_string(heads_kv) + " heads of additional_keys and additional_values");
+  }
+}
+
+}  // namespace
+
+void check_na_additional_forward(const TensorView& q, const TensorView& additional_keys,
+                                 const TensorView& additional_values, const NaParams& params) {
+  Checker c(params, "");
+  c.rank_is_valid();
+  check_additional(c, q, additional_keys, additional_values);
+  c.scale(params.scale);
+}
+
+void na_additional_forward(const TensorView& q, const TensorView& additional_keys,
+                           const TensorView& additional_values, const TensorView& out,
+                           const TensorView* lse, const NaParams& params, void* stream) {
+  check_na_additional_forward(q, additional_keys, additional_values, params);
+  Checker c(params, "");
+  check_output_like(c, "out", out, q.with_last_dim(additional_values.shape[3]), q.dtype, q);
+  if (lse != nullptr) check_output_like(c, "lse", *lse, q.with_last_dim(-1), lse_dtype(q.dtype), q);
+  const detail::AdditionalArgs args{q,   additional_keys, additional_values,
+                                    out, lse,             params.rank,
+                                    resolve_scale(params, q), stream};
+  if (q.device.type == DeviceType::cuda) {
+    cuda::na_additional_forward(args);
+  } else {
+    cpu::na_additional_forward(args);
+  }
+}
+
+void check_na_additional_backward(const TensorView& q, const TensorView& additional_keys,
+                                  const TensorView& additional_values, const TensorView& out,
+                                  const TensorView& dout, const TensorView& lse,
+                                  const NaParams& params) {
+  Checker c(params, "_backward");
+  c.rank_is_valid();
+  check_additional(c, q, additional_keys, additional_values);
+  c.scale(params.scale);
+  const TensorView out_shape = q.with_last_dim(additional_values.shape[3]);
+  check_input_like(c, "out", out, out_shape, q.dtype, q);
+  check_input_like(c, "dout", dout, out_shape, q.dtype, q);
+  check_input_like(c, "lse", lse, q.with_last_dim(-1), lse_dtype(q.dtype), q);
+}
+
+void na_additional_backward(const TensorView& q, const TensorView& additional_keys,
+                            const TensorView& additional_values, const TensorView& out,
+                            const TensorView& dout, const TensorView& lse, const TensorView& dq,
+                            const TensorView& dk, const TensorView& dv, const NaParams& params,
+                            void* stream) {
+  check_na_additional_backward(q, additional_keys, additional_values, out, dout, lse, params);
+  Checker c(params, "_backward");
+  check_output_like(c, "dq", dq, q, q.dtype, q);
+  check_output_like(c, "d(additional_keys)", dk, additional_keys, q.dtype, q);
+  check_output_like(c, "d(additional_values)", dv, additional_values, q.dtype, q);
+  const detail::AdditionalBackwardArgs args{q,  additional_keys, additional_values, out, dout,
+                                            lse, dq, dk, dv, params.rank,
+                                            resolve_scale(params, q), stream};
+  if (q.device.type == DeviceType::cuda) {
+    cuda::na_additional_backward(args);
+  } else {
+    cpu::na_additional_backward(args);
+  }
+}
+
+namespace {
+
+[[noreturn]] void merge_fail(const char* op, const std::string& message) {
+  throw std::invalid_argument(std::string("[") + op + "] " + message);
+}
+
+// `t` has exactly the shape, dtype and device of `like` (dtype `dtype`).
+void merge_like(const char* op, const std::string& name, const TensorView& t,
+                const TensorView& shape_of, DType dtype, const TensorView& like) {
+  bool ok = t.ndim == shape_of.ndim;
+  for (int i = 0; ok && i < t.ndim; ++i) ok = t.shape[i] == shape_of.shape[i];
+  if (!ok) {
+    merge_fail(op, name + " must have shape " + shape_str(shape_of) + ", got " + shape_str(t));
+  }
+  if (t.dtype != dtype) {
+    throw dtype_error(std::string("[") + op + "] " + name + " has dtype " +
+                      dtype_name(t.dtype) + "; expected " + dtype_name(dtype));
+  }
+  if (t.device != like.device) {
+    merge_fail(op, name + " is on " + device_name(t.device) + " but outs[0] is on " +
+                       device_name(like.device));
+  }
+}
+
+void check_merge_inputs(const char* op, const std::vector<TensorView>& outs,
+                        const std::vector<TensorView>& lses) {
+  if (outs.empty()) merge_fail(op, "outs is empty; expected at least one partial attention");
+  if (outs.size() != lses.size()) {
+    merge_fail(op, "got " + std::to_string(outs.size()) + " outs but " +
+                       std::to_string(lses.size()) + " lses; expected one lse per out");
+  }
+  const TensorView& first = outs[0];
+  if (first.ndim < 2) {
+    merge_fail(op, "outs[0] must have at least 2 dimensions [..., head_dim_v], got shape " +
+                       shape_str(first));
+  }
+  for (int i = 0; i < first.ndim; ++i) {
+    if (first.shape[i] <= 0) {
+      merge_fail(op, "outs[0] has a zero-size dimension: shape " + shape_str(first));
+    }
+  }
+  for (std::size_t i = 0; i < outs.size(); ++i) {
+    const std::string idx = "[" + std::to_string(i) + "]";
+    merge_like(op, "outs" + idx, outs[i], first, first.dtype, first);
+    merge_like(op, "lses" + idx, lses[i], first.with_last_dim(-1), lse_dtype(first.dtype), first);
+  }
+}
+
+}  // namespace
+
+void check_merge_attentions(const std::vector<TensorView>& outs,
+                            const std::vector<TensorView>& lses) {
+  check_merge_inputs("merge_attentions", outs, lses);
+}
+
+void merge_attentions(const std::vector<TensorView>& outs, const std::vector<TensorView>& lses,
+                      const TensorView& out, const TensorView& lse, void* stream) {
+  const char* op = "merge_attentions";
+  check_merge_inputs(op, outs, lses);
+  const TensorView& first = outs[0];
+  merge_like(op, "output out", out, first, first.dtype, first);
+  merge_like(op, "output lse", lse, first.with_last_dim(-1), lse_dtype(first.dtype), first);
+  const detail::MergeArgs args{outs, lses, out, lse, stream};
+  if (first.device.type == DeviceType::cuda) {
+    cuda::merge_attentions(args);
+  } else {
+    cpu::merge_attentions(args);
+  }
+}
+
+void check_merge_attentions_backward(const std::vector<TensorView>& outs,
+                                     const std::vector<TensorView>& lses, const TensorView& out,
+                                     const TensorView& lse, const TensorView& dout,
+                                     const TensorView* dlse) {
+  const char* op = "merge_attentions_backward";
+  check_merge_inputs(op, outs, lses);
+  const TensorView& first = outs[0];
+  const TensorView lse_shape = first.with_last_dim(-1);
+  merge_like(op, "out", out, first, first.dtype, first);
+  merge_like(op, "lse", lse, lse_shape, lse_dtype(first.dtype), first);
+  merge_like(op, "dout", dout, first, first.dtype, first);
+  if (dlse != nullptr) merge_like(op, "dlse", *dlse, lse_shape, lse_dtype(first.dtype), first);
+}
+
+void merge_attentions_backward(const std::vector<TensorView>& outs,
+                               const std::vector<TensorView>& lses, const TensorView& out,
+                               const TensorView& lse, const TensorView& dout,
+                               const TensorView* dlse, const std::vector<TensorView>& douts,
+                               const std::vector<TensorView>& dlses, void* stream) {
+  const char* op = "merge_attentions_backward";
+  check_merge_attentions_backward(outs, lses, out, lse, dout, dlse);
+  const TensorView& first = outs[0];
+  if (douts.size() != outs.size() || dlses.size() != outs.size()) {
+    merge_fail(op, "expected " + std::to_string(outs.size()) + " douts and dlses, got " +
+                       std::to_string(douts.size()) + " and " + std::to_string(dlses.size()));
+  }
+  for (std::size_t i = 0; i < outs.size(); ++i) {
+    const std::string idx = "[" + std::to_string(i) + "]";
+    merge_like(op, "output douts" + idx, douts[i], first, first.dtype, first);
+    merge_like(op, "output dlses" + idx, dlses[i], first.with_last_dim(-1),
+               lse_dtype(first.dtype), first);
+  }
+  const detail::MergeBackwardArgs args{outs, lses, out, lse, dout, dlse, douts, dlses, stream};
+  if (first.device.type == DeviceType::cuda) {
+    cuda::merge_attentions_backward(args);
+  } else {
+    cpu::merge_attentions_backward(args);
   }
 }
 

@@ -12,7 +12,8 @@ import os as _os
 import warnings as _warnings
 
 from . import reference
-from ._ops import _C, _C_IMPORT_ERROR, rank_ops as _rank_ops
+from ._ops import _C, _C_IMPORT_ERROR, merge_attentions, merge_attentions_backward
+from ._ops import rank_ops as _rank_ops
 
 __version__ = "0.1.0"
 
@@ -72,6 +73,7 @@ def include_dir() -> str:
 
 __all__ = [
     *_OPS,
+    "merge_attentions", "merge_attentions_backward",
     "build_info", "set_num_threads", "get_num_threads",
     "cmake_dir", "include_dir", "reference",
 ]

@@ -8,6 +8,8 @@ validated the inputs), so torch in gives torch out, NumPy in gives NumPy out.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 _BFLOAT16_NAMES = ("bfloat16",)
@@ -30,6 +32,13 @@ def _family(x) -> str | None:
     return None
 
 
+def traced_by_jax(*arrays) -> bool:
+    """Whether any of the arrays is a JAX tracer (inside jax.jit/grad/vmap),
+    which has no memory to hand over: such calls go to libna.jax."""
+    jax = sys.modules.get("jax")
+    return jax is not None and any(isinstance(x, jax.core.Tracer) for x in arrays)
+
+
 def _is_numpy_bfloat16(dtype) -> bool:
     return isinstance(dtype, np.dtype) and dtype.name in _BFLOAT16_NAMES
 
@@ -43,7 +52,8 @@ def _numpy_dtype(name: str) -> np.dtype:
 class Arrays:
     """The arrays of one op call, all from one framework."""
 
-    def __init__(self, op: str, named: dict, optional=("rpb",)):
+    def __init__(self, op: str, named: dict,
+                 optional=("rpb", "additional_keys", "additional_values")):
         families = {}
         for name, x in named.items():
             if x is None:
@@ -57,6 +67,11 @@ class Arrays:
                     f"JAX, CuPy, ...), got {type(x).__module__}.{type(x).__qualname__}"
                 )
             families[name] = family
+        if traced_by_jax(*named.values()):
+            raise TypeError(
+                f"[{op}] got JAX tracers (a call inside jax.jit, jax.grad or jax.vmap); under "
+                "JAX transformations use libna.na1d/na2d/na3d or merge_attentions, which run "
+                "as XLA custom calls (libna.jax)")
         kinds = set(families.values())
         if len(kinds) > 1:
             listing = ", ".join(f"{n}: {f}" for n, f in families.items())

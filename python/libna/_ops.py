@@ -14,7 +14,7 @@ import numbers
 import numpy as np
 
 from . import reference
-from ._frameworks import Arrays
+from ._frameworks import Arrays, traced_by_jax
 
 try:
     from . import _C
@@ -81,24 +81,51 @@ def check_flag(op: str, name: str, value) -> bool:
     return bool(value)
 
 
+def check_additional(op: str, additional_keys, additional_values) -> bool:
+    """Whether additional keys are given; they come as a pair or not at all."""
+    if (additional_keys is None) != (additional_values is None):
+        given, missing = (("additional_keys", "additional_values") if additional_values is None
+                          else ("additional_values", "additional_keys"))
+        raise ValueError(f"[{op}] {given} was given without {missing}; pass both or neither")
+    return additional_keys is not None
+
+
 def na(rank, q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False, scale=None,
-       rpb=None, return_lse=False):
+       rpb=None, return_lse=False, additional_keys=None, additional_values=None):
     op = f"na{rank}d"
+    if traced_by_jax(q, k, v, rpb, additional_keys, additional_values):
+        from . import jax as libna_jax
+
+        return libna_jax.na(rank, q, k, v, kernel_size, stride=stride, dilation=dilation,
+                            is_causal=is_causal, scale=scale, rpb=rpb, return_lse=return_lse,
+                            additional_keys=additional_keys,
+                            additional_values=additional_values)
     if _C is None:
         return getattr(reference, op)(
             q, k, v, kernel_size, stride=stride, dilation=dilation, is_causal=is_causal,
-            scale=scale, rpb=rpb, return_lse=return_lse)
+            scale=scale, rpb=rpb, return_lse=return_lse, additional_keys=additional_keys,
+            additional_values=additional_values)
     kernel_size = per_axis(op, "kernel_size", kernel_size, rank)
     stride = per_axis(op, "stride", stride, rank)
     dilation = per_axis(op, "dilation", dilation, rank)
     is_causal = per_axis(op, "is_causal", is_causal, rank, boolean=True)
     scale = check_scale(op, scale)
     return_lse = check_flag(op, "return_lse", return_lse)
-    arrays = Arrays(op, {"q": q, "k": k, "v": v, "rpb": rpb})
+    additional = check_additional(op, additional_keys, additional_values)
+    arrays = Arrays(op, {"q": q, "k": k, "v": v, "rpb": rpb, "additional_keys": additional_keys,
+                         "additional_values": additional_values})
     a = arrays.inputs
+    extra = None
+    if additional:  # validated (and computed) before the neighbourhood part
+        extra = _C.na_additional_forward(
+            rank, a["q"], a["additional_keys"], a["additional_values"], scale, True,
+            arrays.alloc, arrays.uint16_is_bfloat16, arrays.stream)
     out, lse = _C.na_forward(
         rank, a["q"], a["k"], a["v"], a["rpb"], kernel_size, stride, dilation, is_causal,
-        scale, return_lse, arrays.alloc, arrays.uint16_is_bfloat16, arrays.stream)
+        scale, return_lse or additional, arrays.alloc, arrays.uint16_is_bfloat16, arrays.stream)
+    if additional:
+        out, lse = _C.merge_attentions([out, extra[0]], [lse, extra[1]], arrays.alloc,
+                                       arrays.uint16_is_bfloat16, arrays.stream)
     out = arrays.finish(out, q)
     return (out, arrays.finish(lse, q)) if return_lse else out
 
@@ -134,26 +161,40 @@ def na_av(rank, attn, v, kernel_size, *, dilation=1, is_causal=False):
 
 
 def na_backward(rank, q, k, v, out, dout, lse, kernel_size, *, stride=1, dilation=1,
-                is_causal=False, scale=None, rpb=None):
+                is_causal=False, scale=None, rpb=None, additional_keys=None,
+                additional_values=None):
     op = f"na{rank}d_backward"
     if _C is None:
         return getattr(reference, op)(
             q, k, v, out, dout, lse, kernel_size, stride=stride, dilation=dilation,
-            is_causal=is_causal, scale=scale, rpb=rpb)
+            is_causal=is_causal, scale=scale, rpb=rpb, additional_keys=additional_keys,
+            additional_values=additional_values)
     kernel_size = per_axis(op, "kernel_size", kernel_size, rank)
     stride = per_axis(op, "stride", stride, rank)
     dilation = per_axis(op, "dilation", dilation, rank)
     is_causal = per_axis(op, "is_causal", is_causal, rank, boolean=True)
     scale = check_scale(op, scale)
+    additional = check_additional(op, additional_keys, additional_values)
     arrays = Arrays(op, {"q": q, "k": k, "v": v, "rpb": rpb, "out": out, "dout": dout,
-                         "lse": lse})
+                         "lse": lse, "additional_keys": additional_keys,
+                         "additional_values": additional_values})
     a = arrays.inputs
+    extra = ()
+    if additional:
+        # Both parts' gradients come from the merged out and lse
+        # (FlashAttention-style); their query gradients add up.
+        extra = _C.na_additional_backward(
+            rank, a["q"], a["additional_keys"], a["additional_values"], a["out"], a["dout"],
+            a["lse"], scale, arrays.alloc, arrays.uint16_is_bfloat16, arrays.stream)
     grads = _C.na_backward(
         rank, a["q"], a["k"], a["v"], a["rpb"], a["out"], a["dout"], a["lse"], kernel_size,
         stride, dilation, is_causal, scale, arrays.alloc, arrays.uint16_is_bfloat16,
         arrays.stream)
-    grads = tuple(arrays.finish(g, q) for g in grads)
-    return grads if rpb is not None else grads[:3]
+    grads = [arrays.finish(g, q) for g in (grads if rpb is not None else grads[:3])]
+    if additional:
+        extra = [arrays.finish(g, q) for g in extra]
+        grads = [grads[0] + extra[0], *grads[1:], extra[1], extra[2]]
+    return tuple(grads)
 
 
 def na_qk_backward(rank, dattn, q, k, kernel_size, *, dilation=1, is_causal=False, rpb=None):
@@ -187,10 +228,67 @@ def na_av_backward(rank, dout, attn, v, kernel_size, *, dilation=1, is_causal=Fa
     return tuple(arrays.finish(g, attn) for g in grads)
 
 
+def _parts(op, outs, lses):
+    """outs and lses as two equally long lists (any sequence, not an array)."""
+    for name, parts in (("outs", outs), ("lses", lses)):
+        if not isinstance(parts, (list, tuple)):
+            raise TypeError(f"[{op}] {name} must be a list or tuple of arrays, got "
+                            f"{type(parts).__module__}.{type(parts).__qualname__}")
+    if len(outs) == 0 or len(outs) != len(lses):
+        raise ValueError(f"[{op}] outs and lses must be non-empty and of equal length, got "
+                         f"{len(outs)} outs and {len(lses)} lses")
+    named = {f"outs[{i}]": o for i, o in enumerate(outs)}
+    named.update({f"lses[{i}]": x for i, x in enumerate(lses)})
+    return named
+
+
+def merge_attentions(outs, lses):
+    """Exact merge of attentions of the same queries over disjoint key sets.
+
+    outs[i] [..., D_v] and lses[i] [...] (as returned with return_lse=True)
+    give out = sum_i exp(lses[i] - lse) * outs[i] with lse = logsumexp_i
+    lses[i]. Returns (out, lse) in the caller's array type.
+    """
+    op = "merge_attentions"
+    if isinstance(outs, (list, tuple)) and isinstance(lses, (list, tuple)) and traced_by_jax(
+            *outs, *lses):
+        from . import jax as libna_jax
+
+        return libna_jax.merge_attentions(outs, lses)
+    if _C is None:
+        return reference.merge_attentions(outs, lses)
+    named = _parts(op, outs, lses)
+    arrays = Arrays(op, named, optional=())
+    a = arrays.inputs
+    out, lse = _C.merge_attentions(
+        [a[f"outs[{i}]"] for i in range(len(outs))], [a[f"lses[{i}]"] for i in range(len(lses))],
+        arrays.alloc, arrays.uint16_is_bfloat16, arrays.stream)
+    return arrays.finish(out, outs[0]), arrays.finish(lse, outs[0])
+
+
+def merge_attentions_backward(outs, lses, out, lse, dout, dlse=None):
+    """Gradients of merge_attentions: (douts, dlses), lists like outs and lses.
+
+    Takes the parts, the merged (out, lse), dout and optionally dlse."""
+    op = "merge_attentions_backward"
+    if _C is None:
+        return reference.merge_attentions_backward(outs, lses, out, lse, dout, dlse)
+    named = _parts(op, outs, lses)
+    named.update({"out": out, "lse": lse, "dout": dout, "dlse": dlse})
+    arrays = Arrays(op, named, optional=("dlse",))
+    a = arrays.inputs
+    douts, dlses = _C.merge_attentions_backward(
+        [a[f"outs[{i}]"] for i in range(len(outs))], [a[f"lses[{i}]"] for i in range(len(lses))],
+        a["out"], a["lse"], a["dout"], a["dlse"], arrays.alloc, arrays.uint16_is_bfloat16,
+        arrays.stream)
+    return ([arrays.finish(g, out) for g in douts], [arrays.finish(g, out) for g in dlses])
+
+
 _SPATIAL = {1: "L", 2: "H, W", 3: "T, H, W"}
 
 
-def _rank_op(rank, impl, name, doc):
+def rank_op(rank, impl, name, doc):
+    """impl(rank, ...) as the function `name` of one rank, documented by doc."""
     def op(*args, **kwargs):
         return impl(rank, *args, **kwargs)
 
@@ -210,7 +308,12 @@ _NA_DOC = """{rank}D neighborhood attention, fused.
     rpb: optional relative positional bias [heads, 2*kernel_size-1 per axis]
     (non-causal, stride 1 only). Returns out [B, {spatial}, heads, D_v] in the
     caller's array type, and with return_lse=True also the log-sum-exp of the
-    logits, [B, {spatial}, heads] (float32; float64 for float64 inputs).
+    logits, [B, {spatial}, heads] (float32; float64 for float64 inputs). JAX
+    tracers (calls inside jax.jit, jax.grad, jax.vmap) go to libna.jax.
+
+    additional_keys [B, N, heads_kv, D] and additional_values [B, N, heads_kv, D_v]
+    (both or neither): N extra keys that every query attends to as well, in
+    one softmax with its neighbourhood (cross-attention tokens, registers).
     """
 
 _QK_DOC = """{rank}D neighborhood attention scores (unfused): q.k (+ rpb), not scaled.
@@ -233,7 +336,9 @@ _BACKWARD_DOC = """Gradients of na{rank}d: (dq, dk, dv), plus drpb when rpb is g
     Takes the forward's inputs and arguments with its out and lse
     (``na{rank}d(..., return_lse=True)``) and dout, the gradient of out. The
     probabilities are recomputed from lse; dk/dv sum over the query heads of
-    each kv head; drpb sums over batch and queries.
+    each kv head; drpb sums over batch and queries. With additional_keys and
+    additional_values (as given to the forward) their gradients follow:
+    (dq, dk, dv[, drpb], d_additional_keys, d_additional_values).
     """
 
 _QK_BACKWARD_DOC = """Gradients of na{rank}d_qk: (dq, dk), plus drpb when rpb is given.
@@ -256,4 +361,4 @@ def rank_ops(rank):
         (na_qk_backward, f"na{rank}d_qk_backward", _QK_BACKWARD_DOC),
         (na_av_backward, f"na{rank}d_av_backward", _AV_BACKWARD_DOC),
     ]
-    return {name: _rank_op(rank, impl, name, doc) for impl, name, doc in ops}
+    return {name: rank_op(rank, impl, name, doc) for impl, name, doc in ops}

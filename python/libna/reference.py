@@ -31,6 +31,11 @@ for stride 1 and non-causal axes.  Grouped-query attention: query head ``h``
 reads kv head ``h // (heads // heads_kv)``.  ``lse`` is the natural-log
 logsumexp of the logits over the window, shape ``[B, *spatial, heads]``.
 
+``additional_keys`` / ``additional_values`` (``[B, N, heads_kv, D]`` /
+``[..., D_v]``, both or neither) are N more keys that every query attends to,
+in the same softmax as its window.  ``merge_attentions(outs, lses)`` combines
+attentions over disjoint key sets exactly from their lse.
+
 Layout is heads-last: ``q [B, *spatial, heads, D]``,
 ``k [B, *spatial, heads_kv, D]``, ``v [B, *spatial, heads_kv, D_v]``.
 
@@ -70,6 +75,8 @@ __all__ = [
     "na1d_av_backward",
     "na2d_av_backward",
     "na3d_av_backward",
+    "merge_attentions",
+    "merge_attentions_backward",
 ]
 
 _FLOAT_DTYPE_NAMES = ("float16", "float32", "float64", "bfloat16")
@@ -496,7 +503,9 @@ def _fused_logits(qq, kk, rpb, key_ix, rel_ix, head_map, scale, heads):
     return logits, kg
 
 
-def _fused_forward(q, k, v, ks, st, dil, causal, scale, rpb):
+def _fused_forward(q, k, v, ks, st, dil, causal, scale, rpb, extra=None):
+    """extra: None or (additional_keys, additional_values) [B, N, Hkv, D/Dv],
+    keys that every query sees besides its window, in the same softmax."""
     b, spatial, heads = q.shape[0], q.shape[1:-2], q.shape[-2]
     dv_dim = v.shape[-1]
     hmap = _head_map(heads, k.shape[-2])
@@ -507,8 +516,13 @@ def _fused_forward(q, k, v, ks, st, dil, causal, scale, rpb):
         key_ix, _, rel_ix = _query_windows(plans, pos, ks)
         sel = (slice(None),) + pos
         logits, _ = _fused_logits(q[sel], k, rpb, key_ix, rel_ix, hmap, scale, heads)
-        p, lse[sel] = _softmax_rows(logits)
         vg = _gather_kv(v, key_ix, hmap)
+        if extra is not None:
+            xk, xv = extra[0][:, :, hmap, :], extra[1][:, :, hmap, :]  # [B, N, H, D]
+            logits = np.concatenate(
+                [logits, scale * np.einsum("bhd,bnhd->bhn", q[sel], xk)], axis=-1)
+            vg = np.concatenate([vg, xv], axis=1)
+        p, lse[sel] = _softmax_rows(logits)
         out[sel] = np.einsum("bhn,bnhe->bhe", p, vg)
     return out, lse
 
@@ -526,7 +540,9 @@ def _scatter_kv(dst, key_ix, g, heads_kv):
     dst[sel] += red.reshape(dst[sel].shape)
 
 
-def _fused_backward(q, k, v, dout, ks, st, dil, causal, scale, rpb):
+def _fused_backward(q, k, v, dout, ks, st, dil, causal, scale, rpb, extra=None):
+    """Gradients recomputed from scratch; with extra = (additional_keys,
+    additional_values) also their gradients (dq, dk, dv, drpb, dxk, dxv)."""
     b, spatial, heads = q.shape[0], q.shape[1:-2], q.shape[-2]
     heads_kv = k.shape[-2]
     hmap = _head_map(heads, heads_kv)
@@ -535,25 +551,38 @@ def _fused_backward(q, k, v, dout, ks, st, dil, causal, scale, rpb):
     dk = np.zeros_like(k)
     dv = np.zeros_like(v)
     drpb = None if rpb is None else np.zeros_like(rpb)
+    dxk = dxv = None
+    if extra is not None:
+        xk, xv = extra[0][:, :, hmap, :], extra[1][:, :, hmap, :]  # [B, N, H, D]
+        dxk, dxv = np.zeros_like(extra[0]), np.zeros_like(extra[1])
     for pos in np.ndindex(*spatial):
         key_ix, _, rel_ix = _query_windows(plans, pos, ks)
         sel = (slice(None),) + pos
         qq = q[sel]  # [B, H, D]
         logits, kg = _fused_logits(qq, k, rpb, key_ix, rel_ix, hmap, scale, heads)
-        p, _ = _softmax_rows(logits)  # [B, H, n]
+        n_window = logits.shape[-1]
         vg = _gather_kv(v, key_ix, hmap)  # [B, n, H, Dv]
+        if extra is not None:
+            logits = np.concatenate([logits, scale * np.einsum("bhd,bnhd->bhn", qq, xk)], -1)
+            kg = np.concatenate([kg, xk], axis=1)
+            vg = np.concatenate([vg, xv], axis=1)
+        p, _ = _softmax_rows(logits)  # [B, H, n]
         do = dout[sel]  # [B, H, Dv]
-        # out = sum_n p * v  ->  dv, dp
-        _scatter_kv(dv, key_ix, np.einsum("bhn,bhe->bnhe", p, do), heads_kv)
         dp = np.einsum("bhe,bnhe->bhn", do, vg)
-        # softmax backward
         ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))  # d logits
         dq[sel] = scale * np.einsum("bhn,bnhd->bhd", ds, kg)
-        _scatter_kv(dk, key_ix, scale * np.einsum("bhn,bhd->bnhd", ds, qq), heads_kv)
+        # out = sum_n p * v  ->  dv; logits = scale * q.k  ->  dk
+        pv = np.einsum("bhn,bhe->bnhe", p, do)
+        dsq = scale * np.einsum("bhn,bhd->bnhd", ds, qq)
+        _scatter_kv(dv, key_ix, pv[:, :n_window], heads_kv)
+        _scatter_kv(dk, key_ix, dsq[:, :n_window], heads_kv)
+        if extra is not None:
+            dxv += _reduce_heads(pv[:, n_window:], heads_kv)
+            dxk += _reduce_heads(dsq[:, n_window:], heads_kv)
         if drpb is not None:
             rsel = (slice(None),) + rel_ix
-            drpb[rsel] += ds.sum(axis=0).reshape(drpb[rsel].shape)
-    return dq, dk, dv, drpb
+            drpb[rsel] += ds[..., :n_window].sum(axis=0).reshape(drpb[rsel].shape)
+    return dq, dk, dv, drpb, dxk, dxv
 
 
 def _qk_forward(q, k, ks, dil, causal, rpb):
@@ -627,9 +656,99 @@ def _av_backward(dout, attn, v, ks, dil, causal):
 # --------------------------------------------------------------------------
 
 
+def _check_additional(fn, q, additional_keys, additional_values):
+    """Validate the additional keys/values; returns float64 (keys, values) or None."""
+    if additional_keys is None and additional_values is None:
+        return None
+    if additional_keys is None or additional_values is None:
+        given = "additional_keys" if additional_values is None else "additional_values"
+        missing = "additional_values" if additional_values is None else "additional_keys"
+        raise ValueError(f"[{fn}] {given} was given without {missing}; pass both or neither.")
+    xk = _as_array(fn, "additional_keys", additional_keys)
+    xv = _as_array(fn, "additional_values", additional_values)
+    _same_dtype(fn, [("q", q), ("additional_keys", xk), ("additional_values", xv)])
+    for name, arr, last in (("additional_keys", xk, "head_dim"),
+                            ("additional_values", xv, "head_dim_v")):
+        _check_rank(fn, name, arr, 4, f"[B, N, heads_kv, {last}]")
+        if arr.shape[0] != q.shape[0]:
+            raise ValueError(
+                f"[{fn}] {name} has batch {arr.shape[0]} (shape {tuple(arr.shape)}) but q "
+                f"has batch {q.shape[0]} (shape {tuple(q.shape)}); they must match.")
+    if tuple(xk.shape[:3]) != tuple(xv.shape[:3]):
+        raise ValueError(
+            f"[{fn}] additional_values has shape {tuple(xv.shape)} but additional_keys has "
+            f"shape {tuple(xk.shape)}; batch, N and heads_kv must match.")
+    if xk.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"[{fn}] additional_keys has head_dim {xk.shape[-1]} but q has head_dim "
+            f"{q.shape[-1]}; they must match.")
+    if q.shape[-2] % xk.shape[-2] != 0:
+        raise ValueError(
+            f"[{fn}] q has {q.shape[-2]} heads, which is not divisible by the "
+            f"{xk.shape[-2]} heads of additional_keys; heads must be a multiple of heads_kv.")
+    return _f64(xk), _f64(xv)
+
+
+def _merge_parts(fn, outs, lses):
+    for name, parts in (("outs", outs), ("lses", lses)):
+        if not isinstance(parts, (list, tuple)):
+            raise TypeError(f"[{fn}] {name} must be a list or tuple of arrays; got "
+                            f"{type(parts).__name__}.")
+    if len(outs) == 0 or len(outs) != len(lses):
+        raise ValueError(f"[{fn}] outs and lses must be non-empty and of equal length; got "
+                         f"{len(outs)} and {len(lses)}.")
+    _one_framework(fn, **{f"outs[{i}]": o for i, o in enumerate(outs)},
+                   **{f"lses[{i}]": x for i, x in enumerate(lses)})
+    outs = [_as_array(fn, f"outs[{i}]", o) for i, o in enumerate(outs)]
+    lses = [np.asarray(_as_array(fn, f"lses[{i}]", x)) for i, x in enumerate(lses)]
+    _same_dtype(fn, [(f"outs[{i}]", o) for i, o in enumerate(outs)])
+    for i, (o, x) in enumerate(zip(outs, lses)):
+        if o.shape != outs[0].shape or x.shape != o.shape[:-1]:
+            raise ValueError(
+                f"[{fn}] outs[{i}] has shape {o.shape} and lses[{i}] has shape {x.shape}; "
+                f"expected {outs[0].shape} and {outs[0].shape[:-1]}.")
+    return outs, lses
+
+
+def merge_attentions(outs, lses):
+    """Merge attentions of the same queries over disjoint key sets from their
+    log-sum-exps: (out, lse)."""
+    fn = "merge_attentions"
+    outs, lses = _merge_parts(fn, outs, lses)
+    stacked_lse = np.stack([_f64(x) for x in lses])  # [parts, ...]
+    m = stacked_lse.max(axis=0)
+    m_safe = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        lse = np.log(np.exp(stacked_lse - m_safe).sum(axis=0)) + m_safe
+    w = np.where(np.isfinite(lse), np.exp(stacked_lse - np.where(np.isfinite(lse), lse, 0.0)),
+                 0.0)
+    out = (w[..., None] * np.stack([_f64(o) for o in outs])).sum(axis=0)
+    return out.astype(outs[0].dtype), lse.astype(_lse_dtype(outs[0].dtype))
+
+
+def merge_attentions_backward(outs, lses, out, lse, dout, dlse=None):
+    """Gradients of :func:`merge_attentions`: (douts, dlses). The merge is
+    recomputed from outs and lses; out and lse are only checked."""
+    fn = "merge_attentions_backward"
+    outs, lses = _merge_parts(fn, outs, lses)
+    dout = _f64(_as_array(fn, "dout", dout))
+    dlse = 0.0 if dlse is None else _f64(_as_array(fn, "dlse", dlse))
+    merged, total = merge_attentions(outs, lses)
+    total = _f64(total)
+    merged = _f64(merged)
+    douts, dlses = [], []
+    for o, x in zip(outs, lses):
+        w = np.where(np.isfinite(total), np.exp(_f64(x) - np.where(np.isfinite(total), total, 0)),
+                     0.0)
+        douts.append((w[..., None] * dout).astype(o.dtype))
+        dlses.append((w * ((dout * (_f64(o) - merged)).sum(-1) + dlse)).astype(x.dtype))
+    return douts, dlses
+
+
 def _na_fused(n, fn, q, k, v, kernel_size, stride, dilation, is_causal, scale,
-              rpb, return_lse):
-    _one_framework(fn, q=q, k=k, v=v, rpb=rpb)
+              rpb, return_lse, additional_keys=None, additional_values=None):
+    _one_framework(fn, q=q, k=k, v=v, rpb=rpb, additional_keys=additional_keys,
+                   additional_values=additional_values)
     q = _as_array(fn, "q", q)
     k = _as_array(fn, "k", k)
     v = _as_array(fn, "v", v)
@@ -641,8 +760,9 @@ def _na_fused(n, fn, q, k, v, kernel_size, stride, dilation, is_causal, scale,
     if not _is_bool(return_lse):
         raise TypeError(f"[{fn}] return_lse={return_lse!r} must be a bool.")
     rpb64 = _check_rpb(fn, rpb, q.shape[-2], ks, st, causal, q.dtype)
+    extra = _check_additional(fn, q, additional_keys, additional_values)
     out, lse = _fused_forward(_f64(q), _f64(k), _f64(v), ks, st, dil, causal,
-                              scale_f, rpb64)
+                              scale_f, rpb64, extra)
     out = out.astype(q.dtype)
     if return_lse:
         return out, lse.astype(_lse_dtype(q.dtype))
@@ -650,8 +770,10 @@ def _na_fused(n, fn, q, k, v, kernel_size, stride, dilation, is_causal, scale,
 
 
 def _na_fused_backward(n, fn, q, k, v, out, dout, lse, kernel_size, stride,
-                       dilation, is_causal, scale, rpb):
-    _one_framework(fn, q=q, k=k, v=v, out=out, dout=dout, lse=lse, rpb=rpb)
+                       dilation, is_causal, scale, rpb, additional_keys=None,
+                       additional_values=None):
+    _one_framework(fn, q=q, k=k, v=v, out=out, dout=dout, lse=lse, rpb=rpb,
+                   additional_keys=additional_keys, additional_values=additional_values)
     q = _as_array(fn, "q", q)
     k = _as_array(fn, "k", k)
     v = _as_array(fn, "v", v)
@@ -672,12 +794,15 @@ def _na_fused_backward(n, fn, q, k, v, out, dout, lse, kernel_size, stride,
     )
     scale_f = _check_scale(fn, scale, q.shape[-1])
     rpb64 = _check_rpb(fn, rpb, q.shape[-2], ks, st, causal, q.dtype)
-    dq, dk, dv, drpb = _fused_backward(
-        _f64(q), _f64(k), _f64(v), _f64(dout), ks, st, dil, causal, scale_f, rpb64
+    extra = _check_additional(fn, q, additional_keys, additional_values)
+    dq, dk, dv, drpb, dxk, dxv = _fused_backward(
+        _f64(q), _f64(k), _f64(v), _f64(dout), ks, st, dil, causal, scale_f, rpb64, extra
     )
     res = (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
     if rpb64 is not None:
         res = res + (drpb.astype(q.dtype),)
+    if extra is not None:
+        res = res + (dxk.astype(q.dtype), dxv.astype(q.dtype))
     return res
 
 
@@ -769,25 +894,28 @@ def _na_av_backward(n, fn, dout, attn, v, kernel_size, dilation, is_causal):
 
 
 def na1d(q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False,
-         scale=None, rpb=None, return_lse=False):
+         scale=None, rpb=None, return_lse=False, additional_keys=None,
+         additional_values=None):
     """1D neighborhood attention. q [B, L, H, D], k [B, L, Hkv, D],
     v [B, L, Hkv, Dv] -> out [B, L, H, Dv] (and lse [B, L, H])."""
     return _na_fused(1, "na1d", q, k, v, kernel_size, stride, dilation,
-                     is_causal, scale, rpb, return_lse)
+                     is_causal, scale, rpb, return_lse, additional_keys, additional_values)
 
 
 def na2d(q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False,
-         scale=None, rpb=None, return_lse=False):
+         scale=None, rpb=None, return_lse=False, additional_keys=None,
+         additional_values=None):
     """2D neighborhood attention. q [B, X, Y, H, D], k/v [B, X, Y, Hkv, D/Dv]."""
     return _na_fused(2, "na2d", q, k, v, kernel_size, stride, dilation,
-                     is_causal, scale, rpb, return_lse)
+                     is_causal, scale, rpb, return_lse, additional_keys, additional_values)
 
 
 def na3d(q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False,
-         scale=None, rpb=None, return_lse=False):
+         scale=None, rpb=None, return_lse=False, additional_keys=None,
+         additional_values=None):
     """3D neighborhood attention. q [B, X, Y, Z, H, D], k/v [B, X, Y, Z, Hkv, D/Dv]."""
     return _na_fused(3, "na3d", q, k, v, kernel_size, stride, dilation,
-                     is_causal, scale, rpb, return_lse)
+                     is_causal, scale, rpb, return_lse, additional_keys, additional_values)
 
 
 def na1d_qk(q, k, kernel_size, *, dilation=1, is_causal=False, rpb=None):
@@ -823,24 +951,30 @@ def na3d_av(attn, v, kernel_size, *, dilation=1, is_causal=False):
 
 
 def na1d_backward(q, k, v, out, dout, lse, kernel_size, *, stride=1, dilation=1,
-                  is_causal=False, scale=None, rpb=None):
+                  is_causal=False, scale=None, rpb=None, additional_keys=None,
+                  additional_values=None):
     """Gradient of :func:`na1d`: (dq, dk, dv) or (dq, dk, dv, drpb)."""
     return _na_fused_backward(1, "na1d_backward", q, k, v, out, dout, lse,
-                              kernel_size, stride, dilation, is_causal, scale, rpb)
+                              kernel_size, stride, dilation, is_causal, scale, rpb,
+                              additional_keys, additional_values)
 
 
 def na2d_backward(q, k, v, out, dout, lse, kernel_size, *, stride=1, dilation=1,
-                  is_causal=False, scale=None, rpb=None):
+                  is_causal=False, scale=None, rpb=None, additional_keys=None,
+                  additional_values=None):
     """Gradient of :func:`na2d`: (dq, dk, dv) or (dq, dk, dv, drpb)."""
     return _na_fused_backward(2, "na2d_backward", q, k, v, out, dout, lse,
-                              kernel_size, stride, dilation, is_causal, scale, rpb)
+                              kernel_size, stride, dilation, is_causal, scale, rpb,
+                              additional_keys, additional_values)
 
 
 def na3d_backward(q, k, v, out, dout, lse, kernel_size, *, stride=1, dilation=1,
-                  is_causal=False, scale=None, rpb=None):
+                  is_causal=False, scale=None, rpb=None, additional_keys=None,
+                  additional_values=None):
     """Gradient of :func:`na3d`: (dq, dk, dv) or (dq, dk, dv, drpb)."""
     return _na_fused_backward(3, "na3d_backward", q, k, v, out, dout, lse,
-                              kernel_size, stride, dilation, is_causal, scale, rpb)
+                              kernel_size, stride, dilation, is_causal, scale, rpb,
+                              additional_keys, additional_values)
 
 
 def na1d_qk_backward(dattn, q, k, kernel_size, *, dilation=1, is_causal=False,

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "common.h"
 #include "libna/libna.h"
 
 namespace nb = nanobind;
@@ -261,6 +262,105 @@ nb::tuple na_av_backward(int rank, const InArray& dout_in, const InArray& attn_i
   return nb::make_tuple(dattn_obj, dv_obj);
 }
 
+nb::tuple na_additional_forward(int rank, const InArray& q_in, const InArray& keys_in,
+                                const InArray& values_in, std::optional<double> scale,
+                                bool return_lse, const nb::callable& alloc,
+                                bool uint16_is_bfloat16, std::uintptr_t stream) {
+  const Call call{"na" + std::to_string(rank) + "d", uint16_is_bfloat16, stream};
+  const NaParams p = rank_and_scale(rank, scale);
+  const TensorView q = call.view(q_in, "q"), keys = call.view(keys_in, "additional_keys"),
+                   values = call.view(values_in, "additional_values");
+  libna::check_na_additional_forward(q, keys, values, p);
+  auto [out_obj, out] = call.allocate(alloc, q.with_last_dim(values.shape[3]), q.dtype, "out");
+  auto [lse_obj, lse] =
+      call.allocate_if(return_lse, alloc, q.with_last_dim(-1), libna::lse_dtype(q.dtype), "lse");
+  {
+    nb::gil_scoped_release release;
+    libna::na_additional_forward(q, keys, values, out, lse ? &*lse : nullptr, p,
+                                 reinterpret_cast<void*>(stream));
+  }
+  return nb::make_tuple(out_obj, lse_obj);
+}
+
+nb::tuple na_additional_backward(int rank, const InArray& q_in, const InArray& keys_in,
+                                 const InArray& values_in, const InArray& out_in,
+                                 const InArray& dout_in, const InArray& lse_in,
+                                 std::optional<double> scale, const nb::callable& alloc,
+                                 bool uint16_is_bfloat16, std::uintptr_t stream) {
+  const Call call{"na" + std::to_string(rank) + "d_backward", uint16_is_bfloat16, stream};
+  const NaParams p = rank_and_scale(rank, scale);
+  const TensorView q = call.view(q_in, "q"), keys = call.view(keys_in, "additional_keys"),
+                   values = call.view(values_in, "additional_values");
+  const TensorView out = call.view(out_in, "out"), dout = call.view(dout_in, "dout"),
+                   lse = call.view(lse_in, "lse");
+  libna::check_na_additional_backward(q, keys, values, out, dout, lse, p);
+  auto [dq_obj, dq] = call.allocate(alloc, q, q.dtype, "dq");
+  auto [dk_obj, dk] = call.allocate(alloc, keys, q.dtype, "d(additional_keys)");
+  auto [dv_obj, dv] = call.allocate(alloc, values, q.dtype, "d(additional_values)");
+  {
+    nb::gil_scoped_release release;
+    libna::na_additional_backward(q, keys, values, out, dout, lse, dq, dk, dv, p,
+                                  reinterpret_cast<void*>(stream));
+  }
+  return nb::make_tuple(dq_obj, dk_obj, dv_obj);
+}
+
+std::vector<TensorView> views(const Call& call, const std::vector<InArray>& arrays,
+                              const char* name) {
+  std::vector<TensorView> result;
+  for (std::size_t i = 0; i < arrays.size(); ++i) {
+    const std::string label = std::string(name) + "[" + std::to_string(i) + "]";
+    result.push_back(call.view(arrays[i], label.c_str()));
+  }
+  return result;
+}
+
+nb::tuple merge_attentions(const std::vector<InArray>& outs_in,
+                           const std::vector<InArray>& lses_in, const nb::callable& alloc,
+                           bool uint16_is_bfloat16, std::uintptr_t stream) {
+  const Call call{"merge_attentions", uint16_is_bfloat16, stream};
+  const auto outs = views(call, outs_in, "outs"), lses = views(call, lses_in, "lses");
+  libna::check_merge_attentions(outs, lses);
+  auto [out_obj, out] = call.allocate(alloc, outs[0], outs[0].dtype, "out");
+  auto [lse_obj, lse] =
+      call.allocate(alloc, outs[0].with_last_dim(-1), libna::lse_dtype(outs[0].dtype), "lse");
+  {
+    nb::gil_scoped_release release;
+    libna::merge_attentions(outs, lses, out, lse, reinterpret_cast<void*>(stream));
+  }
+  return nb::make_tuple(out_obj, lse_obj);
+}
+
+nb::tuple merge_attentions_backward(const std::vector<InArray>& outs_in,
+                                    const std::vector<InArray>& lses_in, const InArray& out_in,
+                                    const InArray& lse_in, const InArray& dout_in,
+                                    std::optional<InArray> dlse_in, const nb::callable& alloc,
+                                    bool uint16_is_bfloat16, std::uintptr_t stream) {
+  const Call call{"merge_attentions_backward", uint16_is_bfloat16, stream};
+  const auto outs = views(call, outs_in, "outs"), lses = views(call, lses_in, "lses");
+  const TensorView out = call.view(out_in, "out"), lse = call.view(lse_in, "lse"),
+                   dout = call.view(dout_in, "dout");
+  std::optional<TensorView> dlse;
+  if (dlse_in) dlse = call.view(*dlse_in, "dlse");
+  libna::check_merge_attentions_backward(outs, lses, out, lse, dout, dlse ? &*dlse : nullptr);
+  nb::list douts_obj, dlses_obj;
+  std::vector<TensorView> douts, dlses;
+  for (std::size_t i = 0; i < outs.size(); ++i) {
+    auto [dout_obj, dout_i] = call.allocate(alloc, outs[i], outs[i].dtype, "douts");
+    auto [dlse_obj, dlse_i] = call.allocate(alloc, lses[i], lses[i].dtype, "dlses");
+    douts_obj.append(dout_obj);
+    dlses_obj.append(dlse_obj);
+    douts.push_back(dout_i);
+    dlses.push_back(dlse_i);
+  }
+  {
+    nb::gil_scoped_release release;
+    libna::merge_attentions_backward(outs, lses, out, lse, dout, dlse ? &*dlse : nullptr, douts,
+                                     dlses, reinterpret_cast<void*>(stream));
+  }
+  return nb::make_tuple(douts_obj, dlses_obj);
+}
+
 nb::dict build_info() {
   const libna::BuildInfo info = libna::build_info();
   nb::dict d;
@@ -277,13 +377,7 @@ nb::dict build_info() {
 NB_MODULE(_C, m) {
   m.doc() = "libna's compiled core (use the functions of the libna package instead)";
 
-  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
-    try {
-      std::rethrow_exception(p);
-    } catch (const libna::dtype_error& e) {
-      PyErr_SetString(PyExc_TypeError, e.what());
-    }
-  });
+  register_dtype_error_as_type_error();
 
   m.def("na_forward", &na_forward, nb::arg("rank"), nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("rpb").none(), nb::arg("kernel_size"), nb::arg("stride"), nb::arg("dilation"),
@@ -306,6 +400,19 @@ NB_MODULE(_C, m) {
         nb::arg("stream") = 0);
   m.def("na_av_backward", &na_av_backward, nb::arg("rank"), nb::arg("dout"), nb::arg("attn"),
         nb::arg("v"), nb::arg("kernel_size"), nb::arg("dilation"), nb::arg("is_causal"),
+        nb::arg("alloc"), nb::arg("uint16_is_bfloat16") = false, nb::arg("stream") = 0);
+  m.def("na_additional_forward", &na_additional_forward, nb::arg("rank"), nb::arg("q"),
+        nb::arg("additional_keys"), nb::arg("additional_values"), nb::arg("scale").none(),
+        nb::arg("return_lse"), nb::arg("alloc"), nb::arg("uint16_is_bfloat16") = false,
+        nb::arg("stream") = 0);
+  m.def("na_additional_backward", &na_additional_backward, nb::arg("rank"), nb::arg("q"),
+        nb::arg("additional_keys"), nb::arg("additional_values"), nb::arg("out"),
+        nb::arg("dout"), nb::arg("lse"), nb::arg("scale").none(), nb::arg("alloc"),
+        nb::arg("uint16_is_bfloat16") = false, nb::arg("stream") = 0);
+  m.def("merge_attentions", &merge_attentions, nb::arg("outs"), nb::arg("lses"),
+        nb::arg("alloc"), nb::arg("uint16_is_bfloat16") = false, nb::arg("stream") = 0);
+  m.def("merge_attentions_backward", &merge_attentions_backward, nb::arg("outs"),
+        nb::arg("lses"), nb::arg("out"), nb::arg("lse"), nb::arg("dout"), nb::arg("dlse").none(),
         nb::arg("alloc"), nb::arg("uint16_is_bfloat16") = false, nb::arg("stream") = 0);
   m.def("build_info", &build_info);
   m.def("set_num_threads", &libna::set_num_threads, nb::arg("num_threads"));

@@ -4,7 +4,9 @@
 //       the op,
 //   (c) float16 / bfloat16 forward against float32 forward on the same values,
 //   (d) the thread-count setting, and bitwise identical results on 1 and 2
-//       threads.
+//       threads,
+//   (e) composition: NA over the whole sequence plus additional keys, merged,
+//       against a naive dense attention loop; its validation errors.
 // Prints one line per failure and a summary; exits non-zero on any failure.
 #include <libna/libna.h>
 
@@ -480,6 +482,86 @@ void test_threads() {
   CHECK(libna::get_num_threads() == initial);
 }
 
+// ---- (e) composition ----------------------------------------------------------------
+
+void test_composition() {
+  // 1D, kernel = extent (full self-attention), plus N additional keys: the
+  // merged result is dense attention over all L + N keys.
+  constexpr i64 L = 7, N = 3, heads = 2, D = 4;
+  std::mt19937 gen(3);
+  std::normal_distribution<double> normal;
+  auto random = [&](i64 n) {
+    std::vector<double> x(n);
+    for (double& e : x) e = normal(gen);
+    return x;
+  };
+  std::vector<double> q = random(L * heads * D), k = random(L * heads * D),
+                      v = random(L * heads * D), xk = random(N * heads * D),
+                      xv = random(N * heads * D);
+  auto view = [](std::vector<double>& x, std::initializer_list<i64> shape) {
+    return TensorView::contiguous(x.data(), DType::float64, shape);
+  };
+  NaParams p;
+  p.rank = 1;
+  p.kernel_size = {L, 0, 0};
+  std::vector<double> na_out(L * heads * D), na_lse(L * heads), x_out(L * heads * D),
+      x_lse(L * heads), out(L * heads * D), lse(L * heads);
+  const TensorView qv = view(q, {1, L, heads, D}), xkv = view(xk, {1, N, heads, D}),
+                   xvv = view(xv, {1, N, heads, D});
+  const TensorView na_lse_v = view(na_lse, {1, L, heads}), x_lse_v = view(x_lse, {1, L, heads});
+  libna::na_forward(qv, view(k, {1, L, heads, D}), view(v, {1, L, heads, D}), nullptr,
+                    view(na_out, {1, L, heads, D}), &na_lse_v, p);
+  libna::na_additional_forward(qv, xkv, xvv, view(x_out, {1, L, heads, D}), &x_lse_v, p);
+  libna::merge_attentions({view(na_out, {1, L, heads, D}), view(x_out, {1, L, heads, D})},
+                          {na_lse_v, x_lse_v}, view(out, {1, L, heads, D}),
+                          view(lse, {1, L, heads}));
+  double err = 0;
+  for (i64 i = 0; i < L; ++i)
+    for (i64 h = 0; h < heads; ++h) {
+      std::vector<double> logits;
+      for (i64 j = 0; j < L + N; ++j) {
+        const double* key = j < L ? &k[(j * heads + h) * D] : &xk[((j - L) * heads + h) * D];
+        double s = 0;
+        for (i64 d = 0; d < D; ++d) s += q[(i * heads + h) * D + d] * key[d];
+        logits.push_back(s / std::sqrt(double(D)));
+      }
+      const double m = *std::max_element(logits.begin(), logits.end());
+      double sum = 0;
+      for (double& l : logits) sum += (l = std::exp(l - m));
+      err = std::max(err, std::abs(lse[i * heads + h] - (m + std::log(sum))));
+      for (i64 d = 0; d < D; ++d) {
+        double want = 0;
+        for (i64 j = 0; j < L + N; ++j) {
+          want += logits[j] / sum * (j < L ? v[(j * heads + h) * D + d]
+                                           : xv[((j - L) * heads + h) * D + d]);
+        }
+        err = std::max(err, std::abs(out[(i * heads + h) * D + d] - want));
+      }
+    }
+  CHECK_MSG(err < 1e-12, "merged NA + additional keys vs dense loop, error " + std::to_string(err));
+
+  expect_error("additional_keys batch", false, "[na1d]", "additional_keys", [&] {
+    TensorView bad = xkv;
+    bad.shape[0] = 2;
+    libna::check_na_additional_forward(qv, bad, xvv, p);
+  });
+  expect_error("additional_values head_dim_v vs out", false, "[na1d]", "out", [&] {
+    libna::na_additional_forward(qv, xkv, xvv, view(x_out, {1, L, heads, D - 1}), nullptr, p);
+  });
+  expect_error("additional dtype", true, "[na1d]", "dtype", [&] {
+    TensorView bad = xkv;
+    bad.dtype = DType::float32;
+    libna::check_na_additional_forward(qv, bad, xvv, p);
+  });
+  expect_error("merge nothing", false, "[merge_attentions]", "outs",
+               [&] { libna::check_merge_attentions({}, {}); });
+  expect_error("merge lse dtype", true, "[merge_attentions]", "lses[1]", [&] {
+    TensorView bad = x_lse_v;
+    bad.dtype = DType::float32;
+    libna::check_merge_attentions({qv, qv}, {na_lse_v, bad});
+  });
+}
+
 }  // namespace
 
 int main() {
@@ -488,7 +570,7 @@ int main() {
   const std::pair<const char*, void (*)()> tests[] = {
       {"axis_window", test_axis_window},   {"converters", test_converters},
       {"validation", test_validation},     {"half_precision", test_half_precision},
-      {"threads", test_threads},
+      {"threads", test_threads},           {"composition", test_composition},
   };
   for (const auto& [name, fn] : tests) {
     const int failed_before = g_failed;

@@ -114,6 +114,69 @@ LIBNA_API void na_av_backward(const TensorView& dout, const TensorView& attn,
 LIBNA_API void check_na_av_backward(const TensorView& dout, const TensorView& attn,
                                     const TensorView& v, const NaParams& params);
 
+// ---- composition: additional keys and merging ------------------------------
+// na{n}d(..., additional_keys, additional_values) is na_forward over the
+// neighbourhood, na_additional_forward over the additional keys, and
+// merge_attentions of the two; the backward runs na_backward and
+// na_additional_backward with the merged out and lse and sums the dq parts.
+
+// Dense attention of every query over N additional keys shared by all query
+// positions of a batch entry: out = softmax(scale * q.k) . v over the N keys.
+// q [B, *spatial, heads, D], additional_keys [B, N, heads_kv, D],
+// additional_values [B, N, heads_kv, D_v]; out [B, *spatial, heads, D_v];
+// lse (optional) as for na_forward. Only params.rank and params.scale are used
+// (errors are reported as na{rank}d's).
+LIBNA_API void na_additional_forward(const TensorView& q, const TensorView& additional_keys,
+                                     const TensorView& additional_values,
+                                     const TensorView& out, const TensorView* lse,
+                                     const NaParams& params, void* stream = nullptr);
+LIBNA_API void check_na_additional_forward(const TensorView& q,
+                                           const TensorView& additional_keys,
+                                           const TensorView& additional_values,
+                                           const NaParams& params);
+
+// Gradients of the additional-key part, FlashAttention-2 style from the out,
+// dout and lse of the whole (merged) attention: dq is this part's share of
+// the query gradient; dk/dv (the shapes of additional_keys/values) sum over
+// the query heads of each kv head.
+LIBNA_API void na_additional_backward(const TensorView& q, const TensorView& additional_keys,
+                                      const TensorView& additional_values,
+                                      const TensorView& out, const TensorView& dout,
+                                      const TensorView& lse, const TensorView& dq,
+                                      const TensorView& dk, const TensorView& dv,
+                                      const NaParams& params, void* stream = nullptr);
+LIBNA_API void check_na_additional_backward(const TensorView& q,
+                                            const TensorView& additional_keys,
+                                            const TensorView& additional_values,
+                                            const TensorView& out, const TensorView& dout,
+                                            const TensorView& lse, const NaParams& params);
+
+// Exact combination of attentions of the same queries over disjoint key sets
+// from their log-sum-exps: lse = log(sum_i exp(lse_i)),
+// out = sum_i exp(lse_i - lse) * out_i. outs[i] [..., D_v] share one shape and
+// dtype; lses[i] [...] have dtype lse_dtype(outs dtype). A part whose lse is
+// -inf (no keys) has weight 0; rows where every part is -inf give out 0.
+LIBNA_API void merge_attentions(const std::vector<TensorView>& outs,
+                                const std::vector<TensorView>& lses, const TensorView& out,
+                                const TensorView& lse, void* stream = nullptr);
+LIBNA_API void check_merge_attentions(const std::vector<TensorView>& outs,
+                                      const std::vector<TensorView>& lses);
+
+// Gradients of merge_attentions given the merged out, lse and dout (and dlse,
+// optional): douts[i] = w_i * dout, dlses[i] = w_i * (dout . (out_i - out) + dlse)
+// with w_i = exp(lse_i - lse).
+LIBNA_API void merge_attentions_backward(const std::vector<TensorView>& outs,
+                                         const std::vector<TensorView>& lses,
+                                         const TensorView& out, const TensorView& lse,
+                                         const TensorView& dout, const TensorView* dlse,
+                                         const std::vector<TensorView>& douts,
+                                         const std::vector<TensorView>& dlses,
+                                         void* stream = nullptr);
+LIBNA_API void check_merge_attentions_backward(const std::vector<TensorView>& outs,
+                                               const std::vector<TensorView>& lses,
+                                               const TensorView& out, const TensorView& lse,
+                                               const TensorView& dout, const TensorView* dlse);
+
 // ---- CPU thread pool --------------------------------------------------------
 // Threads used by the CPU backend; the default comes from LIBNA_NUM_THREADS,
 // else the cores this process may run on.

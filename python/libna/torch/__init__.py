@@ -16,6 +16,7 @@ from .ops import (
     na1d, na2d, na3d,
     na1d_qk, na2d_qk, na3d_qk,
     na1d_av, na2d_av, na3d_av,
+    merge_attentions,
 )
 from .nn import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 
@@ -24,5 +25,6 @@ __all__ = [
     "na1d", "na2d", "na3d",
     "na1d_qk", "na2d_qk", "na3d_qk",
     "na1d_av", "na2d_av", "na3d_av",
+    "merge_attentions",
     "NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D",
 ]

@@ -5,19 +5,23 @@ Each operator is one rank-generic ``torch.library.custom_op`` in the
 autograd formula, so that ``torch.compile(fullgraph=True)`` traces through
 them without graph breaks:
 
-=========================  ====================================================
-``libna::na_forward``      fused NA: (out, lse)
-``libna::na_backward``     its gradients: (dq, dk, dv, drpb)
-``libna::na_qk``           unfused scores q.k (+ rpb)
-``libna::na_qk_backward``  (dq, dk, drpb)
-``libna::na_av``           unfused weighted sum attn.v
-``libna::na_av_backward``  (dattn, dv)
-=========================  ====================================================
+================================  =============================================
+``libna::na_forward``             fused NA (+ additional keys): (out, lse)
+``libna::na_backward``            its gradients: (dq, dk, dv, drpb, dxk, dxv)
+``libna::merge_attentions``       exact lse merge of partial attentions
+``libna::merge_attentions_backward``  its gradients: (douts, dlses)
+``libna::na_qk``                  unfused scores q.k (+ rpb)
+``libna::na_qk_backward``         (dq, dk, drpb)
+``libna::na_av``                  unfused weighted sum attn.v
+``libna::na_av_backward``         (dattn, dv)
+================================  =============================================
 
 Per-axis arguments are ``List[int]`` / ``List[bool]`` whose length is the
 spatial rank; ``scale`` is a plain float, resolved by the Python wrappers
-(default ``D ** -0.5``) before the op is called. A missing rpb gradient is
-returned as an empty tensor (custom ops cannot return None).
+(default ``D ** -0.5``) before the op is called. A missing rpb (or
+additional-key) gradient is returned as an empty tensor (custom ops cannot
+return None). With additional keys, one backward call gives the gradients of
+both parts from the merged out and lse.
 
 The fused op saves q, k, v, out and lse (and rpb) for its backward, never the
 attention matrix. The gradient of lse is supported too: it is folded into the
@@ -40,7 +44,7 @@ from torch import Tensor
 from .. import _ops
 
 __all__ = [
-    "na", "na_qk", "na_av",
+    "na", "na_qk", "na_av", "merge_attentions",
     "na1d", "na2d", "na3d",
     "na1d_qk", "na2d_qk", "na3d_qk",
     "na1d_av", "na2d_av", "na3d_av",
@@ -75,16 +79,19 @@ def na_forward(
     dilation: List[int],
     is_causal: List[bool],
     scale: float,
+    additional_keys: Optional[Tensor] = None,
+    additional_values: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """Fused neighborhood attention: (out, lse)."""
+    """Fused neighborhood attention (plus additional keys): (out, lse)."""
     return _ops.na(
         len(kernel_size), q, k, v, tuple(kernel_size), stride=tuple(stride),
         dilation=tuple(dilation), is_causal=tuple(is_causal), scale=float(scale), rpb=rpb,
-        return_lse=True)
+        return_lse=True, additional_keys=additional_keys, additional_values=additional_values)
 
 
 @na_forward.register_fake
-def _(q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale):
+def _(q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale, additional_keys=None,
+      additional_values=None):
     _check_fake_rank("na_forward", "q", q, len(kernel_size))
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     lse = q.new_empty(q.shape[:-1], dtype=_lse_dtype(q.dtype))
@@ -105,21 +112,54 @@ def na_backward(
     dilation: List[int],
     is_causal: List[bool],
     scale: float,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of na_forward: (dq, dk, dv, drpb); drpb is empty without rpb."""
-    grads = _ops.na_backward(
+    additional_keys: Optional[Tensor] = None,
+    additional_values: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of na_forward: (dq, dk, dv, drpb, d_additional_keys,
+    d_additional_values); the optional ones are empty when not given."""
+    grads = list(_ops.na_backward(
         len(kernel_size), q, k, v, out, dout, lse, tuple(kernel_size), stride=tuple(stride),
-        dilation=tuple(dilation), is_causal=tuple(is_causal), scale=float(scale), rpb=rpb)
+        dilation=tuple(dilation), is_causal=tuple(is_causal), scale=float(scale), rpb=rpb,
+        additional_keys=additional_keys, additional_values=additional_values))
     if rpb is None:
-        return (*grads, q.new_empty(0))
+        grads.insert(3, q.new_empty(0))
+    if additional_keys is None:
+        grads += [q.new_empty(0), q.new_empty(0)]
     return tuple(grads)
 
 
 @na_backward.register_fake
-def _(q, k, v, out, dout, lse, rpb, kernel_size, stride, dilation, is_causal, scale):
+def _(q, k, v, out, dout, lse, rpb, kernel_size, stride, dilation, is_causal, scale,
+      additional_keys=None, additional_values=None):
     _check_fake_rank("na_backward", "q", q, len(kernel_size))
-    drpb = q.new_empty(0) if rpb is None else torch.empty_like(rpb)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drpb
+    empty_like = lambda t: q.new_empty(0) if t is None else torch.empty_like(t)  # noqa: E731
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), empty_like(rpb),
+            empty_like(additional_keys), empty_like(additional_values))
+
+
+@torch.library.custom_op("libna::merge_attentions", mutates_args=())
+def merge_attentions_op(outs: List[Tensor], lses: List[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Exact merge of partial attentions from their lse: (out, lse)."""
+    return _ops.merge_attentions(list(outs), list(lses))
+
+
+@merge_attentions_op.register_fake
+def _(outs, lses):
+    return torch.empty_like(outs[0]), torch.empty_like(lses[0])
+
+
+@torch.library.custom_op("libna::merge_attentions_backward", mutates_args=())
+def merge_attentions_backward(
+    outs: List[Tensor], lses: List[Tensor], out: Tensor, lse: Tensor, dout: Tensor,
+    dlse: Optional[Tensor],
+) -> Tuple[List[Tensor], List[Tensor]]:
+    """Gradients of merge_attentions: (douts, dlses)."""
+    return _ops.merge_attentions_backward(list(outs), list(lses), out, lse, dout, dlse)
+
+
+@merge_attentions_backward.register_fake
+def _(outs, lses, out, lse, dout, dlse):
+    return [torch.empty_like(o) for o in outs], [torch.empty_like(x) for x in lses]
 
 
 @torch.library.custom_op("libna::na_qk", mutates_args=())
@@ -212,40 +252,72 @@ def _(dout, attn, v, kernel_size, dilation, is_causal):
 
 
 def _na_forward_setup(ctx, inputs, output):
-    q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale = inputs
+    q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale, xk, xv = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, rpb)
+    ctx.save_for_backward(q, k, v, out, lse, rpb, xk, xv)
     ctx.params = (kernel_size, stride, dilation, is_causal, scale)
     # An unused output (usually lse) gets None rather than a tensor of zeros,
     # so that its gradient costs nothing when it does not flow.
     ctx.set_materialize_grads(False)
 
 
+def _with_lse_column(x, column):
+    """x with `column` ([..., 1]) appended along the last axis."""
+    return None if x is None else torch.cat([x, column.to(x.dtype)], dim=-1)
+
+
 def _na_forward_backward(ctx, dout, dlse):
-    q, k, v, out, lse, rpb = ctx.saved_tensors
+    q, k, v, out, lse, rpb, xk, xv = ctx.saved_tensors
     kernel_size, stride, dilation, is_causal, scale = ctx.params
+    no_grads = (None,) * 11
     if dout is None and dlse is None:
-        return None, None, None, None, None, None, None, None, None
+        return no_grads
     if dout is None:
         dout = torch.zeros_like(out)
-    if dlse is None:
-        dq, dk, dv, drpb = na_backward(q, k, v, out, dout, lse, rpb, kernel_size, stride,
-                                       dilation, is_causal, scale)
-    else:
+    if dlse is not None:
         # d lse / d logits = softmax probabilities p, so the lse gradient adds
         # p * dlse to the logits' gradient p * (dout.v_j - dout.out). With a
-        # ones column appended to v, a zero column to out and dlse to dout,
-        # one fused backward computes p * (dout.v_j + dlse - dout.out).
-        v1 = torch.cat([v, v.new_ones((*v.shape[:-1], 1))], dim=-1)
-        out1 = torch.cat([out, out.new_zeros((*out.shape[:-1], 1))], dim=-1)
-        dout1 = torch.cat([dout, dlse.to(dout.dtype).unsqueeze(-1)], dim=-1)
-        dq, dk, dv1, drpb = na_backward(q, k, v1, out1, dout1, lse, rpb, kernel_size, stride,
-                                        dilation, is_causal, scale)
-        dv = dv1[..., :-1]
-    return dq, dk, dv, (drpb if rpb is not None else None), None, None, None, None, None
+        # ones column appended to v (and to the additional values), a zero
+        # column to out and dlse to dout, one fused backward computes
+        # p * (dout.v_j + dlse - dout.out).
+        ones = v.new_ones((*v.shape[:-1], 1))
+        v = _with_lse_column(v, ones)
+        xv = None if xv is None else _with_lse_column(xv, xv.new_ones((*xv.shape[:-1], 1)))
+        out = _with_lse_column(out, out.new_zeros((*out.shape[:-1], 1)))
+        dout = _with_lse_column(dout, dlse.unsqueeze(-1))
+    dq, dk, dv, drpb, dxk, dxv = na_backward(q, k, v, out, dout, lse, rpb, kernel_size, stride,
+                                             dilation, is_causal, scale, xk, xv)
+    if dlse is not None:
+        dv = dv[..., :-1]
+        dxv = None if xv is None else dxv[..., :-1]
+    return (dq, dk, dv, (drpb if rpb is not None else None), None, None, None, None, None,
+            (dxk if xk is not None else None), (dxv if xv is not None else None))
 
 
 na_forward.register_autograd(_na_forward_backward, setup_context=_na_forward_setup)
+
+
+def _merge_setup(ctx, inputs, output):
+    outs, lses = inputs
+    out, lse = output
+    ctx.parts = len(outs)
+    ctx.save_for_backward(*outs, *lses, out, lse)
+    ctx.set_materialize_grads(False)
+
+
+def _merge_backward(ctx, dout, dlse):
+    saved = ctx.saved_tensors
+    n = ctx.parts
+    outs, lses, (out, lse) = list(saved[:n]), list(saved[n:2 * n]), saved[2 * n:]
+    if dout is None and dlse is None:
+        return [None] * n, [None] * n
+    if dout is None:
+        dout = torch.zeros_like(out)
+    douts, dlses = merge_attentions_backward(outs, lses, out, lse, dout, dlse)
+    return list(douts), list(dlses)
+
+
+merge_attentions_op.register_autograd(_merge_backward, setup_context=_merge_setup)
 
 
 def _na_qk_setup(ctx, inputs, output):
@@ -306,7 +378,7 @@ def _check_tensors(op: str, named: dict) -> None:
     dtype = None
     first = None
     for name, x in named.items():
-        if x is None and name == "rpb":
+        if x is None and name in ("rpb", "additional_keys", "additional_values"):
             continue
         if not isinstance(x, Tensor):
             raise TypeError(
@@ -337,7 +409,7 @@ def _per_axis(op, name, value, rank, boolean=False):
 
 
 def na(rank: int, q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False, scale=None,
-       rpb=None, return_lse=False):
+       rpb=None, return_lse=False, additional_keys=None, additional_values=None):
     """Rank-generic fused neighborhood attention (see ``na1d``)."""
     rank = _static(rank)
     op = f"na{rank}d"
@@ -347,11 +419,13 @@ def na(rank: int, q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False
     is_causal = _per_axis(op, "is_causal", is_causal, rank, boolean=True)
     scale = _ops.check_scale(op, scale)
     return_lse = _ops.check_flag(op, "return_lse", return_lse)
-    q, k, v, rpb = _autocast(q, k, v, rpb)
-    _check_tensors(op, {"q": q, "k": k, "v": v, "rpb": rpb})
+    _ops.check_additional(op, additional_keys, additional_values)
+    q, k, v, rpb, xk, xv = _autocast(q, k, v, rpb, additional_keys, additional_values)
+    _check_tensors(op, {"q": q, "k": k, "v": v, "rpb": rpb, "additional_keys": xk,
+                        "additional_values": xv})
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    out, lse = na_forward(q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale)
+    out, lse = na_forward(q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale, xk, xv)
     return (out, lse) if return_lse else out
 
 
@@ -387,7 +461,9 @@ _NA_DOC = """{rank}D neighborhood attention, fused and differentiable (torch cus
     scale: default D**-0.5; rpb: optional [heads, 2*kernel_size-1 per axis]
     (non-causal, stride 1). Returns out [B, {spatial}, heads, D_v], and with
     return_lse=True also lse [B, {spatial}, heads] (float32; float64 for
-    float64), which is differentiable as well.
+    float64), which is differentiable as well. additional_keys [B, N, heads_kv, D]
+    and additional_values [B, N, heads_kv, D_v] (both or neither) are attended
+    by every query too, in the same softmax; they are differentiable.
     """
 
 _QK_DOC = """{rank}D neighborhood attention scores q.k (+ rpb), unscaled,
@@ -407,9 +483,10 @@ _SPATIAL = {1: "L", 2: "H, W", 3: "T, H, W"}
 
 def _make_na(rank):
     def fn(q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False, scale=None,
-           rpb=None, return_lse=False):
+           rpb=None, return_lse=False, additional_keys=None, additional_values=None):
         return na(rank, q, k, v, kernel_size, stride=stride, dilation=dilation,
-                  is_causal=is_causal, scale=scale, rpb=rpb, return_lse=return_lse)
+                  is_causal=is_causal, scale=scale, rpb=rpb, return_lse=return_lse,
+                  additional_keys=additional_keys, additional_values=additional_values)
 
     fn.__name__ = fn.__qualname__ = f"na{rank}d"
     fn.__doc__ = _NA_DOC.format(rank=rank, spatial=_SPATIAL[rank])
@@ -432,6 +509,20 @@ def _make_av(rank):
     fn.__name__ = fn.__qualname__ = f"na{rank}d_av"
     fn.__doc__ = _AV_DOC.format(rank=rank, spatial=_SPATIAL[rank])
     return fn
+
+
+def merge_attentions(outs, lses):
+    """Exact, differentiable merge of attentions of the same queries over
+    disjoint key sets from their lse: (out, lse) with
+    lse = logsumexp_i lses[i] and out = sum_i exp(lses[i] - lse) * outs[i]."""
+    op = "merge_attentions"
+    outs, lses = list(outs), list(lses)
+    if not outs or len(outs) != len(lses):
+        raise ValueError(f"[{op}] outs and lses must be non-empty and of equal length, got "
+                         f"{len(outs)} outs and {len(lses)} lses")
+    _check_tensors(op, {f"outs[{i}]": o for i, o in enumerate(outs)})
+    _check_tensors(op, {f"lses[{i}]": x for i, x in enumerate(lses)})
+    return merge_attentions_op(outs, lses)
 
 
 na1d, na2d, na3d = (_make_na(r) for r in (1, 2, 3))

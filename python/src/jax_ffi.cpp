@@ -1,0 +1,417 @@
+// libna._jax_ffi: XLA FFI handlers (CPU) around libna's C++ ops, for
+// libna.jax. Built only when XLA's FFI headers are available (they ship with
+// jaxlib, see python/CMakeLists.txt); the module does not link against jaxlib.
+//
+// Every handler accepts inputs with extra leading dimensions, which is how
+// jax.vmap reaches it (ffi_call with vmap_method="broadcast_all": every
+// operand and result carries the same leading dimensions); it runs the op
+// once per leading index on row-major slices. Inputs are only read; XLA owns
+// the result buffers the ops write.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstdint>
+#include <exception>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "libna/libna.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace nb = nanobind;
+namespace ffi = xla::ffi;
+
+namespace {
+
+using libna::DType;
+using libna::NaParams;
+using libna::TensorView;
+using Int64s = ffi::Span<const std::int64_t>;
+
+DType dtype_of(ffi::DataType type) {
+  switch (type) {
+    case ffi::DataType::F16: return DType::float16;
+    case ffi::DataType::BF16: return DType::bfloat16;
+    case ffi::DataType::F32: return DType::float32;
+    case ffi::DataType::F64: return DType::float64;
+    default:
+      throw libna::dtype_error("[libna.jax] unsupported element type " +
+                               std::to_string(static_cast<int>(type)) +
+                               "; expected float16, bfloat16, float32 or float64");
+  }
+}
+
+// Views of row-major XLA buffers whose first `leading` dimensions are vmap
+// dimensions: slice(b, i) is the i-th slice as a TensorView.
+struct Slices {
+  int leading = 0;
+  std::int64_t count = 1;
+
+  // `base_ndim`: the op's own rank of the reference operand `b`.
+  Slices(const ffi::AnyBuffer& b, int base_ndim) {
+    const auto dims = b.dimensions();
+    leading = static_cast<int>(dims.size()) - base_ndim;
+    if (leading < 0) leading = 0;
+    for (int i = 0; i < leading; ++i) count *= dims[i];
+  }
+
+  TensorView slice(const ffi::AnyBuffer& b, std::int64_t i) const {
+    return view(b.untyped_data(), b.element_type(), b.dimensions(), i);
+  }
+  TensorView slice(ffi::Result<ffi::AnyBuffer> b, std::int64_t i) const {
+    return view(b->untyped_data(), b->element_type(), b->dimensions(), i);
+  }
+
+ private:
+  TensorView view(void* data, ffi::DataType type, Int64s dims, std::int64_t i) const {
+    const int ndim = static_cast<int>(dims.size()) - leading;
+    if (ndim > libna::kMaxDims) {
+      throw std::invalid_argument("[libna.jax] an operand has " + std::to_string(ndim) +
+                                  " dimensions; at most " + std::to_string(libna::kMaxDims));
+    }
+    TensorView t;
+    t.dtype = dtype_of(type);
+    t.ndim = ndim;
+    std::int64_t numel = 1;
+    for (int d = ndim - 1; d >= 0; --d) {
+      t.shape[d] = dims[leading + d];
+      t.strides[d] = numel;
+      numel *= t.shape[d];
+    }
+    t.data = static_cast<char*>(data) + i * numel * static_cast<std::int64_t>(
+                                                       libna::dtype_size(t.dtype));
+    return t;
+  }
+};
+
+NaParams make_params(Int64s kernel_size, Int64s stride, Int64s dilation, Int64s is_causal,
+                     double scale) {
+  NaParams p;
+  p.rank = static_cast<int>(kernel_size.size());
+  if (p.rank < 1 || p.rank > libna::kMaxSpatialRank || stride.size() != kernel_size.size() ||
+      dilation.size() != kernel_size.size() || is_causal.size() != kernel_size.size()) {
+    throw std::invalid_argument("[libna.jax] per-axis attributes of inconsistent lengths");
+  }
+  for (int a = 0; a < p.rank; ++a) {
+    p.kernel_size[a] = kernel_size[a];
+    p.stride[a] = stride[a];
+    p.dilation[a] = dilation[a];
+    p.is_causal[a] = is_causal[a] != 0;
+  }
+  p.scale = scale;
+  return p;
+}
+
+// Runs `body`, turning C++ exceptions into FFI errors with the same message.
+template <typename F>
+ffi::Error guarded(F&& body) {
+  try {
+    body();
+    return ffi::Error::Success();
+  } catch (const std::invalid_argument& e) {
+    return ffi::Error::InvalidArgument(e.what());
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(e.what());
+  }
+}
+
+ffi::Error na_forward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                      ffi::RemainingArgs rpb_arg, ffi::Result<ffi::AnyBuffer> out,
+                      ffi::Result<ffi::AnyBuffer> lse, Int64s kernel_size, Int64s stride,
+                      Int64s dilation, Int64s is_causal, double scale) {
+  return guarded([&] {
+    const NaParams p = make_params(kernel_size, stride, dilation, is_causal, scale);
+    std::optional<ffi::AnyBuffer> rpb;
+    if (rpb_arg.size() > 0) rpb = *rpb_arg.get<ffi::AnyBuffer>(0);
+    const Slices s(q, p.rank + 3);
+    for (std::int64_t i = 0; i < s.count; ++i) {
+      std::optional<TensorView> rpb_view;
+      if (rpb) rpb_view = s.slice(*rpb, i);
+      const TensorView lse_view = s.slice(lse, i);
+      libna::na_forward(s.slice(q, i), s.slice(k, i), s.slice(v, i),
+                        rpb_view ? &*rpb_view : nullptr, s.slice(out, i), &lse_view, p);
+    }
+  });
+}
+
+ffi::Error na_backward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer out,
+                       ffi::AnyBuffer dout, ffi::AnyBuffer lse, ffi::RemainingArgs rpb_arg,
+                       ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                       ffi::Result<ffi::AnyBuffer> dv, ffi::RemainingRets drpb_ret,
+                       Int64s kernel_size, Int64s stride, Int64s dilation, Int64s is_causal,
+                       double scale) {
+  return guarded([&] {
+    const NaParams p = make_params(kernel_size, stride, dilation, is_causal, scale);
+    std::optional<ffi::AnyBuffer> rpb;
+    std::optional<ffi::Result<ffi::AnyBuffer>> drpb;
+    if (rpb_arg.size() > 0) {
+      rpb = *rpb_arg.get<ffi::AnyBuffer>(0);
+      drpb = *drpb_ret.get<ffi::AnyBuffer>(0);
+    }
+    const Slices s(q, p.rank + 3);
+    for (std::int64_t i = 0; i < s.count; ++i) {
+      std::optional<TensorView> rpb_view, drpb_view;
+      if (rpb) {
+        rpb_view = s.slice(*rpb, i);
+        drpb_view = s.slice(*drpb, i);
+      }
+      libna::na_backward(s.slice(q, i), s.slice(k, i), s.slice(v, i),
+                         rpb_view ? &*rpb_view : nullptr, s.slice(out, i), s.slice(dout, i),
+                         s.slice(lse, i), s.slice(dq, i), s.slice(dk, i), s.slice(dv, i),
+                         drpb_view ? &*drpb_view : nullptr, p);
+    }
+  });
+}
+
+ffi::Error na_additional_forward(ffi::AnyBuffer q, ffi::AnyBuffer keys, ffi::AnyBuffer values,
+                                 ffi::Result<ffi::AnyBuffer> out,
+                                 ffi::Result<ffi::AnyBuffer> lse, std::int64_t rank,
+                                 double scale) {
+  return guarded([&] {
+    const NaParams p = rank_and_scale(static_cast<int>(rank), scale);
+    const Slices s(q, p.rank + 3);
+    for (std::int64_t i = 0; i < s.count; ++i) {
+      const TensorView lse_view = s.slice(lse, i);
+      libna::na_additional_forward(s.slice(q, i), s.slice(keys, i), s.slice(values, i),
+                                   s.slice(out, i), &lse_view, p);
+    }
+  });
+}
+
+ffi::Error na_additional_backward(ffi::AnyBuffer q, ffi::AnyBuffer keys, ffi::AnyBuffer values,
+                                  ffi::AnyBuffer out, ffi::AnyBuffer dout, ffi::AnyBuffer lse,
+                                  ffi::Result<ffi::AnyBuffer> dq,
+                                  ffi::Result<ffi::AnyBuffer> dkeys,
+                                  ffi::Result<ffi::AnyBuffer> dvalues, std::int64_t rank,
+                                  double scale) {
+  return guarded([&] {
+    const NaParams p = rank_and_scale(static_cast<int>(rank), scale);
+    const Slices s(q, p.rank + 3);
+    for (std::int64_t i = 0; i < s.count; ++i) {
+      libna::na_additional_backward(s.slice(q, i), s.slice(keys, i), s.slice(values, i),
+                                    s.slice(out, i), s.slice(dout, i), s.slice(lse, i),
+                                    s.slice(dq, i), s.slice(dkeys, i), s.slice(dvalues, i), p);
+    }
+  });
+}
+
+// Merging works row by row, so every operand is viewed whole, flattened to
+// [rows, D_v] (outs) and [rows] (lses), whatever vmap added in front.
+TensorView flat(void* data, ffi::DataType type, Int64s dims, bool keep_last) {
+  TensorView t;
+  t.data = data;
+  t.dtype = dtype_of(type);
+  std::int64_t rows = 1;
+  const std::size_t row_dims = keep_last ? dims.size() - 1 : dims.size();
+  for (std::size_t d = 0; d < row_dims; ++d) rows *= dims[d];
+  if (keep_last) {
+    t.ndim = 2;
+    t.shape[0] = rows;
+    t.shape[1] = dims[dims.size() - 1];
+    t.strides[0] = t.shape[1];
+    t.strides[1] = 1;
+  } else {
+    t.ndim = 1;
+    t.shape[0] = rows;
+    t.strides[0] = 1;
+  }
+  return t;
+}
+TensorView flat(const ffi::AnyBuffer& b, bool keep_last) {
+  return flat(b.untyped_data(), b.element_type(), b.dimensions(), keep_last);
+}
+TensorView flat(ffi::Result<ffi::AnyBuffer> b, bool keep_last) {
+  return flat(b->untyped_data(), b->element_type(), b->dimensions(), keep_last);
+}
+
+// args: outs[0..parts), lses[0..parts); rets: out, lse.
+ffi::Error merge_attentions(ffi::RemainingArgs args, ffi::Result<ffi::AnyBuffer> out,
+                            ffi::Result<ffi::AnyBuffer> lse, std::int64_t parts) {
+  return guarded([&] {
+    std::vector<TensorView> outs, lses;
+    for (std::int64_t i = 0; i < parts; ++i) {
+      outs.push_back(flat(*args.get<ffi::AnyBuffer>(i), true));
+      lses.push_back(flat(*args.get<ffi::AnyBuffer>(parts + i), false));
+    }
+    libna::merge_attentions(outs, lses, flat(out, true), flat(lse, false));
+  });
+}
+
+// args: outs, lses, out, lse, dout[, dlse]; rets: douts, dlses.
+ffi::Error merge_attentions_backward(ffi::RemainingArgs args, ffi::RemainingRets rets,
+                                     std::int64_t parts) {
+  return guarded([&] {
+    std::vector<TensorView> outs, lses, douts, dlses;
+    for (std::int64_t i = 0; i < parts; ++i) {
+      outs.push_back(flat(*args.get<ffi::AnyBuffer>(i), true));
+      lses.push_back(flat(*args.get<ffi::AnyBuffer>(parts + i), false));
+      douts.push_back(flat(*rets.get<ffi::AnyBuffer>(i), true));
+      dlses.push_back(flat(*rets.get<ffi::AnyBuffer>(parts + i), false));
+    }
+    const std::size_t base = 2 * static_cast<std::size_t>(parts);
+    std::optional<TensorView> dlse;
+    if (args.size() > base + 3) dlse = flat(*args.get<ffi::AnyBuffer>(base + 3), false);
+    libna::merge_attentions_backward(outs, lses, flat(*args.get<ffi::AnyBuffer>(base), true),
+                                     flat(*args.get<ffi::AnyBuffer>(base + 1), false),
+                                     flat(*args.get<ffi::AnyBuffer>(base + 2), true),
+                                     dlse ? &*dlse : nullptr, douts, dlses);
+  });
+}
+
+}  // namespace
+
+namespace {
+// The attributes of NA's per-axis parameters and scale (see make_params).
+template <typename Binding>
+auto with_na_attributes(Binding binding) {
+  return std::move(binding)
+      .template Attr<Int64s>("kernel_size")
+      .template Attr<Int64s>("stride")
+      .template Attr<Int64s>("dilation")
+      .template Attr<Int64s>("is_causal")
+      .template Attr<double>("scale");
+}
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(libna_na_forward, na_forward,
+                              with_na_attributes(ffi::Ffi::Bind()
+                                                     .Arg<ffi::AnyBuffer>()
+                                                     .Arg<ffi::AnyBuffer>()
+                                                     .Arg<ffi::AnyBuffer>()
+                                                     .RemainingArgs()
+                                                     .Ret<ffi::AnyBuffer>()
+                                                     .Ret<ffi::AnyBuffer>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(libna_na_backward, na_backward,
+                              with_na_attributes(ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .RemainingRets()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(libna_na_additional_forward, na_additional_forward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<std::int64_t>("rank")
+                                  .Attr<double>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(libna_na_additional_backward, na_additional_backward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<std::int64_t>("rank")
+                                  .Attr<double>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(libna_merge_attentions, merge_attentions,
+                              ffi::Ffi::Bind()
+                                  .RemainingArgs()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<std::int64_t>("parts"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(libna_merge_attentions_backward, merge_attentions_backward,
+                              ffi::Ffi::Bind()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<std::int64_t>("parts"));
+
+namespace {
+
+// Shape-only validation at trace time, so that bad input raises ValueError /
+// TypeError from the jitted call itself. `arrays` maps a name to
+// (shape, dtype name) or None; nothing is read from memory.
+TensorView shape_view(const nb::handle& spec, const char* name) {
+  const auto shape = nb::cast<std::vector<std::int64_t>>(spec[0]);
+  const auto dtype = nb::cast<std::string>(spec[1]);
+  TensorView t;
+  if (dtype == "float16") t.dtype = DType::float16;
+  else if (dtype == "bfloat16") t.dtype = DType::bfloat16;
+  else if (dtype == "float32") t.dtype = DType::float32;
+  else if (dtype == "float64") t.dtype = DType::float64;
+  else
+    throw libna::dtype_error(std::string("[libna.jax] ") + name + " has dtype " + dtype +
+                             "; expected float16, bfloat16, float32 or float64");
+  if (shape.size() > static_cast<std::size_t>(libna::kMaxDims)) {
+    throw std::invalid_argument(std::string("[libna.jax] ") + name + " has " +
+                                std::to_string(shape.size()) + " dimensions; at most " +
+                                std::to_string(libna::kMaxDims));
+  }
+  t.ndim = static_cast<int>(shape.size());
+  std::int64_t stride = 1;
+  for (int d = t.ndim - 1; d >= 0; --d) {
+    t.shape[d] = shape[d];
+    t.strides[d] = stride;
+    stride *= shape[d];
+  }
+  return t;
+}
+
+void check_na(const nb::dict& arrays, const std::vector<std::int64_t>& kernel_size,
+              const std::vector<std::int64_t>& stride, const std::vector<std::int64_t>& dilation,
+              const std::vector<std::int64_t>& is_causal, double scale) {
+  const NaParams p = make_params(Int64s(kernel_size), Int64s(stride), Int64s(dilation),
+                                 Int64s(is_causal), scale);
+  auto get = [&](const char* name) -> std::optional<TensorView> {
+    nb::object spec = arrays[name];
+    if (spec.is_none()) return std::nullopt;
+    return shape_view(spec, name);
+  };
+  const TensorView q = *get("q");
+  const auto rpb = get("rpb");
+  libna::check_na_forward(q, *get("k"), *get("v"), rpb ? &*rpb : nullptr, p);
+  const auto keys = get("additional_keys");
+  if (keys) libna::check_na_additional_forward(q, *keys, *get("additional_values"), p);
+}
+
+void check_merge(const nb::list& outs, const nb::list& lses) {
+  std::vector<TensorView> out_views, lse_views;
+  for (std::size_t i = 0; i < outs.size(); ++i) out_views.push_back(shape_view(outs[i], "outs"));
+  for (std::size_t i = 0; i < lses.size(); ++i) lse_views.push_back(shape_view(lses[i], "lses"));
+  libna::check_merge_attentions(out_views, lse_views);
+}
+
+template <typename Fn>
+nb::capsule handler_capsule(Fn* fn) {
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+}  // namespace
+
+NB_MODULE(_jax_ffi, m) {
+  m.doc() = "XLA FFI handlers of libna for libna.jax (CPU)";
+  register_dtype_error_as_type_error();
+  m.def("handlers", [] {
+    nb::dict d;
+    d["libna_na_forward"] = handler_capsule(libna_na_forward);
+    d["libna_na_backward"] = handler_capsule(libna_na_backward);
+    d["libna_na_additional_forward"] = handler_capsule(libna_na_additional_forward);
+    d["libna_na_additional_backward"] = handler_capsule(libna_na_additional_backward);
+    d["libna_merge_attentions"] = handler_capsule(libna_merge_attentions);
+    d["libna_merge_attentions_backward"] = handler_capsule(libna_merge_attentions_backward);
+    return d;
+  });
+  m.def("check_na", &check_na, nb::arg("arrays"), nb::arg("kernel_size"), nb::arg("stride"),
+        nb::arg("dilation"), nb::arg("is_causal"), nb::arg("scale"));
+  m.def("check_merge", &check_merge, nb::arg("outs"), nb::arg("lses"));
+}

@@ -1,0 +1,93 @@
+"""Every DLPack framework gets its own array type back, mixed frameworks in
+one call are refused with a TypeError, and CuPy arrays (on a GPU) come back
+as CuPy arrays computed on the caller's stream."""
+
+import numpy as np
+import pytest
+import torch
+
+import libna
+
+pytestmark = pytest.mark.skipif(libna._ops._C is None, reason="compiled core not loaded")
+
+jax = pytest.importorskip("jax", reason="JAX is not installed")
+jnp = jax.numpy
+
+
+def make(rng):
+    q = rng.standard_normal((2, 5, 6, 4, 8)).astype(np.float32)
+    k = rng.standard_normal((2, 5, 6, 2, 8)).astype(np.float32)
+    v = rng.standard_normal((2, 5, 6, 2, 8)).astype(np.float32)
+    xk = rng.standard_normal((2, 3, 2, 8)).astype(np.float32)
+    return q, k, v, xk
+
+
+FRAMEWORKS = {
+    "numpy": (lambda x: x, np.ndarray),
+    "torch": (torch.from_numpy, torch.Tensor),
+    "jax": (jnp.asarray, jax.Array),
+}
+
+
+@pytest.mark.parametrize("framework", list(FRAMEWORKS))
+def test_each_framework_gets_its_own_type(framework, rng):
+    convert, kind = FRAMEWORKS[framework]
+    arrays = make(rng)
+    q, k, v, xk = (convert(x) for x in arrays)
+    out, lse = libna.na2d(q, k, v, 3, return_lse=True, additional_keys=xk, additional_values=xk)
+    assert isinstance(out, kind) and isinstance(lse, kind)
+    merged, merged_lse = libna.merge_attentions([out, out], [lse, lse])
+    assert isinstance(merged, kind) and isinstance(merged_lse, kind)
+    grads = libna.na2d_backward(q, k, v, out, out, lse, 3, additional_keys=xk,
+                                additional_values=xk)
+    assert all(isinstance(g, kind) for g in grads)
+    want = libna.na2d(*arrays[:3], 3, additional_keys=arrays[3], additional_values=arrays[3])
+    np.testing.assert_allclose(np.asarray(out), want, rtol=0, atol=0)
+
+
+MIXES = [("numpy", "torch"), ("numpy", "jax"), ("torch", "jax")]
+
+
+@pytest.mark.parametrize("first,second", MIXES)
+def test_mixed_frameworks_are_refused(first, second, rng):
+    q, k, v, xk = make(rng)
+    a, b = FRAMEWORKS[first][0], FRAMEWORKS[second][0]
+    match = f"one framework.*{first}.*{second}"
+    with pytest.raises(TypeError, match=match):
+        libna.na2d(a(q), b(k), a(v), 3)
+    with pytest.raises(TypeError, match=match):
+        libna.na2d(a(q), a(k), a(v), 3, additional_keys=b(xk), additional_values=b(xk))
+    out, lse = libna.na2d(q, k, v, 3, return_lse=True)
+    with pytest.raises(TypeError, match=match):
+        libna.merge_attentions([a(out), b(out)], [a(lse), b(lse)])
+    with pytest.raises(TypeError, match=match):
+        libna.na2d_backward(a(q), a(k), a(v), a(out), b(out), a(lse), 3)
+
+
+def _cupy_or_skip():
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("CuPy found no CUDA GPU")
+    except cupy.cuda.runtime.CUDARuntimeError as error:
+        pytest.skip(f"CuPy found no CUDA GPU ({error})")
+    if "cuda" not in libna.build_info()["backends"]:
+        pytest.skip("libna was built without its CUDA backend")
+    return cupy
+
+
+@pytest.mark.gpu
+def test_cupy_in_cupy_out_on_the_callers_stream(rng):
+    cupy = _cupy_or_skip()
+    q, k, v, xk = make(rng)
+    want, want_lse = libna.na2d(q, k, v, 3, return_lse=True)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        out, lse = libna.na2d(*(cupy.asarray(x) for x in (q, k, v)), 3, return_lse=True)
+        stream.synchronize()
+    assert isinstance(out, cupy.ndarray) and isinstance(lse, cupy.ndarray)
+    assert out.device.id == cupy.cuda.Device().id
+    np.testing.assert_allclose(cupy.asnumpy(out), want, atol=1e-5)
+    np.testing.assert_allclose(cupy.asnumpy(lse), want_lse, atol=1e-5)
+    with pytest.raises(TypeError, match="one framework"):
+        libna.na2d(cupy.asarray(q), k, v, 3)
