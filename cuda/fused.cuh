@@ -38,6 +38,7 @@ struct OwnedQuery {
     int extent[kAxes];
     tiling::tile_extents(plan, true, extent);
     valid = tiling::slot_position(slot, extent, blk.own_lo, blk.own_hi, pos);
+  #pragma unroll
     for (int a = 0; a < kAxes; ++a) {
       if (valid) {
         tiling::window_in_group(pos[a], blk.len_g[a], plan.axis[a].p, &lo[a], &hi[a]);
@@ -83,6 +84,7 @@ __device__ void load_key_tile(const FusedParams& p, const tiling::Block& blk,
     float kx = 0.f, vx = 0.f;
     if (key_valid[j]) {
       std::int64_t c[kAxes];
+    #pragma unroll
       for (int a = 0; a < kAxes; ++a) {
         c[a] = tiling::full_index(blk.group[a], key_pos[j][a], p.plan.axis[a].p);
       }
@@ -99,6 +101,7 @@ template <typename T>
 __device__ __forceinline__ float bias_at(const FusedParams& p, int h, const int* iq,
                                          const int* jk) {
   int r[kAxes];
+#pragma unroll
   for (int a = 0; a < kAxes; ++a) r[a] = tiling::rpb_index(iq[a], jk[a], p.plan.axis[a].p);
   return load<T>(p.rpb.data, h * p.rpb.h + bias_offset(p.rpb, r));
 }
@@ -250,6 +253,7 @@ __global__ void __launch_bounds__(tiling::kThreads)
       for (int i = 0; i < kChunk; ++i) dq_acc[i] += dlogit * k_tile[j][lane + kLanes * i];
       if (p.bias_grad && lane == 0) {
         int r[kAxes];
+      #pragma unroll
         for (int a = 0; a < kAxes; ++a) {
           r[a] = tiling::rpb_index(query.pos[a], key_pos[j][a], p.plan.axis[a].p);
         }
@@ -296,6 +300,7 @@ __global__ void __launch_bounds__(tiling::kThreads)
   std::int64_t key_coord[kAxes];
   const bool valid =
       tiling::slot_position(threadIdx.x / kLanes, key_extent, blk.own_lo, blk.own_hi, key);
+#pragma unroll
   for (int a = 0; a < kAxes; ++a) {
     int first = 0, last = -1;
     if (valid) tiling::queries_seeing(key[a], blk.len_g[a], p.plan.axis[a].p, &first, &last);
@@ -323,6 +328,7 @@ __global__ void __launch_bounds__(tiling::kThreads)
         query_valid[i] = tiling::slot_position(i, query_extent, tile.lo, tile.hi, query_pos[i]);
         if (query_valid[i]) {
           std::int64_t c[kAxes];
+        #pragma unroll
           for (int a = 0; a < kAxes; ++a) {
             c[a] = tiling::full_index(blk.group[a], query_pos[i][a], p.plan.axis[a].p);
           }
@@ -336,6 +342,7 @@ __global__ void __launch_bounds__(tiling::kThreads)
         float qx = 0.f, dx = 0.f;
         if (query_valid[i]) {
           std::int64_t c[kAxes];
+        #pragma unroll
           for (int a = 0; a < kAxes; ++a) {
             c[a] = tiling::full_index(blk.group[a], query_pos[i][a], p.plan.axis[a].p);
           }

@@ -21,6 +21,14 @@
 
 #include "libna/window.h"
 
+// Loops over the three axes are unrolled on the device, so that per-axis
+// arrays stay in registers instead of local memory.
+#if defined(__CUDA_ARCH__)
+#  define LIBNA_UNROLL _Pragma("unroll")
+#else
+#  define LIBNA_UNROLL
+#endif
+
 namespace libna::tiling {
 
 inline constexpr int kAxes = 3;
@@ -161,6 +169,7 @@ LIBNA_HOST_DEVICE Block make_block(const Plan& plan, std::int64_t index) {
   Block b{};
   b.empty = false;
   b.num_tiles = 1;
+  LIBNA_UNROLL
   for (int a = kAxes - 1; a >= 0; --a) {
     const TileAxis& t = plan.axis[a];
     const int own_tile = plan.own_queries ? t.q_tile : t.k_tile;
@@ -208,6 +217,7 @@ struct Tile {
 LIBNA_HOST_DEVICE Tile make_tile(const Plan& plan, const Block& b, int index) {
   Tile t{};
   t.full = true;
+  LIBNA_UNROLL
   for (int a = kAxes - 1; a >= 0; --a) {
     const int visit_tile = plan.own_queries ? plan.axis[a].k_tile : plan.axis[a].q_tile;
     const int i = index % b.tiles[a];
@@ -225,6 +235,7 @@ LIBNA_HOST_DEVICE Tile make_tile(const Plan& plan, const Block& b, int index) {
 LIBNA_HOST_DEVICE bool slot_position(int slot, const int* extent, const int* lo, const int* hi,
                                      int* c) {
   bool valid = true;
+  LIBNA_UNROLL
   for (int a = kAxes - 1; a >= 0; --a) {
     c[a] = lo[a] + slot % extent[a];
     slot /= extent[a];
@@ -235,6 +246,7 @@ LIBNA_HOST_DEVICE bool slot_position(int slot, const int* extent, const int* lo,
 
 // Per-axis extents of the query or key tile.
 LIBNA_HOST_DEVICE void tile_extents(const Plan& plan, bool queries, int* extent) {
+  LIBNA_UNROLL
   for (int a = 0; a < kAxes; ++a) extent[a] = queries ? plan.axis[a].q_tile : plan.axis[a].k_tile;
 }
 
@@ -253,6 +265,7 @@ LIBNA_HOST_DEVICE int rpb_index(int iq, int jk, const AxisParams& p) {
 // The row-major strides of the slot layout over three (padded) axes.
 LIBNA_HOST_DEVICE void slot_strides(const AxisParams* axes, std::int64_t* stride) {
   stride[kAxes - 1] = 1;
+  LIBNA_UNROLL
   for (int a = kAxes - 2; a >= 0; --a) stride[a] = stride[a + 1] * axes[a + 1].kernel;
 }
 
@@ -261,6 +274,7 @@ LIBNA_HOST_DEVICE void slot_strides(const AxisParams* axes, std::int64_t* stride
 LIBNA_HOST_DEVICE bool slot_key(const AxisParams* axes, const std::int64_t* query,
                                 std::int64_t slot, std::int64_t* key, int* rpb) {
   bool valid = true;
+  LIBNA_UNROLL
   for (int a = kAxes - 1; a >= 0; --a) {
     const std::int64_t t = slot % axes[a].kernel;
     slot /= axes[a].kernel;
