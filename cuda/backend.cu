@@ -70,6 +70,36 @@ class Workspace {
   cudaStream_t stream_;
 };
 
+std::int64_t bias_size(const AxisParams* axes, std::int64_t heads) {
+  return heads * (2 * axes[0].kernel - 1) * (2 * axes[1].kernel - 1) * (2 * axes[2].kernel - 1);
+}
+
+// The float32 accumulator of an rpb gradient (when `drpb` is given): zeroed
+// on the stream, then stored into drpb's dtype and strides by finish().
+template <typename T>
+class BiasGradient {
+ public:
+  BiasGradient(const TensorView* drpb, const AxisParams* axes, int heads, cudaStream_t stream,
+               const std::string& op)
+      : drpb_(drpb), axes_(axes), heads_(heads), stream_(stream), op_(op),
+        acc_(sizeof(float) * (drpb ? bias_size(axes, heads) : 0), stream, op) {
+    if (drpb_) {
+      check(cudaMemsetAsync(acc_.data(), 0, sizeof(float) * bias_size(axes, heads), stream), op,
+            "cudaMemsetAsync");
+    }
+  }
+  float* data() const { return drpb_ ? acc_.data() : nullptr; }
+  void finish(int rank) const;
+
+ private:
+  const TensorView* drpb_;
+  const AxisParams* axes_;
+  int heads_;
+  cudaStream_t stream_;
+  const std::string& op_;
+  Workspace acc_;
+};
+
 // [B, *spatial(rank), heads(, dim)] as a padded view; `dims` is rank + 3, or
 // rank + 2 for lse.
 View view_of(const TensorView& t, int rank) {
@@ -91,6 +121,13 @@ BiasView bias_view_of(const TensorView* t, int rank) {
   return v;
 }
 
+template <typename T>
+void BiasGradient<T>::finish(int rank) const {
+  if (!drpb_) return;
+  launch_store_bias_grad<T>(acc_.data(), bias_view_of(drpb_, rank), axes_, heads_, stream_);
+  check(cudaGetLastError(), op_, "kernel launch");
+}
+
 // Per-axis parameters padded to three axes; `spatial_of` is [B, *spatial, ...].
 void padded_axes(const NaParams& params, const TensorView& spatial_of, AxisParams* axes,
                  std::int64_t* length, std::int64_t* tokens) {
@@ -103,9 +140,6 @@ void padded_axes(const NaParams& params, const TensorView& spatial_of, AxisParam
   }
 }
 
-std::int64_t bias_size(const AxisParams* axes, std::int64_t heads) {
-  return heads * (2 * axes[0].kernel - 1) * (2 * axes[1].kernel - 1) * (2 * axes[2].kernel - 1);
-}
 
 // Dispatches the element type to the device type; float64 is refused.
 template <typename F>
@@ -215,19 +249,11 @@ void na_backward(const detail::BackwardArgs& args) {
     p.row_term = row_terms.data();
     AxisParams axes[kAxes];
     for (int a = 0; a < kAxes; ++a) axes[a] = p.plan.axis[a].p;
-    const std::int64_t bias_elems = args.drpb ? bias_size(axes, p.heads) : 0;
-    const Workspace bias_grad(sizeof(float) * bias_elems, stream, op);
-    if (args.drpb) {
-      p.bias_grad = bias_grad.data();
-      check(cudaMemsetAsync(p.bias_grad, 0, sizeof(float) * bias_elems, stream), op,
-            "cudaMemsetAsync");
-    }
+    const BiasGradient<T> bias_grad(args.drpb, axes, p.heads, stream, op);
+    p.bias_grad = bias_grad.data();
     launch_fused_backward<T>(p, bucket, batch, stream);
     check_launch(op);
-    if (args.drpb) {
-      launch_store_bias_grad<T>(p.bias_grad, bias_view_of(args.drpb, n), axes, p.heads, stream);
-      check_launch(op);
-    }
+    bias_grad.finish(n);
   });
 }
 
@@ -276,19 +302,11 @@ void na_qk_backward(const detail::QkBackwardArgs& args) {
     p.dattn = view_of(args.dattn, n);
     p.dq = view_of(args.dq, n);
     p.dk = view_of(args.dk, n);
-    const std::int64_t bias_elems = args.drpb ? bias_size(p.axes, p.heads) : 0;
-    const Workspace bias_grad(sizeof(float) * bias_elems, stream, op);
-    if (args.drpb) {
-      p.bias_grad = bias_grad.data();
-      check(cudaMemsetAsync(p.bias_grad, 0, sizeof(float) * bias_elems, stream), op,
-            "cudaMemsetAsync");
-    }
+    const BiasGradient<T> bias_grad(args.drpb, p.axes, p.heads, stream, op);
+    p.bias_grad = bias_grad.data();
     launch_unfused<T>(UnfusedOp::qk_backward, p, stream);
     check_launch(op);
-    if (args.drpb) {
-      launch_store_bias_grad<T>(p.bias_grad, bias_view_of(args.drpb, n), p.axes, p.heads, stream);
-      check_launch(op);
-    }
+    bias_grad.finish(n);
   });
 }
 

@@ -6,9 +6,10 @@
 // of one dilation group (tiling.h) and streams tiles of the other kind
 // through shared memory; only tiles that tiling::make_tile does not mark
 // "full" test each (query, key) pair against the window.
-//   forward, dq: a query is held by `lanes` = bucket/32 adjacent threads, 32
-//     head dims each; its score for a key is a partial dot product reduced
-//     with warp shuffles over those lanes.
+//   forward, dq: a query is held by adjacent threads ("lanes": bucket/32 of
+//     them with 32 head dims each in the forward, bucket/16 with 16 dims in
+//     dq, which keeps three rows in registers); its score for a key is a
+//     partial dot product reduced with warp shuffles over those lanes.
 //   dk/dv: a key is held by bucket/16 threads, 16 dims each, and gathers
 //     over the queries that see it (all query heads of its kv head), so dk
 //     and dv are written once, by one thread each: deterministic.
@@ -65,37 +66,72 @@ __device__ __forceinline__ float lane_sum(float x) {
   return x;
 }
 
-// Loads the positions of key tile `tile` and the K and V rows of kv head
-// `hk` into shared memory (float32, zero outside the tile or the head dims).
+// One key tile in shared memory: positions, validity, and K and V rows as
+// float32 (zero outside the tile or the head dims).
+template <int Bucket, int Keys>
+struct KeyTile {
+  float k[Keys][Bucket];
+  float v[Keys][Bucket];
+  int pos[Keys][kAxes];
+  bool valid[Keys];
+};
+
+// Loads key tile `tile` of kv head `hk` (the whole block takes part).
 template <typename T, int Bucket, int Keys>
 __device__ void load_key_tile(const FusedParams& p, const tiling::Block& blk,
                               const tiling::Tile& tile, std::int64_t b, int hk,
-                              float (*k_tile)[Bucket], float (*v_tile)[Bucket],
-                              int (*key_pos)[kAxes], bool* key_valid) {
+                              KeyTile<Bucket, Keys>& kt) {
   if (threadIdx.x < Keys) {
     int extent[kAxes];
     tiling::tile_extents(p.plan, false, extent);
-    key_valid[threadIdx.x] =
-        tiling::slot_position(threadIdx.x, extent, tile.lo, tile.hi, key_pos[threadIdx.x]);
+    kt.valid[threadIdx.x] =
+        tiling::slot_position(threadIdx.x, extent, tile.lo, tile.hi, kt.pos[threadIdx.x]);
   }
   __syncthreads();
   for (int e = threadIdx.x; e < Keys * Bucket; e += tiling::kThreads) {
     const int j = e / Bucket, d = e % Bucket;
     float kx = 0.f, vx = 0.f;
-    if (key_valid[j]) {
+    if (kt.valid[j]) {
       std::int64_t c[kAxes];
-    #pragma unroll
+#pragma unroll
       for (int a = 0; a < kAxes; ++a) {
-        c[a] = tiling::full_index(blk.group[a], key_pos[j][a], p.plan.axis[a].p);
+        c[a] = tiling::full_index(blk.group[a], kt.pos[j][a], p.plan.axis[a].p);
       }
       if (d < p.dim) kx = load<T>(p.k.data, p.k.row(b, c, hk) + d * p.k.d);
       if (d < p.dim_v) vx = load<T>(p.v.data, p.v.row(b, c, hk) + d * p.v.d);
     }
-    k_tile[j][d] = kx;
-    v_tile[j][d] = vx;
+    kt.k[j][d] = kx;
+    kt.v[j][d] = vx;
   }
   __syncthreads();
 }
+
+// What a thread of a query-owning block (forward, dq) works on: the block,
+// its batch and heads, its lane and its query.
+template <int Lanes>
+struct QueryThread {
+  tiling::Block blk;
+  std::int64_t b;
+  int h, hk, lane;
+  OwnedQuery query;
+
+  // False for a block that owns no queries (the whole block returns).
+  __device__ bool init(const FusedParams& p) {
+    blk = tiling::make_block(p.plan, blockIdx.x);
+    if (blk.empty) return false;
+    h = blockIdx.y;
+    b = blockIdx.z;
+    hk = h / (p.heads / p.heads_kv);
+    lane = threadIdx.x % Lanes;
+    query.init(p.plan, blk, threadIdx.x / Lanes);
+    return true;
+  }
+  // Element d of the thread's part of a head-dim row: lane, lane + Lanes, ...
+  __device__ int dim(int i) const { return lane + Lanes * i; }
+  __device__ bool keeps(const tiling::Tile& tile, bool key_valid, const int* key) const {
+    return query.valid && key_valid && (tile.full || query.sees(key));
+  }
+};
 
 template <typename T>
 __device__ __forceinline__ float bias_at(const FusedParams& p, int h, const int* iq,
@@ -112,43 +148,36 @@ __global__ void __launch_bounds__(tiling::kThreads)
   constexpr int kLanes = tiling::query_lanes(Bucket);
   constexpr int kChunk = Bucket / kLanes;
   constexpr int kKeys = tiling::forward_keys(Bucket);
-  __shared__ float k_tile[kKeys][Bucket];
-  __shared__ float v_tile[kKeys][Bucket];
-  __shared__ int key_pos[kKeys][kAxes];
-  __shared__ bool key_valid[kKeys];
-
-  const tiling::Block blk = tiling::make_block(p.plan, blockIdx.x);
-  if (blk.empty) return;
-  const int h = blockIdx.y;
-  const std::int64_t b = blockIdx.z;
-  const int hk = h / (p.heads / p.heads_kv);
-  const int lane = threadIdx.x % kLanes;
-  OwnedQuery query;
-  query.init(p.plan, blk, threadIdx.x / kLanes);
+  __shared__ KeyTile<Bucket, kKeys> kt;
+  QueryThread<kLanes> me;
+  if (!me.init(p)) return;
+  const OwnedQuery& query = me.query;
+  const std::int64_t b = me.b;
+  const int h = me.h;
 
   float q_reg[kChunk], acc[kChunk];
   const std::int64_t q_row = p.q.row(b, query.coord, h);
 #pragma unroll
   for (int i = 0; i < kChunk; ++i) {
-    const int d = lane + kLanes * i;
+    const int d = me.dim(i);
     q_reg[i] = query.valid && d < p.dim ? load<T>(p.q.data, q_row + d * p.q.d) * p.scale : 0.f;
     acc[i] = 0.f;
   }
   float row_max = kNegInf, row_sum = 0.f;
 
-  for (int t = 0; t < blk.num_tiles; ++t) {
-    const tiling::Tile tile = tiling::make_tile(p.plan, blk, t);
-    load_key_tile<T, Bucket, kKeys>(p, blk, tile, b, hk, k_tile, v_tile, key_pos, key_valid);
+  for (int t = 0; t < me.blk.num_tiles; ++t) {
+    const tiling::Tile tile = tiling::make_tile(p.plan, me.blk, t);
+    load_key_tile<T, Bucket, kKeys>(p, me.blk, tile, b, me.hk, kt);
     float s[kKeys];
     float tile_max = kNegInf;
 #pragma unroll
     for (int j = 0; j < kKeys; ++j) {
       float dot = 0.f;
 #pragma unroll
-      for (int i = 0; i < kChunk; ++i) dot += q_reg[i] * k_tile[j][lane + kLanes * i];
+      for (int i = 0; i < kChunk; ++i) dot += q_reg[i] * kt.k[j][me.dim(i)];
       dot = lane_sum<kLanes>(dot);
-      const bool keep = query.valid && key_valid[j] && (tile.full || query.sees(key_pos[j]));
-      if (keep && p.rpb.data) dot += bias_at<T>(p, h, query.pos, key_pos[j]);
+      const bool keep = me.keeps(tile, kt.valid[j], kt.pos[j]);
+      if (keep && p.rpb.data) dot += bias_at<T>(p, h, query.pos, kt.pos[j]);
       s[j] = keep ? dot : kNegInf;
       tile_max = fmaxf(tile_max, s[j]);
     }
@@ -163,11 +192,11 @@ __global__ void __launch_bounds__(tiling::kThreads)
         const float prob = expf(s[j] - new_max);
         row_sum += prob;
 #pragma unroll
-        for (int i = 0; i < kChunk; ++i) acc[i] += prob * v_tile[j][lane + kLanes * i];
+        for (int i = 0; i < kChunk; ++i) acc[i] += prob * kt.v[j][me.dim(i)];
       }
       row_max = new_max;
     }
-    __syncthreads();  // the next tile overwrites k_tile / v_tile
+    __syncthreads();  // the next tile overwrites kt
   }
 
   if (!query.valid) return;
@@ -175,10 +204,10 @@ __global__ void __launch_bounds__(tiling::kThreads)
   const std::int64_t out_row = p.out.row(b, query.coord, h);
 #pragma unroll
   for (int i = 0; i < kChunk; ++i) {
-    const int d = lane + kLanes * i;
+    const int d = me.dim(i);
     if (d < p.dim_v) store<T>(p.out.data, out_row + d * p.out.d, acc[i] * inv_sum);
   }
-  if (p.lse.data && lane == 0) {
+  if (p.lse.data && me.lane == 0) {
     static_cast<float*>(p.lse.data)[p.lse.row(b, query.coord, h)] = row_max + logf(row_sum);
   }
 }
@@ -191,22 +220,15 @@ __device__ __forceinline__ std::int64_t token_index(const FusedParams& p, const 
 template <typename T, int Bucket>
 __global__ void __launch_bounds__(tiling::kThreads)
     fused_dq_kernel(const FusedParams p) {
-  constexpr int kLanes = tiling::query_lanes(Bucket);
+  constexpr int kLanes = tiling::dq_lanes(Bucket);
   constexpr int kChunk = Bucket / kLanes;
   constexpr int kKeys = tiling::forward_keys(Bucket);
-  __shared__ float k_tile[kKeys][Bucket];
-  __shared__ float v_tile[kKeys][Bucket];
-  __shared__ int key_pos[kKeys][kAxes];
-  __shared__ bool key_valid[kKeys];
-
-  const tiling::Block blk = tiling::make_block(p.plan, blockIdx.x);
-  if (blk.empty) return;
-  const int h = blockIdx.y;
-  const std::int64_t b = blockIdx.z;
-  const int hk = h / (p.heads / p.heads_kv);
-  const int lane = threadIdx.x % kLanes;
-  OwnedQuery query;
-  query.init(p.plan, blk, threadIdx.x / kLanes);
+  __shared__ KeyTile<Bucket, kKeys> kt;
+  QueryThread<kLanes> me;
+  if (!me.init(p)) return;
+  const OwnedQuery& query = me.query;
+  const std::int64_t b = me.b;
+  const int h = me.h;
 
   float q_reg[kChunk], dout_reg[kChunk], dq_acc[kChunk];
   const std::int64_t q_row = p.q.row(b, query.coord, h);
@@ -215,7 +237,7 @@ __global__ void __launch_bounds__(tiling::kThreads)
   float row_term = 0.f;
 #pragma unroll
   for (int i = 0; i < kChunk; ++i) {
-    const int d = lane + kLanes * i;
+    const int d = me.dim(i);
     q_reg[i] = query.valid && d < p.dim ? load<T>(p.q.data, q_row + d * p.q.d) : 0.f;
     dout_reg[i] = query.valid && d < p.dim_v ? load<T>(p.dout.data, do_row + d * p.dout.d) : 0.f;
     if (query.valid && d < p.dim_v) row_term += dout_reg[i] * load<T>(p.out.data, o_row + d * p.out.d);
@@ -224,38 +246,38 @@ __global__ void __launch_bounds__(tiling::kThreads)
   row_term = lane_sum<kLanes>(row_term);
   const float lse =
       query.valid ? static_cast<const float*>(p.lse.data)[p.lse.row(b, query.coord, h)] : 0.f;
-  if (query.valid && lane == 0) {
+  if (query.valid && me.lane == 0) {
     p.row_term[(b * p.heads + h) * p.tokens + token_index(p, query.coord)] = row_term;
   }
   const std::int64_t bias_head = h * static_cast<std::int64_t>(
       (2 * p.plan.axis[0].p.kernel - 1) * (2 * p.plan.axis[1].p.kernel - 1) *
       (2 * p.plan.axis[2].p.kernel - 1));
 
-  for (int t = 0; t < blk.num_tiles; ++t) {
-    const tiling::Tile tile = tiling::make_tile(p.plan, blk, t);
-    load_key_tile<T, Bucket, kKeys>(p, blk, tile, b, hk, k_tile, v_tile, key_pos, key_valid);
+  for (int t = 0; t < me.blk.num_tiles; ++t) {
+    const tiling::Tile tile = tiling::make_tile(p.plan, me.blk, t);
+    load_key_tile<T, Bucket, kKeys>(p, me.blk, tile, b, me.hk, kt);
 #pragma unroll 4
     for (int j = 0; j < kKeys; ++j) {
       float qk = 0.f, dprob = 0.f;
 #pragma unroll
       for (int i = 0; i < kChunk; ++i) {
-        qk += q_reg[i] * k_tile[j][lane + kLanes * i];
-        dprob += dout_reg[i] * v_tile[j][lane + kLanes * i];
+        qk += q_reg[i] * kt.k[j][me.dim(i)];
+        dprob += dout_reg[i] * kt.v[j][me.dim(i)];
       }
       qk = lane_sum<kLanes>(qk);
       dprob = lane_sum<kLanes>(dprob);
-      const bool keep = query.valid && key_valid[j] && (tile.full || query.sees(key_pos[j]));
+      const bool keep = me.keeps(tile, kt.valid[j], kt.pos[j]);
       if (!keep) continue;
       float logit = qk * p.scale;
-      if (p.rpb.data) logit += bias_at<T>(p, h, query.pos, key_pos[j]);
+      if (p.rpb.data) logit += bias_at<T>(p, h, query.pos, kt.pos[j]);
       const float dlogit = expf(logit - lse) * (dprob - row_term);
 #pragma unroll
-      for (int i = 0; i < kChunk; ++i) dq_acc[i] += dlogit * k_tile[j][lane + kLanes * i];
-      if (p.bias_grad && lane == 0) {
+      for (int i = 0; i < kChunk; ++i) dq_acc[i] += dlogit * kt.k[j][me.dim(i)];
+      if (p.bias_grad && me.lane == 0) {
         int r[kAxes];
       #pragma unroll
         for (int a = 0; a < kAxes; ++a) {
-          r[a] = tiling::rpb_index(query.pos[a], key_pos[j][a], p.plan.axis[a].p);
+          r[a] = tiling::rpb_index(query.pos[a], kt.pos[j][a], p.plan.axis[a].p);
         }
         atomicAdd(p.bias_grad + bias_head + bias_flat(p.plan.axis[1].p, p.plan.axis[2].p, r), dlogit);
       }
@@ -267,7 +289,7 @@ __global__ void __launch_bounds__(tiling::kThreads)
   const std::int64_t dq_row = p.dq.row(b, query.coord, h);
 #pragma unroll
   for (int i = 0; i < kChunk; ++i) {
-    const int d = lane + kLanes * i;
+    const int d = me.dim(i);
     if (d < p.dim) store<T>(p.dq.data, dq_row + d * p.dq.d, dq_acc[i] * p.scale);
   }
 }
@@ -423,7 +445,7 @@ void forward_bucket(const FusedParams& params, std::int64_t batch, cudaStream_t 
 
 template <typename T, int Bucket>
 void backward_bucket(const FusedParams& params, std::int64_t batch, cudaStream_t stream) {
-  const FusedParams pq = with_plan(params, tiling::forward_queries(Bucket),
+  const FusedParams pq = with_plan(params, tiling::dq_queries(Bucket),
                                    tiling::forward_keys(Bucket), true);
   fused_dq_kernel<T, Bucket>
       <<<fused_grid(pq, pq.heads, batch, "na_backward"), tiling::kThreads, 0, stream>>>(pq);

@@ -58,40 +58,23 @@ __global__ void qk_kernel(const UnfusedParams p) {
   }
 }
 
+// out[q, h, d] = sum over the slots of q's window of weight[q, h, slot] *
+// x[key, hk, d]: na_av (attn, v -> out) and the dq of na_qk (dattn, k -> dq).
 template <typename T>
-__global__ void av_kernel(const UnfusedParams p) {
+__global__ void slot_gather_kernel(const UnfusedParams p, View weight, View x, View out) {
   LIBNA_FOR_EACH(idx, p.batch * p.tokens * p.heads * p.dim) {
     const int d = static_cast<int>(idx % p.dim);
     const RowIndex r(idx / p.dim, p.heads, p);
     const int hk = r.h / (p.heads / p.heads_kv);
-    const std::int64_t a_row = p.attn.row(r.b, r.c, r.h);
+    const std::int64_t w_row = weight.row(r.b, r.c, r.h);
     float acc = 0.f;
     for (std::int64_t slot = 0; slot < p.slots; ++slot) {
       std::int64_t key[kAxes];
       if (!tiling::slot_key(p.axes, r.c, slot, key, nullptr)) continue;
-      acc += load<T>(p.attn.data, a_row + slot * p.attn.d) *
-             load<T>(p.v.data, p.v.row(r.b, key, hk) + d * p.v.d);
+      acc += load<T>(weight.data, w_row + slot * weight.d) *
+             load<T>(x.data, x.row(r.b, key, hk) + d * x.d);
     }
-    store<T>(p.out.data, p.out.row(r.b, r.c, r.h) + d * p.out.d, acc);
-  }
-}
-
-// dq[q, h, d] = sum over slots of dattn * k[key, d]   (qk backward)
-template <typename T>
-__global__ void qk_dq_kernel(const UnfusedParams p) {
-  LIBNA_FOR_EACH(idx, p.batch * p.tokens * p.heads * p.dim) {
-    const int d = static_cast<int>(idx % p.dim);
-    const RowIndex r(idx / p.dim, p.heads, p);
-    const int hk = r.h / (p.heads / p.heads_kv);
-    const std::int64_t a_row = p.dattn.row(r.b, r.c, r.h);
-    float acc = 0.f;
-    for (std::int64_t slot = 0; slot < p.slots; ++slot) {
-      std::int64_t key[kAxes];
-      if (!tiling::slot_key(p.axes, r.c, slot, key, nullptr)) continue;
-      acc += load<T>(p.dattn.data, a_row + slot * p.dattn.d) *
-             load<T>(p.k.data, p.k.row(r.b, key, hk) + d * p.k.d);
-    }
-    store<T>(p.dq.data, p.dq.row(r.b, r.c, r.h) + d * p.dq.d, acc);
+    store<T>(out.data, out.row(r.b, r.c, r.h) + d * out.d, acc);
   }
 }
 
@@ -211,10 +194,12 @@ void launch_unfused(UnfusedOp op, const UnfusedParams& p, cudaStream_t stream) {
       qk_kernel<T><<<grid_for(rows * p.heads * p.slots), kBlock, 0, stream>>>(p);
       break;
     case UnfusedOp::av:
-      av_kernel<T><<<grid_for(rows * p.heads * p.dim), kBlock, 0, stream>>>(p);
+      slot_gather_kernel<T><<<grid_for(rows * p.heads * p.dim), kBlock, 0, stream>>>(
+          p, p.attn, p.v, p.out);
       break;
     case UnfusedOp::qk_backward:  // p.dim: head dim of q and k
-      qk_dq_kernel<T><<<grid_for(rows * p.heads * p.dim), kBlock, 0, stream>>>(p);
+      slot_gather_kernel<T><<<grid_for(rows * p.heads * p.dim), kBlock, 0, stream>>>(
+          p, p.dattn, p.k, p.dq);
       key_grad_kernel<T><<<grid_for(rows * p.heads_kv * p.dim), kBlock, 0, stream>>>(
           p, p.dattn, p.q, p.dk);
       if (p.bias_grad) {

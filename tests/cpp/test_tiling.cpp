@@ -4,8 +4,8 @@
 // dilations and per-axis causal flags, for every head-dim bucket, and proves
 //   - every (query, key) pair a kernel keeps is in the reference
 //     neighbourhood (axis_window), and every reference pair is kept exactly
-//     once: by the forward/dq kernel (blocks own queries) and by the dk/dv
-//     kernel (blocks own keys);
+//     once: by the forward and dq kernels (blocks own queries) and by the
+//     dk/dv kernel (blocks own keys);
 //   - tiles marked "full" need no mask (every slot is a valid, related key);
 //   - no visited tile is unreachable (each keeps at least one pair);
 //   - every position a kernel loads is inside the tensor;
@@ -258,6 +258,7 @@ void run_case(int rank, const AxisParams* axes, i64* cases) {
   const std::vector<int> ref = reference(c);
   for (int bucket : {32, 64, 128, 256}) {
     run_schedule(c, ref, tl::forward_queries(bucket), tl::forward_keys(bucket), true);
+    run_schedule(c, ref, tl::dq_queries(bucket), tl::forward_keys(bucket), true);
     run_schedule(c, ref, tl::backward_keys(bucket), tl::backward_queries(bucket), false);
   }
   run_unfused(c, ref);

@@ -66,9 +66,10 @@ LIBNA_HOST_DEVICE void queries_seeing(int jk, int len_g, const AxisParams& p, in
 
 // ---- block shapes of the fused kernels -----------------------------------------
 // Head dims are served by buckets of a maximum size (the largest of D, D_v
-// rounded up to 32, 64, 128 or 256). In the forward and dq kernels a query
-// is held by bucket/32 threads, 32 dims each; in the dk/dv kernel a key is
-// held by bucket/16 threads, 16 dims each.
+// rounded up to 32, 64, 128 or 256). In the forward kernel a query is held by
+// bucket/32 threads, 32 dims each; in the dq kernel (three rows in registers:
+// q, dout, dq) by bucket/16 threads, 16 dims each, and in the dk/dv kernel a
+// key likewise.
 inline constexpr int kThreads = 128;
 inline constexpr int kMaxHeadDim = 256;
 
@@ -81,6 +82,8 @@ LIBNA_HOST_DEVICE constexpr int forward_queries(int bucket) {
   return kThreads / query_lanes(bucket);
 }
 LIBNA_HOST_DEVICE constexpr int forward_keys(int bucket) { return bucket <= 128 ? 32 : 16; }
+LIBNA_HOST_DEVICE constexpr int dq_lanes(int bucket) { return bucket / 16; }
+LIBNA_HOST_DEVICE constexpr int dq_queries(int bucket) { return kThreads / dq_lanes(bucket); }
 LIBNA_HOST_DEVICE constexpr int key_lanes(int bucket) { return bucket / 16; }
 LIBNA_HOST_DEVICE constexpr int backward_keys(int bucket) { return kThreads / key_lanes(bucket); }
 LIBNA_HOST_DEVICE constexpr int backward_queries(int bucket) {
