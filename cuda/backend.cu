@@ -257,75 +257,74 @@ void na_backward(const detail::BackwardArgs& args) {
   });
 }
 
-void na_qk(const detail::QkArgs& args) {
-  const std::string op = op_name(args.params, "_qk");
-  const int n = args.params.rank;
-  dispatch_device_types(args.q.dtype, op, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    DeviceGuard guard(args.q.device.index, op);
-    UnfusedParams p = unfused_params(args.q, args.k.shape[n + 1], args.q.shape[n + 2], args.params);
-    p.q = view_of(args.q, n);
-    p.k = view_of(args.k, n);
-    p.attn = view_of(args.attn, n);
-    p.rpb = bias_view_of(args.rpb, n);
-    launch_unfused<T>(UnfusedOp::qk, p, static_cast<cudaStream_t>(args.stream));
-    check_launch(op);
-  });
-}
+namespace {
 
-void na_av(const detail::AvArgs& args) {
-  const std::string op = op_name(args.params, "_av");
-  const int n = args.params.rank;
-  dispatch_device_types(args.attn.dtype, op, [&](auto tag) {
+// Runs one unfused op: `like` is the tensor whose [B, *spatial, heads] the op
+// iterates, `dim` the head dim it sums over; fill(p) sets the views.
+template <typename Fill>
+void run_unfused(const std::string& op, UnfusedOp kind, const TensorView& like,
+                 std::int64_t heads_kv, std::int64_t dim, const TensorView* drpb,
+                 const NaParams& params, void* stream_ptr, Fill&& fill) {
+  dispatch_device_types(like.dtype, op, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    DeviceGuard guard(args.attn.device.index, op);
-    UnfusedParams p =
-        unfused_params(args.attn, args.v.shape[n + 1], args.v.shape[n + 2], args.params);
-    p.attn = view_of(args.attn, n);
-    p.v = view_of(args.v, n);
-    p.out = view_of(args.out, n);
-    launch_unfused<T>(UnfusedOp::av, p, static_cast<cudaStream_t>(args.stream));
-    check_launch(op);
-  });
-}
-
-void na_qk_backward(const detail::QkBackwardArgs& args) {
-  const std::string op = op_name(args.params, "_qk_backward");
-  const int n = args.params.rank;
-  dispatch_device_types(args.q.dtype, op, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    DeviceGuard guard(args.q.device.index, op);
-    const auto stream = static_cast<cudaStream_t>(args.stream);
-    UnfusedParams p = unfused_params(args.q, args.k.shape[n + 1], args.q.shape[n + 2], args.params);
-    p.q = view_of(args.q, n);
-    p.k = view_of(args.k, n);
-    p.dattn = view_of(args.dattn, n);
-    p.dq = view_of(args.dq, n);
-    p.dk = view_of(args.dk, n);
-    const BiasGradient<T> bias_grad(args.drpb, p.axes, p.heads, stream, op);
+    DeviceGuard guard(like.device.index, op);
+    const auto stream = static_cast<cudaStream_t>(stream_ptr);
+    UnfusedParams p = unfused_params(like, heads_kv, dim, params);
+    fill(p);
+    const BiasGradient<T> bias_grad(drpb, p.axes, p.heads, stream, op);
     p.bias_grad = bias_grad.data();
-    launch_unfused<T>(UnfusedOp::qk_backward, p, stream);
+    launch_unfused<T>(kind, p, stream);
     check_launch(op);
-    bias_grad.finish(n);
+    bias_grad.finish(params.rank);
   });
 }
 
-void na_av_backward(const detail::AvBackwardArgs& args) {
-  const std::string op = op_name(args.params, "_av_backward");
-  const int n = args.params.rank;
-  dispatch_device_types(args.attn.dtype, op, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    DeviceGuard guard(args.attn.device.index, op);
-    UnfusedParams p =
-        unfused_params(args.attn, args.v.shape[n + 1], args.v.shape[n + 2], args.params);
-    p.attn = view_of(args.attn, n);
-    p.v = view_of(args.v, n);
-    p.dout = view_of(args.dout, n);
-    p.dattn = view_of(args.dattn, n);
-    p.dv = view_of(args.dv, n);
-    launch_unfused<T>(UnfusedOp::av_backward, p, static_cast<cudaStream_t>(args.stream));
-    check_launch(op);
-  });
+}  // namespace
+
+void na_qk(const detail::QkArgs& a) {
+  const int n = a.params.rank;
+  run_unfused(op_name(a.params, "_qk"), UnfusedOp::qk, a.q, a.k.shape[n + 1], a.q.shape[n + 2],
+              nullptr, a.params, a.stream, [&](UnfusedParams& p) {
+                p.q = view_of(a.q, n);
+                p.k = view_of(a.k, n);
+                p.attn = view_of(a.attn, n);
+                p.rpb = bias_view_of(a.rpb, n);
+              });
+}
+
+void na_av(const detail::AvArgs& a) {
+  const int n = a.params.rank;
+  run_unfused(op_name(a.params, "_av"), UnfusedOp::av, a.attn, a.v.shape[n + 1],
+              a.v.shape[n + 2], nullptr, a.params, a.stream, [&](UnfusedParams& p) {
+                p.attn = view_of(a.attn, n);
+                p.v = view_of(a.v, n);
+                p.out = view_of(a.out, n);
+              });
+}
+
+void na_qk_backward(const detail::QkBackwardArgs& a) {
+  const int n = a.params.rank;
+  run_unfused(op_name(a.params, "_qk_backward"), UnfusedOp::qk_backward, a.q, a.k.shape[n + 1],
+              a.q.shape[n + 2], a.drpb, a.params, a.stream, [&](UnfusedParams& p) {
+                p.q = view_of(a.q, n);
+                p.k = view_of(a.k, n);
+                p.dattn = view_of(a.dattn, n);
+                p.dq = view_of(a.dq, n);
+                p.dk = view_of(a.dk, n);
+              });
+}
+
+void na_av_backward(const detail::AvBackwardArgs& a) {
+  const int n = a.params.rank;
+  run_unfused(op_name(a.params, "_av_backward"), UnfusedOp::av_backward, a.attn,
+              a.v.shape[n + 1], a.v.shape[n + 2], nullptr, a.params, a.stream,
+              [&](UnfusedParams& p) {
+                p.attn = view_of(a.attn, n);
+                p.v = view_of(a.v, n);
+                p.dout = view_of(a.dout, n);
+                p.dattn = view_of(a.dattn, n);
+                p.dv = view_of(a.dv, n);
+              });
 }
 
 }  // namespace libna::cuda
