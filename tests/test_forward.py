@@ -215,6 +215,30 @@ def test_numpy_dtypes_round_trip(dtype, rng):
     assert np.abs(out.astype(np.float64) - ref).max() <= tol
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_every_finite_16bit_value_round_trips(dtype):
+    """Attention that is exactly one-hot (each query matches only its own key
+    by a margin of 1000) returns v itself: every finite float16/bfloat16
+    value, subnormals included, survives the kernels' 16-bit -> float ->
+    16-bit conversions bit for bit (all but -0, which the weighted sum
+    1 * (-0) + 0 * x turns into +0)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
+    values = np.arange(1 << 16, dtype=np.uint16).view(np_dtype)
+    values = values[np.isfinite(values.astype(np.float32)) & (values.view(np.uint16) != 0x8000)]
+    dim = 8
+    tokens = -(-values.size // dim)
+    v = np.zeros(tokens * dim, np_dtype)
+    v[: values.size] = values
+    v = v.reshape(1, tokens, 1, dim)
+    onehot = np.zeros((1, tokens, 1, dim), np.float32)
+    onehot[0, np.arange(tokens), 0, np.arange(tokens) % dim] = 1000.0
+    q = onehot.astype(np_dtype)
+    k = (onehot / 1000.0).astype(np_dtype)
+    out = libna.na1d(q, k, v, 3, scale=1.0)
+    np.testing.assert_array_equal(out.view(np.uint16), v.view(np.uint16))
+
+
 # --- strides, views and frameworks ---------------------------------------------
 def test_non_contiguous_inputs(rng):
     base_q = rng.standard_normal((2, 8, 10, 3, 32))

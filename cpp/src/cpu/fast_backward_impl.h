@@ -70,7 +70,7 @@ struct Backward : LaneKernel<Rank, T> {
 
   struct Scratch {
     std::vector<float> q, dout, k, v;  // lanes, [d][lane]
-    std::vector<float> rows, out_row;
+    std::vector<float> out_lanes;
     std::vector<float> probs, dlogits;  // [row][window position][lane]
     std::vector<float> acc, acc_k, acc_v;
     RowList rows_list;
@@ -112,33 +112,33 @@ struct Backward : LaneKernel<Rank, T> {
     const std::int64_t hk = h / this->heads_per_kv;
     s.q.resize(dim * kLanes);
     s.dout.resize(dim_v * kLanes);
-    s.rows.resize(kLanes * std::max(dim, dim_v));
-    s.out_row.resize(dim_v);
-    this->load_lanes(args.q, b, c, h, grp, w, this->scale, s.rows.data(), s.q.data());
-    this->load_lanes(args.dout, b, c, h, grp, w, 1.0f, s.rows.data(), s.dout.data());
+    s.out_lanes.resize(dim_v * kLanes);
+    this->load_lanes(args.q, b, c, h, grp, w, this->scale, s.q.data());
+    this->load_lanes(args.dout, b, c, h, grp, w, 1.0f, s.dout.data());
+    this->load_lanes(args.out, b, c, h, grp, w, 1.0f, s.out_lanes.data());
 
     // lse and D per lane (zero for absent lanes), kept for the key pass.
-    alignas(32) float lse_lanes[kLanes] = {}, delta_lanes[kLanes] = {};
-    const T* out_data = static_cast<const T*>(args.out.data);
+    alignas(32) float lse_lanes[kLanes] = {};
     const float* lse_data = static_cast<const float*>(args.lse.data);
-    const std::int64_t packed = scalar_row(b, h, row) + layout.group_base[grp] + w.i0;
     for (std::int64_t l = 0; l < w.lanes; ++l) {
       c[Rank - 1] = grp + (w.i0 + l) * this->last().dilation;
       lse_lanes[l] = lse_data[row_offset<Rank>(args.lse, b, c, 0) + h * args.lse.strides[Rank + 1]];
-      load_floats(out_data + row_offset<Rank>(args.out, b, c, h), args.out.strides[Rank + 2], dim_v,
-                  s.out_row.data());
-      float d_i = 0;
-      for (std::int64_t d = 0; d < dim_v; ++d) d_i += s.dout[d * kLanes + l] * s.out_row[d];
-      delta_lanes[l] = d_i;
-      lse[packed + l] = lse_lanes[l];
-      delta[packed + l] = d_i;
     }
+    f32x8 delta_v = simd::splat(0.0f);
+    for (std::int64_t d = 0; d < dim_v; ++d) {
+      delta_v += simd::load(s.dout.data() + d * kLanes) * simd::load(s.out_lanes.data() + d * kLanes);
+    }
+    const std::int64_t packed = scalar_row(b, h, row) + layout.group_base[grp] + w.i0;
+    alignas(32) float delta_lanes[kLanes];
+    simd::store(delta_lanes, delta_v);
+    std::copy(lse_lanes, lse_lanes + w.lanes, lse + packed);
+    std::copy(delta_lanes, delta_lanes + w.lanes, delta + packed);
 
     // P, then dP, then dS = P (dP - D).
     s.probs.resize(entries * kLanes);
     s.dlogits.resize(entries * kLanes);
     this->logits(s.q.data(), b, h, grp, w, s.rows_list, s.probs.data());
-    const f32x8 lse_v = simd::load(lse_lanes), delta_v = simd::load(delta_lanes);
+    const f32x8 lse_v = simd::load(lse_lanes);
     for (std::int64_t e = 0; e < entries; ++e) {
       simd::store(s.probs.data() + e * kLanes,
                   simd::exp_nonpositive(simd::load(s.probs.data() + e * kLanes) - lse_v));
@@ -166,15 +166,7 @@ struct Backward : LaneKernel<Rank, T> {
     } else {
       pv_range<false>(s.dlogits.data(), s.ptrs_b.data(), n_rows, w.window, width, dim, s.acc.data());
     }
-    const TensorView& dq = args.dq;
-    T* dq_data = static_cast<T*>(dq.data);
-    for (std::int64_t l = 0; l < w.lanes; ++l) {
-      c[Rank - 1] = grp + (w.i0 + l) * this->last().dilation;
-      T* o = dq_data + row_offset<Rank>(dq, b, c, h);
-      for (std::int64_t d = 0; d < dim; ++d) {
-        store<T, float>(o + d * dq.strides[Rank + 2], this->scale * s.acc[d * kLanes + l]);
-      }
-    }
+    this->store_lanes(args.dq, b, c, h, grp, w, simd::splat(this->scale), s.acc.data());
 
     // The rpb gradient: dS summed by relative position.
     if (bias_grad) {
@@ -214,11 +206,15 @@ struct Backward : LaneKernel<Rank, T> {
   }
 
   // Lanes of a packed row at columns col0 .. col0 + lanes (zero beyond).
-  static void packed_lanes(const float* row, std::int64_t width, std::int64_t dim,
-                           std::int64_t col0, std::int64_t lanes, float* dst) {
+  LIBNA_SIMD_TARGET static void packed_lanes(const float* row, std::int64_t width,
+                                             std::int64_t dim, std::int64_t col0,
+                                             std::int64_t lanes, float* dst) {
     for (std::int64_t d = 0; d < dim; ++d) {
-      for (std::int64_t l = 0; l < kLanes; ++l) {
-        dst[d * kLanes + l] = l < lanes ? row[d * width + col0 + l] : 0.0f;
+      const float* src = row + d * width + col0;
+      if (lanes == kLanes) {
+        simd::store(dst + d * kLanes, simd::load(src));
+      } else {
+        for (std::int64_t l = 0; l < kLanes; ++l) dst[d * kLanes + l] = l < lanes ? src[l] : 0.0f;
       }
     }
   }
@@ -304,17 +300,8 @@ struct Backward : LaneKernel<Rank, T> {
       }
     }
 
-    for (std::int64_t l = 0; l < w.lanes; ++l) {
-      c[Rank - 1] = grp + (w.i0 + l) * this->last().dilation;
-      T* dk = static_cast<T*>(args.dk.data) + row_offset<Rank>(args.dk, b, c, hk);
-      T* dv = static_cast<T*>(args.dv.data) + row_offset<Rank>(args.dv, b, c, hk);
-      for (std::int64_t d = 0; d < dim; ++d) {
-        store<T, float>(dk + d * args.dk.strides[Rank + 2], s.acc_k[d * kLanes + l]);
-      }
-      for (std::int64_t d = 0; d < dim_v; ++d) {
-        store<T, float>(dv + d * args.dv.strides[Rank + 2], s.acc_v[d * kLanes + l]);
-      }
-    }
+    this->store_lanes(args.dk, b, c, hk, grp, w, simd::splat(1.0f), s.acc_k.data());
+    this->store_lanes(args.dv, b, c, hk, grp, w, simd::splat(1.0f), s.acc_v.data());
   }
 };
 

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/lanes.h"
 #include "cpu/simd.h"
 
 namespace libna::cpu::LIBNA_SIMD_NS {
@@ -77,19 +78,10 @@ inline float* workspace(std::int64_t size) {
   return buffer.data();
 }
 
-// dst[0..n) = src[0, stride, 2 stride, ...) as float.
-template <typename T>
-inline void load_floats(const T* src, std::int64_t stride, std::int64_t n, float* dst) {
-  if (stride == 1) {
-    for (std::int64_t i = 0; i < n; ++i) dst[i] = load<float>(src + i);
-  } else {
-    for (std::int64_t i = 0; i < n; ++i) dst[i] = load<float>(src + i * stride);
-  }
-}
-
 // Packs `t` (times `factor`) into dst. One work item per (b, row) packs every
-// head, so that the input is read token by token in order; [col][d] ->
-// [d][col] goes through a buffer of kLanes tokens, so writes are runs of columns.
+// head, so that the input is read token by token in order; eight tokens of a
+// dilation group at a time go through a register transpose into eight
+// consecutive columns.
 template <int Rank, typename T>
 Packed pack(const TensorView& t, const Geometry<Rank>& g, const ColumnLayout& layout,
             float factor, float* dst) {
@@ -100,29 +92,24 @@ Packed pack(const TensorView& t, const Geometry<Rank>& g, const ColumnLayout& la
   p.rows = layout.rows;
   p.width = layout.width;
   const T* data = static_cast<const T*>(t.data);
+  const std::int64_t dilation = layout.dilation;
   parallel_for(g.batch * p.rows, 1, [&](std::int64_t begin, std::int64_t end) {
-    std::vector<float> buffer(kLanes * p.heads * p.dim);  // [j][h][d]
+    const T* tokens[kLanes];
     for (std::int64_t item = begin; item < end; ++item) {
       const std::int64_t row = item % p.rows, b = item / p.rows;
       std::int64_t c[Rank];
       row_coords<Rank>(g, row, c);
-      for (std::int64_t x0 = 0; x0 < p.width; x0 += kLanes) {
-        const std::int64_t n = std::min<std::int64_t>(kLanes, p.width - x0);
-        std::int64_t cols[kLanes];
-        for (std::int64_t j = 0; j < n; ++j) {
-          c[Rank - 1] = x0 + j;
-          cols[j] = layout.column(x0 + j);
+      for (std::int64_t grp = 0; grp < dilation; ++grp) {
+        const std::int64_t len = group_length(p.width, dilation, grp);
+        for (std::int64_t i0 = 0; i0 < len; i0 += kLanes) {
+          const std::int64_t lanes = std::min<std::int64_t>(kLanes, len - i0);
           for (std::int64_t h = 0; h < p.heads; ++h) {
-            load_floats(data + row_offset<Rank>(t, b, c, h), t.strides[Rank + 2], p.dim,
-                        buffer.data() + (j * p.heads + h) * p.dim);
-          }
-        }
-        for (std::int64_t h = 0; h < p.heads; ++h) {
-          float* out = p.row(b, h, row);
-          for (std::int64_t d = 0; d < p.dim; ++d) {
-            for (std::int64_t j = 0; j < n; ++j) {
-              out[d * p.width + cols[j]] = factor * buffer[(j * p.heads + h) * p.dim + d];
+            for (std::int64_t l = 0; l < lanes; ++l) {
+              c[Rank - 1] = grp + (i0 + l) * dilation;
+              tokens[l] = data + row_offset<Rank>(t, b, c, h);
             }
+            gather_lanes(tokens, lanes, t.strides[Rank + 2], p.dim, factor,
+                         p.row(b, h, row) + layout.group_base[grp] + i0, p.width);
           }
         }
       }
@@ -335,25 +322,36 @@ struct LaneKernel {
 
   const AxisParams& last() const { return g.axes[Rank - 1]; }
 
+  // Pointers to t[b, c (last axis: the lanes' positions), h] for the lanes
+  // of w in dilation group grp.
+  template <typename U>
+  void lane_tokens(const TensorView& t, std::int64_t b, std::int64_t* c, std::int64_t h,
+                   std::int64_t grp, const LaneWindows& w, U** tokens) const {
+    U* data = static_cast<U*>(t.data);
+    for (std::int64_t l = 0; l < w.lanes; ++l) {
+      c[Rank - 1] = grp + (w.i0 + l) * last().dilation;
+      tokens[l] = data + row_offset<Rank>(t, b, c, h);
+    }
+  }
+
   // dst[d][lane] = factor * t[b, c (last axis: lane positions), h, d]; lanes
   // beyond w.lanes are zero.
   void load_lanes(const TensorView& t, std::int64_t b, std::int64_t* c, std::int64_t h,
-                  std::int64_t grp, const LaneWindows& w, float factor, float* rows_buffer,
-                  float* dst) const {
+                  std::int64_t grp, const LaneWindows& w, float factor, float* dst) const {
+    const T* tokens[kLanes];
+    lane_tokens(t, b, c, h, grp, w, tokens);
     const std::int64_t dim = t.shape[Rank + 2];
-    const T* data = static_cast<const T*>(t.data);
-    for (std::int64_t l = 0; l < kLanes; ++l) {
-      float* row = rows_buffer + l * dim;
-      if (l < w.lanes) {
-        c[Rank - 1] = grp + (w.i0 + l) * last().dilation;
-        load_floats(data + row_offset<Rank>(t, b, c, h), t.strides[Rank + 2], dim, row);
-      } else {
-        std::fill(row, row + dim, 0.0f);
-      }
-    }
-    for (std::int64_t d = 0; d < dim; ++d) {
-      for (std::int64_t l = 0; l < kLanes; ++l) dst[d * kLanes + l] = factor * rows_buffer[l * dim + d];
-    }
+    if (w.lanes < kLanes) std::fill(dst, dst + dim * kLanes, 0.0f);
+    gather_lanes(tokens, w.lanes, t.strides[Rank + 2], dim, factor, dst, kLanes);
+  }
+
+  // t[b, c (lane positions), h, d] = factor[lane] * src[d][lane], for the
+  // lanes of w.
+  void store_lanes(const TensorView& t, std::int64_t b, std::int64_t* c, std::int64_t h,
+                   std::int64_t grp, const LaneWindows& w, f32x8 factor, const float* src) const {
+    T* tokens[kLanes];
+    lane_tokens(t, b, c, h, grp, w, tokens);
+    scatter_lanes(src, factor, t.shape[Rank + 2], tokens, w.lanes, t.strides[Rank + 2]);
   }
 
   // logits[r][j][lane] = q.k (+ rpb) of each lane's query with the key at
@@ -418,7 +416,6 @@ struct Forward : LaneKernel<Rank, T> {
   // Per-thread working memory.
   struct Scratch {
     std::vector<float> q, out;  // [d][lane]
-    std::vector<float> rows;    // [lane][d]
     std::vector<float> logits;
     RowList key_rows;
     std::vector<const float*> value_rows;
@@ -448,8 +445,7 @@ struct Forward : LaneKernel<Rank, T> {
                                const LaneWindows& w, Scratch& s) const {
     const std::int64_t dim = k.dim, dim_v = v.dim, n_rows = s.key_rows.size;
     s.q.resize(dim * kLanes);
-    s.rows.resize(kLanes * dim);
-    this->load_lanes(args.q, b, c, h, grp, w, this->scale, s.rows.data(), s.q.data());
+    this->load_lanes(args.q, b, c, h, grp, w, this->scale, s.q.data());
     s.logits.resize(n_rows * w.window * kLanes);
     this->logits(s.q.data(), b, h, grp, w, s.key_rows, s.logits.data());
 
@@ -466,21 +462,15 @@ struct Forward : LaneKernel<Rank, T> {
                       dim_v, s.out.data());
     }
 
-    // Normalise and store, lane by lane.
-    const TensorView& out = args.out;
-    T* out_data = static_cast<T*>(out.data);
-    alignas(32) float inv_sum[kLanes], m[kLanes], total[kLanes];
-    simd::store(total, sum);
-    simd::store(m, max_logit);
-    simd::store(inv_sum, simd::splat(1.0f) / sum);
-    for (std::int64_t l = 0; l < w.lanes; ++l) {
-      c[Rank - 1] = grp + (w.i0 + l) * this->last().dilation;
-      T* o = out_data + row_offset<Rank>(out, b, c, h);
-      for (std::int64_t d = 0; d < dim_v; ++d) {
-        store<T, float>(o + d * out.strides[Rank + 2], s.out[d * kLanes + l] * inv_sum[l]);
-      }
-      if (args.lse) {
-        float* lse = static_cast<float*>(args.lse->data);
+    // Normalise and store.
+    this->store_lanes(args.out, b, c, h, grp, w, simd::splat(1.0f) / sum, s.out.data());
+    if (args.lse) {
+      alignas(32) float m[kLanes], total[kLanes];
+      simd::store(m, max_logit);
+      simd::store(total, sum);
+      float* lse = static_cast<float*>(args.lse->data);
+      for (std::int64_t l = 0; l < w.lanes; ++l) {
+        c[Rank - 1] = grp + (w.i0 + l) * this->last().dilation;
         lse[row_offset<Rank>(*args.lse, b, c, 0) + h * args.lse->strides[Rank + 1]] =
             m[l] + std::log(total[l]);
       }

@@ -1,0 +1,143 @@
+// Moving the head vectors of eight tokens between the tensors' layout (one
+// token's [d] run after another, any strides, any of the storage types) and
+// the vectorised kernels' lane layout ([d][lane]: one f32x8 per channel),
+// through 8x8 register transposes. Included by fast_forward_impl.h inside
+// the per-instruction-set namespace.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "cpu/simd.h"
+#include "numeric.h"
+
+namespace libna::cpu::LIBNA_SIMD_NS {
+
+using simd::f32x8;
+using simd::i32x8;
+using simd::kLanes;
+using detail::BFloat16;
+using detail::Half;
+
+LIBNA_ALWAYS_INLINE f32x8 bits_as_float(i32x8 x) {
+  f32x8 f;
+  std::memcpy(&f, &x, sizeof f);
+  return f;
+}
+
+// Eight 16-bit values widened to 32-bit integers.
+LIBNA_ALWAYS_INLINE i32x8 widen_u16(const std::uint16_t* p) {
+  typedef std::uint16_t u16x8 __attribute__((vector_size(16)));
+  u16x8 h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, i32x8);
+}
+
+// half -> float for eight values, exact (normals, subnormals, inf, nan).
+LIBNA_ALWAYS_INLINE f32x8 half_to_float(i32x8 h) {
+  const i32x8 exponent = h & 0x7c00;
+  const i32x8 body = (h & 0x7fff) << 13;  // exponent and mantissa in float position
+  const i32x8 rebias = exponent == 0x7c00 ? i32x8{} + (224 << 23) : i32x8{} + (112 << 23);
+  f32x8 magnitude = bits_as_float(body + rebias);
+  // Zero and subnormals: read the mantissa as 2^-14 (1 + m / 1024) and drop the 1.
+  const f32x8 small = bits_as_float(body + (113 << 23)) - simd::splat(6.103515625e-05f);
+  magnitude = exponent == 0 ? small : magnitude;
+  i32x8 bits;
+  std::memcpy(&bits, &magnitude, sizeof bits);
+  return bits_as_float(bits | ((h & 0x8000) << 16));
+}
+
+// Elements p[0], p[stride], ... p[(n-1) stride] as floats, zero beyond n.
+template <typename T>
+LIBNA_ALWAYS_INLINE f32x8 load8(const T* p, std::int64_t stride, std::int64_t n) {
+  if (stride == 1 && n == kLanes) {
+    if constexpr (std::is_same_v<T, float>) {
+      return simd::load(p);
+    } else if constexpr (std::is_same_v<T, BFloat16>) {
+      return bits_as_float(widen_u16(&p->bits) << 16);
+    } else if constexpr (std::is_same_v<T, Half>) {
+      return half_to_float(widen_u16(&p->bits));
+    }
+  }
+  alignas(32) float x[kLanes] = {};
+  for (std::int64_t i = 0; i < n; ++i) x[i] = load<float>(p + i * stride);
+  return simd::load(x);
+}
+
+// p[0], p[stride], ... p[(n-1) stride] = the first n elements of x.
+template <typename T>
+LIBNA_ALWAYS_INLINE void store8(T* p, std::int64_t stride, std::int64_t n, f32x8 x) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride == 1 && n == kLanes) return simd::store(p, x);
+  }
+  alignas(32) float y[kLanes];
+  simd::store(y, x);
+  for (std::int64_t i = 0; i < n; ++i) store<T, float>(p + i * stride, y[i]);
+}
+
+// In-place transpose of the 8x8 matrix whose rows are r[0..8).
+LIBNA_ALWAYS_INLINE void transpose8(f32x8* r) {
+  f32x8 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[i + 4] = __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
+// dst[d * dst_stride + l] = factor * tokens[l][d * stride] for d < dim and
+// l < lanes (tokens beyond `lanes` are not read; with lanes < kLanes only
+// those lanes of dst are written, so dst may be a packed row's columns).
+template <typename T>
+LIBNA_SIMD_TARGET void gather_lanes(const T* const* tokens, std::int64_t lanes, std::int64_t stride,
+                                    std::int64_t dim, float factor, float* dst,
+                                    std::int64_t dst_stride) {
+  f32x8 r[kLanes];
+  for (std::int64_t d0 = 0; d0 < dim; d0 += kLanes) {
+    const std::int64_t n = std::min<std::int64_t>(kLanes, dim - d0);
+    for (std::int64_t l = 0; l < kLanes; ++l) {
+      r[l] = l < lanes ? load8(tokens[l] + d0 * stride, stride, n) : simd::splat(0.0f);
+    }
+    transpose8(r);
+    for (std::int64_t i = 0; i < n; ++i) {
+      float* row = dst + (d0 + i) * dst_stride;
+      const f32x8 x = r[i] * simd::splat(factor);
+      if (lanes == kLanes) {
+        simd::store(row, x);
+      } else {
+        alignas(32) float y[kLanes];
+        simd::store(y, x);
+        std::copy(y, y + lanes, row);
+      }
+    }
+  }
+}
+
+// tokens[l][d * stride] = factor[l] * src[d * kLanes + l] for d < dim and
+// l < lanes.
+template <typename T>
+LIBNA_SIMD_TARGET void scatter_lanes(const float* src, f32x8 factor, std::int64_t dim,
+                                     T* const* tokens, std::int64_t lanes, std::int64_t stride) {
+  f32x8 r[kLanes];
+  for (std::int64_t d0 = 0; d0 < dim; d0 += kLanes) {
+    const std::int64_t n = std::min<std::int64_t>(kLanes, dim - d0);
+    for (std::int64_t i = 0; i < kLanes; ++i) {
+      r[i] = i < n ? simd::load(src + (d0 + i) * kLanes) * factor : simd::splat(0.0f);
+    }
+    transpose8(r);
+    for (std::int64_t l = 0; l < lanes; ++l) store8(tokens[l] + d0 * stride, stride, n, r[l]);
+  }
+}
+
+}  // namespace libna::cpu::LIBNA_SIMD_NS
