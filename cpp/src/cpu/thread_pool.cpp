@@ -135,7 +135,9 @@ class Pool {
     for (;;) {
       {
         std::unique_lock<std::mutex> lock(state_mutex_);
-        wake_.wait(lock, [&] { return generation_ != seen; });
+        // stopping_ too: a worker that starts after stop_workers() bumped the
+        // generation reads the bumped value as `seen` and would wait forever.
+        wake_.wait(lock, [&] { return stopping_ || generation_ != seen; });
         seen = generation_;
         if (stopping_) return;
       }
