@@ -27,6 +27,10 @@ namespace libna::cuda_impl {
 
 constexpr float kNegInf = -INFINITY;
 
+// Every fused kernel is declared __launch_bounds__(kThreads, 1): without the
+// explicit minimum of one block per SM, ptxas capped the bfloat16 dq kernel
+// on sm_80 at 128 registers and spilled (tests/test_cuda_build.py caught it).
+
 // The thread's owned query: its slot in the block's query tile, its group
 // positions, full coordinates and window per axis. Invalid slots (past the
 // tile's edge) see nothing.
@@ -39,7 +43,7 @@ struct OwnedQuery {
     int extent[kAxes];
     tiling::tile_extents(plan, true, extent);
     valid = tiling::slot_position(slot, extent, blk.own_lo, blk.own_hi, pos);
-  #pragma unroll
+    #pragma unroll
     for (int a = 0; a < kAxes; ++a) {
       if (valid) {
         tiling::window_in_group(pos[a], blk.len_g[a], plan.axis[a].p, &lo[a], &hi[a]);
@@ -59,7 +63,7 @@ struct OwnedQuery {
 // Sum over the `Lanes` adjacent threads that hold one row.
 template <int Lanes>
 __device__ __forceinline__ float lane_sum(float x) {
-#pragma unroll
+  #pragma unroll
   for (int offset = Lanes / 2; offset > 0; offset /= 2) {
     x += __shfl_xor_sync(0xffffffffu, x, offset);
   }
@@ -93,7 +97,7 @@ __device__ void load_key_tile(const FusedParams& p, const tiling::Block& blk,
     float kx = 0.f, vx = 0.f;
     if (kt.valid[j]) {
       std::int64_t c[kAxes];
-#pragma unroll
+      #pragma unroll
       for (int a = 0; a < kAxes; ++a) {
         c[a] = tiling::full_index(blk.group[a], kt.pos[j][a], p.plan.axis[a].p);
       }
@@ -137,13 +141,13 @@ template <typename T>
 __device__ __forceinline__ float bias_at(const FusedParams& p, int h, const int* iq,
                                          const int* jk) {
   int r[kAxes];
-#pragma unroll
+  #pragma unroll
   for (int a = 0; a < kAxes; ++a) r[a] = tiling::rpb_index(iq[a], jk[a], p.plan.axis[a].p);
   return load<T>(p.rpb.data, h * p.rpb.h + bias_offset(p.rpb, r));
 }
 
 template <typename T, int Bucket>
-__global__ void __launch_bounds__(tiling::kThreads)
+__global__ void __launch_bounds__(tiling::kThreads, 1)
     fused_forward_kernel(const FusedParams p) {
   constexpr int kLanes = tiling::query_lanes(Bucket);
   constexpr int kChunk = Bucket / kLanes;
@@ -157,7 +161,7 @@ __global__ void __launch_bounds__(tiling::kThreads)
 
   float q_reg[kChunk], acc[kChunk];
   const std::int64_t q_row = p.q.row(b, query.coord, h);
-#pragma unroll
+  #pragma unroll
   for (int i = 0; i < kChunk; ++i) {
     const int d = me.dim(i);
     q_reg[i] = query.valid && d < p.dim ? load<T>(p.q.data, q_row + d * p.q.d) * p.scale : 0.f;
@@ -170,10 +174,10 @@ __global__ void __launch_bounds__(tiling::kThreads)
     load_key_tile<T, Bucket, kKeys>(p, me.blk, tile, b, me.hk, kt);
     float s[kKeys];
     float tile_max = kNegInf;
-#pragma unroll
+    #pragma unroll
     for (int j = 0; j < kKeys; ++j) {
       float dot = 0.f;
-#pragma unroll
+      #pragma unroll
       for (int i = 0; i < kChunk; ++i) dot += q_reg[i] * kt.k[j][me.dim(i)];
       dot = lane_sum<kLanes>(dot);
       const bool keep = me.keeps(tile, kt.valid[j], kt.pos[j]);
@@ -185,13 +189,13 @@ __global__ void __launch_bounds__(tiling::kThreads)
     if (new_max > kNegInf) {
       const float correction = expf(row_max - new_max);
       row_sum *= correction;
-#pragma unroll
+      #pragma unroll
       for (int i = 0; i < kChunk; ++i) acc[i] *= correction;
-#pragma unroll
+      #pragma unroll
       for (int j = 0; j < kKeys; ++j) {
         const float prob = expf(s[j] - new_max);
         row_sum += prob;
-#pragma unroll
+        #pragma unroll
         for (int i = 0; i < kChunk; ++i) acc[i] += prob * kt.v[j][me.dim(i)];
       }
       row_max = new_max;
@@ -202,7 +206,7 @@ __global__ void __launch_bounds__(tiling::kThreads)
   if (!query.valid) return;
   const float inv_sum = 1.f / row_sum;
   const std::int64_t out_row = p.out.row(b, query.coord, h);
-#pragma unroll
+  #pragma unroll
   for (int i = 0; i < kChunk; ++i) {
     const int d = me.dim(i);
     if (d < p.dim_v) store<T>(p.out.data, out_row + d * p.out.d, acc[i] * inv_sum);
@@ -218,7 +222,7 @@ __device__ __forceinline__ std::int64_t token_index(const FusedParams& p, const 
 
 // Backward, query side: D_i, dq, and the rpb gradient.
 template <typename T, int Bucket>
-__global__ void __launch_bounds__(tiling::kThreads)
+__global__ void __launch_bounds__(tiling::kThreads, 1)
     fused_dq_kernel(const FusedParams p) {
   constexpr int kLanes = tiling::dq_lanes(Bucket);
   constexpr int kChunk = Bucket / kLanes;
@@ -235,7 +239,7 @@ __global__ void __launch_bounds__(tiling::kThreads)
   const std::int64_t o_row = p.out.row(b, query.coord, h);
   const std::int64_t do_row = p.dout.row(b, query.coord, h);
   float row_term = 0.f;
-#pragma unroll
+  #pragma unroll
   for (int i = 0; i < kChunk; ++i) {
     const int d = me.dim(i);
     q_reg[i] = query.valid && d < p.dim ? load<T>(p.q.data, q_row + d * p.q.d) : 0.f;
@@ -259,7 +263,7 @@ __global__ void __launch_bounds__(tiling::kThreads)
 #pragma unroll 4
     for (int j = 0; j < kKeys; ++j) {
       float qk = 0.f, dprob = 0.f;
-#pragma unroll
+      #pragma unroll
       for (int i = 0; i < kChunk; ++i) {
         qk += q_reg[i] * kt.k[j][me.dim(i)];
         dprob += dout_reg[i] * kt.v[j][me.dim(i)];
@@ -271,11 +275,11 @@ __global__ void __launch_bounds__(tiling::kThreads)
       float logit = qk * p.scale;
       if (p.rpb.data) logit += bias_at<T>(p, h, query.pos, kt.pos[j]);
       const float dlogit = expf(logit - lse) * (dprob - row_term);
-#pragma unroll
+      #pragma unroll
       for (int i = 0; i < kChunk; ++i) dq_acc[i] += dlogit * kt.k[j][me.dim(i)];
       if (p.bias_grad && me.lane == 0) {
         int r[kAxes];
-      #pragma unroll
+        #pragma unroll
         for (int a = 0; a < kAxes; ++a) {
           r[a] = tiling::rpb_index(query.pos[a], kt.pos[j][a], p.plan.axis[a].p);
         }
@@ -287,7 +291,7 @@ __global__ void __launch_bounds__(tiling::kThreads)
 
   if (!query.valid) return;
   const std::int64_t dq_row = p.dq.row(b, query.coord, h);
-#pragma unroll
+  #pragma unroll
   for (int i = 0; i < kChunk; ++i) {
     const int d = me.dim(i);
     if (d < p.dim) store<T>(p.dq.data, dq_row + d * p.dq.d, dq_acc[i] * p.scale);
@@ -297,7 +301,7 @@ __global__ void __launch_bounds__(tiling::kThreads)
 // Backward, key side: dk and dv, gathered over the queries (of every query
 // head that shares the kv head) that see each key.
 template <typename T, int Bucket>
-__global__ void __launch_bounds__(tiling::kThreads)
+__global__ void __launch_bounds__(tiling::kThreads, 1)
     fused_dkdv_kernel(const FusedParams p) {
   constexpr int kLanes = tiling::key_lanes(Bucket);
   constexpr int kChunk = Bucket / kLanes;
@@ -322,7 +326,7 @@ __global__ void __launch_bounds__(tiling::kThreads)
   std::int64_t key_coord[kAxes];
   const bool valid =
       tiling::slot_position(threadIdx.x / kLanes, key_extent, blk.own_lo, blk.own_hi, key);
-#pragma unroll
+  #pragma unroll
   for (int a = 0; a < kAxes; ++a) {
     int first = 0, last = -1;
     if (valid) tiling::queries_seeing(key[a], blk.len_g[a], p.plan.axis[a].p, &first, &last);
@@ -333,7 +337,7 @@ __global__ void __launch_bounds__(tiling::kThreads)
 
   float k_reg[kChunk], v_reg[kChunk], dk_acc[kChunk], dv_acc[kChunk];
   const std::int64_t k_row = p.k.row(b, key_coord, hk), v_row = p.v.row(b, key_coord, hk);
-#pragma unroll
+  #pragma unroll
   for (int i = 0; i < kChunk; ++i) {
     const int d = lane + kLanes * i;
     k_reg[i] = valid && d < p.dim ? load<T>(p.k.data, k_row + d * p.k.d) : 0.f;
@@ -350,7 +354,7 @@ __global__ void __launch_bounds__(tiling::kThreads)
         query_valid[i] = tiling::slot_position(i, query_extent, tile.lo, tile.hi, query_pos[i]);
         if (query_valid[i]) {
           std::int64_t c[kAxes];
-        #pragma unroll
+          #pragma unroll
           for (int a = 0; a < kAxes; ++a) {
             c[a] = tiling::full_index(blk.group[a], query_pos[i][a], p.plan.axis[a].p);
           }
@@ -364,7 +368,7 @@ __global__ void __launch_bounds__(tiling::kThreads)
         float qx = 0.f, dx = 0.f;
         if (query_valid[i]) {
           std::int64_t c[kAxes];
-        #pragma unroll
+          #pragma unroll
           for (int a = 0; a < kAxes; ++a) {
             c[a] = tiling::full_index(blk.group[a], query_pos[i][a], p.plan.axis[a].p);
           }
@@ -378,7 +382,7 @@ __global__ void __launch_bounds__(tiling::kThreads)
 #pragma unroll 4
       for (int i = 0; i < kQueries; ++i) {
         float qk = 0.f, dprob = 0.f;
-#pragma unroll
+        #pragma unroll
         for (int c = 0; c < kChunk; ++c) {
           qk += k_reg[c] * q_tile[i][lane + kLanes * c];
           dprob += v_reg[c] * dout_tile[i][lane + kLanes * c];
@@ -393,7 +397,7 @@ __global__ void __launch_bounds__(tiling::kThreads)
         if (p.rpb.data) logit += bias_at<T>(p, h, iq, key);
         const float prob = expf(logit - lse_tile[i]);
         const float dlogit = prob * (dprob - term_tile[i]);
-#pragma unroll
+        #pragma unroll
         for (int c = 0; c < kChunk; ++c) {
           dv_acc[c] += prob * dout_tile[i][lane + kLanes * c];
           dk_acc[c] += dlogit * q_tile[i][lane + kLanes * c];
@@ -405,7 +409,7 @@ __global__ void __launch_bounds__(tiling::kThreads)
 
   if (!valid) return;
   const std::int64_t dk_row = p.dk.row(b, key_coord, hk), dv_row = p.dv.row(b, key_coord, hk);
-#pragma unroll
+  #pragma unroll
   for (int i = 0; i < kChunk; ++i) {
     const int d = lane + kLanes * i;
     if (d < p.dim) store<T>(p.dk.data, dk_row + d * p.dk.d, dk_acc[i] * p.scale);

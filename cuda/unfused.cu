@@ -84,7 +84,7 @@ template <typename T>
 __device__ float gather_queries(const UnfusedParams& p, std::int64_t b, const std::int64_t* key, int hk,
                                 int d, const View& weight, const View& x) {
   std::int64_t first[kAxes], count[kAxes];
-#pragma unroll
+  #pragma unroll
   for (int a = 0; a < kAxes; ++a) tiling::key_queries(key[a], p.axes[a], &first[a], &count[a]);
   const int group = p.heads / p.heads_kv;
   float acc = 0.f;

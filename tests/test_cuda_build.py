@@ -132,3 +132,26 @@ def test_library_holds_forward_and_backward_kernels():
     blob = library().read_bytes()
     for kernel in FUSED + UNFUSED:
         assert kernel.encode() in blob, f"{kernel} is not in {library().name}"
+
+
+def test_parsers_read_both_report_formats():
+    ptxas = """ptxas info    : Compiling entry function '_Z1kPf' for 'sm_90'
+ptxas info    : Function properties for _Z1kPf
+    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 40 registers, used 1 barriers, 2048 bytes smem, 400 bytes cmem[0]
+"""
+    assert parse_ptxas(ptxas) == {("_Z1kPf", "sm_90"): {"regs": 40, "smem": 2048, "spill": 8,
+                                                       "stack": 8}}
+    cuobjdump = """Fatbin elf code:
+================
+arch = sm_80
+code version = [1,7]
+
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _Z1kPf:
+  REG:17 STACK:0 SHARED:4096 LOCAL:0 CONSTANT[0]:336 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+    assert parse_cuobjdump(cuobjdump) == {("_Z1kPf", "sm_80"): {"regs": 17, "smem": 4096,
+                                                               "stack": 0, "spill": 0}}
