@@ -105,3 +105,14 @@ def test_sweep_writes_plots(tmp_path):
     for name in ("bench_na2d_sweep_tokens.png", "bench_na2d_sweep_kernel.png"):
         png = tmp_path / name
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_device_cuda_needs_a_gpu(capsys):
+    import torch
+
+    from libna import bench
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present (the GPU run is covered by -m gpu sessions)")
+    assert bench.main(["--device", "cuda", "--size", "8", "--kernel", "3"]) == 2
+    assert "--device cuda needs a CUDA device" in capsys.readouterr().err

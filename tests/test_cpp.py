@@ -71,3 +71,15 @@ def test_cpp_core(cmake, tmp_path):
     assert "FAILED" not in out, out
     summary = lines[-1].split()
     assert summary[1:] == ["passed,", "0", "failed"] and int(summary[0]) > 50, out
+
+
+def test_cpp_tiling(cmake, tmp_path):
+    """The CUDA kernels' tile schedule, run on the host over the feature grid:
+    every kept (query, key) pair is a reference neighbour, each exactly once."""
+    out = run(build(cmake, ROOT / "tests" / "cpp", tmp_path / "tests", "test_tiling"))
+    lines = out.splitlines()
+    for name in ("rank1", "rank2", "rank3"):
+        assert any(line.startswith(f"{name}: ok") for line in lines), out
+    assert "FAILED" not in out, out
+    summary = lines[-1].split()
+    assert summary[1:] == ["passed,", "0", "failed"] and int(summary[0]) > 10000, out

@@ -89,8 +89,9 @@ CHILD_ENV = {"OPENBLAS_NUM_THREADS": "1"}
 
 
 class Problem:
-    def __init__(self, rank, spatial, kernel, batch, heads, dim, dtype):
+    def __init__(self, rank, spatial, kernel, batch, heads, dim, dtype, device="cpu"):
         self.rank = rank
+        self.device = device  # "cpu" or "cuda" (the current CUDA device)
         self.spatial = tuple(spatial)
         self.kernel = tuple(kernel)
         self.batch = batch
@@ -117,7 +118,8 @@ class Problem:
         size = "x".join(map(str, self.spatial))
         kern = "x".join(map(str, self.kernel))
         return (f"{self.rank}D, B={self.batch}, {size} ({self.tokens} tokens), "
-                f"{self.heads} heads, D {self.dim}, kernel {kern}, {self.dtype}")
+                f"{self.heads} heads, D {self.dim}, kernel {kern}, {self.dtype}"
+                + (f", {self.device}" if self.device != "cpu" else ""))
 
     def short(self):
         return f"{'x'.join(map(str, self.spatial))} k{'x'.join(map(str, self.kernel))}"
@@ -125,7 +127,8 @@ class Problem:
     def argv(self):
         return ["--rank", str(self.rank), "--size", "x".join(map(str, self.spatial)),
                 "--kernel", "x".join(map(str, self.kernel)), "--batch", str(self.batch),
-                "--heads", str(self.heads), "--dim", str(self.dim), "--dtype", self.dtype]
+                "--heads", str(self.heads), "--dim", str(self.dim), "--dtype", self.dtype,
+                "--device", self.device]
 
 
 def torch_dtype(name):
@@ -139,7 +142,7 @@ def make_inputs(p: Problem, seed=0):
     import torch
     gen = torch.Generator().manual_seed(seed)
     shape = (p.batch, *p.spatial, p.heads, p.dim)
-    return tuple(torch.randn(shape, generator=gen).to(torch_dtype(p.dtype))
+    return tuple(torch.randn(shape, generator=gen).to(device=p.device, dtype=torch_dtype(p.dtype))
                  for _ in range(4))
 
 
@@ -290,7 +293,7 @@ class GatherMethod(Method):
 
     def setup(self):
         import torch
-        self.index = torch.from_numpy(gather_index(self.p).reshape(-1))
+        self.index = torch.from_numpy(gather_index(self.p).reshape(-1)).to(self.p.device)
 
     def forward(self, q, k, v):
         import torch
@@ -311,7 +314,7 @@ class SdpaMaskMethod(Method):
 
     def setup(self):
         import torch
-        self.mask = torch.from_numpy(dense_mask(self.p))
+        self.mask = torch.from_numpy(dense_mask(self.p)).to(self.p.device)
 
     def forward(self, q, k, v):
         import torch.nn.functional as F
@@ -400,7 +403,7 @@ def reference_outputs(method, p, q, k, v, dout, backward):
         label = "vs float64 reference"
         ref = getattr(reference, f"na{p.rank}d")
         ref_bwd = getattr(reference, f"na{p.rank}d_backward")
-        a64 = [x.to(torch.float64).numpy() for x in (q, k, v, dout)]
+        a64 = [x.detach().cpu().to(torch.float64).numpy() for x in (q, k, v, dout)]
         out, lse = ref(*a64[:3], p.kernel, return_lse=True)
         grads = ref_bwd(*a64[:3], out, a64[3], lse, p.kernel) if backward else None
         return (label, torch.from_numpy(out),
@@ -415,7 +418,8 @@ def reference_affordable(p):
 
 def max_abs_err(a, b):
     import torch
-    return float((a.to(torch.float64) - b.to(torch.float64)).abs().max())
+    return float((a.detach().cpu().to(torch.float64) - b.detach().cpu().to(torch.float64))
+                 .abs().max())
 
 
 def tolerance(p, ref):
@@ -433,9 +437,17 @@ def full_reference_affordable(p):
 # --------------------------------------------------------------------------
 
 
-def time_calls(fn, repeats, warmup=1, min_time=0.0, max_calls=200):
+def time_calls(fn, repeats, warmup=1, min_time=0.0, max_calls=200, sync=None):
     """(best, median) seconds of at least `repeats` calls after `warmup` calls,
-    continuing up to max_calls until the timed calls add up to min_time."""
+    continuing up to max_calls until the timed calls add up to min_time.
+    `sync` (torch.cuda.synchronize for CUDA work) ends each timed call."""
+    if sync is not None:
+        call = fn
+
+        def fn():
+            call()
+            sync()
+        sync()
     for _ in range(warmup):
         fn()
     times = []
@@ -449,22 +461,29 @@ def time_calls(fn, repeats, warmup=1, min_time=0.0, max_calls=200):
 def time_method(m, ps, q, k, v, dout, repeats, warmup=1, min_time=0.0):
     """Times one pass ("fwd" inference or "bwd" gradient pass) of a set-up method."""
     import torch
+    sync = torch.cuda.synchronize if q.is_cuda else None
     if ps == "fwd":
         with torch.no_grad():
-            return time_calls(lambda: m.forward(q, k, v), repeats, warmup, min_time)
+            return time_calls(lambda: m.forward(q, k, v), repeats, warmup, min_time, sync=sync)
     runner = m.backward_runner(q, k, v, dout)
     try:
-        return time_calls(runner, repeats, warmup, min_time)
+        return time_calls(runner, repeats, warmup, min_time, sync=sync)
     finally:
         del runner
 
 
-def matmul_ceiling(repeats):
+def matmul_ceiling(repeats, p=None):
+    """GFLOP/s of torch.matmul: 1024^3 float32 on the CPU, 4096^3 in the
+    problem's dtype on CUDA."""
     import torch
-    a = torch.randn(1024, 1024)
-    b = torch.randn(1024, 1024)
-    best, _ = time_calls(lambda: torch.matmul(a, b), max(repeats, 5), warmup=2)
-    return 2 * 1024 ** 3 / best / 1e9
+    cuda = p is not None and p.device == "cuda"
+    n = 4096 if cuda else 1024
+    kw = dict(device="cuda", dtype=torch_dtype(p.dtype)) if cuda else {}
+    a = torch.randn(n, n, **kw)
+    b = torch.randn(n, n, **kw)
+    best, _ = time_calls(lambda: torch.matmul(a, b), max(repeats, 5), warmup=2,
+                         sync=torch.cuda.synchronize if cuda else None)
+    return 2 * n ** 3 / best / 1e9
 
 
 # --------------------------------------------------------------------------
@@ -644,6 +663,9 @@ def run_table(args, p: Problem) -> int:
     print("# libna benchmark")
     for line in machine_lines(threads):
         print(line)
+    if p.device == "cuda":
+        print(f"gpu:     {torch.cuda.get_device_name()} (torch CUDA {torch.version.cuda}); "
+              f"libna CUDA architectures {','.join(libna.build_info()['cuda_architectures'])}")
     print(f"problem: {p.describe()}")
     print(flush=True)
 
@@ -715,7 +737,7 @@ def run_table(args, p: Problem) -> int:
             print(f"timed {name}{rounds}: fwd {fmt_ms(r['fwd'][0])} ms"
                   + (f", bwd {fmt_ms(r['bwd'][0])} ms" if backward else "")
                   + (" (best so far)" if rnd else ""), flush=True)
-        ceiling = max(ceiling, matmul_ceiling(args.repeats))
+        ceiling = max(ceiling, matmul_ceiling(args.repeats, p))
 
     memory = {}
     if args.memory:
@@ -744,7 +766,9 @@ def run_table(args, p: Problem) -> int:
         print(markdown_table(["method", "best ms", "median ms", "GFLOP/s", "max abs err",
                               "peak extra MiB", "libna speed-up"], rows))
         print()
-    print(f"machine ceiling: torch.matmul 1024^3 float32 = {ceiling:.1f} GFLOP/s; ", end="")
+    ceiling_what = (f"4096^3 {p.dtype} on {torch.cuda.get_device_name()}" if p.device == "cuda"
+                    else "1024^3 float32")
+    print(f"machine ceiling: torch.matmul {ceiling_what} = {ceiling:.1f} GFLOP/s; ", end="")
     if "libna" in results:
         libna_gf = p.fwd_flops() / results["libna"]["fwd"][0] / 1e9
         print(f"libna forward = {libna_gf:.1f} GFLOP/s = {100 * libna_gf / ceiling:.0f}% of it"
@@ -1025,6 +1049,10 @@ def build_parser():
     parser.add_argument("--dim", type=int, default=32, help="head dim (default 32)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                         default="float32", help="input dtype (default float32)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where every method runs (default cpu); cuda times with "
+                             "torch.cuda.synchronize after each call and skips the peak-memory "
+                             "column")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for libna and torch (default libna.get_num_threads())")
     parser.add_argument("--repeats", type=int, default=None,
@@ -1103,9 +1131,21 @@ def main(argv=None) -> int:
         print("error: --threads must be >= 1", file=sys.stderr)
         return 2
     import torch
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            print("error: --device cuda needs a CUDA device visible to PyTorch", file=sys.stderr)
+            return 2
+        if "cuda" not in libna.build_info()["backends"]:
+            print("error: --device cuda needs libna built with CUDA", file=sys.stderr)
+            return 2
+        if args.sweep:
+            print("error: --sweep runs on the CPU only (for now)", file=sys.stderr)
+            return 2
+        args.memory = False  # peak RSS of child processes says nothing about GPU memory
     libna.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
-    p = Problem(rank, args.size, args.kernel, args.batch, args.heads, args.dim, args.dtype)
+    p = Problem(rank, args.size, args.kernel, args.batch, args.heads, args.dim, args.dtype,
+                args.device)
     if args.memory_child:
         return memory_child(p, args.memory_child, args.backward, args.threads)
     if args.sweep:

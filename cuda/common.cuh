@@ -1,0 +1,125 @@
+// Shared pieces of the CUDA backend: strided views padded to three spatial
+// axes, the kernel parameter structs (plain pointers, strides and sizes),
+// element conversions, and the launchers that each generated translation
+// unit instantiates.
+//
+// Every op runs as a rank-3 problem: missing axes get length 1, kernel 1 and
+// stride 0 in every view, so one kernel instance serves ranks 1, 2 and 3.
+// This trades a little integer work on the padded axes for a third of the
+// compile time and binary size (CI builds these kernels on two cores).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "libna/tiling.h"
+
+namespace libna::cuda_impl {
+
+using tiling::kAxes;
+
+// [B, *spatial(3), heads, dim] with element strides; padded axes have stride 0.
+struct View {
+  void* data;
+  std::int64_t b, s[kAxes], h, d;
+
+  __host__ __device__ std::int64_t row(std::int64_t batch, const std::int64_t* c, std::int64_t head) const {
+    return batch * b + c[0] * s[0] + c[1] * s[1] + c[2] * s[2] + head * h;
+  }
+};
+
+// rpb / drpb [heads, 2k-1 per axis].
+struct BiasView {
+  void* data;
+  std::int64_t h, s[kAxes];
+};
+
+// The fused forward and backward kernels' parameters.
+struct FusedParams {
+  tiling::Plan plan;
+  int heads, heads_kv, dim, dim_v;
+  float scale;
+  std::int64_t tokens;  // prod(spatial)
+  View q, k, v, out, dout, dq, dk, dv;
+  BiasView rpb;      // data null when absent
+  View lse;          // [B, *spatial, heads] (d unused); data null when absent
+  float* row_term;   // backward: D_i = dout_i . out_i, [B, heads, tokens]
+  float* bias_grad;  // backward with rpb: float32 [heads, prod(2k-1)], zeroed
+};
+
+// The unfused kernels' parameters (views not used by an op are left empty).
+struct UnfusedParams {
+  AxisParams axes[kAxes];
+  std::int64_t length[kAxes];
+  std::int64_t batch, tokens, slots;
+  int heads, heads_kv;
+  int dim;  // head dim of q and k (qk, qk_backward) or of v (av, av_backward)
+  View q, k, v, out, attn, dout, dattn, dq, dk, dv;
+  BiasView rpb;
+  float* bias_grad;  // qk_backward with drpb: float32 [heads, prod(2k-1)], zeroed
+};
+
+enum class UnfusedOp { qk, av, qk_backward, av_backward };
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+template <typename T>
+__device__ __forceinline__ float load(const void* base, std::int64_t offset) {
+  return to_float(static_cast<const T*>(base)[offset]);
+}
+template <typename T>
+__device__ __forceinline__ void store(void* base, std::int64_t offset, float x) {
+  static_cast<T*>(base)[offset] = from_float<T>(x);
+}
+
+// Full-axis coordinates of a token of the padded [L0, L1, L2] grid.
+__host__ __device__ __forceinline__ void token_coords(std::int64_t token, const std::int64_t* length,
+                                                      std::int64_t* c) {
+  c[2] = token % length[2];
+  token /= length[2];
+  c[1] = token % length[1];
+  c[0] = token / length[1];
+}
+
+// Row-major offset into the contiguous [prod(2k-1)] bias buffer of one head.
+__host__ __device__ __forceinline__ std::int64_t bias_flat(const AxisParams& axis1,
+                                                       const AxisParams& axis2, const int* r) {
+  return (r[0] * (2 * axis1.kernel - 1) + r[1]) * (2 * axis2.kernel - 1) + r[2];
+}
+__host__ __device__ __forceinline__ std::int64_t bias_offset(const BiasView& v, const int* r) {
+  return r[0] * v.s[0] + r[1] * v.s[1] + r[2] * v.s[2];
+}
+
+// Launchers, instantiated per element type: unfused.cu, and the generated
+// fused_*.cu files.
+template <typename T>
+void launch_unfused(UnfusedOp op, const UnfusedParams& p, cudaStream_t stream);
+// Stores the float32 [heads, prod(2k-1)] workspace into rpb-shaped `grad`.
+template <typename T>
+void launch_store_bias_grad(const float* acc, const BiasView& grad, const AxisParams* axes,
+                            int heads, cudaStream_t stream);
+
+// `bucket` is tiling::head_dim_bucket(max(dim, dim_v)).
+template <typename T>
+void launch_fused_forward(const FusedParams& p, int bucket, std::int64_t batch, cudaStream_t stream);
+template <typename T>
+void launch_fused_backward(const FusedParams& p, int bucket, std::int64_t batch,
+                           cudaStream_t stream);
+
+}  // namespace libna::cuda_impl

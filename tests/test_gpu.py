@@ -1,0 +1,261 @@
+"""The CUDA backend against the float64 reference and the CPU backend, over
+the feature grid, with PyTorch CUDA tensors. Marked `gpu`; run them all with
+
+    python -m pytest -m gpu tests/test_gpu.py
+
+They skip without a CUDA device or when libna was built without CUDA.
+
+Tolerance (as in FlashAttention's tests): the CUDA result's error against the
+float64 reference is at most twice the CPU backend's error for the same
+dtype and inputs, plus a small floor for its rounding of the output."""
+
+import numpy as np
+import pytest
+import torch
+
+import libna
+from libna import reference
+
+from test_forward import case_id, grid, make_qkv, make_rpb
+
+HAVE_GPU = torch.cuda.is_available()
+CUDA_BUILT = libna._C is not None and "cuda" in libna.build_info()["backends"]
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not HAVE_GPU, reason="no CUDA device"),
+    pytest.mark.skipif(not CUDA_BUILT, reason="libna was built without CUDA"),
+]
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def to_torch(x, dtype, device):
+    return None if x is None else torch.from_numpy(x).to(device=device, dtype=dtype)
+
+
+def f64(x):
+    return x.detach().to("cpu", torch.float64).numpy()
+
+
+def max_err(x, ref):
+    return float(np.max(np.abs(f64(x) - ref) / (1 + np.abs(ref)))) if ref.size else 0.0
+
+
+def assert_close(name, cuda, cpu, ref, dtype):
+    err_cuda, err_cpu = max_err(cuda, ref), max_err(cpu, ref)
+    bound = 2 * err_cpu + FLOOR[dtype]
+    assert err_cuda <= bound, f"{name}: CUDA error {err_cuda:.3g} > {bound:.3g} (CPU {err_cpu:.3g})"
+
+
+def problem(case, rng, dim=16, dim_v=12, heads=4, heads_kv=2):
+    spatial, kernel, stride, dilation, causal = case
+    q, k, v = make_qkv(rng, 2, spatial, heads, heads_kv, dim, dim_v)
+    use_rpb = not any(causal) and all(x == 1 for x in stride)
+    rpb = make_rpb(rng, heads, kernel) if use_rpb else None
+    kw = dict(stride=stride, dilation=dilation, is_causal=causal)
+    return len(spatial), kernel, (q, k, v), rpb, kw
+
+
+def forward_all(rank, kernel, qkv, rpb, kw, dtype, scale=None):
+    """(cuda, cpu, reference) results of the fused forward: (out, lse)."""
+    op = getattr(libna, f"na{rank}d")
+    runs = []
+    for device in ("cuda", "cpu"):
+        q, k, v = (to_torch(x, dtype, device) for x in qkv)
+        runs.append(op(q, k, v, kernel, rpb=to_torch(rpb, dtype, device), scale=scale,
+                       return_lse=True, **kw))
+    # The reference sees the same rounded inputs.
+    rounded = [f64(to_torch(x, dtype, "cpu")) for x in qkv]
+    rpb64 = None if rpb is None else f64(to_torch(rpb, dtype, "cpu"))
+    ref = getattr(reference, f"na{rank}d")(*rounded, kernel, rpb=rpb64, scale=scale,
+                                           return_lse=True, **kw)
+    return runs[0], runs[1], ref
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("case", grid(), ids=case_id)
+def test_forward_grid(case, dtype, rng):
+    rank, kernel, qkv, rpb, kw = problem(case, rng)
+    (out, lse), (out_cpu, lse_cpu), (ref, ref_lse) = forward_all(rank, kernel, qkv, rpb, kw, dtype)
+    assert out.device.type == "cuda" and out.dtype == dtype and lse.dtype == torch.float32
+    assert_close("out", out, out_cpu, ref, dtype)
+    assert_close("lse", lse, lse_cpu, ref_lse, dtype)
+
+
+# Head dims: every bucket (32/64/128/256), odd sizes, D_v != D, GQA.
+@pytest.mark.parametrize("dim,dim_v", [(8, 8), (32, 32), (64, 64), (128, 128), (256, 256),
+                                       (64, 16), (16, 40), (72, 200), (1, 3)])
+@pytest.mark.parametrize("heads,heads_kv", [(4, 4), (6, 3), (4, 1)])
+def test_forward_head_dims_and_gqa(dim, dim_v, heads, heads_kv, rng):
+    case = ((9, 10), (3, 5), (1, 1), (2, 1), (False, False))
+    rank, kernel, qkv, rpb, kw = problem(case, rng, dim, dim_v, heads, heads_kv)
+    for dtype in (torch.float32, torch.float16):
+        (out, lse), (out_cpu, lse_cpu), (ref, ref_lse) = forward_all(rank, kernel, qkv, rpb, kw,
+                                                                     dtype, scale=0.3)
+        assert_close("out", out, out_cpu, ref, dtype)
+        assert_close("lse", lse, lse_cpu, ref_lse, dtype)
+
+
+# Larger problems: many query blocks and key tiles, partial and full tiles.
+@pytest.mark.parametrize("case", [
+    ((1000,), (63,), (1,), (1,), (False,)),
+    ((777,), (64,), (3,), (2,), (True,)),
+    ((40, 36), (7, 9), (1, 1), (2, 3), (False, False)),
+    ((33, 47), (13, 8), (2, 4), (1, 1), (True, False)),
+    ((12, 14, 16), (5, 3, 7), (1, 1, 1), (1, 2, 2), (False, True, False)),
+], ids=case_id)
+def test_forward_large(case, rng):
+    rank, kernel, qkv, rpb, kw = problem(case, rng, 64, 64, 2, 1)
+    for dtype in DTYPES.values():
+        (out, lse), (out_cpu, lse_cpu), (ref, ref_lse) = forward_all(rank, kernel, qkv, rpb, kw,
+                                                                     dtype)
+        assert_close("out", out, out_cpu, ref, dtype)
+        assert_close("lse", lse, lse_cpu, ref_lse, dtype)
+
+
+def backward_all(rank, kernel, qkv, rpb, kw, dtype, seed=1):
+    """(cuda, cpu, reference) fused gradients, each (dq, dk, dv[, drpb]), all
+    from the same inputs, out and lse (the CPU forward's)."""
+    q, k, v = (to_torch(x, dtype, "cpu") for x in qkv)
+    r = to_torch(rpb, dtype, "cpu")
+    out, lse = getattr(libna, f"na{rank}d")(q, k, v, kernel, rpb=r, return_lse=True, **kw)
+    dout = to_torch(np.random.default_rng(seed).standard_normal(tuple(out.shape)), dtype, "cpu")
+    inputs = (q, k, v, out, dout, lse)
+    op = getattr(libna, f"na{rank}d_backward")
+    grads = [op(*(x.to(device) for x in inputs), kernel,
+                rpb=None if r is None else r.to(device), **kw) for device in ("cuda", "cpu")]
+    ref = getattr(reference, f"na{rank}d_backward")(
+        *(f64(x) for x in inputs), kernel, rpb=None if r is None else f64(r), **kw)
+    return grads[0], grads[1], ref
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("case", grid(), ids=case_id)
+def test_backward_grid(case, dtype, rng):
+    rank, kernel, qkv, rpb, kw = problem(case, rng)
+    cuda, cpu, ref = backward_all(rank, kernel, qkv, rpb, kw, dtype)
+    assert len(cuda) == len(ref) == (3 if rpb is None else 4)
+    for name, g, c, r in zip(("dq", "dk", "dv", "drpb"), cuda, cpu, ref):
+        assert g.device.type == "cuda" and g.dtype == dtype, name
+        assert_close(name, g, c, r, dtype)
+
+
+@pytest.mark.parametrize("dim,dim_v,heads,heads_kv", [
+    (32, 32, 4, 2), (64, 16, 6, 3), (128, 128, 2, 1), (256, 200, 2, 2), (24, 72, 4, 4)])
+def test_backward_head_dims_and_gqa(dim, dim_v, heads, heads_kv, rng):
+    case = ((11, 13), (5, 3), (1, 1), (1, 2), (False, False))
+    rank, kernel, qkv, rpb, kw = problem(case, rng, dim, dim_v, heads, heads_kv)
+    for dtype in (torch.float32, torch.bfloat16):
+        cuda, cpu, ref = backward_all(rank, kernel, qkv, rpb, kw, dtype)
+        for name, g, c, r in zip(("dq", "dk", "dv", "drpb"), cuda, cpu, ref):
+            assert_close(name, g, c, r, dtype)
+
+
+def test_backward_large_and_deterministic(rng):
+    case = ((48, 40), (9, 7), (1, 1), (2, 1), (False, True))
+    rank, kernel, qkv, rpb, kw = problem(case, rng, 64, 64, 4, 2)
+    first, cpu, ref = backward_all(rank, kernel, qkv, rpb, kw, torch.float32)
+    for name, g, c, r in zip(("dq", "dk", "dv"), first, cpu, ref):
+        assert_close(name, g, c, r, torch.float32)
+    again, _, _ = backward_all(rank, kernel, qkv, rpb, kw, torch.float32)
+    for name, a, b in zip(("dq", "dk", "dv"), first, again):  # no atomics: bitwise equal
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("case", [c for c in grid() if all(s == 1 for s in c[2])][::2],
+                         ids=case_id)
+def test_unfused_grid(case, dtype, rng):
+    rank, kernel, qkv, rpb, kw = problem(case, rng)
+    kw.pop("stride")
+    op = lambda name: getattr(libna, f"na{rank}d_{name}")
+    ref_op = lambda name: getattr(reference, f"na{rank}d_{name}")
+    rounded = lambda x: None if x is None else f64(to_torch(x, dtype, "cpu"))
+    q64, k64, v64, rpb64 = (rounded(x) for x in (*qkv, rpb))
+    ref_attn = ref_op("qk")(q64, k64, kernel, rpb=rpb64, **kw)
+    empty = ~np.isfinite(ref_attn)  # slots outside causal windows
+    probs = np.exp(np.where(empty, -np.inf, ref_attn) - np.max(ref_attn, -1, keepdims=True))
+    probs = rounded(probs / probs.sum(-1, keepdims=True))
+    d_rng = np.random.default_rng(2)
+    dout = rounded(d_rng.standard_normal((*ref_attn.shape[:-1], v64.shape[-1])))
+    dattn = rounded(np.where(empty, 0.0, d_rng.standard_normal(ref_attn.shape)))
+    results = {}
+    for device in ("cuda", "cpu"):
+        t = lambda x: to_torch(x, dtype, device)
+        results[device] = {
+            "attn": op("qk")(t(q64), t(k64), kernel, rpb=t(rpb64), **kw),
+            "out": op("av")(t(probs), t(v64), kernel, **kw),
+            "qk_backward": op("qk_backward")(t(dattn), t(q64), t(k64), kernel, rpb=t(rpb64), **kw),
+            "av_backward": op("av_backward")(t(dout), t(probs), t(v64), kernel, **kw),
+        }
+    g, c = results["cuda"], results["cpu"]
+    assert np.array_equal(torch.isinf(g["attn"]).cpu().numpy(), empty)
+    keep = lambda x: x[torch.from_numpy(~empty).to(x.device)]
+    assert_close("attn", keep(g["attn"]), keep(c["attn"]), ref_attn[~empty], dtype)
+    assert_close("av", g["out"], c["out"], ref_op("av")(probs, v64, kernel, **kw), dtype)
+    ref = ref_op("qk_backward")(dattn, q64, k64, kernel, rpb=rpb64, **kw)
+    for name, a, b, r in zip(("dq", "dk", "drpb"), g["qk_backward"], c["qk_backward"], ref):
+        assert_close(name, a, b, r, dtype)
+    ref = ref_op("av_backward")(dout, probs, v64, kernel, **kw)
+    for name, a, b, r in zip(("dattn", "dv"), g["av_backward"], c["av_backward"], ref):
+        assert_close(name, a, b, r, dtype)
+
+
+def test_strided_inputs_and_outputs_views(rng):
+    """Non-contiguous q/k/v (a permuted buffer, a head-dim slice) give the
+    same result as contiguous copies."""
+    base = torch.from_numpy(rng.standard_normal((2, 4, 10, 12, 24))).float().cuda()
+    q = base.permute(0, 2, 3, 1, 4)[..., :16]           # [B, 10, 12, 4, 16], strided
+    k = base.permute(0, 2, 3, 1, 4)[..., 4:20]
+    v = base.permute(0, 2, 3, 1, 4)[..., 8:]
+    out = libna.na2d(q, k, v, (3, 5), dilation=(2, 1))
+    ref = libna.na2d(q.contiguous(), k.contiguous(), v.contiguous(), (3, 5), dilation=(2, 1))
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_runs_on_the_current_stream(rng):
+    case = ((30, 30), (7, 7), (1, 1), (1, 1), (False, False))
+    rank, kernel, qkv, rpb, kw = problem(case, rng, 32, 32)
+    q, k, v = (to_torch(x, torch.float16, "cuda") for x in qkv)
+    expected = libna.na2d(q, k, v, kernel, **kw)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out = libna.na2d(q, k, v, kernel, **kw)
+        out.record_stream(stream)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_second_device_if_present(rng):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("one CUDA device")
+    q, k, v = (to_torch(x, torch.float32, "cuda:1") for x in make_qkv(rng, 1, (9,), 2, 2, 8, 8))
+    out = libna.na1d(q, k, v, 3)
+    assert out.device == torch.device("cuda:1")
+    torch.testing.assert_close(out.cpu(), libna.na1d(q.cpu(), k.cpu(), v.cpu(), 3))
+
+
+def test_torch_autograd_on_cuda(rng):
+    import libna.torch as lt
+
+    qkv = make_qkv(rng, 1, (8, 9), 2, 2, 32, 32)
+    grads = {}
+    for device in ("cuda", "cpu"):
+        q, k, v = (to_torch(x, torch.float32, device).requires_grad_() for x in qkv)
+        out = lt.na2d(q, k, v, (3, 3), dilation=(2, 1))
+        out.square().sum().backward()
+        grads[device] = [out, q.grad, k.grad, v.grad]
+    for a, b in zip(grads["cuda"], grads["cpu"]):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-4)
+
+
+def test_float64_and_huge_head_dims_are_refused(rng):
+    q, k, v = (to_torch(x, torch.float64, "cuda") for x in make_qkv(rng, 1, (9,), 2, 2, 8, 8))
+    with pytest.raises(TypeError, match="float64 is not supported by the CUDA backend"):
+        libna.na1d(q, k, v, 3)
+    q, k, v = (to_torch(x, torch.float32, "cuda") for x in make_qkv(rng, 1, (9,), 1, 1, 300, 8))
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        libna.na1d(q, k, v, 3)
