@@ -89,7 +89,6 @@ struct Backward : LaneKernel<Rank, T> {
 
   struct Scratch {
     std::vector<float> q, dout, k, v;  // lanes, [d][lane]
-    std::vector<float> out_lanes;
     std::vector<float> probs, dlogits;  // [row][window position][lane]
     std::vector<float> acc, acc_k, acc_v;
     RowList rows_list;
@@ -129,36 +128,21 @@ struct Backward : LaneKernel<Rank, T> {
     const std::int64_t dim = k.dim, dim_v = v.dim, n_rows = s.rows_list.size;
     const std::int64_t entries = n_rows * w.window, width = layout.width;
     const std::int64_t hk = h / this->heads_per_kv;
+    // Lanes from the packed q (times scale) and dout; lse and D from the
+    // row terms (zero beyond the lanes).
+    const std::int64_t col0 = layout.group_base[grp] + w.i0;
     s.q.resize(dim * kLanes);
     s.dout.resize(dim_v * kLanes);
-    s.out_lanes.resize(dim_v * kLanes);
-    this->load_lanes(args.q, b, c, h, grp, w, this->scale, s.q.data());
-    this->load_lanes(args.dout, b, c, h, grp, w, 1.0f, s.dout.data());
-    this->load_lanes(args.out, b, c, h, grp, w, 1.0f, s.out_lanes.data());
-
-    // lse and D per lane (zero for absent lanes), kept for the key pass.
-    alignas(32) float lse_lanes[kLanes] = {};
-    const float* lse_data = static_cast<const float*>(args.lse.data);
-    for (std::int64_t l = 0; l < w.lanes; ++l) {
-      c[Rank - 1] = grp + (w.i0 + l) * this->last().dilation;
-      lse_lanes[l] = lse_data[row_offset<Rank>(args.lse, b, c, 0) + h * args.lse.strides[Rank + 1]];
-    }
-    f32x8 delta_v = simd::splat(0.0f);
-    for (std::int64_t d = 0; d < dim_v; ++d) {
-      delta_v += simd::load(s.dout.data() + d * kLanes) * simd::load(s.out_lanes.data() + d * kLanes);
-    }
-    const std::int64_t packed = scalar_row(b, h, row) + layout.group_base[grp] + w.i0;
-    alignas(32) float delta_lanes[kLanes];
-    simd::store(delta_lanes, delta_v);
-    std::copy(lse_lanes, lse_lanes + w.lanes, lse + packed);
-    std::copy(delta_lanes, delta_lanes + w.lanes, delta + packed);
+    packed_lanes(q_scaled.row(b, h, row), width, dim, col0, w.lanes, s.q.data());
+    packed_lanes(dout.row(b, h, row), width, dim_v, col0, w.lanes, s.dout.data());
+    const f32x8 lse_v = simd::load(lse + scalar_row(b, h, row) + col0);
+    const f32x8 delta_v = simd::load(delta + scalar_row(b, h, row) + col0);
 
     // P, then dP, then dS = P (dP - D).
     s.probs.resize(entries * kLanes);
     s.dlogits.resize(entries * kLanes);
     this->window_rows(k, b, hk, grp, w, s.rows_list, s.ptrs_b);
     this->logits(s.q.data(), h, w, s.rows_list, s.ptrs_b.data(), s.probs.data());
-    const f32x8 lse_v = simd::load(lse_lanes);
     for (std::int64_t e = 0; e < entries; ++e) {
       simd::store(s.probs.data() + e * kLanes,
                   simd::exp_nonpositive(simd::load(s.probs.data() + e * kLanes) - lse_v));
@@ -196,20 +180,6 @@ struct Backward : LaneKernel<Rank, T> {
         const LaneWindows w = key_lanes(tables.axis[Rank - 1], grp, last.dilation, i0,
                                         std::min<std::int64_t>(kLanes, len - i0));
         key_block(b, hk, row, c, grp, w, s);
-      }
-    }
-  }
-
-  // Lanes of a packed row at columns col0 .. col0 + lanes (zero beyond).
-  LIBNA_SIMD_TARGET static void packed_lanes(const float* row, std::int64_t width,
-                                             std::int64_t dim, std::int64_t col0,
-                                             std::int64_t lanes, float* dst) {
-    for (std::int64_t d = 0; d < dim; ++d) {
-      const float* src = row + d * width + col0;
-      if (lanes == kLanes) {
-        simd::store(dst + d * kLanes, simd::load(src));
-      } else {
-        for (std::int64_t l = 0; l < kLanes; ++l) dst[d * kLanes + l] = l < lanes ? src[l] : 0.0f;
       }
     }
   }
@@ -282,6 +252,38 @@ struct Backward : LaneKernel<Rank, T> {
   }
 };
 
+// The per-query row terms in the packed scalar layout [b][h][row][col]:
+// lse (copied) and D = dout . out, in one pass over the tokens in memory order.
+template <int Rank, typename T>
+void store_row_terms(const detail::BackwardArgs& args, const Geometry<Rank>& g,
+                     const ColumnLayout& layout, float* lse, float* delta) {
+  const T* out = static_cast<const T*>(args.out.data);
+  const T* dout = static_cast<const T*>(args.dout.data);
+  const float* lse_in = static_cast<const float*>(args.lse.data);
+  const std::int64_t dim_v = args.out.shape[Rank + 2];
+  const std::int64_t od = args.out.strides[Rank + 2], dd = args.dout.strides[Rank + 2];
+  parallel_for(g.batch * layout.rows, 1, [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t item = begin; item < end; ++item) {
+      const std::int64_t row = item % layout.rows, b = item / layout.rows;
+      std::int64_t c[Rank];
+      row_coords<Rank>(g, row, c);
+      for (std::int64_t x = 0; x < layout.extent; ++x) {
+        c[Rank - 1] = x;
+        const std::int64_t col = layout.column(x);
+        for (std::int64_t h = 0; h < g.heads; ++h) {
+          const T* o = out + row_offset<Rank>(args.out, b, c, h);
+          const T* d_o = dout + row_offset<Rank>(args.dout, b, c, h);
+          float dot = 0.0f;
+          for (std::int64_t d = 0; d < dim_v; ++d) dot += load<float>(o + d * od) * load<float>(d_o + d * dd);
+          const std::int64_t at = ((b * g.heads + h) * layout.rows + row) * layout.width + col;
+          delta[at] = dot;
+          lse[at] = lse_in[row_offset<Rank>(args.lse, b, c, 0) + h * args.lse.strides[Rank + 1]];
+        }
+      }
+    }
+  });
+}
+
 // drpb = the sum of the query pass' per-item rpb-gradient partials (items
 // are (b, h, row) with rows innermost), added in item order: deterministic.
 template <typename T, int Rank>
@@ -333,6 +335,7 @@ void na_backward(const detail::BackwardArgs& args) {
   float* lse = carve(sizes[4]);
   float* delta = carve(sizes[5]);
   std::fill(lse, lse + 2 * lanes_size, 0.0f);
+  store_row_terms<Rank, T>(args, g, layout, lse, delta);
   float* bias_partials = carve(sizes[6]);
   const Backward<Rank, T> bwd(args, g, layout, tables, k, v, q, dout, lse, delta);
 

@@ -63,6 +63,8 @@ struct ColumnLayout {
     }
     width = base;
   }
+  // Packed column of position x along the last axis.
+  std::int64_t column(std::int64_t x) const { return group_base[x % dilation] + x / dilation; }
   // Floats of a packed tensor with `heads` heads of `dim` channels.
   std::int64_t packed_size(std::int64_t batch, std::int64_t heads, std::int64_t dim) const {
     return batch * heads * rows * dim * width;
@@ -140,6 +142,20 @@ Packed pack(const TensorView& t, const Geometry<Rank>& g, const ColumnLayout& la
     }
   });
   return p;
+}
+
+// Lanes of a packed row at columns col0 .. col0 + lanes (zero beyond):
+// dst[d][lane] = row[d * width + col0 + lane].
+LIBNA_SIMD_TARGET inline void packed_lanes(const float* row, std::int64_t width, std::int64_t dim,
+                                           std::int64_t col0, std::int64_t lanes, float* dst) {
+  for (std::int64_t d = 0; d < dim; ++d) {
+    const float* src = row + d * width + col0;
+    if (lanes == kLanes) {
+      simd::store(dst + d * kLanes, simd::load(src));
+    } else {
+      for (std::int64_t l = 0; l < kLanes; ++l) dst[d * kLanes + l] = l < lanes ? src[l] : 0.0f;
+    }
+  }
 }
 
 // Packs two tensors into the calling thread's workspace.
@@ -500,9 +516,13 @@ struct Forward : LaneKernel<Rank, T> {
     std::vector<const float*> key_ptrs, value_rows;
   };
 
+  const Packed& q;  // packed, times the softmax scale
+
   Forward(const detail::ForwardArgs& a, const Geometry<Rank>& geometry,
-          const ColumnLayout& columns, const Packed& packed_k, const Packed& packed_v)
-      : Base(geometry, columns, packed_k, packed_v, a.params, a.rpb, a.scale), args(a) {}
+          const ColumnLayout& columns, const Packed& packed_q, const Packed& packed_k,
+          const Packed& packed_v)
+      : Base(geometry, columns, packed_k, packed_v, a.params, a.rpb, a.scale), args(a),
+        q(packed_q) {}
 
   // All queries of one (b, h, row): every dilation group of the last axis,
   // eight queries at a time.
@@ -515,16 +535,19 @@ struct Forward : LaneKernel<Rank, T> {
     for (std::int64_t grp = 0; grp < last.dilation; ++grp) {
       const std::int64_t len = group_length(last.length, last.dilation, grp);
       for (std::int64_t i0 = 0; i0 < len; i0 += kLanes) {
-        block(b, h, c, grp, query_lanes(last, len, i0, std::min<std::int64_t>(kLanes, len - i0)), s);
+        block(b, h, row_index, c, grp,
+              query_lanes(last, len, i0, std::min<std::int64_t>(kLanes, len - i0)), s);
       }
     }
   }
 
-  LIBNA_SIMD_TARGET void block(std::int64_t b, std::int64_t h, std::int64_t* c, std::int64_t grp,
+  LIBNA_SIMD_TARGET void block(std::int64_t b, std::int64_t h, std::int64_t row, std::int64_t* c,
+                               std::int64_t grp,
                                const LaneWindows& w, Scratch& s) const {
     const std::int64_t dim = k.dim, dim_v = v.dim, n_rows = s.key_rows.size;
     s.q.resize(dim * kLanes);
-    this->load_lanes(args.q, b, c, h, grp, w, this->scale, s.q.data());
+    packed_lanes(q.row(b, h, row), this->layout.width, dim, this->layout.group_base[grp] + w.i0,
+                 w.lanes, s.q.data());
     s.logits.resize(n_rows * w.window * kLanes);
     this->window_rows(k, b, h / this->heads_per_kv, grp, w, s.key_rows, s.key_ptrs);
     this->logits(s.q.data(), h, w, s.key_rows, s.key_ptrs.data(), s.logits.data());
@@ -557,8 +580,14 @@ template <int Rank, typename T>
 void na_forward(const detail::ForwardArgs& args) {
   const Geometry<Rank> g(args.q, args.params);
   const ColumnLayout layout(g);
-  const auto [k, v] = pack_pair<Rank, T>(args.k, args.v, g, layout);
-  const Forward<Rank, T> fwd(args, g, layout, k, v);
+  const auto size = [&](const TensorView& t) {
+    return layout.packed_size(g.batch, t.shape[Rank + 1], t.shape[Rank + 2]);
+  };
+  float* buffer = workspace(size(args.q) + size(args.k) + size(args.v));
+  const Packed q = pack<Rank, T>(args.q, g, layout, static_cast<float>(args.scale), buffer);
+  const Packed k = pack<Rank, T>(args.k, g, layout, 1.0f, buffer + size(args.q));
+  const Packed v = pack<Rank, T>(args.v, g, layout, 1.0f, buffer + size(args.q) + size(args.k));
+  const Forward<Rank, T> fwd(args, g, layout, q, k, v);
   const std::int64_t rows = layout.rows;
   parallel_for(g.batch * g.heads * rows, 1, [&](std::int64_t begin, std::int64_t end) {
     typename Forward<Rank, T>::Scratch scratch;
