@@ -7,37 +7,33 @@
 
 namespace libna::cpu {
 
-// The vectorised kernels (fast_kernels_impl.h), per instruction set.
+// The kernel templates of every op: the scalar ones in this namespace
+// (cpu_rank*.cpp) and the vectorised ones (fast_kernels_impl.h) once per
+// instruction set.
+#define LIBNA_DECLARE_KERNELS                                  \
+  template <int Rank, typename T>                              \
+  void na_forward(const detail::ForwardArgs&);                 \
+  template <int Rank, typename T>                              \
+  void na_backward(const detail::BackwardArgs&);               \
+  template <int Rank, typename T>                              \
+  void na_qk(const detail::QkArgs&);                           \
+  template <int Rank, typename T>                              \
+  void na_av(const detail::AvArgs&);                           \
+  template <int Rank, typename T>                              \
+  void na_qk_backward(const detail::QkBackwardArgs&);          \
+  template <int Rank, typename T>                              \
+  void na_av_backward(const detail::AvBackwardArgs&);
+
+LIBNA_DECLARE_KERNELS
 namespace portable {
-template <int Rank, typename T>
-void na_forward(const detail::ForwardArgs&);
-template <int Rank, typename T>
-void na_backward(const detail::BackwardArgs&);
-template <int Rank, typename T>
-void na_qk(const detail::QkArgs&);
-template <int Rank, typename T>
-void na_av(const detail::AvArgs&);
-template <int Rank, typename T>
-void na_qk_backward(const detail::QkBackwardArgs&);
-template <int Rank, typename T>
-void na_av_backward(const detail::AvBackwardArgs&);
+LIBNA_DECLARE_KERNELS
 }  // namespace portable
 #if defined(LIBNA_HAVE_AVX2_KERNELS)
 namespace avx2 {
-template <int Rank, typename T>
-void na_forward(const detail::ForwardArgs&);
-template <int Rank, typename T>
-void na_backward(const detail::BackwardArgs&);
-template <int Rank, typename T>
-void na_qk(const detail::QkArgs&);
-template <int Rank, typename T>
-void na_av(const detail::AvArgs&);
-template <int Rank, typename T>
-void na_qk_backward(const detail::QkBackwardArgs&);
-template <int Rank, typename T>
-void na_av_backward(const detail::AvBackwardArgs&);
+LIBNA_DECLARE_KERNELS
 }  // namespace avx2
 #endif
+#undef LIBNA_DECLARE_KERNELS
 
 namespace {
 bool cpu_has_avx2_fma() {
@@ -49,20 +45,6 @@ bool cpu_has_avx2_fma() {
 #endif
 }
 }  // namespace
-
-template <int Rank, typename T>
-void na_forward(const detail::ForwardArgs&);
-template <int Rank, typename T>
-void na_qk(const detail::QkArgs&);
-template <int Rank, typename T>
-void na_av(const detail::AvArgs&);
-template <int Rank, typename T>
-void na_backward(const detail::BackwardArgs&);
-template <int Rank, typename T>
-void na_qk_backward(const detail::QkBackwardArgs&);
-template <int Rank, typename T>
-void na_av_backward(const detail::AvBackwardArgs&);
-
 
 // The vectorised kernel of `op` for the instruction set this CPU has.
 #if defined(LIBNA_HAVE_AVX2_KERNELS)

@@ -55,6 +55,16 @@ LIBNA_SIMD_TARGET inline void add_bias_grad(const LaneWindows& w, const RowList&
   }
 }
 
+// Calls block(grp, w) for the key-lane blocks of `kernel`'s last axis (each
+// lane's window: the queries that see the key).
+template <int Rank, typename Kernel, typename Block>
+void for_key_blocks(const Kernel& kernel, const Tables<Rank>& tables, const Block& block) {
+  const AxisParams& last = kernel.last();
+  kernel.for_lane_blocks([&](std::int64_t grp, std::int64_t i0, std::int64_t lanes) {
+    return key_lanes(tables.axis[Rank - 1], grp, last.dilation, i0, lanes);
+  }, block);
+}
+
 // Keys' view: the query rows that see key row `c`, with the rpb offset of
 // the key in each one's window.
 template <int Rank>
@@ -112,14 +122,9 @@ struct Backward : LaneKernel<Rank, T> {
     std::int64_t c[Rank];
     row_coords<Rank>(g, row, c);
     key_rows_of<Rank>(g, c, this->bias_strides, s.rows_list);
-    const AxisParams& last = this->last();
-    for (std::int64_t grp = 0; grp < last.dilation; ++grp) {
-      const std::int64_t len = group_length(last.length, last.dilation, grp);
-      for (std::int64_t i0 = 0; i0 < len; i0 += kLanes) {
-        const LaneWindows w = query_lanes(last, len, i0, std::min<std::int64_t>(kLanes, len - i0));
-        query_block(b, h, row, c, grp, w, bias_grad, s);
-      }
-    }
+    this->for_query_blocks([&](std::int64_t grp, const LaneWindows& w) {
+      query_block(b, h, row, c, grp, w, bias_grad, s);
+    });
   }
 
   LIBNA_SIMD_TARGET void query_block(std::int64_t b, std::int64_t h, std::int64_t row,
@@ -173,15 +178,9 @@ struct Backward : LaneKernel<Rank, T> {
     std::int64_t c[Rank];
     row_coords<Rank>(g, row, c);
     query_rows_of<Rank>(g, tables, c, this->bias_strides, s.rows_list);
-    const AxisParams& last = this->last();
-    for (std::int64_t grp = 0; grp < last.dilation; ++grp) {
-      const std::int64_t len = group_length(last.length, last.dilation, grp);
-      for (std::int64_t i0 = 0; i0 < len; i0 += kLanes) {
-        const LaneWindows w = key_lanes(tables.axis[Rank - 1], grp, last.dilation, i0,
-                                        std::min<std::int64_t>(kLanes, len - i0));
-        key_block(b, hk, row, c, grp, w, s);
-      }
-    }
+    for_key_blocks(*this, tables, [&](std::int64_t grp, const LaneWindows& w) {
+      key_block(b, hk, row, c, grp, w, s);
+    });
   }
 
   LIBNA_SIMD_TARGET void key_block(std::int64_t b, std::int64_t hk, std::int64_t row,

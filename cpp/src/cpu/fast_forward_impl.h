@@ -430,6 +430,26 @@ struct LaneKernel {
 
   const AxisParams& last() const { return g.axes[Rank - 1]; }
 
+  // Calls block(grp, lanes_of(grp, i0, lanes)) for every block of up to
+  // kLanes consecutive positions i0, ... of each dilation group along the
+  // last axis.
+  template <typename LanesOf, typename Block>
+  void for_lane_blocks(const LanesOf& lanes_of, const Block& block) const {
+    for (std::int64_t grp = 0; grp < layout.dilation; ++grp) {
+      const std::int64_t len = layout.group_len[grp];
+      for (std::int64_t i0 = 0; i0 < len; i0 += kLanes) {
+        block(grp, lanes_of(grp, i0, std::min<std::int64_t>(kLanes, len - i0)));
+      }
+    }
+  }
+  // The same with query lanes (each lane's window of keys).
+  template <typename Block>
+  void for_query_blocks(const Block& block) const {
+    for_lane_blocks([&](std::int64_t grp, std::int64_t i0, std::int64_t lanes) {
+      return query_lanes(last(), layout.group_len[grp], i0, lanes);
+    }, block);
+  }
+
   // Pointers to t[b, c (last axis: the lanes' positions), h] for the lanes
   // of w in dilation group grp.
   template <typename U>
@@ -531,14 +551,9 @@ struct Forward : LaneKernel<Rank, T> {
     std::int64_t c[Rank];
     row_coords<Rank>(g, row_index, c);
     key_rows_of<Rank>(g, c, this->bias_strides, s.key_rows);
-    const AxisParams& last = this->last();
-    for (std::int64_t grp = 0; grp < last.dilation; ++grp) {
-      const std::int64_t len = group_length(last.length, last.dilation, grp);
-      for (std::int64_t i0 = 0; i0 < len; i0 += kLanes) {
-        block(b, h, row_index, c, grp,
-              query_lanes(last, len, i0, std::min<std::int64_t>(kLanes, len - i0)), s);
-      }
-    }
+    this->for_query_blocks([&](std::int64_t grp, const LaneWindows& w) {
+      block(b, h, row_index, c, grp, w, s);
+    });
   }
 
   LIBNA_SIMD_TARGET void block(std::int64_t b, std::int64_t h, std::int64_t row, std::int64_t* c,

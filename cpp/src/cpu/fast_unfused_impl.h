@@ -30,13 +30,7 @@ struct Unfused : LaneKernel<Rank, T> {
     std::int64_t c[Rank];
     row_coords<Rank>(g, row, c);
     key_rows_of<Rank>(g, c, this->bias_strides, s.rows);
-    const AxisParams& last = this->last();
-    for (std::int64_t grp = 0; grp < last.dilation; ++grp) {
-      const std::int64_t len = group_length(last.length, last.dilation, grp);
-      for (std::int64_t i0 = 0; i0 < len; i0 += kLanes) {
-        block(c, grp, query_lanes(last, len, i0, std::min<std::int64_t>(kLanes, len - i0)));
-      }
-    }
+    this->for_query_blocks([&](std::int64_t grp, const LaneWindows& w) { block(c, grp, w); });
   }
 
   // values[r][j][lane] (j = position in the block's covering range) =
@@ -195,27 +189,21 @@ struct UnfusedKeyPass : LaneKernel<Rank, T> {
     std::int64_t c[Rank];
     row_coords<Rank>(g, row, c);
     query_rows_of<Rank>(g, tables, c, this->bias_strides, s.queries);
-    const AxisParams& last = this->last();
     const std::int64_t dim = rows.dim, n = s.queries.size;
-    for (std::int64_t grp = 0; grp < last.dilation; ++grp) {
-      const std::int64_t len = layout.group_len[grp];
-      for (std::int64_t i0 = 0; i0 < len; i0 += kLanes) {
-        const LaneWindows w = key_lanes(tables.axis[Rank - 1], grp, last.dilation, i0,
-                                        std::min<std::int64_t>(kLanes, len - i0));
-        s.acc.assign(dim * kLanes, 0.0f);
-        s.values.resize(n * w.window * kLanes);
-        s.ptrs.resize(n);
-        for (std::int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-          gather_key_slots(weights, b, h, grp, w, s.queries, s.values.data());
-          for (std::int64_t r = 0; r < n; ++r) {
-            s.ptrs[r] = rows.row(b, h, s.queries.rows[r]) + layout.group_base[grp] + w.first;
-          }
-          pv_range(s.values.data(), s.ptrs.data(), n, w.window, layout.width, dim, s.acc.data(),
-                   /*accumulate=*/true);
+    for_key_blocks(*this, tables, [&](std::int64_t grp, const LaneWindows& w) {
+      s.acc.assign(dim * kLanes, 0.0f);
+      s.values.resize(n * w.window * kLanes);
+      s.ptrs.resize(n);
+      for (std::int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        gather_key_slots(weights, b, h, grp, w, s.queries, s.values.data());
+        for (std::int64_t r = 0; r < n; ++r) {
+          s.ptrs[r] = rows.row(b, h, s.queries.rows[r]) + layout.group_base[grp] + w.first;
         }
-        this->store_lanes(grad, b, c, hk, grp, w, simd::splat(1.0f), s.acc.data());
+        pv_range(s.values.data(), s.ptrs.data(), n, w.window, layout.width, dim, s.acc.data(),
+                 /*accumulate=*/true);
       }
-    }
+      this->store_lanes(grad, b, c, hk, grp, w, simd::splat(1.0f), s.acc.data());
+    });
   }
 };
 
