@@ -219,6 +219,19 @@ void for_rows(std::int64_t batch, std::int64_t heads, std::int64_t rows, const F
 
 // Packs `keys` (k for na_qk, v for na_av) and runs run_block(op, b, h, c,
 // grp, w, scratch) over every lane block.
+// The query pass of an unfused op: run_block(b, h, row, c, grp, w, scratch)
+// over the lane blocks of every (batch, head, row).
+template <int Rank, typename T, typename RunBlock>
+void unfused_query_pass(const Unfused<Rank, T>& op, const RunBlock& run_block) {
+  for_rows(op.g.batch, op.g.heads, op.layout.rows,
+           [&](std::int64_t b, std::int64_t h, std::int64_t row) {
+    thread_local typename Unfused<Rank, T>::Scratch s;
+    op.for_blocks(row, s, [&](std::int64_t* c, std::int64_t grp, const LaneWindows& w) {
+      run_block(b, h, row, c, grp, w, s);
+    });
+  });
+}
+
 template <int Rank, typename T, typename RunBlock>
 void run_unfused(const TensorView& like, const TensorView& keys, const TensorView* rpb,
                  const NaParams& params, const RunBlock& run_block) {
@@ -227,11 +240,8 @@ void run_unfused(const TensorView& like, const TensorView& keys, const TensorVie
   float* buffer = workspace(layout.packed_size(g.batch, keys.shape[Rank + 1], keys.shape[Rank + 2]));
   const Packed packed = pack<Rank, T>(keys, g, layout, 1.0f, buffer);
   const Unfused<Rank, T> op(g, layout, packed, packed, params, rpb);
-  for_rows(g.batch, g.heads, layout.rows, [&](std::int64_t b, std::int64_t h, std::int64_t row) {
-    thread_local typename Unfused<Rank, T>::Scratch s;
-    op.for_blocks(row, s, [&](std::int64_t* c, std::int64_t grp, const LaneWindows& w) {
-      run_block(op, b, h, c, grp, w, s);
-    });
+  unfused_query_pass(op, [&](std::int64_t b, std::int64_t h, std::int64_t, auto&&... block) {
+    run_block(op, b, h, block...);
   });
 }
 
@@ -271,13 +281,10 @@ void na_qk_backward(const detail::QkBackwardArgs& args) {
   const BiasBuffer<Rank, float> bias_layout(args.params, g.heads);
   const std::int64_t per_head = args.drpb ? bias_layout.strides[0] : 0;
   std::vector<float> partials(g.batch * g.heads * layout.rows * per_head, 0.0f);
-  for_rows(g.batch, g.heads, layout.rows, [&](std::int64_t b, std::int64_t h, std::int64_t row) {
-    thread_local typename Unfused<Rank, T>::Scratch s;
+  unfused_query_pass(op, [&](std::int64_t b, std::int64_t h, std::int64_t row, auto&&... block) {
     float* partial = per_head ? partials.data() + ((b * g.heads + h) * layout.rows + row) * per_head
                               : nullptr;
-    op.for_blocks(row, s, [&](std::int64_t* c, std::int64_t grp, const LaneWindows& w) {
-      op.qk_backward_block(args, partial, b, h, c, grp, w, s);
-    });
+    op.qk_backward_block(args, partial, b, h, block...);
   });
   if (args.drpb) {
     store_bias_grad<T>(bias_layout, partials.data(), g.batch * g.heads * layout.rows, layout.rows,
@@ -293,11 +300,8 @@ void na_av_backward(const detail::AvBackwardArgs& args) {
   const auto [v, dout] = pack_pair<Rank, T>(args.v, args.dout, g, layout);
 
   const Unfused<Rank, T> op(g, layout, v, v, args.params, nullptr);
-  for_rows(g.batch, g.heads, layout.rows, [&](std::int64_t b, std::int64_t h, std::int64_t row) {
-    thread_local typename Unfused<Rank, T>::Scratch s;
-    op.for_blocks(row, s, [&](std::int64_t* c, std::int64_t grp, const LaneWindows& w) {
-      op.av_backward_block(args, b, h, c, grp, w, s);
-    });
+  unfused_query_pass(op, [&](std::int64_t b, std::int64_t h, std::int64_t, auto&&... block) {
+    op.av_backward_block(args, b, h, block...);
   });
   unfused_key_pass<Rank, T>(g, layout, args.params, dout, v.heads, args.attn, args.dv);
 }
