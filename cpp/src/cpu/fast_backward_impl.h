@@ -2,10 +2,11 @@
 // per-instruction-set translation units. float32/float16/bfloat16 only
 // (float64 keeps the scalar kernels in backward.h).
 //
-// Same two passes as backward.h, each built from the forward's lane pieces:
+// Same two passes as backward.h, each built from the forward's lane pieces,
+// after one pass over the tokens that puts lse and D_i = dout_i.out_i in the
+// packed column layout (store_row_terms):
 //  - query pass, lanes = 8 queries: P = exp(q.k + rpb - lse), dP = dout.v,
-//    dS = P (dP - D), dq = scale dS.k (and the rpb gradient), with D_i =
-//    dout_i.out_i; it also stores lse and D in the packed column layout;
+//    dS = P (dP - D), dq = scale dS.k (and the rpb gradient);
 //  - key pass, lanes = 8 keys, window = the queries that see them (the
 //    inverse neighbourhood, which shifts by one per key away from borders,
 //    just like the forward windows): dv = P.dout and dk = dS.(scale q).
