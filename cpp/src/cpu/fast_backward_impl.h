@@ -94,12 +94,11 @@ struct Backward : LaneKernel<Rank, T> {
   using Base::v;
   const detail::BackwardArgs& args;
   const Tables<Rank>& tables;
-  const Packed &q_scaled, &dout;  // packed; q times the softmax scale
+  const PackedTensor<Rank, T>&q_scaled, &dout;  // q times the softmax scale
   float* lse;                     // [b][h][row][col]
   float* delta;                   // D_i = dout_i . out_i, [b][h][row][col]
 
   struct Scratch {
-    std::vector<float> q, dout, k, v;  // lanes, [d][lane]
     std::vector<float> probs, dlogits;  // [row][window position][lane]
     std::vector<float> acc, acc_k, acc_v;
     RowList rows_list;
@@ -107,8 +106,9 @@ struct Backward : LaneKernel<Rank, T> {
   };
 
   Backward(const detail::BackwardArgs& a, const Geometry<Rank>& geometry,
-           const ColumnLayout& columns, const Tables<Rank>& t, const Packed& packed_k,
-           const Packed& packed_v, const Packed& packed_q, const Packed& packed_dout,
+           const ColumnLayout& columns, const Tables<Rank>& t,
+           const PackedTensor<Rank, T>& packed_k, const PackedTensor<Rank, T>& packed_v,
+           const PackedTensor<Rank, T>& packed_q, const PackedTensor<Rank, T>& packed_dout,
            float* lse_buffer, float* delta_buffer)
       : Base(geometry, columns, packed_k, packed_v, a.params, a.rpb, a.scale), args(a),
         tables(t), q_scaled(packed_q), dout(packed_dout), lse(lse_buffer), delta(delta_buffer) {}
@@ -123,6 +123,10 @@ struct Backward : LaneKernel<Rank, T> {
     std::int64_t c[Rank];
     row_coords<Rank>(g, row, c);
     key_rows_of<Rank>(g, c, this->bias_strides, s.rows_list);
+    q_scaled.ensure(b, h, row);
+    dout.ensure(b, h, row);
+    this->ensure_rows(k, b, h / this->heads_per_kv, s.rows_list);
+    this->ensure_rows(v, b, h / this->heads_per_kv, s.rows_list);
     this->for_query_blocks([&](std::int64_t grp, const LaneWindows& w) {
       query_block(b, h, row, c, grp, w, bias_grad, s);
     });
@@ -134,13 +138,11 @@ struct Backward : LaneKernel<Rank, T> {
     const std::int64_t dim = k.dim, dim_v = v.dim, n_rows = s.rows_list.size;
     const std::int64_t entries = n_rows * w.window, width = layout.width;
     const std::int64_t hk = h / this->heads_per_kv;
-    // Lanes from the packed q (times scale) and dout; lse and D from the
+    // Lanes of the packed q (times scale) and dout; lse and D from the
     // row terms (zero beyond the lanes).
     const std::int64_t col0 = layout.group_base[grp] + w.i0;
-    s.q.resize(dim * kLanes);
-    s.dout.resize(dim_v * kLanes);
-    packed_lanes(q_scaled.row(b, h, row), width, dim, col0, w.lanes, s.q.data());
-    packed_lanes(dout.row(b, h, row), width, dim_v, col0, w.lanes, s.dout.data());
+    const float* q_lanes = this->lanes_at(q_scaled, b, h, row, grp, w);
+    const float* dout_lanes = this->lanes_at(dout, b, h, row, grp, w);
     const f32x8 lse_v = simd::load(lse + scalar_row(b, h, row) + col0);
     const f32x8 delta_v = simd::load(delta + scalar_row(b, h, row) + col0);
 
@@ -148,13 +150,14 @@ struct Backward : LaneKernel<Rank, T> {
     s.probs.resize(entries * kLanes);
     s.dlogits.resize(entries * kLanes);
     this->window_rows(k, b, hk, grp, w, s.rows_list, s.ptrs_b);
-    this->logits(s.q.data(), h, w, s.rows_list, s.ptrs_b.data(), s.probs.data());
+    this->logits(q_lanes, width, h, w, s.rows_list, s.ptrs_b.data(), s.probs.data());
     for (std::int64_t e = 0; e < entries; ++e) {
       simd::store(s.probs.data() + e * kLanes,
                   simd::exp_nonpositive(simd::load(s.probs.data() + e * kLanes) - lse_v));
     }
     this->window_rows(v, b, hk, grp, w, s.rows_list, s.ptrs_a);
-    qk_rows(s.dout.data(), s.ptrs_a.data(), n_rows, width, dim_v, w.window, s.dlogits.data());
+    qk_rows(dout_lanes, width, s.ptrs_a.data(), n_rows, width, dim_v, w.window,
+            s.dlogits.data());
     for (std::int64_t e = 0; e < entries; ++e) {
       const f32x8 p = simd::load(s.probs.data() + e * kLanes);
       simd::store(s.dlogits.data() + e * kLanes,
@@ -179,6 +182,12 @@ struct Backward : LaneKernel<Rank, T> {
     std::int64_t c[Rank];
     row_coords<Rank>(g, row, c);
     query_rows_of<Rank>(g, tables, c, this->bias_strides, s.rows_list);
+    k.ensure(b, hk, row);
+    v.ensure(b, hk, row);
+    for (std::int64_t h = hk * this->heads_per_kv; h < (hk + 1) * this->heads_per_kv; ++h) {
+      this->ensure_rows(q_scaled, b, h, s.rows_list);
+      this->ensure_rows(dout, b, h, s.rows_list);
+    }
     for_key_blocks(*this, tables, [&](std::int64_t grp, const LaneWindows& w) {
       key_block(b, hk, row, c, grp, w, s);
     });
@@ -191,10 +200,8 @@ struct Backward : LaneKernel<Rank, T> {
     const std::int64_t entries = n_rows * w.window, width = layout.width;
     const std::int64_t base = layout.group_base[grp], kernel = this->last().kernel;
     const std::int64_t step = this->bias_strides[Rank];
-    s.k.resize(dim * kLanes);
-    s.v.resize(dim_v * kLanes);
-    packed_lanes(k.row(b, hk, row), width, dim, base + w.i0, w.lanes, s.k.data());
-    packed_lanes(v.row(b, hk, row), width, dim_v, base + w.i0, w.lanes, s.v.data());
+    const float* k_lanes = this->lanes_at(k, b, hk, row, grp, w);
+    const float* v_lanes = this->lanes_at(v, b, hk, row, grp, w);
     s.acc_k.assign(dim * kLanes, 0.0f);
     s.acc_v.assign(dim_v * kLanes, 0.0f);
     s.probs.resize(entries * kLanes);
@@ -208,8 +215,9 @@ struct Backward : LaneKernel<Rank, T> {
         s.ptrs_a[r] = dout.row(b, h, query_row) + base + w.first;
         s.ptrs_b[r] = q_scaled.row(b, h, query_row) + base + w.first;
       }
-      qk_rows(s.k.data(), s.ptrs_b.data(), n_rows, width, dim, w.window, s.probs.data());
-      qk_rows(s.v.data(), s.ptrs_a.data(), n_rows, width, dim_v, w.window, s.dlogits.data());
+      qk_rows(k_lanes, width, s.ptrs_b.data(), n_rows, width, dim, w.window, s.probs.data());
+      qk_rows(v_lanes, width, s.ptrs_a.data(), n_rows, width, dim_v, w.window,
+              s.dlogits.data());
       // Query first + j + l of key i0 + l: relative position i0 - first - j.
       const std::int64_t rel0 = w.i0 - w.first + kernel - 1;
       const std::int64_t j_begin = std::max<std::int64_t>(0, rel0 - (2 * kernel - 2));
@@ -327,10 +335,12 @@ void na_backward(const detail::BackwardArgs& args) {
     next += size;
     return p;
   };
-  const Packed k = pack<Rank, T>(args.k, g, layout, 1.0f, carve(sizes[0]));
-  const Packed v = pack<Rank, T>(args.v, g, layout, 1.0f, carve(sizes[1]));
-  const Packed q = pack<Rank, T>(args.q, g, layout, static_cast<float>(args.scale), carve(sizes[2]));
-  const Packed dout = pack<Rank, T>(args.dout, g, layout, 1.0f, carve(sizes[3]));
+  // Rows are packed by the threads that use them first (query_row, key_row).
+  const PackedTensor<Rank, T> k(args.k, g, layout, 1.0f, carve(sizes[0]));
+  const PackedTensor<Rank, T> v(args.v, g, layout, 1.0f, carve(sizes[1]));
+  const PackedTensor<Rank, T> q(args.q, g, layout, static_cast<float>(args.scale),
+                                carve(sizes[2]));
+  const PackedTensor<Rank, T> dout(args.dout, g, layout, 1.0f, carve(sizes[3]));
   // lse and D in the packed layout; the key pass reads their padding too.
   float* lse = carve(sizes[4]);
   float* delta = carve(sizes[5]);

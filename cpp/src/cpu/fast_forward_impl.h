@@ -17,8 +17,11 @@
 // reads that fall outside it.
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -101,87 +104,120 @@ inline float* workspace(std::int64_t size) {
   return buffer.data();
 }
 
-// Packs `t` (times `factor`) into dst. One work item per (b, row) packs every
-// head, so that the input is read token by token in order; eight tokens of a
-// dilation group at a time go through a register transpose into eight
-// consecutive columns.
+// A tensor [B, *spatial, heads, dim] (times `factor`) in the packed layout,
+// packed one (b, h, row) at a time: all at once by pack(), or on demand by
+// ensure(), which kernels call just before they read a row so that the rows
+// a thread works on are packed by that thread and still in its cache when it
+// reads them (a separate packing pass writes the whole copy out to memory
+// and reads it back). Every row is packed exactly once: the first thread to
+// claim it packs it, a thread that needs it meanwhile waits.
 template <int Rank, typename T>
-Packed pack(const TensorView& t, const Geometry<Rank>& g, const ColumnLayout& layout,
-            float factor, float* dst) {
-  Packed p;
-  p.data = dst;
-  p.heads = t.shape[Rank + 1];
-  p.dim = t.shape[Rank + 2];
-  p.rows = layout.rows;
-  p.width = layout.width;
-  const T* data = static_cast<const T*>(t.data);
-  const std::int64_t dilation = layout.dilation;
-  parallel_for(g.batch * p.rows, 1, [&](std::int64_t begin, std::int64_t end) {
-    const T* tokens[kLanes];
-    for (std::int64_t item = begin; item < end; ++item) {
-      const std::int64_t row = item % p.rows, b = item / p.rows;
-      std::int64_t c[Rank];
-      row_coords<Rank>(g, row, c);
-      for (std::int64_t grp = 0; grp < dilation; ++grp) {
-        const std::int64_t len = layout.group_len[grp];
-        for (std::int64_t i0 = 0; i0 < len; i0 += kLanes) {
-          const std::int64_t lanes = std::min<std::int64_t>(kLanes, len - i0);
-          for (std::int64_t h = 0; h < p.heads; ++h) {
-            for (std::int64_t l = 0; l < lanes; ++l) {
-              c[Rank - 1] = grp + (i0 + l) * dilation;
-              tokens[l] = data + row_offset<Rank>(t, b, c, h);
-            }
-            gather_lanes(tokens, lanes, t.strides[Rank + 2], p.dim, factor,
-                         p.row(b, h, row) + layout.group_base[grp] + i0, p.width);
-          }
-        }
-      }
-      for (std::int64_t h = 0; h < p.heads; ++h) {
-        for (std::int64_t d = 0; d < p.dim; ++d) layout.zero_padding(p.row(b, h, row) + d * p.width);
-      }
-    }
-  });
-  return p;
-}
-
-// Lanes of a packed row at columns col0 .. col0 + lanes (zero beyond):
-// dst[d][lane] = row[d * width + col0 + lane].
-LIBNA_SIMD_TARGET inline void packed_lanes(const float* row, std::int64_t width, std::int64_t dim,
-                                           std::int64_t col0, std::int64_t lanes, float* dst) {
-  for (std::int64_t d = 0; d < dim; ++d) {
-    const float* src = row + d * width + col0;
-    if (lanes == kLanes) {
-      simd::store(dst + d * kLanes, simd::load(src));
-    } else {
-      for (std::int64_t l = 0; l < kLanes; ++l) dst[d * kLanes + l] = l < lanes ? src[l] : 0.0f;
-    }
+class PackedTensor : public Packed {
+ public:
+  PackedTensor(const TensorView& t, const Geometry<Rank>& g, const ColumnLayout& layout,
+               float factor, float* dst)
+      : source_(t), g_(g), layout_(layout), factor_(factor) {
+    data = dst;
+    heads = t.shape[Rank + 1];
+    dim = t.shape[Rank + 2];
+    rows = layout.rows;
+    width = layout.width;
+    state_ = std::make_unique<std::atomic<std::uint8_t>[]>(g.batch * heads * rows);
   }
+
+  void ensure(std::int64_t b, std::int64_t h, std::int64_t r) const {
+    std::atomic<std::uint8_t>& state = state_[(b * heads + h) * rows + r];
+    if (state.load(std::memory_order_acquire) == kPacked) return;
+    std::uint8_t expected = kEmpty;
+    if (state.compare_exchange_strong(expected, kPacking, std::memory_order_acquire)) {
+      pack_row(b, h, r);
+      state.store(kPacked, std::memory_order_release);
+      return;
+    }
+    while (state.load(std::memory_order_acquire) != kPacked) std::this_thread::yield();
+  }
+
+  // Packs every row, one work item per (b, row) over all heads, so that the
+  // input is read token by token in memory order.
+  void pack_all() const {
+    parallel_for(g_.batch * rows, 1, [&](std::int64_t begin, std::int64_t end) {
+      for (std::int64_t item = begin; item < end; ++item) {
+        for (std::int64_t h = 0; h < heads; ++h) ensure(item / rows, h, item % rows);
+      }
+    });
+  }
+
+ private:
+  static constexpr std::uint8_t kEmpty = 0, kPacking = 1, kPacked = 2;
+
+  // Eight tokens of a dilation group at a time go through a register
+  // transpose into eight consecutive columns.
+  void pack_row(std::int64_t b, std::int64_t h, std::int64_t r) const {
+    const T* tokens[kLanes];
+    const T* src = static_cast<const T*>(source_.data);
+    std::int64_t c[Rank];
+    row_coords<Rank>(g_, r, c);
+    float* dst = row(b, h, r);
+    for (std::int64_t grp = 0; grp < layout_.dilation; ++grp) {
+      const std::int64_t len = layout_.group_len[grp];
+      for (std::int64_t i0 = 0; i0 < len; i0 += kLanes) {
+        const std::int64_t lanes = std::min<std::int64_t>(kLanes, len - i0);
+        for (std::int64_t l = 0; l < lanes; ++l) {
+          c[Rank - 1] = grp + (i0 + l) * layout_.dilation;
+          tokens[l] = src + row_offset<Rank>(source_, b, c, h);
+        }
+        gather_lanes(tokens, lanes, source_.strides[Rank + 2], dim, factor_,
+                     dst + layout_.group_base[grp] + i0, width);
+      }
+    }
+    for (std::int64_t d = 0; d < dim; ++d) layout_.zero_padding(dst + d * width);
+  }
+
+  const TensorView& source_;
+  const Geometry<Rank>& g_;
+  const ColumnLayout& layout_;
+  float factor_;
+  std::unique_ptr<std::atomic<std::uint8_t>[]> state_;
+};
+
+// `t` (times `factor`) packed into dst, every row.
+template <int Rank, typename T>
+PackedTensor<Rank, T> pack(const TensorView& t, const Geometry<Rank>& g,
+                           const ColumnLayout& layout, float factor, float* dst) {
+  PackedTensor<Rank, T> packed(t, g, layout, factor, dst);
+  packed.pack_all();
+  return packed;
 }
 
 // Packs two tensors into the calling thread's workspace.
 template <int Rank, typename T>
-std::pair<Packed, Packed> pack_pair(const TensorView& a, const TensorView& b,
-                                    const Geometry<Rank>& g, const ColumnLayout& layout) {
+std::pair<PackedTensor<Rank, T>, PackedTensor<Rank, T>> pack_pair(const TensorView& a,
+                                                                  const TensorView& b,
+                                                                  const Geometry<Rank>& g,
+                                                                  const ColumnLayout& layout) {
   const auto size = [&](const TensorView& t) {
     return layout.packed_size(g.batch, t.shape[Rank + 1], t.shape[Rank + 2]);
   };
   float* buffer = workspace(size(a) + size(b));
-  return {pack<Rank, T>(a, g, layout, 1.0f, buffer), pack<Rank, T>(b, g, layout, 1.0f, buffer + size(a))};
+  return {pack<Rank, T>(a, g, layout, 1.0f, buffer),
+          pack<Rank, T>(b, g, layout, 1.0f, buffer + size(a))};
 }
 
 // logits[r][j] (8 lanes) = sum_d q[d] * key(r, d, j) for R key rows and N
-// window positions j, where key(r, d, j) is the 8 consecutive columns of row
-// r from column j (lane l reads column j + l). Two rows at once give 2N
-// independent accumulators per q load, enough to hide the FMA latency.
+// window positions j, where q[d] is the 8 floats at q + d * q_stride and
+// key(r, d, j) the 8 consecutive columns of row r from column j (lane l
+// reads column j + l). Two rows at once give 2N independent accumulators per
+// q load, enough to hide the FMA latency.
 template <int R, int N>
-LIBNA_SIMD_TARGET void qk_chunk(const float* q, const float* const* keys, std::int64_t j0,
+LIBNA_SIMD_TARGET void qk_chunk(const float* q, std::int64_t q_stride, const float* const* keys,
+                                std::int64_t j0,
                                 std::int64_t width, std::int64_t dim, float* const* logits) {
   f32x8 acc[R][N];
   for (int r = 0; r < R; ++r) {
     for (int j = 0; j < N; ++j) acc[r][j] = simd::splat(0.0f);
   }
   for (std::int64_t d = 0; d < dim; ++d) {
-    const f32x8 qd = simd::load(q + d * kLanes);
+    const f32x8 qd = simd::load(q + d * q_stride);
     for (int r = 0; r < R; ++r) {
       const float* kd = keys[r] + j0 + d * width;
       for (int j = 0; j < N; ++j) {
@@ -195,35 +231,39 @@ LIBNA_SIMD_TARGET void qk_chunk(const float* q, const float* const* keys, std::i
 }
 
 template <int R>
-LIBNA_SIMD_TARGET void qk_window(const float* q, const float* const* keys, std::int64_t width,
+LIBNA_SIMD_TARGET void qk_window(const float* q, std::int64_t q_stride, const float* const* keys,
+                                 std::int64_t width,
                                  std::int64_t dim, std::int64_t window, float* const* logits) {
   std::int64_t j = 0;
-  for (; window - j >= 7; j += 7) qk_chunk<R, 7>(q, keys, j, width, dim, logits);
+  for (; window - j >= 7; j += 7) qk_chunk<R, 7>(q, q_stride, keys, j, width, dim, logits);
   switch (window - j) {
-    case 1: qk_chunk<R, 1>(q, keys, j, width, dim, logits); break;
-    case 2: qk_chunk<R, 2>(q, keys, j, width, dim, logits); break;
-    case 3: qk_chunk<R, 3>(q, keys, j, width, dim, logits); break;
-    case 4: qk_chunk<R, 4>(q, keys, j, width, dim, logits); break;
-    case 5: qk_chunk<R, 5>(q, keys, j, width, dim, logits); break;
-    case 6: qk_chunk<R, 6>(q, keys, j, width, dim, logits); break;
+    case 1: qk_chunk<R, 1>(q, q_stride, keys, j, width, dim, logits); break;
+    case 2: qk_chunk<R, 2>(q, q_stride, keys, j, width, dim, logits); break;
+    case 3: qk_chunk<R, 3>(q, q_stride, keys, j, width, dim, logits); break;
+    case 4: qk_chunk<R, 4>(q, q_stride, keys, j, width, dim, logits); break;
+    case 5: qk_chunk<R, 5>(q, q_stride, keys, j, width, dim, logits); break;
+    case 6: qk_chunk<R, 6>(q, q_stride, keys, j, width, dim, logits); break;
     default: break;
   }
 }
 
-// logits[r][j][lane] = sum_d q[d][lane] * keys[r][d * width + j + lane] for
-// the n_rows rows and window positions j < window; row r's logits start at
-// logits + r * window * kLanes.
-LIBNA_SIMD_TARGET inline void qk_rows(const float* q, const float* const* keys, std::int64_t n_rows,
-                               std::int64_t width, std::int64_t dim, std::int64_t window,
-                               float* logits) {
+// logits[r][j][lane] = sum_d q[d * q_stride + lane] * keys[r][d * width + j
+// + lane] for the n_rows rows and window positions j < window; row r's
+// logits start at logits + r * window * kLanes. q is either lanes in their
+// own [d][lane] buffer (q_stride = kLanes) or eight columns of a packed row
+// (q_stride = its width).
+LIBNA_SIMD_TARGET inline void qk_rows(const float* q, std::int64_t q_stride,
+                                      const float* const* keys, std::int64_t n_rows,
+                                      std::int64_t width, std::int64_t dim, std::int64_t window,
+                                      float* logits) {
   std::int64_t r = 0;
   for (; r + 2 <= n_rows; r += 2) {
     float* const out[2] = {logits + r * window * kLanes, logits + (r + 1) * window * kLanes};
-    qk_window<2>(q, keys + r, width, dim, window, out);
+    qk_window<2>(q, q_stride, keys + r, width, dim, window, out);
   }
   if (r < n_rows) {
     float* const out[1] = {logits + r * window * kLanes};
-    qk_window<1>(q, keys + r, width, dim, window, out);
+    qk_window<1>(q, q_stride, keys + r, width, dim, window, out);
   }
 }
 
@@ -413,15 +453,16 @@ template <int Rank, typename T>
 struct LaneKernel {
   const Geometry<Rank>& g;
   const ColumnLayout& layout;
-  const Packed &k, &v;
+  const PackedTensor<Rank, T>&k, &v;
   BiasBuffer<Rank, float> bias_layout;
   std::vector<float> bias;           // rpb as contiguous float [heads][2k-1...], or empty
   const std::int64_t* bias_strides;  // bias_layout.strides
   std::int64_t heads_per_kv;
   float scale;
 
-  LaneKernel(const Geometry<Rank>& geometry, const ColumnLayout& columns, const Packed& packed_k,
-             const Packed& packed_v, const NaParams& params, const TensorView* rpb, double sc)
+  LaneKernel(const Geometry<Rank>& geometry, const ColumnLayout& columns,
+             const PackedTensor<Rank, T>& packed_k, const PackedTensor<Rank, T>& packed_v,
+             const NaParams& params, const TensorView* rpb, double sc)
       : g(geometry), layout(columns), k(packed_k), v(packed_v),
         bias_layout(params, geometry.heads),
         bias(rpb ? bias_layout.template load_from<T>(*rpb) : std::vector<float>()),
@@ -482,15 +523,16 @@ struct LaneKernel {
     scatter_lanes(src, factor, t.shape[Rank + 2], tokens, w.lanes, t.strides[Rank + 2]);
   }
 
-  // logits[r][j][lane] = q.k (+ rpb) of each lane's query with the key at
-  // group position w.first + j + lane of key row r (packed row at
+  // logits[r][j][lane] = q.k (+ rpb) of each lane's query (channel d at
+  // q_lanes + d * q_stride: from lanes_at, or a [d][lane] buffer) with the
+  // key at group position w.first + j + lane of key row r (packed row at
   // key_ptrs[r], from window_rows); -inf outside a lane's window.
-  LIBNA_SIMD_TARGET void logits(const float* q_lanes, std::int64_t h, const LaneWindows& w,
-                                const RowList& key_rows, const float* const* key_ptrs,
-                                float* out) const {
+  LIBNA_SIMD_TARGET void logits(const float* q_lanes, std::int64_t q_stride, std::int64_t h,
+                                const LaneWindows& w, const RowList& key_rows,
+                                const float* const* key_ptrs, float* out) const {
     const std::int64_t window = w.window, kernel = last().kernel;
     const std::int64_t bias_step = bias_strides[Rank];
-    qk_rows(q_lanes, key_ptrs, key_rows.size, layout.width, k.dim, window, out);
+    qk_rows(q_lanes, q_stride, key_ptrs, key_rows.size, layout.width, k.dim, window, out);
     // Key first + j + l of query i0 + l: relative position first + j - i0,
     // the same in every lane.
     const std::int64_t rel0 = w.first - w.i0 + kernel - 1;
@@ -507,6 +549,20 @@ struct LaneKernel {
       }
       if (w.masked) w.mask(logits, window);
     }
+  }
+
+  // The lanes of w in row `row` of p: column group_base + i0 of the packed
+  // row, read with stride layout.width (lanes past the group read its zero
+  // padding).
+  const float* lanes_at(const Packed& p, std::int64_t b, std::int64_t h, std::int64_t row,
+                        std::int64_t grp, const LaneWindows& w) const {
+    return p.row(b, h, row) + layout.group_base[grp] + w.i0;
+  }
+
+  // Packs the rows of `rows` in p (head h) that are not packed yet.
+  static void ensure_rows(const PackedTensor<Rank, T>& p, std::int64_t b, std::int64_t h,
+                          const RowList& rows) {
+    for (std::int64_t r = 0; r < rows.size; ++r) p.ensure(b, h, rows.rows[r]);
   }
 
   // Packed rows (of k or v, head hk) at the block's first window column.
@@ -530,17 +586,17 @@ struct Forward : LaneKernel<Rank, T> {
 
   // Per-thread working memory.
   struct Scratch {
-    std::vector<float> q, out;  // [d][lane]
+    std::vector<float> out;  // [d][lane]
     std::vector<float> logits;
     RowList key_rows;
     std::vector<const float*> key_ptrs, value_rows;
   };
 
-  const Packed& q;  // packed, times the softmax scale
+  const PackedTensor<Rank, T>& q;  // times the softmax scale
 
   Forward(const detail::ForwardArgs& a, const Geometry<Rank>& geometry,
-          const ColumnLayout& columns, const Packed& packed_q, const Packed& packed_k,
-          const Packed& packed_v)
+          const ColumnLayout& columns, const PackedTensor<Rank, T>& packed_q,
+          const PackedTensor<Rank, T>& packed_k, const PackedTensor<Rank, T>& packed_v)
       : Base(geometry, columns, packed_k, packed_v, a.params, a.rpb, a.scale), args(a),
         q(packed_q) {}
 
@@ -551,6 +607,9 @@ struct Forward : LaneKernel<Rank, T> {
     std::int64_t c[Rank];
     row_coords<Rank>(g, row_index, c);
     key_rows_of<Rank>(g, c, this->bias_strides, s.key_rows);
+    q.ensure(b, h, row_index);
+    this->ensure_rows(k, b, h / this->heads_per_kv, s.key_rows);
+    this->ensure_rows(v, b, h / this->heads_per_kv, s.key_rows);
     this->for_query_blocks([&](std::int64_t grp, const LaneWindows& w) {
       block(b, h, row_index, c, grp, w, s);
     });
@@ -559,13 +618,11 @@ struct Forward : LaneKernel<Rank, T> {
   LIBNA_SIMD_TARGET void block(std::int64_t b, std::int64_t h, std::int64_t row, std::int64_t* c,
                                std::int64_t grp,
                                const LaneWindows& w, Scratch& s) const {
-    const std::int64_t dim = k.dim, dim_v = v.dim, n_rows = s.key_rows.size;
-    s.q.resize(dim * kLanes);
-    packed_lanes(q.row(b, h, row), this->layout.width, dim, this->layout.group_base[grp] + w.i0,
-                 w.lanes, s.q.data());
+    const std::int64_t dim_v = v.dim, n_rows = s.key_rows.size;
     s.logits.resize(n_rows * w.window * kLanes);
     this->window_rows(k, b, h / this->heads_per_kv, grp, w, s.key_rows, s.key_ptrs);
-    this->logits(s.q.data(), h, w, s.key_rows, s.key_ptrs.data(), s.logits.data());
+    this->logits(this->lanes_at(q, b, h, row, grp, w), this->layout.width, h, w, s.key_rows,
+                 s.key_ptrs.data(), s.logits.data());
 
     f32x8 max_logit, sum;
     softmax_lanes(s.logits.data(), n_rows * w.window, &max_logit, &sum);
@@ -599,9 +656,10 @@ void na_forward(const detail::ForwardArgs& args) {
     return layout.packed_size(g.batch, t.shape[Rank + 1], t.shape[Rank + 2]);
   };
   float* buffer = workspace(size(args.q) + size(args.k) + size(args.v));
-  const Packed q = pack<Rank, T>(args.q, g, layout, static_cast<float>(args.scale), buffer);
-  const Packed k = pack<Rank, T>(args.k, g, layout, 1.0f, buffer + size(args.q));
-  const Packed v = pack<Rank, T>(args.v, g, layout, 1.0f, buffer + size(args.q) + size(args.k));
+  // Rows are packed by the threads that use them first (Forward::row).
+  const PackedTensor<Rank, T> q(args.q, g, layout, static_cast<float>(args.scale), buffer);
+  const PackedTensor<Rank, T> k(args.k, g, layout, 1.0f, buffer + size(args.q));
+  const PackedTensor<Rank, T> v(args.v, g, layout, 1.0f, buffer + size(args.q) + size(args.k));
   const Forward<Rank, T> fwd(args, g, layout, q, k, v);
   const std::int64_t rows = layout.rows;
   parallel_for(g.batch * g.heads * rows, 1, [&](std::int64_t begin, std::int64_t end) {

@@ -19,8 +19,9 @@ struct Unfused : LaneKernel<Rank, T> {
     std::vector<const float*> ptrs;
   };
 
-  Unfused(const Geometry<Rank>& geometry, const ColumnLayout& columns, const Packed& packed_k,
-          const Packed& packed_v, const NaParams& params, const TensorView* rpb)
+  Unfused(const Geometry<Rank>& geometry, const ColumnLayout& columns,
+          const PackedTensor<Rank, T>& packed_k, const PackedTensor<Rank, T>& packed_v,
+          const NaParams& params, const TensorView* rpb)
       : Base(geometry, columns, packed_k, packed_v, params, rpb, 1.0) {}
 
   // Calls block(c, grp, w) for the lane blocks of one row, with s.rows
@@ -82,7 +83,7 @@ struct Unfused : LaneKernel<Rank, T> {
     this->load_lanes(args.q, b, c, h, grp, w, 1.0f, s.lanes.data());
     s.values.resize(s.rows.size * w.window * kLanes);
     this->window_rows(k, b, h / this->heads_per_kv, grp, w, s.rows, s.ptrs);
-    this->logits(s.lanes.data(), h, w, s.rows, s.ptrs.data(), s.values.data());
+    this->logits(s.lanes.data(), kLanes, h, w, s.rows, s.ptrs.data(), s.values.data());
     scatter_query_slots(s.values.data(), args.attn, b, c, h, grp, w, s.rows,
                         -std::numeric_limits<float>::infinity());
   }
@@ -126,7 +127,7 @@ struct Unfused : LaneKernel<Rank, T> {
     this->load_lanes(args.dout, b, c, h, grp, w, 1.0f, s.lanes.data());
     s.values.resize(s.rows.size * w.window * kLanes);
     this->window_rows(k, b, h / this->heads_per_kv, grp, w, s.rows, s.ptrs);
-    qk_rows(s.lanes.data(), s.ptrs.data(), s.rows.size, this->layout.width, k.dim, w.window,
+    qk_rows(s.lanes.data(), kLanes, s.ptrs.data(), s.rows.size, this->layout.width, k.dim, w.window,
             s.values.data());
     scatter_query_slots(s.values.data(), args.dattn, b, c, h, grp, w, s.rows, 0.0f);
   }
@@ -143,7 +144,7 @@ struct UnfusedKeyPass : LaneKernel<Rank, T> {
   using Base::g;
   using Base::layout;
   const Tables<Rank>& tables;
-  const Packed& rows;
+  const PackedTensor<Rank, T>& rows;
   std::int64_t group;  // query heads per kv head
 
   struct Scratch {
@@ -153,7 +154,8 @@ struct UnfusedKeyPass : LaneKernel<Rank, T> {
   };
 
   UnfusedKeyPass(const Geometry<Rank>& geometry, const ColumnLayout& columns,
-                 const Tables<Rank>& t, const Packed& packed_rows, const NaParams& params,
+                 const Tables<Rank>& t, const PackedTensor<Rank, T>& packed_rows,
+                 const NaParams& params,
                  std::int64_t heads_kv)
       : Base(geometry, columns, packed_rows, packed_rows, params, nullptr, 1.0), tables(t),
         rows(packed_rows), group(geometry.heads / heads_kv) {}
@@ -238,7 +240,7 @@ void run_unfused(const TensorView& like, const TensorView& keys, const TensorVie
   const Geometry<Rank> g(like, params);
   const ColumnLayout layout(g);
   float* buffer = workspace(layout.packed_size(g.batch, keys.shape[Rank + 1], keys.shape[Rank + 2]));
-  const Packed packed = pack<Rank, T>(keys, g, layout, 1.0f, buffer);
+  const PackedTensor<Rank, T> packed = pack<Rank, T>(keys, g, layout, 1.0f, buffer);
   const Unfused<Rank, T> op(g, layout, packed, packed, params, rpb);
   unfused_query_pass(op, [&](std::int64_t b, std::int64_t h, std::int64_t, auto&&... block) {
     run_block(op, b, h, block...);
@@ -261,7 +263,7 @@ void na_av(const detail::AvArgs& args) {
 
 template <int Rank, typename T>
 void unfused_key_pass(const Geometry<Rank>& g, const ColumnLayout& layout, const NaParams& params,
-                      const Packed& rows, std::int64_t heads_kv, const TensorView& weights,
+                      const PackedTensor<Rank, T>& rows, std::int64_t heads_kv, const TensorView& weights,
                       const TensorView& grad) {
   const Tables<Rank> tables(g, params);
   const UnfusedKeyPass<Rank, T> op(g, layout, tables, rows, params, heads_kv);
