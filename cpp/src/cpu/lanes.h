@@ -103,23 +103,27 @@ template <typename T>
 LIBNA_SIMD_TARGET void gather_lanes(const T* const* tokens, std::int64_t lanes, std::int64_t stride,
                                     std::int64_t dim, float factor, float* dst,
                                     std::int64_t dst_stride) {
+  const f32x8 scale = simd::splat(factor);
   f32x8 r[kLanes];
-  for (std::int64_t d0 = 0; d0 < dim; d0 += kLanes) {
+  std::int64_t d0 = 0;
+  // Whole 8x8 blocks: straight-line code that keeps r in registers.
+  if (lanes == kLanes) {
+    for (; d0 + kLanes <= dim; d0 += kLanes) {
+      for (int l = 0; l < kLanes; ++l) r[l] = load8(tokens[l] + d0 * stride, stride, kLanes);
+      transpose8(r);
+      for (int i = 0; i < kLanes; ++i) simd::store(dst + (d0 + i) * dst_stride, r[i] * scale);
+    }
+  }
+  for (; d0 < dim; d0 += kLanes) {
     const std::int64_t n = std::min<std::int64_t>(kLanes, dim - d0);
     for (std::int64_t l = 0; l < kLanes; ++l) {
       r[l] = l < lanes ? load8(tokens[l] + d0 * stride, stride, n) : simd::splat(0.0f);
     }
     transpose8(r);
     for (std::int64_t i = 0; i < n; ++i) {
-      float* row = dst + (d0 + i) * dst_stride;
-      const f32x8 x = r[i] * simd::splat(factor);
-      if (lanes == kLanes) {
-        simd::store(row, x);
-      } else {
-        alignas(32) float y[kLanes];
-        simd::store(y, x);
-        std::copy(y, y + lanes, row);
-      }
+      alignas(32) float y[kLanes];
+      simd::store(y, r[i] * scale);
+      std::copy(y, y + lanes, dst + (d0 + i) * dst_stride);
     }
   }
 }
@@ -130,7 +134,15 @@ template <typename T>
 LIBNA_SIMD_TARGET void scatter_lanes(const float* src, f32x8 factor, std::int64_t dim,
                                      T* const* tokens, std::int64_t lanes, std::int64_t stride) {
   f32x8 r[kLanes];
-  for (std::int64_t d0 = 0; d0 < dim; d0 += kLanes) {
+  std::int64_t d0 = 0;
+  if (lanes == kLanes) {
+    for (; d0 + kLanes <= dim; d0 += kLanes) {
+      for (int i = 0; i < kLanes; ++i) r[i] = simd::load(src + (d0 + i) * kLanes) * factor;
+      transpose8(r);
+      for (int l = 0; l < kLanes; ++l) store8(tokens[l] + d0 * stride, stride, kLanes, r[l]);
+    }
+  }
+  for (; d0 < dim; d0 += kLanes) {
     const std::int64_t n = std::min<std::int64_t>(kLanes, dim - d0);
     for (std::int64_t i = 0; i < kLanes; ++i) {
       r[i] = i < n ? simd::load(src + (d0 + i) * kLanes) * factor : simd::splat(0.0f);
