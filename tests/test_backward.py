@@ -202,3 +202,36 @@ def test_backward_float32_grid(case, rng):
     for name, g, r in zip(("dq", "dk", "dv", "drpb"), got, ref):
         assert g.dtype == np.float32, name
         assert np.abs(g - r).max() <= 1e-5 * max(1.0, np.abs(r).max()), name
+
+
+# Rows long enough that the vectorised kernels split them into several column
+# tiles (about 192 KiB of key/value columns per tile: a few hundred positions
+# at these head dims), with every feature that changes which blocks a tile
+# holds: dilation groups, causal starts, stride, rpb (per-tile partials of its
+# gradient), GQA.
+WIDE_ROWS = [
+    ((1500,), (9,), dict(dilation=(2,)), True),
+    ((1100,), (7,), dict(stride=(3,)), False),
+    ((3, 400), (3, 7), {}, True),
+    ((5, 333), (3, 5), dict(dilation=(1, 3), is_causal=(False, True)), False),
+    ((2, 3, 260), (2, 3, 5), dict(dilation=(1, 1, 2)), True),
+]
+
+
+@pytest.mark.parametrize("spatial,kernel,kw,use_rpb", WIDE_ROWS,
+                         ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else None)
+def test_wide_rows_in_column_tiles(spatial, kernel, kw, use_rpb, rng):
+    q, k, v = make_qkv(rng, 1, spatial, 4, 2, 32, 32)
+    rpb = make_rpb(rng, 4, kernel) if use_rpb else None
+    rank = len(spatial)
+    out, lse = getattr(reference, f"na{rank}d")(q, k, v, kernel, rpb=rpb, return_lse=True, **kw)
+    dout = rng.standard_normal(out.shape)
+    ref = getattr(reference, f"na{rank}d_backward")(q, k, v, out, dout, lse, kernel, rpb=rpb, **kw)
+    f32 = lambda x: None if x is None else x.astype(np.float32)
+    got_out = getattr(libna, f"na{rank}d")(f32(q), f32(k), f32(v), kernel, rpb=f32(rpb), **kw)
+    assert np.abs(got_out - out).max() <= 1e-5
+    got = getattr(libna, f"na{rank}d_backward")(
+        f32(q), f32(k), f32(v), f32(out), f32(dout), f32(lse), kernel, rpb=f32(rpb), **kw)
+    assert len(got) == (4 if use_rpb else 3)
+    for name, g, r in zip(("dq", "dk", "dv", "drpb"), got, ref):
+        assert np.abs(g - r).max() <= 1e-5 * max(1.0, np.abs(r).max()), name

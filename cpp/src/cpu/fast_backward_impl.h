@@ -59,9 +59,10 @@ LIBNA_SIMD_TARGET inline void add_bias_grad(const LaneWindows& w, const RowList&
 // Calls block(grp, w) for the key-lane blocks of `kernel`'s last axis (each
 // lane's window: the queries that see the key).
 template <int Rank, typename Kernel, typename Block>
-void for_key_blocks(const Kernel& kernel, const Tables<Rank>& tables, const Block& block) {
+void for_key_blocks(const Kernel& kernel, const Tables<Rank>& tables, const BlockRange& tile,
+                    const Block& block) {
   const AxisParams& last = kernel.last();
-  kernel.for_lane_blocks([&](std::int64_t grp, std::int64_t i0, std::int64_t lanes) {
+  kernel.for_lane_blocks(tile, [&](std::int64_t grp, std::int64_t i0, std::int64_t lanes) {
     return key_lanes(tables.axis[Rank - 1], grp, last.dilation, i0, lanes);
   }, block);
 }
@@ -119,7 +120,7 @@ struct Backward : LaneKernel<Rank, T> {
 
   // ---- query pass --------------------------------------------------------
   LIBNA_SIMD_TARGET void query_row(std::int64_t b, std::int64_t h, std::int64_t row,
-                                   float* bias_grad, Scratch& s) const {
+                                   const BlockRange& tile, float* bias_grad, Scratch& s) const {
     std::int64_t c[Rank];
     row_coords<Rank>(g, row, c);
     key_rows_of<Rank>(g, c, this->bias_strides, s.rows_list);
@@ -127,7 +128,7 @@ struct Backward : LaneKernel<Rank, T> {
     dout.ensure(b, h, row);
     this->ensure_rows(k, b, h / this->heads_per_kv, s.rows_list);
     this->ensure_rows(v, b, h / this->heads_per_kv, s.rows_list);
-    this->for_query_blocks([&](std::int64_t grp, const LaneWindows& w) {
+    this->for_query_blocks(tile, [&](std::int64_t grp, const LaneWindows& w) {
       query_block(b, h, row, c, grp, w, bias_grad, s);
     });
   }
@@ -178,7 +179,7 @@ struct Backward : LaneKernel<Rank, T> {
 
   // ---- key pass ----------------------------------------------------------
   LIBNA_SIMD_TARGET void key_row(std::int64_t b, std::int64_t hk, std::int64_t row,
-                                 Scratch& s) const {
+                                 const BlockRange& tile, Scratch& s) const {
     std::int64_t c[Rank];
     row_coords<Rank>(g, row, c);
     query_rows_of<Rank>(g, tables, c, this->bias_strides, s.rows_list);
@@ -188,7 +189,7 @@ struct Backward : LaneKernel<Rank, T> {
       this->ensure_rows(q_scaled, b, h, s.rows_list);
       this->ensure_rows(dout, b, h, s.rows_list);
     }
-    for_key_blocks(*this, tables, [&](std::int64_t grp, const LaneWindows& w) {
+    for_key_blocks(*this, tables, tile, [&](std::int64_t grp, const LaneWindows& w) {
       key_block(b, hk, row, c, grp, w, s);
     });
   }
@@ -293,16 +294,17 @@ void store_row_terms(const detail::BackwardArgs& args, const Geometry<Rank>& g,
 }
 
 // drpb = the sum of the query pass' per-item rpb-gradient partials (items
-// are (b, h, row) with rows innermost), added in item order: deterministic.
+// numbered (b, h, ...) with items_per_head innermost), added in item order:
+// deterministic.
 template <typename T, int Rank>
 void store_bias_grad(const BiasBuffer<Rank, float>& bias_layout, const float* partials,
-                     std::int64_t items, std::int64_t rows, const TensorView& drpb) {
+                     std::int64_t items, std::int64_t items_per_head, const TensorView& drpb) {
   const std::int64_t per_head = bias_layout.strides[0];
   const std::int64_t heads = bias_layout.size / per_head;
   std::vector<float> grad(bias_layout.size, 0.0f);
   for (std::int64_t item = 0; item < items; ++item) {
     const float* partial = partials + item * per_head;
-    float* head = grad.data() + ((item / rows) % heads) * per_head;
+    float* head = grad.data() + ((item / items_per_head) % heads) * per_head;
     for (std::int64_t i = 0; i < per_head; ++i) head[i] += partial[i];
   }
   bias_layout.template store_to<T>(grad, drpb);
@@ -318,14 +320,17 @@ void na_backward(const detail::BackwardArgs& args) {
   const std::int64_t lanes_size = layout.packed_size(g.batch, heads, 1);
   const BiasBuffer<Rank, float> bias_layout(args.params, heads);
   const std::int64_t bias_head = args.rpb ? bias_layout.strides[0] : 0;
-  const std::int64_t items = g.batch * heads * layout.rows;
+  // Both passes read windows of dim + dim_v channels (k and v; q and dout).
+  const ColumnTiles query_tiles(layout, g.window_rows(), dim + dim_v);
+  const ColumnTiles key_tiles(layout, g.window_rows() * (heads / heads_kv), dim + dim_v);
+  const std::int64_t query_items = g.batch * heads * query_tiles.count * layout.rows;
   const std::int64_t sizes[] = {layout.packed_size(g.batch, heads_kv, dim),
                                 layout.packed_size(g.batch, heads_kv, dim_v),
                                 layout.packed_size(g.batch, heads, dim),
                                 layout.packed_size(g.batch, heads, dim_v),
                                 lanes_size,
                                 lanes_size,
-                                items * bias_head};
+                                query_items * bias_head};
   std::int64_t total = 0;
   for (std::int64_t size : sizes) total += size;
   float* buffer = workspace(total);
@@ -349,31 +354,28 @@ void na_backward(const detail::BackwardArgs& args) {
   float* bias_partials = carve(sizes[6]);
   const Backward<Rank, T> bwd(args, g, layout, tables, k, v, q, dout, lse, delta);
 
-  // Query pass; rows innermost, as in the forward. Each item owns one
-  // partial of the rpb gradient (summed below in item order: deterministic).
-  parallel_for(items, 1, [&](std::int64_t begin, std::int64_t end) {
-    typename Backward<Rank, T>::Scratch scratch;
-    for (std::int64_t item = begin; item < end; ++item) {
-      const std::int64_t row = item % layout.rows, h = (item / layout.rows) % heads,
-                         b = item / (layout.rows * heads);
-      float* partial = nullptr;
-      if (bias_head) {
-        partial = bias_partials + item * bias_head;
-        std::fill(partial, partial + bias_head, 0.0f);
-      }
-      bwd.query_row(b, h, row, partial, scratch);
+  // Query pass; tiled rows, as in the forward. Each item owns one partial
+  // of the rpb gradient (summed below in item order: deterministic).
+  using Scratch = typename Backward<Rank, T>::Scratch;
+  for_tiled_rows<Scratch>(g.batch, heads, layout.rows, query_tiles,
+                          [&](const TiledRow& at, Scratch& scratch) {
+    float* partial = nullptr;
+    if (bias_head) {
+      partial = bias_partials + at.item * bias_head;
+      std::fill(partial, partial + bias_head, 0.0f);
     }
+    bwd.query_row(at.b, at.h, at.row, at.tile, partial, scratch);
   });
-  if (args.drpb) store_bias_grad<T>(bias_layout, bias_partials, items, layout.rows, *args.drpb);
+  if (args.drpb) {
+    store_bias_grad<T>(bias_layout, bias_partials, query_items, query_tiles.count * layout.rows,
+                       *args.drpb);
+  }
 
-  // Key pass.
-  parallel_for(g.batch * heads_kv * layout.rows, 1, [&](std::int64_t begin, std::int64_t end) {
-    typename Backward<Rank, T>::Scratch scratch;
-    for (std::int64_t item = begin; item < end; ++item) {
-      const std::int64_t row = item % layout.rows, hk = (item / layout.rows) % heads_kv,
-                         b = item / (layout.rows * heads_kv);
-      bwd.key_row(b, hk, row, scratch);
-    }
+  // Key pass: each key block reads the windows of every query head of its
+  // kv head.
+  for_tiled_rows<Scratch>(g.batch, heads_kv, layout.rows, key_tiles,
+                          [&](const TiledRow& at, Scratch& scratch) {
+    bwd.key_row(at.b, at.h, at.row, at.tile, scratch);
   });
 }
 

@@ -52,6 +52,7 @@ void row_coords(const Geometry<Rank>& g, std::int64_t row, std::int64_t* c) {
 struct ColumnLayout {
   static constexpr std::int64_t kPad = kLanes;
   std::int64_t rows = 0, extent = 0, width = 0, dilation = 1;
+  std::int64_t blocks = 0;  // lane blocks of a row: kLanes positions of one group each
   std::vector<std::int64_t> group_base, group_len;
 
   template <int Rank>
@@ -63,6 +64,7 @@ struct ColumnLayout {
       group_base[grp] = base;
       group_len[grp] = group_length(extent, dilation, grp);
       base += group_len[grp] + kPad;
+      blocks += (group_len[grp] + kLanes - 1) / kLanes;
     }
     width = base;
   }
@@ -447,6 +449,51 @@ void key_rows_of(const Geometry<Rank>& g, const std::int64_t* c, const std::int6
       bias_strides, out);
 }
 
+// A range [begin, end) of a row's lane blocks (ColumnLayout::blocks).
+struct BlockRange {
+  std::int64_t begin = 0, end = 0;
+};
+
+// The lane blocks of a row split into column tiles. Work items are (b, h,
+// tile, row) with rows innermost, so a thread walks down the rows of one
+// tile, and the key and value columns the tile's windows cover (`window_rows`
+// packed rows of `channels` floats per column) stay in its L2 cache across
+// the rows that share them. Rows narrow enough for that are one tile.
+struct ColumnTiles {
+  static constexpr std::int64_t kBudget = 192 * 1024;  // bytes, well under a 512 KiB L2
+  std::int64_t count = 1, blocks_per_tile = 1;
+
+  ColumnTiles(const ColumnLayout& layout, std::int64_t window_rows, std::int64_t channels) {
+    const std::int64_t per_block = window_rows * kLanes * channels * std::int64_t{sizeof(float)};
+    const std::int64_t fit = std::max<std::int64_t>(1, kBudget / per_block);
+    count = (layout.blocks + fit - 1) / fit;
+    blocks_per_tile = (layout.blocks + count - 1) / count;  // even tiles
+  }
+  BlockRange operator[](std::int64_t t) const { return {t * blocks_per_tile, (t + 1) * blocks_per_tile}; }
+};
+
+// One work item of for_tiled_rows: the blocks `tile` of row `row` of (b, h);
+// `item` numbers the items, rows innermost.
+struct TiledRow {
+  std::int64_t item, b, h, row;
+  BlockRange tile;
+};
+
+// Runs fn(item, scratch) over every (batch, head, tile, row), rows innermost,
+// with one Scratch per thread.
+template <typename Scratch, typename Fn>
+void for_tiled_rows(std::int64_t batch, std::int64_t heads, std::int64_t rows,
+                    const ColumnTiles& tiles, const Fn& fn) {
+  parallel_for(batch * heads * tiles.count * rows, 1, [&](std::int64_t begin, std::int64_t end) {
+    Scratch scratch;
+    for (std::int64_t item = begin; item < end; ++item) {
+      const std::int64_t tile = (item / rows) % tiles.count;
+      const std::int64_t h = (item / (rows * tiles.count)) % heads;
+      fn(TiledRow{item, item / (rows * tiles.count * heads), h, item % rows, tiles[tile]}, scratch);
+    }
+  });
+}
+
 // State shared by the vectorised forward and backward: geometry, the packed
 // K and V, the bias as contiguous float.
 template <int Rank, typename T>
@@ -470,23 +517,27 @@ struct LaneKernel {
         scale(static_cast<float>(sc)) {}
 
   const AxisParams& last() const { return g.axes[Rank - 1]; }
+  BlockRange whole_row() const { return {0, layout.blocks}; }
 
-  // Calls block(grp, lanes_of(grp, i0, lanes)) for every block of up to
+  // Calls block(grp, lanes_of(grp, i0, lanes)) for the blocks of up to
   // kLanes consecutive positions i0, ... of each dilation group along the
-  // last axis.
+  // last axis, numbered group by group, that are in `tile`.
   template <typename LanesOf, typename Block>
-  void for_lane_blocks(const LanesOf& lanes_of, const Block& block) const {
+  void for_lane_blocks(const BlockRange& tile, const LanesOf& lanes_of, const Block& block) const {
+    std::int64_t index = 0;
     for (std::int64_t grp = 0; grp < layout.dilation; ++grp) {
       const std::int64_t len = layout.group_len[grp];
-      for (std::int64_t i0 = 0; i0 < len; i0 += kLanes) {
+      for (std::int64_t i0 = 0; i0 < len; i0 += kLanes, ++index) {
+        if (index < tile.begin) continue;
+        if (index >= tile.end) return;
         block(grp, lanes_of(grp, i0, std::min<std::int64_t>(kLanes, len - i0)));
       }
     }
   }
   // The same with query lanes (each lane's window of keys).
   template <typename Block>
-  void for_query_blocks(const Block& block) const {
-    for_lane_blocks([&](std::int64_t grp, std::int64_t i0, std::int64_t lanes) {
+  void for_query_blocks(const BlockRange& tile, const Block& block) const {
+    for_lane_blocks(tile, [&](std::int64_t grp, std::int64_t i0, std::int64_t lanes) {
       return query_lanes(last(), layout.group_len[grp], i0, lanes);
     }, block);
   }
@@ -600,17 +651,16 @@ struct Forward : LaneKernel<Rank, T> {
       : Base(geometry, columns, packed_k, packed_v, a.params, a.rpb, a.scale), args(a),
         q(packed_q) {}
 
-  // All queries of one (b, h, row): every dilation group of the last axis,
-  // eight queries at a time.
+  // The queries of one (b, h, row) in one column tile, eight at a time.
   LIBNA_SIMD_TARGET void row(std::int64_t b, std::int64_t h, std::int64_t row_index,
-                             Scratch& s) const {
+                             const BlockRange& tile, Scratch& s) const {
     std::int64_t c[Rank];
     row_coords<Rank>(g, row_index, c);
     key_rows_of<Rank>(g, c, this->bias_strides, s.key_rows);
     q.ensure(b, h, row_index);
     this->ensure_rows(k, b, h / this->heads_per_kv, s.key_rows);
     this->ensure_rows(v, b, h / this->heads_per_kv, s.key_rows);
-    this->for_query_blocks([&](std::int64_t grp, const LaneWindows& w) {
+    this->for_query_blocks(tile, [&](std::int64_t grp, const LaneWindows& w) {
       block(b, h, row_index, c, grp, w, s);
     });
   }
@@ -661,17 +711,10 @@ void na_forward(const detail::ForwardArgs& args) {
   const PackedTensor<Rank, T> k(args.k, g, layout, 1.0f, buffer + size(args.q));
   const PackedTensor<Rank, T> v(args.v, g, layout, 1.0f, buffer + size(args.q) + size(args.k));
   const Forward<Rank, T> fwd(args, g, layout, q, k, v);
-  const std::int64_t rows = layout.rows;
-  parallel_for(g.batch * g.heads * rows, 1, [&](std::int64_t begin, std::int64_t end) {
-    typename Forward<Rank, T>::Scratch scratch;
-    // Rows innermost: consecutive items share all but one of their key and
-    // value rows, which stay in cache.
-    for (std::int64_t item = begin; item < end; ++item) {
-      const std::int64_t row = item % rows, h = (item / rows) % g.heads,
-                         b = item / (rows * g.heads);
-      fwd.row(b, h, row, scratch);
-    }
-  });
+  const ColumnTiles tiles(layout, g.window_rows(), k.dim + v.dim);
+  for_tiled_rows<typename Forward<Rank, T>::Scratch>(
+      g.batch, g.heads, layout.rows, tiles,
+      [&](const TiledRow& at, auto& scratch) { fwd.row(at.b, at.h, at.row, at.tile, scratch); });
 }
 
 }  // namespace libna::cpu::LIBNA_SIMD_NS

@@ -31,7 +31,9 @@ struct Unfused : LaneKernel<Rank, T> {
     std::int64_t c[Rank];
     row_coords<Rank>(g, row, c);
     key_rows_of<Rank>(g, c, this->bias_strides, s.rows);
-    this->for_query_blocks([&](std::int64_t grp, const LaneWindows& w) { block(c, grp, w); });
+    this->for_query_blocks(this->whole_row(), [&](std::int64_t grp, const LaneWindows& w) {
+      block(c, grp, w);
+    });
   }
 
   // values[r][j][lane] (j = position in the block's covering range) =
@@ -192,7 +194,7 @@ struct UnfusedKeyPass : LaneKernel<Rank, T> {
     row_coords<Rank>(g, row, c);
     query_rows_of<Rank>(g, tables, c, this->bias_strides, s.queries);
     const std::int64_t dim = rows.dim, n = s.queries.size;
-    for_key_blocks(*this, tables, [&](std::int64_t grp, const LaneWindows& w) {
+    for_key_blocks(*this, tables, this->whole_row(), [&](std::int64_t grp, const LaneWindows& w) {
       s.acc.assign(dim * kLanes, 0.0f);
       s.values.resize(n * w.window * kLanes);
       s.ptrs.resize(n);

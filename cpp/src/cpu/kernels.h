@@ -37,6 +37,13 @@ struct Geometry {
     }
   }
 
+  // The most rows (positions of the leading axes) one window covers.
+  std::int64_t window_rows() const {
+    std::int64_t n = 1;
+    for (int a = 0; a < Rank - 1; ++a) n *= axes[a].kernel;
+    return n;
+  }
+
   void coords(std::int64_t token, std::int64_t* c) const {
     for (int a = Rank - 1; a >= 0; --a) {
       c[a] = token % spatial[a];
