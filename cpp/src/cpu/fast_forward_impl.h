@@ -277,6 +277,9 @@ LIBNA_SIMD_TARGET void pv_chunk(const float* probs, const float* const* value_ro
                                 std::int64_t key_rows, std::int64_t window, std::int64_t width,
                                 std::int64_t d0, bool accumulate, float* out) {
   f32x8 acc[N];
+  // Unrolled by hand: GCC turns a zeroing loop over acc into a memset (rep
+  // stos) of the array in memory.
+#pragma GCC unroll 8
   for (int j = 0; j < N; ++j) acc[j] = accumulate ? simd::load(out + j * kLanes) : simd::splat(0.0f);
   for (std::int64_t r = 0; r < key_rows; ++r) {
     const float* vr = value_rows[r] + d0 * width;
