@@ -224,7 +224,11 @@ void na_forward(const detail::ForwardArgs& args) {
     FusedParams p = fused_params(args.q, args.k, args.v, args.rpb, args.params, args.scale);
     p.out = view_of(args.out, n);
     if (args.lse) p.lse = view_of(*args.lse, n);
-    launch_fused_forward<T>(p, bucket, args.q.shape[0], static_cast<cudaStream_t>(args.stream));
+    const auto stream = static_cast<cudaStream_t>(args.stream);
+    const std::int64_t batch = args.q.shape[0];
+    bool launched = false;
+    if constexpr (!std::is_same_v<T, float>) launched = launch_tc_forward<T>(p, bucket, batch, stream);
+    if (!launched) launch_fused_forward<T>(p, bucket, batch, stream);
     check_launch(op);
   });
 }

@@ -118,6 +118,12 @@ void launch_store_bias_grad(const float* acc, const BiasView& grad, const AxisPa
 // `bucket` is tiling::head_dim_bucket(max(dim, dim_v)).
 template <typename T>
 void launch_fused_forward(const FusedParams& p, int bucket, std::int64_t batch, cudaStream_t stream);
+// The tensor-core forward (float16, bfloat16; buckets up to
+// tiling::kTcMaxHeadDim; code for sm_80+ on the device): false, having
+// launched nothing, where it does not apply (the caller then runs
+// launch_fused_forward).
+template <typename T>
+bool launch_tc_forward(const FusedParams& p, int bucket, std::int64_t batch, cudaStream_t stream);
 template <typename T>
 void launch_fused_backward(const FusedParams& p, int bucket, std::int64_t batch,
                            cudaStream_t stream);

@@ -1,7 +1,8 @@
 # The CUDA backend (issue 8): fused forward/backward and unfused kernels.
 # Fused kernels are instantiated per (pass, element type) from fused.cu.in, so
-# a build parallelises over six translation units; head-dim buckets (32, 64,
-# 128, 256) are the only other template parameter (ranks share one padded
+# a build parallelises over eight translation units (SIMT forward and
+# backward for three types, the tensor-core forward for two); head-dim
+# buckets are the only other template parameter (ranks share one padded
 # rank-3 kernel, see common.cuh).
 # Included from the top-level CMakeLists.txt (custom commands and the CUDA
 # language must live in the directory that defines libna_core).
@@ -11,8 +12,17 @@ set(LIBNA_CUDA_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/backend.cu
   ${CMAKE_CURRENT_LIST_DIR}/unfused.cu
 )
-foreach(LIBNA_CUDA_PASS forward backward)
-  foreach(LIBNA_CUDA_TYPE_NAME f32 f16 bf16)
+# The tensor-core forward (tc_forward.cuh) has float16 and bfloat16 units only.
+foreach(LIBNA_CUDA_PASS fused_forward fused_backward tc_forward)
+  set(LIBNA_CUDA_HEADER fused.cuh)
+  set(LIBNA_CUDA_RESULT void)
+  set(LIBNA_CUDA_TYPE_NAMES f32 f16 bf16)
+  if(LIBNA_CUDA_PASS STREQUAL "tc_forward")
+    set(LIBNA_CUDA_HEADER tc_forward.cuh)
+    set(LIBNA_CUDA_RESULT bool)
+    set(LIBNA_CUDA_TYPE_NAMES f16 bf16)
+  endif()
+  foreach(LIBNA_CUDA_TYPE_NAME ${LIBNA_CUDA_TYPE_NAMES})
     if(LIBNA_CUDA_TYPE_NAME STREQUAL "f32")
       set(LIBNA_CUDA_TYPE float)
     elseif(LIBNA_CUDA_TYPE_NAME STREQUAL "f16")
@@ -20,7 +30,7 @@ foreach(LIBNA_CUDA_PASS forward backward)
     else()
       set(LIBNA_CUDA_TYPE __nv_bfloat16)
     endif()
-    set(LIBNA_CUDA_FILE ${LIBNA_GENERATED_DIR}/cuda_fused_${LIBNA_CUDA_PASS}_${LIBNA_CUDA_TYPE_NAME}.cu)
+    set(LIBNA_CUDA_FILE ${LIBNA_GENERATED_DIR}/cuda_${LIBNA_CUDA_PASS}_${LIBNA_CUDA_TYPE_NAME}.cu)
     configure_file(${CMAKE_CURRENT_LIST_DIR}/fused.cu.in ${LIBNA_CUDA_FILE} @ONLY)
     list(APPEND LIBNA_CUDA_SOURCES ${LIBNA_CUDA_FILE})
   endforeach()

@@ -80,18 +80,26 @@ struct KeyTile {
   bool valid[Keys];
 };
 
+// The positions and validity of the `Keys` slots of key tile `tile` (the
+// block's first threads), visible to the whole block on return.
+template <int Keys>
+__device__ void load_key_slots(const FusedParams& p, const tiling::Tile& tile,
+                               int (&pos)[Keys][kAxes], bool (&valid)[Keys]) {
+  if (threadIdx.x < Keys) {
+    int extent[kAxes];
+    tiling::tile_extents(p.plan, false, extent);
+    valid[threadIdx.x] =
+        tiling::slot_position(threadIdx.x, extent, tile.lo, tile.hi, pos[threadIdx.x]);
+  }
+  __syncthreads();
+}
+
 // Loads key tile `tile` of kv head `hk` (the whole block takes part).
 template <typename T, int Bucket, int Keys>
 __device__ void load_key_tile(const FusedParams& p, const tiling::Block& blk,
                               const tiling::Tile& tile, std::int64_t b, int hk,
                               KeyTile<Bucket, Keys>& kt) {
-  if (threadIdx.x < Keys) {
-    int extent[kAxes];
-    tiling::tile_extents(p.plan, false, extent);
-    kt.valid[threadIdx.x] =
-        tiling::slot_position(threadIdx.x, extent, tile.lo, tile.hi, kt.pos[threadIdx.x]);
-  }
-  __syncthreads();
+  load_key_slots<Keys>(p, tile, kt.pos, kt.valid);
   for (int e = threadIdx.x; e < Keys * Bucket; e += tiling::kThreads) {
     const int j = e / Bucket, d = e % Bucket;
     float kx = 0.f, vx = 0.f;
@@ -137,6 +145,20 @@ struct QueryThread {
   }
 };
 
+// Runs body(tile) for each key tile of the thread's block, with the tile
+// loaded into kt (the whole block takes part); kt is reused once body returns.
+template <typename T, int Bucket, int Keys, int Lanes, typename Body>
+__device__ __forceinline__ void for_each_key_tile(const FusedParams& p,
+                                                  const QueryThread<Lanes>& me,
+                                                  KeyTile<Bucket, Keys>& kt, Body&& body) {
+  for (int t = 0; t < me.blk.num_tiles; ++t) {
+    const tiling::Tile tile = tiling::make_tile(p.plan, me.blk, t);
+    load_key_tile<T, Bucket, Keys>(p, me.blk, tile, me.b, me.hk, kt);
+    body(tile);
+    __syncthreads();  // the next tile overwrites kt
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ float bias_at(const FusedParams& p, int h, const int* iq,
                                          const int* jk) {
@@ -169,9 +191,7 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
   }
   float row_max = kNegInf, row_sum = 0.f;
 
-  for (int t = 0; t < me.blk.num_tiles; ++t) {
-    const tiling::Tile tile = tiling::make_tile(p.plan, me.blk, t);
-    load_key_tile<T, Bucket, kKeys>(p, me.blk, tile, b, me.hk, kt);
+  for_each_key_tile<T>(p, me, kt, [&](const tiling::Tile& tile) {
     float s[kKeys];
     float tile_max = kNegInf;
     #pragma unroll
@@ -200,8 +220,7 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
       }
       row_max = new_max;
     }
-    __syncthreads();  // the next tile overwrites kt
-  }
+  });
 
   if (!query.valid) return;
   const float inv_sum = 1.f / row_sum;
@@ -257,9 +276,7 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
       (2 * p.plan.axis[0].p.kernel - 1) * (2 * p.plan.axis[1].p.kernel - 1) *
       (2 * p.plan.axis[2].p.kernel - 1));
 
-  for (int t = 0; t < me.blk.num_tiles; ++t) {
-    const tiling::Tile tile = tiling::make_tile(p.plan, me.blk, t);
-    load_key_tile<T, Bucket, kKeys>(p, me.blk, tile, b, me.hk, kt);
+  for_each_key_tile<T>(p, me, kt, [&](const tiling::Tile& tile) {
 #pragma unroll 4
     for (int j = 0; j < kKeys; ++j) {
       float qk = 0.f, dprob = 0.f;
@@ -286,8 +303,7 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
         atomicAdd(p.bias_grad + bias_head + bias_flat(p.plan.axis[1].p, p.plan.axis[2].p, r), dlogit);
       }
     }
-    __syncthreads();
-  }
+  });
 
   if (!query.valid) return;
   const std::int64_t dq_row = p.dq.row(b, query.coord, h);

@@ -52,6 +52,8 @@ def test_table_every_method_checked_and_timed():
             assert cells[6].endswith("x")
         # NATTEN is not a dependency: its row is there, marked as skipped or timed
         table_row(out, section, "natten")
+        assert table_row(out, section, "flex")[1] == "-"  # a CUDA-only peer
+    assert "flex: skipped: CUDA only" in out
     assert table_row(out, "forward", "libna")[6] == "1.00x"
     assert re.search(r"torch\.matmul 1024\^3 float32 = [\d.]+ GFLOP/s; libna forward = "
                      r"[\d.]+ GFLOP/s = \d+% of it", out), out
@@ -116,3 +118,24 @@ def test_device_cuda_needs_a_gpu(capsys):
         pytest.skip("a CUDA device is present (the GPU run is covered by -m gpu sessions)")
     assert bench.main(["--device", "cuda", "--size", "8", "--kernel", "3"]) == 2
     assert "--device cuda needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rank,size,kernel", [(1, (21,), (5,)), (2, (7, 9), (3, 5))])
+def test_flex_peer_mask_is_the_na_rule(rank, size, kernel):
+    """The flex_attention peer (timed with --device cuda only) masks exactly
+    the NA neighbourhoods and, run eagerly on the CPU, agrees with libna."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    from libna import bench as libna_bench
+
+    p = libna_bench.Problem(rank, size, kernel, 1, 2, 16, "float32")
+    mask = create_mask(libna_bench.na_mask_mod(p), 1, 1, p.positions, p.positions, "cpu")
+    assert torch.equal(mask[0, 0], torch.from_numpy(libna_bench.dense_mask(p)))
+    flex = libna_bench.FlexMethod(p)
+    flex.compile = False
+    flex.setup()
+    q, k, v, _ = libna_bench.make_inputs(p)
+    with torch.no_grad():
+        out = flex.forward(q, k, v)
+    torch.testing.assert_close(out, libna_bench.LibnaMethod(p).forward(q, k, v),
+                               rtol=1e-4, atol=1e-4)

@@ -83,3 +83,16 @@ def test_cpp_tiling(cmake, tmp_path):
     assert "FAILED" not in out, out
     summary = lines[-1].split()
     assert summary[1:] == ["passed,", "0", "failed"] and int(summary[0]) > 10000, out
+
+
+def test_cpp_mma_layout(cmake, tmp_path):
+    """The tensor-core forward's fragment layouts (PTX ISA m16n8k16, ldmatrix)
+    and shared-memory addressing, run on a simulated warp against plain
+    matrix arithmetic: S, the online-softmax row statistics, O and lse."""
+    out = run(build(cmake, ROOT / "tests" / "cpp", tmp_path / "tests", "test_mma_layout"))
+    lines = out.splitlines()
+    for name in ("layouts", "warp", "block"):
+        assert f"{name}: ok" in lines, out
+    assert "FAILED" not in out, out
+    summary = lines[-1].split()
+    assert summary[1:] == ["passed,", "0", "failed"] and int(summary[0]) > 40, out

@@ -1,5 +1,6 @@
 """The CUDA backend as built, checked without a GPU: every fused kernel
-(forward, dq, dk/dv for each dtype and head-dim bucket) and every unfused
+(forward, dq, dk/dv for each dtype and head-dim bucket; the tensor-core
+forward for float16/bfloat16 and buckets 32/64/128) and every unfused
 kernel is in the library for every architecture that build_info() reports,
 with no register spills, no local-memory stack and static shared memory
 within the per-block limit.
@@ -26,6 +27,10 @@ SMEM_LIMIT = 48 * 1024
 DTYPES = ("f", "6__half", "13__nv_bfloat16")
 BUCKETS = (32, 64, 128, 256)
 FUSED = ("fused_forward_kernel", "fused_dq_kernel", "fused_dkdv_kernel")
+# The tensor-core forward: float16 and bfloat16, buckets up to 128.
+TENSOR_CORE = "tc_forward_kernel"
+TC_DTYPES = ("6__half", "13__nv_bfloat16")
+TC_BUCKETS = (32, 64, 128)
 UNFUSED = ("qk_kernel", "slot_gather_kernel", "key_grad_kernel", "qk_bias_grad_kernel",
            "av_dattn_kernel", "store_bias_grad_kernel")
 
@@ -106,7 +111,11 @@ def usage():
 def expected_kernels():
     names = [f"{k}I{t}Li{b}E" for k in FUSED for t in DTYPES for b in BUCKETS]
     names += [f"{k}I{t}" for k in UNFUSED for t in DTYPES]
-    return names
+    return names + tensor_core_kernels()
+
+
+def tensor_core_kernels():
+    return [f"{TENSOR_CORE}I{t}Li{b}E" for t in TC_DTYPES for b in TC_BUCKETS]
 
 
 def test_build_info_reports_architectures():
@@ -128,9 +137,27 @@ def test_no_spills_and_shared_memory_within_limits(usage):
     assert not problems, "\n".join(problems)
 
 
+def test_tensor_core_kernels_compiled_for_sm80_and_later(usage):
+    """Each tensor-core instance, for each sm_80+ architecture, has its body
+    (an empty stub, what an older architecture gets, uses a handful of
+    registers), no spills and static shared memory within the limit."""
+    archs = [a for a in libna.build_info()["cuda_architectures"]
+             if int(re.sub(r"\D", "", a)) >= 80]
+    if not archs:
+        pytest.skip("no sm_80+ architecture in this build")
+    for arch in archs:
+        for kernel in tensor_core_kernels():
+            found = [u for (name, a), u in usage.items() if a == arch and kernel in name]
+            assert len(found) == 1, f"{kernel} for {arch}: {len(found)} entries"
+            u = found[0]
+            assert u["regs"] >= 64, f"{kernel} ({arch}) looks empty: {u}"
+            assert not u["spill"] and not u["stack"], f"{kernel} ({arch}) spills: {u}"
+            assert 0 < u["smem"] <= SMEM_LIMIT, f"{kernel} ({arch}) shared memory: {u}"
+
+
 def test_library_holds_forward_and_backward_kernels():
     blob = library().read_bytes()
-    for kernel in FUSED + UNFUSED:
+    for kernel in FUSED + UNFUSED + (TENSOR_CORE,):
         assert kernel.encode() in blob, f"{kernel} is not in {library().name}"
 
 

@@ -16,6 +16,7 @@ import torch
 import libna
 from libna import reference
 
+from _dense import dense_na
 from test_forward import case_id, grid, make_qkv, make_rpb
 
 HAVE_GPU = torch.cuda.is_available()
@@ -259,3 +260,153 @@ def test_float64_and_huge_head_dims_are_refused(rng):
     q, k, v = (to_torch(x, torch.float32, "cuda") for x in make_qkv(rng, 1, (9,), 1, 1, 300, 8))
     with pytest.raises(ValueError, match="head dims up to 256"):
         libna.na1d(q, k, v, 3)
+
+
+# ---- the tensor-core forward (float16/bfloat16, head dims up to 128, sm_80+) ----
+# Its tolerance follows FlashAttention's rule: the error against the float64
+# reference is at most twice that of a plain PyTorch attention (dense NA
+# mask, on the CPU) computed in the same dtype, plus a small floor.
+TC_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+TC_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+TC_CASES = [
+    ((37,), (7,), (1,), (1,), (False,)),           # 1D, several query tiles
+    ((50,), (9,), (2,), (3,), (True,)),            # 1D causal, dilation, stride
+    ((13, 11), (5, 3), (1, 1), (2, 1), (False, False)),
+    ((16, 12), (4, 5), (2, 1), (1, 2), (True, False)),
+    ((20, 20), (7, 7), (1, 1), (1, 1), (True, True)),
+    ((6, 7, 8), (3, 3, 5), (1, 1, 1), (1, 2, 1), (False, True, False)),
+    ((5, 6, 9), (2, 3, 4), (2, 1, 3), (1, 1, 2), (False, False, False)),
+]
+
+
+def sm80():
+    return HAVE_GPU and torch.cuda.get_device_capability()[0] >= 8
+
+
+def tc_problem(case, rng, dim, dim_v, heads, heads_kv, with_rpb):
+    spatial, kernel, stride, dilation, causal = case
+    q, k, v = make_qkv(rng, 2, spatial, heads, heads_kv, dim, dim_v)
+    rpb = make_rpb(rng, heads, kernel) if with_rpb else None
+    return kernel, (q, k, v), rpb, dict(stride=stride, dilation=dilation, is_causal=causal)
+
+
+def check_tensor_core_forward(case, kernel, qkv, rpb, kw, dtype, scale=None):
+    rank = len(case[0])
+    q, k, v = (to_torch(x, dtype, "cuda") for x in qkv)
+    r = to_torch(rpb, dtype, "cuda")
+    out, lse = getattr(libna, f"na{rank}d")(q, k, v, kernel, rpb=r, scale=scale,
+                                            return_lse=True, **kw)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    rounded = [f64(x) for x in (q, k, v)]
+    rpb64 = None if r is None else f64(r)
+    ref, ref_lse = getattr(reference, f"na{rank}d")(*rounded, kernel, rpb=rpb64, scale=scale,
+                                                    return_lse=True, **kw)
+    full = lambda t: tuple(t) if isinstance(t, tuple) else (t,) * rank
+    dense_args = (kernel, full(kw["stride"]), full(kw["dilation"]), full(kw["is_causal"]))
+    dense, _ = dense_na(q.cpu(), k.cpu(), v.cpu(), *dense_args, scale=scale,
+                        rpb=None if r is None else r.cpu())
+    bound = 2 * max_err(dense, ref) + TC_FLOOR[dtype]
+    err = max_err(out, ref)
+    assert err <= bound, f"out: tensor-core error {err:.3g} > {bound:.3g}"
+    err_lse = max_err(lse, ref_lse)
+    assert err_lse <= 1e-4, f"lse: error {err_lse:.3g}"  # float32 statistics of rounded inputs
+
+
+@pytest.mark.skipif(not sm80(), reason="tensor cores need sm_80+")
+@pytest.mark.parametrize("dtype", TC_DTYPES.values(), ids=TC_DTYPES.keys())
+@pytest.mark.parametrize("dim", [32, 64, 128])
+@pytest.mark.parametrize("case", TC_CASES, ids=case_id)
+def test_tensor_core_forward(case, dim, dtype, rng):
+    with_rpb = not any(case[4]) and all(s == 1 for s in case[2])
+    kernel, qkv, rpb, kw = tc_problem(case, rng, dim, dim, 4, 2, with_rpb)
+    check_tensor_core_forward(case, kernel, qkv, rpb, kw, dtype)
+
+
+@pytest.mark.skipif(not sm80(), reason="tensor cores need sm_80+")
+@pytest.mark.parametrize("dtype", TC_DTYPES.values(), ids=TC_DTYPES.keys())
+@pytest.mark.parametrize("dim,dim_v,heads,heads_kv", [
+    (32, 32, 8, 1), (64, 16, 6, 3), (40, 72, 4, 2), (128, 96, 2, 2), (8, 128, 3, 1)])
+def test_tensor_core_head_dims_and_gqa(dim, dim_v, heads, heads_kv, dtype, rng):
+    """GQA, D_v != D, head dims that are not multiples of 8 (scalar loads)."""
+    case = ((11, 14), (5, 7), (1, 1), (2, 1), (False, False))
+    kernel, qkv, rpb, kw = tc_problem(case, rng, dim, dim_v, heads, heads_kv, True)
+    check_tensor_core_forward(case, kernel, qkv, rpb, kw, dtype, scale=0.2)
+
+
+@pytest.mark.skipif(not sm80(), reason="tensor cores need sm_80+")
+@pytest.mark.parametrize("case", [
+    ((1000,), (63,), (1,), (1,), (False,)),
+    ((2048,), (256,), (1,), (1,), (True,)),
+    ((64, 64), (13, 13), (1, 1), (1, 1), (False, False)),
+    ((48, 40), (9, 7), (3, 1), (2, 1), (False, True)),
+    ((16, 16, 16), (5, 5, 5), (1, 1, 1), (1, 1, 1), (False, False, False)),
+], ids=case_id)
+def test_tensor_core_large(case, rng):
+    """Many query blocks, many full (unmasked) and partial key tiles."""
+    kernel, qkv, rpb, kw = tc_problem(case, rng, 64, 64, 2, 1, False)
+    for dtype in TC_DTYPES.values():
+        check_tensor_core_forward(case, kernel, qkv, rpb, kw, dtype)
+
+
+def launched_kernels(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.key for e in prof.key_averages()]
+
+
+def test_tensor_core_dispatch(rng):
+    """float16/bfloat16 with head dims up to 128 run the tensor-core kernel on
+    sm_80+; float32, head dims above 128 and older GPUs run the SIMT one."""
+    def kernels(dtype, dim):
+        q, k, v = (to_torch(x, dtype, "cuda") for x in make_qkv(rng, 1, (20, 20), 2, 2, dim, dim))
+        return launched_kernels(lambda: libna.na2d(q, k, v, (5, 5)))
+
+    uses_tc = lambda names: any("tc_forward_kernel" in n for n in names)
+    for dtype in TC_DTYPES.values():
+        assert uses_tc(kernels(dtype, 64)) == sm80()
+        assert uses_tc(kernels(dtype, 128)) == sm80()
+        assert not uses_tc(kernels(dtype, 200))
+    assert not uses_tc(kernels(torch.float32, 64))
+
+
+@pytest.mark.skipif(not sm80(), reason="tensor cores need sm_80+")
+def test_tensor_core_strided_views_match_contiguous(rng):
+    """Strided and misaligned rows (scalar loads) give bitwise the results of
+    contiguous aligned ones (16-byte vector loads)."""
+    base = torch.from_numpy(rng.standard_normal((2, 4, 10, 12, 80))).half().cuda()
+    q = base.permute(0, 2, 3, 1, 4)[..., :64]
+    k = base.permute(0, 2, 3, 1, 4)[..., 4:68]    # rows start 8 bytes off 16-byte alignment
+    v = base.permute(0, 2, 3, 1, 4)[..., 16:80]
+    out, lse = libna.na2d(q, k, v, (3, 5), dilation=(2, 1), return_lse=True)
+    ref, ref_lse = libna.na2d(q.contiguous(), k.contiguous(), v.contiguous(), (3, 5),
+                              dilation=(2, 1), return_lse=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not sm80(), reason="tensor cores need sm_80+")
+@pytest.mark.parametrize("dtype", TC_DTYPES.values(), ids=TC_DTYPES.keys())
+@pytest.mark.parametrize("case", TC_CASES[1::2], ids=case_id)
+def test_tensor_core_forward_feeds_the_backward(case, dtype, rng):
+    """The SIMT backward consumes the tensor-core forward's out and lse: the
+    whole CUDA pipeline's gradients against the CPU pipeline's and float64."""
+    import libna.torch as lt
+
+    rank = len(case[0])
+    kernel, qkv, _, kw = tc_problem(case, rng, 64, 64, 4, 2, False)
+    dout = np.random.default_rng(3).standard_normal((*qkv[0].shape[:-1], 64))
+    grads = {}
+    for device in ("cuda", "cpu"):
+        q, k, v = (to_torch(x, dtype, device).requires_grad_() for x in qkv)
+        out = getattr(lt, f"na{rank}d")(q, k, v, kernel, **kw)
+        out.backward(to_torch(dout, dtype, device))
+        grads[device] = (q.grad, k.grad, v.grad)
+    rounded = [f64(to_torch(x, dtype, "cpu")) for x in qkv]
+    out64, lse64 = getattr(reference, f"na{rank}d")(*rounded, kernel, return_lse=True, **kw)
+    ref = getattr(reference, f"na{rank}d_backward")(
+        *rounded, out64, f64(to_torch(dout, dtype, "cpu")), lse64, kernel, **kw)
+    for name, g, c, r in zip(("dq", "dk", "dv"), grads["cuda"], grads["cpu"], ref):
+        assert_close(name, g, c, r, dtype)

@@ -1,7 +1,8 @@
-"""python -m libna.bench: time libna's CPU neighborhood attention against its peers.
+"""python -m libna.bench: time libna's neighborhood attention against its peers.
 
-Every method runs on the same inputs in the same run (CPU, PyTorch tensors in
-the heads-last layout [B, *spatial, heads, D]):
+Every method runs on the same inputs in the same run (on the CPU, or on the
+GPU with --device cuda; PyTorch tensors in the heads-last layout
+[B, *spatial, heads, D]):
 
   libna        libna.naNd (fused forward) and libna.naNd_backward
   gather       plain PyTorch: index_select of the prod(k) neighbours of every
@@ -16,6 +17,9 @@ the heads-last layout [B, *spatial, heads, D]):
                for speed/memory context; zero-padded to a multiple of the
                window); checked against libna run inside each window
   natten       NATTEN's naNd, when `import natten` works (skipped otherwise)
+  flex         torch.nn.attention.flex_attention, torch.compile'd, with a
+               block mask built from the NA rule (--device cuda only: its
+               fused kernels are the GPU peer); backward by autograd
 
 Before timing, every method's output (and gradients) is compared with
 libna's, and libna's with the float64 NumPy reference (libna.reference) when
@@ -69,8 +73,9 @@ import numpy as np
 import libna
 from libna import reference
 
-ALL_METHODS = ("libna", "gather", "sdpa-mask", "sdpa-full", "swin", "natten")
-SAME_OPERATOR = {"libna", "gather", "sdpa-mask", "natten"}
+ALL_METHODS = ("libna", "gather", "sdpa-mask", "sdpa-full", "swin", "natten", "flex")
+SAME_OPERATOR = {"libna", "gather", "sdpa-mask", "natten", "flex"}
+CUDA_ONLY = {"flex": "CUDA only (python -m libna.bench --device cuda)"}
 DEFAULTS = {  # rank: (size, kernel)
     1: (3136, 49),
     2: (56, 7),
@@ -361,8 +366,47 @@ class NattenMethod(Method):
         return self.fn(q, k, v, kernel_size=self.p.kernel)
 
 
+def na_mask_mod(p: Problem):
+    """A flex_attention mask_mod of the NA rule: per axis, key coordinate in
+    [start(query coordinate), start + kernel). O(extent) tables, no N x N mask."""
+    import torch
+    starts = [torch.from_numpy(axis_windows(length, kernel)[:, 0]).to(p.device)
+              for length, kernel in zip(p.spatial, p.kernel)]
+    strides = [math.prod(p.spatial[a + 1:]) for a in range(p.rank)]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = None
+        for start, stride, length, kernel in zip(starts, strides, p.spatial, p.kernel):
+            qa = (q_idx // stride) % length
+            ka = (kv_idx // stride) % length
+            first = start[qa]
+            axis = (first <= ka) & (ka < first + kernel)
+            keep = axis if keep is None else keep & axis
+        return keep
+    return mask_mod
+
+
+class FlexMethod(Method):
+    name = "flex"
+    note = "torch flex_attention (compiled), NA block mask"
+    compile = True  # the tests run it eagerly on tiny CPU problems
+
+    def setup(self):
+        import torch
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        p = self.p
+        self.block_mask = create_block_mask(na_mask_mod(p), None, None, p.positions,
+                                            p.positions, device=p.device)
+        self.fn = torch.compile(flex_attention, dynamic=False) if self.compile else flex_attention
+
+    def forward(self, q, k, v):
+        p = self.p
+        out = self.fn(_to_sdpa(q, p), _to_sdpa(k, p), _to_sdpa(v, p), block_mask=self.block_mask)
+        return _from_sdpa(out, p)
+
+
 METHOD_CLASSES = {c.name: c for c in (LibnaMethod, GatherMethod, SdpaMaskMethod,
-                                      SdpaFullMethod, SwinMethod, NattenMethod)}
+                                      SdpaFullMethod, SwinMethod, NattenMethod, FlexMethod)}
 
 
 def natten_available():
@@ -674,6 +718,9 @@ def run_table(args, p: Problem) -> int:
     have_natten, natten_note = natten_available()
     if "natten" in methods and not have_natten:
         skipped["natten"] = natten_note
+    for name, why in CUDA_ONLY.items():
+        if name in methods and p.device != "cuda":
+            skipped[name] = why
     q, k, v, dout = make_inputs(p)
     backward = args.backward
 
@@ -865,7 +912,7 @@ def run_sweep(args) -> int:
           f"time(s), each point keeps its best; peers skipped "
           f"beyond ~{args.sweep_budget:g} s per point or half the available memory",
           flush=True)
-    methods = [m for m in args.methods if m in ALL_METHODS]
+    methods = [m for m in args.methods if m in ALL_METHODS and m not in CUDA_ONLY]
     notes = []
     if "natten" in methods:
         ok, why = natten_available()

@@ -1,7 +1,8 @@
 // Host test of the CUDA kernels' tile scheduling (libna/tiling.h): runs the
 // very functions the kernels call, slot by slot as the threads of a block
 // would, over a grid of ranks, extents, odd/even kernels, strides,
-// dilations and per-axis causal flags, for every head-dim bucket, and proves
+// dilations and per-axis causal flags, for every head-dim bucket and block
+// shape (SIMT forward, dq, dk/dv; tensor-core forward), and proves
 //   - every (query, key) pair a kernel keeps is in the reference
 //     neighbourhood (axis_window), and every reference pair is kept exactly
 //     once: by the forward and dq kernels (blocks own queries) and by the
@@ -15,6 +16,8 @@
 #include <libna/tiling.h>
 #include <libna/window.h>
 
+#include "check.h"
+
 #include <cstdint>
 #include <cstdio>
 #include <string>
@@ -26,17 +29,7 @@ using i64 = std::int64_t;
 using libna::AxisParams;
 namespace tl = libna::tiling;
 
-i64 g_passed = 0, g_failed = 0;
-std::string g_case;
-
-void report(bool ok, const char* what, int line) {
-  if (ok) {
-    ++g_passed;
-  } else if (++g_failed <= 30) {
-    std::printf("FAILED line %d: %s [%s]\n", line, what, g_case.c_str());
-  }
-}
-#define CHECK(cond) report(static_cast<bool>(cond), #cond, __LINE__)
+using namespace libna_test;
 
 struct Case {
   int rank;
@@ -260,6 +253,9 @@ void run_case(int rank, const AxisParams* axes, i64* cases) {
     run_schedule(c, ref, tl::forward_queries(bucket), tl::forward_keys(bucket), true);
     run_schedule(c, ref, tl::dq_queries(bucket), tl::forward_keys(bucket), true);
     run_schedule(c, ref, tl::backward_keys(bucket), tl::backward_queries(bucket), false);
+    if (bucket <= tl::kTcMaxHeadDim) {  // the tensor-core forward
+      run_schedule(c, ref, tl::tc_forward_queries(), tl::tc_forward_keys(bucket), true);
+    }
   }
   run_unfused(c, ref);
   ++*cases;

@@ -90,6 +90,14 @@ LIBNA_HOST_DEVICE constexpr int backward_queries(int bucket) {
   return 4096 / bucket < 64 ? 4096 / bucket : 64;
 }
 
+// The tensor-core forward (float16/bfloat16 on sm_80+, buckets up to
+// kTcMaxHeadDim): each of the kThreads / 32 warps owns 16 query rows (one
+// m16 tile), and key tiles of 64 keys are the n extent of S = Q K^T and the
+// k extent of O = P V.
+inline constexpr int kTcMaxHeadDim = 128;
+LIBNA_HOST_DEVICE constexpr int tc_forward_queries() { return kThreads / 32 * 16; }
+LIBNA_HOST_DEVICE constexpr int tc_forward_keys(int /*bucket*/) { return 64; }
+
 struct TileAxis {
   AxisParams p;
   int group_len;  // length of the longest dilation group: ceil(length / dilation)

@@ -1,0 +1,346 @@
+// Tensor-core fused forward for float16 and bfloat16 on sm_80+:
+// mma.sync.aligned.m16n8k16 with float32 accumulators, an online softmax in
+// registers (FlashAttention-2 style), and lse in the SIMT kernel's meaning
+// (natural log of the sum of exp(logit)), so the SIMT backward consumes it
+// unchanged.
+//
+// The tile schedule is the SIMT kernels' (tiling.h): a block owns a
+// multi-dimensional tile of 64 queries of one dilation group, four warps of
+// 16 query rows each, and visits the key tiles (64 slots) of the union of
+// their neighbourhoods; unreachable tiles are never visited, and only tiles
+// that make_tile does not mark "full" test each (query, key) pair.
+// Per key tile: K and V go to shared memory as padded [key][dim] rows;
+// S = Q K^T (Q in A fragments, K through ldmatrix), scale, rpb and mask in
+// float32, online softmax, P (from S's accumulators, never stored) times V
+// (ldmatrix.trans). Every fragment index comes from libna/mma_layout.h,
+// which tests/cpp/test_mma_layout.cpp checks on a simulated warp.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "fused.cuh"
+#include "libna/mma_layout.h"
+
+namespace libna::cuda_impl {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Two elements in one 32-bit register, `lo` in the low half.
+template <typename T>
+__device__ __forceinline__ std::uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 x = __floats2half2_rn(lo, hi);
+    return reinterpret_cast<const std::uint32_t&>(x);
+  } else {
+    const __nv_bfloat162 x = __floats2bfloat162_rn(lo, hi);
+    return reinterpret_cast<const std::uint32_t&>(x);
+  }
+}
+
+// d += a b for one m16n8k16 tile (fragments as in mma_layout.h).
+template <typename T>
+__device__ __forceinline__ void mma_16816(float* d, const std::uint32_t* a,
+                                          const std::uint32_t* b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#endif
+}
+
+// ldmatrix.m8n8.x4 (.trans when Trans) from the shared-memory row `row`.
+template <bool Trans>
+__device__ __forceinline__ void ldmatrix_x4(std::uint32_t* r, const void* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  if constexpr (Trans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address)
+                 : "memory");
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address)
+                 : "memory");
+  }
+#endif
+}
+
+// Max and sum over the four lanes of a quad (one C fragment row).
+__device__ __forceinline__ float quad_max(float x) {
+  #pragma unroll
+  for (int step = 0; step < mma::kQuadSteps; ++step) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, mma::quad_offset(step)));
+  }
+  return x;
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  #pragma unroll
+  for (int step = 0; step < mma::kQuadSteps; ++step) {
+    x += __shfl_xor_sync(0xffffffffu, x, mma::quad_offset(step));
+  }
+  return x;
+}
+
+// Which of K and V rows may be read as 16-byte vectors: unit head-dim
+// stride, a head dim that is a multiple of 8, and 16-byte aligned rows.
+enum : unsigned { kVectorK = 1, kVectorV = 2 };
+
+inline bool rows_are_16_byte_aligned(const View& v, int dim, std::size_t element) {
+  const std::int64_t align = 16 / static_cast<std::int64_t>(element);
+  bool ok = v.d == 1 && dim % align == 0 && reinterpret_cast<std::uintptr_t>(v.data) % 16 == 0 &&
+            v.b % align == 0 && v.h % align == 0;
+  for (int a = 0; a < kAxes; ++a) ok = ok && v.s[a] % align == 0;
+  return ok;
+}
+
+// Eight elements d0 .. d0 + 7 of a row (zero past `dim`).
+template <typename T>
+__device__ __forceinline__ uint4 load_8(const View& v, std::int64_t row, int d0, int dim,
+                                        bool vector) {
+  if (vector) {
+    return d0 < dim ? *reinterpret_cast<const uint4*>(static_cast<const T*>(v.data) + row + d0)
+                    : uint4{0u, 0u, 0u, 0u};
+  }
+  std::uint32_t x[4];
+  #pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int d = d0 + 2 * i;
+    x[i] = pack2<T>(d < dim ? load<T>(v.data, row + d * v.d) : 0.f,
+                    d + 1 < dim ? load<T>(v.data, row + (d + 1) * v.d) : 0.f);
+  }
+  return uint4{x[0], x[1], x[2], x[3]};
+}
+
+template <typename T, int Bucket, int Keys>
+struct TcKeyTile {
+  alignas(16) T k[Keys * mma::smem_row_stride(Bucket)];
+  alignas(16) T v[Keys * mma::smem_row_stride(Bucket)];
+  int pos[Keys][kAxes];
+  bool valid[Keys];
+};
+
+// Loads key tile `tile` of kv head `hk` (the whole block takes part).
+template <typename T, int Bucket, int Keys>
+__device__ void load_tc_key_tile(const FusedParams& p, const tiling::Block& blk,
+                                 const tiling::Tile& tile, std::int64_t b, int hk,
+                                 unsigned vector_loads, TcKeyTile<T, Bucket, Keys>& kt) {
+  load_key_slots<Keys>(p, tile, kt.pos, kt.valid);
+  constexpr int kPieces = Bucket / 8;  // 16-byte pieces per row
+  for (int e = threadIdx.x; e < Keys * kPieces; e += tiling::kThreads) {
+    const int j = e / kPieces, d0 = (e % kPieces) * 8;
+    uint4 kx{0u, 0u, 0u, 0u}, vx{0u, 0u, 0u, 0u};
+    if (kt.valid[j]) {
+      std::int64_t c[kAxes];
+      #pragma unroll
+      for (int a = 0; a < kAxes; ++a) {
+        c[a] = tiling::full_index(blk.group[a], kt.pos[j][a], p.plan.axis[a].p);
+      }
+      kx = load_8<T>(p.k, p.k.row(b, c, hk), d0, p.dim, vector_loads & kVectorK);
+      vx = load_8<T>(p.v, p.v.row(b, c, hk), d0, p.dim_v, vector_loads & kVectorV);
+    }
+    *reinterpret_cast<uint4*>(&kt.k[mma::smem_offset(j, d0, Bucket)]) = kx;
+    *reinterpret_cast<uint4*>(&kt.v[mma::smem_offset(j, d0, Bucket)]) = vx;
+  }
+  __syncthreads();
+}
+
+template <typename T, int Bucket>
+__global__ void __launch_bounds__(tiling::kThreads, 1)
+    tc_forward_kernel(const FusedParams p, const unsigned vector_loads) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  constexpr int kKeys = tiling::tc_forward_keys(Bucket);
+  constexpr int kDimChunks = Bucket / mma::kK;  // k steps of Q K^T
+  constexpr int kKeyChunks = kKeys / mma::kK;   // k steps of P V
+  constexpr int kKeyTiles = kKeys / mma::kN;    // n tiles of S
+  constexpr int kDimTiles = Bucket / mma::kN;   // n tiles of O
+  static_assert(tiling::tc_forward_queries() == tiling::kThreads / mma::kWarpSize * mma::kM);
+  __shared__ TcKeyTile<T, Bucket, kKeys> kt;
+
+  const tiling::Block blk = tiling::make_block(p.plan, blockIdx.x);
+  if (blk.empty) return;
+  const int h = blockIdx.y;
+  const std::int64_t b = blockIdx.z;
+  const int hk = h / (p.heads / p.heads_kv);
+  const int lane = threadIdx.x % mma::kWarpSize;
+  const int warp = threadIdx.x / mma::kWarpSize;
+
+  // The thread's two rows of its warp's 16 (C fragment halves 0 and 1).
+  OwnedQuery rows[2];
+  std::int64_t q_row[2];
+  #pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    rows[r].init(p.plan, blk, mma::query_slot(warp, lane, r));
+    q_row[r] = p.q.row(b, rows[r].coord, h);
+  }
+  std::uint32_t q_frag[kDimChunks][4];
+  #pragma unroll
+  for (int c = 0; c < kDimChunks; ++c) {
+    #pragma unroll
+    for (int reg = 0; reg < 4; ++reg) {
+      float x[2];
+      #pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const mma::Cell cell = mma::a_cell(lane, 2 * reg + half);
+        const int r = cell.row >> 3, d = mma::kK * c + cell.col;
+        x[half] = rows[r].valid && d < p.dim ? load<T>(p.q.data, q_row[r] + d * p.q.d) : 0.f;
+      }
+      q_frag[c][reg] = pack2<T>(x[0], x[1]);
+    }
+  }
+
+  float o[kDimTiles][4];
+  #pragma unroll
+  for (int n = 0; n < kDimTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.f, 0.f};  // log2 units
+  const float scale_log2 = p.scale * kLog2e;
+
+  for (int t = 0; t < blk.num_tiles; ++t) {
+    const tiling::Tile tile = tiling::make_tile(p.plan, blk, t);
+    load_tc_key_tile<T, Bucket, kKeys>(p, blk, tile, b, hk, vector_loads, kt);
+
+    float s[kKeyTiles][4];
+    #pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    #pragma unroll
+    for (int c = 0; c < kDimChunks; ++c) {
+      #pragma unroll
+      for (int pair = 0; pair < kKeyTiles / 2; ++pair) {
+        const mma::Cell cell = mma::k_ldmatrix_cell(lane, pair, c);
+        std::uint32_t k_frag[4];
+        ldmatrix_x4<false>(k_frag, &kt.k[mma::smem_offset(cell.row, cell.col, Bucket)]);
+        mma_16816<T>(s[2 * pair], q_frag[c], k_frag);
+        mma_16816<T>(s[2 * pair + 1], q_frag[c], k_frag + 2);
+      }
+    }
+
+    // Logits in log2 units; pairs outside the neighbourhood are -inf.
+    float tile_max[2] = {kNegInf, kNegInf};
+    #pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n) {
+      #pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = mma::c_half(i), key = mma::kN * n + mma::c_cell(lane, i).col;
+        const OwnedQuery& q = rows[r];
+        const bool keep = q.valid && kt.valid[key] && (tile.full || q.sees(kt.pos[key]));
+        float x = s[n][i] * scale_log2;
+        if (keep && p.rpb.data) x += bias_at<T>(p, h, q.pos, kt.pos[key]) * kLog2e;
+        s[n][i] = keep ? x : kNegInf;
+        tile_max[r] = fmaxf(tile_max[r], s[n][i]);
+      }
+    }
+    float base[2];
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float new_max = fmaxf(row_max[r], quad_max(tile_max[r]));
+      base[r] = new_max == kNegInf ? 0.f : new_max;  // a row with no key yet stays at zero
+      const float correction = exp2f(row_max[r] - base[r]);
+      row_sum[r] *= correction;
+      row_max[r] = new_max;
+      #pragma unroll
+      for (int n = 0; n < kDimTiles; ++n) {
+        o[n][2 * r] *= correction;
+        o[n][2 * r + 1] *= correction;
+      }
+    }
+    #pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n) {
+      #pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        s[n][i] = exp2f(s[n][i] - base[mma::c_half(i)]);
+        row_sum[mma::c_half(i)] += s[n][i];  // this lane's part; summed over the quad at the end
+      }
+    }
+
+    #pragma unroll
+    for (int c = 0; c < kKeyChunks; ++c) {
+      std::uint32_t p_frag[4];
+      #pragma unroll
+      for (int reg = 0; reg < 4; ++reg) {
+        const mma::Source lo = mma::p_source(c, 2 * reg), hi = mma::p_source(c, 2 * reg + 1);
+        p_frag[reg] = pack2<T>(s[lo.tile][lo.index], s[hi.tile][hi.index]);
+      }
+      #pragma unroll
+      for (int pair = 0; pair < kDimTiles / 2; ++pair) {
+        const mma::Cell cell = mma::v_ldmatrix_cell(lane, c, pair);
+        std::uint32_t v_frag[4];
+        ldmatrix_x4<true>(v_frag, &kt.v[mma::smem_offset(cell.row, cell.col, Bucket)]);
+        mma_16816<T>(o[2 * pair], p_frag, v_frag);
+        mma_16816<T>(o[2 * pair + 1], p_frag, v_frag + 2);
+      }
+    }
+    __syncthreads();  // the next tile overwrites kt
+  }
+
+  #pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float sum = quad_sum(row_sum[r]);
+    if (!rows[r].valid) continue;
+    const float inv_sum = 1.f / sum;
+    const std::int64_t out_row = p.out.row(b, rows[r].coord, h);
+    #pragma unroll
+    for (int n = 0; n < kDimTiles; ++n) {
+      #pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int d = mma::kN * n + mma::c_cell(lane, 2 * r + j).col;
+        if (d < p.dim_v) store<T>(p.out.data, out_row + d * p.out.d, o[n][2 * r + j] * inv_sum);
+      }
+    }
+    if (p.lse.data && mma::thread_in_group(lane) == 0) {
+      static_cast<float*>(p.lse.data)[p.lse.row(b, rows[r].coord, h)] =
+          (row_max[r] + log2f(sum)) * kLn2;
+    }
+  }
+#else
+  (void)p;
+  (void)vector_loads;
+#endif
+}
+
+template <typename T, int Bucket>
+bool tc_forward_bucket(const FusedParams& params, std::int64_t batch, cudaStream_t stream) {
+  // The code that would run on this device: tensor cores need sm_80 code.
+  cudaFuncAttributes attributes{};
+  if (cudaFuncGetAttributes(&attributes, tc_forward_kernel<T, Bucket>) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  if (attributes.binaryVersion < 80) return false;
+  const FusedParams p = with_plan(params, tiling::tc_forward_queries(),
+                                  tiling::tc_forward_keys(Bucket), true);
+  const unsigned vector_loads =
+      (rows_are_16_byte_aligned(p.k, p.dim, sizeof(T)) ? kVectorK : 0u) |
+      (rows_are_16_byte_aligned(p.v, p.dim_v, sizeof(T)) ? kVectorV : 0u);
+  tc_forward_kernel<T, Bucket><<<fused_grid(p, p.heads, batch, "na_forward"), tiling::kThreads,
+                                 0, stream>>>(p, vector_loads);
+  return true;
+}
+
+template <typename T>
+bool launch_tc_forward(const FusedParams& p, int bucket, std::int64_t batch,
+                       cudaStream_t stream) {
+  if (bucket > tiling::kTcMaxHeadDim) return false;
+  bool launched = false;
+  dispatch_bucket(bucket, [&](auto b) {
+    constexpr int kBucket = decltype(b)::value;
+    if constexpr (kBucket <= tiling::kTcMaxHeadDim) {
+      launched = tc_forward_bucket<T, kBucket>(p, batch, stream);
+    }
+  });
+  return launched;
+}
+
+}  // namespace libna::cuda_impl
