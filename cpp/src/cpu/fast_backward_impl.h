@@ -86,77 +86,114 @@ void query_rows_of(const Geometry<Rank>& g, const Tables<Rank>& tables, const st
       bias_strides, out);
 }
 
+// The most query rows (positions of the leading axes) that see one key row.
+template <int Rank>
+std::int64_t inverse_window_rows(const Tables<Rank>& tables) {
+  std::int64_t n = 1;
+  for (int a = 0; a < Rank - 1; ++a) {
+    const auto& count = tables.axis[a].query_count;
+    n *= std::max<std::int64_t>(1, *std::max_element(count.begin(), count.end()));
+  }
+  return n;
+}
+
 template <int Rank, typename T>
 struct Backward : LaneKernel<Rank, T> {
   using Base = LaneKernel<Rank, T>;
   using Base::g;
-  using Base::k;
   using Base::layout;
-  using Base::v;
   const detail::BackwardArgs& args;
   const Tables<Rank>& tables;
-  const PackedTensor<Rank, T>&q_scaled, &dout;  // q times the softmax scale
-  float* lse;                     // [b][h][row][col]
-  float* delta;                   // D_i = dout_i . out_i, [b][h][row][col]
+  const PackSource<Rank, T> k, v, q_scaled, dout;  // q times the softmax scale
+  float* lse = nullptr;    // [b][h][row][col], set before the passes
+  float* delta = nullptr;  // D_i = dout_i . out_i, [b][h][row][col]
+  // The most query rows that see one key row (the inverse neighbourhood is
+  // wider than the kernel near borders), times the query heads of a kv head:
+  // the rows a key-pass item reads.
+  const std::int64_t key_window_rows;
+  // Both passes read windows of dim + dim_v channels (k and v; q and dout).
+  const ColumnTiles query_tiles, key_tiles;
+  const TileColumns query_columns, key_columns;
 
   struct Scratch {
     std::vector<float> probs, dlogits;  // [row][window position][lane]
     std::vector<float> acc, acc_k, acc_v;
     RowList rows_list;
     std::vector<const float*> ptrs_a, ptrs_b;
+    // Query pass: a = q (own), k (window); b = dout (own), v (window).
+    // Key pass: a = k (own), q (window); b = v (own), dout (window); the
+    // window bases run over the heads of the kv head, then the rows.
+    RowCaches rows;
   };
 
   Backward(const detail::BackwardArgs& a, const Geometry<Rank>& geometry,
-           const ColumnLayout& columns, const Tables<Rank>& t,
-           const PackedTensor<Rank, T>& packed_k, const PackedTensor<Rank, T>& packed_v,
-           const PackedTensor<Rank, T>& packed_q, const PackedTensor<Rank, T>& packed_dout,
-           float* lse_buffer, float* delta_buffer)
-      : Base(geometry, columns, packed_k, packed_v, a.params, a.rpb, a.scale), args(a),
-        tables(t), q_scaled(packed_q), dout(packed_dout), lse(lse_buffer), delta(delta_buffer) {}
+           const ColumnLayout& columns, const Tables<Rank>& t)
+      : Base(geometry, columns, a.k, a.v, a.params, a.rpb, a.scale), args(a), tables(t),
+        k(a.k, geometry, columns, 1.0f), v(a.v, geometry, columns, 1.0f),
+        q_scaled(a.q, geometry, columns, static_cast<float>(a.scale)),
+        dout(a.dout, geometry, columns, 1.0f),
+        key_window_rows(inverse_window_rows(t) * this->heads_per_kv),
+        query_tiles(columns, geometry.window_rows(), this->k_dim + this->v_dim),
+        key_tiles(columns, key_window_rows, this->k_dim + this->v_dim),
+        query_columns(*this, query_tiles,
+                      [&](std::int64_t grp, std::int64_t i0, std::int64_t lanes) {
+                        return query_lanes(this->last(), columns.group_len[grp], i0, lanes);
+                      }),
+        key_columns(*this, key_tiles, [&](std::int64_t grp, std::int64_t i0, std::int64_t lanes) {
+          return key_lanes(t.axis[Rank - 1], grp, this->last().dilation, i0, lanes);
+        }) {}
+
+  void start_query_pass(Scratch& s) const {
+    s.rows.reset(g.window_rows(), this->k_dim, this->v_dim, layout.width);
+  }
+  void start_key_pass(Scratch& s) const {
+    s.rows.reset(key_window_rows, this->k_dim, this->v_dim, layout.width);
+  }
 
   std::int64_t scalar_row(std::int64_t b, std::int64_t h, std::int64_t row) const {
     return ((b * g.heads + h) * layout.rows + row) * layout.width;
   }
 
   // ---- query pass --------------------------------------------------------
-  LIBNA_SIMD_TARGET void query_row(std::int64_t b, std::int64_t h, std::int64_t row,
-                                   const BlockRange& tile, float* bias_grad, Scratch& s) const {
+  LIBNA_SIMD_TARGET void query_row(const TiledRow& at, float* bias_grad, Scratch& s) const {
     std::int64_t c[Rank];
-    row_coords<Rank>(g, row, c);
+    row_coords<Rank>(g, at.row, c);
     key_rows_of<Rank>(g, c, this->bias_strides, s.rows_list);
-    q_scaled.ensure(b, h, row);
-    dout.ensure(b, h, row);
-    this->ensure_rows(k, b, h / this->heads_per_kv, s.rows_list);
-    this->ensure_rows(v, b, h / this->heads_per_kv, s.rows_list);
-    this->for_query_blocks(tile, [&](std::int64_t grp, const LaneWindows& w) {
-      query_block(b, h, row, c, grp, w, bias_grad, s);
+    const std::int64_t hk = at.h / this->heads_per_kv, t = at.tile_index;
+    RowCaches& rows = s.rows;
+    rows.next_item();
+    rows.load_window(k, v, at.b, hk, s.rows_list, t, query_columns.window[t]);
+    const float* q_row = rows.own_a.get(q_scaled, at.b, at.h, at.row, t, query_columns.own[t]);
+    const float* dout_row = rows.own_b.get(dout, at.b, at.h, at.row, t, query_columns.own[t]);
+    this->for_query_blocks(at.tile, [&](std::int64_t grp, const LaneWindows& w) {
+      query_block(at.b, at.h, at.row, q_row, dout_row, c, grp, w, bias_grad, s);
     });
   }
 
   LIBNA_SIMD_TARGET void query_block(std::int64_t b, std::int64_t h, std::int64_t row,
-                                     std::int64_t* c, std::int64_t grp, const LaneWindows& w,
-                                     float* bias_grad, Scratch& s) const {
-    const std::int64_t dim = k.dim, dim_v = v.dim, n_rows = s.rows_list.size;
+                                     const float* q_row, const float* dout_row, std::int64_t* c,
+                                     std::int64_t grp, const LaneWindows& w, float* bias_grad,
+                                     Scratch& s) const {
+    const std::int64_t dim = this->k_dim, dim_v = this->v_dim, n_rows = s.rows_list.size;
     const std::int64_t entries = n_rows * w.window, width = layout.width;
-    const std::int64_t hk = h / this->heads_per_kv;
     // Lanes of the packed q (times scale) and dout; lse and D from the
     // row terms (zero beyond the lanes).
     const std::int64_t col0 = layout.group_base[grp] + w.i0;
-    const float* q_lanes = this->lanes_at(q_scaled, b, h, row, grp, w);
-    const float* dout_lanes = this->lanes_at(dout, b, h, row, grp, w);
+    const float* q_lanes = this->lanes_at(q_row, grp, w);
+    const float* dout_lanes = this->lanes_at(dout_row, grp, w);
     const f32x8 lse_v = simd::load(lse + scalar_row(b, h, row) + col0);
     const f32x8 delta_v = simd::load(delta + scalar_row(b, h, row) + col0);
 
     // P, then dP, then dS = P (dP - D).
     s.probs.resize(entries * kLanes);
     s.dlogits.resize(entries * kLanes);
-    this->window_rows(k, b, hk, grp, w, s.rows_list, s.ptrs_b);
+    this->window_rows(s.rows.bases_a, grp, w, s.ptrs_b);
     this->logits(q_lanes, width, h, w, s.rows_list, s.ptrs_b.data(), s.probs.data());
     for (std::int64_t e = 0; e < entries; ++e) {
       simd::store(s.probs.data() + e * kLanes,
                   simd::exp_nonpositive(simd::load(s.probs.data() + e * kLanes) - lse_v));
     }
-    this->window_rows(v, b, hk, grp, w, s.rows_list, s.ptrs_a);
+    this->window_rows(s.rows.bases_b, grp, w, s.ptrs_a);
     qk_rows(dout_lanes, width, s.ptrs_a.data(), n_rows, width, dim_v, w.window,
             s.dlogits.data());
     for (std::int64_t e = 0; e < entries; ++e) {
@@ -178,31 +215,34 @@ struct Backward : LaneKernel<Rank, T> {
   }
 
   // ---- key pass ----------------------------------------------------------
-  LIBNA_SIMD_TARGET void key_row(std::int64_t b, std::int64_t hk, std::int64_t row,
-                                 const BlockRange& tile, Scratch& s) const {
+  // (at.h is the kv head.)
+  LIBNA_SIMD_TARGET void key_row(const TiledRow& at, Scratch& s) const {
     std::int64_t c[Rank];
-    row_coords<Rank>(g, row, c);
+    row_coords<Rank>(g, at.row, c);
     query_rows_of<Rank>(g, tables, c, this->bias_strides, s.rows_list);
-    k.ensure(b, hk, row);
-    v.ensure(b, hk, row);
-    for (std::int64_t h = hk * this->heads_per_kv; h < (hk + 1) * this->heads_per_kv; ++h) {
-      this->ensure_rows(q_scaled, b, h, s.rows_list);
-      this->ensure_rows(dout, b, h, s.rows_list);
+    const std::int64_t t = at.tile_index;
+    RowCaches& rows = s.rows;
+    rows.next_item();
+    for (std::int64_t i = 0; i < this->heads_per_kv; ++i) {
+      rows.load_window(q_scaled, dout, at.b, at.h * this->heads_per_kv + i, s.rows_list, t,
+                       key_columns.window[t], i);
     }
-    for_key_blocks(*this, tables, tile, [&](std::int64_t grp, const LaneWindows& w) {
-      key_block(b, hk, row, c, grp, w, s);
+    const float* k_row = rows.own_a.get(k, at.b, at.h, at.row, t, key_columns.own[t]);
+    const float* v_row = rows.own_b.get(v, at.b, at.h, at.row, t, key_columns.own[t]);
+    for_key_blocks(*this, tables, at.tile, [&](std::int64_t grp, const LaneWindows& w) {
+      key_block(at.b, at.h, k_row, v_row, c, grp, w, s);
     });
   }
 
-  LIBNA_SIMD_TARGET void key_block(std::int64_t b, std::int64_t hk, std::int64_t row,
-                                   std::int64_t* c, std::int64_t grp, const LaneWindows& w,
-                                   Scratch& s) const {
-    const std::int64_t dim = k.dim, dim_v = v.dim, n_rows = s.rows_list.size;
+  LIBNA_SIMD_TARGET void key_block(std::int64_t b, std::int64_t hk, const float* k_row,
+                                   const float* v_row, std::int64_t* c, std::int64_t grp,
+                                   const LaneWindows& w, Scratch& s) const {
+    const std::int64_t dim = this->k_dim, dim_v = this->v_dim, n_rows = s.rows_list.size;
     const std::int64_t entries = n_rows * w.window, width = layout.width;
     const std::int64_t base = layout.group_base[grp], kernel = this->last().kernel;
     const std::int64_t step = this->bias_strides[Rank];
-    const float* k_lanes = this->lanes_at(k, b, hk, row, grp, w);
-    const float* v_lanes = this->lanes_at(v, b, hk, row, grp, w);
+    const float* k_lanes = this->lanes_at(k_row, grp, w);
+    const float* v_lanes = this->lanes_at(v_row, grp, w);
     s.acc_k.assign(dim * kLanes, 0.0f);
     s.acc_v.assign(dim_v * kLanes, 0.0f);
     s.probs.resize(entries * kLanes);
@@ -211,10 +251,10 @@ struct Backward : LaneKernel<Rank, T> {
     s.ptrs_b.resize(n_rows);
 
     for (std::int64_t h = hk * this->heads_per_kv; h < (hk + 1) * this->heads_per_kv; ++h) {
+      const std::int64_t i = h - hk * this->heads_per_kv;
       for (std::int64_t r = 0; r < n_rows; ++r) {
-        const std::int64_t query_row = s.rows_list.rows[r];
-        s.ptrs_a[r] = dout.row(b, h, query_row) + base + w.first;
-        s.ptrs_b[r] = q_scaled.row(b, h, query_row) + base + w.first;
+        s.ptrs_a[r] = s.rows.bases_b[i * n_rows + r] + base + w.first;  // dout
+        s.ptrs_b[r] = s.rows.bases_a[i * n_rows + r] + base + w.first;  // q
       }
       qk_rows(k_lanes, width, s.ptrs_b.data(), n_rows, width, dim, w.window, s.probs.data());
       qk_rows(v_lanes, width, s.ptrs_a.data(), n_rows, width, dim_v, w.window,
@@ -316,67 +356,42 @@ void na_backward(const detail::BackwardArgs& args) {
   const ColumnLayout layout(g);
   const Tables<Rank> tables(g, args.params);
   const std::int64_t heads = g.heads, heads_kv = args.k.shape[Rank + 1];
-  const std::int64_t dim = args.q.shape[Rank + 2], dim_v = args.v.shape[Rank + 2];
   const std::int64_t lanes_size = layout.packed_size(g.batch, heads, 1);
   const BiasBuffer<Rank, float> bias_layout(args.params, heads);
   const std::int64_t bias_head = args.rpb ? bias_layout.strides[0] : 0;
-  // Both passes read windows of dim + dim_v channels (k and v; q and dout).
-  const ColumnTiles query_tiles(layout, g.window_rows(), dim + dim_v);
-  const ColumnTiles key_tiles(layout, g.window_rows() * (heads / heads_kv), dim + dim_v);
-  const std::int64_t query_items = g.batch * heads * query_tiles.count * layout.rows;
-  const std::int64_t sizes[] = {layout.packed_size(g.batch, heads_kv, dim),
-                                layout.packed_size(g.batch, heads_kv, dim_v),
-                                layout.packed_size(g.batch, heads, dim),
-                                layout.packed_size(g.batch, heads, dim_v),
-                                lanes_size,
-                                lanes_size,
-                                query_items * bias_head};
-  std::int64_t total = 0;
-  for (std::int64_t size : sizes) total += size;
-  float* buffer = workspace(total);
-  float* next = buffer;
-  const auto carve = [&](std::int64_t size) {
-    float* p = next;
-    next += size;
-    return p;
-  };
-  // Rows are packed by the threads that use them first (query_row, key_row).
-  const PackedTensor<Rank, T> k(args.k, g, layout, 1.0f, carve(sizes[0]));
-  const PackedTensor<Rank, T> v(args.v, g, layout, 1.0f, carve(sizes[1]));
-  const PackedTensor<Rank, T> q(args.q, g, layout, static_cast<float>(args.scale),
-                                carve(sizes[2]));
-  const PackedTensor<Rank, T> dout(args.dout, g, layout, 1.0f, carve(sizes[3]));
-  // lse and D in the packed layout; the key pass reads their padding too.
-  float* lse = carve(sizes[4]);
-  float* delta = carve(sizes[5]);
-  std::fill(lse, lse + 2 * lanes_size, 0.0f);
-  store_row_terms<Rank, T>(args, g, layout, lse, delta);
-  float* bias_partials = carve(sizes[6]);
-  const Backward<Rank, T> bwd(args, g, layout, tables, k, v, q, dout, lse, delta);
+  Backward<Rank, T> pass(args, g, layout, tables);
+  // lse and D in the packed column layout (the key pass reads their padding
+  // too), then one rpb-gradient partial per query-pass item.
+  const std::int64_t query_items = g.batch * heads * pass.query_tiles.count * layout.rows;
+  float* buffer = workspace(2 * lanes_size + query_items * bias_head);
+  float* bias_partials = buffer + 2 * lanes_size;
+  pass.lse = buffer;
+  pass.delta = buffer + lanes_size;
+  std::fill(buffer, buffer + 2 * lanes_size, 0.0f);
+  store_row_terms<Rank, T>(args, g, layout, pass.lse, pass.delta);
+  using Scratch = typename Backward<Rank, T>::Scratch;
 
   // Query pass; tiled rows, as in the forward. Each item owns one partial
   // of the rpb gradient (summed below in item order: deterministic).
-  using Scratch = typename Backward<Rank, T>::Scratch;
-  for_tiled_rows<Scratch>(g.batch, heads, layout.rows, query_tiles,
-                          [&](const TiledRow& at, Scratch& scratch) {
-    float* partial = nullptr;
-    if (bias_head) {
-      partial = bias_partials + at.item * bias_head;
-      std::fill(partial, partial + bias_head, 0.0f);
-    }
-    bwd.query_row(at.b, at.h, at.row, at.tile, partial, scratch);
-  });
+  for_tiled_rows<Scratch>(
+      g.batch, heads, layout.rows, pass.query_tiles, [&](Scratch& s) { pass.start_query_pass(s); },
+      [&](const TiledRow& at, Scratch& s) {
+        float* partial = nullptr;
+        if (bias_head) {
+          partial = bias_partials + at.item * bias_head;
+          std::fill(partial, partial + bias_head, 0.0f);
+        }
+        pass.query_row(at, partial, s);
+      });
   if (args.drpb) {
-    store_bias_grad<T>(bias_layout, bias_partials, query_items, query_tiles.count * layout.rows,
-                       *args.drpb);
+    store_bias_grad<T>(bias_layout, bias_partials, query_items,
+                       pass.query_tiles.count * layout.rows, *args.drpb);
   }
 
-  // Key pass: each key block reads the windows of every query head of its
-  // kv head.
-  for_tiled_rows<Scratch>(g.batch, heads_kv, layout.rows, key_tiles,
-                          [&](const TiledRow& at, Scratch& scratch) {
-    bwd.key_row(at.b, at.h, at.row, at.tile, scratch);
-  });
+  // Key pass (at.h: the kv head).
+  for_tiled_rows<Scratch>(
+      g.batch, heads_kv, layout.rows, pass.key_tiles, [&](Scratch& s) { pass.start_key_pass(s); },
+      [&](const TiledRow& at, Scratch& s) { pass.key_row(at, s); });
 }
 
 }  // namespace libna::cpu::LIBNA_SIMD_NS

@@ -21,7 +21,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
-#include <thread>
+#include <stdexcept>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -106,97 +106,158 @@ inline float* workspace(std::int64_t size) {
   return buffer.data();
 }
 
-// A tensor [B, *spatial, heads, dim] (times `factor`) in the packed layout,
-// packed one (b, h, row) at a time: all at once by pack(), or on demand by
-// ensure(), which kernels call just before they read a row so that the rows
-// a thread works on are packed by that thread and still in its cache when it
-// reads them (a separate packing pass writes the whole copy out to memory
-// and reads it back). Every row is packed exactly once: the first thread to
-// claim it packs it, a thread that needs it meanwhile waits.
-template <int Rank, typename T>
-class PackedTensor : public Packed {
- public:
-  PackedTensor(const TensorView& t, const Geometry<Rank>& g, const ColumnLayout& layout,
-               float factor, float* dst)
-      : source_(t), g_(g), layout_(layout), factor_(factor) {
-    data = dst;
-    heads = t.shape[Rank + 1];
-    dim = t.shape[Rank + 2];
-    rows = layout.rows;
-    width = layout.width;
-    state_ = std::make_unique<std::atomic<std::uint8_t>[]>(g.batch * heads * rows);
-  }
+// Group positions [lo[g], hi[g]) of each dilation group g: the columns of a
+// packed row to fill. Positions outside [0, group_len) are the zero padding
+// (at most ColumnLayout::kPad either side); lo >= hi: none.
+struct ColumnRanges {
+  std::vector<std::int64_t> lo, hi;
 
-  void ensure(std::int64_t b, std::int64_t h, std::int64_t r) const {
-    std::atomic<std::uint8_t>& state = state_[(b * heads + h) * rows + r];
-    if (state.load(std::memory_order_acquire) == kPacked) return;
-    std::uint8_t expected = kEmpty;
-    if (state.compare_exchange_strong(expected, kPacking, std::memory_order_acquire)) {
-      pack_row(b, h, r);
-      state.store(kPacked, std::memory_order_release);
-      return;
+  explicit ColumnRanges(std::int64_t groups = 0)
+      : lo(groups, std::numeric_limits<std::int64_t>::max()),
+        hi(groups, std::numeric_limits<std::int64_t>::min()) {}
+  void add(std::int64_t grp, std::int64_t begin, std::int64_t end) {
+    lo[grp] = std::min(lo[grp], begin);
+    hi[grp] = std::max(hi[grp], end);
+  }
+  // Every column of every group, padding included.
+  static ColumnRanges whole(const ColumnLayout& layout) {
+    ColumnRanges all(layout.dilation);
+    for (std::int64_t grp = 0; grp < layout.dilation; ++grp) {
+      all.add(grp, -ColumnLayout::kPad, layout.group_len[grp] + ColumnLayout::kPad);
     }
-    while (state.load(std::memory_order_acquire) != kPacked) std::this_thread::yield();
+    return all;
   }
+};
 
-  // Packs every row, one work item per (b, row) over all heads, so that the
-  // input is read token by token in memory order.
-  void pack_all() const {
-    parallel_for(g_.batch * rows, 1, [&](std::int64_t begin, std::int64_t end) {
-      for (std::int64_t item = begin; item < end; ++item) {
-        for (std::int64_t h = 0; h < heads; ++h) ensure(item / rows, h, item % rows);
-      }
-    });
-  }
+// A tensor [B, *spatial, heads, dim] (times `factor`) as a source of packed
+// rows ([d][col], layout.width columns per channel).
+template <int Rank, typename T>
+class PackSource {
+ public:
+  PackSource(const TensorView& t, const Geometry<Rank>& g, const ColumnLayout& layout,
+             float factor)
+      : heads(t.shape[Rank + 1]), dim(t.shape[Rank + 2]), source_(t), g_(g), layout_(layout),
+        factor_(factor) {}
 
- private:
-  static constexpr std::uint8_t kEmpty = 0, kPacking = 1, kPacked = 2;
+  const std::int64_t heads, dim;
 
-  // Eight tokens of a dilation group at a time go through a register
-  // transpose into eight consecutive columns.
-  void pack_row(std::int64_t b, std::int64_t h, std::int64_t r) const {
+  // Fills the columns `cols` of dst with row r of (b, h): eight tokens of a
+  // dilation group at a time go through a register transpose into eight
+  // consecutive columns; the padding columns in range are zeroed.
+  void pack(std::int64_t b, std::int64_t h, std::int64_t r, const ColumnRanges& cols,
+            float* dst) const {
     const T* tokens[kLanes];
     const T* src = static_cast<const T*>(source_.data);
+    const std::int64_t width = layout_.width;
     std::int64_t c[Rank];
     row_coords<Rank>(g_, r, c);
-    float* dst = row(b, h, r);
     for (std::int64_t grp = 0; grp < layout_.dilation; ++grp) {
-      const std::int64_t len = layout_.group_len[grp];
-      for (std::int64_t i0 = 0; i0 < len; i0 += kLanes) {
-        const std::int64_t lanes = std::min<std::int64_t>(kLanes, len - i0);
+      const std::int64_t len = layout_.group_len[grp], lo = cols.lo[grp], hi = cols.hi[grp];
+      if (lo >= hi) continue;
+      float* base = dst + layout_.group_base[grp];
+      for (std::int64_t d = 0; d < dim; ++d) {
+        if (lo < 0) std::fill(base + d * width + lo, base + d * width, 0.0f);
+        if (hi > len) std::fill(base + d * width + len, base + d * width + hi, 0.0f);
+      }
+      const std::int64_t end = std::min(hi, len);
+      for (std::int64_t i0 = std::max<std::int64_t>(lo, 0); i0 < end; i0 += kLanes) {
+        const std::int64_t lanes = std::min<std::int64_t>(kLanes, end - i0);
         for (std::int64_t l = 0; l < lanes; ++l) {
           c[Rank - 1] = grp + (i0 + l) * layout_.dilation;
           tokens[l] = src + row_offset<Rank>(source_, b, c, h);
         }
-        gather_lanes(tokens, lanes, source_.strides[Rank + 2], dim, factor_,
-                     dst + layout_.group_base[grp] + i0, width);
+        gather_lanes(tokens, lanes, source_.strides[Rank + 2], dim, factor_, base + i0, width);
       }
     }
-    for (std::int64_t d = 0; d < dim; ++d) layout_.zero_padding(dst + d * width);
   }
 
+ private:
   const TensorView& source_;
   const Geometry<Rank>& g_;
   const ColumnLayout& layout_;
   float factor_;
-  std::unique_ptr<std::atomic<std::uint8_t>[]> state_;
 };
 
-// `t` (times `factor`) packed into dst, every row.
+// A whole tensor packed into dst (the unfused ops' layout). One work item per
+// (b, row) over all heads, so that the input is read token by token in
+// memory order.
 template <int Rank, typename T>
-PackedTensor<Rank, T> pack(const TensorView& t, const Geometry<Rank>& g,
-                           const ColumnLayout& layout, float factor, float* dst) {
-  PackedTensor<Rank, T> packed(t, g, layout, factor, dst);
-  packed.pack_all();
-  return packed;
+Packed pack(const TensorView& t, const Geometry<Rank>& g, const ColumnLayout& layout,
+            float factor, float* dst) {
+  const PackSource<Rank, T> source(t, g, layout, factor);
+  Packed p;
+  p.data = dst;
+  p.heads = source.heads;
+  p.dim = source.dim;
+  p.rows = layout.rows;
+  p.width = layout.width;
+  const ColumnRanges all = ColumnRanges::whole(layout);
+  parallel_for(g.batch * p.rows, 1, [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t item = begin; item < end; ++item) {
+      const std::int64_t b = item / p.rows, r = item % p.rows;
+      for (std::int64_t h = 0; h < p.heads; ++h) source.pack(b, h, r, all, p.row(b, h, r));
+    }
+  });
+  return p;
 }
+
+// A thread's most recently used packed rows. The fused kernels pack the
+// rows they read here, on demand and only the columns the current tile reads,
+// instead of into a full-size copy of the tensor: a thread walks down the
+// rows of one tile and consecutive query rows share all but a few key rows,
+// so a row is packed once per tile and stays in the thread's cache, and the
+// packed copy never travels to memory and back. get() pins a row until the
+// next next_item(): a row's whole window stays valid while it is in use.
+class RowCache {
+ public:
+  // Forgets every row (a new call, or a new chunk of items) and makes room
+  // for `capacity` rows of `row_floats` floats.
+  void reset(std::int64_t capacity, std::int64_t row_floats) {
+    if (capacity * row_floats > size_) {
+      data_.reset();  // release first: never hold both
+      size_ = capacity * row_floats;
+      data_.reset(new float[size_]);  // uninitialised: only the packed columns are touched
+    }
+    row_floats_ = row_floats;
+    entries_.assign(capacity, Entry{});
+    stamp_ = 1;
+  }
+  void next_item() { ++stamp_; }
+
+  // Row r of (b, h) with tile `tile`'s columns `cols` packed from `source`.
+  template <typename Source>
+  const float* get(const Source& source, std::int64_t b, std::int64_t h, std::int64_t r,
+                   std::int64_t tile, const ColumnRanges& cols) {
+    Entry* victim = nullptr;
+    for (Entry& e : entries_) {
+      if (e.b == b && e.h == h && e.r == r && e.tile == tile) {
+        e.stamp = stamp_;
+        return row(e);
+      }
+      if (e.stamp < stamp_ && (!victim || e.stamp < victim->stamp)) victim = &e;
+    }
+    if (!victim) throw std::logic_error("libna: RowCache is smaller than one item's rows");
+    *victim = Entry{b, h, r, tile, stamp_};
+    float* dst = row(*victim);
+    source.pack(b, h, r, cols, dst);
+    return dst;
+  }
+
+ private:
+  struct Entry {
+    std::int64_t b = -1, h = -1, r = -1, tile = -1, stamp = 0;
+  };
+  float* row(const Entry& e) { return data_.get() + (&e - entries_.data()) * row_floats_; }
+
+  std::unique_ptr<float[]> data_;
+  std::int64_t size_ = 0, row_floats_ = 0, stamp_ = 1;
+  std::vector<Entry> entries_;
+};
 
 // Packs two tensors into the calling thread's workspace.
 template <int Rank, typename T>
-std::pair<PackedTensor<Rank, T>, PackedTensor<Rank, T>> pack_pair(const TensorView& a,
-                                                                  const TensorView& b,
-                                                                  const Geometry<Rank>& g,
-                                                                  const ColumnLayout& layout) {
+std::pair<Packed, Packed> pack_pair(const TensorView& a, const TensorView& b,
+                                    const Geometry<Rank>& g, const ColumnLayout& layout) {
   const auto size = [&](const TensorView& t) {
     return layout.packed_size(g.batch, t.shape[Rank + 1], t.shape[Rank + 2]);
   };
@@ -475,24 +536,28 @@ struct ColumnTiles {
   BlockRange operator[](std::int64_t t) const { return {t * blocks_per_tile, (t + 1) * blocks_per_tile}; }
 };
 
-// One work item of for_tiled_rows: the blocks `tile` of row `row` of (b, h);
-// `item` numbers the items, rows innermost.
+// One work item of for_tiled_rows: the blocks `tile` (tile number
+// `tile_index`) of row `row` of (b, h); `item` numbers the items, rows
+// innermost.
 struct TiledRow {
-  std::int64_t item, b, h, row;
+  std::int64_t item, b, h, row, tile_index;
   BlockRange tile;
 };
 
-// Runs fn(item, scratch) over every (batch, head, tile, row), rows innermost,
-// with one Scratch per thread.
-template <typename Scratch, typename Fn>
+// Runs fn(item, scratch) over every (batch, head, tile, row), rows innermost.
+// Each thread keeps one Scratch across calls (its row caches stay allocated);
+// start(scratch) runs before every chunk of items a thread takes.
+template <typename Scratch, typename Start, typename Fn>
 void for_tiled_rows(std::int64_t batch, std::int64_t heads, std::int64_t rows,
-                    const ColumnTiles& tiles, const Fn& fn) {
+                    const ColumnTiles& tiles, const Start& start, const Fn& fn) {
   parallel_for(batch * heads * tiles.count * rows, 1, [&](std::int64_t begin, std::int64_t end) {
-    Scratch scratch;
+    thread_local Scratch scratch;
+    start(scratch);
     for (std::int64_t item = begin; item < end; ++item) {
       const std::int64_t tile = (item / rows) % tiles.count;
       const std::int64_t h = (item / (rows * tiles.count)) % heads;
-      fn(TiledRow{item, item / (rows * tiles.count * heads), h, item % rows, tiles[tile]}, scratch);
+      fn(TiledRow{item, item / (rows * tiles.count * heads), h, item % rows, tile, tiles[tile]},
+         scratch);
     }
   });
 }
@@ -503,20 +568,19 @@ template <int Rank, typename T>
 struct LaneKernel {
   const Geometry<Rank>& g;
   const ColumnLayout& layout;
-  const PackedTensor<Rank, T>&k, &v;
+  std::int64_t k_dim, v_dim;
   BiasBuffer<Rank, float> bias_layout;
   std::vector<float> bias;           // rpb as contiguous float [heads][2k-1...], or empty
   const std::int64_t* bias_strides;  // bias_layout.strides
   std::int64_t heads_per_kv;
   float scale;
 
-  LaneKernel(const Geometry<Rank>& geometry, const ColumnLayout& columns,
-             const PackedTensor<Rank, T>& packed_k, const PackedTensor<Rank, T>& packed_v,
-             const NaParams& params, const TensorView* rpb, double sc)
-      : g(geometry), layout(columns), k(packed_k), v(packed_v),
+  LaneKernel(const Geometry<Rank>& geometry, const ColumnLayout& columns, const TensorView& k,
+             const TensorView& v, const NaParams& params, const TensorView* rpb, double sc)
+      : g(geometry), layout(columns), k_dim(k.shape[Rank + 2]), v_dim(v.shape[Rank + 2]),
         bias_layout(params, geometry.heads),
         bias(rpb ? bias_layout.template load_from<T>(*rpb) : std::vector<float>()),
-        bias_strides(bias_layout.strides), heads_per_kv(geometry.heads / packed_k.heads),
+        bias_strides(bias_layout.strides), heads_per_kv(geometry.heads / k.shape[Rank + 1]),
         scale(static_cast<float>(sc)) {}
 
   const AxisParams& last() const { return g.axes[Rank - 1]; }
@@ -586,7 +650,7 @@ struct LaneKernel {
                                 const float* const* key_ptrs, float* out) const {
     const std::int64_t window = w.window, kernel = last().kernel;
     const std::int64_t bias_step = bias_strides[Rank];
-    qk_rows(q_lanes, q_stride, key_ptrs, key_rows.size, layout.width, k.dim, window, out);
+    qk_rows(q_lanes, q_stride, key_ptrs, key_rows.size, layout.width, k_dim, window, out);
     // Key first + j + l of query i0 + l: relative position first + j - i0,
     // the same in every lane.
     const std::int64_t rel0 = w.first - w.i0 + kernel - 1;
@@ -605,27 +669,73 @@ struct LaneKernel {
     }
   }
 
-  // The lanes of w in row `row` of p: column group_base + i0 of the packed
-  // row, read with stride layout.width (lanes past the group read its zero
-  // padding).
-  const float* lanes_at(const Packed& p, std::int64_t b, std::int64_t h, std::int64_t row,
-                        std::int64_t grp, const LaneWindows& w) const {
-    return p.row(b, h, row) + layout.group_base[grp] + w.i0;
+  // The lanes of w in a packed row: column group_base + i0, read with stride
+  // layout.width (lanes past the group read its zero padding).
+  const float* lanes_at(const float* packed_row, std::int64_t grp, const LaneWindows& w) const {
+    return packed_row + layout.group_base[grp] + w.i0;
   }
 
-  // Packs the rows of `rows` in p (head h) that are not packed yet.
-  static void ensure_rows(const PackedTensor<Rank, T>& p, std::int64_t b, std::int64_t h,
-                          const RowList& rows) {
-    for (std::int64_t r = 0; r < rows.size; ++r) p.ensure(b, h, rows.rows[r]);
-  }
-
-  // Packed rows (of k or v, head hk) at the block's first window column.
-  void window_rows(const Packed& p, std::int64_t b, std::int64_t hk, std::int64_t grp,
-                   const LaneWindows& w, const RowList& rows,
+  // The packed rows `rows` (row r at bases[r]) at the block's first window
+  // column.
+  void window_rows(const std::vector<const float*>& bases, std::int64_t grp, const LaneWindows& w,
                    std::vector<const float*>& out) const {
-    out.resize(rows.size);
+    out.resize(bases.size());
+    for (std::size_t r = 0; r < bases.size(); ++r) out[r] = bases[r] + layout.group_base[grp] + w.first;
+  }
+};
+
+// The columns each column tile reads: of the rows its lanes sit in (`own`:
+// the lanes' positions) and of the rows their windows cover (`window`: every
+// block's covering range, first .. first + window + kLanes - 1).
+struct TileColumns {
+  std::vector<ColumnRanges> own, window;
+
+  template <int Rank, typename T, typename LanesOf>
+  TileColumns(const LaneKernel<Rank, T>& kernel, const ColumnTiles& tiles, const LanesOf& lanes_of)
+      : own(tiles.count, ColumnRanges(kernel.layout.dilation)),
+        window(tiles.count, ColumnRanges(kernel.layout.dilation)) {
+    for (std::int64_t t = 0; t < tiles.count; ++t) {
+      kernel.for_lane_blocks(tiles[t], lanes_of, [&](std::int64_t grp, const LaneWindows& w) {
+        own[t].add(grp, w.i0, w.i0 + kLanes);
+        if (w.window > 0) window[t].add(grp, w.first, w.first + w.window + kLanes - 1);
+      });
+    }
+  }
+};
+
+// A thread's packed rows in the fused kernels: caches for the rows its lanes
+// sit in (one row at a time) and for the window rows (two windows' worth,
+// so that consecutive items reuse the rows they share).
+struct RowCaches {
+  RowCache own_a, own_b, window_a, window_b;
+  std::vector<const float*> bases_a, bases_b;  // the current item's window rows
+
+  void reset(std::int64_t window_rows, std::int64_t dim_a, std::int64_t dim_b,
+             std::int64_t width) {
+    own_a.reset(1, dim_a * width);
+    own_b.reset(1, dim_b * width);
+    window_a.reset(2 * window_rows, dim_a * width);
+    window_b.reset(2 * window_rows, dim_b * width);
+  }
+  void next_item() {
+    own_a.next_item();
+    own_b.next_item();
+    window_a.next_item();
+    window_b.next_item();
+  }
+
+  // Loads the window rows `rows` of head h from sources a and b (tile t,
+  // columns cols) into bases_a/bases_b at index slot * rows.size on; the
+  // bases end there (fill slots 0, 1, ... in order).
+  template <typename SourceA, typename SourceB>
+  void load_window(const SourceA& a, const SourceB& b, std::int64_t batch, std::int64_t h,
+                   const RowList& rows, std::int64_t t, const ColumnRanges& cols,
+                   std::int64_t slot = 0) {
+    bases_a.resize((slot + 1) * rows.size);
+    bases_b.resize((slot + 1) * rows.size);
     for (std::int64_t r = 0; r < rows.size; ++r) {
-      out[r] = p.row(b, hk, rows.rows[r]) + layout.group_base[grp] + w.first;
+      bases_a[slot * rows.size + r] = window_a.get(a, batch, h, rows.rows[r], t, cols);
+      bases_b[slot * rows.size + r] = window_b.get(b, batch, h, rows.rows[r], t, cols);
     }
   }
 };
@@ -634,9 +744,10 @@ template <int Rank, typename T>
 struct Forward : LaneKernel<Rank, T> {
   using Base = LaneKernel<Rank, T>;
   using Base::g;
-  using Base::k;
-  using Base::v;
   const detail::ForwardArgs& args;
+  const PackSource<Rank, T> q, k, v;  // q times the softmax scale
+  const ColumnTiles tiles;
+  const TileColumns columns;
 
   // Per-thread working memory.
   struct Scratch {
@@ -644,43 +755,51 @@ struct Forward : LaneKernel<Rank, T> {
     std::vector<float> logits;
     RowList key_rows;
     std::vector<const float*> key_ptrs, value_rows;
+    RowCaches rows;  // a: q (own) and k (window); b: v (window)
   };
 
-  const PackedTensor<Rank, T>& q;  // times the softmax scale
-
   Forward(const detail::ForwardArgs& a, const Geometry<Rank>& geometry,
-          const ColumnLayout& columns, const PackedTensor<Rank, T>& packed_q,
-          const PackedTensor<Rank, T>& packed_k, const PackedTensor<Rank, T>& packed_v)
-      : Base(geometry, columns, packed_k, packed_v, a.params, a.rpb, a.scale), args(a),
-        q(packed_q) {}
+          const ColumnLayout& columns_layout)
+      : Base(geometry, columns_layout, a.k, a.v, a.params, a.rpb, a.scale), args(a),
+        q(a.q, geometry, columns_layout, static_cast<float>(a.scale)),
+        k(a.k, geometry, columns_layout, 1.0f), v(a.v, geometry, columns_layout, 1.0f),
+        tiles(columns_layout, geometry.window_rows(), this->k_dim + this->v_dim),
+        columns(*this, tiles, [&](std::int64_t grp, std::int64_t i0, std::int64_t lanes) {
+          return query_lanes(this->last(), columns_layout.group_len[grp], i0, lanes);
+        }) {}
+
+  void start(Scratch& s) const {
+    s.rows.reset(g.window_rows(), this->k_dim, this->v_dim, this->layout.width);
+  }
 
   // The queries of one (b, h, row) in one column tile, eight at a time.
-  LIBNA_SIMD_TARGET void row(std::int64_t b, std::int64_t h, std::int64_t row_index,
-                             const BlockRange& tile, Scratch& s) const {
+  LIBNA_SIMD_TARGET void row(const TiledRow& at, Scratch& s) const {
     std::int64_t c[Rank];
-    row_coords<Rank>(g, row_index, c);
+    row_coords<Rank>(g, at.row, c);
     key_rows_of<Rank>(g, c, this->bias_strides, s.key_rows);
-    q.ensure(b, h, row_index);
-    this->ensure_rows(k, b, h / this->heads_per_kv, s.key_rows);
-    this->ensure_rows(v, b, h / this->heads_per_kv, s.key_rows);
-    this->for_query_blocks(tile, [&](std::int64_t grp, const LaneWindows& w) {
-      block(b, h, row_index, c, grp, w, s);
+    const std::int64_t hk = at.h / this->heads_per_kv, t = at.tile_index;
+    RowCaches& rows = s.rows;
+    rows.next_item();
+    rows.load_window(k, v, at.b, hk, s.key_rows, t, columns.window[t]);
+    const float* q_row = rows.own_a.get(q, at.b, at.h, at.row, t, columns.own[t]);
+    this->for_query_blocks(at.tile, [&](std::int64_t grp, const LaneWindows& w) {
+      block(at.b, at.h, q_row, c, grp, w, s);
     });
   }
 
-  LIBNA_SIMD_TARGET void block(std::int64_t b, std::int64_t h, std::int64_t row, std::int64_t* c,
-                               std::int64_t grp,
-                               const LaneWindows& w, Scratch& s) const {
-    const std::int64_t dim_v = v.dim, n_rows = s.key_rows.size;
+  LIBNA_SIMD_TARGET void block(std::int64_t b, std::int64_t h, const float* q_row,
+                               std::int64_t* c, std::int64_t grp, const LaneWindows& w,
+                               Scratch& s) const {
+    const std::int64_t dim_v = this->v_dim, n_rows = s.key_rows.size;
     s.logits.resize(n_rows * w.window * kLanes);
-    this->window_rows(k, b, h / this->heads_per_kv, grp, w, s.key_rows, s.key_ptrs);
-    this->logits(this->lanes_at(q, b, h, row, grp, w), this->layout.width, h, w, s.key_rows,
+    this->window_rows(s.rows.bases_a, grp, w, s.key_ptrs);
+    this->logits(this->lanes_at(q_row, grp, w), this->layout.width, h, w, s.key_rows,
                  s.key_ptrs.data(), s.logits.data());
 
     f32x8 max_logit, sum;
     softmax_lanes(s.logits.data(), n_rows * w.window, &max_logit, &sum);
 
-    this->window_rows(v, b, h / this->heads_per_kv, grp, w, s.key_rows, s.value_rows);
+    this->window_rows(s.rows.bases_b, grp, w, s.value_rows);
     s.out.resize(dim_v * kLanes);
     pv_range(s.logits.data(), s.value_rows.data(), n_rows, w.window, this->layout.width, dim_v,
              s.out.data());
@@ -705,19 +824,11 @@ template <int Rank, typename T>
 void na_forward(const detail::ForwardArgs& args) {
   const Geometry<Rank> g(args.q, args.params);
   const ColumnLayout layout(g);
-  const auto size = [&](const TensorView& t) {
-    return layout.packed_size(g.batch, t.shape[Rank + 1], t.shape[Rank + 2]);
-  };
-  float* buffer = workspace(size(args.q) + size(args.k) + size(args.v));
-  // Rows are packed by the threads that use them first (Forward::row).
-  const PackedTensor<Rank, T> q(args.q, g, layout, static_cast<float>(args.scale), buffer);
-  const PackedTensor<Rank, T> k(args.k, g, layout, 1.0f, buffer + size(args.q));
-  const PackedTensor<Rank, T> v(args.v, g, layout, 1.0f, buffer + size(args.q) + size(args.k));
-  const Forward<Rank, T> fwd(args, g, layout, q, k, v);
-  const ColumnTiles tiles(layout, g.window_rows(), k.dim + v.dim);
-  for_tiled_rows<typename Forward<Rank, T>::Scratch>(
-      g.batch, g.heads, layout.rows, tiles,
-      [&](const TiledRow& at, auto& scratch) { fwd.row(at.b, at.h, at.row, at.tile, scratch); });
+  const Forward<Rank, T> fwd(args, g, layout);
+  using Scratch = typename Forward<Rank, T>::Scratch;
+  for_tiled_rows<Scratch>(
+      g.batch, g.heads, layout.rows, fwd.tiles, [&](Scratch& s) { fwd.start(s); },
+      [&](const TiledRow& at, Scratch& s) { fwd.row(at, s); });
 }
 
 }  // namespace libna::cpu::LIBNA_SIMD_NS

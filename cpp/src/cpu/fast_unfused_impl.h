@@ -10,8 +10,7 @@ template <int Rank, typename T>
 struct Unfused : LaneKernel<Rank, T> {
   using Base = LaneKernel<Rank, T>;
   using Base::g;
-  using Base::k;
-  using Base::v;
+  const Packed& keys;  // k (na_qk and its backward) or v (na_av and its backward), packed
 
   struct Scratch {
     std::vector<float> lanes, values;  // [d][lane]; [row][window position][lane]
@@ -19,10 +18,20 @@ struct Unfused : LaneKernel<Rank, T> {
     std::vector<const float*> ptrs;
   };
 
-  Unfused(const Geometry<Rank>& geometry, const ColumnLayout& columns,
-          const PackedTensor<Rank, T>& packed_k, const PackedTensor<Rank, T>& packed_v,
-          const NaParams& params, const TensorView* rpb)
-      : Base(geometry, columns, packed_k, packed_v, params, rpb, 1.0) {}
+  Unfused(const Geometry<Rank>& geometry, const ColumnLayout& columns, const TensorView& keys_view,
+          const Packed& packed_keys, const NaParams& params, const TensorView* rpb)
+      : Base(geometry, columns, keys_view, keys_view, params, rpb, 1.0), keys(packed_keys) {}
+
+  // The packed key rows of s.rows for query head h at the block's first
+  // window column.
+  void window_rows(std::int64_t b, std::int64_t h, std::int64_t grp, const LaneWindows& w,
+                   Scratch& s) const {
+    s.ptrs.resize(s.rows.size);
+    for (std::int64_t r = 0; r < s.rows.size; ++r) {
+      s.ptrs[r] = keys.row(b, h / this->heads_per_kv, s.rows.rows[r]) +
+                  this->layout.group_base[grp] + w.first;
+    }
+  }
 
   // Calls block(c, grp, w) for the lane blocks of one row, with s.rows
   // holding the row's key rows.
@@ -81,10 +90,10 @@ struct Unfused : LaneKernel<Rank, T> {
   LIBNA_SIMD_TARGET void qk_block(const detail::QkArgs& args, std::int64_t b, std::int64_t h,
                                   std::int64_t* c, std::int64_t grp, const LaneWindows& w,
                                   Scratch& s) const {
-    s.lanes.resize(k.dim * kLanes);
+    s.lanes.resize(keys.dim * kLanes);
     this->load_lanes(args.q, b, c, h, grp, w, 1.0f, s.lanes.data());
     s.values.resize(s.rows.size * w.window * kLanes);
-    this->window_rows(k, b, h / this->heads_per_kv, grp, w, s.rows, s.ptrs);
+    window_rows(b, h, grp, w, s);
     this->logits(s.lanes.data(), kLanes, h, w, s.rows, s.ptrs.data(), s.values.data());
     scatter_query_slots(s.values.data(), args.attn, b, c, h, grp, w, s.rows,
                         -std::numeric_limits<float>::infinity());
@@ -97,9 +106,9 @@ struct Unfused : LaneKernel<Rank, T> {
                                       std::int64_t grp, const LaneWindows& w, Scratch& s) const {
     s.values.resize(s.rows.size * w.window * kLanes);
     gather_query_slots(weights, b, c, h, grp, w, s.rows, s.values.data());
-    this->window_rows(v, b, h / this->heads_per_kv, grp, w, s.rows, s.ptrs);
-    s.lanes.resize(v.dim * kLanes);
-    pv_range(s.values.data(), s.ptrs.data(), s.rows.size, w.window, this->layout.width, v.dim,
+    window_rows(b, h, grp, w, s);
+    s.lanes.resize(keys.dim * kLanes);
+    pv_range(s.values.data(), s.ptrs.data(), s.rows.size, w.window, this->layout.width, keys.dim,
              s.lanes.data());
     this->store_lanes(result, b, c, h, grp, w, simd::splat(1.0f), s.lanes.data());
   }
@@ -125,12 +134,12 @@ struct Unfused : LaneKernel<Rank, T> {
   LIBNA_SIMD_TARGET void av_backward_block(const detail::AvBackwardArgs& args, std::int64_t b,
                                            std::int64_t h, std::int64_t* c, std::int64_t grp,
                                            const LaneWindows& w, Scratch& s) const {
-    s.lanes.resize(k.dim * kLanes);
+    s.lanes.resize(keys.dim * kLanes);
     this->load_lanes(args.dout, b, c, h, grp, w, 1.0f, s.lanes.data());
     s.values.resize(s.rows.size * w.window * kLanes);
-    this->window_rows(k, b, h / this->heads_per_kv, grp, w, s.rows, s.ptrs);
-    qk_rows(s.lanes.data(), kLanes, s.ptrs.data(), s.rows.size, this->layout.width, k.dim, w.window,
-            s.values.data());
+    window_rows(b, h, grp, w, s);
+    qk_rows(s.lanes.data(), kLanes, s.ptrs.data(), s.rows.size, this->layout.width, keys.dim,
+            w.window, s.values.data());
     scatter_query_slots(s.values.data(), args.dattn, b, c, h, grp, w, s.rows, 0.0f);
   }
 };
@@ -146,7 +155,7 @@ struct UnfusedKeyPass : LaneKernel<Rank, T> {
   using Base::g;
   using Base::layout;
   const Tables<Rank>& tables;
-  const PackedTensor<Rank, T>& rows;
+  const Packed& rows;
   std::int64_t group;  // query heads per kv head
 
   struct Scratch {
@@ -156,10 +165,10 @@ struct UnfusedKeyPass : LaneKernel<Rank, T> {
   };
 
   UnfusedKeyPass(const Geometry<Rank>& geometry, const ColumnLayout& columns,
-                 const Tables<Rank>& t, const PackedTensor<Rank, T>& packed_rows,
+                 const Tables<Rank>& t, const TensorView& rows_view, const Packed& packed_rows,
                  const NaParams& params,
                  std::int64_t heads_kv)
-      : Base(geometry, columns, packed_rows, packed_rows, params, nullptr, 1.0), tables(t),
+      : Base(geometry, columns, rows_view, rows_view, params, nullptr, 1.0), tables(t),
         rows(packed_rows), group(geometry.heads / heads_kv) {}
 
   // values[r][j][lane] = weights[b, query first + j + lane of query row r, h,
@@ -242,8 +251,8 @@ void run_unfused(const TensorView& like, const TensorView& keys, const TensorVie
   const Geometry<Rank> g(like, params);
   const ColumnLayout layout(g);
   float* buffer = workspace(layout.packed_size(g.batch, keys.shape[Rank + 1], keys.shape[Rank + 2]));
-  const PackedTensor<Rank, T> packed = pack<Rank, T>(keys, g, layout, 1.0f, buffer);
-  const Unfused<Rank, T> op(g, layout, packed, packed, params, rpb);
+  const Packed packed = pack<Rank, T>(keys, g, layout, 1.0f, buffer);
+  const Unfused<Rank, T> op(g, layout, keys, packed, params, rpb);
   unfused_query_pass(op, [&](std::int64_t b, std::int64_t h, std::int64_t, auto&&... block) {
     run_block(op, b, h, block...);
   });
@@ -265,10 +274,10 @@ void na_av(const detail::AvArgs& args) {
 
 template <int Rank, typename T>
 void unfused_key_pass(const Geometry<Rank>& g, const ColumnLayout& layout, const NaParams& params,
-                      const PackedTensor<Rank, T>& rows, std::int64_t heads_kv, const TensorView& weights,
-                      const TensorView& grad) {
+                      const TensorView& rows_view, const Packed& rows, std::int64_t heads_kv,
+                      const TensorView& weights, const TensorView& grad) {
   const Tables<Rank> tables(g, params);
-  const UnfusedKeyPass<Rank, T> op(g, layout, tables, rows, params, heads_kv);
+  const UnfusedKeyPass<Rank, T> op(g, layout, tables, rows_view, rows, params, heads_kv);
   for_rows(g.batch, heads_kv, layout.rows, [&](std::int64_t b, std::int64_t hk, std::int64_t row) {
     thread_local typename UnfusedKeyPass<Rank, T>::Scratch s;
     op.key_row(weights, grad, b, hk, row, s);
@@ -281,7 +290,7 @@ void na_qk_backward(const detail::QkBackwardArgs& args) {
   const ColumnLayout layout(g);
   const auto [k, q] = pack_pair<Rank, T>(args.k, args.q, g, layout);
 
-  const Unfused<Rank, T> op(g, layout, k, k, args.params, nullptr);
+  const Unfused<Rank, T> op(g, layout, args.k, k, args.params, nullptr);
   const BiasBuffer<Rank, float> bias_layout(args.params, g.heads);
   const std::int64_t per_head = args.drpb ? bias_layout.strides[0] : 0;
   std::vector<float> partials(g.batch * g.heads * layout.rows * per_head, 0.0f);
@@ -294,7 +303,7 @@ void na_qk_backward(const detail::QkBackwardArgs& args) {
     store_bias_grad<T>(bias_layout, partials.data(), g.batch * g.heads * layout.rows, layout.rows,
                        *args.drpb);
   }
-  unfused_key_pass<Rank, T>(g, layout, args.params, q, k.heads, args.dattn, args.dk);
+  unfused_key_pass<Rank, T>(g, layout, args.params, args.q, q, k.heads, args.dattn, args.dk);
 }
 
 template <int Rank, typename T>
@@ -303,11 +312,12 @@ void na_av_backward(const detail::AvBackwardArgs& args) {
   const ColumnLayout layout(g);
   const auto [v, dout] = pack_pair<Rank, T>(args.v, args.dout, g, layout);
 
-  const Unfused<Rank, T> op(g, layout, v, v, args.params, nullptr);
+  const Unfused<Rank, T> op(g, layout, args.v, v, args.params, nullptr);
   unfused_query_pass(op, [&](std::int64_t b, std::int64_t h, std::int64_t, auto&&... block) {
     op.av_backward_block(args, b, h, block...);
   });
-  unfused_key_pass<Rank, T>(g, layout, args.params, dout, v.heads, args.attn, args.dv);
+  unfused_key_pass<Rank, T>(g, layout, args.params, args.dout, dout, v.heads, args.attn,
+                            args.dv);
 }
 
 }  // namespace libna::cpu::LIBNA_SIMD_NS
