@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
   std::int64_t q_row[2];
   #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    rows[r].init(p.plan, blk, mma::query_slot(warp, lane, r));
+    rows[r].init(p.plan, blk, mma::row_slot(warp, lane, r));
     q_row[r] = p.q.row(b, rows[r].coord, h);
   }
   std::uint32_t q_frag[kDimChunks][4];
@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
     for (int c = 0; c < kDimChunks; ++c) {
       #pragma unroll
       for (int pair = 0; pair < kKeyTiles / 2; ++pair) {
-        const mma::Cell cell = mma::k_ldmatrix_cell(lane, pair, c);
+        const mma::Cell cell = mma::b_ldmatrix_cell(lane, pair, c);
         std::uint32_t k_frag[4];
         ldmatrix_x4<false>(k_frag, &kt.k[mma::smem_offset(cell.row, cell.col, Bucket)]);
         mma_16816<T>(s[2 * pair], q_frag[c], k_frag);
@@ -275,7 +275,7 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
       }
       #pragma unroll
       for (int pair = 0; pair < kDimTiles / 2; ++pair) {
-        const mma::Cell cell = mma::v_ldmatrix_cell(lane, c, pair);
+        const mma::Cell cell = mma::b_trans_ldmatrix_cell(lane, c, pair);
         std::uint32_t v_frag[4];
         ldmatrix_x4<true>(v_frag, &kt.v[mma::smem_offset(cell.row, cell.col, Bucket)]);
         mma_16816<T>(o[2 * pair], p_frag, v_frag);
