@@ -255,7 +255,9 @@ void na_backward(const detail::BackwardArgs& args) {
     for (int a = 0; a < kAxes; ++a) axes[a] = p.plan.axis[a].p;
     const BiasGradient<T> bias_grad(args.drpb, axes, p.heads, stream, op);
     p.bias_grad = bias_grad.data();
-    launch_fused_backward<T>(p, bucket, batch, stream);
+    bool launched = false;
+    if constexpr (!std::is_same_v<T, float>) launched = launch_tc_backward<T>(p, bucket, batch, stream);
+    if (!launched) launch_fused_backward<T>(p, bucket, batch, stream);
     check_launch(op);
     bias_grad.finish(n);
   });

@@ -127,5 +127,10 @@ bool launch_tc_forward(const FusedParams& p, int bucket, std::int64_t batch, cud
 template <typename T>
 void launch_fused_backward(const FusedParams& p, int bucket, std::int64_t batch,
                            cudaStream_t stream);
+// The tensor-core backward (dq and dk/dv; same conditions and contract as
+// launch_tc_forward, the caller then runs launch_fused_backward).
+template <typename T>
+bool launch_tc_backward(const FusedParams& p, int bucket, std::int64_t batch,
+                        cudaStream_t stream);
 
 }  // namespace libna::cuda_impl

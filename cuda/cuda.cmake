@@ -1,9 +1,9 @@
 # The CUDA backend (issue 8): fused forward/backward and unfused kernels.
 # Fused kernels are instantiated per (pass, element type) from fused.cu.in, so
-# a build parallelises over eight translation units (SIMT forward and
-# backward for three types, the tensor-core forward for two); head-dim
-# buckets are the only other template parameter (ranks share one padded
-# rank-3 kernel, see common.cuh).
+# a build parallelises over ten translation units (SIMT forward and
+# backward for three types, the tensor-core forward and backward for two);
+# head-dim buckets are the only other template parameter (ranks share one
+# padded rank-3 kernel, see common.cuh).
 # Included from the top-level CMakeLists.txt (custom commands and the CUDA
 # language must live in the directory that defines libna_core).
 find_package(CUDAToolkit REQUIRED)
@@ -12,13 +12,14 @@ set(LIBNA_CUDA_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/backend.cu
   ${CMAKE_CURRENT_LIST_DIR}/unfused.cu
 )
-# The tensor-core forward (tc_forward.cuh) has float16 and bfloat16 units only.
-foreach(LIBNA_CUDA_PASS fused_forward fused_backward tc_forward)
+# The tensor-core passes (tc_forward.cuh, tc_backward.cuh) have float16 and
+# bfloat16 units only.
+foreach(LIBNA_CUDA_PASS fused_forward fused_backward tc_forward tc_backward)
   set(LIBNA_CUDA_HEADER fused.cuh)
   set(LIBNA_CUDA_RESULT void)
   set(LIBNA_CUDA_TYPE_NAMES f32 f16 bf16)
-  if(LIBNA_CUDA_PASS STREQUAL "tc_forward")
-    set(LIBNA_CUDA_HEADER tc_forward.cuh)
+  if(LIBNA_CUDA_PASS MATCHES "^tc_")
+    set(LIBNA_CUDA_HEADER ${LIBNA_CUDA_PASS}.cuh)
     set(LIBNA_CUDA_RESULT bool)
     set(LIBNA_CUDA_TYPE_NAMES f16 bf16)
   endif()

@@ -31,6 +31,13 @@ constexpr float kNegInf = -INFINITY;
 // explicit minimum of one block per SM, ptxas capped the bfloat16 dq kernel
 // on sm_80 at 128 registers and spilled (tests/test_cuda_build.py caught it).
 
+// Full-axis coordinates of group positions `pos` of the block's group.
+__device__ __forceinline__ void full_coords(const tiling::Plan& plan, const tiling::Block& blk,
+                                            const int* pos, std::int64_t* c) {
+  #pragma unroll
+  for (int a = 0; a < kAxes; ++a) c[a] = tiling::full_index(blk.group[a], pos[a], plan.axis[a].p);
+}
+
 // The thread's owned query: its slot in the block's query tile, its group
 // positions, full coordinates and window per axis. Invalid slots (past the
 // tile's edge) see nothing.
@@ -57,6 +64,33 @@ struct OwnedQuery {
   __device__ bool sees(const int* key) const {
     return valid && lo[0] <= key[0] && key[0] < hi[0] && lo[1] <= key[1] && key[1] < hi[1] &&
            lo[2] <= key[2] && key[2] < hi[2];
+  }
+};
+
+// An owned key of a key-owning block (dk/dv): its slot's group positions,
+// full coordinates, and per axis the run [run_lo, run_hi) of the queries that
+// see it. Invalid slots are seen by nothing.
+struct OwnedKey {
+  bool valid;
+  int pos[kAxes], run_lo[kAxes], run_hi[kAxes];
+  std::int64_t coord[kAxes];
+
+  __device__ void init(const tiling::Plan& plan, const tiling::Block& blk, int slot) {
+    int extent[kAxes];
+    tiling::tile_extents(plan, false, extent);
+    valid = tiling::slot_position(slot, extent, blk.own_lo, blk.own_hi, pos);
+    #pragma unroll
+    for (int a = 0; a < kAxes; ++a) {
+      int first = 0, last = -1;
+      if (valid) tiling::queries_seeing(pos[a], blk.len_g[a], plan.axis[a].p, &first, &last);
+      run_lo[a] = first;
+      run_hi[a] = last + 1;
+      coord[a] = valid ? tiling::full_index(blk.group[a], pos[a], plan.axis[a].p) : 0;
+    }
+  }
+  __device__ bool seen_by(const int* query) const {
+    return valid && run_lo[0] <= query[0] && query[0] < run_hi[0] && run_lo[1] <= query[1] &&
+           query[1] < run_hi[1] && run_lo[2] <= query[2] && query[2] < run_hi[2];
   }
 };
 
@@ -105,10 +139,7 @@ __device__ void load_key_tile(const FusedParams& p, const tiling::Block& blk,
     float kx = 0.f, vx = 0.f;
     if (kt.valid[j]) {
       std::int64_t c[kAxes];
-      #pragma unroll
-      for (int a = 0; a < kAxes; ++a) {
-        c[a] = tiling::full_index(blk.group[a], kt.pos[j][a], p.plan.axis[a].p);
-      }
+      full_coords(p.plan, blk, kt.pos[j], c);
       if (d < p.dim) kx = load<T>(p.k.data, p.k.row(b, c, hk) + d * p.k.d);
       if (d < p.dim_v) vx = load<T>(p.v.data, p.v.row(b, c, hk) + d * p.v.d);
     }
@@ -166,6 +197,19 @@ __device__ __forceinline__ float bias_at(const FusedParams& p, int h, const int*
   #pragma unroll
   for (int a = 0; a < kAxes; ++a) r[a] = tiling::rpb_index(iq[a], jk[a], p.plan.axis[a].p);
   return load<T>(p.rpb.data, h * p.rpb.h + bias_offset(p.rpb, r));
+}
+
+// Adds dlogit to the float32 rpb gradient of head h at the offset of key jk
+// from query iq: the one cross-block reduction of the backward.
+__device__ __forceinline__ void add_bias_grad(const FusedParams& p, int h, const int* iq,
+                                              const int* jk, float dlogit) {
+  const AxisParams &a0 = p.plan.axis[0].p, &a1 = p.plan.axis[1].p, &a2 = p.plan.axis[2].p;
+  const std::int64_t head_size =
+      (2 * a0.kernel - 1) * (2 * a1.kernel - 1) * static_cast<std::int64_t>(2 * a2.kernel - 1);
+  int r[kAxes];
+  #pragma unroll
+  for (int a = 0; a < kAxes; ++a) r[a] = tiling::rpb_index(iq[a], jk[a], p.plan.axis[a].p);
+  atomicAdd(p.bias_grad + h * head_size + bias_flat(a1, a2, r), dlogit);
 }
 
 template <typename T, int Bucket>
@@ -235,8 +279,36 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
   }
 }
 
-__device__ __forceinline__ std::int64_t token_index(const FusedParams& p, const std::int64_t* c) {
-  return (c[0] * p.plan.axis[1].p.length + c[1]) * p.plan.axis[2].p.length + c[2];
+// Where the row term D of query c (full coordinates) of head h lives in
+// p.row_term ([B, heads, tokens]).
+__device__ __forceinline__ std::int64_t row_term_index(const FusedParams& p, std::int64_t b,
+                                                       int h, const std::int64_t* c) {
+  const std::int64_t token =
+      (c[0] * p.plan.axis[1].p.length + c[1]) * p.plan.axis[2].p.length + c[2];
+  return (b * p.heads + h) * p.tokens + token;
+}
+
+// The group positions, validity, lse and row terms (head h) of the
+// `Queries` slots of query tile `tile` of a key-owning block (the block's
+// first threads), visible to the whole block on return.
+template <int Queries>
+__device__ void load_query_slots(const FusedParams& p, const tiling::Block& blk,
+                                 const tiling::Tile& tile, std::int64_t b, int h,
+                                 int (&pos)[Queries][kAxes], bool (&valid)[Queries],
+                                 float (&lse)[Queries], float (&term)[Queries]) {
+  if (threadIdx.x < Queries) {
+    const int i = threadIdx.x;
+    int extent[kAxes];
+    tiling::tile_extents(p.plan, true, extent);
+    valid[i] = tiling::slot_position(i, extent, tile.lo, tile.hi, pos[i]);
+    if (valid[i]) {
+      std::int64_t c[kAxes];
+      full_coords(p.plan, blk, pos[i], c);
+      lse[i] = static_cast<const float*>(p.lse.data)[p.lse.row(b, c, h)];
+      term[i] = p.row_term[row_term_index(p, b, h, c)];
+    }
+  }
+  __syncthreads();
 }
 
 // Backward, query side: D_i, dq, and the rpb gradient.
@@ -269,12 +341,7 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
   row_term = lane_sum<kLanes>(row_term);
   const float lse =
       query.valid ? static_cast<const float*>(p.lse.data)[p.lse.row(b, query.coord, h)] : 0.f;
-  if (query.valid && me.lane == 0) {
-    p.row_term[(b * p.heads + h) * p.tokens + token_index(p, query.coord)] = row_term;
-  }
-  const std::int64_t bias_head = h * static_cast<std::int64_t>(
-      (2 * p.plan.axis[0].p.kernel - 1) * (2 * p.plan.axis[1].p.kernel - 1) *
-      (2 * p.plan.axis[2].p.kernel - 1));
+  if (query.valid && me.lane == 0) p.row_term[row_term_index(p, b, h, query.coord)] = row_term;
 
   for_each_key_tile<T>(p, me, kt, [&](const tiling::Tile& tile) {
 #pragma unroll 4
@@ -294,14 +361,7 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
       const float dlogit = expf(logit - lse) * (dprob - row_term);
       #pragma unroll
       for (int i = 0; i < kChunk; ++i) dq_acc[i] += dlogit * kt.k[j][me.dim(i)];
-      if (p.bias_grad && me.lane == 0) {
-        int r[kAxes];
-        #pragma unroll
-        for (int a = 0; a < kAxes; ++a) {
-          r[a] = tiling::rpb_index(query.pos[a], kt.pos[j][a], p.plan.axis[a].p);
-        }
-        atomicAdd(p.bias_grad + bias_head + bias_flat(p.plan.axis[1].p, p.plan.axis[2].p, r), dlogit);
-      }
+      if (p.bias_grad && me.lane == 0) add_bias_grad(p, h, query.pos, kt.pos[j], dlogit);
     }
   });
 
@@ -333,26 +393,12 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
   const int hk = blockIdx.y;
   const std::int64_t b = blockIdx.z;
   const int lane = threadIdx.x % kLanes;
-  int key_extent[kAxes], query_extent[kAxes];
-  tiling::tile_extents(p.plan, false, key_extent);
-  tiling::tile_extents(p.plan, true, query_extent);
-
-  // The thread's key and, per axis, the run of queries that see it.
-  int key[kAxes], run_lo[kAxes], run_hi[kAxes];
-  std::int64_t key_coord[kAxes];
-  const bool valid =
-      tiling::slot_position(threadIdx.x / kLanes, key_extent, blk.own_lo, blk.own_hi, key);
-  #pragma unroll
-  for (int a = 0; a < kAxes; ++a) {
-    int first = 0, last = -1;
-    if (valid) tiling::queries_seeing(key[a], blk.len_g[a], p.plan.axis[a].p, &first, &last);
-    run_lo[a] = first;
-    run_hi[a] = last + 1;
-    key_coord[a] = valid ? tiling::full_index(blk.group[a], key[a], p.plan.axis[a].p) : 0;
-  }
+  OwnedKey key;
+  key.init(p.plan, blk, threadIdx.x / kLanes);
+  const bool valid = key.valid;
 
   float k_reg[kChunk], v_reg[kChunk], dk_acc[kChunk], dv_acc[kChunk];
-  const std::int64_t k_row = p.k.row(b, key_coord, hk), v_row = p.v.row(b, key_coord, hk);
+  const std::int64_t k_row = p.k.row(b, key.coord, hk), v_row = p.v.row(b, key.coord, hk);
   #pragma unroll
   for (int i = 0; i < kChunk; ++i) {
     const int d = lane + kLanes * i;
@@ -365,29 +411,13 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
     for (int t = 0; t < blk.num_tiles; ++t) {
       const tiling::Tile tile = tiling::make_tile(p.plan, blk, t);
-      if (threadIdx.x < kQueries) {
-        const int i = threadIdx.x;
-        query_valid[i] = tiling::slot_position(i, query_extent, tile.lo, tile.hi, query_pos[i]);
-        if (query_valid[i]) {
-          std::int64_t c[kAxes];
-          #pragma unroll
-          for (int a = 0; a < kAxes; ++a) {
-            c[a] = tiling::full_index(blk.group[a], query_pos[i][a], p.plan.axis[a].p);
-          }
-          lse_tile[i] = static_cast<const float*>(p.lse.data)[p.lse.row(b, c, h)];
-          term_tile[i] = p.row_term[(b * p.heads + h) * p.tokens + token_index(p, c)];
-        }
-      }
-      __syncthreads();
+      load_query_slots<kQueries>(p, blk, tile, b, h, query_pos, query_valid, lse_tile, term_tile);
       for (int e = threadIdx.x; e < kQueries * Bucket; e += tiling::kThreads) {
         const int i = e / Bucket, d = e % Bucket;
         float qx = 0.f, dx = 0.f;
         if (query_valid[i]) {
           std::int64_t c[kAxes];
-          #pragma unroll
-          for (int a = 0; a < kAxes; ++a) {
-            c[a] = tiling::full_index(blk.group[a], query_pos[i][a], p.plan.axis[a].p);
-          }
+          full_coords(p.plan, blk, query_pos[i], c);
           if (d < p.dim) qx = load<T>(p.q.data, p.q.row(b, c, h) + d * p.q.d);
           if (d < p.dim_v) dx = load<T>(p.dout.data, p.dout.row(b, c, h) + d * p.dout.d);
         }
@@ -406,11 +436,9 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
         qk = lane_sum<kLanes>(qk);
         dprob = lane_sum<kLanes>(dprob);
         const int* iq = query_pos[i];
-        const bool related = run_lo[0] <= iq[0] && iq[0] < run_hi[0] && run_lo[1] <= iq[1] &&
-                             iq[1] < run_hi[1] && run_lo[2] <= iq[2] && iq[2] < run_hi[2];
-        if (!(valid && query_valid[i] && (tile.full || related))) continue;
+        if (!(valid && query_valid[i] && (tile.full || key.seen_by(iq)))) continue;
         float logit = qk * p.scale;
-        if (p.rpb.data) logit += bias_at<T>(p, h, iq, key);
+        if (p.rpb.data) logit += bias_at<T>(p, h, iq, key.pos);
         const float prob = expf(logit - lse_tile[i]);
         const float dlogit = prob * (dprob - term_tile[i]);
         #pragma unroll
@@ -424,7 +452,7 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
   }
 
   if (!valid) return;
-  const std::int64_t dk_row = p.dk.row(b, key_coord, hk), dv_row = p.dv.row(b, key_coord, hk);
+  const std::int64_t dk_row = p.dk.row(b, key.coord, hk), dv_row = p.dv.row(b, key.coord, hk);
   #pragma unroll
   for (int i = 0; i < kChunk; ++i) {
     const int d = lane + kLanes * i;

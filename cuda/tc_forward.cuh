@@ -1,8 +1,8 @@
 // Tensor-core fused forward for float16 and bfloat16 on sm_80+:
 // mma.sync.aligned.m16n8k16 with float32 accumulators, an online softmax in
 // registers (FlashAttention-2 style), and lse in the SIMT kernel's meaning
-// (natural log of the sum of exp(logit)), so the SIMT backward consumes it
-// unchanged.
+// (natural log of the sum of exp(logit)), so either backward (SIMT, or
+// tc_backward.cuh) consumes it unchanged.
 //
 // The tile schedule is the SIMT kernels' (tiling.h): a block owns a
 // multi-dimensional tile of 64 queries of one dilation group, four warps of
@@ -95,9 +95,10 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x;
 }
 
-// Which of K and V rows may be read as 16-byte vectors: unit head-dim
-// stride, a head dim that is a multiple of 8, and 16-byte aligned rows.
-enum : unsigned { kVectorK = 1, kVectorV = 2 };
+// Which rows (of K, V, and in the backward Q and dO) may be read as 16-byte
+// vectors: unit head-dim stride, a head dim that is a multiple of 8, and
+// 16-byte aligned rows.
+enum : unsigned { kVectorK = 1, kVectorV = 2, kVectorQ = 4, kVectorDout = 8 };
 
 inline bool rows_are_16_byte_aligned(const View& v, int dim, std::size_t element) {
   const std::int64_t align = 16 / static_cast<std::int64_t>(element);
@@ -105,6 +106,21 @@ inline bool rows_are_16_byte_aligned(const View& v, int dim, std::size_t element
             v.b % align == 0 && v.h % align == 0;
   for (int a = 0; a < kAxes; ++a) ok = ok && v.s[a] % align == 0;
   return ok;
+}
+template <typename T>
+unsigned vector_load_flags(const FusedParams& p) {
+  const auto flag = [](const View& v, int dim, unsigned bit) {
+    return v.data && rows_are_16_byte_aligned(v, dim, sizeof(T)) ? bit : 0u;
+  };
+  return flag(p.k, p.dim, kVectorK) | flag(p.v, p.dim_v, kVectorV) | flag(p.q, p.dim, kVectorQ) |
+         flag(p.dout, p.dim_v, kVectorDout);
+}
+
+// Zeroed m16n8 accumulators.
+template <int Tiles>
+__device__ __forceinline__ void zero(float (&acc)[Tiles][4]) {
+  #pragma unroll
+  for (int n = 0; n < Tiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
 }
 
 // Eight elements d0 .. d0 + 7 of a row (zero past `dim`).
@@ -125,6 +141,23 @@ __device__ __forceinline__ uint4 load_8(const View& v, std::int64_t row, int d0,
   return uint4{x[0], x[1], x[2], x[3]};
 }
 
+// Copies rows 0 .. Rows - 1 of view x (head `head`) into padded
+// shared-memory rows (mma::smem_offset), zero where coords(j, c) says row j
+// holds no token, and past the head dim. The whole block takes part; no
+// barrier.
+template <typename T, int Bucket, int Rows, typename Coords>
+__device__ __forceinline__ void stage_rows(Coords&& coords, std::int64_t b, int head,
+                                           const View& x, int dim, bool vector, T* sx) {
+  constexpr int kPieces = Bucket / 8;  // 16-byte pieces per row
+  for (int e = threadIdx.x; e < Rows * kPieces; e += tiling::kThreads) {
+    const int j = e / kPieces, d0 = (e % kPieces) * 8;
+    uint4 xv{0u, 0u, 0u, 0u};
+    std::int64_t c[kAxes];
+    if (coords(j, c)) xv = load_8<T>(x, x.row(b, c, head), d0, dim, vector);
+    *reinterpret_cast<uint4*>(&sx[mma::smem_offset(j, d0, Bucket)]) = xv;
+  }
+}
+
 template <typename T, int Bucket, int Keys>
 struct TcKeyTile {
   alignas(16) T k[Keys * mma::smem_row_stride(Bucket)];
@@ -139,22 +172,12 @@ __device__ void load_tc_key_tile(const FusedParams& p, const tiling::Block& blk,
                                  const tiling::Tile& tile, std::int64_t b, int hk,
                                  unsigned vector_loads, TcKeyTile<T, Bucket, Keys>& kt) {
   load_key_slots<Keys>(p, tile, kt.pos, kt.valid);
-  constexpr int kPieces = Bucket / 8;  // 16-byte pieces per row
-  for (int e = threadIdx.x; e < Keys * kPieces; e += tiling::kThreads) {
-    const int j = e / kPieces, d0 = (e % kPieces) * 8;
-    uint4 kx{0u, 0u, 0u, 0u}, vx{0u, 0u, 0u, 0u};
-    if (kt.valid[j]) {
-      std::int64_t c[kAxes];
-      #pragma unroll
-      for (int a = 0; a < kAxes; ++a) {
-        c[a] = tiling::full_index(blk.group[a], kt.pos[j][a], p.plan.axis[a].p);
-      }
-      kx = load_8<T>(p.k, p.k.row(b, c, hk), d0, p.dim, vector_loads & kVectorK);
-      vx = load_8<T>(p.v, p.v.row(b, c, hk), d0, p.dim_v, vector_loads & kVectorV);
-    }
-    *reinterpret_cast<uint4*>(&kt.k[mma::smem_offset(j, d0, Bucket)]) = kx;
-    *reinterpret_cast<uint4*>(&kt.v[mma::smem_offset(j, d0, Bucket)]) = vx;
-  }
+  const auto coords = [&](int j, std::int64_t* c) {
+    if (kt.valid[j]) full_coords(p.plan, blk, kt.pos[j], c);
+    return kt.valid[j];
+  };
+  stage_rows<T, Bucket, Keys>(coords, b, hk, p.k, p.dim, vector_loads & kVectorK, kt.k);
+  stage_rows<T, Bucket, Keys>(coords, b, hk, p.v, p.dim_v, vector_loads & kVectorV, kt.v);
   __syncthreads();
 }
 
@@ -183,7 +206,7 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
   std::int64_t q_row[2];
   #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    rows[r].init(p.plan, blk, mma::query_slot(warp, lane, r));
+    rows[r].init(p.plan, blk, mma::row_slot(warp, lane, r));
     q_row[r] = p.q.row(b, rows[r].coord, h);
   }
   std::uint32_t q_frag[kDimChunks][4];
@@ -203,8 +226,7 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
   }
 
   float o[kDimTiles][4];
-  #pragma unroll
-  for (int n = 0; n < kDimTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  zero(o);
   float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.f, 0.f};  // log2 units
   const float scale_log2 = p.scale * kLog2e;
 
@@ -213,13 +235,12 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
     load_tc_key_tile<T, Bucket, kKeys>(p, blk, tile, b, hk, vector_loads, kt);
 
     float s[kKeyTiles][4];
-    #pragma unroll
-    for (int n = 0; n < kKeyTiles; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    zero(s);
     #pragma unroll
     for (int c = 0; c < kDimChunks; ++c) {
       #pragma unroll
       for (int pair = 0; pair < kKeyTiles / 2; ++pair) {
-        const mma::Cell cell = mma::k_ldmatrix_cell(lane, pair, c);
+        const mma::Cell cell = mma::b_ldmatrix_cell(lane, pair, c);
         std::uint32_t k_frag[4];
         ldmatrix_x4<false>(k_frag, &kt.k[mma::smem_offset(cell.row, cell.col, Bucket)]);
         mma_16816<T>(s[2 * pair], q_frag[c], k_frag);
@@ -275,7 +296,7 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
       }
       #pragma unroll
       for (int pair = 0; pair < kDimTiles / 2; ++pair) {
-        const mma::Cell cell = mma::v_ldmatrix_cell(lane, c, pair);
+        const mma::Cell cell = mma::b_trans_ldmatrix_cell(lane, c, pair);
         std::uint32_t v_frag[4];
         ldmatrix_x4<true>(v_frag, &kt.v[mma::smem_offset(cell.row, cell.col, Bucket)]);
         mma_16816<T>(o[2 * pair], p_frag, v_frag);
@@ -310,37 +331,46 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
 #endif
 }
 
-template <typename T, int Bucket>
-bool tc_forward_bucket(const FusedParams& params, std::int64_t batch, cudaStream_t stream) {
-  // The code that would run on this device: tensor cores need sm_80 code.
+// Whether the code of `kernel` that would run on the current device is
+// sm_80+ (tensor cores); older GPUs get the kernels' empty stubs.
+template <typename Kernel>
+bool runs_sm80_code(Kernel kernel) {
   cudaFuncAttributes attributes{};
-  if (cudaFuncGetAttributes(&attributes, tc_forward_kernel<T, Bucket>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
   }
-  if (attributes.binaryVersion < 80) return false;
+  return attributes.binaryVersion >= 80;
+}
+
+// f(bucket constant) for the tensor-core buckets (up to tiling::kTcMaxHeadDim);
+// false, calling nothing, for the others.
+template <typename F>
+bool dispatch_tc_bucket(int bucket, F&& f) {
+  if (bucket > tiling::kTcMaxHeadDim) return false;
+  bool launched = false;
+  dispatch_bucket(bucket, [&](auto b) {
+    if constexpr (decltype(b)::value <= tiling::kTcMaxHeadDim) launched = f(b);
+  });
+  return launched;
+}
+
+template <typename T, int Bucket>
+bool tc_forward_bucket(const FusedParams& params, std::int64_t batch, cudaStream_t stream) {
+  if (!runs_sm80_code(tc_forward_kernel<T, Bucket>)) return false;
   const FusedParams p = with_plan(params, tiling::tc_forward_queries(),
                                   tiling::tc_forward_keys(Bucket), true);
-  const unsigned vector_loads =
-      (rows_are_16_byte_aligned(p.k, p.dim, sizeof(T)) ? kVectorK : 0u) |
-      (rows_are_16_byte_aligned(p.v, p.dim_v, sizeof(T)) ? kVectorV : 0u);
   tc_forward_kernel<T, Bucket><<<fused_grid(p, p.heads, batch, "na_forward"), tiling::kThreads,
-                                 0, stream>>>(p, vector_loads);
+                                 0, stream>>>(p, vector_load_flags<T>(p));
   return true;
 }
 
 template <typename T>
 bool launch_tc_forward(const FusedParams& p, int bucket, std::int64_t batch,
                        cudaStream_t stream) {
-  if (bucket > tiling::kTcMaxHeadDim) return false;
-  bool launched = false;
-  dispatch_bucket(bucket, [&](auto b) {
-    constexpr int kBucket = decltype(b)::value;
-    if constexpr (kBucket <= tiling::kTcMaxHeadDim) {
-      launched = tc_forward_bucket<T, kBucket>(p, batch, stream);
-    }
+  return dispatch_tc_bucket(bucket, [&](auto b) {
+    return tc_forward_bucket<T, decltype(b)::value>(p, batch, stream);
   });
-  return launched;
 }
 
 }  // namespace libna::cuda_impl

@@ -86,12 +86,14 @@ def test_cpp_tiling(cmake, tmp_path):
 
 
 def test_cpp_mma_layout(cmake, tmp_path):
-    """The tensor-core forward's fragment layouts (PTX ISA m16n8k16, ldmatrix)
+    """The tensor-core kernels' fragment layouts (PTX ISA m16n8k16, ldmatrix)
     and shared-memory addressing, run on a simulated warp against plain
-    matrix arithmetic: S, the online-softmax row statistics, O and lse."""
+    matrix arithmetic: the forward's S, online-softmax row statistics, O and
+    lse; the backward's D, S, dP, dS, dq (query side) and S^T, dP^T, P^T,
+    dS^T, dk, dv (key side)."""
     out = run(build(cmake, ROOT / "tests" / "cpp", tmp_path / "tests", "test_mma_layout"))
     lines = out.splitlines()
-    for name in ("layouts", "warp", "block"):
+    for name in ("layouts", "warp", "backward", "block"):
         assert f"{name}: ok" in lines, out
     assert "FAILED" not in out, out
     summary = lines[-1].split()

@@ -1,6 +1,6 @@
 """The CUDA backend as built, checked without a GPU: every fused kernel
 (forward, dq, dk/dv for each dtype and head-dim bucket; the tensor-core
-forward for float16/bfloat16 and buckets 32/64/128) and every unfused
+forward, dq and dk/dv for float16/bfloat16 and buckets 32/64/128) and every unfused
 kernel is in the library for every architecture that build_info() reports,
 with no register spills, no local-memory stack and static shared memory
 within the per-block limit.
@@ -27,8 +27,8 @@ SMEM_LIMIT = 48 * 1024
 DTYPES = ("f", "6__half", "13__nv_bfloat16")
 BUCKETS = (32, 64, 128, 256)
 FUSED = ("fused_forward_kernel", "fused_dq_kernel", "fused_dkdv_kernel")
-# The tensor-core forward: float16 and bfloat16, buckets up to 128.
-TENSOR_CORE = "tc_forward_kernel"
+# The tensor-core forward and backward: float16 and bfloat16, buckets up to 128.
+TENSOR_CORE = ("tc_forward_kernel", "tc_dq_kernel", "tc_dkdv_kernel")
 TC_DTYPES = ("6__half", "13__nv_bfloat16")
 TC_BUCKETS = (32, 64, 128)
 UNFUSED = ("qk_kernel", "slot_gather_kernel", "key_grad_kernel", "qk_bias_grad_kernel",
@@ -115,7 +115,7 @@ def expected_kernels():
 
 
 def tensor_core_kernels():
-    return [f"{TENSOR_CORE}I{t}Li{b}E" for t in TC_DTYPES for b in TC_BUCKETS]
+    return [f"{k}I{t}Li{b}E" for k in TENSOR_CORE for t in TC_DTYPES for b in TC_BUCKETS]
 
 
 def test_build_info_reports_architectures():
@@ -157,7 +157,7 @@ def test_tensor_core_kernels_compiled_for_sm80_and_later(usage):
 
 def test_library_holds_forward_and_backward_kernels():
     blob = library().read_bytes()
-    for kernel in FUSED + UNFUSED + (TENSOR_CORE,):
+    for kernel in FUSED + UNFUSED + TENSOR_CORE:
         assert kernel.encode() in blob, f"{kernel} is not in {library().name}"
 
 

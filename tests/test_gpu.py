@@ -312,25 +312,76 @@ def check_tensor_core_forward(case, kernel, qkv, rpb, kw, dtype, scale=None):
     assert err_lse <= 1e-4, f"lse: error {err_lse:.3g}"  # float32 statistics of rounded inputs
 
 
+
+# The tensor-core backward (dq and dk/dv kernels) follows the same rule: each gradient's error against the float64 reference
+# gradients (of the same rounded inputs, out and lse) is at most twice that
+# of the dense-mask attention differentiated by PyTorch autograd in the same
+# dtype (on the CPU), plus a small floor.
+TC_GRAD_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def tc_backward(case, kernel, qkv, rpb, kw, dtype, scale=None, seed=4):
+    """The CUDA forward and backward of float16/bfloat16 inputs: (inputs,
+    out, lse, dout, grads) with every tensor on the GPU."""
+    rank = len(case[0])
+    q, k, v = (to_torch(x, dtype, "cuda") for x in qkv)
+    r = to_torch(rpb, dtype, "cuda")
+    out, lse = getattr(libna, f"na{rank}d")(q, k, v, kernel, rpb=r, scale=scale,
+                                            return_lse=True, **kw)
+    dout = to_torch(np.random.default_rng(seed).standard_normal(tuple(out.shape)), dtype, "cuda")
+    grads = getattr(libna, f"na{rank}d_backward")(q, k, v, out, dout, lse, kernel, rpb=r,
+                                                  scale=scale, **kw)
+    return (q, k, v, r), out, lse, dout, grads
+
+
+def check_tensor_core_backward(case, kernel, qkv, rpb, kw, dtype, scale=None):
+    rank = len(case[0])
+    (q, k, v, r), out, lse, dout, grads = tc_backward(case, kernel, qkv, rpb, kw, dtype, scale)
+    assert len(grads) == (3 if rpb is None else 4)
+    ref = getattr(reference, f"na{rank}d_backward")(
+        *(f64(x) for x in (q, k, v, out, dout, lse)), kernel,
+        rpb=None if r is None else f64(r), scale=scale, **kw)
+    full = lambda t: tuple(t) if isinstance(t, tuple) else (t,) * rank
+    dense_args = (kernel, full(kw["stride"]), full(kw["dilation"]), full(kw["is_causal"]))
+    leaves = [x.cpu().requires_grad_() for x in (q, k, v)]
+    rpb_leaf = None if r is None else r.cpu().requires_grad_()
+    dense, _ = dense_na(*leaves, *dense_args, scale=scale, rpb=rpb_leaf)
+    dense.backward(dout.cpu())
+    dense_grads = [x.grad for x in leaves] + ([] if r is None else [rpb_leaf.grad])
+    for name, g, d, rf in zip(("dq", "dk", "dv", "drpb"), grads, dense_grads, ref):
+        assert g.device.type == "cuda" and g.dtype == dtype, name
+        bound = 2 * max_err(d, rf) + TC_GRAD_FLOOR[dtype]
+        err = max_err(g, rf)
+        assert err <= bound, f"{name}: tensor-core error {err:.3g} > {bound:.3g}"
+    return grads
+
+
+
+TC_CHECKS = {"forward": check_tensor_core_forward, "backward": check_tensor_core_backward}
+
+
 @pytest.mark.skipif(not sm80(), reason="tensor cores need sm_80+")
+@pytest.mark.parametrize("direction", TC_CHECKS)
 @pytest.mark.parametrize("dtype", TC_DTYPES.values(), ids=TC_DTYPES.keys())
 @pytest.mark.parametrize("dim", [32, 64, 128])
 @pytest.mark.parametrize("case", TC_CASES, ids=case_id)
-def test_tensor_core_forward(case, dim, dtype, rng):
+def test_tensor_core(case, dim, dtype, direction, rng):
     with_rpb = not any(case[4]) and all(s == 1 for s in case[2])
     kernel, qkv, rpb, kw = tc_problem(case, rng, dim, dim, 4, 2, with_rpb)
-    check_tensor_core_forward(case, kernel, qkv, rpb, kw, dtype)
+    TC_CHECKS[direction](case, kernel, qkv, rpb, kw, dtype)
 
 
 @pytest.mark.skipif(not sm80(), reason="tensor cores need sm_80+")
+@pytest.mark.parametrize("direction", TC_CHECKS)
 @pytest.mark.parametrize("dtype", TC_DTYPES.values(), ids=TC_DTYPES.keys())
 @pytest.mark.parametrize("dim,dim_v,heads,heads_kv", [
     (32, 32, 8, 1), (64, 16, 6, 3), (40, 72, 4, 2), (128, 96, 2, 2), (8, 128, 3, 1)])
-def test_tensor_core_head_dims_and_gqa(dim, dim_v, heads, heads_kv, dtype, rng):
-    """GQA, D_v != D, head dims that are not multiples of 8 (scalar loads)."""
+def test_tensor_core_head_dims_and_gqa(dim, dim_v, heads, heads_kv, dtype, direction, rng):
+    """GQA (the backward sums dk/dv over the query heads of a kv head), D_v != D,
+    head dims that are not multiples of 8 (scalar loads), rpb and its gradient."""
     case = ((11, 14), (5, 7), (1, 1), (2, 1), (False, False))
     kernel, qkv, rpb, kw = tc_problem(case, rng, dim, dim_v, heads, heads_kv, True)
-    check_tensor_core_forward(case, kernel, qkv, rpb, kw, dtype, scale=0.2)
+    TC_CHECKS[direction](case, kernel, qkv, rpb, kw, dtype, scale=0.2)
 
 
 @pytest.mark.skipif(not sm80(), reason="tensor cores need sm_80+")
@@ -342,10 +393,16 @@ def test_tensor_core_head_dims_and_gqa(dim, dim_v, heads, heads_kv, dtype, rng):
     ((16, 16, 16), (5, 5, 5), (1, 1, 1), (1, 1, 1), (False, False, False)),
 ], ids=case_id)
 def test_tensor_core_large(case, rng):
-    """Many query blocks, many full (unmasked) and partial key tiles."""
+    """Many blocks, many full (unmasked) and partial tiles, forward and
+    backward; dq, dk and dv are written once each (no atomics), so a second
+    backward is bitwise equal."""
     kernel, qkv, rpb, kw = tc_problem(case, rng, 64, 64, 2, 1, False)
     for dtype in TC_DTYPES.values():
         check_tensor_core_forward(case, kernel, qkv, rpb, kw, dtype)
+        first = check_tensor_core_backward(case, kernel, qkv, rpb, kw, dtype)
+        _, _, _, _, again = tc_backward(case, kernel, qkv, rpb, kw, dtype)
+        for name, a, b in zip(("dq", "dk", "dv"), first, again):
+            assert torch.equal(a, b), name
 
 
 def launched_kernels(fn):
@@ -358,41 +415,55 @@ def launched_kernels(fn):
 
 
 def test_tensor_core_dispatch(rng):
-    """float16/bfloat16 with head dims up to 128 run the tensor-core kernel on
-    sm_80+; float32, head dims above 128 and older GPUs run the SIMT one."""
+    """float16/bfloat16 with head dims up to 128 run the tensor-core forward,
+    dq and dk/dv kernels on sm_80+; float32, head dims above 128 and older
+    GPUs run the SIMT ones."""
     def kernels(dtype, dim):
         q, k, v = (to_torch(x, dtype, "cuda") for x in make_qkv(rng, 1, (20, 20), 2, 2, dim, dim))
-        return launched_kernels(lambda: libna.na2d(q, k, v, (5, 5)))
+        out, lse = libna.na2d(q, k, v, (5, 5), return_lse=True)
+        return launched_kernels(lambda: (libna.na2d(q, k, v, (5, 5), return_lse=True),
+                                         libna.na2d_backward(q, k, v, out, out, lse, (5, 5))))
 
-    uses_tc = lambda names: any("tc_forward_kernel" in n for n in names)
-    for dtype in TC_DTYPES.values():
-        assert uses_tc(kernels(dtype, 64)) == sm80()
-        assert uses_tc(kernels(dtype, 128)) == sm80()
-        assert not uses_tc(kernels(dtype, 200))
-    assert not uses_tc(kernels(torch.float32, 64))
+    uses = lambda names, kernel: any(kernel in n for n in names)
+    tc = ("tc_forward_kernel", "tc_dq_kernel", "tc_dkdv_kernel")
+    simt = ("fused_forward_kernel", "fused_dq_kernel", "fused_dkdv_kernel")
+    for dtype, dim in [(t, d) for t in TC_DTYPES.values() for d in (64, 128, 200)] + [
+            (torch.float32, 64)]:
+        names = kernels(dtype, dim)
+        on_tc = sm80() and dtype != torch.float32 and dim <= 128
+        for a, b in zip(tc, simt):
+            assert uses(names, a) == on_tc and uses(names, b) != on_tc, (dtype, dim, a, names)
 
 
 @pytest.mark.skipif(not sm80(), reason="tensor cores need sm_80+")
 def test_tensor_core_strided_views_match_contiguous(rng):
-    """Strided and misaligned rows (scalar loads) give bitwise the results of
-    contiguous aligned ones (16-byte vector loads)."""
+    """Strided and misaligned rows (scalar loads) give bitwise the results and
+    gradients of contiguous aligned ones (16-byte vector loads of K and V in
+    the forward and dq, of K, V, Q and dO in dk/dv)."""
     base = torch.from_numpy(rng.standard_normal((2, 4, 10, 12, 80))).half().cuda()
     q = base.permute(0, 2, 3, 1, 4)[..., :64]
     k = base.permute(0, 2, 3, 1, 4)[..., 4:68]    # rows start 8 bytes off 16-byte alignment
     v = base.permute(0, 2, 3, 1, 4)[..., 16:80]
-    out, lse = libna.na2d(q, k, v, (3, 5), dilation=(2, 1), return_lse=True)
+    dout = base.flip(-1).permute(0, 2, 3, 1, 4)[..., 2:66]  # strided, 4 bytes off alignment
+    kw = dict(dilation=(2, 1))
+    out, lse = libna.na2d(q, k, v, (3, 5), return_lse=True, **kw)
     ref, ref_lse = libna.na2d(q.contiguous(), k.contiguous(), v.contiguous(), (3, 5),
-                              dilation=(2, 1), return_lse=True)
+                              return_lse=True, **kw)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     torch.testing.assert_close(lse, ref_lse, rtol=0, atol=0)
+    grads = libna.na2d_backward(q, k, v, out, dout, lse, (3, 5), **kw)
+    ref = libna.na2d_backward(*(x.contiguous() for x in (q, k, v, out, dout, lse)), (3, 5), **kw)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.skipif(not sm80(), reason="tensor cores need sm_80+")
 @pytest.mark.parametrize("dtype", TC_DTYPES.values(), ids=TC_DTYPES.keys())
 @pytest.mark.parametrize("case", TC_CASES[1::2], ids=case_id)
 def test_tensor_core_forward_feeds_the_backward(case, dtype, rng):
-    """The SIMT backward consumes the tensor-core forward's out and lse: the
-    whole CUDA pipeline's gradients against the CPU pipeline's and float64."""
+    """The backward consumes the tensor-core forward's out and lse: the whole
+    CUDA pipeline's gradients (tensor-core forward and backward) against the
+    CPU pipeline's and float64."""
     import libna.torch as lt
 
     rank = len(case[0])

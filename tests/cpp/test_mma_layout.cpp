@@ -1,4 +1,4 @@
-// Host test of the tensor-core forward's fragment and shared-memory
+// Host test of the tensor-core kernels' fragment and shared-memory
 // addressing (libna/mma_layout.h), which cannot run on a GPU here:
 //   - the header's m16n8k16 and ldmatrix layouts against the PTX ISA's,
 //     written again below in inverse form (which lane and element holds a
@@ -9,7 +9,18 @@
 //     over the rows' lanes, P taken from S's accumulators, V through
 //     ldmatrix.x4.trans, O, the row sums and lse; S, the running row maxima,
 //     O and lse must equal plain matrix arithmetic;
-//   - shared-memory addressing: in bounds, one offset per (key, dim), 16-byte
+//   - the backward's two kernels, all four warps of a block, over one and
+//     three visited tiles, D_v = D and D_v < D: the dq kernel's D = dO . O
+//     (over the A fragments' cells, a quad sum), S = Q K^T and dP = dO V^T
+//     (Q and dO A fragments through ldmatrix), dS = P (dP - D) on the
+//     accumulators and dq = scale dS K (dS fragments from the accumulators,
+//     K through ldmatrix.trans); the dk/dv kernel's
+//     S^T = K Q^T and dP^T = V dO^T (K and V A fragments through ldmatrix),
+//     P^T and dS^T with lse and D per column, dv = P^T dO and dk = scale dS^T Q;
+//     with masked pairs, invalid slots, a query and a key that see nothing,
+//     and rows that see nothing in the first tile; every output element
+//     stored exactly once;
+//   - shared-memory addressing: in bounds, one offset per (row, dim), 16-byte
 //     aligned ldmatrix rows and vector stores, no bank conflict in any
 //     ldmatrix phase.
 // Prints "<name>: ok" per part and a summary; exits non-zero on any failure.
@@ -159,6 +170,30 @@ struct Smem {
   bool in_bounds = true, aligned = true, conflict_free = true;
 
   explicit Smem(int elements) : cell(elements, std::nan("")) {}
+  // The block's tile load: `rows` rows of `bucket` elements (row-major in
+  // `data`, from row `first`) in 16-byte pieces at smem_offset; every piece
+  // aligned and in bounds, every element written exactly once.
+  bool stage(int rows, int bucket, const std::vector<double>& data, int first = 0) {
+    bool ok = true;
+    std::vector<int> written(cell.size(), 0);
+    for (int j = 0; j < rows; ++j) {
+      for (int d0 = 0; d0 < bucket; d0 += 8) {
+        const int offset = mma::smem_offset(j, d0, bucket);
+        ok = ok && offset % 8 == 0 && offset >= 0 && offset + 8 <= static_cast<int>(cell.size());
+        if (!ok) continue;
+        for (int e = 0; e < 8; ++e) {
+          ++written[offset + e];
+          cell[offset + e] = data[(first + j) * bucket + d0 + e];
+        }
+      }
+    }
+    int total = 0;
+    for (int w : written) {
+      ok = ok && w <= 1;
+      total += w;
+    }
+    return ok && total == rows * bucket;
+  }
   // Registers [lane][4 matrices x 2 halves] from the lanes' row offsets.
   Regs8 ldmatrix_x4(const int* row_offset, bool trans) {
     for (int m = 0; m < 4; ++m) {
@@ -242,35 +277,16 @@ void simulate_forward(int bucket, int tiles, unsigned seed) {
   bool s_ok = true, max_ok = true, smem_ok = true;
 
   for (int t = 0; t < tiles; ++t) {
-    // The block's tile load: 16-byte pieces at smem_offset.
     const int smem_size = keys * mma::smem_row_stride(bucket);
     Smem ks(smem_size), vs(smem_size);
-    std::vector<int> written(smem_size, 0);
-    for (int j = 0; j < keys; ++j) {
-      for (int d0 = 0; d0 < bucket; d0 += 8) {
-        const int offset = mma::smem_offset(j, d0, bucket);
-        smem_ok = smem_ok && offset % 8 == 0 && offset >= 0 && offset + 8 <= smem_size;
-        if (!smem_ok) continue;
-        for (int e = 0; e < 8; ++e) {
-          ++written[offset + e];
-          ks.cell[offset + e] = k[t][j * bucket + d0 + e];
-          vs.cell[offset + e] = v[t][j * bucket + d0 + e];
-        }
-      }
-    }
-    int written_once = 0;
-    for (int w : written) {
-      smem_ok = smem_ok && w <= 1;
-      written_once += w;
-    }
-    smem_ok = smem_ok && written_once == keys * bucket;
+    smem_ok = smem_ok && ks.stage(keys, bucket, k[t]) && vs.stage(keys, bucket, v[t]);
 
     std::vector<Regs8> s(key_tiles, lanes(4));
     for (int c = 0; c < dim_chunks; ++c) {
       for (int pair = 0; pair < key_tiles / 2; ++pair) {
         int offsets[kLanes];
         for (int lane = 0; lane < kLanes; ++lane) {
-          const mma::Cell cell = mma::k_ldmatrix_cell(lane, pair, c);
+          const mma::Cell cell = mma::b_ldmatrix_cell(lane, pair, c);
           offsets[lane] = mma::smem_offset(cell.row, cell.col, bucket);
         }
         const Regs8 k_frag = ks.ldmatrix_x4(offsets, false);
@@ -344,7 +360,7 @@ void simulate_forward(int bucket, int tiles, unsigned seed) {
       for (int pair = 0; pair < dim_tiles / 2; ++pair) {
         int offsets[kLanes];
         for (int lane = 0; lane < kLanes; ++lane) {
-          const mma::Cell cell = mma::v_ldmatrix_cell(lane, c, pair);
+          const mma::Cell cell = mma::b_trans_ldmatrix_cell(lane, c, pair);
           offsets[lane] = mma::smem_offset(cell.row, cell.col, bucket);
         }
         const Regs8 v_frag = vs.ldmatrix_x4(offsets, true);
@@ -415,6 +431,357 @@ void simulate_forward(int bucket, int tiles, unsigned seed) {
   report(stored_once, "every output element stored by exactly one lane", __LINE__);
 }
 
+// ldmatrix.x4 of a warp whose lanes address cell_of(lane) of `sm`'s rows.
+template <typename CellOf>
+Regs8 load_x4(Smem& sm, int bucket, bool trans, CellOf&& cell_of) {
+  int offsets[kLanes];
+  for (int lane = 0; lane < kLanes; ++lane) {
+    const mma::Cell cell = cell_of(lane);
+    offsets[lane] = mma::smem_offset(cell.row, cell.col, bucket);
+  }
+  return sm.ldmatrix_x4(offsets, trans);
+}
+
+// An A fragment from C fragments (P, dS, P^T, dS^T): mma::p_source.
+Regs8 a_from_accumulators(const std::vector<Regs8>& acc, int chunk) {
+  Regs8 a = lanes(8);
+  for (int lane = 0; lane < kLanes; ++lane) {
+    for (int i = 0; i < 8; ++i) {
+      const mma::Source src = mma::p_source(chunk, i);
+      a[lane][i] = acc[src.tile][lane][src.index];
+    }
+  }
+  return a;
+}
+
+// acc[2 pair], acc[2 pair + 1] += a B for every n-tile pair, B from `rows`
+// ([k][dim]) through ldmatrix.trans at k chunk `chunk` (the kernels'
+// mma_rows_trans).
+void mma_rows_trans(std::vector<Regs8>& acc, const Regs8& a, Smem& rows, int bucket, int chunk) {
+  for (int pair = 0; pair < bucket / mma::kN / 2; ++pair) {
+    const Regs8 b = load_x4(rows, bucket, true, [&](int lane) {
+      return mma::b_trans_ldmatrix_cell(lane, chunk, pair);
+    });
+    mma_16816(acc[2 * pair], a, b);
+    mma_16816(acc[2 * pair + 1], a, upper_half(b));
+  }
+}
+
+// One backward problem: 64 queries and `keys` keys, or 64 keys and
+// `queries` queries (one block's owned rows, four warps of 16, against
+// visited tiles), D = bucket head dims for Q and K and dim_v for V and dO.
+// Small integers keep S, dP and D exact; the reference is plain arithmetic.
+struct BackwardProblem {
+  int bucket, dim_v, queries, keys;
+  std::vector<double> q, k, v, dout, out;  // rows of `bucket`, zero past the head dim
+  std::vector<bool> keep;                  // [query][key]
+  std::vector<bool> valid_query, valid_key;  // invalid slots: nothing kept, never stored
+  // reference
+  std::vector<double> s, dp, prob, ds, lse_log2, term, dq, dk, dv;
+  double scale = 0.125;
+
+  double scale_log2() const { return scale * 1.4426950408889634; }
+  BackwardProblem(int bucket_, int dim_v_, int queries_, int keys_, unsigned seed)
+      : bucket(bucket_), dim_v(dim_v_), queries(queries_), keys(keys_) {
+    std::mt19937 rng(seed);
+    std::uniform_int_distribution<int> small(-2, 2);
+    std::bernoulli_distribution masked(0.3);
+    auto fill = [&](std::vector<double>& x, int rows, int dim) {
+      x.assign(static_cast<std::size_t>(rows) * bucket, 0.0);
+      for (int r = 0; r < rows; ++r) {
+        for (int d = 0; d < dim; ++d) x[r * bucket + d] = small(rng);
+      }
+    };
+    fill(q, queries, bucket);
+    fill(k, keys, bucket);
+    fill(v, keys, dim_v);
+    fill(dout, queries, dim_v);
+    fill(out, queries, dim_v);
+    valid_query.assign(queries, true);
+    valid_key.assign(keys, true);
+    keep.assign(static_cast<std::size_t>(queries) * keys, false);
+    for (int i = 0; i < queries; ++i) {
+      for (int j = 0; j < keys; ++j) keep[i * keys + j] = !masked(rng);
+    }
+  }
+  void no_query(int i, bool invalid) {
+    for (int j = 0; j < keys; ++j) keep[i * keys + j] = false;
+    if (invalid) valid_query[i] = false;
+  }
+  void no_key(int j, bool invalid) {
+    for (int i = 0; i < queries; ++i) keep[i * keys + j] = false;
+    if (invalid) valid_key[j] = false;
+  }
+  void solve() {
+    const int nq = queries, nk = keys;
+    s.assign(nq * nk, 0);
+    dp.assign(nq * nk, 0);
+    prob.assign(nq * nk, 0);
+    ds.assign(nq * nk, 0);
+    lse_log2.assign(nq, 0);
+    term.assign(nq, 0);
+    for (int i = 0; i < nq; ++i) {
+      for (int d = 0; d < bucket; ++d) term[i] += dout[i * bucket + d] * out[i * bucket + d];
+      double m = kNegInf;
+      for (int j = 0; j < nk; ++j) {
+        for (int d = 0; d < bucket; ++d) {
+          s[i * nk + j] += q[i * bucket + d] * k[j * bucket + d];
+          dp[i * nk + j] += dout[i * bucket + d] * v[j * bucket + d];
+        }
+        if (keep[i * nk + j]) m = std::max(m, s[i * nk + j] * scale_log2());
+      }
+      double sum = 0;
+      for (int j = 0; j < nk; ++j) {
+        if (keep[i * nk + j]) sum += std::exp2(s[i * nk + j] * scale_log2() - m);
+      }
+      lse_log2[i] = m == kNegInf ? 0.0 : m + std::log2(sum);
+      for (int j = 0; j < nk; ++j) {
+        if (!keep[i * nk + j]) continue;
+        prob[i * nk + j] = std::exp2(s[i * nk + j] * scale_log2() - lse_log2[i]);
+        ds[i * nk + j] = prob[i * nk + j] * (dp[i * nk + j] - term[i]);
+      }
+    }
+    dq.assign(nq * bucket, 0);
+    dk.assign(nk * bucket, 0);
+    dv.assign(nk * bucket, 0);
+    for (int i = 0; i < nq; ++i) {
+      for (int j = 0; j < nk; ++j) {
+        for (int d = 0; d < bucket; ++d) {
+          dq[i * bucket + d] += scale * ds[i * nk + j] * k[j * bucket + d];
+          dk[j * bucket + d] += scale * ds[i * nk + j] * q[i * bucket + d];
+          dv[j * bucket + d] += prob[i * nk + j] * dout[i * bucket + d];
+        }
+      }
+    }
+  }
+};
+
+bool near(double got, double ref) { return std::fabs(got - ref) <= 1e-9 * (1 + std::fabs(ref)); }
+
+// Checks the stores of C fragments acc (16 rows of warp `warp`, head dims
+// below `dim` of `bucket`) against ref rows (scaled by `scale`); counts
+// stores per element.
+bool check_rows(const std::vector<Regs8>& acc, int warp, int bucket, int dim, double scale,
+                const std::vector<bool>& valid, const std::vector<double>& ref,
+                std::vector<int>& stored) {
+  bool ok = true;
+  for (int lane = 0; lane < kLanes; ++lane) {
+    for (int half = 0; half < 2; ++half) {
+      const int row = mma::row_slot(warp, lane, half);
+      if (!valid[row]) continue;
+      for (int n = 0; n < bucket / mma::kN; ++n) {
+        for (int j = 0; j < 2; ++j) {
+          const int d = mma::kN * n + mma::c_cell(lane, 2 * half + j).col;
+          if (d >= dim) continue;
+          ++stored[row * bucket + d];
+          ok = ok && near(acc[n][lane][2 * half + j] * scale, ref[row * bucket + d]);
+        }
+      }
+    }
+  }
+  return ok;
+}
+
+bool stored_once(const std::vector<int>& stored, const std::vector<bool>& valid, int bucket,
+                 int dim) {
+  bool ok = true;
+  for (std::size_t row = 0; row < valid.size(); ++row) {
+    for (int d = 0; d < bucket; ++d) {
+      ok = ok && stored[row * bucket + d] == (valid[row] && d < dim ? 1 : 0);
+    }
+  }
+  return ok;
+}
+
+// The dq kernel's four warps (64 query rows) over `tiles` key tiles.
+void simulate_dq(int bucket, int dim_v, int tiles, unsigned seed) {
+  const int keys = tl::tc_dq_keys(bucket), rows = tl::tc_forward_queries();
+  const int dim_chunks = bucket / mma::kK, key_chunks = keys / mma::kK;
+  const int key_tiles = keys / mma::kN, dim_tiles = bucket / mma::kN;
+  g_case = "dq, bucket " + std::to_string(bucket) + ", dim_v " + std::to_string(dim_v) + ", " +
+           std::to_string(tiles) + " key tiles";
+  BackwardProblem pr(bucket, dim_v, rows, tiles * keys, seed);
+  pr.no_query(11, true);   // an invalid slot
+  pr.no_query(40, false);  // a query that sees nothing: dq = 0
+  for (int j = 0; j < keys && tiles > 1; ++j) pr.keep[3 * pr.keys + j] = false;  // not in tile 0
+  pr.solve();
+
+  // The block's Q and dO rows in shared memory (dO zero past dim_v).
+  const int row_smem = rows * mma::smem_row_stride(bucket);
+  Smem qs(row_smem), dos(row_smem);
+  bool smem_ok = qs.stage(rows, bucket, pr.q) && dos.stage(rows, bucket, pr.dout);
+  bool term_ok = true, s_ok = true, ds_ok = true, dq_ok = true;
+  std::vector<int> stored(rows * bucket, 0);
+  for (int warp = 0; warp < rows / mma::kM; ++warp) {
+    // D over the cells of the lane's A fragments, then a quad sum.
+    Regs8 term = lanes(2);
+    for (int c = 0; c < dim_chunks; ++c) {
+      for (int lane = 0; lane < kLanes; ++lane) {
+        for (int i = 0; i < 8; ++i) {
+          const mma::Cell cell = mma::a_cell(lane, i);
+          const int r = cell.row >> 3, row = mma::row_slot(warp, lane, r);
+          const int d = mma::kK * c + cell.col;
+          if (d < dim_v) {
+            term[lane][r] += dos.cell[mma::smem_offset(row, d, bucket)] * pr.out[row * bucket + d];
+          }
+        }
+      }
+    }
+    for (int step = 0; step < mma::kQuadSteps; ++step) {
+      const Regs8 before = term;
+      for (int lane = 0; lane < kLanes; ++lane) {
+        for (int r = 0; r < 2; ++r) {
+          term[lane][r] = before[lane][r] + before[lane ^ mma::quad_offset(step)][r];
+        }
+      }
+    }
+    for (int lane = 0; lane < kLanes; ++lane) {
+      for (int r = 0; r < 2; ++r) {
+        term_ok = term_ok && term[lane][r] == pr.term[mma::row_slot(warp, lane, r)];
+      }
+    }
+
+    std::vector<Regs8> dq(dim_tiles, lanes(4));
+    for (int t = 0; t < tiles; ++t) {
+      const int smem_size = keys * mma::smem_row_stride(bucket);
+      Smem ks(smem_size), vs(smem_size);
+      smem_ok = smem_ok && ks.stage(keys, bucket, pr.k, t * keys) &&
+                vs.stage(keys, bucket, pr.v, t * keys);
+      std::vector<Regs8> s(key_tiles, lanes(4)), dp(key_tiles, lanes(4));
+      for (int c = 0; c < dim_chunks; ++c) {
+        const auto a_cell = [&](int lane) { return mma::a_ldmatrix_cell(lane, warp, c); };
+        const Regs8 q_frag = load_x4(qs, bucket, false, a_cell);
+        const Regs8 do_frag = load_x4(dos, bucket, false, a_cell);
+        for (int pair = 0; pair < key_tiles / 2; ++pair) {
+          const auto cell = [&](int lane) { return mma::b_ldmatrix_cell(lane, pair, c); };
+          const Regs8 k_frag = load_x4(ks, bucket, false, cell);
+          const Regs8 v_frag = load_x4(vs, bucket, false, cell);
+          mma_16816(s[2 * pair], q_frag, k_frag);
+          mma_16816(s[2 * pair + 1], q_frag, upper_half(k_frag));
+          mma_16816(dp[2 * pair], do_frag, v_frag);
+          mma_16816(dp[2 * pair + 1], do_frag, upper_half(v_frag));
+        }
+      }
+      // dS = P (dP - D) in place of dP, as the kernel computes it.
+      for (int n = 0; n < key_tiles; ++n) {
+        for (int lane = 0; lane < kLanes; ++lane) {
+          for (int i = 0; i < 4; ++i) {
+            const int r = mma::c_half(i), row = mma::row_slot(warp, lane, r);
+            const int key = t * keys + mma::kN * n + mma::c_cell(lane, i).col;
+            const int pair = row * pr.keys + key;
+            s_ok = s_ok && s[n][lane][i] == pr.s[pair] && dp[n][lane][i] == pr.dp[pair];
+            double ds = 0;
+            if (pr.valid_query[row] && pr.keep[pair]) {
+              const double x = s[n][lane][i] * pr.scale_log2();
+              ds = std::exp2(x - pr.lse_log2[row]) * (dp[n][lane][i] - term[lane][r]);
+            }
+            ds_ok = ds_ok && near(ds, pr.ds[pair]);
+            dp[n][lane][i] = ds;
+          }
+        }
+      }
+      for (int c = 0; c < key_chunks; ++c) {
+        mma_rows_trans(dq, a_from_accumulators(dp, c), ks, bucket, c);
+      }
+      smem_ok = smem_ok && ks.in_bounds && ks.aligned && ks.conflict_free && vs.in_bounds &&
+                vs.aligned && vs.conflict_free;
+    }
+    dq_ok = dq_ok && check_rows(dq, warp, bucket, bucket, pr.scale, pr.valid_query, pr.dq, stored);
+  }
+  smem_ok = smem_ok && qs.in_bounds && qs.aligned && qs.conflict_free && dos.in_bounds &&
+            dos.aligned && dos.conflict_free;
+  report(term_ok, "D = dO . O over the A fragments' cells and a quad sum", __LINE__);
+  report(s_ok, "S = Q K^T and dP = dO V^T (Q, dO A fragments through ldmatrix)", __LINE__);
+  report(ds_ok, "dS = P (dP - D) on S's and dP's accumulators", __LINE__);
+  report(smem_ok, "dq shared memory: in bounds, written once, aligned, conflict-free", __LINE__);
+  report(dq_ok, "dq = scale dS K through dS fragments and ldmatrix.trans", __LINE__);
+  report(stored_once(stored, pr.valid_query, bucket, bucket), "every dq element stored once",
+         __LINE__);
+}
+
+// The dk/dv kernel's four warps (64 key rows) over `tiles` query tiles.
+void simulate_dkdv(int bucket, int dim_v, int tiles, unsigned seed) {
+  const int queries = tl::tc_dkdv_queries(bucket), rows = tl::tc_dkdv_keys();
+  const int dim_chunks = bucket / mma::kK, query_chunks = queries / mma::kK;
+  const int query_tiles = queries / mma::kN, dim_tiles = bucket / mma::kN;
+  g_case = "dk/dv, bucket " + std::to_string(bucket) + ", dim_v " + std::to_string(dim_v) +
+           ", " + std::to_string(tiles) + " query tiles";
+  BackwardProblem pr(bucket, dim_v, tiles * queries, rows, seed);
+  pr.no_key(13, true);   // an invalid slot
+  pr.no_key(37, false);  // a key that no query sees: dk = dv = 0
+  pr.no_query(5, true);  // an invalid query slot of the first tile
+  for (int i = 0; i < queries && tiles > 1; ++i) pr.keep[i * pr.keys + 50] = false;
+  pr.solve();
+
+  const int key_smem = rows * mma::smem_row_stride(bucket);
+  Smem ks(key_smem), vs(key_smem);
+  bool smem_ok = ks.stage(rows, bucket, pr.k) && vs.stage(rows, bucket, pr.v);
+  bool s_ok = true, ds_ok = true, dk_ok = true, dv_ok = true;
+  std::vector<int> stored_k(rows * bucket, 0), stored_v(rows * bucket, 0);
+  for (int warp = 0; warp < rows / mma::kM; ++warp) {
+    std::vector<Regs8> dk(dim_tiles, lanes(4)), dv(dim_tiles, lanes(4));
+    for (int t = 0; t < tiles; ++t) {
+      const int query_smem = queries * mma::smem_row_stride(bucket);
+      Smem qs(query_smem), dos(query_smem);
+      smem_ok = smem_ok && qs.stage(queries, bucket, pr.q, t * queries) &&
+                dos.stage(queries, bucket, pr.dout, t * queries);
+      std::vector<Regs8> s(query_tiles, lanes(4)), dp(query_tiles, lanes(4));
+      for (int c = 0; c < dim_chunks; ++c) {
+        const auto a_cell = [&](int lane) { return mma::a_ldmatrix_cell(lane, warp, c); };
+        const Regs8 k_frag = load_x4(ks, bucket, false, a_cell);
+        const Regs8 v_frag = load_x4(vs, bucket, false, a_cell);
+        for (int pair = 0; pair < query_tiles / 2; ++pair) {
+          const auto cell = [&](int lane) { return mma::b_ldmatrix_cell(lane, pair, c); };
+          const Regs8 q_frag = load_x4(qs, bucket, false, cell);
+          const Regs8 do_frag = load_x4(dos, bucket, false, cell);
+          mma_16816(s[2 * pair], k_frag, q_frag);
+          mma_16816(s[2 * pair + 1], k_frag, upper_half(q_frag));
+          mma_16816(dp[2 * pair], v_frag, do_frag);
+          mma_16816(dp[2 * pair + 1], v_frag, upper_half(do_frag));
+        }
+      }
+      // P^T and dS^T in place of S^T and dP^T: rows keys, columns queries.
+      for (int n = 0; n < query_tiles; ++n) {
+        for (int lane = 0; lane < kLanes; ++lane) {
+          for (int i = 0; i < 4; ++i) {
+            const int key = mma::row_slot(warp, lane, mma::c_half(i));
+            const int query = t * queries + mma::kN * n + mma::c_cell(lane, i).col;
+            const int pair = query * pr.keys + key;
+            s_ok = s_ok && s[n][lane][i] == pr.s[pair] && dp[n][lane][i] == pr.dp[pair];
+            double prob = 0, ds = 0;
+            if (pr.valid_key[key] && pr.valid_query[query] && pr.keep[pair]) {
+              prob = std::exp2(s[n][lane][i] * pr.scale_log2() - pr.lse_log2[query]);
+              ds = prob * (dp[n][lane][i] - pr.term[query]);
+            }
+            ds_ok = ds_ok && near(prob, pr.prob[pair]) && near(ds, pr.ds[pair]);
+            s[n][lane][i] = prob;
+            dp[n][lane][i] = ds;
+          }
+        }
+      }
+      for (int c = 0; c < query_chunks; ++c) {
+        mma_rows_trans(dv, a_from_accumulators(s, c), dos, bucket, c);
+        mma_rows_trans(dk, a_from_accumulators(dp, c), qs, bucket, c);
+      }
+      smem_ok = smem_ok && qs.in_bounds && qs.aligned && qs.conflict_free && dos.in_bounds &&
+                dos.aligned && dos.conflict_free;
+    }
+    dk_ok = dk_ok && check_rows(dk, warp, bucket, bucket, pr.scale, pr.valid_key, pr.dk, stored_k);
+    dv_ok = dv_ok && check_rows(dv, warp, bucket, dim_v, 1.0, pr.valid_key, pr.dv, stored_v);
+  }
+  smem_ok = smem_ok && ks.in_bounds && ks.aligned && ks.conflict_free && vs.in_bounds &&
+            vs.aligned && vs.conflict_free;
+  report(s_ok, "S^T = K Q^T and dP^T = V dO^T (K, V A fragments through ldmatrix)", __LINE__);
+  report(ds_ok, "P^T and dS^T on the accumulators, lse and D per column", __LINE__);
+  report(smem_ok, "dk/dv shared memory: in bounds, written once, aligned, conflict-free",
+         __LINE__);
+  report(dk_ok, "dk = scale dS^T Q through dS^T fragments and ldmatrix.trans", __LINE__);
+  report(dv_ok, "dv = P^T dO through P^T fragments and ldmatrix.trans", __LINE__);
+  report(stored_once(stored_k, pr.valid_key, bucket, bucket) &&
+             stored_once(stored_v, pr.valid_key, bucket, dim_v),
+         "every dk and dv element stored once", __LINE__);
+}
+
 // Static shared memory of the kernel within the per-block limit.
 void check_block_shape() {
   g_case = "block shape";
@@ -427,7 +794,20 @@ void check_block_shape() {
     CHECK(mma::smem_row_stride(bucket) * 2 / 4 % 32 == 4 ||
           mma::smem_row_stride(bucket) * 2 / 4 % 32 == 20);
   }
+  // The backward's blocks: dq (Q and dO of 64 queries, the key tile, 64
+  // OwnedQuery of at most 64 bytes) and dk/dv (K and V of 64 keys, Q and dO
+  // of a query tile, 64 OwnedKey, the query slots' positions, validity, lse
+  // and D).
+  for (int bucket : {32, 64, 128}) {
+    const long stride = mma::smem_row_stride(bucket);
+    const int keys = tl::tc_dq_keys(bucket), queries = tl::tc_dkdv_queries(bucket);
+    CHECK(keys % mma::kK == 0 && queries % mma::kK == 0);
+    CHECK(4L * 64 * stride + 4L * keys * stride + keys * (3 * 4 + 1) + 64L * 64 <= 48 * 1024);
+    CHECK(4L * 64 * stride + 4L * queries * stride + 64L * 64 + queries * (3 * 4 + 4 + 4 + 1) <=
+          48 * 1024);
+  }
   CHECK(tl::tc_forward_queries() == tl::kThreads / mma::kWarpSize * mma::kM);
+  CHECK(tl::tc_dkdv_keys() == tl::kThreads / mma::kWarpSize * mma::kM);
   // The block's rows: every query slot is held by exactly the four lanes of
   // one quad (one C fragment row), and its A fragment row is the same row.
   std::vector<int> holders(tl::tc_forward_queries(), 0);
@@ -436,14 +816,14 @@ void check_block_shape() {
     for (int lane = 0; lane < kLanes; ++lane) {
       for (int i = 0; i < 4; ++i) {
         const int half = mma::c_half(i);
-        const int slot = mma::query_slot(warp, lane, half);
+        const int slot = mma::row_slot(warp, lane, half);
         rows_ok = rows_ok && slot >= 0 && slot < tl::tc_forward_queries() &&
                   slot == mma::kM * warp + mma::c_cell(lane, i).row;
         if (rows_ok && i % 2 == 0) ++holders[slot];
       }
       for (int i = 0; i < 8; ++i) {
         const mma::Cell a = mma::a_cell(lane, i);
-        rows_ok = rows_ok && mma::query_slot(warp, lane, a.row >> 3) == mma::kM * warp + a.row;
+        rows_ok = rows_ok && mma::row_slot(warp, lane, a.row >> 3) == mma::kM * warp + a.row;
       }
     }
   }
@@ -461,6 +841,16 @@ int main() {
     for (int tiles : {1, 3}) simulate_forward(bucket, tiles, seed++);
   }
   std::printf("warp: %s\n", g_failed ? "FAILED" : "ok");
+  for (int bucket : {32, 64, 128}) {
+    for (int tiles : {1, 3}) {
+      // D_v = D, and D_v < D (dO and V zero past D_v, as the kernels load them).
+      for (int dim_v : {bucket, bucket - 8}) {
+        simulate_dq(bucket, dim_v, tiles, seed++);
+        simulate_dkdv(bucket, dim_v, tiles, seed++);
+      }
+    }
+  }
+  std::printf("backward: %s\n", g_failed ? "FAILED" : "ok");
   check_block_shape();
   std::printf("block: %s\n", g_failed ? "FAILED" : "ok");
   std::printf("%lld passed, %lld failed\n", g_passed, g_failed);

@@ -253,8 +253,10 @@ void run_case(int rank, const AxisParams* axes, i64* cases) {
     run_schedule(c, ref, tl::forward_queries(bucket), tl::forward_keys(bucket), true);
     run_schedule(c, ref, tl::dq_queries(bucket), tl::forward_keys(bucket), true);
     run_schedule(c, ref, tl::backward_keys(bucket), tl::backward_queries(bucket), false);
-    if (bucket <= tl::kTcMaxHeadDim) {  // the tensor-core forward
+    if (bucket <= tl::kTcMaxHeadDim) {  // the tensor-core forward, dq, dk/dv
       run_schedule(c, ref, tl::tc_forward_queries(), tl::tc_forward_keys(bucket), true);
+      run_schedule(c, ref, tl::tc_forward_queries(), tl::tc_dq_keys(bucket), true);
+      run_schedule(c, ref, tl::tc_dkdv_keys(), tl::tc_dkdv_queries(bucket), false);
     }
   }
   run_unfused(c, ref);

@@ -1,4 +1,5 @@
-// Where the operands of the tensor-core kernels (cuda/tc_forward.cuh) live:
+// Where the operands of the tensor-core kernels (cuda/tc_forward.cuh,
+// cuda/tc_backward.cuh) live:
 // the register fragments of mma.sync.aligned.m16n8k16 (f16/bf16 inputs,
 // f32 accumulators) and of ldmatrix.m8n8.x4 (plain and .trans) as the PTX
 // ISA defines them, and the shared-memory and fragment addressing the kernel
@@ -71,10 +72,9 @@ LIBNA_HOST_DEVICE int c_half(int i) { return i >> 1; }
 inline constexpr int kQuadSteps = 2;
 LIBNA_HOST_DEVICE constexpr int quad_offset(int step) { return 1 << step; }
 
-// ---- the tensor-core forward's operands --------------------------------------
-// Q (16 query rows x head dims per warp) is loaded from global memory
-// straight into A fragments (a_cell). K and V tiles sit in shared memory as
-// [key][dim] rows of 16-bit elements, each row padded by 8 elements: the
+// ---- operands in shared memory ---------------------------------------------------
+// Tiles of K, V (and, in the backward, Q and dO) sit in shared memory as
+// [row][dim] rows of 16-bit elements, each row padded by 8 elements: the
 // 16-byte row starts stay aligned for ldmatrix, and the rows of one 8x8
 // matrix fall into distinct banks (row stride = 4 banks modulo 32 for the
 // head-dim buckets 32, 64 and 128), so every ldmatrix phase is conflict-free.
@@ -84,36 +84,67 @@ LIBNA_HOST_DEVICE constexpr int smem_offset(int row, int col, int dim) {
   return row * smem_row_stride(dim) + col;
 }
 
-// S = Q K^T, head-dim chunk `chunk` (16 dims): the K cell (key, dim) whose
-// address `lane` gives to ldmatrix.x4 (no .trans) so that its registers
-// 0, 1 are b0b1, b2b3 of key n-tile 2 * key_pair and 2, 3 those of n-tile
-// 2 * key_pair + 1 (B = K^T: k is the head dim, n the key).
-LIBNA_HOST_DEVICE Cell k_ldmatrix_cell(int lane, int key_pair, int chunk) {
+// Three ways an operand reaches its fragments through ldmatrix.x4, for a
+// matrix X stored as rows in shared memory. Each gives the cell (row, col)
+// of X whose address `lane` hands to ldmatrix.
+//
+// A = X itself (rows 16 * m_tile .., columns 16 * chunk ..; no .trans):
+// registers 0..3 are a0a1, a2a3, a4a5, a6a7.
+LIBNA_HOST_DEVICE Cell a_ldmatrix_cell(int lane, int m_tile, int chunk) {
   const MatrixRow s = ldmatrix_source(lane);
-  return {kK * key_pair + 8 * (s.matrix >> 1) + s.row, kK * chunk + 8 * (s.matrix & 1)};
+  return {kM * m_tile + 8 * (s.matrix & 1) + s.row, kK * chunk + 8 * (s.matrix >> 1)};
+}
+// B = X^T, X stored [n][k] (K for S = Q K^T; V for dP = dO V^T; Q and dO for
+// the key side's S^T = K Q^T and dP^T = V dO^T), k chunk `chunk` (no
+// .trans): registers 0, 1 are b0b1, b2b3 of n-tile 2 * n_pair and 2, 3
+// those of n-tile 2 * n_pair + 1.
+LIBNA_HOST_DEVICE Cell b_ldmatrix_cell(int lane, int n_pair, int chunk) {
+  const MatrixRow s = ldmatrix_source(lane);
+  return {kK * n_pair + 8 * (s.matrix >> 1) + s.row, kK * chunk + 8 * (s.matrix & 1)};
+}
+// B = X, X stored [k][n] (V for O += P V; K for dQ += dS K; dO and Q for
+// dV += P^T dO and dK += dS^T Q), k chunk `chunk` (.trans): registers 0, 1
+// are b0b1, b2b3 of n-tile 2 * n_pair and 2, 3 those of n-tile 2 * n_pair + 1.
+LIBNA_HOST_DEVICE Cell b_trans_ldmatrix_cell(int lane, int chunk, int n_pair) {
+  const MatrixRow s = ldmatrix_source(lane);
+  return {kK * chunk + 8 * (s.matrix & 1) + s.row, kK * n_pair + 8 * (s.matrix >> 1)};
 }
 
-// O += P V, key chunk `chunk` (16 keys): the V cell (key, dim) whose address
-// `lane` gives to ldmatrix.x4.trans so that registers 0, 1 are b0b1, b2b3 of
-// head-dim n-tile 2 * dim_pair and 2, 3 those of n-tile 2 * dim_pair + 1.
-LIBNA_HOST_DEVICE Cell v_ldmatrix_cell(int lane, int chunk, int dim_pair) {
-  const MatrixRow s = ldmatrix_source(lane);
-  return {kK * chunk + 8 * (s.matrix & 1) + s.row, kK * dim_pair + 8 * (s.matrix >> 1)};
-}
-
-// The query slot (of the block's tiling::tc_forward_queries()) of row half
-// `half` of `lane` in warp `warp`: each warp owns 16 consecutive slots.
-LIBNA_HOST_DEVICE int query_slot(int warp, int lane, int half) {
+// The row slot (of the block's 64 owned queries or keys) of row half `half`
+// of `lane` in warp `warp`: each warp owns 16 consecutive slots (one m16
+// tile).
+LIBNA_HOST_DEVICE int row_slot(int warp, int lane, int half) {
   return kM * warp + group_id(lane) + 8 * half;
 }
 
-// P's A fragment for key chunk `chunk` comes from S's C fragments without
-// leaving registers: element i is element `index` of key n-tile `tile`.
+// An A fragment made from C fragments without leaving registers (P from S
+// in the forward; dS from dP in dq; P^T and dS^T from S^T and dP^T in
+// dk/dv): for k chunk `chunk`, element i is element `index` of n-tile
+// `tile` of the accumulators.
 struct Source {
   int tile, index;
 };
 LIBNA_HOST_DEVICE Source p_source(int chunk, int i) {
   return {2 * chunk + (i >> 2), (i & 1) + 2 * ((i >> 1) & 1)};
 }
+
+// ---- the products of the tensor-core kernels ---------------------------------------
+// forward (cuda/tc_forward.cuh; a warp owns 16 query rows):
+//   S  = Q K^T   A: Q from global memory (a_cell)   B: K (b_ldmatrix_cell)
+//   O += P V     A: P from S (p_source)             B: V (b_trans_ldmatrix_cell)
+// dq (cuda/tc_backward.cuh; a warp owns 16 query rows, the block's Q and dO
+// rows sit in shared memory):
+//   S  = Q K^T   A: Q (a_ldmatrix_cell)     B: K (b_ldmatrix_cell)
+//   dP = dO V^T  A: dO (a_ldmatrix_cell)    B: V (b_ldmatrix_cell)
+//   dQ += dS K   A: dS from dP (p_source)   B: K (b_trans_ldmatrix_cell)
+//   D_i = dO_i . O_i over the cells of the lane's A fragments (a_cell) and a
+//   quad sum.
+// dk/dv (a warp owns 16 key rows): the transposed products are computed
+// directly, so that P^T and dS^T are accumulators, never transposed through
+// memory; the C fragment's columns are queries (lse and D per column):
+//   S^T  = K Q^T   A: K (a_ldmatrix_cell)   B: Q (b_ldmatrix_cell)
+//   dP^T = V dO^T  A: V (a_ldmatrix_cell)   B: dO (b_ldmatrix_cell)
+//   dV += P^T dO   A: P^T (p_source)        B: dO (b_trans_ldmatrix_cell)
+//   dK += dS^T Q   A: dS^T (p_source)       B: Q (b_trans_ldmatrix_cell)
 
 }  // namespace libna::mma

@@ -97,6 +97,14 @@ LIBNA_HOST_DEVICE constexpr int backward_queries(int bucket) {
 inline constexpr int kTcMaxHeadDim = 128;
 LIBNA_HOST_DEVICE constexpr int tc_forward_queries() { return kThreads / 32 * 16; }
 LIBNA_HOST_DEVICE constexpr int tc_forward_keys(int /*bucket*/) { return 64; }
+// The tensor-core backward (same dtypes, buckets and architectures):
+//   dq: the forward's 64 queries per block (Q and dO in shared memory); key
+//     tiles of 64, 16 for bucket 128 (all within 48 KiB of shared memory);
+//   dk/dv: 64 keys per block (four warps of 16 key rows), query tiles of 64,
+//     16 for bucket 128 (K, V, Q and dO tiles all sit in shared memory).
+LIBNA_HOST_DEVICE constexpr int tc_dq_keys(int bucket) { return bucket <= 64 ? 64 : 16; }
+LIBNA_HOST_DEVICE constexpr int tc_dkdv_keys() { return kThreads / 32 * 16; }
+LIBNA_HOST_DEVICE constexpr int tc_dkdv_queries(int bucket) { return bucket <= 64 ? 64 : 16; }
 
 struct TileAxis {
   AxisParams p;
