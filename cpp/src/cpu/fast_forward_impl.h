@@ -15,9 +15,14 @@
 // range that covers every lane's window, and mask each lane outside its own;
 // the packed rows carry zero columns around each dilation group for the
 // reads that fall outside it.
+//
+// Work items are (b, h, column tile, row), rows innermost (ColumnTiles,
+// for_tiled_rows), and each thread packs the rows an item reads, only the
+// tile's columns, into its own small cache (RowCache): consecutive rows of a
+// tile share all but a few key rows, so packed data is reused from cache and
+// never written out as a full-size copy.
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <cmath>
 #include <limits>
 #include <memory>
