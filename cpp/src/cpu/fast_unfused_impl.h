@@ -230,8 +230,6 @@ void for_rows(std::int64_t batch, std::int64_t heads, std::int64_t rows, const F
   });
 }
 
-// Packs `keys` (k for na_qk, v for na_av) and runs run_block(op, b, h, c,
-// grp, w, scratch) over every lane block.
 // The query pass of an unfused op: run_block(b, h, row, c, grp, w, scratch)
 // over the lane blocks of every (batch, head, row).
 template <int Rank, typename T, typename RunBlock>
@@ -245,6 +243,8 @@ void unfused_query_pass(const Unfused<Rank, T>& op, const RunBlock& run_block) {
   });
 }
 
+// Packs `keys` (k for na_qk, v for na_av) and runs run_block(op, b, h, c,
+// grp, w, scratch) over every lane block.
 template <int Rank, typename T, typename RunBlock>
 void run_unfused(const TensorView& like, const TensorView& keys, const TensorView* rpb,
                  const NaParams& params, const RunBlock& run_block) {
