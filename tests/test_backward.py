@@ -74,10 +74,44 @@ def test_backward_is_deterministic_across_thread_counts(rng):
         one = run_backward(libna, 2, q, k, v, 5, rpb)
         libna.set_num_threads(2)
         two = run_backward(libna, 2, q, k, v, 5, rpb)
+        # 4 (b, kv head) pairs on 3 threads: P and dS are computed again in
+        # the key pass instead of kept (test_saved_probabilities_...).
+        libna.set_num_threads(3)
+        three = run_backward(libna, 2, q, k, v, 5, rpb)
     finally:
         libna.set_num_threads(n)
-    for a, b in zip(one, two):
-        assert np.array_equal(a, b)
+    for a, b, c in zip(one, two, three):
+        assert np.array_equal(a, b) and np.array_equal(a, c)
+
+
+def saved_and_recomputed(monkeypatch, fn):
+    """fn() with the 1D/2D backward keeping P and dS from its query pass for
+    its key pass (the default when the ring fits and whole (b, kv head) pairs
+    keep every thread busy: one thread here), and with it computing them
+    again (LIBNA_CPU_SAVED_PROBS_BYTES=0)."""
+    n = libna.get_num_threads()
+    try:
+        libna.set_num_threads(1)
+        monkeypatch.delenv("LIBNA_CPU_SAVED_PROBS_BYTES", raising=False)
+        saved = fn()
+        monkeypatch.setenv("LIBNA_CPU_SAVED_PROBS_BYTES", "0")
+        recomputed = fn()
+    finally:
+        libna.set_num_threads(n)
+    return saved, recomputed
+
+
+@pytest.mark.parametrize("case", [c for c in grid() if len(c[0]) < 3], ids=case_id)
+def test_saved_probabilities_match_recomputed(case, rng, monkeypatch):
+    """Both ways compute the same P and dS with the same operations in the
+    same order, and accumulate dk and dv in the same order: bitwise equal
+    gradients (so the choice, which depends on sizes and thread count, never
+    changes a result), and both agree with the float64 reference."""
+    run, ref = float32_grid_problem(case, rng)
+    saved, recomputed = saved_and_recomputed(monkeypatch, run)
+    for name, a, b, r in zip(("dq", "dk", "dv", "drpb"), saved, recomputed, ref):
+        assert np.array_equal(a, b), name
+        assert np.abs(a - r).max() <= 1e-5 * max(1.0, np.abs(r).max()), name
 
 
 UNFUSED = [
@@ -186,20 +220,27 @@ def test_numpy_backward_without_torch():
     assert result.stdout.strip() == "True False"
 
 
-@pytest.mark.parametrize("case", grid()[1::2], ids=case_id)
-def test_backward_float32_grid(case, rng):
-    """The vectorised float32 backward over the feature grid. Its error is a
-    few float32 ulps of the gradients' magnitude (float32 accumulation over
-    at most a few hundred terms): bound 1e-5 relative to max(1, |grad|)."""
+def float32_grid_problem(case, rng):
+    """A feature-grid case in float32: a function running libna's backward
+    on it, and the float64 reference gradients of the same inputs."""
     rank, q, k, v, rpb, kw = grid_problem(case, rng, 16, 8, 0.3)
     kernel = case[1]
     out, lse = getattr(reference, f"na{rank}d")(q, k, v, kernel, rpb=rpb, return_lse=True, **kw)
     dout = rng.standard_normal(out.shape)
     ref = getattr(reference, f"na{rank}d_backward")(q, k, v, out, dout, lse, kernel, rpb=rpb, **kw)
     f32 = lambda x: None if x is None else x.astype(np.float32)
-    got = getattr(libna, f"na{rank}d_backward")(
-        f32(q), f32(k), f32(v), f32(out), f32(dout), f32(lse), kernel, rpb=f32(rpb), **kw)
-    for name, g, r in zip(("dq", "dk", "dv", "drpb"), got, ref):
+    args = [f32(x) for x in (q, k, v, out, dout, lse)]
+    run = lambda: getattr(libna, f"na{rank}d_backward")(*args, kernel, rpb=f32(rpb), **kw)
+    return run, ref
+
+
+@pytest.mark.parametrize("case", grid()[1::2], ids=case_id)
+def test_backward_float32_grid(case, rng):
+    """The vectorised float32 backward over the feature grid. Its error is a
+    few float32 ulps of the gradients' magnitude (float32 accumulation over
+    at most a few hundred terms): bound 1e-5 relative to max(1, |grad|)."""
+    run, ref = float32_grid_problem(case, rng)
+    for name, g, r in zip(("dq", "dk", "dv", "drpb"), run(), ref):
         assert g.dtype == np.float32, name
         assert np.abs(g - r).max() <= 1e-5 * max(1.0, np.abs(r).max()), name
 
@@ -220,7 +261,7 @@ WIDE_ROWS = [
 
 @pytest.mark.parametrize("spatial,kernel,kw,use_rpb", WIDE_ROWS,
                          ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else None)
-def test_wide_rows_in_column_tiles(spatial, kernel, kw, use_rpb, rng):
+def test_wide_rows_in_column_tiles(spatial, kernel, kw, use_rpb, rng, monkeypatch):
     q, k, v = make_qkv(rng, 1, spatial, 4, 2, 32, 32)
     rpb = make_rpb(rng, 4, kernel) if use_rpb else None
     rank = len(spatial)
@@ -230,8 +271,10 @@ def test_wide_rows_in_column_tiles(spatial, kernel, kw, use_rpb, rng):
     f32 = lambda x: None if x is None else x.astype(np.float32)
     got_out = getattr(libna, f"na{rank}d")(f32(q), f32(k), f32(v), kernel, rpb=f32(rpb), **kw)
     assert np.abs(got_out - out).max() <= 1e-5
-    got = getattr(libna, f"na{rank}d_backward")(
-        f32(q), f32(k), f32(v), f32(out), f32(dout), f32(lse), kernel, rpb=f32(rpb), **kw)
+    got, recomputed = saved_and_recomputed(monkeypatch, lambda: getattr(
+        libna, f"na{rank}d_backward")(f32(q), f32(k), f32(v), f32(out), f32(dout), f32(lse),
+                                      kernel, rpb=f32(rpb), **kw))
     assert len(got) == (4 if use_rpb else 3)
-    for name, g, r in zip(("dq", "dk", "dv", "drpb"), got, ref):
+    for name, g, b, r in zip(("dq", "dk", "dv", "drpb"), got, recomputed, ref):
+        assert np.array_equal(g, b), name
         assert np.abs(g - r).max() <= 1e-5 * max(1.0, np.abs(r).max()), name

@@ -10,6 +10,20 @@
 //  - key pass, lanes = 8 keys, window = the queries that see them (the
 //    inverse neighbourhood, which shifts by one per key away from borders,
 //    just like the forward windows): dv = P.dout and dk = dS.(scale q).
+//
+// The key pass needs P and dS again. In 1D and 2D the query pass keeps them
+// (SavedProbs) in a layout that both passes address with contiguous lane
+// loads: five products of the head dim per (query, key) pair instead of
+// seven, and one exp instead of two. Each thread then takes whole (b, kv
+// head) pairs and runs down their rows, each query row followed by the key
+// rows whose last query row it was, so that only a ring of recent query rows
+// is kept (SavedPlan). 3D (k^3 values per query), problems whose ring would
+// not fit SavedProbs::budget(), and too few (b, kv head) pairs for the
+// threads compute P and dS again in the key pass instead; both ways give
+// bitwise-equal gradients.
+#include <cstdlib>
+#include <numeric>
+
 #include "cpu/backward.h"
 
 namespace libna::cpu::LIBNA_SIMD_NS {
@@ -97,6 +111,33 @@ std::int64_t inverse_window_rows(const Tables<Rank>& tables) {
   return n;
 }
 
+// P and dS of the query pass, kept by a thread for its key pass. Along the
+// last axis a query block's entry j holds one offset delta = key - query
+// (group positions) in all 8 lanes, and so does a key block's: values are
+// stored by (query head of the kv head, query row, m = the key row's index in
+// the query row's window, delta) as a packed line indexed by the query's
+// column, so that both passes read or write an entry as 8 consecutive
+// floats. Query rows live in a ring of `slots` rows (row y in slot y % slots).
+struct SavedProbs {
+  float* data = nullptr;  // null: not saving
+  std::int64_t heads = 0, slots = 0, key_rows = 0, delta_lo = 0, deltas = 0, width = 0;
+
+  // The bytes the CPU backward may keep (LIBNA_CPU_SAVED_PROBS_BYTES; 0:
+  // compute P and dS again in the key pass).
+  static std::int64_t budget() {
+    const char* env = std::getenv("LIBNA_CPU_SAVED_PROBS_BYTES");
+    return env && *env ? std::max<std::int64_t>(0, std::atoll(env)) : std::int64_t{16} << 20;
+  }
+  // Floats of the ring: P and dS of `slots` rows of every head.
+  std::int64_t size() const { return 2 * heads * slots * key_rows * deltas * width; }
+  // The line of P (which = 0) or dS (1) for (head, query row, m, delta).
+  float* line(int which, std::int64_t head, std::int64_t row, std::int64_t m,
+              std::int64_t delta) const {
+    const std::int64_t slot = (which * heads + head) * slots + row % slots;
+    return data + ((slot * key_rows + m) * deltas + delta - delta_lo) * width;
+  }
+};
+
 template <int Rank, typename T>
 struct Backward : LaneKernel<Rank, T> {
   using Base = LaneKernel<Rank, T>;
@@ -121,9 +162,13 @@ struct Backward : LaneKernel<Rank, T> {
     RowList rows_list;
     std::vector<const float*> ptrs_a, ptrs_b;
     // Query pass: a = q (own), k (window); b = dout (own), v (window).
+    RowCaches query_rows;
     // Key pass: a = k (own), q (window); b = v (own), dout (window); the
     // window bases run over the heads of the kv head, then the rows.
-    RowCaches rows;
+    RowCaches key_rows;
+    SavedProbs saved;  // saved.data null: the key pass computes P and dS again
+    std::unique_ptr<float[]> saved_memory;
+    std::int64_t saved_capacity = 0;
   };
 
   Backward(const detail::BackwardArgs& a, const Geometry<Rank>& geometry,
@@ -143,11 +188,45 @@ struct Backward : LaneKernel<Rank, T> {
           return key_lanes(t.axis[Rank - 1], grp, this->last().dilation, i0, lanes);
         }) {}
 
+  // SavedProbs for this problem, without memory or slots: every offset a
+  // query block writes or a key block reads.
+  SavedProbs saved_layout() const {
+    SavedProbs p;
+    p.heads = this->heads_per_kv;
+    p.key_rows = g.window_rows();
+    p.width = layout.width;
+    std::int64_t lo = 0, hi = 0;
+    const auto add = [&](std::int64_t a, std::int64_t b) {
+      lo = std::min(lo, a);
+      hi = std::max(hi, b);
+    };
+    this->for_query_blocks(this->whole_row(), [&](std::int64_t, const LaneWindows& w) {
+      if (w.window > 0) add(w.first - w.i0, w.first - w.i0 + w.window - 1);
+    });
+    for_key_blocks(*this, tables, this->whole_row(), [&](std::int64_t, const LaneWindows& w) {
+      if (w.window > 0) add(w.i0 - w.first - w.window + 1, w.i0 - w.first);
+    });
+    p.delta_lo = lo;
+    p.deltas = hi - lo + 1;
+    return p;
+  }
+
   void start_query_pass(Scratch& s) const {
-    s.rows.reset(g.window_rows(), this->k_dim, this->v_dim, layout.width);
+    s.query_rows.reset(g.window_rows(), this->k_dim, this->v_dim, layout.width);
   }
   void start_key_pass(Scratch& s) const {
-    s.rows.reset(key_window_rows, this->k_dim, this->v_dim, layout.width);
+    s.key_rows.reset(key_window_rows, this->k_dim, this->v_dim, layout.width);
+  }
+  // Points s.saved at the thread's ring memory for `layout` (null layout.data: none).
+  void start_saving(Scratch& s, const SavedProbs& saved) const {
+    s.saved = saved;
+    if (saved.slots == 0) return;
+    if (saved.size() > s.saved_capacity) {
+      s.saved_memory.reset();  // release first: never hold both
+      s.saved_memory.reset(new float[saved.size()]);  // uninitialised: read only where written
+      s.saved_capacity = saved.size();
+    }
+    s.saved.data = s.saved_memory.get();
   }
 
   std::int64_t scalar_row(std::int64_t b, std::int64_t h, std::int64_t row) const {
@@ -160,7 +239,7 @@ struct Backward : LaneKernel<Rank, T> {
     row_coords<Rank>(g, at.row, c);
     key_rows_of<Rank>(g, c, this->bias_strides, s.rows_list);
     const std::int64_t hk = at.h / this->heads_per_kv, t = at.tile_index;
-    RowCaches& rows = s.rows;
+    RowCaches& rows = s.query_rows;
     rows.next_item();
     rows.load_window(k, v, at.b, hk, s.rows_list, t, query_columns.window[t]);
     const float* q_row = rows.own_a.get(q_scaled, at.b, at.h, at.row, t, query_columns.own[t]);
@@ -187,13 +266,13 @@ struct Backward : LaneKernel<Rank, T> {
     // P, then dP, then dS = P (dP - D).
     s.probs.resize(entries * kLanes);
     s.dlogits.resize(entries * kLanes);
-    this->window_rows(s.rows.bases_a, grp, w, s.ptrs_b);
+    this->window_rows(s.query_rows.bases_a, grp, w, s.ptrs_b);
     this->logits(q_lanes, width, h, w, s.rows_list, s.ptrs_b.data(), s.probs.data());
     for (std::int64_t e = 0; e < entries; ++e) {
       simd::store(s.probs.data() + e * kLanes,
                   simd::exp_nonpositive(simd::load(s.probs.data() + e * kLanes) - lse_v));
     }
-    this->window_rows(s.rows.bases_b, grp, w, s.ptrs_a);
+    this->window_rows(s.query_rows.bases_b, grp, w, s.ptrs_a);
     qk_rows(dout_lanes, width, s.ptrs_a.data(), n_rows, width, dim_v, w.window,
             s.dlogits.data());
     for (std::int64_t e = 0; e < entries; ++e) {
@@ -201,6 +280,8 @@ struct Backward : LaneKernel<Rank, T> {
       simd::store(s.dlogits.data() + e * kLanes,
                   p * (simd::load(s.dlogits.data() + e * kLanes) - delta_v));
     }
+
+    if (s.saved.data) save_block(h % this->heads_per_kv, row, grp, w, s);
 
     // dq = scale * dS . k (ptrs_b: the key rows)
     s.acc.resize(dim * kLanes);
@@ -214,6 +295,23 @@ struct Backward : LaneKernel<Rank, T> {
     }
   }
 
+  // P and dS of a query block into `saved`: entry j (offset first + j - i0)
+  // at the block's own columns.
+  LIBNA_SIMD_TARGET void save_block(std::int64_t head, std::int64_t row, std::int64_t grp,
+                                    const LaneWindows& w, Scratch& s) const {
+    const std::int64_t col0 = layout.group_base[grp] + w.i0, kernel = this->last().kernel;
+    for (std::int64_t r = 0; r < s.rows_list.size; ++r) {
+      const std::int64_t m = s.rows_list.slot[r] / kernel;
+      const float* probs = s.probs.data() + r * w.window * kLanes;
+      const float* dlog = s.dlogits.data() + r * w.window * kLanes;
+      for (std::int64_t j = 0; j < w.window; ++j) {
+        const std::int64_t delta = w.first + j - w.i0;
+        simd::store(s.saved.line(0, head, row, m, delta) + col0, simd::load(probs + j * kLanes));
+        simd::store(s.saved.line(1, head, row, m, delta) + col0, simd::load(dlog + j * kLanes));
+      }
+    }
+  }
+
   // ---- key pass ----------------------------------------------------------
   // (at.h is the kv head.)
   LIBNA_SIMD_TARGET void key_row(const TiledRow& at, Scratch& s) const {
@@ -221,17 +319,80 @@ struct Backward : LaneKernel<Rank, T> {
     row_coords<Rank>(g, at.row, c);
     query_rows_of<Rank>(g, tables, c, this->bias_strides, s.rows_list);
     const std::int64_t t = at.tile_index;
-    RowCaches& rows = s.rows;
+    RowCaches& rows = s.key_rows;
     rows.next_item();
     for (std::int64_t i = 0; i < this->heads_per_kv; ++i) {
       rows.load_window(q_scaled, dout, at.b, at.h * this->heads_per_kv + i, s.rows_list, t,
                        key_columns.window[t], i);
+    }
+    if (s.saved.data) {
+      for_key_blocks(*this, tables, at.tile, [&](std::int64_t grp, const LaneWindows& w) {
+        saved_key_block(at.b, at.h, c, grp, w, s);
+      });
+      return;
     }
     const float* k_row = rows.own_a.get(k, at.b, at.h, at.row, t, key_columns.own[t]);
     const float* v_row = rows.own_b.get(v, at.b, at.h, at.row, t, key_columns.own[t]);
     for_key_blocks(*this, tables, at.tile, [&](std::int64_t grp, const LaneWindows& w) {
       key_block(at.b, at.h, k_row, v_row, c, grp, w, s);
     });
+  }
+
+  // Points ptrs_a at the dout rows and ptrs_b at the (scale q) rows of
+  // query head `i` of the kv head, at the block's first window column.
+  void key_window_ptrs(std::int64_t i, std::int64_t grp, const LaneWindows& w,
+                       Scratch& s) const {
+    const std::int64_t n_rows = s.rows_list.size, at = layout.group_base[grp] + w.first;
+    s.ptrs_a.resize(n_rows);
+    s.ptrs_b.resize(n_rows);
+    for (std::int64_t r = 0; r < n_rows; ++r) {
+      s.ptrs_a[r] = s.key_rows.bases_b[i * n_rows + r] + at;  // dout
+      s.ptrs_b[r] = s.key_rows.bases_a[i * n_rows + r] + at;  // q
+    }
+  }
+
+  // dv += P . dout and dk += dS . (scale q) over one query head's window
+  // (ptrs from key_window_ptrs).
+  LIBNA_SIMD_TARGET void accumulate_key_grads(const LaneWindows& w, Scratch& s) const {
+    const std::int64_t n_rows = s.rows_list.size, width = layout.width;
+    pv_range(s.probs.data(), s.ptrs_a.data(), n_rows, w.window, width, this->v_dim,
+             s.acc_v.data(), /*accumulate=*/true);
+    pv_range(s.dlogits.data(), s.ptrs_b.data(), n_rows, w.window, width, this->k_dim,
+             s.acc_k.data(), /*accumulate=*/true);
+  }
+
+  // The key block with P and dS read back from `saved`: key i0 + l and
+  // query first + j + l are at offset i0 - first - j, column first + j + l.
+  LIBNA_SIMD_TARGET void saved_key_block(std::int64_t b, std::int64_t hk, std::int64_t* c,
+                                         std::int64_t grp, const LaneWindows& w,
+                                         Scratch& s) const {
+    const std::int64_t n_rows = s.rows_list.size, entries = n_rows * w.window;
+    const std::int64_t col0 = layout.group_base[grp] + w.first, kernel = this->last().kernel;
+    s.acc_k.assign(this->k_dim * kLanes, 0.0f);
+    s.acc_v.assign(this->v_dim * kLanes, 0.0f);
+    s.probs.resize(entries * kLanes);
+    s.dlogits.resize(entries * kLanes);
+    for (std::int64_t i = 0; i < this->heads_per_kv; ++i) {
+      for (std::int64_t r = 0; r < n_rows; ++r) {
+        const std::int64_t query_row = s.rows_list.rows[r], m = s.rows_list.slot[r] / kernel;
+        float* probs = s.probs.data() + r * w.window * kLanes;
+        float* dlog = s.dlogits.data() + r * w.window * kLanes;
+        for (std::int64_t j = 0; j < w.window; ++j) {
+          const std::int64_t delta = w.i0 - w.first - j;
+          simd::store(probs + j * kLanes, simd::load(s.saved.line(0, i, query_row, m, delta) + col0 + j));
+          simd::store(dlog + j * kLanes, simd::load(s.saved.line(1, i, query_row, m, delta) + col0 + j));
+        }
+        // Outside a lane's window the lines hold other pairs (or nothing).
+        if (w.masked) {
+          w.mask(probs, w.window, 0.0f);
+          w.mask(dlog, w.window, 0.0f);
+        }
+      }
+      key_window_ptrs(i, grp, w, s);
+      accumulate_key_grads(w, s);
+    }
+    this->store_lanes(args.dk, b, c, hk, grp, w, simd::splat(1.0f), s.acc_k.data());
+    this->store_lanes(args.dv, b, c, hk, grp, w, simd::splat(1.0f), s.acc_v.data());
   }
 
   LIBNA_SIMD_TARGET void key_block(std::int64_t b, std::int64_t hk, const float* k_row,
@@ -247,15 +408,10 @@ struct Backward : LaneKernel<Rank, T> {
     s.acc_v.assign(dim_v * kLanes, 0.0f);
     s.probs.resize(entries * kLanes);
     s.dlogits.resize(entries * kLanes);
-    s.ptrs_a.resize(n_rows);
-    s.ptrs_b.resize(n_rows);
 
     for (std::int64_t h = hk * this->heads_per_kv; h < (hk + 1) * this->heads_per_kv; ++h) {
       const std::int64_t i = h - hk * this->heads_per_kv;
-      for (std::int64_t r = 0; r < n_rows; ++r) {
-        s.ptrs_a[r] = s.rows.bases_b[i * n_rows + r] + base + w.first;  // dout
-        s.ptrs_b[r] = s.rows.bases_a[i * n_rows + r] + base + w.first;  // q
-      }
+      key_window_ptrs(i, grp, w, s);
       qk_rows(k_lanes, width, s.ptrs_b.data(), n_rows, width, dim, w.window, s.probs.data());
       qk_rows(v_lanes, width, s.ptrs_a.data(), n_rows, width, dim_v, w.window,
               s.dlogits.data());
@@ -286,14 +442,7 @@ struct Backward : LaneKernel<Rank, T> {
                       p * (simd::load(dlog + j * kLanes) - simd::load(delta_row + j)));
         }
       }
-      // dv += P . dout and dk += dS . (scale q), over this head's queries.
-      for (int which = 0; which < 2; ++which) {
-        const float* weights = which == 0 ? s.probs.data() : s.dlogits.data();
-        const float* const* rows = which == 0 ? s.ptrs_a.data() : s.ptrs_b.data();
-        const std::int64_t n = which == 0 ? dim_v : dim;
-        float* acc = which == 0 ? s.acc_v.data() : s.acc_k.data();
-        pv_range(weights, rows, n_rows, w.window, width, n, acc, /*accumulate=*/true);
-      }
+      accumulate_key_grads(w, s);
     }
 
     this->store_lanes(args.dk, b, c, hk, grp, w, simd::splat(1.0f), s.acc_k.data());
@@ -350,6 +499,51 @@ void store_bias_grad(const BiasBuffer<Rank, float>& bias_layout, const float* pa
   bias_layout.template store_to<T>(grad, drpb);
 }
 
+// The order of the pipelined 1D/2D backward (SavedProbs): each thread takes
+// whole (b, kv head) pairs and runs down their query rows, each followed by
+// the key rows whose last query row it was (key_order: the key rows by
+// last_query_row, the leading-axis position of the last query that sees
+// them; -1: none). `slots` query rows span every key row's queries.
+struct SavedPlan {
+  std::int64_t slots = 0;  // 0: compute P and dS again instead
+  std::vector<std::int64_t> key_order, last_query_row;
+};
+
+template <int Rank>
+SavedPlan saved_plan(const Geometry<Rank>& g, const Tables<Rank>& tables, std::int64_t rows,
+                     std::int64_t items, SavedProbs layout) {
+  SavedPlan plan;
+  if constexpr (Rank > 2) {
+    return plan;  // k^3 values per query: recompute
+  } else {
+    std::int64_t span = 1;
+    plan.last_query_row.assign(rows, 0);
+    if constexpr (Rank == 2) {
+      const AxisTable& axis = tables.axis[0];
+      const std::int64_t dilation = g.axes[0].dilation;
+      for (std::int64_t c = 0; c < rows; ++c) {
+        const std::int64_t count = axis.query_count[c];
+        plan.last_query_row[c] = count ? axis.first_query[c] + (count - 1) * dilation : -1;
+        span = std::max(span, (count - 1) * dilation + 1);
+      }
+    }
+    layout.slots = std::min(rows, span);
+    // Whole (b, kv head) pairs must keep every thread busy; the ring must fit.
+    const std::int64_t threads = get_num_threads();
+    const bool balanced = (items + threads - 1) / threads * threads * 4 <= items * 5;
+    if (!balanced || layout.size() * std::int64_t{sizeof(float)} > SavedProbs::budget()) {
+      return plan;
+    }
+    plan.slots = layout.slots;
+    plan.key_order.resize(rows);
+    std::iota(plan.key_order.begin(), plan.key_order.end(), 0);
+    std::stable_sort(plan.key_order.begin(), plan.key_order.end(), [&](auto x, auto y) {
+      return plan.last_query_row[x] < plan.last_query_row[y];
+    });
+    return plan;
+  }
+}
+
 template <int Rank, typename T>
 void na_backward(const detail::BackwardArgs& args) {
   const Geometry<Rank> g(args.q, args.params);
@@ -371,27 +565,72 @@ void na_backward(const detail::BackwardArgs& args) {
   store_row_terms<Rank, T>(args, g, layout, pass.lse, pass.delta);
   using Scratch = typename Backward<Rank, T>::Scratch;
 
-  // Query pass; tiled rows, as in the forward. Each item owns one partial
-  // of the rpb gradient (summed below in item order: deterministic).
-  for_tiled_rows<Scratch>(
-      g.batch, heads, layout.rows, pass.query_tiles, [&](Scratch& s) { pass.start_query_pass(s); },
-      [&](const TiledRow& at, Scratch& s) {
-        float* partial = nullptr;
-        if (bias_head) {
-          partial = bias_partials + at.item * bias_head;
-          std::fill(partial, partial + bias_head, 0.0f);
-        }
-        pass.query_row(at, partial, s);
-      });
-  if (args.drpb) {
-    store_bias_grad<T>(bias_layout, bias_partials, query_items,
-                       pass.query_tiles.count * layout.rows, *args.drpb);
-  }
-
+  // Query pass items: tiled rows, as in the forward. Each item owns one
+  // partial of the rpb gradient (summed below in item order: deterministic).
+  const std::int64_t tiles = pass.query_tiles.count;
+  const auto query_item = [&](const TiledRow& at, Scratch& s) {
+    float* partial = nullptr;
+    if (bias_head) {
+      const std::int64_t item = ((at.b * heads + at.h) * tiles + at.tile_index) * layout.rows + at.row;
+      partial = bias_partials + item * bias_head;
+      std::fill(partial, partial + bias_head, 0.0f);
+    }
+    pass.query_row(at, partial, s);
+  };
+  const auto query_pass = [&] {
+    for_tiled_rows<Scratch>(
+        g.batch, heads, layout.rows, pass.query_tiles,
+        [&](Scratch& s) {
+          pass.start_query_pass(s);
+          pass.start_saving(s, SavedProbs());
+        },
+        query_item);
+  };
   // Key pass (at.h: the kv head).
-  for_tiled_rows<Scratch>(
-      g.batch, heads_kv, layout.rows, pass.key_tiles, [&](Scratch& s) { pass.start_key_pass(s); },
-      [&](const TiledRow& at, Scratch& s) { pass.key_row(at, s); });
+  const auto key_pass = [&] {
+    for_tiled_rows<Scratch>(
+        g.batch, heads_kv, layout.rows, pass.key_tiles,
+        [&](Scratch& s) {
+          pass.start_key_pass(s);
+          pass.start_saving(s, SavedProbs());
+        },
+        [&](const TiledRow& at, Scratch& s) { pass.key_row(at, s); });
+  };
+
+  SavedProbs saved = pass.saved_layout();
+  const SavedPlan plan = saved_plan<Rank>(g, tables, layout.rows, g.batch * heads_kv, saved);
+  if (plan.slots == 0) {
+    query_pass();
+    key_pass();
+  } else {
+    saved.slots = plan.slots;
+    parallel_for(g.batch * heads_kv, 1, [&](std::int64_t begin, std::int64_t end) {
+      thread_local Scratch s;
+      pass.start_saving(s, saved);
+      for (std::int64_t item = begin; item < end; ++item) {
+        const std::int64_t b = item / heads_kv, hk = item % heads_kv;
+        pass.start_query_pass(s);
+        pass.start_key_pass(s);
+        std::int64_t next_key = 0;
+        for (std::int64_t row = 0; row < layout.rows; ++row) {
+          for (std::int64_t h = hk * pass.heads_per_kv; h < (hk + 1) * pass.heads_per_kv; ++h) {
+            for (std::int64_t t = 0; t < tiles; ++t) {
+              query_item(TiledRow{0, b, h, row, t, pass.query_tiles[t]}, s);
+            }
+          }
+          for (; next_key < layout.rows && plan.last_query_row[plan.key_order[next_key]] <= row;
+               ++next_key) {
+            for (std::int64_t t = 0; t < pass.key_tiles.count; ++t) {
+              pass.key_row(TiledRow{0, b, hk, plan.key_order[next_key], t, pass.key_tiles[t]}, s);
+            }
+          }
+        }
+      }
+    });
+  }
+  if (args.drpb) {
+    store_bias_grad<T>(bias_layout, bias_partials, query_items, tiles * layout.rows, *args.drpb);
+  }
 }
 
 }  // namespace libna::cpu::LIBNA_SIMD_NS

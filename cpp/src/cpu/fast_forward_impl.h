@@ -428,9 +428,10 @@ struct LaneWindows {
       masked = masked || lo[l] - l != first || count[l] != window;
     }
   }
-  // values[j][lane] = -inf where position first + j + lane is outside the
-  // lane's window, for j < n.
-  LIBNA_SIMD_TARGET void mask(float* values, std::int64_t n) const {
+  // values[j][lane] = fill (-inf: logits; 0: probabilities) where position
+  // first + j + lane is outside the lane's window, for j < n.
+  LIBNA_SIMD_TARGET void mask(float* values, std::int64_t n,
+                              float fill = -std::numeric_limits<float>::infinity()) const {
     alignas(32) std::int32_t lo32[kLanes] = {}, hi32[kLanes] = {};
     for (std::int64_t l = 0; l < lanes; ++l) {
       lo32[l] = static_cast<std::int32_t>(lo[l] - l - first);
@@ -439,11 +440,11 @@ struct LaneWindows {
     i32x8 lo_v, hi_v;
     std::memcpy(&lo_v, lo32, sizeof lo_v);
     std::memcpy(&hi_v, hi32, sizeof hi_v);
-    const f32x8 neg_inf = simd::splat(-std::numeric_limits<float>::infinity());
+    const f32x8 outside = simd::splat(fill);
     for (std::int64_t j = 0; j < n; ++j) {
       const i32x8 jv = i32x8{} + static_cast<std::int32_t>(j);
       const i32x8 inside = (jv >= lo_v) & (jv < hi_v);
-      simd::store(values + j * kLanes, inside ? simd::load(values + j * kLanes) : neg_inf);
+      simd::store(values + j * kLanes, inside ? simd::load(values + j * kLanes) : outside);
     }
   }
 };
