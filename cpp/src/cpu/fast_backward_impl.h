@@ -155,6 +155,7 @@ struct Backward : LaneKernel<Rank, T> {
   // Both passes read windows of dim + dim_v channels (k and v; q and dout).
   const ColumnTiles query_tiles, key_tiles;
   const TileColumns query_columns, key_columns;
+  const ColumnRanges all_columns;
 
   struct Scratch {
     std::vector<float> probs, dlogits;  // [row][window position][lane]
@@ -164,7 +165,9 @@ struct Backward : LaneKernel<Rank, T> {
     // Query pass: a = q (own), k (window); b = dout (own), v (window).
     RowCaches query_rows;
     // Key pass: a = k (own), q (window); b = v (own), dout (window); the
-    // window bases run over the heads of the kv head, then the rows.
+    // window bases run over the heads of the kv head, then the rows. When
+    // saving P and dS, the query pass reads its q and dout rows from these
+    // windows too (whole rows, tile 0): each is packed once.
     RowCaches key_rows;
     SavedProbs saved;  // saved.data null: the key pass computes P and dS again
     std::unique_ptr<float[]> saved_memory;
@@ -186,7 +189,8 @@ struct Backward : LaneKernel<Rank, T> {
                       }),
         key_columns(*this, key_tiles, [&](std::int64_t grp, std::int64_t i0, std::int64_t lanes) {
           return key_lanes(t.axis[Rank - 1], grp, this->last().dilation, i0, lanes);
-        }) {}
+        }),
+        all_columns(ColumnRanges::whole(columns)) {}
 
   // SavedProbs for this problem, without memory or slots: every offset a
   // query block writes or a key block reads.
@@ -214,8 +218,8 @@ struct Backward : LaneKernel<Rank, T> {
   void start_query_pass(Scratch& s) const {
     s.query_rows.reset(g.window_rows(), this->k_dim, this->v_dim, layout.width);
   }
-  void start_key_pass(Scratch& s) const {
-    s.key_rows.reset(key_window_rows, this->k_dim, this->v_dim, layout.width);
+  void start_key_pass(Scratch& s, std::int64_t window_rows) const {
+    s.key_rows.reset(window_rows, this->k_dim, this->v_dim, layout.width);
   }
   // Points s.saved at the thread's ring memory for `layout` (null layout.data: none).
   void start_saving(Scratch& s, const SavedProbs& saved) const {
@@ -242,8 +246,16 @@ struct Backward : LaneKernel<Rank, T> {
     RowCaches& rows = s.query_rows;
     rows.next_item();
     rows.load_window(k, v, at.b, hk, s.rows_list, t, query_columns.window[t]);
-    const float* q_row = rows.own_a.get(q_scaled, at.b, at.h, at.row, t, query_columns.own[t]);
-    const float* dout_row = rows.own_b.get(dout, at.b, at.h, at.row, t, query_columns.own[t]);
+    const float *q_row, *dout_row;
+    if (s.saved.data) {
+      RowCaches& shared = s.key_rows;
+      shared.next_item();
+      q_row = shared.window_a.get(q_scaled, at.b, at.h, at.row, 0, all_columns);
+      dout_row = shared.window_b.get(dout, at.b, at.h, at.row, 0, all_columns);
+    } else {
+      q_row = rows.own_a.get(q_scaled, at.b, at.h, at.row, t, query_columns.own[t]);
+      dout_row = rows.own_b.get(dout, at.b, at.h, at.row, t, query_columns.own[t]);
+    }
     this->for_query_blocks(at.tile, [&](std::int64_t grp, const LaneWindows& w) {
       query_block(at.b, at.h, at.row, q_row, dout_row, c, grp, w, bias_grad, s);
     });
@@ -321,9 +333,12 @@ struct Backward : LaneKernel<Rank, T> {
     const std::int64_t t = at.tile_index;
     RowCaches& rows = s.key_rows;
     rows.next_item();
+    // Saving: the whole rows the query pass packed.
+    const std::int64_t tile = s.saved.data ? 0 : t;
+    const ColumnRanges& cols = s.saved.data ? all_columns : key_columns.window[t];
     for (std::int64_t i = 0; i < this->heads_per_kv; ++i) {
-      rows.load_window(q_scaled, dout, at.b, at.h * this->heads_per_kv + i, s.rows_list, t,
-                       key_columns.window[t], i);
+      rows.load_window(q_scaled, dout, at.b, at.h * this->heads_per_kv + i, s.rows_list, tile,
+                       cols, i);
     }
     if (s.saved.data) {
       for_key_blocks(*this, tables, at.tile, [&](std::int64_t grp, const LaneWindows& w) {
@@ -591,7 +606,7 @@ void na_backward(const detail::BackwardArgs& args) {
     for_tiled_rows<Scratch>(
         g.batch, heads_kv, layout.rows, pass.key_tiles,
         [&](Scratch& s) {
-          pass.start_key_pass(s);
+          pass.start_key_pass(s, pass.key_window_rows);
           pass.start_saving(s, SavedProbs());
         },
         [&](const TiledRow& at, Scratch& s) { pass.key_row(at, s); });
@@ -610,7 +625,8 @@ void na_backward(const detail::BackwardArgs& args) {
       for (std::int64_t item = begin; item < end; ++item) {
         const std::int64_t b = item / heads_kv, hk = item % heads_kv;
         pass.start_query_pass(s);
-        pass.start_key_pass(s);
+        // The q and dout rows of the ring's query rows, every query head.
+        pass.start_key_pass(s, std::max(pass.key_window_rows, (plan.slots + 1) * pass.heads_per_kv));
         std::int64_t next_key = 0;
         for (std::int64_t row = 0; row < layout.rows; ++row) {
           for (std::int64_t h = hk * pass.heads_per_kv; h < (hk + 1) * pass.heads_per_kv; ++h) {
