@@ -146,6 +146,14 @@ class PackSource {
 
   const std::int64_t heads, dim;
 
+  // Starts fetching one token's head vector into cache.
+  void prefetch(const T* token) const {
+    const std::int64_t bytes = dim * source_.strides[Rank + 2] * std::int64_t{sizeof(T)};
+    const char* p = reinterpret_cast<const char*>(token);
+    if (source_.strides[Rank + 2] != 1) return;  // scattered channels: leave it
+    for (std::int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(p + at);
+  }
+
   // Fills the columns `cols` of dst with row r of (b, h): eight tokens of a
   // dilation group at a time go through a register transpose into eight
   // consecutive columns; the padding columns in range are zeroed.
@@ -164,13 +172,20 @@ class PackSource {
         if (lo < 0) std::fill(base + d * width + lo, base + d * width, 0.0f);
         if (hi > len) std::fill(base + d * width + len, base + d * width + hi, 0.0f);
       }
-      const std::int64_t end = std::min(hi, len);
-      for (std::int64_t i0 = std::max<std::int64_t>(lo, 0); i0 < end; i0 += kLanes) {
+      const std::int64_t end = std::min(hi, len), begin = std::max<std::int64_t>(lo, 0);
+      const auto token = [&](std::int64_t i) {
+        c[Rank - 1] = grp + i * layout_.dilation;
+        return src + row_offset<Rank>(source_, b, c, h);
+      };
+      // The tokens are rarely in cache: fetch the next block's while
+      // transposing this one.
+      for (std::int64_t i = begin; i < std::min(end, begin + kLanes); ++i) prefetch(token(i));
+      for (std::int64_t i0 = begin; i0 < end; i0 += kLanes) {
         const std::int64_t lanes = std::min<std::int64_t>(kLanes, end - i0);
-        for (std::int64_t l = 0; l < lanes; ++l) {
-          c[Rank - 1] = grp + (i0 + l) * layout_.dilation;
-          tokens[l] = src + row_offset<Rank>(source_, b, c, h);
+        for (std::int64_t i = i0 + kLanes; i < std::min(end, i0 + 2 * kLanes); ++i) {
+          prefetch(token(i));
         }
+        for (std::int64_t l = 0; l < lanes; ++l) tokens[l] = token(i0 + l);
         gather_lanes(tokens, lanes, source_.strides[Rank + 2], dim, factor_, base + i0, width);
       }
     }
