@@ -111,6 +111,20 @@ std::int64_t inverse_window_rows(const Tables<Rank>& tables) {
   return n;
 }
 
+// The query rows from the first to the last that sees one key row, at most
+// (1D: the one row): the ring SavedProbs keeps. 0 in 3D (not kept).
+template <int Rank>
+std::int64_t ring_rows(const Geometry<Rank>& g, const Tables<Rank>& tables) {
+  if constexpr (Rank > 2) return 0;
+  std::int64_t span = 1;
+  if constexpr (Rank == 2) {
+    for (const std::int64_t count : tables.axis[0].query_count) {
+      span = std::max(span, (count - 1) * g.axes[0].dilation + 1);
+    }
+  }
+  return std::min(span, Rank == 2 ? g.spatial[0] : 1);
+}
+
 // P and dS of the query pass, kept by a thread for its key pass. Along the
 // last axis a query block's entry j holds one offset delta = key - query
 // (group positions) in all 8 lanes, and so does a key block's: values are
@@ -152,10 +166,12 @@ struct Backward : LaneKernel<Rank, T> {
   // wider than the kernel near borders), times the query heads of a kv head:
   // the rows a key-pass item reads.
   const std::int64_t key_window_rows;
+  const std::int64_t ring_rows;  // of SavedProbs (if kept)
   // Both passes read windows of dim + dim_v channels (k and v; q and dout).
+  // In 1D and 2D the query tiles are also the strips (strips()), so that
+  // the rpb gradient's partials sum the same blocks either way.
   const ColumnTiles query_tiles, key_tiles;
   const TileColumns query_columns, key_columns;
-  const ColumnRanges all_columns;
 
   struct Scratch {
     std::vector<float> probs, dlogits;  // [row][window position][lane]
@@ -181,7 +197,9 @@ struct Backward : LaneKernel<Rank, T> {
         q_scaled(a.q, geometry, columns, static_cast<float>(a.scale)),
         dout(a.dout, geometry, columns, 1.0f),
         key_window_rows(inverse_window_rows(t) * this->heads_per_kv),
-        query_tiles(columns, geometry.window_rows(), this->k_dim + this->v_dim),
+        ring_rows(libna::cpu::LIBNA_SIMD_NS::ring_rows(geometry, t)),
+        query_tiles(ring_rows ? strip_tiles()
+                              : ColumnTiles(columns, geometry.window_rows(), this->k_dim + this->v_dim)),
         key_tiles(columns, key_window_rows, this->k_dim + this->v_dim),
         query_columns(*this, query_tiles,
                       [&](std::int64_t grp, std::int64_t i0, std::int64_t lanes) {
@@ -189,8 +207,7 @@ struct Backward : LaneKernel<Rank, T> {
                       }),
         key_columns(*this, key_tiles, [&](std::int64_t grp, std::int64_t i0, std::int64_t lanes) {
           return key_lanes(t.axis[Rank - 1], grp, this->last().dilation, i0, lanes);
-        }),
-        all_columns(ColumnRanges::whole(columns)) {}
+        }) {}
 
   // SavedProbs for this problem, without memory or slots: every offset a
   // query block writes or a key block reads.
@@ -213,6 +230,51 @@ struct Backward : LaneKernel<Rank, T> {
     p.delta_lo = lo;
     p.deltas = hi - lo + 1;
     return p;
+  }
+
+  // A column strip of the saved pipeline: one ring runs down the rows for
+  // its key blocks, with the query blocks their windows read (computing P
+  // and dS of the neighbouring strips' edge blocks again), and the columns
+  // it packs. Strips keep a ring and its rows in L2 when rows are wide.
+  struct Strip {
+    BlockRange keys, queries;
+    ColumnRanges kv_columns, q_columns;
+  };
+  static constexpr std::int64_t kStripBudget = 384 * 1024;  // bytes
+
+  // Strips whose ring and cached rows fit kStripBudget.
+  ColumnTiles strip_tiles() const {
+    const std::int64_t channels = this->k_dim + this->v_dim, hpk = this->heads_per_kv;
+    const std::int64_t ring = 2 * hpk * g.window_rows() * this->last().kernel * ring_rows;
+    const std::int64_t cached = ((ring_rows + 1) * hpk + g.window_rows()) * channels;
+    const std::int64_t per_block = kLanes * (ring + cached) * std::int64_t{sizeof(float)};
+    // At least 4 blocks a strip: its edges are computed twice.
+    return ColumnTiles(layout.blocks, std::max<std::int64_t>(4, kStripBudget / per_block));
+  }
+
+  std::vector<Strip> strips() const {
+    const ColumnTiles& tiles = query_tiles;
+    std::vector<Strip> out;
+    for (std::int64_t t = 0; t < tiles.count; ++t) {
+      Strip strip{tiles[t], tiles[t], ColumnRanges(layout.dilation), ColumnRanges(layout.dilation)};
+      strip.keys.end = std::min(strip.keys.end, layout.blocks);
+      strip.queries = strip.keys;
+      for_key_blocks(*this, tables, strip.keys, [&](std::int64_t grp, const LaneWindows& w) {
+        if (w.window == 0) return;
+        strip.q_columns.add(grp, w.first, w.first + w.window + kLanes - 1);
+        const std::int64_t len = layout.group_len[grp];
+        const std::int64_t lo = std::clamp<std::int64_t>(w.first, 0, len - 1);
+        const std::int64_t hi = std::clamp<std::int64_t>(w.first + w.window + kLanes - 2, 0, len - 1);
+        strip.queries.begin = std::min(strip.queries.begin, layout.block(grp, lo));
+        strip.queries.end = std::max(strip.queries.end, layout.block(grp, hi) + 1);
+      });
+      this->for_query_blocks(strip.queries, [&](std::int64_t grp, const LaneWindows& w) {
+        strip.q_columns.add(grp, w.i0, w.i0 + kLanes);
+        if (w.window > 0) strip.kv_columns.add(grp, w.first, w.first + w.window + kLanes - 1);
+      });
+      out.push_back(std::move(strip));
+    }
+    return out;
   }
 
   void start_query_pass(Scratch& s) const {
@@ -238,33 +300,46 @@ struct Backward : LaneKernel<Rank, T> {
   }
 
   // ---- query pass --------------------------------------------------------
-  LIBNA_SIMD_TARGET void query_row(const TiledRow& at, float* bias_grad, Scratch& s) const {
+  // The blocks a query-pass item computes (TiledRow::tile), those of them
+  // whose dq and rpb gradient it stores (the others only feed SavedProbs),
+  // and the columns it packs of the k and v rows and of the q and dout rows.
+  struct QueryTile {
+    BlockRange own;
+    const ColumnRanges& kv_columns;
+    const ColumnRanges& q_columns;
+  };
+  QueryTile query_tile(std::int64_t t) const {
+    return {query_tiles[t], query_columns.window[t], query_columns.own[t]};
+  }
+
+  LIBNA_SIMD_TARGET void query_row(const TiledRow& at, const QueryTile& tile, float* bias_grad,
+                                   Scratch& s) const {
     std::int64_t c[Rank];
     row_coords<Rank>(g, at.row, c);
     key_rows_of<Rank>(g, c, this->bias_strides, s.rows_list);
     const std::int64_t hk = at.h / this->heads_per_kv, t = at.tile_index;
     RowCaches& rows = s.query_rows;
     rows.next_item();
-    rows.load_window(k, v, at.b, hk, s.rows_list, t, query_columns.window[t]);
-    const float *q_row, *dout_row;
-    if (s.saved.data) {
-      RowCaches& shared = s.key_rows;
-      shared.next_item();
-      q_row = shared.window_a.get(q_scaled, at.b, at.h, at.row, 0, all_columns);
-      dout_row = shared.window_b.get(dout, at.b, at.h, at.row, 0, all_columns);
-    } else {
-      q_row = rows.own_a.get(q_scaled, at.b, at.h, at.row, t, query_columns.own[t]);
-      dout_row = rows.own_b.get(dout, at.b, at.h, at.row, t, query_columns.own[t]);
-    }
+    rows.load_window(k, v, at.b, hk, s.rows_list, t, tile.kv_columns);
+    // Saving P and dS: the key pass reads these rows again (key_row).
+    RowCaches& q_rows = s.saved.data ? s.key_rows : s.query_rows;
+    RowCache& q_cache = s.saved.data ? q_rows.window_a : q_rows.own_a;
+    RowCache& dout_cache = s.saved.data ? q_rows.window_b : q_rows.own_b;
+    if (s.saved.data) q_rows.next_item();
+    const float* q_row = q_cache.get(q_scaled, at.b, at.h, at.row, t, tile.q_columns);
+    const float* dout_row = dout_cache.get(dout, at.b, at.h, at.row, t, tile.q_columns);
     this->for_query_blocks(at.tile, [&](std::int64_t grp, const LaneWindows& w) {
-      query_block(at.b, at.h, at.row, q_row, dout_row, c, grp, w, bias_grad, s);
+      const std::int64_t block = layout.block(grp, w.i0);
+      const bool own = block >= tile.own.begin && block < tile.own.end;
+      query_block(at.b, at.h, at.row, q_row, dout_row, c, grp, w, own ? bias_grad : nullptr,
+                  own, s);
     });
   }
 
   LIBNA_SIMD_TARGET void query_block(std::int64_t b, std::int64_t h, std::int64_t row,
                                      const float* q_row, const float* dout_row, std::int64_t* c,
                                      std::int64_t grp, const LaneWindows& w, float* bias_grad,
-                                     Scratch& s) const {
+                                     bool store_dq, Scratch& s) const {
     const std::int64_t dim = this->k_dim, dim_v = this->v_dim, n_rows = s.rows_list.size;
     const std::int64_t entries = n_rows * w.window, width = layout.width;
     // Lanes of the packed q (times scale) and dout; lse and D from the
@@ -295,6 +370,7 @@ struct Backward : LaneKernel<Rank, T> {
 
     if (s.saved.data) save_block(h % this->heads_per_kv, row, grp, w, s);
 
+    if (!store_dq) return;
     // dq = scale * dS . k (ptrs_b: the key rows)
     s.acc.resize(dim * kLanes);
     pv_range(s.dlogits.data(), s.ptrs_b.data(), n_rows, w.window, width, dim, s.acc.data());
@@ -326,19 +402,19 @@ struct Backward : LaneKernel<Rank, T> {
 
   // ---- key pass ----------------------------------------------------------
   // (at.h is the kv head.)
-  LIBNA_SIMD_TARGET void key_row(const TiledRow& at, Scratch& s) const {
+  // q_columns: the columns of the q and dout rows to pack (the strip's when
+  // saving P and dS: the query pass packed them).
+  LIBNA_SIMD_TARGET void key_row(const TiledRow& at, const ColumnRanges& q_columns,
+                                 Scratch& s) const {
     std::int64_t c[Rank];
     row_coords<Rank>(g, at.row, c);
     query_rows_of<Rank>(g, tables, c, this->bias_strides, s.rows_list);
     const std::int64_t t = at.tile_index;
     RowCaches& rows = s.key_rows;
     rows.next_item();
-    // Saving: the whole rows the query pass packed.
-    const std::int64_t tile = s.saved.data ? 0 : t;
-    const ColumnRanges& cols = s.saved.data ? all_columns : key_columns.window[t];
     for (std::int64_t i = 0; i < this->heads_per_kv; ++i) {
-      rows.load_window(q_scaled, dout, at.b, at.h * this->heads_per_kv + i, s.rows_list, tile,
-                       cols, i);
+      rows.load_window(q_scaled, dout, at.b, at.h * this->heads_per_kv + i, s.rows_list, t,
+                       q_columns, i);
     }
     if (s.saved.data) {
       for_key_blocks(*this, tables, at.tile, [&](std::int64_t grp, const LaneWindows& w) {
@@ -525,38 +601,31 @@ struct SavedPlan {
 };
 
 template <int Rank>
-SavedPlan saved_plan(const Geometry<Rank>& g, const Tables<Rank>& tables, std::int64_t rows,
-                     std::int64_t items, SavedProbs layout) {
+SavedPlan saved_plan(const Geometry<Rank>& g, const Tables<Rank>& tables, std::int64_t items,
+                     SavedProbs layout, std::int64_t ring_rows) {
   SavedPlan plan;
-  if constexpr (Rank > 2) {
-    return plan;  // k^3 values per query: recompute
-  } else {
-    std::int64_t span = 1;
-    plan.last_query_row.assign(rows, 0);
-    if constexpr (Rank == 2) {
-      const AxisTable& axis = tables.axis[0];
-      const std::int64_t dilation = g.axes[0].dilation;
-      for (std::int64_t c = 0; c < rows; ++c) {
-        const std::int64_t count = axis.query_count[c];
-        plan.last_query_row[c] = count ? axis.first_query[c] + (count - 1) * dilation : -1;
-        span = std::max(span, (count - 1) * dilation + 1);
-      }
+  if (ring_rows == 0) return plan;  // 3D: k^3 values per query
+  // Whole (b, kv head) pairs must keep every thread busy; the ring must fit.
+  layout.slots = ring_rows;
+  const std::int64_t threads = get_num_threads();
+  const bool balanced = (items + threads - 1) / threads * threads * 4 <= items * 5;
+  if (!balanced || layout.size() * std::int64_t{sizeof(float)} > SavedProbs::budget()) return plan;
+  plan.slots = ring_rows;
+  const std::int64_t rows = Rank == 2 ? g.spatial[0] : 1;
+  plan.last_query_row.assign(rows, 0);
+  if constexpr (Rank == 2) {
+    const AxisTable& axis = tables.axis[0];
+    for (std::int64_t c = 0; c < rows; ++c) {
+      const std::int64_t count = axis.query_count[c];
+      plan.last_query_row[c] = count ? axis.first_query[c] + (count - 1) * g.axes[0].dilation : -1;
     }
-    layout.slots = std::min(rows, span);
-    // Whole (b, kv head) pairs must keep every thread busy; the ring must fit.
-    const std::int64_t threads = get_num_threads();
-    const bool balanced = (items + threads - 1) / threads * threads * 4 <= items * 5;
-    if (!balanced || layout.size() * std::int64_t{sizeof(float)} > SavedProbs::budget()) {
-      return plan;
-    }
-    plan.slots = layout.slots;
-    plan.key_order.resize(rows);
-    std::iota(plan.key_order.begin(), plan.key_order.end(), 0);
-    std::stable_sort(plan.key_order.begin(), plan.key_order.end(), [&](auto x, auto y) {
-      return plan.last_query_row[x] < plan.last_query_row[y];
-    });
-    return plan;
   }
+  plan.key_order.resize(rows);
+  std::iota(plan.key_order.begin(), plan.key_order.end(), 0);
+  std::stable_sort(plan.key_order.begin(), plan.key_order.end(), [&](auto x, auto y) {
+    return plan.last_query_row[x] < plan.last_query_row[y];
+  });
+  return plan;
 }
 
 template <int Rank, typename T>
@@ -569,76 +638,79 @@ void na_backward(const detail::BackwardArgs& args) {
   const BiasBuffer<Rank, float> bias_layout(args.params, heads);
   const std::int64_t bias_head = args.rpb ? bias_layout.strides[0] : 0;
   Backward<Rank, T> pass(args, g, layout, tables);
+  // Query pass items (b, h, tile, row) each own one partial of the rpb
+  // gradient (summed below in item order: deterministic).
+  SavedProbs saved = pass.saved_layout();
+  const SavedPlan plan = saved_plan<Rank>(g, tables, g.batch * heads_kv, saved, pass.ring_rows);
+  using Strip = typename Backward<Rank, T>::Strip;
+  const std::vector<Strip> strips = plan.slots ? pass.strips() : std::vector<Strip>();
+  const std::int64_t tiles = pass.query_tiles.count;
+  const std::int64_t query_items = g.batch * heads * tiles * layout.rows;
   // lse and D in the packed column layout (the key pass reads their padding
-  // too), then one rpb-gradient partial per query-pass item.
-  const std::int64_t query_items = g.batch * heads * pass.query_tiles.count * layout.rows;
+  // too), then the rpb-gradient partials.
   float* buffer = workspace(2 * lanes_size + query_items * bias_head);
   float* bias_partials = buffer + 2 * lanes_size;
   pass.lse = buffer;
   pass.delta = buffer + lanes_size;
   std::fill(buffer, buffer + 2 * lanes_size, 0.0f);
   store_row_terms<Rank, T>(args, g, layout, pass.lse, pass.delta);
-  using Scratch = typename Backward<Rank, T>::Scratch;
 
-  // Query pass items: tiled rows, as in the forward. Each item owns one
-  // partial of the rpb gradient (summed below in item order: deterministic).
-  const std::int64_t tiles = pass.query_tiles.count;
-  const auto query_item = [&](const TiledRow& at, Scratch& s) {
+  using Scratch = typename Backward<Rank, T>::Scratch;
+  using QueryTile = typename Backward<Rank, T>::QueryTile;
+  const auto query_item = [&](const TiledRow& at, const QueryTile& tile, Scratch& s) {
     float* partial = nullptr;
     if (bias_head) {
       const std::int64_t item = ((at.b * heads + at.h) * tiles + at.tile_index) * layout.rows + at.row;
       partial = bias_partials + item * bias_head;
       std::fill(partial, partial + bias_head, 0.0f);
     }
-    pass.query_row(at, partial, s);
+    pass.query_row(at, tile, partial, s);
   };
-  const auto query_pass = [&] {
+
+  if (plan.slots == 0) {
+    // Query pass, then key pass (at.h: the kv head); tiled rows, as in the
+    // forward.
     for_tiled_rows<Scratch>(
         g.batch, heads, layout.rows, pass.query_tiles,
         [&](Scratch& s) {
           pass.start_query_pass(s);
           pass.start_saving(s, SavedProbs());
         },
-        query_item);
-  };
-  // Key pass (at.h: the kv head).
-  const auto key_pass = [&] {
+        [&](const TiledRow& at, Scratch& s) { query_item(at, pass.query_tile(at.tile_index), s); });
     for_tiled_rows<Scratch>(
         g.batch, heads_kv, layout.rows, pass.key_tiles,
         [&](Scratch& s) {
           pass.start_key_pass(s, pass.key_window_rows);
           pass.start_saving(s, SavedProbs());
         },
-        [&](const TiledRow& at, Scratch& s) { pass.key_row(at, s); });
-  };
-
-  SavedProbs saved = pass.saved_layout();
-  const SavedPlan plan = saved_plan<Rank>(g, tables, layout.rows, g.batch * heads_kv, saved);
-  if (plan.slots == 0) {
-    query_pass();
-    key_pass();
+        [&](const TiledRow& at, Scratch& s) {
+          pass.key_row(at, pass.key_columns.window[at.tile_index], s);
+        });
   } else {
+    // Each (b, kv head, strip) runs down the rows: query row y of every
+    // query head, then the key rows whose last query row is y.
     saved.slots = plan.slots;
-    parallel_for(g.batch * heads_kv, 1, [&](std::int64_t begin, std::int64_t end) {
+    const std::int64_t n_strips = tiles;  // the query tiles
+    parallel_for(g.batch * heads_kv * n_strips, 1, [&](std::int64_t begin, std::int64_t end) {
       thread_local Scratch s;
       pass.start_saving(s, saved);
       for (std::int64_t item = begin; item < end; ++item) {
-        const std::int64_t b = item / heads_kv, hk = item % heads_kv;
+        const std::int64_t t = item % n_strips, hk = item / n_strips % heads_kv;
+        const std::int64_t b = item / (n_strips * heads_kv);
+        const Strip& strip = strips[t];
+        const QueryTile tile{strip.keys, strip.kv_columns, strip.q_columns};
         pass.start_query_pass(s);
         // The q and dout rows of the ring's query rows, every query head.
         pass.start_key_pass(s, std::max(pass.key_window_rows, (plan.slots + 1) * pass.heads_per_kv));
         std::int64_t next_key = 0;
         for (std::int64_t row = 0; row < layout.rows; ++row) {
           for (std::int64_t h = hk * pass.heads_per_kv; h < (hk + 1) * pass.heads_per_kv; ++h) {
-            for (std::int64_t t = 0; t < tiles; ++t) {
-              query_item(TiledRow{0, b, h, row, t, pass.query_tiles[t]}, s);
-            }
+            query_item(TiledRow{0, b, h, row, t, strip.queries}, tile, s);
           }
           for (; next_key < layout.rows && plan.last_query_row[plan.key_order[next_key]] <= row;
                ++next_key) {
-            for (std::int64_t t = 0; t < pass.key_tiles.count; ++t) {
-              pass.key_row(TiledRow{0, b, hk, plan.key_order[next_key], t, pass.key_tiles[t]}, s);
-            }
+            pass.key_row(TiledRow{0, b, hk, plan.key_order[next_key], t, strip.keys},
+                         strip.q_columns, s);
           }
         }
       }

@@ -58,21 +58,25 @@ struct ColumnLayout {
   static constexpr std::int64_t kPad = kLanes;
   std::int64_t rows = 0, extent = 0, width = 0, dilation = 1;
   std::int64_t blocks = 0;  // lane blocks of a row: kLanes positions of one group each
-  std::vector<std::int64_t> group_base, group_len;
+  std::vector<std::int64_t> group_base, group_len, group_blocks;  // group_blocks: its first block
 
   template <int Rank>
   explicit ColumnLayout(const Geometry<Rank>& g)
       : rows(g.tokens / g.spatial[Rank - 1]), extent(g.spatial[Rank - 1]),
-        dilation(g.axes[Rank - 1].dilation), group_base(dilation), group_len(dilation) {
+        dilation(g.axes[Rank - 1].dilation), group_base(dilation), group_len(dilation),
+        group_blocks(dilation) {
     std::int64_t base = kPad;
     for (std::int64_t grp = 0; grp < dilation; ++grp) {
       group_base[grp] = base;
       group_len[grp] = group_length(extent, dilation, grp);
       base += group_len[grp] + kPad;
+      group_blocks[grp] = blocks;
       blocks += (group_len[grp] + kLanes - 1) / kLanes;
     }
     width = base;
   }
+  // The lane block holding group position i of group grp.
+  std::int64_t block(std::int64_t grp, std::int64_t i) const { return group_blocks[grp] + i / kLanes; }
   // Packed column of position x along the last axis.
   std::int64_t column(std::int64_t x) const { return group_base[x % dilation] + x / dilation; }
   // Floats of a packed tensor with `heads` heads of `dim` channels.
@@ -548,11 +552,14 @@ struct ColumnTiles {
   static constexpr std::int64_t kBudget = 192 * 1024;  // bytes, well under a 512 KiB L2
   std::int64_t count = 1, blocks_per_tile = 1;
 
-  ColumnTiles(const ColumnLayout& layout, std::int64_t window_rows, std::int64_t channels) {
-    const std::int64_t per_block = window_rows * kLanes * channels * std::int64_t{sizeof(float)};
-    const std::int64_t fit = std::max<std::int64_t>(1, kBudget / per_block);
-    count = (layout.blocks + fit - 1) / fit;
-    blocks_per_tile = (layout.blocks + count - 1) / count;  // even tiles
+  ColumnTiles(const ColumnLayout& layout, std::int64_t window_rows, std::int64_t channels)
+      : ColumnTiles(layout.blocks,
+                    kBudget / (window_rows * kLanes * channels * std::int64_t{sizeof(float)})) {}
+  // Even tiles of at most `fit` (at least 1) of `blocks` blocks.
+  ColumnTiles(std::int64_t blocks, std::int64_t fit) {
+    fit = std::max<std::int64_t>(1, fit);
+    count = std::max<std::int64_t>(1, (blocks + fit - 1) / fit);
+    blocks_per_tile = (blocks + count - 1) / count;
   }
   BlockRange operator[](std::int64_t t) const { return {t * blocks_per_tile, (t + 1) * blocks_per_tile}; }
 };
