@@ -349,6 +349,7 @@ struct Backward : LaneKernel<Rank, T> {
     const float* dout_lanes = this->lanes_at(dout_row, grp, w);
     const f32x8 lse_v = simd::load(lse + scalar_row(b, h, row) + col0);
     const f32x8 delta_v = simd::load(delta + scalar_row(b, h, row) + col0);
+    if (store_dq) this->prefetch_lanes(args.dq, b, c, h, grp, w);
 
     // P, then dP, then dS = P (dP - D).
     s.probs.resize(entries * kLanes);
@@ -459,6 +460,8 @@ struct Backward : LaneKernel<Rank, T> {
                                          Scratch& s) const {
     const std::int64_t n_rows = s.rows_list.size, entries = n_rows * w.window;
     const std::int64_t col0 = layout.group_base[grp] + w.first, kernel = this->last().kernel;
+    this->prefetch_lanes(args.dk, b, c, hk, grp, w);
+    this->prefetch_lanes(args.dv, b, c, hk, grp, w);
     s.acc_k.assign(this->k_dim * kLanes, 0.0f);
     s.acc_v.assign(this->v_dim * kLanes, 0.0f);
     s.probs.resize(entries * kLanes);

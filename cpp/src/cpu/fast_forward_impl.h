@@ -660,6 +660,20 @@ struct LaneKernel {
     gather_lanes(tokens, w.lanes, t.strides[Rank + 2], dim, factor, dst, kLanes);
   }
 
+  // Starts fetching, for writing, the lanes' head vectors of an output that
+  // store_lanes will write once the block is computed (contiguous vectors).
+  void prefetch_lanes(const TensorView& t, std::int64_t b, std::int64_t* c, std::int64_t h,
+                      std::int64_t grp, const LaneWindows& w) const {
+    if (t.strides[Rank + 2] != 1) return;
+    T* tokens[kLanes];
+    lane_tokens(t, b, c, h, grp, w, tokens);
+    const std::int64_t bytes = t.shape[Rank + 2] * std::int64_t{sizeof(T)};
+    for (std::int64_t l = 0; l < w.lanes; ++l) {
+      const char* p = reinterpret_cast<const char*>(tokens[l]);
+      for (std::int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(p + at, 1);
+    }
+  }
+
   // t[b, c (lane positions), h, d] = factor[lane] * src[d][lane], for the
   // lanes of w.
   void store_lanes(const TensorView& t, std::int64_t b, std::int64_t* c, std::int64_t h,
@@ -819,6 +833,7 @@ struct Forward : LaneKernel<Rank, T> {
                                std::int64_t* c, std::int64_t grp, const LaneWindows& w,
                                Scratch& s) const {
     const std::int64_t dim_v = this->v_dim, n_rows = s.key_rows.size;
+    this->prefetch_lanes(args.out, b, c, h, grp, w);
     s.logits.resize(n_rows * w.window * kLanes);
     this->window_rows(s.rows.bases_a, grp, w, s.key_ptrs);
     this->logits(this->lanes_at(q_row, grp, w), this->layout.width, h, w, s.key_rows,
