@@ -277,6 +277,25 @@ struct Backward : LaneKernel<Rank, T> {
     return out;
   }
 
+  // Starts fetching the tokens the saved pipeline packs for query row `row`
+  // (while it works on the row before): its q and dout rows and the key
+  // rows its window adds, of every query head of kv head hk.
+  void prefetch_rows(std::int64_t b, std::int64_t hk, std::int64_t row, const Strip& strip,
+                     Scratch& s) const {
+    std::int64_t c[Rank];
+    row_coords<Rank>(g, row, c);
+    key_rows_of<Rank>(g, c, this->bias_strides, s.rows_list);
+    const std::int64_t newest = s.rows_list.rows[s.rows_list.size - 1];
+    if (newest > 0) {  // (row 0's window is loaded with row 0)
+      k.prefetch_row(b, hk, newest, strip.kv_columns);
+      v.prefetch_row(b, hk, newest, strip.kv_columns);
+    }
+    for (std::int64_t h = hk * this->heads_per_kv; h < (hk + 1) * this->heads_per_kv; ++h) {
+      q_scaled.prefetch_row(b, h, row, strip.q_columns);
+      dout.prefetch_row(b, h, row, strip.q_columns);
+    }
+  }
+
   void start_query_pass(Scratch& s) const {
     s.query_rows.reset(g.window_rows(), this->k_dim, this->v_dim, layout.width);
   }
@@ -707,6 +726,7 @@ void na_backward(const detail::BackwardArgs& args) {
         pass.start_key_pass(s, std::max(pass.key_window_rows, (plan.slots + 1) * pass.heads_per_kv));
         std::int64_t next_key = 0;
         for (std::int64_t row = 0; row < layout.rows; ++row) {
+          if (row + 1 < layout.rows) pass.prefetch_rows(b, hk, row + 1, strip, s);
           for (std::int64_t h = hk * pass.heads_per_kv; h < (hk + 1) * pass.heads_per_kv; ++h) {
             query_item(TiledRow{0, b, h, row, t, strip.queries}, tile, s);
           }

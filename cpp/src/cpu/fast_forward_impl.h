@@ -158,6 +158,20 @@ class PackSource {
     for (std::int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(p + at);
   }
 
+  // Starts fetching the tokens pack(b, h, r, cols, ...) will read.
+  void prefetch_row(std::int64_t b, std::int64_t h, std::int64_t r, const ColumnRanges& cols) const {
+    const T* src = static_cast<const T*>(source_.data);
+    std::int64_t c[Rank];
+    row_coords<Rank>(g_, r, c);
+    for (std::int64_t grp = 0; grp < layout_.dilation; ++grp) {
+      const std::int64_t end = std::min(cols.hi[grp], layout_.group_len[grp]);
+      for (std::int64_t i = std::max<std::int64_t>(cols.lo[grp], 0); i < end; ++i) {
+        c[Rank - 1] = grp + i * layout_.dilation;
+        prefetch(src + row_offset<Rank>(source_, b, c, h));
+      }
+    }
+  }
+
   // Fills the columns `cols` of dst with row r of (b, h): eight tokens of a
   // dilation group at a time go through a register transpose into eight
   // consecutive columns; the padding columns in range are zeroed.
