@@ -296,11 +296,12 @@ struct Backward : LaneKernel<Rank, T> {
     }
   }
 
-  void start_query_pass(Scratch& s) const {
-    s.query_rows.reset(g.window_rows(), this->k_dim, this->v_dim, layout.width);
+  // (capacity: of the window-row caches, RowCaches::reset.)
+  void start_query_pass(Scratch& s, std::int64_t capacity) const {
+    s.query_rows.reset(capacity, this->k_dim, this->v_dim, layout.width);
   }
-  void start_key_pass(Scratch& s, std::int64_t window_rows) const {
-    s.key_rows.reset(window_rows, this->k_dim, this->v_dim, layout.width);
+  void start_key_pass(Scratch& s, std::int64_t capacity) const {
+    s.key_rows.reset(capacity, this->k_dim, this->v_dim, layout.width);
   }
   // Points s.saved at the thread's ring memory for `layout` (null layout.data: none).
   void start_saving(Scratch& s, const SavedProbs& saved) const {
@@ -695,14 +696,14 @@ void na_backward(const detail::BackwardArgs& args) {
     for_tiled_rows<Scratch>(
         g.batch, heads, layout.rows, pass.query_tiles,
         [&](Scratch& s) {
-          pass.start_query_pass(s);
+          pass.start_query_pass(s, 2 * g.window_rows());
           pass.start_saving(s, SavedProbs());
         },
         [&](const TiledRow& at, Scratch& s) { query_item(at, pass.query_tile(at.tile_index), s); });
     for_tiled_rows<Scratch>(
         g.batch, heads_kv, layout.rows, pass.key_tiles,
         [&](Scratch& s) {
-          pass.start_key_pass(s, pass.key_window_rows);
+          pass.start_key_pass(s, 2 * pass.key_window_rows);
           pass.start_saving(s, SavedProbs());
         },
         [&](const TiledRow& at, Scratch& s) {
@@ -721,9 +722,10 @@ void na_backward(const detail::BackwardArgs& args) {
         const std::int64_t b = item / (n_strips * heads_kv);
         const Strip& strip = strips[t];
         const QueryTile tile{strip.keys, strip.kv_columns, strip.q_columns};
-        pass.start_query_pass(s);
-        // The q and dout rows of the ring's query rows, every query head.
-        pass.start_key_pass(s, std::max(pass.key_window_rows, (plan.slots + 1) * pass.heads_per_kv));
+        // The rows run in order: a window and the row it adds; the q and
+        // dout rows of the ring's query rows and the next, every query head.
+        pass.start_query_pass(s, g.window_rows() + 1);
+        pass.start_key_pass(s, (plan.slots + 1) * pass.heads_per_kv);
         std::int64_t next_key = 0;
         for (std::int64_t row = 0; row < layout.rows; ++row) {
           if (row + 1 < layout.rows) pass.prefetch_rows(b, hk, row + 1, strip, s);

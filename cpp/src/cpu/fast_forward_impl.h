@@ -760,18 +760,19 @@ struct TileColumns {
 };
 
 // A thread's packed rows in the fused kernels: caches for the rows its lanes
-// sit in (one row at a time) and for the window rows (two windows' worth,
-// so that consecutive items reuse the rows they share).
+// sit in (one row at a time) and for the window rows (`window_capacity`
+// rows: more than a window, so that consecutive items reuse the rows they
+// share; no more than needed, each cached row takes room in L2).
 struct RowCaches {
   RowCache own_a, own_b, window_a, window_b;
   std::vector<const float*> bases_a, bases_b;  // the current item's window rows
 
-  void reset(std::int64_t window_rows, std::int64_t dim_a, std::int64_t dim_b,
+  void reset(std::int64_t window_capacity, std::int64_t dim_a, std::int64_t dim_b,
              std::int64_t width) {
     own_a.reset(1, dim_a * width);
     own_b.reset(1, dim_b * width);
-    window_a.reset(2 * window_rows, dim_a * width);
-    window_b.reset(2 * window_rows, dim_b * width);
+    window_a.reset(window_capacity, dim_a * width);
+    window_b.reset(window_capacity, dim_b * width);
   }
   void next_item() {
     own_a.next_item();
@@ -825,7 +826,8 @@ struct Forward : LaneKernel<Rank, T> {
         }) {}
 
   void start(Scratch& s) const {
-    s.rows.reset(g.window_rows(), this->k_dim, this->v_dim, this->layout.width);
+    // Items of a chunk are mostly consecutive rows, or rows of the next tile.
+    s.rows.reset(2 * g.window_rows(), this->k_dim, this->v_dim, this->layout.width);
   }
 
   // The queries of one (b, h, row) in one column tile, eight at a time.
