@@ -15,12 +15,12 @@
 // (SavedProbs) in a layout that both passes address with contiguous lane
 // loads: five products of the head dim per (query, key) pair instead of
 // seven, and one exp instead of two. Each thread then takes whole (b, kv
-// head) pairs and runs down their rows, each query row followed by the key
-// rows whose last query row it was, so that only a ring of recent query rows
-// is kept (SavedPlan). 3D (k^3 values per query), problems whose ring would
-// not fit SavedProbs::budget(), and too few (b, kv head) pairs for the
-// threads compute P and dS again in the key pass instead; both ways give
-// bitwise-equal gradients.
+// head, column strip) items and runs down their rows, each query row
+// followed by the key rows whose last query row it was, so that only a ring
+// of recent query rows is kept (SavedPlan). 3D (k^3 values per query),
+// problems whose ring would not fit SavedProbs::budget(), and too few items
+// for the threads compute P and dS again in the key pass instead; both ways
+// give bitwise-equal gradients.
 #include <cstdlib>
 #include <numeric>
 
@@ -248,8 +248,12 @@ struct Backward : LaneKernel<Rank, T> {
     const std::int64_t ring = 2 * hpk * g.window_rows() * this->last().kernel * ring_rows;
     const std::int64_t cached = ((ring_rows + 1) * hpk + g.window_rows()) * channels;
     const std::int64_t per_block = kLanes * (ring + cached) * std::int64_t{sizeof(float)};
-    // At least 4 blocks a strip: its edges are computed twice.
-    return ColumnTiles(layout.blocks, std::max<std::int64_t>(4, kStripBudget / per_block));
+    // A strip's edge blocks are computed twice (by its neighbours too), so
+    // strips are wider than the budget rather than narrower: between fit
+    // and 2 fit blocks, and at least 4.
+    const std::int64_t fit = std::max<std::int64_t>(4, kStripBudget / per_block);
+    const std::int64_t count = std::max<std::int64_t>(1, layout.blocks / fit);
+    return ColumnTiles(layout.blocks, (layout.blocks + count - 1) / count);
   }
 
   std::vector<Strip> strips() const {
@@ -614,10 +618,10 @@ void store_bias_grad(const BiasBuffer<Rank, float>& bias_layout, const float* pa
 }
 
 // The order of the pipelined 1D/2D backward (SavedProbs): each thread takes
-// whole (b, kv head) pairs and runs down their query rows, each followed by
-// the key rows whose last query row it was (key_order: the key rows by
-// last_query_row, the leading-axis position of the last query that sees
-// them; -1: none). `slots` query rows span every key row's queries.
+// whole (b, kv head, strip) items and runs down their query rows, each
+// followed by the key rows whose last query row it was (key_order: the key
+// rows by last_query_row, the leading-axis position of the last query that
+// sees them; -1: none). `slots` query rows span every key row's queries.
 struct SavedPlan {
   std::int64_t slots = 0;  // 0: compute P and dS again instead
   std::vector<std::int64_t> key_order, last_query_row;
@@ -628,7 +632,8 @@ SavedPlan saved_plan(const Geometry<Rank>& g, const Tables<Rank>& tables, std::i
                      SavedProbs layout, std::int64_t ring_rows) {
   SavedPlan plan;
   if (ring_rows == 0) return plan;  // 3D: k^3 values per query
-  // Whole (b, kv head) pairs must keep every thread busy; the ring must fit.
+  // The (b, kv head, strip) items must keep every thread busy; the ring must
+  // fit.
   layout.slots = ring_rows;
   const std::int64_t threads = get_num_threads();
   const bool balanced = (items + threads - 1) / threads * threads * 4 <= items * 5;
@@ -664,10 +669,11 @@ void na_backward(const detail::BackwardArgs& args) {
   // Query pass items (b, h, tile, row) each own one partial of the rpb
   // gradient (summed below in item order: deterministic).
   SavedProbs saved = pass.saved_layout();
-  const SavedPlan plan = saved_plan<Rank>(g, tables, g.batch * heads_kv, saved, pass.ring_rows);
+  const std::int64_t tiles = pass.query_tiles.count;
+  const SavedPlan plan =
+      saved_plan<Rank>(g, tables, g.batch * heads_kv * tiles, saved, pass.ring_rows);
   using Strip = typename Backward<Rank, T>::Strip;
   const std::vector<Strip> strips = plan.slots ? pass.strips() : std::vector<Strip>();
-  const std::int64_t tiles = pass.query_tiles.count;
   const std::int64_t query_items = g.batch * heads * tiles * layout.rows;
   // lse and D in the packed column layout (the key pass reads their padding
   // too), then the rpb-gradient partials.
