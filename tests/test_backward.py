@@ -247,14 +247,16 @@ def test_backward_float32_grid(case, rng):
 
 # Rows long enough that the vectorised kernels split them into several column
 # tiles (about 192 KiB of key/value columns per tile: a few hundred positions
-# at these head dims), with every feature that changes which blocks a tile
-# holds: dilation groups, causal starts, stride, rpb (per-tile partials of its
-# gradient), GQA.
+# at these head dims; the 1D/2D backward's strips: 1500, 400 and 700
+# positions make two or three), with every feature that changes which blocks
+# a tile holds: dilation groups, causal starts, stride, rpb (per-tile partials
+# of its gradient), GQA.
 WIDE_ROWS = [
     ((1500,), (9,), dict(dilation=(2,)), True),
     ((1100,), (7,), dict(stride=(3,)), False),
     ((3, 400), (3, 7), {}, True),
     ((5, 333), (3, 5), dict(dilation=(1, 3), is_causal=(False, True)), False),
+    ((4, 700), (3, 5), dict(dilation=(1, 2)), True),
     ((2, 3, 260), (2, 3, 5), dict(dilation=(1, 1, 2)), True),
 ]
 
