@@ -723,7 +723,7 @@ void na_backward(const detail::BackwardArgs& args) {
     saved.slots = plan.slots;
     const std::int64_t n_strips = tiles;  // the query tiles
     parallel_for(g.batch * heads_kv * n_strips, 1, [&](std::int64_t begin, std::int64_t end) {
-      thread_local Scratch s;
+      Scratch& s = thread_scratch<Scratch>();
       pass.start_saving(s, saved);
       for (std::int64_t item = begin; item < end; ++item) {
         const std::int64_t t = item % n_strips, hk = item / n_strips % heads_kv;

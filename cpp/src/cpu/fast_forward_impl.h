@@ -586,14 +586,22 @@ struct TiledRow {
   BlockRange tile;
 };
 
-// Runs fn(item, scratch) over every (batch, head, tile, row), rows innermost.
-// Each thread keeps one Scratch across calls (its row caches stay allocated);
-// start(scratch) runs before every chunk of items a thread takes.
+// The calling thread's Scratch of one type, kept across calls (its row caches
+// stay allocated) and shared by every loop that runs on that type.
+template <typename Scratch>
+Scratch& thread_scratch() {
+  thread_local Scratch scratch;
+  return scratch;
+}
+
+// Runs fn(item, scratch) over every (batch, head, tile, row), rows innermost,
+// with the thread's thread_scratch(); start(scratch) runs before every chunk
+// of items a thread takes.
 template <typename Scratch, typename Start, typename Fn>
 void for_tiled_rows(std::int64_t batch, std::int64_t heads, std::int64_t rows,
                     const ColumnTiles& tiles, const Start& start, const Fn& fn) {
   parallel_for(batch * heads * tiles.count * rows, 1, [&](std::int64_t begin, std::int64_t end) {
-    thread_local Scratch scratch;
+    Scratch& scratch = thread_scratch<Scratch>();
     start(scratch);
     for (std::int64_t item = begin; item < end; ++item) {
       const std::int64_t tile = (item / rows) % tiles.count;
