@@ -186,8 +186,7 @@ struct Backward : LaneKernel<Rank, T> {
     // windows too (whole rows, tile 0): each is packed once.
     RowCaches key_rows;
     SavedProbs saved;  // saved.data null: the key pass computes P and dS again
-    std::unique_ptr<float[]> saved_memory;
-    std::int64_t saved_capacity = 0;
+    GrowingBuffer saved_memory;
   };
 
   Backward(const detail::BackwardArgs& a, const Geometry<Rank>& geometry,
@@ -309,16 +308,11 @@ struct Backward : LaneKernel<Rank, T> {
   void start_key_pass(Scratch& s, std::int64_t capacity) const {
     s.key_rows.reset(capacity, this->k_dim, this->v_dim, layout.width);
   }
-  // Points s.saved at the thread's ring memory for `layout` (null layout.data: none).
+  // Sets s.saved to `saved` with the thread's ring memory (saved.slots 0:
+  // not saving). The ring is read only where written.
   void start_saving(Scratch& s, const SavedProbs& saved) const {
     s.saved = saved;
-    if (saved.slots == 0) return;
-    if (saved.size() > s.saved_capacity) {
-      s.saved_memory.reset();  // release first: never hold both
-      s.saved_memory.reset(new float[saved.size()]);  // uninitialised: read only where written
-      s.saved_capacity = saved.size();
-    }
-    s.saved.data = s.saved_memory.get();
+    if (saved.slots > 0) s.saved.data = s.saved_memory.reserve(saved.size());
   }
 
   std::int64_t scalar_row(std::int64_t b, std::int64_t h, std::int64_t row) const {

@@ -83,14 +83,6 @@ struct ColumnLayout {
   std::int64_t packed_size(std::int64_t batch, std::int64_t heads, std::int64_t dim) const {
     return batch * heads * rows * dim * width;
   }
-  // Zeroes the padding columns of one packed line of `width` floats.
-  void zero_padding(float* line) const {
-    std::fill(line, line + kPad, 0.0f);
-    for (std::int64_t grp = 0; grp < dilation; ++grp) {
-      float* end = line + group_base[grp] + group_len[grp];
-      std::fill(end, end + kPad, 0.0f);
-    }
-  }
 };
 
 // One tensor [B, *spatial, heads, dim] as float, indexed [b][h][row][d][col].
@@ -113,6 +105,32 @@ inline float* workspace(std::int64_t size) {
     buffer.resize(size);
   }
   return buffer.data();
+}
+
+// Uninitialised float memory owned by one thread's scratch, grown on demand
+// and kept between calls (for the same reason as workspace()).
+class GrowingBuffer {
+ public:
+  float* reserve(std::int64_t size) {
+    if (size > size_) {
+      data_.reset();  // release first: never hold both
+      data_.reset(new float[size]);
+      size_ = size;
+    }
+    return data_.get();
+  }
+
+ private:
+  std::unique_ptr<float[]> data_;
+  std::int64_t size_ = 0;
+};
+
+// Starts fetching the cache lines of `bytes` bytes from p (for writing: the
+// lines an output store will fill).
+template <bool ForWrite = false>
+inline void prefetch_lines(const void* p, std::int64_t bytes) {
+  const char* at = static_cast<const char*>(p);
+  for (std::int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(at + i, ForWrite);
 }
 
 // Group positions [lo[g], hi[g]) of each dilation group g: the columns of a
@@ -150,12 +168,10 @@ class PackSource {
 
   const std::int64_t heads, dim;
 
-  // Starts fetching one token's head vector into cache.
+  // Starts fetching one token's head vector into cache (contiguous vectors
+  // only: scattered channels are left to the hardware).
   void prefetch(const T* token) const {
-    const std::int64_t bytes = dim * source_.strides[Rank + 2] * std::int64_t{sizeof(T)};
-    const char* p = reinterpret_cast<const char*>(token);
-    if (source_.strides[Rank + 2] != 1) return;  // scattered channels: leave it
-    for (std::int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(p + at);
+    if (source_.strides[Rank + 2] == 1) prefetch_lines(token, dim * std::int64_t{sizeof(T)});
   }
 
   // Starts fetching the tokens pack(b, h, r, cols, ...) will read.
@@ -251,11 +267,7 @@ class RowCache {
   // Forgets every row (a new call, or a new chunk of items) and makes room
   // for `capacity` rows of `row_floats` floats.
   void reset(std::int64_t capacity, std::int64_t row_floats) {
-    if (capacity * row_floats > size_) {
-      data_.reset();  // release first: never hold both
-      size_ = capacity * row_floats;
-      data_.reset(new float[size_]);  // uninitialised: only the packed columns are touched
-    }
+    data_ = memory_.reserve(capacity * row_floats);  // only the packed columns are touched
     row_floats_ = row_floats;
     entries_.assign(capacity, Entry{});
     stamp_ = 1;
@@ -285,10 +297,11 @@ class RowCache {
   struct Entry {
     std::int64_t b = -1, h = -1, r = -1, tile = -1, stamp = 0;
   };
-  float* row(const Entry& e) { return data_.get() + (&e - entries_.data()) * row_floats_; }
+  float* row(const Entry& e) { return data_ + (&e - entries_.data()) * row_floats_; }
 
-  std::unique_ptr<float[]> data_;
-  std::int64_t size_ = 0, row_floats_ = 0, stamp_ = 1;
+  GrowingBuffer memory_;
+  float* data_ = nullptr;
+  std::int64_t row_floats_ = 0, stamp_ = 1;
   std::vector<Entry> entries_;
 };
 
@@ -690,10 +703,7 @@ struct LaneKernel {
     T* tokens[kLanes];
     lane_tokens(t, b, c, h, grp, w, tokens);
     const std::int64_t bytes = t.shape[Rank + 2] * std::int64_t{sizeof(T)};
-    for (std::int64_t l = 0; l < w.lanes; ++l) {
-      const char* p = reinterpret_cast<const char*>(tokens[l]);
-      for (std::int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(p + at, 1);
-    }
+    for (std::int64_t l = 0; l < w.lanes; ++l) prefetch_lines<true>(tokens[l], bytes);
   }
 
   // t[b, c (lane positions), h, d] = factor[lane] * src[d][lane], for the
