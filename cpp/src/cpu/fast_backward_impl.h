@@ -44,7 +44,7 @@ inline LaneWindows key_lanes(const AxisTable& table, std::int64_t grp, std::int6
   return w;
 }
 
-LIBNA_SIMD_TARGET inline float lane_sum(f32x8 x) {
+inline float lane_sum(f32x8 x) {
   alignas(32) float lanes[kLanes];
   simd::store(lanes, x);
   float s = 0;
@@ -55,9 +55,9 @@ LIBNA_SIMD_TARGET inline float lane_sum(f32x8 x) {
 // bias_grad (one head of the rpb gradient) += ds[r][j][lane] summed by
 // relative position: entry j of every lane is at first + j - i0 (entries
 // outside a lane's window hold 0).
-LIBNA_SIMD_TARGET inline void add_bias_grad(const LaneWindows& w, const RowList& rows,
-                                            std::int64_t kernel, std::int64_t step,
-                                            const float* ds, float* bias_grad) {
+inline void add_bias_grad(const LaneWindows& w, const RowList& rows,
+                          std::int64_t kernel, std::int64_t step,
+                          const float* ds, float* bias_grad) {
   const std::int64_t rel0 = w.first - w.i0 + kernel - 1;
   const std::int64_t j_begin = std::max<std::int64_t>(0, -rel0);
   const std::int64_t j_end = std::min(w.window, 2 * kernel - 1 - rel0);
@@ -332,8 +332,8 @@ struct Backward : LaneKernel<Rank, T> {
     return {query_tiles[t], query_columns.window[t], query_columns.own[t]};
   }
 
-  LIBNA_SIMD_TARGET void query_row(const TiledRow& at, const QueryTile& tile, float* bias_grad,
-                                   Scratch& s) const {
+  void query_row(const TiledRow& at, const QueryTile& tile, float* bias_grad,
+                 Scratch& s) const {
     std::int64_t c[Rank];
     row_coords<Rank>(g, at.row, c);
     key_rows_of<Rank>(g, c, this->bias_strides, s.rows_list);
@@ -356,10 +356,10 @@ struct Backward : LaneKernel<Rank, T> {
     });
   }
 
-  LIBNA_SIMD_TARGET void query_block(std::int64_t b, std::int64_t h, std::int64_t row,
-                                     const float* q_row, const float* dout_row, std::int64_t* c,
-                                     std::int64_t grp, const LaneWindows& w, float* bias_grad,
-                                     bool store_dq, Scratch& s) const {
+  void query_block(std::int64_t b, std::int64_t h, std::int64_t row,
+                   const float* q_row, const float* dout_row, std::int64_t* c,
+                   std::int64_t grp, const LaneWindows& w, float* bias_grad,
+                   bool store_dq, Scratch& s) const {
     const std::int64_t dim = this->k_dim, dim_v = this->v_dim, n_rows = s.rows_list.size;
     const std::int64_t entries = n_rows * w.window, width = layout.width;
     // Lanes of the packed q (times scale) and dout; lse and D from the
@@ -406,8 +406,8 @@ struct Backward : LaneKernel<Rank, T> {
 
   // P and dS of a query block into `saved`: entry j (offset first + j - i0)
   // at the block's own columns.
-  LIBNA_SIMD_TARGET void save_block(std::int64_t head, std::int64_t row, std::int64_t grp,
-                                    const LaneWindows& w, Scratch& s) const {
+  void save_block(std::int64_t head, std::int64_t row, std::int64_t grp,
+                  const LaneWindows& w, Scratch& s) const {
     const std::int64_t col0 = layout.group_base[grp] + w.i0, kernel = this->last().kernel;
     for (std::int64_t r = 0; r < s.rows_list.size; ++r) {
       const std::int64_t m = s.rows_list.slot[r] / kernel;
@@ -425,8 +425,8 @@ struct Backward : LaneKernel<Rank, T> {
   // (at.h is the kv head.)
   // q_columns: the columns of the q and dout rows to pack (the strip's when
   // saving P and dS: the query pass packed them).
-  LIBNA_SIMD_TARGET void key_row(const TiledRow& at, const ColumnRanges& q_columns,
-                                 Scratch& s) const {
+  void key_row(const TiledRow& at, const ColumnRanges& q_columns,
+               Scratch& s) const {
     std::int64_t c[Rank];
     row_coords<Rank>(g, at.row, c);
     query_rows_of<Rank>(g, tables, c, this->bias_strides, s.rows_list);
@@ -465,7 +465,7 @@ struct Backward : LaneKernel<Rank, T> {
 
   // dv += P . dout and dk += dS . (scale q) over one query head's window
   // (ptrs from key_window_ptrs).
-  LIBNA_SIMD_TARGET void accumulate_key_grads(const LaneWindows& w, Scratch& s) const {
+  void accumulate_key_grads(const LaneWindows& w, Scratch& s) const {
     const std::int64_t n_rows = s.rows_list.size, width = layout.width;
     pv_range(s.probs.data(), s.ptrs_a.data(), n_rows, w.window, width, this->v_dim,
              s.acc_v.data(), /*accumulate=*/true);
@@ -475,9 +475,9 @@ struct Backward : LaneKernel<Rank, T> {
 
   // The key block with P and dS read back from `saved`: key i0 + l and
   // query first + j + l are at offset i0 - first - j, column first + j + l.
-  LIBNA_SIMD_TARGET void saved_key_block(std::int64_t b, std::int64_t hk, std::int64_t* c,
-                                         std::int64_t grp, const LaneWindows& w,
-                                         Scratch& s) const {
+  void saved_key_block(std::int64_t b, std::int64_t hk, std::int64_t* c,
+                       std::int64_t grp, const LaneWindows& w,
+                       Scratch& s) const {
     const std::int64_t n_rows = s.rows_list.size, entries = n_rows * w.window;
     const std::int64_t col0 = layout.group_base[grp] + w.first, kernel = this->last().kernel;
     this->prefetch_lanes(args.dk, b, c, hk, grp, w);
@@ -509,9 +509,9 @@ struct Backward : LaneKernel<Rank, T> {
     this->store_lanes(args.dv, b, c, hk, grp, w, simd::splat(1.0f), s.acc_v.data());
   }
 
-  LIBNA_SIMD_TARGET void key_block(std::int64_t b, std::int64_t hk, const float* k_row,
-                                   const float* v_row, std::int64_t* c, std::int64_t grp,
-                                   const LaneWindows& w, Scratch& s) const {
+  void key_block(std::int64_t b, std::int64_t hk, const float* k_row,
+                 const float* v_row, std::int64_t* c, std::int64_t grp,
+                 const LaneWindows& w, Scratch& s) const {
     const std::int64_t dim = this->k_dim, dim_v = this->v_dim, n_rows = s.rows_list.size;
     const std::int64_t entries = n_rows * w.window, width = layout.width;
     const std::int64_t base = layout.group_base[grp], kernel = this->last().kernel;

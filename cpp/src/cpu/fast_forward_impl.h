@@ -1,7 +1,7 @@
 // The vectorised fused forward, included once per instruction set by
-// fast_kernels_impl.h (compiled by fast_kernels_{avx2,portable}.cpp) with LIBNA_SIMD_NS and LIBNA_SIMD_TARGET
-// defined. Used for float32/float16/bfloat16 (float64 keeps the scalar
-// kernel in kernels.h).
+// fast_kernels_impl.h (compiled by fast_kernels_{avx2,portable}.cpp) inside
+// its target region, with LIBNA_SIMD_NS defined. Used for
+// float32/float16/bfloat16 (float64 keeps the scalar kernel in kernels.h).
 //
 // The idea (see ../shared notes): put 8 consecutive queries of one dilation
 // group along the last spatial axis in SIMD lanes. Their windows along that
@@ -323,9 +323,9 @@ std::pair<Packed, Packed> pack_pair(const TensorView& a, const TensorView& b,
 // reads column j + l). Two rows at once give 2N independent accumulators per
 // q load, enough to hide the FMA latency.
 template <int R, int N>
-LIBNA_SIMD_TARGET void qk_chunk(const float* q, std::int64_t q_stride, const float* const* keys,
-                                std::int64_t j0,
-                                std::int64_t width, std::int64_t dim, float* const* logits) {
+void qk_chunk(const float* q, std::int64_t q_stride, const float* const* keys,
+              std::int64_t j0,
+              std::int64_t width, std::int64_t dim, float* const* logits) {
   f32x8 acc[R][N];
   for (int r = 0; r < R; ++r) {
     for (int j = 0; j < N; ++j) acc[r][j] = simd::splat(0.0f);
@@ -345,9 +345,9 @@ LIBNA_SIMD_TARGET void qk_chunk(const float* q, std::int64_t q_stride, const flo
 }
 
 template <int R>
-LIBNA_SIMD_TARGET void qk_window(const float* q, std::int64_t q_stride, const float* const* keys,
-                                 std::int64_t width,
-                                 std::int64_t dim, std::int64_t window, float* const* logits) {
+void qk_window(const float* q, std::int64_t q_stride, const float* const* keys,
+               std::int64_t width,
+               std::int64_t dim, std::int64_t window, float* const* logits) {
   std::int64_t j = 0;
   for (; window - j >= 7; j += 7) qk_chunk<R, 7>(q, q_stride, keys, j, width, dim, logits);
   switch (window - j) {
@@ -366,10 +366,10 @@ LIBNA_SIMD_TARGET void qk_window(const float* q, std::int64_t q_stride, const fl
 // logits start at logits + r * window * kLanes. q is either lanes in their
 // own [d][lane] buffer (q_stride = kLanes) or eight columns of a packed row
 // (q_stride = its width).
-LIBNA_SIMD_TARGET inline void qk_rows(const float* q, std::int64_t q_stride,
-                                      const float* const* keys, std::int64_t n_rows,
-                                      std::int64_t width, std::int64_t dim, std::int64_t window,
-                                      float* logits) {
+inline void qk_rows(const float* q, std::int64_t q_stride,
+                    const float* const* keys, std::int64_t n_rows,
+                    std::int64_t width, std::int64_t dim, std::int64_t window,
+                    float* logits) {
   std::int64_t r = 0;
   for (; r + 2 <= n_rows; r += 2) {
     float* const out[2] = {logits + r * window * kLanes, logits + (r + 1) * window * kLanes};
@@ -385,9 +385,9 @@ LIBNA_SIMD_TARGET inline void qk_rows(const float* q, std::int64_t q_stride,
 // window positions c of probs[r][c] * value(r, d0 + j, c + lane), for N
 // head-dim channels.
 template <int N>
-LIBNA_SIMD_TARGET void pv_chunk(const float* probs, const float* const* value_rows,
-                                std::int64_t key_rows, std::int64_t window, std::int64_t width,
-                                std::int64_t d0, bool accumulate, float* out) {
+void pv_chunk(const float* probs, const float* const* value_rows,
+              std::int64_t key_rows, std::int64_t window, std::int64_t width,
+              std::int64_t d0, bool accumulate, float* out) {
   f32x8 acc[N];
   // Unrolled by hand: GCC turns a zeroing loop over acc into a memset (rep
   // stos) of the array in memory.
@@ -406,10 +406,10 @@ LIBNA_SIMD_TARGET void pv_chunk(const float* probs, const float* const* value_ro
 
 // out[d][lane] (+)= sum over rows r and positions c of probs[r][c][lane] *
 // value_rows[r][d * width + c + lane], for d < dim_v.
-LIBNA_SIMD_TARGET inline void pv_range(const float* probs, const float* const* value_rows,
-                                       std::int64_t key_rows, std::int64_t window,
-                                       std::int64_t width, std::int64_t dim_v, float* out,
-                                       bool accumulate = false) {
+inline void pv_range(const float* probs, const float* const* value_rows,
+                     std::int64_t key_rows, std::int64_t window,
+                     std::int64_t width, std::int64_t dim_v, float* out,
+                     bool accumulate = false) {
   std::int64_t d = 0;
   const auto chunk = [&](auto n) {
     pv_chunk<decltype(n)::value>(probs, value_rows, key_rows, window, width, d, accumulate,
@@ -430,8 +430,8 @@ LIBNA_SIMD_TARGET inline void pv_range(const float* probs, const float* const* v
 
 // Softmax over `entries` logit vectors in place (probabilities, unnormalised);
 // returns the per-lane maximum and sum.
-LIBNA_SIMD_TARGET inline void softmax_lanes(float* logits, std::int64_t entries, f32x8* max_out,
-                                            f32x8* sum_out) {
+inline void softmax_lanes(float* logits, std::int64_t entries, f32x8* max_out,
+                          f32x8* sum_out) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   f32x8 m = simd::splat(neg_inf);
   for (std::int64_t e = 0; e < entries; ++e) m = simd::max(m, simd::load(logits + e * kLanes));
@@ -476,8 +476,8 @@ struct LaneWindows {
   }
   // values[j][lane] = fill (-inf: logits; 0: probabilities) where position
   // first + j + lane is outside the lane's window, for j < n.
-  LIBNA_SIMD_TARGET void mask(float* values, std::int64_t n,
-                              float fill = -std::numeric_limits<float>::infinity()) const {
+  void mask(float* values, std::int64_t n,
+            float fill = -std::numeric_limits<float>::infinity()) const {
     alignas(32) std::int32_t lo32[kLanes] = {}, hi32[kLanes] = {};
     for (std::int64_t l = 0; l < lanes; ++l) {
       lo32[l] = static_cast<std::int32_t>(lo[l] - l - first);
@@ -719,9 +719,9 @@ struct LaneKernel {
   // q_lanes + d * q_stride: from lanes_at, or a [d][lane] buffer) with the
   // key at group position w.first + j + lane of key row r (packed row at
   // key_ptrs[r], from window_rows); -inf outside a lane's window.
-  LIBNA_SIMD_TARGET void logits(const float* q_lanes, std::int64_t q_stride, std::int64_t h,
-                                const LaneWindows& w, const RowList& key_rows,
-                                const float* const* key_ptrs, float* out) const {
+  void logits(const float* q_lanes, std::int64_t q_stride, std::int64_t h,
+              const LaneWindows& w, const RowList& key_rows,
+              const float* const* key_ptrs, float* out) const {
     const std::int64_t window = w.window, kernel = last().kernel;
     const std::int64_t bias_step = bias_strides[Rank];
     qk_rows(q_lanes, q_stride, key_ptrs, key_rows.size, layout.width, k_dim, window, out);
@@ -849,7 +849,7 @@ struct Forward : LaneKernel<Rank, T> {
   }
 
   // The queries of one (b, h, row) in one column tile, eight at a time.
-  LIBNA_SIMD_TARGET void row(const TiledRow& at, Scratch& s) const {
+  void row(const TiledRow& at, Scratch& s) const {
     std::int64_t c[Rank];
     row_coords<Rank>(g, at.row, c);
     key_rows_of<Rank>(g, c, this->bias_strides, s.key_rows);
@@ -863,9 +863,9 @@ struct Forward : LaneKernel<Rank, T> {
     });
   }
 
-  LIBNA_SIMD_TARGET void block(std::int64_t b, std::int64_t h, const float* q_row,
-                               std::int64_t* c, std::int64_t grp, const LaneWindows& w,
-                               Scratch& s) const {
+  void block(std::int64_t b, std::int64_t h, const float* q_row,
+             std::int64_t* c, std::int64_t grp, const LaneWindows& w,
+             Scratch& s) const {
     const std::int64_t dim_v = this->v_dim, n_rows = s.key_rows.size;
     this->prefetch_lanes(args.out, b, c, h, grp, w);
     s.logits.resize(n_rows * w.window * kLanes);

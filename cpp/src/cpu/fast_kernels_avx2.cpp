@@ -1,4 +1,12 @@
-// The vectorised kernels for x86-64 CPUs with AVX2 and FMA (chosen at run time).
+// The vectorised kernels for x86-64 CPUs with AVX2 and FMA (chosen at run
+// time): every function fast_kernels_impl.h defines is compiled for them.
 #define LIBNA_SIMD_NS avx2
-#define LIBNA_SIMD_TARGET __attribute__((target("avx2,fma")))
+#if defined(__clang__)
+#define LIBNA_SIMD_BEGIN \
+  _Pragma("clang attribute push(__attribute__((target(\"avx2,fma\"))), apply_to = function)")
+#define LIBNA_SIMD_END _Pragma("clang attribute pop")
+#else
+#define LIBNA_SIMD_BEGIN _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma\")")
+#define LIBNA_SIMD_END _Pragma("GCC pop_options")
+#endif
 #include "cpu/fast_kernels_impl.h"

@@ -87,9 +87,9 @@ struct Unfused : LaneKernel<Rank, T> {
     }
   }
 
-  LIBNA_SIMD_TARGET void qk_block(const detail::QkArgs& args, std::int64_t b, std::int64_t h,
-                                  std::int64_t* c, std::int64_t grp, const LaneWindows& w,
-                                  Scratch& s) const {
+  void qk_block(const detail::QkArgs& args, std::int64_t b, std::int64_t h,
+                std::int64_t* c, std::int64_t grp, const LaneWindows& w,
+                Scratch& s) const {
     s.lanes.resize(keys.dim * kLanes);
     this->load_lanes(args.q, b, c, h, grp, w, 1.0f, s.lanes.data());
     s.values.resize(s.rows.size * w.window * kLanes);
@@ -101,9 +101,9 @@ struct Unfused : LaneKernel<Rank, T> {
 
   // result[b, lane's query, h] = sum over the window of weights[..., slot]
   // times the packed rows (k = v here).
-  LIBNA_SIMD_TARGET void weighted_sum(const TensorView& weights, const TensorView& result,
-                                      std::int64_t b, std::int64_t h, std::int64_t* c,
-                                      std::int64_t grp, const LaneWindows& w, Scratch& s) const {
+  void weighted_sum(const TensorView& weights, const TensorView& result,
+                    std::int64_t b, std::int64_t h, std::int64_t* c,
+                    std::int64_t grp, const LaneWindows& w, Scratch& s) const {
     s.values.resize(s.rows.size * w.window * kLanes);
     gather_query_slots(weights, b, c, h, grp, w, s.rows, s.values.data());
     window_rows(b, h, grp, w, s);
@@ -131,9 +131,9 @@ struct Unfused : LaneKernel<Rank, T> {
   }
 
   // dattn = dout . v (0 in unfilled slots).
-  LIBNA_SIMD_TARGET void av_backward_block(const detail::AvBackwardArgs& args, std::int64_t b,
-                                           std::int64_t h, std::int64_t* c, std::int64_t grp,
-                                           const LaneWindows& w, Scratch& s) const {
+  void av_backward_block(const detail::AvBackwardArgs& args, std::int64_t b,
+                         std::int64_t h, std::int64_t* c, std::int64_t grp,
+                         const LaneWindows& w, Scratch& s) const {
     s.lanes.resize(keys.dim * kLanes);
     this->load_lanes(args.dout, b, c, h, grp, w, 1.0f, s.lanes.data());
     s.values.resize(s.rows.size * w.window * kLanes);
@@ -197,8 +197,8 @@ struct UnfusedKeyPass : LaneKernel<Rank, T> {
     }
   }
 
-  LIBNA_SIMD_TARGET void key_row(const TensorView& weights, const TensorView& grad, std::int64_t b,
-                                 std::int64_t hk, std::int64_t row, Scratch& s) const {
+  void key_row(const TensorView& weights, const TensorView& grad, std::int64_t b,
+               std::int64_t hk, std::int64_t row, Scratch& s) const {
     std::int64_t c[Rank];
     row_coords<Rank>(g, row, c);
     query_rows_of<Rank>(g, tables, c, this->bias_strides, s.queries);

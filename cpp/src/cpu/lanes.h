@@ -100,9 +100,9 @@ LIBNA_ALWAYS_INLINE void transpose8(f32x8* r) {
 // l < lanes (tokens beyond `lanes` are not read; with lanes < kLanes only
 // those lanes of dst are written, so dst may be a packed row's columns).
 template <typename T>
-LIBNA_SIMD_TARGET void gather_lanes(const T* const* tokens, std::int64_t lanes, std::int64_t stride,
-                                    std::int64_t dim, float factor, float* dst,
-                                    std::int64_t dst_stride) {
+void gather_lanes(const T* const* tokens, std::int64_t lanes, std::int64_t stride,
+                  std::int64_t dim, float factor, float* dst,
+                  std::int64_t dst_stride) {
   const f32x8 scale = simd::splat(factor);
   f32x8 r[kLanes];
   std::int64_t d0 = 0;
@@ -131,8 +131,8 @@ LIBNA_SIMD_TARGET void gather_lanes(const T* const* tokens, std::int64_t lanes, 
 // tokens[l][d * stride] = factor[l] * src[d * kLanes + l] for d < dim and
 // l < lanes.
 template <typename T>
-LIBNA_SIMD_TARGET void scatter_lanes(const float* src, f32x8 factor, std::int64_t dim,
-                                     T* const* tokens, std::int64_t lanes, std::int64_t stride) {
+void scatter_lanes(const float* src, f32x8 factor, std::int64_t dim,
+                   T* const* tokens, std::int64_t lanes, std::int64_t stride) {
   f32x8 r[kLanes];
   std::int64_t d0 = 0;
   if (lanes == kLanes) {

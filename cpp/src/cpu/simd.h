@@ -1,8 +1,9 @@
 // Eight-lane float vectors through GCC/Clang vector extensions: the same
-// source compiles to AVX2+FMA inside functions marked LIBNA_SIMD_TARGET in
-// the AVX2 build of a kernel, and to SSE or NEON pairs in the portable one.
-// Every function here is force-inlined so that it takes on its caller's
-// target; nothing is emitted out of line with the wrong instruction set.
+// source compiles to AVX2+FMA in the AVX2 build of the kernels and to SSE or
+// NEON pairs in the portable one. Included inside the per-instruction-set
+// namespace and target region of fast_kernels_impl.h, so each build has its
+// own copy and no function passes these vectors to one compiled for another
+// instruction set.
 #pragma once
 
 #include <cstdint>
@@ -10,7 +11,7 @@
 
 #define LIBNA_ALWAYS_INLINE inline __attribute__((always_inline))
 
-namespace libna::cpu::simd {
+namespace libna::cpu::LIBNA_SIMD_NS::simd {
 
 inline constexpr int kLanes = 8;
 typedef float f32x8 __attribute__((vector_size(32)));
@@ -58,4 +59,4 @@ LIBNA_ALWAYS_INLINE f32x8 exp_nonpositive(f32x8 x) {
   return out;
 }
 
-}  // namespace libna::cpu::simd
+}  // namespace libna::cpu::LIBNA_SIMD_NS::simd
