@@ -87,7 +87,10 @@ class Pool {
   }
 
   // After fork() only the forking thread exists in the child: forget the
-  // parent's workers (without joining them) and start anew on demand.
+  // parent's workers (without joining them) and any job they were running
+  // (another thread's call, now gone with its thread: its chunks and its
+  // active workers would otherwise be waited for forever), and start anew
+  // on demand.
   void forget_workers_after_fork() {
     new (&config_mutex_) std::mutex();
     new (&job_mutex_) std::mutex();
@@ -98,6 +101,13 @@ class Pool {
     new std::vector<std::thread>(std::move(workers_));
     workers_.clear();
     stopping_ = false;
+    fn_ = nullptr;
+    total_ = 0;
+    chunk_ = 1;
+    pending_chunks_ = 0;
+    active_ = 0;
+    next_.store(0);
+    new (&error_) std::exception_ptr();  // may hold the gone thread's exception: leak it
   }
 
  private:
