@@ -3,8 +3,10 @@
 // that the CPU backend builds the same on x86-64 and aarch64.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace libna::detail {
 
@@ -85,24 +87,65 @@ struct AccumulatorOf<double> {
 template <typename T>
 using acc_t = typename AccumulatorOf<T>::type;
 
+// Element loads and stores through memcpy: a view may start at any byte (a
+// NumPy view at an odd offset), and a plain dereference of a misaligned
+// pointer is undefined behaviour. Compilers emit the same single move.
+template <typename E>
+inline E load_element(const E* p) {
+  E x;
+  std::memcpy(&x, p, sizeof x);
+  return x;
+}
+template <typename E>
+inline void store_element(E* p, E x) { std::memcpy(p, &x, sizeof x); }
+
 template <typename Acc>
-inline Acc load(const float* p) { return static_cast<Acc>(*p); }
+inline Acc load(const float* p) { return static_cast<Acc>(load_element(p)); }
 template <typename Acc>
-inline Acc load(const double* p) { return static_cast<Acc>(*p); }
+inline Acc load(const double* p) { return static_cast<Acc>(load_element(p)); }
 template <typename Acc>
-inline Acc load(const Half* p) { return static_cast<Acc>(to_float(*p)); }
+inline Acc load(const Half* p) { return static_cast<Acc>(to_float(load_element(p))); }
 template <typename Acc>
-inline Acc load(const BFloat16* p) { return static_cast<Acc>(to_float(*p)); }
+inline Acc load(const BFloat16* p) { return static_cast<Acc>(to_float(load_element(p))); }
 
 template <typename T, typename Acc>
 inline void store(T* p, Acc x);
 template <>
-inline void store<float, float>(float* p, float x) { *p = x; }
+inline void store<float, float>(float* p, float x) { store_element(p, x); }
 template <>
-inline void store<double, double>(double* p, double x) { *p = x; }
+inline void store<double, double>(double* p, double x) { store_element(p, x); }
 template <>
-inline void store<Half, float>(Half* p, float x) { *p = to_half(x); }
+inline void store<Half, float>(Half* p, float x) { store_element(p, to_half(x)); }
 template <>
-inline void store<BFloat16, float>(BFloat16* p, float x) { *p = to_bfloat16(x); }
+inline void store<BFloat16, float>(BFloat16* p, float x) { store_element(p, to_bfloat16(x)); }
+
+// The edges of softmax, the same in every kernel and in libna.reference
+// (README, "Non-finite values"): a query whose logits are all -inf (an rpb of
+// -inf, say) attends to nothing: out = 0, lse = -inf, and no gradient flows
+// through it. A +inf logit leaves the softmax undefined: lse = +inf and out =
+// NaN. A NaN logit gives NaN.
+//
+// The shift subtracted from the logits before exp: their maximum, or 0 when
+// every logit is -inf (so that exp(-inf - shift) = 0, not NaN).
+template <typename Acc>
+inline Acc softmax_shift(Acc max_logit) {
+  return max_logit == -std::numeric_limits<Acc>::infinity() ? Acc(0) : max_logit;
+}
+// lse from the maximum logit and sum = sum of exp(logit - softmax_shift).
+template <typename Acc>
+inline Acc softmax_lse(Acc max_logit, Acc sum) {
+  return max_logit == std::numeric_limits<Acc>::infinity() ? max_logit
+                                                          : softmax_shift(max_logit) + std::log(sum);
+}
+// The factor that normalises the weighted sum of values: 0 for a query that
+// attends to nothing (its sum is 0; a NaN sum stays NaN).
+template <typename Acc>
+inline Acc softmax_normaliser(Acc sum) { return sum == Acc(0) ? Acc(0) : Acc(1) / sum; }
+// The lse a backward subtracts from a logit to get its probability: a query
+// that attends to nothing (lse = -inf) gets exp(-inf - +inf) = 0, not NaN.
+template <typename Acc>
+inline Acc backward_lse(Acc lse) {
+  return lse == -std::numeric_limits<Acc>::infinity() ? std::numeric_limits<Acc>::infinity() : lse;
+}
 
 }  // namespace libna::detail

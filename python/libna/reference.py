@@ -476,14 +476,17 @@ def _head_map(heads, heads_kv):
 
 
 def _softmax_rows(logits):
-    """Row softmax over the last axis plus logsumexp; robust to all -inf rows."""
+    """Row softmax over the last axis plus logsumexp, with the library's edge
+    cases: a row of -inf logits attends to nothing (p = 0, lse = -inf); a +inf
+    logit gives lse = +inf and NaN probabilities; a NaN logit gives NaN."""
     m = logits.max(axis=-1, keepdims=True)
     m_safe = np.where(np.isfinite(m), m, 0.0)
-    e = np.exp(logits - m_safe)
-    ssum = e.sum(axis=-1, keepdims=True)
-    with np.errstate(divide="ignore"):
-        lse = (np.log(ssum) + m_safe)[..., 0]
-    p = e / np.where(ssum > 0, ssum, 1.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        e = np.exp(logits - m_safe)
+        ssum = e.sum(axis=-1, keepdims=True)
+        with np.errstate(divide="ignore"):
+            lse = (np.log(ssum) + m_safe)[..., 0]
+        p = e / np.where(ssum == 0, 1.0, ssum)
     return p, lse
 
 

@@ -19,6 +19,10 @@ namespace {
 using detail::acc_t;
 using detail::load;
 using detail::store;
+using detail::backward_lse;
+using detail::softmax_lse;
+using detail::softmax_normaliser;
+using detail::softmax_shift;
 
 // Element offset of item `index` of the row-major enumeration of dimensions
 // [first, first + count) of t.
@@ -102,18 +106,20 @@ void additional_forward(const detail::AdditionalArgs& a) {
       }
       Acc sum = 0;
       std::fill(acc.begin(), acc.end(), Acc(0));
+      const Acc shift = softmax_shift(max);
       for (std::int64_t j = 0; j < keys; ++j) {
-        const Acc p = std::exp(logits[j] - max);
+        const Acc p = std::exp(logits[j] - shift);
         sum += p;
         const T* vj = v + key_offset(a.v, row.b, j, kvh);
         for (std::int64_t e = 0; e < dim_v; ++e) acc[e] += p * load<Acc>(vj + e * a.v.strides[3]);
       }
       T* o = out + rows.offset(a.out, row);
-      for (std::int64_t e = 0; e < dim_v; ++e) store<T, Acc>(o + e * a.out.strides[n + 2], acc[e] / sum);
+      const Acc normaliser = softmax_normaliser(sum);
+      for (std::int64_t e = 0; e < dim_v; ++e) store<T, Acc>(o + e * a.out.strides[n + 2], acc[e] * normaliser);
       if (a.lse != nullptr) {
         auto* lse = static_cast<Acc*>(a.lse->data);
         lse[row.b * a.lse->strides[0] + offset_of(*a.lse, 1, n, row.position) +
-            row.h * a.lse->strides[n + 1]] = max + std::log(sum);
+            row.h * a.lse->strides[n + 1]] = softmax_lse(max, sum);
       }
     }
   });
@@ -134,8 +140,8 @@ void additional_backward(const detail::AdditionalBackwardArgs& a) {
   const T* dout = static_cast<const T*>(a.dout.data);
   const Acc* lse = static_cast<const Acc*>(a.lse.data);
   auto lse_of = [&](const QueryRows::Row& row) {
-    return lse[row.b * a.lse.strides[0] + offset_of(a.lse, 1, n, row.position) +
-               row.h * a.lse.strides[n + 1]];
+    return backward_lse(load<Acc>(lse + row.b * a.lse.strides[0] + offset_of(a.lse, 1, n, row.position) +
+                                  row.h * a.lse.strides[n + 1]));
   };
 
   // Row term D = dout . out of the merged attention, one per query row.

@@ -170,7 +170,7 @@ void na_backward(const detail::BackwardArgs& args) {
           *dout_data = static_cast<const T*>(dout.data);
   const Acc* lse_data = static_cast<const Acc*>(lse.data);
   const auto lse_at = [&](std::int64_t b, const std::int64_t* c, std::int64_t h) {
-    return lse_data[row_offset<Rank>(lse, b, c, 0) + h * lse.strides[Rank + 1]];
+    return backward_lse(load<Acc>(lse_data + row_offset<Rank>(lse, b, c, 0) + h * lse.strides[Rank + 1]));
   };
 
   const BiasBuffer<Rank, Acc> bias_layout(p, g.heads);

@@ -388,13 +388,19 @@ struct Backward : LaneKernel<Rank, T> {
       simd::store(s.dlogits.data() + e * kLanes,
                   p * (simd::load(s.dlogits.data() + e * kLanes) - delta_v));
     }
+    // dP outside a lane's window comes from values it does not see (maybe
+    // non-finite): its dS is 0, not 0 * NaN.
+    if (w.masked) {
+      for (std::int64_t r = 0; r < n_rows; ++r) w.mask(s.dlogits.data() + r * w.window * kLanes, w.window, 0.0f);
+    }
 
     if (s.saved.data) save_block(h % this->heads_per_kv, row, grp, w, s);
 
     if (!store_dq) return;
     // dq = scale * dS . k (ptrs_b: the key rows)
     s.acc.resize(dim * kLanes);
-    pv_range(s.dlogits.data(), s.ptrs_b.data(), n_rows, w.window, width, dim, s.acc.data());
+    pv_range(s.dlogits.data(), s.ptrs_b.data(), n_rows, w.window, width, dim, s.acc.data(),
+             w.masked ? &w : nullptr);
     this->store_lanes(args.dq, b, c, h, grp, w, simd::splat(this->scale), s.acc.data());
 
     // The rpb gradient: dS summed by relative position.
@@ -467,10 +473,11 @@ struct Backward : LaneKernel<Rank, T> {
   // (ptrs from key_window_ptrs).
   void accumulate_key_grads(const LaneWindows& w, Scratch& s) const {
     const std::int64_t n_rows = s.rows_list.size, width = layout.width;
+    const LaneWindows* masked = w.masked ? &w : nullptr;
     pv_range(s.probs.data(), s.ptrs_a.data(), n_rows, w.window, width, this->v_dim,
-             s.acc_v.data(), /*accumulate=*/true);
+             s.acc_v.data(), masked, /*accumulate=*/true);
     pv_range(s.dlogits.data(), s.ptrs_b.data(), n_rows, w.window, width, this->k_dim,
-             s.acc_k.data(), /*accumulate=*/true);
+             s.acc_k.data(), masked, /*accumulate=*/true);
   }
 
   // The key block with P and dS read back from `saved`: key i0 + l and
@@ -547,13 +554,18 @@ struct Backward : LaneKernel<Rank, T> {
                                                 simd::splat(bias_row[(rel0 - j) * step]));
           }
         }
-        if (w.masked) w.mask(probs, w.window);
         for (std::int64_t j = 0; j < w.window; ++j) {
           const f32x8 p = simd::exp_nonpositive(simd::load(probs + j * kLanes) -
                                                 simd::load(lse_row + j));
           simd::store(probs + j * kLanes, p);
           simd::store(dlog + j * kLanes,
                       p * (simd::load(dlog + j * kLanes) - simd::load(delta_row + j)));
+        }
+        // Outside a lane's window the entries pair it with queries that do
+        // not see it, whose terms may be non-finite: P and dS are 0 there.
+        if (w.masked) {
+          w.mask(probs, w.window, 0.0f);
+          w.mask(dlog, w.window, 0.0f);
         }
       }
       accumulate_key_grads(w, s);
@@ -589,7 +601,8 @@ void store_row_terms(const detail::BackwardArgs& args, const Geometry<Rank>& g,
           for (std::int64_t d = 0; d < dim_v; ++d) dot += load<float>(o + d * od) * load<float>(d_o + d * dd);
           const std::int64_t at = ((b * g.heads + h) * layout.rows + row) * layout.width + col;
           delta[at] = dot;
-          lse[at] = lse_in[row_offset<Rank>(args.lse, b, c, 0) + h * args.lse.strides[Rank + 1]];
+          lse[at] = backward_lse(
+              load<float>(lse_in + row_offset<Rank>(args.lse, b, c, 0) + h * args.lse.strides[Rank + 1]));
         }
       }
     }

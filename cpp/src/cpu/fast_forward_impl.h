@@ -383,49 +383,35 @@ inline void qk_rows(const float* q, std::int64_t q_stride,
 
 // out[j] (8 lanes) = (out[j] if accumulate) + the sum over key rows r and
 // window positions c of probs[r][c] * value(r, d0 + j, c + lane), for N
-// head-dim channels.
-template <int N>
+// head-dim channels. With Masked, a value outside its lane's window (c
+// outside [lo, hi) in that lane) counts as 0: its probability is 0, but the
+// value may be inf or NaN, and 0 * NaN would carry it to a query that never
+// sees it.
+template <int N, bool Masked>
 void pv_chunk(const float* probs, const float* const* value_rows,
               std::int64_t key_rows, std::int64_t window, std::int64_t width,
-              std::int64_t d0, bool accumulate, float* out) {
+              std::int64_t d0, bool accumulate, const i32x8& lo, const i32x8& hi, float* out) {
   f32x8 acc[N];
   // Unrolled by hand: GCC turns a zeroing loop over acc into a memset (rep
   // stos) of the array in memory.
 #pragma GCC unroll 8
   for (int j = 0; j < N; ++j) acc[j] = accumulate ? simd::load(out + j * kLanes) : simd::splat(0.0f);
+  const f32x8 zero = simd::splat(0.0f);
   for (std::int64_t r = 0; r < key_rows; ++r) {
     const float* vr = value_rows[r] + d0 * width;
     const float* pr = probs + r * window * kLanes;
     for (std::int64_t c = 0; c < window; ++c) {
       const f32x8 p = simd::load(pr + c * kLanes);
-      for (int j = 0; j < N; ++j) acc[j] += p * simd::load(vr + j * width + c);
+      if constexpr (Masked) {
+        const i32x8 position = i32x8{} + static_cast<std::int32_t>(c);
+        const i32x8 inside = (position >= lo) & (position < hi);
+        for (int j = 0; j < N; ++j) acc[j] += p * (inside ? simd::load(vr + j * width + c) : zero);
+      } else {
+        for (int j = 0; j < N; ++j) acc[j] += p * simd::load(vr + j * width + c);
+      }
     }
   }
   for (int j = 0; j < N; ++j) simd::store(out + j * kLanes, acc[j]);
-}
-
-// out[d][lane] (+)= sum over rows r and positions c of probs[r][c][lane] *
-// value_rows[r][d * width + c + lane], for d < dim_v.
-inline void pv_range(const float* probs, const float* const* value_rows,
-                     std::int64_t key_rows, std::int64_t window,
-                     std::int64_t width, std::int64_t dim_v, float* out,
-                     bool accumulate = false) {
-  std::int64_t d = 0;
-  const auto chunk = [&](auto n) {
-    pv_chunk<decltype(n)::value>(probs, value_rows, key_rows, window, width, d, accumulate,
-                                 out + d * kLanes);
-  };
-  for (; d + 8 <= dim_v; d += 8) chunk(std::integral_constant<int, 8>());
-  switch (dim_v - d) {
-    case 1: chunk(std::integral_constant<int, 1>()); break;
-    case 2: chunk(std::integral_constant<int, 2>()); break;
-    case 3: chunk(std::integral_constant<int, 3>()); break;
-    case 4: chunk(std::integral_constant<int, 4>()); break;
-    case 5: chunk(std::integral_constant<int, 5>()); break;
-    case 6: chunk(std::integral_constant<int, 6>()); break;
-    case 7: chunk(std::integral_constant<int, 7>()); break;
-    default: break;
-  }
 }
 
 // Softmax over `entries` logit vectors in place (probabilities, unnormalised);
@@ -474,18 +460,24 @@ struct LaneWindows {
       masked = masked || lo[l] - l != first || count[l] != window;
     }
   }
-  // values[j][lane] = fill (-inf: logits; 0: probabilities) where position
-  // first + j + lane is outside the lane's window, for j < n.
-  void mask(float* values, std::int64_t n,
-            float fill = -std::numeric_limits<float>::infinity()) const {
+  // Per lane, the entries j of its window: lo <= j < hi (none in absent
+  // lanes).
+  void entry_bounds(i32x8* lo_v, i32x8* hi_v) const {
     alignas(32) std::int32_t lo32[kLanes] = {}, hi32[kLanes] = {};
     for (std::int64_t l = 0; l < lanes; ++l) {
       lo32[l] = static_cast<std::int32_t>(lo[l] - l - first);
       hi32[l] = static_cast<std::int32_t>(lo[l] + count[l] - l - first);
     }
+    std::memcpy(lo_v, lo32, sizeof *lo_v);
+    std::memcpy(hi_v, hi32, sizeof *hi_v);
+  }
+
+  // values[j][lane] = fill (-inf: logits; 0: probabilities) where position
+  // first + j + lane is outside the lane's window, for j < n.
+  void mask(float* values, std::int64_t n,
+            float fill = -std::numeric_limits<float>::infinity()) const {
     i32x8 lo_v, hi_v;
-    std::memcpy(&lo_v, lo32, sizeof lo_v);
-    std::memcpy(&hi_v, hi32, sizeof hi_v);
+    entry_bounds(&lo_v, &hi_v);
     const f32x8 outside = simd::splat(fill);
     for (std::int64_t j = 0; j < n; ++j) {
       const i32x8 jv = i32x8{} + static_cast<std::int32_t>(j);
@@ -494,6 +486,39 @@ struct LaneWindows {
     }
   }
 };
+
+// out[d][lane] (+)= sum over rows r and positions c of probs[r][c][lane] *
+// value_rows[r][d * width + c + lane], for d < dim_v. `w`: the block's lane
+// windows when it is masked (probs must be 0 outside them), else null.
+inline void pv_range(const float* probs, const float* const* value_rows,
+                     std::int64_t key_rows, std::int64_t window,
+                     std::int64_t width, std::int64_t dim_v, float* out,
+                     const LaneWindows* w, bool accumulate = false) {
+  i32x8 lo{}, hi{};
+  if (w != nullptr) w->entry_bounds(&lo, &hi);
+  std::int64_t d = 0;
+  const auto chunk = [&](auto n) {
+    constexpr int N = decltype(n)::value;
+    if (w != nullptr) {
+      pv_chunk<N, true>(probs, value_rows, key_rows, window, width, d, accumulate, lo, hi,
+                        out + d * kLanes);
+    } else {
+      pv_chunk<N, false>(probs, value_rows, key_rows, window, width, d, accumulate, lo, hi,
+                         out + d * kLanes);
+    }
+  };
+  for (; d + 8 <= dim_v; d += 8) chunk(std::integral_constant<int, 8>());
+  switch (dim_v - d) {
+    case 1: chunk(std::integral_constant<int, 1>()); break;
+    case 2: chunk(std::integral_constant<int, 2>()); break;
+    case 3: chunk(std::integral_constant<int, 3>()); break;
+    case 4: chunk(std::integral_constant<int, 4>()); break;
+    case 5: chunk(std::integral_constant<int, 5>()); break;
+    case 6: chunk(std::integral_constant<int, 6>()); break;
+    case 7: chunk(std::integral_constant<int, 7>()); break;
+    default: break;
+  }
+}
 
 // Query lanes: each lane's window of keys.
 inline LaneWindows query_lanes(const AxisParams& axis, std::int64_t group_len, std::int64_t i0,
@@ -879,10 +904,13 @@ struct Forward : LaneKernel<Rank, T> {
     this->window_rows(s.rows.bases_b, grp, w, s.value_rows);
     s.out.resize(dim_v * kLanes);
     pv_range(s.logits.data(), s.value_rows.data(), n_rows, w.window, this->layout.width, dim_v,
-             s.out.data());
+             s.out.data(), w.masked ? &w : nullptr);
 
-    // Normalise and store.
-    this->store_lanes(args.out, b, c, h, grp, w, simd::splat(1.0f) / sum, s.out.data());
+    // Normalise and store. A query whose logits are all -inf attends to
+    // nothing: out = 0 and lse = -inf (a NaN sum stays NaN).
+    const f32x8 zero = simd::splat(0.0f);
+    const f32x8 factor = sum == zero ? zero : simd::splat(1.0f) / sum;
+    this->store_lanes(args.out, b, c, h, grp, w, factor, s.out.data());
     if (args.lse) {
       alignas(32) float m[kLanes], total[kLanes];
       simd::store(m, max_logit);
@@ -890,8 +918,9 @@ struct Forward : LaneKernel<Rank, T> {
       float* lse = static_cast<float*>(args.lse->data);
       for (std::int64_t l = 0; l < w.lanes; ++l) {
         c[Rank - 1] = grp + (w.i0 + l) * this->last().dilation;
+        // softmax_lanes shifted by m[l], which is 0 for all -inf logits.
         lse[row_offset<Rank>(*args.lse, b, c, 0) + h * args.lse->strides[Rank + 1]] =
-            m[l] + std::log(total[l]);
+            softmax_lse(m[l], total[l]);
       }
     }
   }

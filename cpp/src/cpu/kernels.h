@@ -19,6 +19,10 @@ namespace libna::cpu {
 using detail::acc_t;
 using detail::load;
 using detail::store;
+using detail::backward_lse;
+using detail::softmax_lse;
+using detail::softmax_normaliser;
+using detail::softmax_shift;
 
 // Batch, heads and spatial extents of an attention tensor
 // [B, *spatial, heads, dim], plus each axis' neighbourhood parameters.
@@ -219,16 +223,18 @@ void na_forward(const detail::ForwardArgs& args) {
           max_logit = std::max(max_logit, s);
         }
         std::fill(acc.begin(), acc.end(), Acc(0));
+        const Acc shift = softmax_shift(max_logit);
         Acc sum = 0;
         for (std::int64_t t = 0; t < keys.size; ++t) {
-          const Acc p = std::exp(logits[t] - max_logit);
+          const Acc p = std::exp(logits[t] - shift);
           sum += p;
           axpy(p, v_head + keys.v[t], vd, acc.data(), dim_v);
         }
-        store_row(acc.data(), Acc(1) / sum, out_data + row_offset<Rank>(out, b, c, h), od, dim_v);
+        store_row(acc.data(), softmax_normaliser(sum), out_data + row_offset<Rank>(out, b, c, h),
+                  od, dim_v);
         if (lse_data) {
           lse_data[row_offset<Rank>(*args.lse, b, c, 0) + h * args.lse->strides[Rank + 1]] =
-              max_logit + std::log(sum);
+              softmax_lse(max_logit, sum);
         }
       }
     }
