@@ -221,7 +221,7 @@ void merge(const detail::MergeArgs& a) {
     for (std::int64_t r = begin; r < end; ++r) {
       Acc max = -std::numeric_limits<Acc>::infinity();
       for (std::size_t i = 0; i < parts; ++i) {
-        part_lse[i] = static_cast<const Acc*>(a.lses[i].data)[offset_of(a.lses[i], 0, rows_ndim, r)];
+        part_lse[i] = load<Acc>(static_cast<const Acc*>(a.lses[i].data) + offset_of(a.lses[i], 0, rows_ndim, r));
         max = std::max(max, part_lse[i]);
       }
       Acc sum = 0;
@@ -254,17 +254,17 @@ void merge_backward(const detail::MergeBackwardArgs& a) {
   parallel_for(rows, 64, [&](std::int64_t begin, std::int64_t end) {
     std::vector<Acc> dorow(dim_v), orow(dim_v);
     for (std::int64_t r = begin; r < end; ++r) {
-      const Acc total = static_cast<const Acc*>(a.lse.data)[offset_of(a.lse, 0, rows_ndim, r)];
+      const Acc total = load<Acc>(static_cast<const Acc*>(a.lse.data) + offset_of(a.lse, 0, rows_ndim, r));
       const Acc dlse = a.dlse == nullptr
                            ? Acc(0)
-                           : static_cast<const Acc*>(a.dlse->data)[offset_of(*a.dlse, 0, rows_ndim, r)];
+                           : load<Acc>(static_cast<const Acc*>(a.dlse->data) + offset_of(*a.dlse, 0, rows_ndim, r));
       load_row(static_cast<const T*>(a.dout.data) + offset_of(a.dout, 0, rows_ndim, r),
                a.dout.strides[rows_ndim], dim_v, dorow.data());
       load_row(static_cast<const T*>(a.out.data) + offset_of(a.out, 0, rows_ndim, r),
                a.out.strides[rows_ndim], dim_v, orow.data());
       const Acc dout_dot_out = dot(dorow.data(), orow.data(), dim_v);
       for (std::size_t i = 0; i < a.outs.size(); ++i) {
-        const Acc part = static_cast<const Acc*>(a.lses[i].data)[offset_of(a.lses[i], 0, rows_ndim, r)];
+        const Acc part = load<Acc>(static_cast<const Acc*>(a.lses[i].data) + offset_of(a.lses[i], 0, rows_ndim, r));
         const Acc w = merge_weight(part, total);
         const T* o = static_cast<const T*>(a.outs[i].data) + offset_of(a.outs[i], 0, rows_ndim, r);
         T* dst = static_cast<T*>(a.douts[i].data) + offset_of(a.douts[i], 0, rows_ndim, r);

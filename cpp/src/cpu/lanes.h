@@ -27,8 +27,8 @@ LIBNA_ALWAYS_INLINE f32x8 bits_as_float(i32x8 x) {
   return f;
 }
 
-// Eight 16-bit values widened to 32-bit integers.
-LIBNA_ALWAYS_INLINE i32x8 widen_u16(const std::uint16_t* p) {
+// Eight 16-bit values widened to 32-bit integers (p may be at any byte).
+LIBNA_ALWAYS_INLINE i32x8 widen_u16(const void* p) {
   typedef std::uint16_t u16x8 __attribute__((vector_size(16)));
   u16x8 h;
   std::memcpy(&h, p, sizeof h);
@@ -56,9 +56,9 @@ LIBNA_ALWAYS_INLINE f32x8 load8(const T* p, std::int64_t stride, std::int64_t n)
     if constexpr (std::is_same_v<T, float>) {
       return simd::load(p);
     } else if constexpr (std::is_same_v<T, BFloat16>) {
-      return bits_as_float(widen_u16(&p->bits) << 16);
+      return bits_as_float(widen_u16(p) << 16);
     } else if constexpr (std::is_same_v<T, Half>) {
-      return half_to_float(widen_u16(&p->bits));
+      return half_to_float(widen_u16(p));
     }
   }
   alignas(32) float x[kLanes] = {};
