@@ -15,7 +15,7 @@ else:
     # at random, and shrinks what fails.
     _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                          HealthCheck.data_too_large])
-    settings.register_profile("ci", max_examples=30, derandomize=True, database=None,
+    settings.register_profile("ci", max_examples=250, derandomize=True, database=None,
                               phases=(Phase.explicit, Phase.generate), print_blob=False,
                               **_common)
     settings.register_profile("long", max_examples=1000, print_blob=True, **_common)

@@ -152,9 +152,11 @@ def check(op_name, p, poison):
 
     def run(module, arrays):
         if op_name == "backward":
-            arrays = {**arrays, **forward(reference, p, arrays), "dout": dout}
+            with np.errstate(invalid="ignore"):
+                arrays = {**arrays, **forward(reference, p, arrays), "dout": dout}
         if module is reference:
-            return dict(zip(op.output_names(p), op.run(reference, p, arrays)))
+            with np.errstate(invalid="ignore"):
+                return dict(zip(op.output_names(p), op.run(reference, p, arrays)))
         return run_libna(op, p, cast(arrays, op.input_dtypes(p)))
 
     bad = poisoned(clean, poison)

@@ -1,7 +1,7 @@
 """Property-based tests (hypothesis) of every op over random geometry
 (rank 1-3, kernel, stride, dilation, per-axis causal, rpb, GQA, D_v != D,
-float64/float32/float16/bfloat16): agreement with the float64 reference,
-bitwise invariance under memory layout (strided, negative, zero and permuted
+float64/float32/float16/bfloat16): agreement with the float64 reference
+(inputs in random strided, flipped, transposed or unaligned layouts), bitwise invariance under memory layout (strided, negative, zero and permuted
 strides, unaligned offsets), and batch slices that give bitwise the slice of
 the batched result. Profiles: see conftest.py (LIBNA_HYPOTHESIS_PROFILE)."""
 
@@ -12,8 +12,8 @@ pytest.importorskip("hypothesis")
 from hypothesis import given
 from hypothesis import strategies as st
 
-from _problems import (OPS, UNFUSED, apply_layouts, bits, layouts, op_inputs, problems,
-                       run_libna, run_reference)
+from _problems import (OPS, SAME_VALUES, UNFUSED, apply_layouts, bits, layouts, op_inputs,
+                       problems, run_libna, run_reference)
 
 # Error bound in units of the dtype's epsilon, relative to max(1, max |ref|).
 # The kernels accumulate in float32 (float64 for float64) and round once, so
@@ -41,24 +41,26 @@ def assert_matches_reference(p, got, ref):
         assert err <= bound, f"{name}: error {err:.3g} > {bound:.3g} ({p})"
 
 
-def check_against_reference(op, p):
+def check_against_reference(op, p, data):
+    """libna's inputs in random memory layouts that keep their values."""
     f64, arrays = op_inputs(op, p)
-    assert_matches_reference(p, run_libna(op, p, arrays), run_reference(op, p, f64))
+    views = apply_layouts(arrays, data.draw(layouts(op.inputs, SAME_VALUES), label="layouts"))
+    assert_matches_reference(p, run_libna(op, p, views), run_reference(op, p, f64))
 
 
-@given(problems())
-def test_forward_matches_reference(p):
-    check_against_reference(OPS["forward"], p)
+@given(problems(), st.data())
+def test_forward_matches_reference(p, data):
+    check_against_reference(OPS["forward"], p, data)
 
 
-@given(problems())
-def test_backward_matches_reference(p):
-    check_against_reference(OPS["backward"], p)
+@given(problems(), st.data())
+def test_backward_matches_reference(p, data):
+    check_against_reference(OPS["backward"], p, data)
 
 
-@given(st.sampled_from(UNFUSED), problems(stride=False))
-def test_unfused_ops_match_reference(name, p):
-    check_against_reference(OPS[name], p)
+@given(st.sampled_from(UNFUSED), problems(stride=False), st.data())
+def test_unfused_ops_match_reference(name, p, data):
+    check_against_reference(OPS[name], p, data)
 
 
 def ops_and_problems(**kw):
