@@ -60,6 +60,14 @@ class Problem:
     def lse_dtype(self):
         return np.dtype(np.float64 if self.dtype == "float64" else np.float32)
 
+    def shape(self, name):
+        """The shape of q, k, v, rpb, out (also dout) or attn (also dattn)."""
+        lead = (self.batch, *self.spatial)
+        return {"q": (*lead, self.heads, self.dim), "k": (*lead, self.heads_kv, self.dim),
+                "v": (*lead, self.heads_kv, self.dim_v), "out": (*lead, self.heads, self.dim_v),
+                "attn": (*lead, self.heads, int(np.prod(self.kernel))),
+                "rpb": (self.heads, *[2 * k - 1 for k in self.kernel])}[name]
+
     def fused_kw(self):
         return dict(stride=self.stride, dilation=self.dilation, is_causal=self.causal,
                     scale=self.scale)
@@ -106,13 +114,8 @@ def problems(draw, dtypes=tuple(DTYPES), batch=st.integers(1, 2), rpb=None, stri
 def qkv_rpb(p, rng):
     """q, k, v, rpb (None without rpb) in float64, exactly representable in
     the problem's dtype, so that every implementation sees the same values."""
-    lead = (p.batch, *p.spatial)
-    arrays = {"q": rng.standard_normal((*lead, p.heads, p.dim)),
-              "k": rng.standard_normal((*lead, p.heads_kv, p.dim)),
-              "v": rng.standard_normal((*lead, p.heads_kv, p.dim_v)),
-              "rpb": (rng.standard_normal((p.heads, *[2 * k - 1 for k in p.kernel]))
-                      if p.use_rpb else None)}
-    return {name: rounded(x, p.np_dtype) for name, x in arrays.items()}
+    return {name: rounded(rng.standard_normal(p.shape(name)), p.np_dtype)
+            if name != "rpb" or p.use_rpb else None for name in ("q", "k", "v", "rpb")}
 
 
 def rounded(x, dtype):
@@ -120,10 +123,8 @@ def rounded(x, dtype):
 
 
 def cast(arrays, dtypes):
-    """Each float64 array in the dtype that dtypes (a dtype, or a dict by
-    name) gives it; None stays None."""
-    get = dtypes.get if isinstance(dtypes, dict) else (lambda name: dtypes)
-    return {n: None if x is None else x.astype(get(n)) for n, x in arrays.items()}
+    """Each float64 array in its dtype (dtypes: by name); None stays None."""
+    return {n: None if x is None else x.astype(dtypes[n]) for n, x in arrays.items()}
 
 
 class Op:
@@ -148,26 +149,20 @@ def _backward_inputs(p, rng):
     out, lse = p.fn(reference, "")(a["q"], a["k"], a["v"], p.kernel, rpb=a["rpb"],
                                    return_lse=True, **p.fused_kw())
     a["out"], a["lse"] = rounded(out, p.np_dtype), rounded(lse, p.lse_dtype)
-    a["dout"] = rounded(rng.standard_normal(out.shape), p.np_dtype)
+    a["dout"] = rounded(rng.standard_normal(p.shape("out")), p.np_dtype)
     return a
-
-
-def _attn(p, rng):
-    return rounded(rng.random((p.batch, *p.spatial, p.heads, int(np.prod(p.kernel)))), p.np_dtype)
 
 
 def _qk_inputs(p, rng):
     a = qkv_rpb(p, rng)
-    del a["v"]
-    a["dattn"] = rounded(rng.standard_normal(
-        (p.batch, *p.spatial, p.heads, int(np.prod(p.kernel)))), p.np_dtype)
+    a["dattn"] = rounded(rng.standard_normal(p.shape("attn")), p.np_dtype)
     return a
 
 
 def _av_inputs(p, rng):
     a = qkv_rpb(p, rng)
-    a["attn"] = _attn(p, rng)
-    a["dout"] = rounded(rng.standard_normal((p.batch, *p.spatial, p.heads, p.dim_v)), p.np_dtype)
+    a["attn"] = rounded(rng.random(p.shape("attn")), p.np_dtype)
+    a["dout"] = rounded(rng.standard_normal(p.shape("out")), p.np_dtype)
     return a
 
 
