@@ -32,7 +32,8 @@ from hypothesis import strategies as st
 import libna
 from libna import reference
 
-from _problems import OPS, Problem, bits, cast, problems, qkv_rpb, rounded, run_libna
+from _problems import (OPS, Problem, bits, cast, problems, qkv_rpb, rounded, run_libna,
+                       run_reference)
 
 NAN, INF = float("nan"), float("inf")
 
@@ -147,7 +148,7 @@ def check(op_name, p, poison):
                 arrays = {**arrays, **forward(reference, p, arrays), "dout": dout}
         if module is reference:
             with np.errstate(invalid="ignore"):
-                return dict(zip(op.output_names(p), op.run(reference, p, arrays)))
+                return run_reference(op, p, arrays)
         return run_libna(op, p, cast(arrays, op.input_dtypes(p)))
 
     bad = poisoned(clean, poison)
