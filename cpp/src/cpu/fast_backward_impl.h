@@ -206,7 +206,17 @@ struct Backward : LaneKernel<Rank, T> {
                       }),
         key_columns(*this, key_tiles, [&](std::int64_t grp, std::int64_t i0, std::int64_t lanes) {
           return key_lanes(t.axis[Rank - 1], grp, this->last().dilation, i0, lanes);
-        }) {}
+        }) {
+    std::vector<ColumnRanges> strip_columns;
+    if (ring_rows) {
+      for (const Strip& strip : strips()) {
+        strip_columns.push_back(strip.kv_columns);
+        strip_columns.push_back(strip.q_columns);
+      }
+    }
+    this->set_row_stride(query_columns.own, query_columns.window, key_columns.own,
+                         key_columns.window, strip_columns);
+  }
 
   // SavedProbs for this problem, without memory or slots: every offset a
   // query block writes or a key block reads.
@@ -303,10 +313,10 @@ struct Backward : LaneKernel<Rank, T> {
 
   // (capacity: of the window-row caches, RowCaches::reset.)
   void start_query_pass(Scratch& s, std::int64_t capacity) const {
-    s.query_rows.reset(capacity, this->k_dim, this->v_dim, layout.width);
+    s.query_rows.reset(capacity, this->k_dim, this->v_dim, this->row_stride);
   }
   void start_key_pass(Scratch& s, std::int64_t capacity) const {
-    s.key_rows.reset(capacity, this->k_dim, this->v_dim, layout.width);
+    s.key_rows.reset(capacity, this->k_dim, this->v_dim, this->row_stride);
   }
   // Sets s.saved to `saved` with the thread's ring memory (saved.slots 0:
   // not saving). The ring is read only where written.
@@ -361,7 +371,7 @@ struct Backward : LaneKernel<Rank, T> {
                    std::int64_t grp, const LaneWindows& w, float* bias_grad,
                    bool store_dq, Scratch& s) const {
     const std::int64_t dim = this->k_dim, dim_v = this->v_dim, n_rows = s.rows_list.size;
-    const std::int64_t entries = n_rows * w.window, width = layout.width;
+    const std::int64_t entries = n_rows * w.window, width = this->row_stride;
     // Lanes of the packed q (times scale) and dout; lse and D from the
     // row terms (zero beyond the lanes).
     const std::int64_t col0 = layout.group_base[grp] + w.i0;
@@ -472,7 +482,7 @@ struct Backward : LaneKernel<Rank, T> {
   // dv += P . dout and dk += dS . (scale q) over one query head's window
   // (ptrs from key_window_ptrs).
   void accumulate_key_grads(const LaneWindows& w, Scratch& s) const {
-    const std::int64_t n_rows = s.rows_list.size, width = layout.width;
+    const std::int64_t n_rows = s.rows_list.size, width = this->row_stride;
     const LaneWindows* masked = w.masked ? &w : nullptr;
     pv_range(s.probs.data(), s.ptrs_a.data(), n_rows, w.window, width, this->v_dim,
              s.acc_v.data(), masked, /*accumulate=*/true);
@@ -520,7 +530,7 @@ struct Backward : LaneKernel<Rank, T> {
                  const float* v_row, std::int64_t* c, std::int64_t grp,
                  const LaneWindows& w, Scratch& s) const {
     const std::int64_t dim = this->k_dim, dim_v = this->v_dim, n_rows = s.rows_list.size;
-    const std::int64_t entries = n_rows * w.window, width = layout.width;
+    const std::int64_t entries = n_rows * w.window, width = this->row_stride;
     const std::int64_t base = layout.group_base[grp], kernel = this->last().kernel;
     const std::int64_t step = this->bias_strides[Rank];
     const float* k_lanes = this->lanes_at(k_row, grp, w);

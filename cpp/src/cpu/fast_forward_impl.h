@@ -146,6 +146,25 @@ struct ColumnRanges {
     lo[grp] = std::min(lo[grp], begin);
     hi[grp] = std::max(hi[grp], end);
   }
+  // The packed columns [first, end) that span every range (end <= first:
+  // none).
+  std::int64_t first(const ColumnLayout& layout) const {
+    std::int64_t column = layout.width;
+    for (std::size_t grp = 0; grp < lo.size(); ++grp) {
+      if (lo[grp] < hi[grp]) column = std::min(column, layout.group_base[grp] + lo[grp]);
+    }
+    return column;
+  }
+  std::int64_t end(const ColumnLayout& layout) const {
+    std::int64_t column = 0;
+    for (std::size_t grp = 0; grp < lo.size(); ++grp) {
+      if (lo[grp] < hi[grp]) column = std::max(column, layout.group_base[grp] + hi[grp]);
+    }
+    return column;
+  }
+  std::int64_t span(const ColumnLayout& layout) const {
+    return std::max<std::int64_t>(0, end(layout) - first(layout));
+  }
   // Every column of every group, padding included.
   static ColumnRanges whole(const ColumnLayout& layout) {
     ColumnRanges all(layout.dilation);
@@ -167,6 +186,7 @@ class PackSource {
         factor_(factor) {}
 
   const std::int64_t heads, dim;
+  const ColumnLayout& layout() const { return layout_; }
 
   // Starts fetching one token's head vector into cache (contiguous vectors
   // only: scattered channels are left to the hardware).
@@ -188,14 +208,32 @@ class PackSource {
     }
   }
 
+  // Packs the columns `cols` of row r of (b, h) into `memory` (dim rows of
+  // `stride` >= cols.span() floats, column cols.first() first) and returns
+  // the row as the kernels address it: channel d of packed column x at
+  // [d * stride + x]. Rows narrower than the whole packed row keep only
+  // their tile's columns, so a long last axis never takes whole rows of
+  // scratch.
+  float* pack_columns(std::int64_t b, std::int64_t h, std::int64_t r, const ColumnRanges& cols,
+                      float* memory, std::int64_t stride) const {
+    // The origin of absolute column 0, outside `memory` when cols.first() >
+    // 0: formed through an integer (implementation-defined, not undefined),
+    // and only ever read at columns inside it.
+    const auto origin = reinterpret_cast<std::uintptr_t>(memory) -
+                        static_cast<std::uintptr_t>(cols.first(layout_)) * sizeof(float);
+    float* row = reinterpret_cast<float*>(origin);
+    pack(b, h, r, cols, row, stride);
+    return row;
+  }
+
   // Fills the columns `cols` of dst with row r of (b, h): eight tokens of a
   // dilation group at a time go through a register transpose into eight
-  // consecutive columns; the padding columns in range are zeroed.
+  // consecutive columns; the padding columns in range are zeroed. Channel d
+  // of column x goes to dst[d * width + x].
   void pack(std::int64_t b, std::int64_t h, std::int64_t r, const ColumnRanges& cols,
-            float* dst) const {
+            float* dst, std::int64_t width) const {
     const T* tokens[kLanes];
     const T* src = static_cast<const T*>(source_.data);
-    const std::int64_t width = layout_.width;
     std::int64_t c[Rank];
     row_coords<Rank>(g_, r, c);
     for (std::int64_t grp = 0; grp < layout_.dilation; ++grp) {
@@ -249,7 +287,7 @@ Packed pack(const TensorView& t, const Geometry<Rank>& g, const ColumnLayout& la
   parallel_for(g.batch * p.rows, 1, [&](std::int64_t begin, std::int64_t end) {
     for (std::int64_t item = begin; item < end; ++item) {
       const std::int64_t b = item / p.rows, r = item % p.rows;
-      for (std::int64_t h = 0; h < p.heads; ++h) source.pack(b, h, r, all, p.row(b, h, r));
+      for (std::int64_t h = 0; h < p.heads; ++h) source.pack(b, h, r, all, p.row(b, h, r), p.width);
     }
   });
   return p;
@@ -265,10 +303,11 @@ Packed pack(const TensorView& t, const Geometry<Rank>& g, const ColumnLayout& la
 class RowCache {
  public:
   // Forgets every row (a new call, or a new chunk of items) and makes room
-  // for `capacity` rows of `row_floats` floats.
-  void reset(std::int64_t capacity, std::int64_t row_floats) {
-    data_ = memory_.reserve(capacity * row_floats);  // only the packed columns are touched
-    row_floats_ = row_floats;
+  // for `capacity` rows of `dim` channels of `stride` floats.
+  void reset(std::int64_t capacity, std::int64_t dim, std::int64_t stride) {
+    row_floats_ = dim * stride;
+    stride_ = stride;
+    data_ = memory_.reserve(capacity * row_floats_);  // only the packed columns are touched
     entries_.assign(capacity, Entry{});
     stamp_ = 1;
   }
@@ -282,26 +321,28 @@ class RowCache {
     for (Entry& e : entries_) {
       if (e.b == b && e.h == h && e.r == r && e.tile == tile) {
         e.stamp = stamp_;
-        return row(e);
+        return e.row;
       }
       if (e.stamp < stamp_ && (!victim || e.stamp < victim->stamp)) victim = &e;
     }
     if (!victim) throw std::logic_error("libna: RowCache is smaller than one item's rows");
-    *victim = Entry{b, h, r, tile, stamp_};
-    float* dst = row(*victim);
-    source.pack(b, h, r, cols, dst);
-    return dst;
+    if (cols.span(source.layout()) > stride_) {
+      throw std::logic_error("libna: a packed row is wider than its RowCache's stride");
+    }
+    float* memory = data_ + (victim - entries_.data()) * row_floats_;
+    *victim = Entry{b, h, r, tile, stamp_, source.pack_columns(b, h, r, cols, memory, stride_)};
+    return victim->row;
   }
 
  private:
   struct Entry {
     std::int64_t b = -1, h = -1, r = -1, tile = -1, stamp = 0;
+    float* row = nullptr;  // as pack_columns returns it
   };
-  float* row(const Entry& e) { return data_ + (&e - entries_.data()) * row_floats_; }
 
   GrowingBuffer memory_;
   float* data_ = nullptr;
-  std::int64_t row_floats_ = 0, stamp_ = 1;
+  std::int64_t row_floats_ = 0, stride_ = 0, stamp_ = 1;
   std::vector<Entry> entries_;
 };
 
@@ -662,6 +703,10 @@ struct LaneKernel {
   const std::int64_t* bias_strides;  // bias_layout.strides
   std::int64_t heads_per_kv;
   float scale;
+  // Floats between the channels of a packed row: the whole packed width for
+  // the unfused ops' full-size packed tensors; the widest tile's columns for
+  // the fused kernels' row caches (set_row_stride).
+  std::int64_t row_stride;
 
   LaneKernel(const Geometry<Rank>& geometry, const ColumnLayout& columns, const TensorView& k,
              const TensorView& v, const NaParams& params, const TensorView* rpb, double sc)
@@ -669,7 +714,18 @@ struct LaneKernel {
         bias_layout(params, geometry.heads),
         bias(rpb ? bias_layout.template load_from<T>(*rpb) : std::vector<float>()),
         bias_strides(bias_layout.strides), heads_per_kv(geometry.heads / k.shape[Rank + 1]),
-        scale(static_cast<float>(sc)) {}
+        scale(static_cast<float>(sc)), row_stride(columns.width) {}
+
+  // Packed rows as wide as the widest of the column ranges the kernel packs
+  // (each a std::vector<ColumnRanges>).
+  template <typename... RangeLists>
+  void set_row_stride(const RangeLists&... lists) {
+    row_stride = 0;
+    const auto widen = [&](const auto& list) {
+      for (const ColumnRanges& r : list) row_stride = std::max(row_stride, r.span(layout));
+    };
+    (widen(lists), ...);
+  }
 
   const AxisParams& last() const { return g.axes[Rank - 1]; }
   BlockRange whole_row() const { return {0, layout.blocks}; }
@@ -749,7 +805,7 @@ struct LaneKernel {
               const float* const* key_ptrs, float* out) const {
     const std::int64_t window = w.window, kernel = last().kernel;
     const std::int64_t bias_step = bias_strides[Rank];
-    qk_rows(q_lanes, q_stride, key_ptrs, key_rows.size, layout.width, k_dim, window, out);
+    qk_rows(q_lanes, q_stride, key_ptrs, key_rows.size, row_stride, k_dim, window, out);
     // Key first + j + l of query i0 + l: relative position first + j - i0,
     // the same in every lane.
     const std::int64_t rel0 = w.first - w.i0 + kernel - 1;
@@ -769,7 +825,7 @@ struct LaneKernel {
   }
 
   // The lanes of w in a packed row: column group_base + i0, read with stride
-  // layout.width (lanes past the group read its zero padding).
+  // row_stride (lanes past the group read its zero padding).
   const float* lanes_at(const float* packed_row, std::int64_t grp, const LaneWindows& w) const {
     return packed_row + layout.group_base[grp] + w.i0;
   }
@@ -810,12 +866,13 @@ struct RowCaches {
   RowCache own_a, own_b, window_a, window_b;
   std::vector<const float*> bases_a, bases_b;  // the current item's window rows
 
+  // (stride: of the packed rows, LaneKernel::row_stride.)
   void reset(std::int64_t window_capacity, std::int64_t dim_a, std::int64_t dim_b,
-             std::int64_t width) {
-    own_a.reset(1, dim_a * width);
-    own_b.reset(1, dim_b * width);
-    window_a.reset(window_capacity, dim_a * width);
-    window_b.reset(window_capacity, dim_b * width);
+             std::int64_t stride) {
+    own_a.reset(1, dim_a, stride);
+    own_b.reset(1, dim_b, stride);
+    window_a.reset(window_capacity, dim_a, stride);
+    window_b.reset(window_capacity, dim_b, stride);
   }
   void next_item() {
     own_a.next_item();
@@ -866,11 +923,13 @@ struct Forward : LaneKernel<Rank, T> {
         tiles(columns_layout, geometry.window_rows(), this->k_dim + this->v_dim),
         columns(*this, tiles, [&](std::int64_t grp, std::int64_t i0, std::int64_t lanes) {
           return query_lanes(this->last(), columns_layout.group_len[grp], i0, lanes);
-        }) {}
+        }) {
+    this->set_row_stride(columns.own, columns.window);
+  }
 
   void start(Scratch& s) const {
     // Items of a chunk are mostly consecutive rows, or rows of the next tile.
-    s.rows.reset(2 * g.window_rows(), this->k_dim, this->v_dim, this->layout.width);
+    s.rows.reset(2 * g.window_rows(), this->k_dim, this->v_dim, this->row_stride);
   }
 
   // The queries of one (b, h, row) in one column tile, eight at a time.
@@ -895,7 +954,7 @@ struct Forward : LaneKernel<Rank, T> {
     this->prefetch_lanes(args.out, b, c, h, grp, w);
     s.logits.resize(n_rows * w.window * kLanes);
     this->window_rows(s.rows.bases_a, grp, w, s.key_ptrs);
-    this->logits(this->lanes_at(q_row, grp, w), this->layout.width, h, w, s.key_rows,
+    this->logits(this->lanes_at(q_row, grp, w), this->row_stride, h, w, s.key_rows,
                  s.key_ptrs.data(), s.logits.data());
 
     f32x8 max_logit, sum;
@@ -903,7 +962,7 @@ struct Forward : LaneKernel<Rank, T> {
 
     this->window_rows(s.rows.bases_b, grp, w, s.value_rows);
     s.out.resize(dim_v * kLanes);
-    pv_range(s.logits.data(), s.value_rows.data(), n_rows, w.window, this->layout.width, dim_v,
+    pv_range(s.logits.data(), s.value_rows.data(), n_rows, w.window, this->row_stride, dim_v,
              s.out.data(), w.masked ? &w : nullptr);
 
     // Normalise and store. A query whose logits are all -inf attends to
