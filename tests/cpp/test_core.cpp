@@ -6,7 +6,9 @@
 //   (d) the thread-count setting, and bitwise identical results on 1 and 2
 //       threads,
 //   (e) composition: NA over the whole sequence plus additional keys, merged,
-//       against a naive dense attention loop; its validation errors.
+//       against a naive dense attention loop; its validation errors,
+//   (f) the CPU kernel set that build_info reports: the one LIBNA_CPU_KERNELS
+//       names, and the portable one off x86-64.
 // Prints one line per failure and a summary; exits non-zero on any failure.
 #include <libna/libna.h>
 
@@ -14,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <random>
@@ -562,15 +565,36 @@ void test_composition() {
   });
 }
 
+// ---- (f) CPU kernel set ------------------------------------------------------
+
+void test_cpu_kernels() {
+  const libna::BuildInfo info = libna::build_info();
+  CHECK(info.cpu_kernels == "avx2" || info.cpu_kernels == "portable");
+  CHECK((info.cpu_kernels == "avx2") == (info.simd == "avx2+fma"));
+  const char* forced = std::getenv("LIBNA_CPU_KERNELS");
+  if (forced && *forced && std::string(forced) != "auto") CHECK(info.cpu_kernels == forced);
+#if !defined(__x86_64__) && !defined(_M_X64)
+  CHECK(info.cpu_kernels == "portable");
+#endif
+}
+
 }  // namespace
 
 int main() {
-  const libna::BuildInfo info = libna::build_info();
-  std::printf("libna %s, simd %s\n", info.version.c_str(), info.simd.c_str());
+  libna::BuildInfo info;
+  try {
+    info = libna::build_info();
+  } catch (const std::exception& e) {  // a LIBNA_CPU_KERNELS that this CPU cannot run
+    std::printf("build_info: %s\n", e.what());
+    return 2;
+  }
+  std::printf("libna %s, cpu kernels %s, simd %s\n", info.version.c_str(),
+              info.cpu_kernels.c_str(), info.simd.c_str());
   const std::pair<const char*, void (*)()> tests[] = {
       {"axis_window", test_axis_window},   {"converters", test_converters},
       {"validation", test_validation},     {"half_precision", test_half_precision},
       {"threads", test_threads},           {"composition", test_composition},
+      {"cpu_kernels", test_cpu_kernels},
   };
   for (const auto& [name, fn] : tests) {
     const int failed_before = g_failed;
