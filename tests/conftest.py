@@ -21,6 +21,14 @@ else:
     settings.register_profile("long", max_examples=1000, print_blob=True, **_common)
     settings.load_profile(os.environ.get("LIBNA_HYPOTHESIS_PROFILE", "ci"))
 
+import libna
+
+
+def pytest_report_header():
+    # Which CPU kernels ran is part of what a run proves (LIBNA_CPU_KERNELS).
+    info = libna.build_info()
+    return f"libna cpu kernels: {info['cpu_kernels']} (simd {info['simd']})"
+
 
 @pytest.fixture
 def rng():

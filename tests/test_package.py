@@ -12,10 +12,10 @@ import pytest
 import libna
 
 
-def run_python(code, env=None, timeout=300):
+def run_python(code, env=None, cwd=None, timeout=300):
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=full_env, timeout=timeout)
+                          text=True, env=full_env, cwd=cwd, timeout=timeout)
 
 
 def test_build_info():

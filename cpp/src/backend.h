@@ -105,6 +105,8 @@ void na_additional_forward(const detail::AdditionalArgs& args);
 void na_additional_backward(const detail::AdditionalBackwardArgs& args);
 void merge_attentions(const detail::MergeArgs& args);
 void merge_attentions_backward(const detail::MergeBackwardArgs& args);
+// "avx2" or "portable": the vectorised kernels this process runs (LIBNA_CPU_KERNELS).
+std::string kernel_set_name();
 std::string simd_level();
 }  // namespace libna::cpu
 

@@ -37,6 +37,7 @@ BuildInfo build_info() {
   info.backends = {"cpu"};
   if (cuda::compiled()) info.backends.push_back("cuda");
   info.cuda_architectures = cuda::architectures();
+  info.cpu_kernels = cpu::kernel_set_name();
   info.simd = cpu::simd_level();
 #if defined(__clang__)
   info.compiler = "clang " __clang_version__;

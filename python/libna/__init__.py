@@ -46,12 +46,15 @@ def get_num_threads() -> int:
 
 def build_info() -> dict:
     """What this build of libna contains: version, backends, CUDA
-    architectures, SIMD level, compiler and CPU thread count."""
+    architectures, the CPU kernel set ("avx2" or "portable", which
+    LIBNA_CPU_KERNELS can force), SIMD level, compiler and CPU thread count.
+    Raises ValueError if LIBNA_CPU_KERNELS names a set this CPU cannot run."""
     if _C is None:
         return {
             "version": __version__,
             "backends": ["numpy-reference"],
             "cuda_architectures": [],
+            "cpu_kernels": "none",
             "simd": "none",
             "compiler": "none (compiled core not loaded)",
             "num_threads": 1,

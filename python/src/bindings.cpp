@@ -367,6 +367,7 @@ nb::dict build_info() {
   d["version"] = info.version;
   d["backends"] = info.backends;
   d["cuda_architectures"] = info.cuda_architectures;
+  d["cpu_kernels"] = info.cpu_kernels;
   d["simd"] = info.simd;
   d["compiler"] = info.compiler;
   return d;

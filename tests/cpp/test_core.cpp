@@ -6,7 +6,11 @@
 //   (d) the thread-count setting, and bitwise identical results on 1 and 2
 //       threads,
 //   (e) composition: NA over the whole sequence plus additional keys, merged,
-//       against a naive dense attention loop; its validation errors.
+//       against a naive dense attention loop; its validation errors,
+//   (f) the CPU kernel set that build_info reports: the one LIBNA_CPU_KERNELS
+//       names, and the portable one off x86-64,
+//   (g) the forward, backward and unfused ops in float32 (the vectorised
+//       kernels) against float64 (the scalar ones) on the same data.
 // Prints one line per failure and a summary; exits non-zero on any failure.
 #include <libna/libna.h>
 
@@ -14,11 +18,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <random>
 #include <set>
 #include <string>
+#include <type_traits>
 #include <typeinfo>
 #include <vector>
 
@@ -393,13 +399,15 @@ void test_validation() {
 
 // ---- (c) half precision ----------------------------------------------------------------
 
+// A configuration of the dtype comparisons (here and in (g)), by name.
+struct NamedParams {
+  const char* name;
+  NaParams params;
+  bool rpb;
+};
+
 void test_half_precision() {
-  struct Config {
-    const char* name;
-    NaParams params;
-    bool rpb;
-  };
-  const Config configs[] = {
+  const NamedParams configs[] = {
       {"dilated", params2d(3, 5, 2, 1), false},
       {"causal + stride", params2d(3, 5, 2, 1, 2, 3, true, false), false},
       {"rpb", params2d(5, 3, 1, 2), true},
@@ -415,7 +423,7 @@ void test_half_precision() {
   const Precision precisions[] = {{DType::float16, "float16", 3e-3, 1e-4},
                                   {DType::bfloat16, "bfloat16", 2e-2, 1e-4}};
   for (const Precision& pr : precisions)
-    for (const Config& cfg : configs) {
+    for (const NamedParams& cfg : configs) {
       Problem p(2, 9, 10, 4, 2, 16, 8, cfg.params, cfg.rpb, 7);
       p.round_to(pr.dtype);
       std::vector<float> out32, lse32, out16, lse16;
@@ -562,15 +570,119 @@ void test_composition() {
   });
 }
 
+// ---- (f) CPU kernel set ------------------------------------------------------
+
+void test_cpu_kernels() {
+  const libna::BuildInfo info = libna::build_info();
+  CHECK(info.cpu_kernels == "avx2" || info.cpu_kernels == "portable");
+  CHECK((info.cpu_kernels == "avx2") == (info.simd == "avx2+fma"));
+  const char* forced = std::getenv("LIBNA_CPU_KERNELS");
+  if (forced && *forced && std::string(forced) != "auto") CHECK(info.cpu_kernels == forced);
+#if !defined(__x86_64__) && !defined(_M_X64)
+  CHECK(info.cpu_kernels == "portable");
+#endif
+}
+
+// ---- (g) vectorised against scalar kernels -------------------------------------
+// float32 runs the vectorised kernels and float64 the scalar ones, which share
+// no code with them; on ARM this is the C++ tests' check of the portable
+// kernels' backward and unfused ops (scripts/check-aarch64.sh).
+
+// The outputs of every op on the data of `p` in T, with random output
+// gradients and attention weights, one after another: the forward's out and
+// lse, dq, dk, dv and drpb, then (stride 1 only) na_qk, na_av and their
+// backward's gradients.
+template <typename T>
+std::vector<double> every_op(const Problem& p) {
+  const DType dt = std::is_same_v<T, float> ? DType::float32 : DType::float64;
+  const i64 B = p.B, H = p.H, W = p.W, h = p.heads, hk = p.heads_kv, D = p.D, Dv = p.Dv;
+  const i64 r0 = 2 * p.params.kernel_size[0] - 1, r1 = 2 * p.params.kernel_size[1] - 1;
+  const i64 window = p.params.window_size();
+  std::mt19937 gen(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  auto random = [&](i64 n) {
+    std::vector<T> x(n);
+    for (T& e : x) e = normal(gen);
+    return x;
+  };
+  auto copy = [](const std::vector<float>& x) { return std::vector<T>(x.begin(), x.end()); };
+  std::vector<T> q = copy(p.q), k = copy(p.k), v = copy(p.v), rpb = copy(p.rpb);
+  std::vector<T> dout = random(B * H * W * h * Dv), attn = random(B * H * W * h * window),
+                 dattn = random(B * H * W * h * window);
+  std::vector<T> out(dout.size()), lse(B * H * W * h), dq(q.size()), dk(k.size()), dv(v.size()),
+      drpb(rpb.size()), attn_out(attn.size()), dattn_out(attn.size());
+  const auto qv = TensorView::contiguous(q.data(), dt, {B, H, W, h, D});
+  const auto kv = TensorView::contiguous(k.data(), dt, {B, H, W, hk, D});
+  const auto vv = TensorView::contiguous(v.data(), dt, {B, H, W, hk, Dv});
+  const auto rv = TensorView::contiguous(rpb.data(), dt, {h, r0, r1});
+  const auto drv = TensorView::contiguous(drpb.data(), dt, {h, r0, r1});
+  const auto ov = TensorView::contiguous(out.data(), dt, {B, H, W, h, Dv});
+  const auto dov = TensorView::contiguous(dout.data(), dt, {B, H, W, h, Dv});
+  const auto lv = TensorView::contiguous(lse.data(), dt, {B, H, W, h});
+  const auto dqv = TensorView::contiguous(dq.data(), dt, {B, H, W, h, D});
+  const auto dkv = TensorView::contiguous(dk.data(), dt, {B, H, W, hk, D});
+  const auto dvv = TensorView::contiguous(dv.data(), dt, {B, H, W, hk, Dv});
+  const auto av = TensorView::contiguous(attn.data(), dt, {B, H, W, h, window});
+  const auto dav = TensorView::contiguous(dattn.data(), dt, {B, H, W, h, window});
+  const auto aov = TensorView::contiguous(attn_out.data(), dt, {B, H, W, h, window});
+  const auto daov = TensorView::contiguous(dattn_out.data(), dt, {B, H, W, h, window});
+  const TensorView* rpb_v = p.with_rpb ? &rv : nullptr;
+  const TensorView* drpb_v = p.with_rpb ? &drv : nullptr;
+
+  std::vector<double> results;
+  auto keep = [&](const std::vector<T>& x) { results.insert(results.end(), x.begin(), x.end()); };
+  libna::na_forward(qv, kv, vv, rpb_v, ov, &lv, p.params);
+  libna::na_backward(qv, kv, vv, rpb_v, ov, dov, lv, dqv, dkv, dvv, drpb_v, p.params);
+  for (const auto* x : {&out, &lse, &dq, &dk, &dv, &drpb}) keep(*x);
+  if (p.params.stride[0] == 1 && p.params.stride[1] == 1) {
+    libna::na_qk(qv, kv, rpb_v, aov, p.params);
+    libna::na_av(av, vv, ov, p.params);
+    libna::na_qk_backward(dav, qv, kv, dqv, dkv, drpb_v, p.params);
+    libna::na_av_backward(dov, av, vv, daov, dvv, p.params);
+    for (const auto* x : {&attn_out, &out, &dq, &dk, &drpb, &dattn_out, &dv}) keep(*x);
+  }
+  return results;
+}
+
+void test_vectorised_against_scalar() {
+  const NamedParams configs[] = {
+      {"rpb", params2d(5, 3, 1, 2), true},
+      {"dilated + causal", params2d(3, 5, 2, 1, 1, 1, true, false), false},
+      {"causal + stride", params2d(3, 5, 2, 1, 2, 3, true, false), false},
+  };
+  for (const NamedParams& cfg : configs) {
+    const Problem p(2, 9, 10, 4, 2, 16, 8, cfg.params, cfg.rpb, 3);
+    const std::vector<double> vectorised = every_op<float>(p), scalar = every_op<double>(p);
+    double err = 0, largest = 1;
+    for (std::size_t i = 0; i < scalar.size(); ++i) {
+      if (vectorised[i] == scalar[i]) continue;  // also the -inf of unfilled causal slots
+      err = std::max(err, std::abs(vectorised[i] - scalar[i]));
+    }
+    for (double x : scalar)
+      if (std::isfinite(x)) largest = std::max(largest, std::abs(x));
+    std::printf("  %-16s max |float32 - float64| %.2e of max |x| %.1f\n", cfg.name, err, largest);
+    // float32 rounding of sums of a few hundred terms, as a fraction of the largest output.
+    CHECK_MSG(vectorised.size() == scalar.size() && err <= 1e-5 * largest, cfg.name);
+  }
+}
+
 }  // namespace
 
 int main() {
-  const libna::BuildInfo info = libna::build_info();
-  std::printf("libna %s, simd %s\n", info.version.c_str(), info.simd.c_str());
+  libna::BuildInfo info;
+  try {
+    info = libna::build_info();
+  } catch (const std::exception& e) {  // a LIBNA_CPU_KERNELS that this CPU cannot run
+    std::printf("build_info: %s\n", e.what());
+    return 2;
+  }
+  std::printf("libna %s, cpu kernels %s, simd %s\n", info.version.c_str(),
+              info.cpu_kernels.c_str(), info.simd.c_str());
   const std::pair<const char*, void (*)()> tests[] = {
       {"axis_window", test_axis_window},   {"converters", test_converters},
       {"validation", test_validation},     {"half_precision", test_half_precision},
       {"threads", test_threads},           {"composition", test_composition},
+      {"cpu_kernels", test_cpu_kernels},   {"vectorised_vs_scalar", test_vectorised_against_scalar},
   };
   for (const auto& [name, fn] : tests) {
     const int failed_before = g_failed;

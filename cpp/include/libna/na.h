@@ -188,9 +188,12 @@ struct BuildInfo {
   std::string version;
   std::vector<std::string> backends;        // "cpu", and "cuda" when compiled
   std::vector<std::string> cuda_architectures;
+  std::string cpu_kernels;                  // "avx2" or "portable" (LIBNA_CPU_KERNELS)
   std::string simd;                         // SIMD level the CPU backend uses
   std::string compiler;
 };
+// Throws std::invalid_argument when LIBNA_CPU_KERNELS names kernels that this
+// CPU cannot run or that do not exist, as every CPU op then does.
 LIBNA_API BuildInfo build_info();
 
 }  // namespace libna

@@ -3,6 +3,9 @@
 #include "backend.h"
 #include "dispatch.h"
 
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 
 namespace libna::cpu {
@@ -44,29 +47,71 @@ bool cpu_has_avx2_fma() {
   return false;
 #endif
 }
+
+enum class KernelSet { portable, avx2 };
+
+// The kernel set that LIBNA_CPU_KERNELS names (auto or unset: the fastest this
+// CPU runs), or the message that refuses it. Kept rather than thrown at once
+// so that every call refuses a bad value alike.
+struct KernelChoice {
+  KernelSet set = KernelSet::portable;
+  std::string error;
+};
+
+KernelChoice choose_kernel_set() {
+  const char* env = std::getenv("LIBNA_CPU_KERNELS");
+  const std::string value = env ? env : "";
+  const std::string choices = cpu_has_avx2_fma() ? "auto, portable, avx2" : "auto, portable";
+  if (value.empty() || value == "auto") {
+    return {cpu_has_avx2_fma() ? KernelSet::avx2 : KernelSet::portable, ""};
+  }
+  if (value == "portable") return {KernelSet::portable, ""};
+  if (value == "avx2") {
+    if (cpu_has_avx2_fma()) return {KernelSet::avx2, ""};
+#if defined(LIBNA_HAVE_AVX2_KERNELS)
+    const char* why = "this CPU lacks AVX2 or FMA";
+#else
+    const char* why = "this build is not for x86-64 and has no AVX2 kernels";
+#endif
+    return {KernelSet::portable,
+            std::string("LIBNA_CPU_KERNELS=avx2 cannot run here (") + why + "); choose one of " +
+                choices};
+  }
+  return {KernelSet::portable,
+          "LIBNA_CPU_KERNELS='" + value + "' is not a kernel set; choose one of " + choices};
+}
+
+// Read once: the forward and the backward of a step must run the same kernels.
+KernelSet kernel_set() {
+  static const KernelChoice choice = choose_kernel_set();
+  if (!choice.error.empty()) throw std::invalid_argument(choice.error);
+  return choice.set;
+}
 }  // namespace
 
-// The vectorised kernel of `op` for the instruction set this CPU has.
+// The vectorised kernel of `op` in the kernel set `kernels`.
 #if defined(LIBNA_HAVE_AVX2_KERNELS)
-#define LIBNA_VECTORISED(op, R, T, args) \
-  (cpu_has_avx2_fma() ? avx2::op<R, T>(args) : portable::op<R, T>(args))
+#define LIBNA_VECTORISED(op, R, T, args, kernels) \
+  (kernels == KernelSet::avx2 ? avx2::op<R, T>(args) : portable::op<R, T>(args))
 #else
-#define LIBNA_VECTORISED(op, R, T, args) portable::op<R, T>(args)
+#define LIBNA_VECTORISED(op, R, T, args, kernels) portable::op<R, T>(args)
 #endif
 
 // Dispatches rank and dtype to the scalar kernels for float64 (gradient
-// checking) and to the vectorised ones for float32/float16/bfloat16.
-#define LIBNA_DISPATCH_FAST(op, args, dtype)                  \
-  detail::dispatch_rank(args.params.rank, #op, [&](auto rank) { \
-    detail::dispatch_float_types(dtype, #op, [&](auto tag) {    \
-      constexpr int R = decltype(rank)::value;                  \
-      using T = typename decltype(tag)::type;                   \
-      if constexpr (std::is_same_v<T, double>) {                \
-        op<R, T>(args);                                         \
-      } else {                                                  \
-        LIBNA_VECTORISED(op, R, T, args);                       \
-      }                                                         \
-    });                                                         \
+// checking) and to the vectorised ones for float32/float16/bfloat16. A bad
+// LIBNA_CPU_KERNELS is refused whatever the dtype, so that it never goes unseen.
+#define LIBNA_DISPATCH_FAST(op, args, dtype)                          \
+  detail::dispatch_rank(args.params.rank, #op, [&](auto rank) {         \
+    [[maybe_unused]] const KernelSet kernels = kernel_set();            \
+    detail::dispatch_float_types(dtype, #op, [&](auto tag) {            \
+      constexpr int R = decltype(rank)::value;                          \
+      using T = typename decltype(tag)::type;                           \
+      if constexpr (std::is_same_v<T, double>) {                        \
+        op<R, T>(args);                                                 \
+      } else {                                                          \
+        LIBNA_VECTORISED(op, R, T, args, kernels);                      \
+      }                                                                 \
+    });                                                                 \
   })
 
 void na_forward(const detail::ForwardArgs& args) { LIBNA_DISPATCH_FAST(na_forward, args, args.q.dtype); }
@@ -81,8 +126,10 @@ void na_av_backward(const detail::AvBackwardArgs& args) {
   LIBNA_DISPATCH_FAST(na_av_backward, args, args.attn.dtype);
 }
 
+std::string kernel_set_name() { return kernel_set() == KernelSet::avx2 ? "avx2" : "portable"; }
+
 std::string simd_level() {
-  if (cpu_has_avx2_fma()) return "avx2+fma";
+  if (kernel_set() == KernelSet::avx2) return "avx2+fma";
 #if defined(__x86_64__) || defined(_M_X64)
   return "sse2";
 #elif defined(__aarch64__)
