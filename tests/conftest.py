@@ -3,6 +3,8 @@ import os
 import numpy as np
 import pytest
 
+import libna
+
 try:
     from hypothesis import HealthCheck, Phase, settings
 except ImportError:  # the property tests skip themselves without hypothesis
@@ -20,8 +22,6 @@ else:
                               **_common)
     settings.register_profile("long", max_examples=1000, print_blob=True, **_common)
     settings.load_profile(os.environ.get("LIBNA_HYPOTHESIS_PROFILE", "ci"))
-
-import libna
 
 
 def pytest_report_header():
