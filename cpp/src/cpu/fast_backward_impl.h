@@ -410,7 +410,7 @@ struct Backward : LaneKernel<Rank, T> {
     // dq = scale * dS . k (ptrs_b: the key rows)
     s.acc.resize(dim * kLanes);
     pv_range(s.dlogits.data(), s.ptrs_b.data(), n_rows, w.window, width, dim, s.acc.data(),
-             w.masked ? &w : nullptr);
+             w.masked && !s.query_rows.window_finite_a ? &w : nullptr);
     this->store_lanes(args.dq, b, c, h, grp, w, simd::splat(this->scale), s.acc.data());
 
     // The rpb gradient: dS summed by relative position.
@@ -483,7 +483,8 @@ struct Backward : LaneKernel<Rank, T> {
   // (ptrs from key_window_ptrs).
   void accumulate_key_grads(const LaneWindows& w, Scratch& s) const {
     const std::int64_t n_rows = s.rows_list.size, width = this->row_stride;
-    const LaneWindows* masked = w.masked ? &w : nullptr;
+    const bool finite = s.key_rows.window_finite_a && s.key_rows.window_finite_b;
+    const LaneWindows* masked = w.masked && !finite ? &w : nullptr;
     pv_range(s.probs.data(), s.ptrs_a.data(), n_rows, w.window, width, this->v_dim,
              s.acc_v.data(), masked, /*accumulate=*/true);
     pv_range(s.dlogits.data(), s.ptrs_b.data(), n_rows, w.window, width, this->k_dim,

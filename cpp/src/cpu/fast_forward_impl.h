@@ -23,6 +23,7 @@
 // never written out as a full-size copy.
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -89,6 +90,7 @@ struct ColumnLayout {
 struct Packed {
   float* data = nullptr;
   std::int64_t heads = 0, rows = 0, width = 0, dim = 0;
+  bool finite = true;  // no inf or NaN anywhere in it
 
   std::int64_t size() const { return heads * rows * width * dim; }  // per batch entry
   float* row(std::int64_t b, std::int64_t h, std::int64_t r) const {
@@ -211,27 +213,29 @@ class PackSource {
   // Packs the columns `cols` of row r of (b, h) into `memory` (dim rows of
   // `stride` >= cols.span() floats, column cols.first() first) and returns
   // the row as the kernels address it: channel d of packed column x at
-  // [d * stride + x]. Rows narrower than the whole packed row keep only
-  // their tile's columns, so a long last axis never takes whole rows of
-  // scratch.
+  // [d * stride + x] (*finite: whether its values are). Rows narrower than
+  // the whole packed row keep only their tile's columns, so a long last axis
+  // never takes whole rows of scratch.
   float* pack_columns(std::int64_t b, std::int64_t h, std::int64_t r, const ColumnRanges& cols,
-                      float* memory, std::int64_t stride) const {
+                      float* memory, std::int64_t stride, bool* finite) const {
     // The origin of absolute column 0, outside `memory` when cols.first() >
     // 0: formed through an integer (implementation-defined, not undefined),
     // and only ever read at columns inside it.
     const auto origin = reinterpret_cast<std::uintptr_t>(memory) -
                         static_cast<std::uintptr_t>(cols.first(layout_)) * sizeof(float);
     float* row = reinterpret_cast<float*>(origin);
-    pack(b, h, r, cols, row, stride);
+    *finite = pack(b, h, r, cols, row, stride);
     return row;
   }
 
   // Fills the columns `cols` of dst with row r of (b, h): eight tokens of a
   // dilation group at a time go through a register transpose into eight
   // consecutive columns; the padding columns in range are zeroed. Channel d
-  // of column x goes to dst[d * width + x].
-  void pack(std::int64_t b, std::int64_t h, std::int64_t r, const ColumnRanges& cols,
+  // of column x goes to dst[d * width + x]. Returns whether every value
+  // packed is finite.
+  bool pack(std::int64_t b, std::int64_t h, std::int64_t r, const ColumnRanges& cols,
             float* dst, std::int64_t width) const {
+    f32x8 probe = simd::splat(0.0f);
     const T* tokens[kLanes];
     const T* src = static_cast<const T*>(source_.data);
     std::int64_t c[Rank];
@@ -258,9 +262,13 @@ class PackSource {
           prefetch(token(i));
         }
         for (std::int64_t l = 0; l < lanes; ++l) tokens[l] = token(i0 + l);
-        gather_lanes(tokens, lanes, source_.strides[Rank + 2], dim, factor_, base + i0, width);
+        gather_lanes(tokens, lanes, source_.strides[Rank + 2], dim, factor_, base + i0, width,
+                     &probe);
       }
     }
+    alignas(32) float lanes[kLanes];
+    simd::store(lanes, probe);
+    return std::all_of(lanes, lanes + kLanes, [](float x) { return x == 0.0f; });
   }
 
  private:
@@ -284,12 +292,18 @@ Packed pack(const TensorView& t, const Geometry<Rank>& g, const ColumnLayout& la
   p.rows = layout.rows;
   p.width = layout.width;
   const ColumnRanges all = ColumnRanges::whole(layout);
+  std::atomic<bool> finite{true};
   parallel_for(g.batch * p.rows, 1, [&](std::int64_t begin, std::int64_t end) {
+    bool rows_finite = true;
     for (std::int64_t item = begin; item < end; ++item) {
       const std::int64_t b = item / p.rows, r = item % p.rows;
-      for (std::int64_t h = 0; h < p.heads; ++h) source.pack(b, h, r, all, p.row(b, h, r), p.width);
+      for (std::int64_t h = 0; h < p.heads; ++h) {
+        rows_finite = source.pack(b, h, r, all, p.row(b, h, r), p.width) && rows_finite;
+      }
     }
+    if (!rows_finite) finite = false;
   });
+  p.finite = finite;
   return p;
 }
 
@@ -313,14 +327,16 @@ class RowCache {
   }
   void next_item() { ++stamp_; }
 
-  // Row r of (b, h) with tile `tile`'s columns `cols` packed from `source`.
+  // Row r of (b, h) with tile `tile`'s columns `cols` packed from `source`;
+  // *finite (if given) becomes false unless all of them are finite.
   template <typename Source>
   const float* get(const Source& source, std::int64_t b, std::int64_t h, std::int64_t r,
-                   std::int64_t tile, const ColumnRanges& cols) {
+                   std::int64_t tile, const ColumnRanges& cols, bool* finite = nullptr) {
     Entry* victim = nullptr;
     for (Entry& e : entries_) {
       if (e.b == b && e.h == h && e.r == r && e.tile == tile) {
         e.stamp = stamp_;
+        if (finite) *finite = *finite && e.finite;
         return e.row;
       }
       if (e.stamp < stamp_ && (!victim || e.stamp < victim->stamp)) victim = &e;
@@ -330,14 +346,18 @@ class RowCache {
       throw std::logic_error("libna: a packed row is wider than its RowCache's stride");
     }
     float* memory = data_ + (victim - entries_.data()) * row_floats_;
-    *victim = Entry{b, h, r, tile, stamp_, source.pack_columns(b, h, r, cols, memory, stride_)};
-    return victim->row;
+    bool row_finite = true;
+    float* row = source.pack_columns(b, h, r, cols, memory, stride_, &row_finite);
+    *victim = Entry{b, h, r, tile, stamp_, row, row_finite};
+    if (finite) *finite = *finite && row_finite;
+    return row;
   }
 
  private:
   struct Entry {
     std::int64_t b = -1, h = -1, r = -1, tile = -1, stamp = 0;
     float* row = nullptr;  // as pack_columns returns it
+    bool finite = true;    // no inf or NaN in its packed columns
   };
 
   GrowingBuffer memory_;
@@ -530,7 +550,8 @@ struct LaneWindows {
 
 // out[d][lane] (+)= sum over rows r and positions c of probs[r][c][lane] *
 // value_rows[r][d * width + c + lane], for d < dim_v. `w`: the block's lane
-// windows when it is masked (probs must be 0 outside them), else null.
+// windows when it is masked and its value rows may hold inf or NaN (probs
+// must be 0 outside the windows), else null.
 inline void pv_range(const float* probs, const float* const* value_rows,
                      std::int64_t key_rows, std::int64_t window,
                      std::int64_t width, std::int64_t dim_v, float* out,
@@ -865,6 +886,9 @@ struct TileColumns {
 struct RowCaches {
   RowCache own_a, own_b, window_a, window_b;
   std::vector<const float*> bases_a, bases_b;  // the current item's window rows
+  // Whether the current item's window rows are all finite: blocks then skip
+  // masking the values outside each lane's window (pv_range).
+  bool window_finite_a = true, window_finite_b = true;
 
   // (stride: of the packed rows, LaneKernel::row_stride.)
   void reset(std::int64_t window_capacity, std::int64_t dim_a, std::int64_t dim_b,
@@ -879,6 +903,7 @@ struct RowCaches {
     own_b.next_item();
     window_a.next_item();
     window_b.next_item();
+    window_finite_a = window_finite_b = true;
   }
 
   // Loads the window rows `rows` of head h from sources a and b (tile t,
@@ -891,8 +916,8 @@ struct RowCaches {
     bases_a.resize((slot + 1) * rows.size);
     bases_b.resize((slot + 1) * rows.size);
     for (std::int64_t r = 0; r < rows.size; ++r) {
-      bases_a[slot * rows.size + r] = window_a.get(a, batch, h, rows.rows[r], t, cols);
-      bases_b[slot * rows.size + r] = window_b.get(b, batch, h, rows.rows[r], t, cols);
+      bases_a[slot * rows.size + r] = window_a.get(a, batch, h, rows.rows[r], t, cols, &window_finite_a);
+      bases_b[slot * rows.size + r] = window_b.get(b, batch, h, rows.rows[r], t, cols, &window_finite_b);
     }
   }
 };
@@ -963,7 +988,7 @@ struct Forward : LaneKernel<Rank, T> {
     this->window_rows(s.rows.bases_b, grp, w, s.value_rows);
     s.out.resize(dim_v * kLanes);
     pv_range(s.logits.data(), s.value_rows.data(), n_rows, w.window, this->row_stride, dim_v,
-             s.out.data(), w.masked ? &w : nullptr);
+             s.out.data(), w.masked && !s.rows.window_finite_b ? &w : nullptr);
 
     // Normalise and store. A query whose logits are all -inf attends to
     // nothing: out = 0 and lse = -inf (a NaN sum stays NaN).

@@ -16,6 +16,7 @@
 // and it must run on every CPU.
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>

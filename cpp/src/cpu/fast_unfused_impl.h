@@ -109,7 +109,7 @@ struct Unfused : LaneKernel<Rank, T> {
     window_rows(b, h, grp, w, s);
     s.lanes.resize(keys.dim * kLanes);
     pv_range(s.values.data(), s.ptrs.data(), s.rows.size, w.window, this->layout.width, keys.dim,
-             s.lanes.data(), w.masked ? &w : nullptr);
+             s.lanes.data(), w.masked && !keys.finite ? &w : nullptr);
     this->store_lanes(result, b, c, h, grp, w, simd::splat(1.0f), s.lanes.data());
   }
 
@@ -213,7 +213,7 @@ struct UnfusedKeyPass : LaneKernel<Rank, T> {
           s.ptrs[r] = rows.row(b, h, s.queries.rows[r]) + layout.group_base[grp] + w.first;
         }
         pv_range(s.values.data(), s.ptrs.data(), n, w.window, layout.width, dim, s.acc.data(),
-                 w.masked ? &w : nullptr, /*accumulate=*/true);
+                 w.masked && !rows.finite ? &w : nullptr, /*accumulate=*/true);
       }
       this->store_lanes(grad, b, c, hk, grp, w, simd::splat(1.0f), s.acc.data());
     });

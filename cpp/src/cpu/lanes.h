@@ -99,11 +99,14 @@ LIBNA_ALWAYS_INLINE void transpose8(f32x8* r) {
 // dst[d * dst_stride + l] = factor * tokens[l][d * stride] for d < dim and
 // l < lanes (tokens beyond `lanes` are not read; with lanes < kLanes only
 // those lanes of dst are written, so dst may be a packed row's columns).
+// *probe (if given) accumulates 0 times every value written: it stays 0 while
+// they are finite and becomes NaN with an inf or NaN.
 template <typename T>
 void gather_lanes(const T* const* tokens, std::int64_t lanes, std::int64_t stride,
-                  std::int64_t dim, float factor, float* dst,
-                  std::int64_t dst_stride) {
-  const f32x8 scale = simd::splat(factor);
+                  std::int64_t dim, float factor, float* dst, std::int64_t dst_stride,
+                  f32x8* probe = nullptr) {
+  const f32x8 scale = simd::splat(factor), zero = simd::splat(0.0f);
+  f32x8 bad = zero;
   f32x8 r[kLanes];
   std::int64_t d0 = 0;
   // Whole 8x8 blocks: straight-line code that keeps r in registers.
@@ -111,7 +114,11 @@ void gather_lanes(const T* const* tokens, std::int64_t lanes, std::int64_t strid
     for (; d0 + kLanes <= dim; d0 += kLanes) {
       for (int l = 0; l < kLanes; ++l) r[l] = load8(tokens[l] + d0 * stride, stride, kLanes);
       transpose8(r);
-      for (int i = 0; i < kLanes; ++i) simd::store(dst + (d0 + i) * dst_stride, r[i] * scale);
+      for (int i = 0; i < kLanes; ++i) {
+        const f32x8 x = r[i] * scale;
+        simd::store(dst + (d0 + i) * dst_stride, x);
+        bad += x * zero;
+      }
     }
   }
   for (; d0 < dim; d0 += kLanes) {
@@ -122,10 +129,13 @@ void gather_lanes(const T* const* tokens, std::int64_t lanes, std::int64_t strid
     transpose8(r);
     for (std::int64_t i = 0; i < n; ++i) {
       alignas(32) float y[kLanes];
-      simd::store(y, r[i] * scale);
+      const f32x8 x = r[i] * scale;  // lanes past `lanes` are 0
+      simd::store(y, x);
       std::copy(y, y + lanes, dst + (d0 + i) * dst_stride);
+      bad += x * zero;
     }
   }
+  if (probe) *probe += bad;
 }
 
 // tokens[l][d * stride] = factor[l] * src[d * kLanes + l] for d < dim and
