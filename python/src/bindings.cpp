@@ -418,4 +418,6 @@ NB_MODULE(_C, m) {
   m.def("build_info", &build_info);
   m.def("set_num_threads", &libna::set_num_threads, nb::arg("num_threads"));
   m.def("get_num_threads", &libna::get_num_threads);
+  m.attr("max_num_threads") = libna::kMaxNumThreads;
+  m.def("environment_warnings", &libna::environment_warnings);
 }
