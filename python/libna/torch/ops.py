@@ -351,6 +351,33 @@ def _na_av_backward(ctx, dout):
 na_av_op.register_autograd(_na_av_backward, setup_context=_na_av_setup)
 
 
+def _no_double_backward(op_of_inputs):
+    """The autograd formula of a backward op, which libna does not
+    differentiate: differentiating through it (a second backward after
+    create_graph=True) raises NotImplementedError naming the public op, rather
+    than torch's generic error for an op without a formula.
+    op_of_inputs(inputs) names the op."""
+    def setup_context(ctx, inputs, output):
+        ctx.op = op_of_inputs(inputs)
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"[{ctx.op}] double backward (gradients of gradients) is not implemented")
+
+    return backward, setup_context
+
+
+# kernel_size is the 8th input of na_backward, the 5th of na_qk_backward and
+# the 4th of na_av_backward; its length is the spatial rank.
+for _op, _op_of_inputs in (
+        (na_backward, lambda inputs: f"na{len(inputs[7])}d"),
+        (na_qk_backward, lambda inputs: f"na{len(inputs[4])}d_qk"),
+        (na_av_backward, lambda inputs: f"na{len(inputs[3])}d_av"),
+        (merge_attentions_backward, lambda inputs: "merge_attentions")):
+    _backward, _setup_context = _no_double_backward(_op_of_inputs)
+    _op.register_autograd(_backward, setup_context=_setup_context)
+
+
 # --------------------------------------------------------------------------
 # Python wrappers: argument normalisation, autocast, dtype checks
 # --------------------------------------------------------------------------
