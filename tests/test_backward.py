@@ -3,12 +3,14 @@ float64 reference over the feature grid, plus determinism and a torch-free
 end-to-end run. PyTorch autograd is tested in test_torch.py."""
 
 import itertools
+import multiprocessing
+import os
 
 import numpy as np
 import pytest
 
 import libna
-from libna import reference
+from libna import _ops, reference
 
 from test_forward import case_id, grid, make_qkv, make_rpb
 
@@ -84,31 +86,51 @@ def test_backward_is_deterministic_across_thread_counts(rng):
         assert np.array_equal(a, b) and np.array_equal(a, c)
 
 
-def saved_and_recomputed(monkeypatch, fn):
-    """fn() with the 1D/2D backward keeping P and dS from its query pass for
-    its key pass (the default when the ring fits and whole (b, kv head) pairs
-    keep every thread busy: one thread here), and with it computing them
-    again (LIBNA_CPU_SAVED_PROBS_BYTES=0)."""
-    n = libna.get_num_threads()
-    try:
-        libna.set_num_threads(1)
-        monkeypatch.delenv("LIBNA_CPU_SAVED_PROBS_BYTES", raising=False)
-        saved = fn()
-        monkeypatch.setenv("LIBNA_CPU_SAVED_PROBS_BYTES", "0")
-        recomputed = fn()
+def _set_environ(values):
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def _process_with(saved_probs_bytes):
+    """A worker process on one thread with LIBNA_CPU_SAVED_PROBS_BYTES set
+    (None: unset), which libna reads once per process."""
+    variables = {"LIBNA_NUM_THREADS": "1", "LIBNA_CPU_SAVED_PROBS_BYTES": saved_probs_bytes}
+    before = {name: os.environ.get(name) for name in variables}
+    _set_environ(variables)
+    try:  # the worker starts here, with this environment
+        return multiprocessing.get_context("spawn").Pool(1)
     finally:
-        libna.set_num_threads(n)
-    return saved, recomputed
+        _set_environ(before)
+
+
+@pytest.fixture(scope="module")
+def saving_and_recomputing():
+    with _process_with(None) as saving, _process_with("0") as recomputing:
+        for process, budget in ((saving, None), (recomputing, "0")):
+            assert process.apply(os.getenv, ("LIBNA_CPU_SAVED_PROBS_BYTES",)) == budget
+            assert process.apply(libna.get_num_threads) == 1
+        yield saving, recomputing
+
+
+def saved_and_recomputed(processes, *args, **kwargs):
+    """_ops.na_backward(*args, **kwargs) with the 1D/2D backward keeping P
+    and dS from its query pass for its key pass (the default when the ring
+    fits and whole (b, kv head) pairs keep every thread busy: one thread
+    here), and with it computing them again (LIBNA_CPU_SAVED_PROBS_BYTES=0)."""
+    return tuple(process.apply(_ops.na_backward, args, kwargs) for process in processes)
 
 
 @pytest.mark.parametrize("case", [c for c in grid() if len(c[0]) < 3], ids=case_id)
-def test_saved_probabilities_match_recomputed(case, rng, monkeypatch):
+def test_saved_probabilities_match_recomputed(case, rng, saving_and_recomputing):
     """Both ways compute the same P and dS with the same operations in the
     same order, and accumulate dk and dv in the same order: bitwise equal
     gradients (so the choice, which depends on sizes and thread count, never
     changes a result), and both agree with the float64 reference."""
-    run, ref = float32_grid_problem(case, rng)
-    saved, recomputed = saved_and_recomputed(monkeypatch, run)
+    args, kwargs, ref = float32_grid_problem(case, rng)
+    saved, recomputed = saved_and_recomputed(saving_and_recomputing, *args, **kwargs)
     for name, a, b, r in zip(("dq", "dk", "dv", "drpb"), saved, recomputed, ref):
         assert np.array_equal(a, b), name
         assert np.abs(a - r).max() <= 1e-5 * max(1.0, np.abs(r).max()), name
@@ -221,17 +243,17 @@ def test_numpy_backward_without_torch():
 
 
 def float32_grid_problem(case, rng):
-    """A feature-grid case in float32: a function running libna's backward
-    on it, and the float64 reference gradients of the same inputs."""
+    """A feature-grid case in float32: the arguments of libna's backward on
+    it (those of _ops.na_backward, rank first), and the float64 reference
+    gradients of the same inputs."""
     rank, q, k, v, rpb, kw = grid_problem(case, rng, 16, 8, 0.3)
     kernel = case[1]
     out, lse = getattr(reference, f"na{rank}d")(q, k, v, kernel, rpb=rpb, return_lse=True, **kw)
     dout = rng.standard_normal(out.shape)
     ref = getattr(reference, f"na{rank}d_backward")(q, k, v, out, dout, lse, kernel, rpb=rpb, **kw)
     f32 = lambda x: None if x is None else x.astype(np.float32)
-    args = [f32(x) for x in (q, k, v, out, dout, lse)]
-    run = lambda: getattr(libna, f"na{rank}d_backward")(*args, kernel, rpb=f32(rpb), **kw)
-    return run, ref
+    args = (rank, *(f32(x) for x in (q, k, v, out, dout, lse)), kernel)
+    return args, dict(rpb=f32(rpb), **kw), ref
 
 
 @pytest.mark.parametrize("case", grid()[1::2], ids=case_id)
@@ -239,8 +261,9 @@ def test_backward_float32_grid(case, rng):
     """The vectorised float32 backward over the feature grid. Its error is a
     few float32 ulps of the gradients' magnitude (float32 accumulation over
     at most a few hundred terms): bound 1e-5 relative to max(1, |grad|)."""
-    run, ref = float32_grid_problem(case, rng)
-    for name, g, r in zip(("dq", "dk", "dv", "drpb"), run(), ref):
+    (rank, *args), kwargs, ref = float32_grid_problem(case, rng)
+    grads = getattr(libna, f"na{rank}d_backward")(*args, **kwargs)
+    for name, g, r in zip(("dq", "dk", "dv", "drpb"), grads, ref):
         assert g.dtype == np.float32, name
         assert np.abs(g - r).max() <= 1e-5 * max(1.0, np.abs(r).max()), name
 
@@ -263,7 +286,7 @@ WIDE_ROWS = [
 
 @pytest.mark.parametrize("spatial,kernel,kw,use_rpb", WIDE_ROWS,
                          ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else None)
-def test_wide_rows_in_column_tiles(spatial, kernel, kw, use_rpb, rng, monkeypatch):
+def test_wide_rows_in_column_tiles(spatial, kernel, kw, use_rpb, rng, saving_and_recomputing):
     q, k, v = make_qkv(rng, 1, spatial, 4, 2, 32, 32)
     rpb = make_rpb(rng, 4, kernel) if use_rpb else None
     rank = len(spatial)
@@ -273,9 +296,9 @@ def test_wide_rows_in_column_tiles(spatial, kernel, kw, use_rpb, rng, monkeypatc
     f32 = lambda x: None if x is None else x.astype(np.float32)
     got_out = getattr(libna, f"na{rank}d")(f32(q), f32(k), f32(v), kernel, rpb=f32(rpb), **kw)
     assert np.abs(got_out - out).max() <= 1e-5
-    got, recomputed = saved_and_recomputed(monkeypatch, lambda: getattr(
-        libna, f"na{rank}d_backward")(f32(q), f32(k), f32(v), f32(out), f32(dout), f32(lse),
-                                      kernel, rpb=f32(rpb), **kw))
+    got, recomputed = saved_and_recomputed(
+        saving_and_recomputing, rank, f32(q), f32(k), f32(v), f32(out), f32(dout), f32(lse),
+        kernel, rpb=f32(rpb), **kw)
     assert len(got) == (4 if use_rpb else 3)
     for name, g, b, r in zip(("dq", "dk", "dv", "drpb"), got, recomputed, ref):
         assert np.array_equal(g, b), name

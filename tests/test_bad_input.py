@@ -103,6 +103,7 @@ def row(id, fn, build, kwargs, exc, *patterns, prefix=True, marks=()):
 
 
 Q1 = lit("(1, 8, 2, 4)")  # the default 1D q shape
+QUANTIZED_IS_DEPRECATED = pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
 
 ROWS = [
     # kernel_size out of range
@@ -458,6 +459,28 @@ ROWS = [
     row("torch-meta-rpb", "na1d", lambda: tt(*qkv(1)) + (3,),
         {"rpb": lambda: torch.empty((2, 5), device="meta")},
         (ValueError, TypeError, RuntimeError), r"rpb", r"meta"),
+    # torch tensors that DLPack cannot export (not strided, quantized)
+    row("torch-sparse-q", "na2d", lambda: (tt(qkv(2)[0])[0].to_sparse(),) + tt(*qkv(2)[1:])
+        + (3,), {}, TypeError, r"\bq\b", r"torch\.Tensor", r"(?i)sparse|strided"),
+    row("torch-mkldnn-v", "na1d", lambda: tt(*qkv(1)[:2]) + (tt(qkv(1)[2])[0].to_mkldnn(), 3),
+        {}, TypeError, r"\bv\b", r"(?i)mkldnn|strided"),
+    row("torch-quantized", "na1d", lambda: tuple(
+        torch.quantize_per_tensor(t, 0.1, 0, torch.qint8) for t in tt(*qkv(1))) + (3,), {},
+        TypeError, r"\bq\b", r"(?i)qint", marks=QUANTIZED_IS_DEPRECATED),
+    row("merge_attentions-sparse-out", "merge_attentions",
+        lambda: ([tt(qkv(1)[0])[0].to_sparse()], [tt(rand((1, 8, 2)))[0]]), {}, TypeError,
+        lit("outs[0]"), r"(?i)sparse|strided"),
+    row("merge_attentions-outs-int", "merge_attentions", lambda: (5, 5), {}, TypeError,
+        r"\bouts\b", r"int"),
+    # keywords a function does not take (the reference raises Python's own
+    # message, which names the function as well)
+    row("na2d-unknown-keyword", "na2d", lambda: qkv(2) + (3,), {"foo": 1}, TypeError,
+        r"\bna2d\b", r"foo", prefix=False),
+    row("na1d_backward-unknown-keyword", "na1d_backward", lambda: qkv(1), {"foo": 1},
+        TypeError, r"\bna1d_backward\b", r"foo", prefix=False),
+    row("merge_attentions-unknown-keyword", "merge_attentions",
+        lambda: ([qkv(1)[0]], [rand((1, 8, 2))]), {"weights": 1}, TypeError,
+        r"\bmerge_attentions\b", r"weights", prefix=False),
 ]
 
 
@@ -472,6 +495,164 @@ def test_bad_input(mod, fn, build, kwargs, exc, patterns, prefix):
         assert message.startswith(f"[{fn}]"), f"message does not name the op: {message!r}"
     for pattern in patterns:
         assert re.search(pattern, message), f"{pattern!r} not in message {message!r}"
+
+
+# --- every public entry point names itself ------------------------------------
+def _public_functions():
+    """(name, function) of every public function and class of libna,
+    libna.torch (with its rank-generic ops) and libna.jax when it imports."""
+    import libna.torch
+
+    found = {}
+    modules = [(libna, libna.__all__), (libna.torch, libna.torch.__all__),
+               (libna.torch.ops, ["na", "na_qk", "na_av"])]
+    try:
+        import libna.jax
+        modules.append((libna.jax, libna.jax.__all__))
+    except ImportError:
+        pass
+    for module, names in modules:
+        for name in names:
+            fn = getattr(module, name)
+            if callable(fn) and not isinstance(fn, type(libna)):
+                found[f"{module.__name__}.{name}"] = (name, fn)
+    return found
+
+
+@pytest.mark.parametrize("path", list(_public_functions()))
+def test_call_that_does_not_fit_names_the_function(compiled, path):
+    name, fn = _public_functions()[path]
+    with pytest.raises(TypeError) as info:
+        fn(foo=[1, 2])
+    message = str(info.value)
+    assert message.startswith(f"[{name}] got an unexpected keyword argument foo=[1, 2]; "
+                              f"expected {name}("), message
+    with pytest.raises(TypeError, match=rf"^\[{name}\] (too many positional|missing)"):
+        fn(*range(20))
+
+
+def test_module_call_that_does_not_fit_names_the_class(compiled):
+    layer = libna.torch.nn.NeighborhoodAttention1D(8, 2, 3)
+    x = torch.randn(1, 8, 8)
+    with pytest.raises(TypeError, match=r"^\[NeighborhoodAttention1D\] got an unexpected "
+                       r"keyword argument mask=None; expected "
+                       r"NeighborhoodAttention1D\.forward\(x\)"):
+        layer(x, mask=None)
+    with pytest.raises(TypeError, match=r"^\[NeighborhoodAttention1D\] too many positional"):
+        layer(x, x)
+
+
+@pytest.mark.parametrize("value, exc, pattern", [
+    (2 ** 40, ValueError, lit(str(2 ** 40))),   # does not fit a C int
+    (2 ** 31, ValueError, lit(str(2 ** 31))),
+    (10 ** 6, ValueError, lit(str(10 ** 6))),   # fits, but is not a sensible thread count
+    (1025, ValueError, r"1025"),
+    (0, ValueError, r"num_threads=0\b"),
+    (-2 ** 70, ValueError, lit(str(-2 ** 70))),
+    (True, TypeError, r"True"),
+    (2.0, TypeError, lit("2.0")),
+    ("2", TypeError, lit("'2'")),
+    (None, TypeError, r"None"),
+])
+def test_set_num_threads_bad_values(compiled, value, exc, pattern):
+    before = libna.get_num_threads()
+    with pytest.raises(exc) as info:
+        libna.set_num_threads(value)
+    message = str(info.value)
+    assert message.startswith("[set_num_threads] num_threads="), message
+    assert re.search(pattern, message), message
+    if exc is ValueError:
+        assert "between 1 and 1024" in message, message
+    assert libna.get_num_threads() == before
+
+
+def test_set_num_threads_takes_numpy_ints(compiled):
+    before = libna.get_num_threads()
+    try:
+        libna.set_num_threads(np.int64(1))
+        assert libna.get_num_threads() == 1
+    finally:
+        libna.set_num_threads(before)
+
+
+# --- libna.torch refuses tensors it cannot read, by name ------------------------
+def _torch_qkv(rank=2):
+    return tt(*qkv(rank))
+
+
+@pytest.mark.parametrize("make, exc, pattern", [
+    (lambda q, k, v: (q.to_sparse(), k, v), TypeError, r"\[na2d\] q has layout torch\.sparse_coo"),
+    (lambda q, k, v: (q, k.to_mkldnn(), v), TypeError,
+     r"\[na2d\] k has layout torch\._mkldnn"),
+    (lambda q, k, v: tuple(torch.quantize_per_tensor(t, 0.1, 0, torch.qint8) for t in (q, k, v)),
+     TypeError, r"\[na2d\] q .*(?i:qint)"),
+    (lambda q, k, v: (q, k.to("meta"), v), ValueError,
+     r"\[na2d\] k is on device meta but q is on device cpu"),
+    (lambda q, k, v: (q.to(torch.complex64), k.to(torch.complex64), v.to(torch.complex64)),
+     TypeError, r"\[na2d\] q has dtype complex64"),
+    (lambda q, k, v: (q.int(), k.int(), v.int()), TypeError, r"\[na2d\] q has dtype int32"),
+    (lambda q, k, v: (q.numpy().astype(object), k, v), TypeError,
+     r"\[na2d\] q must be a torch\.Tensor, got numpy\.ndarray"),
+    (lambda q, k, v: ([1.0], k, v), TypeError,
+     r"\[na2d\] q must be a torch\.Tensor, got builtins\.list"),
+    (lambda q, k, v: (q, None, v), TypeError,
+     r"\[na2d\] k must be a torch\.Tensor, got builtins\.NoneType"),
+], ids=["sparse", "mkldnn", "quantized", "meta-and-cpu", "complex", "int32", "object-array",
+        "list", "None"])
+@QUANTIZED_IS_DEPRECATED
+def test_torch_adapter_names_unreadable_tensors(compiled, make, exc, pattern):
+    import libna.torch
+
+    with pytest.raises(exc, match=pattern):
+        libna.torch.na2d(*make(*_torch_qkv()), 3)
+
+
+def test_torch_adapter_other_entry_points(compiled):
+    import libna.torch
+
+    q, k, v = _torch_qkv(1)
+    with pytest.raises(TypeError, match=r"^\[na1d_qk\] k has layout torch\.sparse_coo"):
+        libna.torch.na1d_qk(q, k.to_sparse(), 3)
+    with pytest.raises(TypeError, match=r"^\[na1d_av\] attn has layout torch\.sparse_coo"):
+        libna.torch.na1d_av(torch.randn(1, 8, 2, 3).to_sparse(), v, 3)
+    lse = torch.randn(1, 8, 2)
+    with pytest.raises(TypeError, match=r"^\[merge_attentions\] outs\[0\] has layout"):
+        libna.torch.merge_attentions([q.to_sparse()], [lse])
+    with pytest.raises(TypeError, match=r"^\[merge_attentions\] outs must be a list or tuple"):
+        libna.torch.merge_attentions(q, [lse])
+    with pytest.raises(ValueError, match=r"^\[merge_attentions\] outs and lses .* 1 outs and 2"):
+        libna.torch.merge_attentions([q], [lse, lse])
+    for rank in ("2", 4, True, 2.0):
+        with pytest.raises(ValueError,
+                           match=rf"^\[na\] rank={re.escape(repr(rank))} must be 1, 2 or 3"):
+            libna.torch.ops.na(rank, q, k, v, 3)
+
+
+@pytest.mark.parametrize("kwargs, exc, pattern", [
+    ({"qk_scale": "0.5"}, TypeError, r"qk_scale='0\.5'"),
+    ({"attn_drop": 1.5}, ValueError, r"attn_drop=1\.5 must be a probability"),
+    ({"proj_drop": -0.1}, ValueError, r"proj_drop=-0\.1 must be a probability"),
+    ({"attn_drop": "0.1"}, TypeError, r"attn_drop='0\.1'"),
+    ({"proj_drop": float("nan")}, ValueError, r"proj_drop=nan"),
+    ({"dim": True}, TypeError, r"dim=True must be an int"),
+    ({"kernel_size": 2 ** 64}, ValueError, r"kernel_size=.*out of range"),
+])
+def test_module_arguments_name_the_class(compiled, kwargs, exc, pattern):
+    import libna.torch
+
+    args = {"dim": 8, "num_heads": 2, "kernel_size": 3, **kwargs}
+    with pytest.raises(exc, match=r"^\[NeighborhoodAttention2D\] " + pattern):
+        libna.torch.nn.NeighborhoodAttention2D(**args)
+
+
+def test_module_input_errors_name_the_class(compiled):
+    import libna.torch
+
+    layer = libna.torch.nn.NeighborhoodAttention2D(8, 2, 3)
+    with pytest.raises(TypeError, match=r"^\[NeighborhoodAttention2D\] x must be a torch\.Tensor"):
+        layer(np.zeros((1, 6, 7, 8), np.float32))
+    with pytest.raises(ValueError, match=r"^\[NeighborhoodAttention2D\] .*dim=8.*\(1, 6, 7, 5\)"):
+        layer(torch.randn(1, 6, 7, 5))
 
 
 # --- devices (a second device is only reachable with a GPU) -------------------

@@ -46,15 +46,16 @@ def build(cmake, source, build_dir, target):
     return exe
 
 
-def run(exe):
-    result = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+def run(exe, env=None):
+    result = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, **(env or {})))
     assert result.returncode == 0, (
         f"{exe.name} exited with {result.returncode}:\n{result.stdout}\n{result.stderr}")
-    return result.stdout
+    return result
 
 
 def test_cpp_example(cmake, tmp_path):
-    out = run(build(cmake, ROOT / "examples" / "cpp", tmp_path / "example", "na2d_example"))
+    out = run(build(cmake, ROOT / "examples" / "cpp", tmp_path / "example", "na2d_example")).stdout
     lines = out.splitlines()
     assert lines[0].startswith(f"libna {libna.__version__} (backends: cpu"), out
     checks = [line for line in lines if "max |out err|" in line]
@@ -63,7 +64,8 @@ def test_cpp_example(cmake, tmp_path):
 
 
 def test_cpp_core(cmake, tmp_path):
-    out = run(build(cmake, ROOT / "tests" / "cpp", tmp_path / "tests", "test_core"))
+    exe = build(cmake, ROOT / "tests" / "cpp", tmp_path / "tests", "test_core")
+    out = run(exe).stdout
     lines = out.splitlines()
     for name in ("axis_window", "converters", "validation", "half_precision", "threads",
                  "composition", "cpu_kernels", "vectorised_vs_scalar"):
@@ -71,12 +73,21 @@ def test_cpp_core(cmake, tmp_path):
     assert "FAILED" not in out, out
     summary = lines[-1].split()
     assert summary[1:] == ["passed,", "0", "failed"] and int(summary[0]) > 50, out
+    # Without Python, invalid environment values are reported on stderr, once.
+    stderr = run(exe, env={"LIBNA_NUM_THREADS": "many",
+                           "LIBNA_CPU_SAVED_PROBS_BYTES": "-1"}).stderr.splitlines()
+    assert [line for line in stderr if "LIBNA_" in line] == [
+        "libna: warning: LIBNA_NUM_THREADS='many' is not an integer from 1 to 1024; using "
+        f"{min(len(os.sched_getaffinity(0)), 1024)} (the cores this process may use) instead",
+        "libna: warning: LIBNA_CPU_SAVED_PROBS_BYTES='-1' is not a whole number of bytes "
+        "(0 or more); using 16777216 (16 MiB, the default) instead",
+    ], stderr
 
 
 def test_cpp_tiling(cmake, tmp_path):
     """The CUDA kernels' tile schedule, run on the host over the feature grid:
     every kept (query, key) pair is a reference neighbour, each exactly once."""
-    out = run(build(cmake, ROOT / "tests" / "cpp", tmp_path / "tests", "test_tiling"))
+    out = run(build(cmake, ROOT / "tests" / "cpp", tmp_path / "tests", "test_tiling")).stdout
     lines = out.splitlines()
     for name in ("rank1", "rank2", "rank3"):
         assert any(line.startswith(f"{name}: ok") for line in lines), out
@@ -91,7 +102,7 @@ def test_cpp_mma_layout(cmake, tmp_path):
     matrix arithmetic: the forward's S, online-softmax row statistics, O and
     lse; the backward's D, S, dP, dS, dq (query side) and S^T, dP^T, P^T,
     dS^T, dk, dv (key side)."""
-    out = run(build(cmake, ROOT / "tests" / "cpp", tmp_path / "tests", "test_mma_layout"))
+    out = run(build(cmake, ROOT / "tests" / "cpp", tmp_path / "tests", "test_mma_layout")).stdout
     lines = out.splitlines()
     for name in ("layouts", "warp", "backward", "block"):
         assert f"{name}: ok" in lines, out

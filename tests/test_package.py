@@ -59,6 +59,69 @@ def test_num_threads_setting_and_env():
     result = run_python("import libna; print(libna.get_num_threads())",
                         env={"LIBNA_NUM_THREADS": "3"})
     assert result.stdout.strip() == "3", result.stderr
+    assert "warning" not in result.stderr.lower(), result.stderr
+
+
+# Environment variables are read once per process: each case runs in its own.
+_WARNINGS_OF_IMPORT = """
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import libna
+        import importlib
+        importlib.reload(libna)   # a second look at the environment warns no more
+        print(libna.get_num_threads())
+        libna.set_num_threads(1)
+        import numpy as np
+        q = np.random.default_rng(0).standard_normal((1, 9, 9, 2, 8)).astype(np.float32)
+        out, lse = libna.na2d(q, q, q, 3, return_lse=True)
+        libna.na2d_backward(q, q, q, out, out, lse, 3)   # reads the saved-probs budget
+    for w in caught:
+        print(w.category.__name__, w.message)
+"""
+
+
+@pytest.mark.parametrize("variable, value, used", [
+    ("LIBNA_NUM_THREADS", "abc", "the cores"),
+    ("LIBNA_NUM_THREADS", "-3", "the cores"),
+    ("LIBNA_NUM_THREADS", "1.5", "the cores"),
+    ("LIBNA_NUM_THREADS", "0", "the cores"),
+    ("LIBNA_NUM_THREADS", "", "the cores"),
+    ("LIBNA_NUM_THREADS", " 2", "the cores"),
+    ("LIBNA_NUM_THREADS", "99999999999999999999", "the cores"),
+    ("LIBNA_NUM_THREADS", "+-3", "the cores"),
+    ("LIBNA_NUM_THREADS", "5000", "1024"),
+    ("LIBNA_CPU_SAVED_PROBS_BYTES", "abc", "16777216 (16 MiB, the default)"),
+    ("LIBNA_CPU_SAVED_PROBS_BYTES", "-3", "16777216 (16 MiB, the default)"),
+    ("LIBNA_CPU_SAVED_PROBS_BYTES", "1.5", "16777216 (16 MiB, the default)"),
+    ("LIBNA_CPU_SAVED_PROBS_BYTES", "", "16777216 (16 MiB, the default)"),
+    ("LIBNA_CPU_SAVED_PROBS_BYTES", "16M", "16777216 (16 MiB, the default)"),
+])
+def test_invalid_environment_value_warns_once(variable, value, used):
+    result = run_python(_WARNINGS_OF_IMPORT, env={variable: value})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    warned = [line for line in lines[1:] if variable in line]
+    assert len(warned) == 1, result.stdout
+    assert warned[0].startswith(f"RuntimeWarning libna: {variable}='{value}' is not "), warned
+    cores = min(len(os.sched_getaffinity(0)), 1024)
+    used = used.replace("the cores", f"{cores} (the cores this process may use)")
+    assert warned[0].endswith(f"; using {used} instead"), warned
+    assert "libna" not in result.stderr, result.stderr   # not printed as well
+    if variable == "LIBNA_NUM_THREADS":
+        assert int(lines[0]) == (1024 if used == "1024" else cores)
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("LIBNA_NUM_THREADS", "2"), ("LIBNA_NUM_THREADS", "1024"), ("LIBNA_NUM_THREADS", "+3"),
+    ("LIBNA_CPU_SAVED_PROBS_BYTES", "0"), ("LIBNA_CPU_SAVED_PROBS_BYTES", "1048576"),
+])
+def test_valid_environment_value_does_not_warn(variable, value):
+    result = run_python(_WARNINGS_OF_IMPORT, env={variable: value})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == [], result.stdout
+    if variable == "LIBNA_NUM_THREADS":
+        assert result.stdout.splitlines()[0] == value.lstrip("+")
 
 
 def test_numpy_fallback_when_compiled_core_is_missing():

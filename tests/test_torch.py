@@ -318,6 +318,51 @@ def test_unfused_low_precision(c, dtype):
 
 
 # --------------------------------------------------------------------------
+# Double backward is not implemented, and says so with the op's name
+# --------------------------------------------------------------------------
+
+
+def _double_backward_cases():
+    g = torch.Generator().manual_seed(5)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64,  # noqa: E731
+                               requires_grad=True)
+    q2, k2, v2 = r(1, 5, 6, 2, 4), r(1, 5, 6, 2, 4), r(1, 5, 6, 2, 3)
+    q3 = r(1, 3, 4, 4, 2, 4)
+    xk, xv = r(1, 3, 2, 4), r(1, 3, 2, 3)
+    return {
+        "na1d": (lambda q: lt.na1d(q, q, q, 3, is_causal=True), (r(1, 7, 2, 4),), "na1d"),
+        "na2d-rpb": (lambda q, k, v, b: lt.na2d(q, k, v, 3, rpb=b), (q2, k2, v2, r(2, 5, 5)),
+                     "na2d"),
+        "na3d-lse": (lambda q: lt.na3d(q, q, q, 3, return_lse=True), (q3,), "na3d"),
+        "na2d-additional": (lambda q, xk, xv: lt.na2d(q, k2.detach(), v2.detach(), 3,
+                                                      additional_keys=xk,
+                                                      additional_values=xv),
+                            (q2, xk, xv), "na2d"),
+        "na2d_qk": (lambda q, k: lt.na2d_qk(q, k, 3), (q2, k2), "na2d_qk"),
+        "na2d_av": (lambda a, v: lt.na2d_av(a, v, 3), (r(1, 5, 6, 2, 9), v2), "na2d_av"),
+        "merge_attentions": (lambda a, b, c, d: lt.merge_attentions([a, c], [b, d]),
+                             (r(1, 5, 2, 3), r(1, 5, 2), r(1, 5, 2, 3), r(1, 5, 2)),
+                             "merge_attentions"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_double_backward_cases()))
+def test_double_backward_names_the_op(name):
+    fn, inputs, op = _double_backward_cases()[name]
+    message = rf"^\[{op}\] double backward \(gradients of gradients\) is not implemented$"
+    outputs = fn(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    # First-order gradients work, also when they are made differentiable ...
+    grads = torch.autograd.grad(sum((o * o).sum() for o in outputs), inputs, create_graph=True)
+    assert all(g is not None and g.requires_grad for g in grads)
+    # ... but differentiating them again raises.
+    with pytest.raises(NotImplementedError, match=message):
+        sum(g.sum() for g in grads).backward()
+    with pytest.raises(NotImplementedError, match=message):
+        torch.autograd.gradgradcheck(fn, inputs)
+
+
+# --------------------------------------------------------------------------
 # torch.library.opcheck on every custom op
 # --------------------------------------------------------------------------
 

@@ -13,7 +13,9 @@ import warnings as _warnings
 
 from . import reference
 from ._ops import _C, _C_IMPORT_ERROR, merge_attentions, merge_attentions_backward
+from ._ops import _is_int
 from ._ops import rank_ops as _rank_ops
+from ._public import public as _public
 
 __version__ = "0.1.0"
 
@@ -27,23 +29,34 @@ if _C is None:
         RuntimeWarning,
         stacklevel=2,
     )
+else:
+    # Invalid LIBNA_* environment values, which the core replaces by defaults.
+    for _message in _C.environment_warnings():
+        _warnings.warn(f"libna: {_message}", RuntimeWarning, stacklevel=2)
+
+_MAX_NUM_THREADS = _C.max_num_threads if _C is not None else 1024
 
 
+@_public
 def set_num_threads(num_threads: int) -> None:
     """Threads used by libna's CPU kernels (default: LIBNA_NUM_THREADS, else all cores)."""
-    if not isinstance(num_threads, int) or isinstance(num_threads, bool):
+    if not _is_int(num_threads):
         raise TypeError(f"[set_num_threads] num_threads={num_threads!r} must be an int")
+    # Checked here too: the core takes a C int, which a Python int may not fit.
+    if not 1 <= num_threads <= _MAX_NUM_THREADS:
+        raise ValueError(f"[set_num_threads] num_threads={num_threads} must be between 1 and "
+                         f"{_MAX_NUM_THREADS}")
     if _C is not None:
-        _C.set_num_threads(num_threads)
-    elif num_threads < 1:
-        raise ValueError(f"[set_num_threads] num_threads={num_threads} must be at least 1")
+        _C.set_num_threads(int(num_threads))
 
 
+@_public
 def get_num_threads() -> int:
     """Threads used by libna's CPU kernels."""
     return _C.get_num_threads() if _C is not None else 1
 
 
+@_public
 def build_info() -> dict:
     """What this build of libna contains: version, backends, CUDA
     architectures, the CPU kernel set ("avx2" or "portable", which
@@ -64,11 +77,13 @@ def build_info() -> dict:
     return info
 
 
+@_public
 def cmake_dir() -> str:
     """Directory holding libnaConfig.cmake, for find_package(libna)."""
     return _os.path.join(_os.path.dirname(__file__), "lib", "cmake", "libna")
 
 
+@_public
 def include_dir() -> str:
     """Directory holding the libna C++ headers."""
     return _os.path.join(_os.path.dirname(__file__), "include")

@@ -9,12 +9,14 @@ loaded, the same API runs on the pure-NumPy reference implementation.
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import numpy as np
 
 from . import reference
 from ._frameworks import Arrays, traced_by_jax
+from ._public import public
 
 try:
     from . import _C
@@ -62,17 +64,22 @@ def per_axis(op: str, name: str, value, rank: int, *, boolean: bool = False) -> 
     )
 
 
-def check_scale(op: str, scale):
-    if scale is None:
+def check_real(op: str, name: str, value):
+    """value as a float, or None when None."""
+    if value is None:
         return None
-    if not isinstance(scale, (numbers.Real, np.floating, np.integer)) or isinstance(
-        scale, (bool, np.bool_)
+    if not isinstance(value, (numbers.Real, np.floating, np.integer)) or isinstance(
+        value, (bool, np.bool_)
     ):
-        raise TypeError(f"[{op}] scale={scale!r} must be a real number or None")
+        raise TypeError(f"[{op}] {name}={value!r} must be a real number or None")
     try:
-        return float(scale)
+        return float(value)
     except OverflowError:
-        raise ValueError(f"[{op}] scale={scale!r} must be a finite number") from None
+        raise ValueError(f"[{op}] {name}={value!r} must be a finite number") from None
+
+
+def check_scale(op: str, scale):
+    return check_real(op, "scale", scale)
 
 
 def check_flag(op: str, name: str, value) -> bool:
@@ -228,7 +235,7 @@ def na_av_backward(rank, dout, attn, v, kernel_size, *, dilation=1, is_causal=Fa
     return tuple(arrays.finish(g, attn) for g in grads)
 
 
-def _parts(op, outs, lses):
+def check_parts(op, outs, lses):
     """outs and lses as two equally long lists (any sequence, not an array)."""
     for name, parts in (("outs", outs), ("lses", lses)):
         if not isinstance(parts, (list, tuple)):
@@ -242,6 +249,7 @@ def _parts(op, outs, lses):
     return named
 
 
+@public
 def merge_attentions(outs, lses):
     """Exact merge of attentions of the same queries over disjoint key sets.
 
@@ -257,7 +265,7 @@ def merge_attentions(outs, lses):
         return libna_jax.merge_attentions(outs, lses)
     if _C is None:
         return reference.merge_attentions(outs, lses)
-    named = _parts(op, outs, lses)
+    named = check_parts(op, outs, lses)
     arrays = Arrays(op, named, optional=())
     a = arrays.inputs
     out, lse = _C.merge_attentions(
@@ -266,6 +274,7 @@ def merge_attentions(outs, lses):
     return arrays.finish(out, outs[0]), arrays.finish(lse, outs[0])
 
 
+@public
 def merge_attentions_backward(outs, lses, out, lse, dout, dlse=None):
     """Gradients of merge_attentions: (douts, dlses), lists like outs and lses.
 
@@ -273,7 +282,7 @@ def merge_attentions_backward(outs, lses, out, lse, dout, dlse=None):
     op = "merge_attentions_backward"
     if _C is None:
         return reference.merge_attentions_backward(outs, lses, out, lse, dout, dlse)
-    named = _parts(op, outs, lses)
+    named = check_parts(op, outs, lses)
     named.update({"out": out, "lse": lse, "dout": dout, "dlse": dlse})
     arrays = Arrays(op, named, optional=("dlse",))
     a = arrays.inputs
@@ -288,11 +297,10 @@ _SPATIAL = {1: "L", 2: "H, W", 3: "T, H, W"}
 
 
 def rank_op(rank, impl, name, doc):
-    """impl(rank, ...) as the function `name` of one rank, documented by doc."""
-    def op(*args, **kwargs):
-        return impl(rank, *args, **kwargs)
-
+    """impl(rank, ...) as the public function `name` of one rank, documented by doc."""
+    op = public(functools.partial(impl, rank), name)
     op.__name__ = op.__qualname__ = name
+    op.__module__ = impl.__module__
     op.__doc__ = doc.format(rank=rank, spatial=_SPATIAL[rank])
     return op
 

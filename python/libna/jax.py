@@ -29,6 +29,7 @@ except ImportError as error:
     raise ImportError(f"libna.jax needs JAX (pip install jax jaxlib): {error}") from error
 
 from . import _ops
+from ._public import public
 
 try:
     from . import _jax_ffi
@@ -227,6 +228,7 @@ def _merge_bwd(residuals, cotangents):
 _merge.defvjp(_merge_fwd, _merge_bwd)
 
 
+@public
 def merge_attentions(outs, lses):
     """Exact, differentiable merge of attentions of the same queries over
     disjoint key sets from their lse: (out, lse) with lse = logsumexp_i

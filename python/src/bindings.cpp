@@ -25,15 +25,47 @@ using libna::NaParams;
 using libna::TensorView;
 using InArray = nb::ndarray<nb::ro>;
 using OutArray = nb::ndarray<>;
+// Input arrays arrive as plain objects and are imported by Call::input, so
+// that one nanobind cannot read is reported by name (rather than as a
+// mismatch of the whole signature).
+using InObject = nb::handle;
 
 // Python-side calling context of one op call.
 struct Call {
   std::string op;
   bool uint16_is_bfloat16;  // NumPy has no bfloat16: ml_dtypes arrays arrive as uint16 views
   std::uintptr_t stream;
+  mutable std::vector<InArray> imported = {};  // keeps the inputs' DLPack tensors alive
 
   [[noreturn]] void fail(const std::string& message) const {
     throw std::invalid_argument("[" + op + "] " + message);
+  }
+
+  TensorView input(InObject object, const std::string& name) const {
+    InArray array;
+    if (!nb::try_cast(object, array, /*convert=*/false)) unreadable(object, name);
+    imported.push_back(array);
+    return view(imported.back(), name.c_str());
+  }
+
+  // nanobind does not say why an import failed; the object's own DLPack
+  // export does (a sparse or quantized torch tensor, say).
+  [[noreturn]] void unreadable(InObject object, const std::string& name) const {
+    std::string reason = "it supports neither DLPack nor the buffer protocol";
+    if (nb::hasattr(object, "__dlpack__")) {
+      reason = "its DLPack tensor could not be imported";
+      try {
+        object.attr("__dlpack__")();
+      } catch (const nb::python_error& error) {
+        reason = nb::str(error.value()).c_str();
+      }
+    }
+    const nb::handle type = object.type();
+    throw nb::type_error(("[" + op + "] " + name + " (" +
+                          nb::cast<std::string>(type.attr("__module__")) + "." +
+                          nb::cast<std::string>(type.attr("__qualname__")) +
+                          ") could not be read as an array: " + reason)
+                             .c_str());
   }
 
   DType dtype(nb::dlpack::dtype dt, const char* name) const {
@@ -129,8 +161,8 @@ NaParams make_params(const Call& call, int rank, const std::vector<std::int64_t>
   return p;
 }
 
-nb::tuple na_forward(int rank, const InArray& q_in, const InArray& k_in, const InArray& v_in,
-                     std::optional<InArray> rpb_in, const std::vector<std::int64_t>& kernel_size,
+nb::tuple na_forward(int rank, InObject q_in, InObject k_in, InObject v_in,
+                     InObject rpb_in, const std::vector<std::int64_t>& kernel_size,
                      const std::vector<std::int64_t>& stride,
                      const std::vector<std::int64_t>& dilation,
                      const std::vector<bool>& is_causal, std::optional<double> scale,
@@ -138,9 +170,9 @@ nb::tuple na_forward(int rank, const InArray& q_in, const InArray& k_in, const I
                      std::uintptr_t stream) {
   const Call call{"na" + std::to_string(rank) + "d", uint16_is_bfloat16, stream};
   const NaParams p = make_params(call, rank, kernel_size, stride, dilation, is_causal, scale);
-  const TensorView q = call.view(q_in, "q"), k = call.view(k_in, "k"), v = call.view(v_in, "v");
+  const TensorView q = call.input(q_in, "q"), k = call.input(k_in, "k"), v = call.input(v_in, "v");
   std::optional<TensorView> rpb;
-  if (rpb_in) rpb = call.view(*rpb_in, "rpb");
+  if (!rpb_in.is_none()) rpb = call.input(rpb_in, "rpb");
   libna::check_na_forward(q, k, v, rpb ? &*rpb : nullptr, p);
 
   auto [out_obj, out] = call.allocate(alloc, q.with_last_dim(v.shape[rank + 2]), q.dtype, "out");
@@ -154,16 +186,16 @@ nb::tuple na_forward(int rank, const InArray& q_in, const InArray& k_in, const I
   return nb::make_tuple(out_obj, lse_obj);
 }
 
-nb::object na_qk(int rank, const InArray& q_in, const InArray& k_in, std::optional<InArray> rpb_in,
+nb::object na_qk(int rank, InObject q_in, InObject k_in, InObject rpb_in,
                  const std::vector<std::int64_t>& kernel_size,
                  const std::vector<std::int64_t>& dilation, const std::vector<bool>& is_causal,
                  const nb::callable& alloc, bool uint16_is_bfloat16, std::uintptr_t stream) {
   const Call call{"na" + std::to_string(rank) + "d_qk", uint16_is_bfloat16, stream};
   const std::vector<std::int64_t> ones(kernel_size.size(), 1);
   const NaParams p = make_params(call, rank, kernel_size, ones, dilation, is_causal, std::nullopt);
-  const TensorView q = call.view(q_in, "q"), k = call.view(k_in, "k");
+  const TensorView q = call.input(q_in, "q"), k = call.input(k_in, "k");
   std::optional<TensorView> rpb;
-  if (rpb_in) rpb = call.view(*rpb_in, "rpb");
+  if (!rpb_in.is_none()) rpb = call.input(rpb_in, "rpb");
   libna::check_na_qk(q, k, rpb ? &*rpb : nullptr, p);
   auto [attn_obj, attn] = call.allocate(alloc, q.with_last_dim(p.window_size()), q.dtype, "attn");
   {
@@ -173,14 +205,14 @@ nb::object na_qk(int rank, const InArray& q_in, const InArray& k_in, std::option
   return attn_obj;
 }
 
-nb::object na_av(int rank, const InArray& attn_in, const InArray& v_in,
+nb::object na_av(int rank, InObject attn_in, InObject v_in,
                  const std::vector<std::int64_t>& kernel_size,
                  const std::vector<std::int64_t>& dilation, const std::vector<bool>& is_causal,
                  const nb::callable& alloc, bool uint16_is_bfloat16, std::uintptr_t stream) {
   const Call call{"na" + std::to_string(rank) + "d_av", uint16_is_bfloat16, stream};
   const std::vector<std::int64_t> ones(kernel_size.size(), 1);
   const NaParams p = make_params(call, rank, kernel_size, ones, dilation, is_causal, std::nullopt);
-  const TensorView attn = call.view(attn_in, "attn"), v = call.view(v_in, "v");
+  const TensorView attn = call.input(attn_in, "attn"), v = call.input(v_in, "v");
   libna::check_na_av(attn, v, p);
   auto [out_obj, out] = call.allocate(alloc, attn.with_last_dim(v.shape[rank + 2]), attn.dtype, "out");
   {
@@ -190,20 +222,20 @@ nb::object na_av(int rank, const InArray& attn_in, const InArray& v_in,
   return out_obj;
 }
 
-nb::tuple na_backward(int rank, const InArray& q_in, const InArray& k_in, const InArray& v_in,
-                      std::optional<InArray> rpb_in, const InArray& out_in, const InArray& dout_in,
-                      const InArray& lse_in, const std::vector<std::int64_t>& kernel_size,
+nb::tuple na_backward(int rank, InObject q_in, InObject k_in, InObject v_in,
+                      InObject rpb_in, InObject out_in, InObject dout_in,
+                      InObject lse_in, const std::vector<std::int64_t>& kernel_size,
                       const std::vector<std::int64_t>& stride,
                       const std::vector<std::int64_t>& dilation,
                       const std::vector<bool>& is_causal, std::optional<double> scale,
                       const nb::callable& alloc, bool uint16_is_bfloat16, std::uintptr_t stream) {
   const Call call{"na" + std::to_string(rank) + "d_backward", uint16_is_bfloat16, stream};
   const NaParams p = make_params(call, rank, kernel_size, stride, dilation, is_causal, scale);
-  const TensorView q = call.view(q_in, "q"), k = call.view(k_in, "k"), v = call.view(v_in, "v");
-  const TensorView out = call.view(out_in, "out"), dout = call.view(dout_in, "dout"),
-                   lse = call.view(lse_in, "lse");
+  const TensorView q = call.input(q_in, "q"), k = call.input(k_in, "k"), v = call.input(v_in, "v");
+  const TensorView out = call.input(out_in, "out"), dout = call.input(dout_in, "dout"),
+                   lse = call.input(lse_in, "lse");
   std::optional<TensorView> rpb;
-  if (rpb_in) rpb = call.view(*rpb_in, "rpb");
+  if (!rpb_in.is_none()) rpb = call.input(rpb_in, "rpb");
   libna::check_na_backward(q, k, v, rpb ? &*rpb : nullptr, out, dout, lse, p);
   auto [dq_obj, dq] = call.allocate(alloc, q, q.dtype, "dq");
   auto [dk_obj, dk] = call.allocate(alloc, k, q.dtype, "dk");
@@ -217,8 +249,8 @@ nb::tuple na_backward(int rank, const InArray& q_in, const InArray& k_in, const 
   return nb::make_tuple(dq_obj, dk_obj, dv_obj, drpb_obj);
 }
 
-nb::tuple na_qk_backward(int rank, const InArray& dattn_in, const InArray& q_in,
-                         const InArray& k_in, std::optional<InArray> rpb_in,
+nb::tuple na_qk_backward(int rank, InObject dattn_in, InObject q_in,
+                         InObject k_in, InObject rpb_in,
                          const std::vector<std::int64_t>& kernel_size,
                          const std::vector<std::int64_t>& dilation,
                          const std::vector<bool>& is_causal, const nb::callable& alloc,
@@ -226,10 +258,10 @@ nb::tuple na_qk_backward(int rank, const InArray& dattn_in, const InArray& q_in,
   const Call call{"na" + std::to_string(rank) + "d_qk_backward", uint16_is_bfloat16, stream};
   const std::vector<std::int64_t> ones(kernel_size.size(), 1);
   const NaParams p = make_params(call, rank, kernel_size, ones, dilation, is_causal, std::nullopt);
-  const TensorView dattn = call.view(dattn_in, "dattn"), q = call.view(q_in, "q"),
-                   k = call.view(k_in, "k");
+  const TensorView dattn = call.input(dattn_in, "dattn"), q = call.input(q_in, "q"),
+                   k = call.input(k_in, "k");
   std::optional<TensorView> rpb;  // only its shape matters: drpb takes it
-  if (rpb_in) rpb = call.view(*rpb_in, "rpb");
+  if (!rpb_in.is_none()) rpb = call.input(rpb_in, "rpb");
   libna::check_na_qk_backward(dattn, q, k, rpb ? &*rpb : nullptr, p);
   auto [dq_obj, dq] = call.allocate(alloc, q, q.dtype, "dq");
   auto [dk_obj, dk] = call.allocate(alloc, k, q.dtype, "dk");
@@ -242,16 +274,16 @@ nb::tuple na_qk_backward(int rank, const InArray& dattn_in, const InArray& q_in,
   return nb::make_tuple(dq_obj, dk_obj, drpb_obj);
 }
 
-nb::tuple na_av_backward(int rank, const InArray& dout_in, const InArray& attn_in,
-                         const InArray& v_in, const std::vector<std::int64_t>& kernel_size,
+nb::tuple na_av_backward(int rank, InObject dout_in, InObject attn_in,
+                         InObject v_in, const std::vector<std::int64_t>& kernel_size,
                          const std::vector<std::int64_t>& dilation,
                          const std::vector<bool>& is_causal, const nb::callable& alloc,
                          bool uint16_is_bfloat16, std::uintptr_t stream) {
   const Call call{"na" + std::to_string(rank) + "d_av_backward", uint16_is_bfloat16, stream};
   const std::vector<std::int64_t> ones(kernel_size.size(), 1);
   const NaParams p = make_params(call, rank, kernel_size, ones, dilation, is_causal, std::nullopt);
-  const TensorView dout = call.view(dout_in, "dout"), attn = call.view(attn_in, "attn"),
-                   v = call.view(v_in, "v");
+  const TensorView dout = call.input(dout_in, "dout"), attn = call.input(attn_in, "attn"),
+                   v = call.input(v_in, "v");
   libna::check_na_av_backward(dout, attn, v, p);
   auto [dattn_obj, dattn] = call.allocate(alloc, attn, attn.dtype, "dattn");
   auto [dv_obj, dv] = call.allocate(alloc, v, attn.dtype, "dv");
@@ -262,14 +294,14 @@ nb::tuple na_av_backward(int rank, const InArray& dout_in, const InArray& attn_i
   return nb::make_tuple(dattn_obj, dv_obj);
 }
 
-nb::tuple na_additional_forward(int rank, const InArray& q_in, const InArray& keys_in,
-                                const InArray& values_in, std::optional<double> scale,
+nb::tuple na_additional_forward(int rank, InObject q_in, InObject keys_in,
+                                InObject values_in, std::optional<double> scale,
                                 bool return_lse, const nb::callable& alloc,
                                 bool uint16_is_bfloat16, std::uintptr_t stream) {
   const Call call{"na" + std::to_string(rank) + "d", uint16_is_bfloat16, stream};
   const NaParams p = rank_and_scale(rank, scale);
-  const TensorView q = call.view(q_in, "q"), keys = call.view(keys_in, "additional_keys"),
-                   values = call.view(values_in, "additional_values");
+  const TensorView q = call.input(q_in, "q"), keys = call.input(keys_in, "additional_keys"),
+                   values = call.input(values_in, "additional_values");
   libna::check_na_additional_forward(q, keys, values, p);
   auto [out_obj, out] = call.allocate(alloc, q.with_last_dim(values.shape[3]), q.dtype, "out");
   auto [lse_obj, lse] =
@@ -282,17 +314,17 @@ nb::tuple na_additional_forward(int rank, const InArray& q_in, const InArray& ke
   return nb::make_tuple(out_obj, lse_obj);
 }
 
-nb::tuple na_additional_backward(int rank, const InArray& q_in, const InArray& keys_in,
-                                 const InArray& values_in, const InArray& out_in,
-                                 const InArray& dout_in, const InArray& lse_in,
+nb::tuple na_additional_backward(int rank, InObject q_in, InObject keys_in,
+                                 InObject values_in, InObject out_in,
+                                 InObject dout_in, InObject lse_in,
                                  std::optional<double> scale, const nb::callable& alloc,
                                  bool uint16_is_bfloat16, std::uintptr_t stream) {
   const Call call{"na" + std::to_string(rank) + "d_backward", uint16_is_bfloat16, stream};
   const NaParams p = rank_and_scale(rank, scale);
-  const TensorView q = call.view(q_in, "q"), keys = call.view(keys_in, "additional_keys"),
-                   values = call.view(values_in, "additional_values");
-  const TensorView out = call.view(out_in, "out"), dout = call.view(dout_in, "dout"),
-                   lse = call.view(lse_in, "lse");
+  const TensorView q = call.input(q_in, "q"), keys = call.input(keys_in, "additional_keys"),
+                   values = call.input(values_in, "additional_values");
+  const TensorView out = call.input(out_in, "out"), dout = call.input(dout_in, "dout"),
+                   lse = call.input(lse_in, "lse");
   libna::check_na_additional_backward(q, keys, values, out, dout, lse, p);
   auto [dq_obj, dq] = call.allocate(alloc, q, q.dtype, "dq");
   auto [dk_obj, dk] = call.allocate(alloc, keys, q.dtype, "d(additional_keys)");
@@ -305,18 +337,18 @@ nb::tuple na_additional_backward(int rank, const InArray& q_in, const InArray& k
   return nb::make_tuple(dq_obj, dk_obj, dv_obj);
 }
 
-std::vector<TensorView> views(const Call& call, const std::vector<InArray>& arrays,
+std::vector<TensorView> views(const Call& call, const std::vector<InObject>& arrays,
                               const char* name) {
   std::vector<TensorView> result;
   for (std::size_t i = 0; i < arrays.size(); ++i) {
     const std::string label = std::string(name) + "[" + std::to_string(i) + "]";
-    result.push_back(call.view(arrays[i], label.c_str()));
+    result.push_back(call.input(arrays[i], label));
   }
   return result;
 }
 
-nb::tuple merge_attentions(const std::vector<InArray>& outs_in,
-                           const std::vector<InArray>& lses_in, const nb::callable& alloc,
+nb::tuple merge_attentions(const std::vector<InObject>& outs_in,
+                           const std::vector<InObject>& lses_in, const nb::callable& alloc,
                            bool uint16_is_bfloat16, std::uintptr_t stream) {
   const Call call{"merge_attentions", uint16_is_bfloat16, stream};
   const auto outs = views(call, outs_in, "outs"), lses = views(call, lses_in, "lses");
@@ -331,17 +363,17 @@ nb::tuple merge_attentions(const std::vector<InArray>& outs_in,
   return nb::make_tuple(out_obj, lse_obj);
 }
 
-nb::tuple merge_attentions_backward(const std::vector<InArray>& outs_in,
-                                    const std::vector<InArray>& lses_in, const InArray& out_in,
-                                    const InArray& lse_in, const InArray& dout_in,
-                                    std::optional<InArray> dlse_in, const nb::callable& alloc,
+nb::tuple merge_attentions_backward(const std::vector<InObject>& outs_in,
+                                    const std::vector<InObject>& lses_in, InObject out_in,
+                                    InObject lse_in, InObject dout_in,
+                                    InObject dlse_in, const nb::callable& alloc,
                                     bool uint16_is_bfloat16, std::uintptr_t stream) {
   const Call call{"merge_attentions_backward", uint16_is_bfloat16, stream};
   const auto outs = views(call, outs_in, "outs"), lses = views(call, lses_in, "lses");
-  const TensorView out = call.view(out_in, "out"), lse = call.view(lse_in, "lse"),
-                   dout = call.view(dout_in, "dout");
+  const TensorView out = call.input(out_in, "out"), lse = call.input(lse_in, "lse"),
+                   dout = call.input(dout_in, "dout");
   std::optional<TensorView> dlse;
-  if (dlse_in) dlse = call.view(*dlse_in, "dlse");
+  if (!dlse_in.is_none()) dlse = call.input(dlse_in, "dlse");
   libna::check_merge_attentions_backward(outs, lses, out, lse, dout, dlse ? &*dlse : nullptr);
   nb::list douts_obj, dlses_obj;
   std::vector<TensorView> douts, dlses;
@@ -418,4 +450,6 @@ NB_MODULE(_C, m) {
   m.def("build_info", &build_info);
   m.def("set_num_threads", &libna::set_num_threads, nb::arg("num_threads"));
   m.def("get_num_threads", &libna::get_num_threads);
+  m.attr("max_num_threads") = libna::kMaxNumThreads;
+  m.def("environment_warnings", &libna::environment_warnings);
 }

@@ -446,7 +446,7 @@ void test_threads() {
     libna::set_num_threads(n);
     CHECK(libna::get_num_threads() == n);
   }
-  for (int n : {0, -1}) {
+  for (int n : {0, -1, libna::kMaxNumThreads + 1}) {
     bool threw = false;
     try {
       libna::set_num_threads(n);

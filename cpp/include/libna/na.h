@@ -178,10 +178,17 @@ LIBNA_API void check_merge_attentions_backward(const std::vector<TensorView>& ou
                                                const TensorView& dout, const TensorView* dlse);
 
 // ---- CPU thread pool --------------------------------------------------------
-// Threads used by the CPU backend; the default comes from LIBNA_NUM_THREADS,
-// else the cores this process may run on.
+// Threads used by the CPU backend (1 to kMaxNumThreads); the default comes
+// from LIBNA_NUM_THREADS, else the cores this process may run on.
+inline constexpr int kMaxNumThreads = 1024;
 LIBNA_API void set_num_threads(int num_threads);
 LIBNA_API int get_num_threads();
+
+// libna reads its environment variables (LIBNA_NUM_THREADS,
+// LIBNA_CPU_SAVED_PROBS_BYTES) once per process and uses the default for an
+// invalid value. The first call returns a message for each such value (which
+// libna otherwise prints to stderr when it reads them); later calls, none.
+LIBNA_API std::vector<std::string> environment_warnings();
 
 // ---- build description ------------------------------------------------------
 struct BuildInfo {

@@ -21,10 +21,10 @@
 // problems whose ring would not fit SavedProbs::budget(), and too few items
 // for the threads compute P and dS again in the key pass instead; both ways
 // give bitwise-equal gradients.
-#include <cstdlib>
 #include <numeric>
 
 #include "cpu/backward.h"
+#include "cpu/environment.h"
 
 namespace libna::cpu::LIBNA_SIMD_NS {
 
@@ -138,10 +138,7 @@ struct SavedProbs {
 
   // The bytes the CPU backward may keep (LIBNA_CPU_SAVED_PROBS_BYTES; 0:
   // compute P and dS again in the key pass).
-  static std::int64_t budget() {
-    const char* env = std::getenv("LIBNA_CPU_SAVED_PROBS_BYTES");
-    return env && *env ? std::max<std::int64_t>(0, std::atoll(env)) : std::int64_t{16} << 20;
-  }
+  static std::int64_t budget() { return environment().saved_probs_bytes; }
   // Floats of the ring: P and dS of `slots` rows of every head.
   std::int64_t size() const { return 2 * heads * slots * key_rows * deltas * width; }
   // The line of P (which = 0) or dS (1) for (head, query row, m, delta).

@@ -15,23 +15,13 @@
 #include <sched.h>
 #endif
 
+#include "environment.h"
 #include "libna/na.h"
 
 namespace libna::cpu {
 namespace {
 
-int default_num_threads() {
-  if (const char* env = std::getenv("LIBNA_NUM_THREADS")) {
-    char* end = nullptr;
-    const long n = std::strtol(env, &end, 10);
-    if (end != env && *end == '\0' && n >= 1) return static_cast<int>(std::min<long>(n, 1024));
-  }
-#if defined(__linux__)
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
-#endif
-  return std::max(1u, std::thread::hardware_concurrency());
-}
+int default_num_threads() { return environment().num_threads; }
 
 // One job at a time: workers take chunks from an atomic counter; the caller
 // joins in and then waits for the last chunk to finish.
@@ -217,9 +207,9 @@ void parallel_for(std::int64_t n, std::int64_t grain,
 namespace libna {
 
 void set_num_threads(int num_threads) {
-  if (num_threads < 1) {
+  if (num_threads < 1 || num_threads > kMaxNumThreads) {
     throw std::invalid_argument("[set_num_threads] num_threads=" + std::to_string(num_threads) +
-                                " must be at least 1");
+                                " must be between 1 and " + std::to_string(kMaxNumThreads));
   }
   cpu::Pool::instance().set_num_threads(num_threads);
 }

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .. import _ops
+from .._public import public
 from . import ops
 
 __all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D"]
@@ -46,6 +47,10 @@ class _NeighborhoodAttention(nn.Module):
                              "along every axis")
         if any(d < 1 for d in dilation):
             raise ValueError(f"[{name}] dilation={dilation} must be at least 1 along every axis")
+        qk_scale = _ops.check_real(name, "qk_scale", qk_scale)
+        for arg, p in (("attn_drop", attn_drop), ("proj_drop", proj_drop)):
+            if _ops.check_real(name, arg, p) is None or not 0 <= p <= 1:
+                raise ValueError(f"[{name}] {arg}={p!r} must be a probability from 0 to 1")
 
         self.dim = dim
         self.num_heads = num_heads
@@ -69,10 +74,13 @@ class _NeighborhoodAttention(nn.Module):
 
     def forward(self, x):
         rank = self.rank
-        if x.dim() != rank + 2:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"[{type(self).__name__}] x must be a torch.Tensor, got "
+                            f"{type(x).__module__}.{type(x).__qualname__}")
+        if x.dim() != rank + 2 or x.shape[-1] != self.dim:
             raise ValueError(
                 f"[{type(self).__name__}] expected input of shape [B, {rank} spatial axes, "
-                f"dim] ({rank + 2} dimensions), got {tuple(x.shape)}")
+                f"dim={self.dim}] ({rank + 2} dimensions), got {tuple(x.shape)}")
         batch, spatial = x.shape[0], x.shape[1:-1]
         qkv = self.qkv(x).reshape(batch, *spatial, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(dim=-3)
@@ -112,3 +120,11 @@ class NeighborhoodAttention3D(_NeighborhoodAttention):
     """3D neighborhood attention over x [B, T, H, W, dim]."""
 
     rank = 3
+
+
+# A call that does not fit (an unknown keyword, say) names the class, not the
+# private base that defines the methods.
+for _cls in (NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D):
+    _cls.__init__ = public(_NeighborhoodAttention.__init__, _cls.__name__)
+    _cls.forward = public(_NeighborhoodAttention.forward, _cls.__name__,
+                          f"{_cls.__name__}.forward")

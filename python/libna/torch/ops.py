@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from .. import _ops
+from .._public import public
 
 __all__ = [
     "na", "na_qk", "na_av", "merge_attentions",
@@ -350,6 +351,33 @@ def _na_av_backward(ctx, dout):
 na_av_op.register_autograd(_na_av_backward, setup_context=_na_av_setup)
 
 
+def _no_double_backward(op_of_inputs):
+    """The autograd formula of a backward op, which libna does not
+    differentiate: differentiating through it (a second backward after
+    create_graph=True) raises NotImplementedError naming the public op, rather
+    than torch's generic error for an op without a formula.
+    op_of_inputs(inputs) names the op."""
+    def setup_context(ctx, inputs, output):
+        ctx.op = op_of_inputs(inputs)
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"[{ctx.op}] double backward (gradients of gradients) is not implemented")
+
+    return backward, setup_context
+
+
+# kernel_size is the 8th input of na_backward, the 5th of na_qk_backward and
+# the 4th of na_av_backward; its length is the spatial rank.
+for _op, _op_of_inputs in (
+        (na_backward, lambda inputs: f"na{len(inputs[7])}d"),
+        (na_qk_backward, lambda inputs: f"na{len(inputs[4])}d_qk"),
+        (na_av_backward, lambda inputs: f"na{len(inputs[3])}d_av"),
+        (merge_attentions_backward, lambda inputs: "merge_attentions")):
+    _backward, _setup_context = _no_double_backward(_op_of_inputs)
+    _op.register_autograd(_backward, setup_context=_setup_context)
+
+
 # --------------------------------------------------------------------------
 # Python wrappers: argument normalisation, autocast, dtype checks
 # --------------------------------------------------------------------------
@@ -375,7 +403,6 @@ def _autocast(*tensors):
 
 
 def _check_tensors(op: str, named: dict) -> None:
-    dtype = None
     first = None
     for name, x in named.items():
         if x is None and name in ("rpb", "additional_keys", "additional_values"):
@@ -384,12 +411,19 @@ def _check_tensors(op: str, named: dict) -> None:
             raise TypeError(
                 f"[{op}] {name} must be a torch.Tensor, got "
                 f"{type(x).__module__}.{type(x).__qualname__}")
-        if dtype is None:
-            dtype, first = x.dtype, name
-        elif x.dtype != dtype:
+        if x.layout != torch.strided:
+            raise TypeError(f"[{op}] {name} has layout {x.layout}; expected a dense tensor "
+                            "(torch.strided)")
+        if first is None:
+            first = name
+        elif x.dtype != named[first].dtype:
             raise TypeError(
-                f"[{op}] {name} has dtype {x.dtype} but {first} has dtype {dtype}; all inputs "
-                "must share one dtype (or run under torch.autocast)")
+                f"[{op}] {name} has dtype {x.dtype} but {first} has dtype "
+                f"{named[first].dtype}; all inputs must share one dtype (or run under "
+                "torch.autocast)")
+        elif x.device != named[first].device:
+            raise ValueError(f"[{op}] {name} is on device {x.device} but {first} is on device "
+                             f"{named[first].device}; all inputs must be on one device")
 
 
 def _static(x):
@@ -408,10 +442,18 @@ def _per_axis(op, name, value, rank, boolean=False):
     return list(_ops.per_axis(op, name, _static(value), rank, boolean=boolean))
 
 
+def _rank(fn: str, rank) -> int:
+    """The spatial rank argument of the rank-generic wrappers."""
+    rank = _static(rank)
+    if not _ops._is_int(rank) or rank not in (1, 2, 3):
+        raise ValueError(f"[{fn}] rank={rank!r} must be 1, 2 or 3")
+    return int(rank)
+
+
 def na(rank: int, q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False, scale=None,
        rpb=None, return_lse=False, additional_keys=None, additional_values=None):
     """Rank-generic fused neighborhood attention (see ``na1d``)."""
-    rank = _static(rank)
+    rank = _rank("na", rank)
     op = f"na{rank}d"
     kernel_size = _per_axis(op, "kernel_size", kernel_size, rank)
     stride = _per_axis(op, "stride", stride, rank)
@@ -431,7 +473,7 @@ def na(rank: int, q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False
 
 def na_qk(rank: int, q, k, kernel_size, *, dilation=1, is_causal=False, rpb=None):
     """Rank-generic unfused attention scores (see ``na1d_qk``)."""
-    rank = _static(rank)
+    rank = _rank("na_qk", rank)
     op = f"na{rank}d_qk"
     kernel_size = _per_axis(op, "kernel_size", kernel_size, rank)
     dilation = _per_axis(op, "dilation", dilation, rank)
@@ -443,7 +485,7 @@ def na_qk(rank: int, q, k, kernel_size, *, dilation=1, is_causal=False, rpb=None
 
 def na_av(rank: int, attn, v, kernel_size, *, dilation=1, is_causal=False):
     """Rank-generic unfused weighted sum (see ``na1d_av``)."""
-    rank = _static(rank)
+    rank = _rank("na_av", rank)
     op = f"na{rank}d_av"
     kernel_size = _per_axis(op, "kernel_size", kernel_size, rank)
     dilation = _per_axis(op, "dilation", dilation, rank)
@@ -478,53 +520,23 @@ _AV_DOC = """{rank}D neighborhood attention weighted sum attn.v, differentiable.
     [B, {spatial}, heads, D_v].
     """
 
-_SPATIAL = {1: "L", 2: "H, W", 3: "T, H, W"}
 
-
-def _make_na(rank):
-    def fn(q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False, scale=None,
-           rpb=None, return_lse=False, additional_keys=None, additional_values=None):
-        return na(rank, q, k, v, kernel_size, stride=stride, dilation=dilation,
-                  is_causal=is_causal, scale=scale, rpb=rpb, return_lse=return_lse,
-                  additional_keys=additional_keys, additional_values=additional_values)
-
-    fn.__name__ = fn.__qualname__ = f"na{rank}d"
-    fn.__doc__ = _NA_DOC.format(rank=rank, spatial=_SPATIAL[rank])
-    return fn
-
-
-def _make_qk(rank):
-    def fn(q, k, kernel_size, *, dilation=1, is_causal=False, rpb=None):
-        return na_qk(rank, q, k, kernel_size, dilation=dilation, is_causal=is_causal, rpb=rpb)
-
-    fn.__name__ = fn.__qualname__ = f"na{rank}d_qk"
-    fn.__doc__ = _QK_DOC.format(rank=rank, spatial=_SPATIAL[rank])
-    return fn
-
-
-def _make_av(rank):
-    def fn(attn, v, kernel_size, *, dilation=1, is_causal=False):
-        return na_av(rank, attn, v, kernel_size, dilation=dilation, is_causal=is_causal)
-
-    fn.__name__ = fn.__qualname__ = f"na{rank}d_av"
-    fn.__doc__ = _AV_DOC.format(rank=rank, spatial=_SPATIAL[rank])
-    return fn
-
-
+@public
 def merge_attentions(outs, lses):
     """Exact, differentiable merge of attentions of the same queries over
     disjoint key sets from their lse: (out, lse) with
     lse = logsumexp_i lses[i] and out = sum_i exp(lses[i] - lse) * outs[i]."""
     op = "merge_attentions"
+    _ops.check_parts(op, outs, lses)
     outs, lses = list(outs), list(lses)
-    if not outs or len(outs) != len(lses):
-        raise ValueError(f"[{op}] outs and lses must be non-empty and of equal length, got "
-                         f"{len(outs)} outs and {len(lses)} lses")
     _check_tensors(op, {f"outs[{i}]": o for i, o in enumerate(outs)})
     _check_tensors(op, {f"lses[{i}]": x for i, x in enumerate(lses)})
     return merge_attentions_op(outs, lses)
 
 
-na1d, na2d, na3d = (_make_na(r) for r in (1, 2, 3))
-na1d_qk, na2d_qk, na3d_qk = (_make_qk(r) for r in (1, 2, 3))
-na1d_av, na2d_av, na3d_av = (_make_av(r) for r in (1, 2, 3))
+na1d, na2d, na3d = (_ops.rank_op(r, na, f"na{r}d", _NA_DOC) for r in (1, 2, 3))
+na1d_qk, na2d_qk, na3d_qk = (_ops.rank_op(r, na_qk, f"na{r}d_qk", _QK_DOC) for r in (1, 2, 3))
+na1d_av, na2d_av, na3d_av = (_ops.rank_op(r, na_av, f"na{r}d_av", _AV_DOC) for r in (1, 2, 3))
+# The rank-generic wrappers are public too; the per-rank functions above call
+# them unwrapped, so that a call that does not fit names na2d, not na.
+na, na_qk, na_av = public(na), public(na_qk), public(na_av)

@@ -1,0 +1,104 @@
+#include "environment.h"
+
+#include <algorithm>
+#include <atomic>
+#include <charconv>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
+#include "libna/na.h"
+
+namespace libna::cpu {
+namespace {
+
+int available_cores() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// The integer in `variable` when it is one in [low, high] (above high: high),
+// else `fallback`, with a message naming the variable, its value and the
+// value used instead in `warnings`.
+std::int64_t read_integer(const char* variable, const std::string& expected, std::int64_t low,
+                          std::int64_t high, std::int64_t fallback, const char* fallback_is,
+                          std::vector<std::string>& warnings) {
+  const char* text = std::getenv(variable);
+  if (text == nullptr) return fallback;
+  const std::string value = text;
+  std::int64_t n = 0;
+  // Digits with an optional sign (std::from_chars itself takes no '+').
+  const bool plus = value.size() > 1 && value[0] == '+' && value[1] != '-';
+  const char* begin = value.data() + (plus ? 1 : 0);
+  const char* end = value.data() + value.size();
+  const auto [stop, error] = std::from_chars(begin, end, n);
+  const bool integer = begin != end && error == std::errc() && stop == end;
+  if (integer && low <= n && n <= high) return n;
+  std::string used = std::to_string(fallback) + fallback_is;
+  if (integer && n > high) {
+    fallback = high;
+    used = std::to_string(high);
+  }
+  warnings.push_back(std::string(variable) + "='" + value + "' is not " + expected + "; using " +
+                     used + " instead");
+  return fallback;
+}
+
+struct Parsed {
+  Environment settings;
+  std::vector<std::string> warnings;
+};
+
+const Parsed& parsed() {
+  static const Parsed result = [] {
+    Parsed p;
+    p.settings.num_threads = static_cast<int>(read_integer(
+        "LIBNA_NUM_THREADS", "an integer from 1 to " + std::to_string(kMaxNumThreads), 1,
+        kMaxNumThreads,
+        std::min(available_cores(), kMaxNumThreads), " (the cores this process may use)",
+        p.warnings));
+    p.settings.saved_probs_bytes = read_integer(
+        "LIBNA_CPU_SAVED_PROBS_BYTES", "a whole number of bytes (0 or more)", 0,
+        std::numeric_limits<std::int64_t>::max(), std::int64_t{16} << 20, " (16 MiB, the default)",
+        p.warnings);
+    return p;
+  }();
+  return result;
+}
+
+// Whether the warnings have been printed or handed out (each happens once).
+std::atomic<bool> warnings_reported{false};
+
+}  // namespace
+
+const Environment& environment() {
+  const Parsed& p = parsed();
+  if (!p.warnings.empty() && !warnings_reported.exchange(true)) {
+    for (const std::string& warning : p.warnings) {
+      std::fprintf(stderr, "libna: warning: %s\n", warning.c_str());
+    }
+  }
+  return p.settings;
+}
+
+}  // namespace libna::cpu
+
+namespace libna {
+
+std::vector<std::string> environment_warnings() {
+  const cpu::Parsed& p = cpu::parsed();
+  if (cpu::warnings_reported.exchange(true)) return {};
+  return p.warnings;
+}
+
+}  // namespace libna
