@@ -206,7 +206,8 @@ struct Backward : LaneKernel<Rank, T> {
         }) {
     std::vector<ColumnRanges> strip_columns;
     if (ring_rows) {
-      for (const Strip& strip : strips()) {
+      strip_list = strips();
+      for (const Strip& strip : strip_list) {
         strip_columns.push_back(strip.kv_columns);
         strip_columns.push_back(strip.q_columns);
       }
@@ -246,6 +247,9 @@ struct Backward : LaneKernel<Rank, T> {
     BlockRange keys, queries;
     ColumnRanges kv_columns, q_columns;
   };
+  // The strips of the saved pipeline (1D and 2D; empty in 3D), one per query
+  // tile, set by the constructor.
+  std::vector<Strip> strip_list;
   // Above L2: the rows stream through in order, and a strip edge costs more
   // (measured 56^2 .. 224^2).
   static constexpr std::int64_t kStripBudget = 768 * 1024;  // bytes
@@ -690,7 +694,7 @@ void na_backward(const detail::BackwardArgs& args) {
   const SavedPlan plan =
       saved_plan<Rank>(g, tables, g.batch * heads_kv * tiles, saved, pass.ring_rows);
   using Strip = typename Backward<Rank, T>::Strip;
-  const std::vector<Strip> strips = plan.slots ? pass.strips() : std::vector<Strip>();
+  const std::vector<Strip>& strips = pass.strip_list;  // (read only when plan.slots)
   const std::int64_t query_items = g.batch * heads * tiles * layout.rows;
   // lse and D in the packed column layout (the key pass reads their padding
   // too), then the rpb-gradient partials.

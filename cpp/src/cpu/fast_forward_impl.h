@@ -150,22 +150,19 @@ struct ColumnRanges {
   }
   // The packed columns [first, end) that span every range (end <= first:
   // none).
-  std::int64_t first(const ColumnLayout& layout) const {
-    std::int64_t column = layout.width;
+  std::pair<std::int64_t, std::int64_t> span_columns(const ColumnLayout& layout) const {
+    std::int64_t first = layout.width, end = 0;
     for (std::size_t grp = 0; grp < lo.size(); ++grp) {
-      if (lo[grp] < hi[grp]) column = std::min(column, layout.group_base[grp] + lo[grp]);
+      if (lo[grp] >= hi[grp]) continue;
+      first = std::min(first, layout.group_base[grp] + lo[grp]);
+      end = std::max(end, layout.group_base[grp] + hi[grp]);
     }
-    return column;
+    return {first, end};
   }
-  std::int64_t end(const ColumnLayout& layout) const {
-    std::int64_t column = 0;
-    for (std::size_t grp = 0; grp < lo.size(); ++grp) {
-      if (lo[grp] < hi[grp]) column = std::max(column, layout.group_base[grp] + hi[grp]);
-    }
-    return column;
-  }
+  std::int64_t first(const ColumnLayout& layout) const { return span_columns(layout).first; }
   std::int64_t span(const ColumnLayout& layout) const {
-    return std::max<std::int64_t>(0, end(layout) - first(layout));
+    const auto [first, end] = span_columns(layout);
+    return std::max<std::int64_t>(0, end - first);
   }
   // Every column of every group, padding included.
   static ColumnRanges whole(const ColumnLayout& layout) {
