@@ -273,9 +273,10 @@ double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
 
 // ---- (b) validation ------------------------------------------------------------
 
-// Arguments of one na_forward call; every view points into one buffer large
-// enough for all of them, so a check that fails to throw cannot read out of
-// bounds.
+// Arguments of one na_forward call; every view points into its own slot of
+// one buffer, large enough for any of them (mutated or float64), so a check
+// that fails to throw cannot read out of bounds. The slots are disjoint: the
+// valid call's threads write out and lse at once.
 struct Call {
   std::vector<double> buffer = std::vector<double>(1 << 16, 0.0);
   TensorView q, k, v, rpb, out, lse;
@@ -283,14 +284,14 @@ struct Call {
   NaParams params = params2d(3, 3);
 
   Call() {  // a valid call: B=1, 6x7, 4 heads, 2 kv heads, D=8, Dv=5
-    void* p = buffer.data();
+    auto slot = [this](int i) { return buffer.data() + i * (buffer.size() / 8); };
     const DType f = DType::float32;
-    q = TensorView::contiguous(p, f, {1, 6, 7, 4, 8});
-    k = TensorView::contiguous(p, f, {1, 6, 7, 2, 8});
-    v = TensorView::contiguous(p, f, {1, 6, 7, 2, 5});
-    rpb = TensorView::contiguous(p, f, {4, 5, 5});
-    out = TensorView::contiguous(p, f, {1, 6, 7, 4, 5});
-    lse = TensorView::contiguous(p, f, {1, 6, 7, 4});
+    q = TensorView::contiguous(slot(0), f, {1, 6, 7, 4, 8});
+    k = TensorView::contiguous(slot(1), f, {1, 6, 7, 2, 8});
+    v = TensorView::contiguous(slot(2), f, {1, 6, 7, 2, 5});
+    rpb = TensorView::contiguous(slot(3), f, {4, 5, 5});
+    out = TensorView::contiguous(slot(4), f, {1, 6, 7, 4, 5});
+    lse = TensorView::contiguous(slot(5), f, {1, 6, 7, 4});
   }
   void run() const { libna::na_forward(q, k, v, use_rpb ? &rpb : nullptr, out, &lse, params); }
   void check() const { libna::check_na_forward(q, k, v, use_rpb ? &rpb : nullptr, params); }
