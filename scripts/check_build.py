@@ -153,10 +153,13 @@ def sanitizer_runtimes(library):
             if "=>" in line and any(f"lib{s}san" in line for s in ("a", "ub", "t"))]
 
 
+def report_text(reports):
+    return "\n".join(p.read_text() for p in sorted(reports.glob("report*")))
+
+
 def check_no_reports(reports):
-    found = sorted(reports.glob("report*"))
-    if found:
-        raise Failed("sanitizer reports:\n" + "\n".join(p.read_text() for p in found))
+    if report_text(reports):
+        raise Failed("a sanitizer reported errors")
 
 
 def build_libna(preset, work, jobs):
@@ -239,6 +242,8 @@ def main(argv=None):
                 check_no_reports(reports)
         except Failed as e:
             print(f"FAILED: {e}", file=sys.stderr)
+            if report_text(reports):  # also those of a test that failed on them
+                print(f"sanitizer reports:\n{report_text(reports)}", file=sys.stderr)
             return 1
     print(f"{args.preset}: ok ({time.monotonic() - start:.0f} s)")
     return 0
