@@ -4,11 +4,12 @@ type, sanitizers) and runs the C++ tests and a slice of the Python suite
 against that build; exits non-zero when a build step or a test fails, or when
 a sanitizer reports anything.
 
-    python scripts/check_build.py relwithdebinfo   # -O2: the numerical tests
-    python scripts/check_build.py debug            # -O0: the same slice
-    python scripts/check_build.py asan             # ASan+UBSan: C++ tests, a short Python slice
-    python scripts/check_build.py asan --long      # ... and the numerical slice
-    python scripts/check_build.py tsan             # ThreadSanitizer: test_core's concurrent callers
+    python scripts/check_build.py relwithdebinfo   # -O2: test_core, the numerical Python tests
+    python scripts/check_build.py debug            # -O0: the same
+    python scripts/check_build.py asan             # ASan+UBSan at -O1: all C++ tests, the
+                                                   # numerical Python tests, threads and fork
+    python scripts/check_build.py tsan             # ThreadSanitizer at -O1: test_core
+    python scripts/check_build.py asan --long      # ... also torch, frameworks, models, reference
     python scripts/check_build.py asan --pytest tests/test_forward.py -k float32
 
 The build is CMake's own (not pip's): the core and the nanobind extension are
@@ -34,15 +35,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The Python tests that compare the compiled kernels with libna.reference.
+# The Python tests that compare the compiled kernels with libna.reference or
+# with each other: every rank, dtype and window feature, forward and backward,
+# fused and unfused, strided and unaligned layouts, non-finite inputs, the
+# bad-input paths, and the portable kernels (LIBNA_CPU_KERNELS=portable).
 NUMERICAL = ("tests/test_forward.py", "tests/test_backward.py", "tests/test_composition.py",
-             "tests/test_bad_input.py")
-# A slice of them that runs in about a minute under ASan on two cores: every
-# rank and dtype, forward and backward, fused and unfused, strided inputs and
-# the bad-input paths.
-ASAN_SHORT = ("tests/test_forward.py", "tests/test_backward.py", "tests/test_bad_input.py",
-              "-k", "float32_grid or half_grid or unfused or non_contiguous or bad_input "
-                    "or low_precision or threads")
+             "tests/test_bad_input.py", "tests/test_properties.py", "tests/test_nan_locality.py",
+             "tests/test_softmax_edges.py", "tests/test_cpu_kernels.py")
+# Under the sanitizers also threads and fork.
+SANITIZED = NUMERICAL + ("tests/test_concurrency.py",)
+# --long: also the framework adapters and models (with the "long" hypothesis
+# profile, which --long sets for every preset).
+LONG = SANITIZED + ("tests/test_torch.py", "tests/test_frameworks.py", "tests/test_models.py",
+                    "tests/test_reference.py")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,13 +72,13 @@ class Preset:
 
 
 PRESETS = {
-    "relwithdebinfo": Preset("RelWithDebInfo", cpp_tests=("test_core",), pytest=NUMERICAL),
-    "debug": Preset("Debug", cpp_tests=("test_core",), pytest=NUMERICAL),
+    "relwithdebinfo": Preset("RelWithDebInfo", cpp_tests=("test_core",), pytest=NUMERICAL,
+                             long_pytest=LONG),
+    "debug": Preset("Debug", cpp_tests=("test_core",), pytest=NUMERICAL, long_pytest=LONG),
     # -O1 and line tables only (-g1): UBSan's checks in the kernels' inlined
     # templates take minutes to compile at -O2 -g, and reports need no more.
     # Debug keeps assert() on.
-    "asan": Preset("Debug", "-O1 -g1", "address,undefined", pytest=ASAN_SHORT,
-                   long_pytest=NUMERICAL),
+    "asan": Preset("Debug", "-O1 -g1", "address,undefined", pytest=SANITIZED, long_pytest=LONG),
     "tsan": Preset("Debug", "-O1 -g1", "thread", cpp_tests=("test_core",)),
 }
 
@@ -206,7 +211,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("preset", choices=PRESETS)
     parser.add_argument("--long", action="store_true",
-                        help="run the preset's longer Python slice")
+                        help="run the preset's longer Python slice, with the long hypothesis "
+                             "profile")
     parser.add_argument("--pytest", nargs=argparse.REMAINDER,
                         help="run these pytest arguments instead of the preset's slice")
     parser.add_argument("--work-dir", type=Path,
@@ -216,6 +222,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     pytest_args = args.pytest or (preset.long_pytest if args.long else preset.pytest)
+    if args.long:
+        os.environ["LIBNA_HYPOTHESIS_PROFILE"] = "long"
     if pytest_args and not preset.python:
         parser.error(f"the {args.preset} preset builds no Python extension")
     start = time.monotonic()
