@@ -68,7 +68,7 @@ def test_cpp_core(cmake, tmp_path):
     out = run(exe).stdout
     lines = out.splitlines()
     for name in ("axis_window", "converters", "validation", "half_precision", "threads",
-                 "composition", "cpu_kernels", "vectorised_vs_scalar"):
+                 "composition", "cpu_kernels", "vectorised_vs_scalar", "concurrent_callers"):
         assert f"{name}: ok" in lines, out
     assert "FAILED" not in out, out
     summary = lines[-1].split()

@@ -10,20 +10,27 @@
 //   (f) the CPU kernel set that build_info reports: the one LIBNA_CPU_KERNELS
 //       names, and the portable one off x86-64,
 //   (g) the forward, backward and unfused ops in float32 (the vectorised
-//       kernels) against float64 (the scalar ones) on the same data.
+//       kernels) against float64 (the scalar ones) on the same data,
+//   (h) concurrent callers: threads calling forward and backward ops at once,
+//       while another changes the thread count, get bitwise the results of
+//       lone calls (a ThreadSanitizer build runs this to find races).
 // Prints one line per failure and a summary; exits non-zero on any failure.
 #include <libna/libna.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <random>
 #include <set>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <typeinfo>
 #include <vector>
@@ -266,9 +273,10 @@ double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
 
 // ---- (b) validation ------------------------------------------------------------
 
-// Arguments of one na_forward call; every view points into one buffer large
-// enough for all of them, so a check that fails to throw cannot read out of
-// bounds.
+// Arguments of one na_forward call; every view points into its own slot of
+// one buffer, large enough for any of them (mutated or float64), so a check
+// that fails to throw cannot read out of bounds. The slots are disjoint: the
+// valid call's threads write out and lse at once.
 struct Call {
   std::vector<double> buffer = std::vector<double>(1 << 16, 0.0);
   TensorView q, k, v, rpb, out, lse;
@@ -276,14 +284,14 @@ struct Call {
   NaParams params = params2d(3, 3);
 
   Call() {  // a valid call: B=1, 6x7, 4 heads, 2 kv heads, D=8, Dv=5
-    void* p = buffer.data();
+    auto slot = [this](int i) { return buffer.data() + i * (buffer.size() / 8); };
     const DType f = DType::float32;
-    q = TensorView::contiguous(p, f, {1, 6, 7, 4, 8});
-    k = TensorView::contiguous(p, f, {1, 6, 7, 2, 8});
-    v = TensorView::contiguous(p, f, {1, 6, 7, 2, 5});
-    rpb = TensorView::contiguous(p, f, {4, 5, 5});
-    out = TensorView::contiguous(p, f, {1, 6, 7, 4, 5});
-    lse = TensorView::contiguous(p, f, {1, 6, 7, 4});
+    q = TensorView::contiguous(slot(0), f, {1, 6, 7, 4, 8});
+    k = TensorView::contiguous(slot(1), f, {1, 6, 7, 2, 8});
+    v = TensorView::contiguous(slot(2), f, {1, 6, 7, 2, 5});
+    rpb = TensorView::contiguous(slot(3), f, {4, 5, 5});
+    out = TensorView::contiguous(slot(4), f, {1, 6, 7, 4, 5});
+    lse = TensorView::contiguous(slot(5), f, {1, 6, 7, 4});
   }
   void run() const { libna::na_forward(q, k, v, use_rpb ? &rpb : nullptr, out, &lse, params); }
   void check() const { libna::check_na_forward(q, k, v, use_rpb ? &rpb : nullptr, params); }
@@ -666,6 +674,159 @@ void test_vectorised_against_scalar() {
   }
 }
 
+// ---- (h) concurrent callers ------------------------------------------------------------
+
+// A float32 tensor that owns its data, and its row-major view: zeros, or
+// normal values when seed != 0. Moves keep the view valid; copies would not.
+struct Tensor {
+  std::vector<float> data;
+  TensorView view;
+
+  Tensor(std::initializer_list<i64> shape, unsigned seed = 0)
+      : Tensor(TensorView::contiguous(nullptr, DType::float32, shape), seed) {}
+  explicit Tensor(const TensorView& like, unsigned seed = 0) : data(like.numel()), view(like) {
+    view.data = data.data();
+    for (int d = view.ndim - 1; d >= 0; --d)
+      view.strides[d] = d == view.ndim - 1 ? 1 : view.strides[d + 1] * view.shape[d + 1];
+    std::mt19937 gen(seed);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    if (seed != 0)
+      for (float& e : data) e = normal(gen);
+  }
+  Tensor(Tensor&&) = default;
+  Tensor(const Tensor&) = delete;
+};
+
+std::vector<float> concatenated(std::initializer_list<const Tensor*> tensors) {
+  std::vector<float> all;
+  for (const Tensor* t : tensors) all.insert(all.end(), t->data.begin(), t->data.end());
+  return all;
+}
+
+// One op on fixed inputs, which every caller reads and none writes; each run
+// returns fresh outputs, concatenated.
+struct ConcurrentOp {
+  std::string name;
+  std::function<std::vector<float>()> run;
+};
+
+// na_backward of one na_forward (run here, once) on q, k, v, dout of `shape`
+// [B, *spatial, heads, D], with an rpb of `rpb_shape` unless that is empty.
+ConcurrentOp fused_backward_op(const char* name, std::initializer_list<i64> shape,
+                               std::initializer_list<i64> rpb_shape, const NaParams& params) {
+  struct Inputs {
+    Tensor q, k, v, dout, rpb, out, lse;
+    const TensorView* rpb_view() const { return rpb.view.ndim ? &rpb.view : nullptr; }
+  };
+  Tensor out(shape);
+  const TensorView lse_shape = out.view.with_last_dim(-1);
+  auto in = std::make_shared<const Inputs>(Inputs{Tensor(shape, 1), Tensor(shape, 2),
+                                                  Tensor(shape, 3), Tensor(shape, 4),
+                                                  Tensor(rpb_shape, 5), std::move(out),
+                                                  Tensor(lse_shape)});
+  libna::na_forward(in->q.view, in->k.view, in->v.view, in->rpb_view(), in->out.view,
+                    &in->lse.view, params);
+  return {name, [in, params] {
+            Tensor dq(in->q.view), dk(in->k.view), dv(in->v.view), drpb(in->rpb.view);
+            libna::na_backward(in->q.view, in->k.view, in->v.view, in->rpb_view(), in->out.view,
+                               in->dout.view, in->lse.view, dq.view, dk.view, dv.view,
+                               in->rpb_view() ? &drpb.view : nullptr, params);
+            return concatenated({&dq, &dk, &dv, &drpb});
+          }};
+}
+
+// na_qk_backward and na_av_backward, 2D, kernel 3x3.
+ConcurrentOp unfused_backward_op() {
+  struct Inputs {
+    Tensor q, k, v, attn, dattn, dout;
+  };
+  const std::initializer_list<i64> qk_shape = {1, 10, 11, 2, 8}, v_shape = {1, 10, 11, 2, 6},
+                                   attn_shape = {1, 10, 11, 2, 9};
+  auto in = std::make_shared<const Inputs>(Inputs{Tensor(qk_shape, 6), Tensor(qk_shape, 7),
+                                                  Tensor(v_shape, 8), Tensor(attn_shape, 9),
+                                                  Tensor(attn_shape, 10), Tensor(v_shape, 11)});
+  return {"na_qk_backward + na_av_backward 2d", [in] {
+            const NaParams params = params2d(3, 3);
+            Tensor dq(in->q.view), dk(in->k.view), dattn(in->attn.view), dv(in->v.view);
+            libna::na_qk_backward(in->dattn.view, in->q.view, in->k.view, dq.view, dk.view,
+                                  nullptr, params);
+            libna::na_av_backward(in->dout.view, in->attn.view, in->v.view, dattn.view, dv.view,
+                                  params);
+            return concatenated({&dq, &dk, &dattn, &dv});
+          }};
+}
+
+std::vector<ConcurrentOp> concurrent_ops() {
+  std::vector<ConcurrentOp> ops;
+  auto forward = std::make_shared<const Problem>(2, 12, 13, 4, 2, 16, 8, params2d(5, 3, 1, 2),
+                                                 true, 21);
+  for (DType dtype : {DType::float32, DType::bfloat16}) {
+    ops.push_back({std::string("na_forward 2d ") + libna::dtype_name(dtype), [forward, dtype] {
+                     std::vector<float> out, lse;
+                     forward->run(dtype, out, lse);
+                     out.insert(out.end(), lse.begin(), lse.end());
+                     return out;
+                   }});
+  }
+  NaParams dilated1d;
+  dilated1d.rank = 1;
+  dilated1d.kernel_size = {9, 0, 0};
+  dilated1d.dilation = {2, 1, 1};
+  ops.push_back(fused_backward_op("na_backward 1d", {1, 300, 2, 32}, {}, dilated1d));
+  ops.push_back(fused_backward_op("na_backward 2d rpb", {2, 12, 13, 4, 16}, {4, 9, 5},
+                                  params2d(5, 3)));
+  ops.push_back(unfused_backward_op());
+  return ops;
+}
+
+void test_concurrent_callers() {
+  const int initial = libna::get_num_threads();
+  libna::set_num_threads(2);
+  const std::vector<ConcurrentOp> ops = concurrent_ops();
+  std::vector<std::vector<float>> lone;
+  for (const ConcurrentOp& op : ops) lone.push_back(op.run());
+
+  // Each caller starts at another op, so that different ops overlap; a caller
+  // that finds the pool busy runs its job on its own thread.
+  constexpr int kCallers = 4, kRounds = 4;
+  std::vector<std::vector<int>> differ(kCallers, std::vector<int>(ops.size(), 0));
+  std::vector<std::string> errors(kCallers);
+  std::atomic<int> callers_running{kCallers};
+  std::vector<std::thread> callers;
+  for (int c = 0; c < kCallers; ++c) {
+    callers.emplace_back([&, c] {
+      try {
+        for (std::size_t i = 0; i < kRounds * ops.size(); ++i) {
+          const std::size_t op = (c + i) % ops.size();
+          differ[c][op] += ops[op].run() != lone[op];
+        }
+      } catch (const std::exception& e) {
+        errors[c] = e.what();
+      }
+      --callers_running;
+    });
+  }
+  int changes = 0;
+  std::thread setter([&] {
+    while (callers_running > 0) {
+      libna::set_num_threads(1 + changes++ % 4);
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+  });
+  for (std::thread& t : callers) t.join();
+  setter.join();
+
+  for (int c = 0; c < kCallers; ++c) CHECK_MSG(errors[c].empty(), "caller threw: " + errors[c]);
+  for (std::size_t op = 0; op < ops.size(); ++op) {
+    int runs_that_differ = 0;
+    for (int c = 0; c < kCallers; ++c) runs_that_differ += differ[c][op];
+    CHECK_MSG(runs_that_differ == 0, ops[op].name + ": " + std::to_string(runs_that_differ) +
+                                         " concurrent runs differ from a lone run");
+  }
+  CHECK_MSG(changes > 1, "the thread count changed while the callers ran");
+  libna::set_num_threads(initial);
+}
+
 }  // namespace
 
 int main() {
@@ -683,6 +844,7 @@ int main() {
       {"validation", test_validation},     {"half_precision", test_half_precision},
       {"threads", test_threads},           {"composition", test_composition},
       {"cpu_kernels", test_cpu_kernels},   {"vectorised_vs_scalar", test_vectorised_against_scalar},
+      {"concurrent_callers", test_concurrent_callers},
   };
   for (const auto& [name, fn] : tests) {
     const int failed_before = g_failed;
