@@ -13,10 +13,10 @@
 #include "common.cuh"
 #include "dispatch.h"
 
-namespace libna::cuda {
+namespace libna::LIBNA_CUDA_BACKEND {
 namespace {
 
-using namespace libna::cuda_impl;
+using namespace libna::LIBNA_CUDA_IMPL;
 
 template <typename T>
 struct DeviceElement;
@@ -102,7 +102,24 @@ class BiasGradient {
 
 // [B, *spatial(rank), heads(, dim)] as a padded view; `dims` is rank + 3, or
 // rank + 2 for lse.
+// The emulator checks global accesses against the tensors of the call.
+void register_tensor(const TensorView& t) {
+#if defined(LIBNA_CUDA_EMULATOR)
+  std::int64_t lowest = 0, highest = 0;
+  for (int i = 0; i < t.ndim; ++i) {
+    const std::int64_t span = (t.shape[i] - 1) * t.strides[i];
+    (span < 0 ? lowest : highest) += span;
+  }
+  const auto* base = static_cast<const char*>(t.data);
+  const auto element = static_cast<std::int64_t>(dtype_size(t.dtype));
+  emulator::register_global(base + lowest * element, base + (highest + 1) * element);
+#else
+  (void)t;
+#endif
+}
+
 View view_of(const TensorView& t, int rank) {
+  register_tensor(t);
   View v{};
   v.data = t.data;
   v.b = t.strides[0];
@@ -115,6 +132,7 @@ View view_of(const TensorView& t, int rank) {
 BiasView bias_view_of(const TensorView* t, int rank) {
   BiasView v{};
   if (t == nullptr) return v;
+  register_tensor(*t);
   v.data = t->data;
   v.h = t->strides[0];
   for (int a = 0; a < kAxes; ++a) v.s[a] = a < rank ? t->strides[1 + a] : 0;
@@ -144,6 +162,9 @@ void padded_axes(const NaParams& params, const TensorView& spatial_of, AxisParam
 // Dispatches the element type to the device type; float64 is refused.
 template <typename F>
 void dispatch_device_types(DType dtype, const std::string& op, F&& f) {
+#if defined(LIBNA_CUDA_EMULATOR)
+  emulator::begin_call();
+#endif
   detail::dispatch_float_types(dtype, op.c_str(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     if constexpr (std::is_same_v<T, double>) {
@@ -203,8 +224,7 @@ UnfusedParams unfused_params(const TensorView& like, std::int64_t heads_kv, std:
 
 }  // namespace
 
-bool compiled() { return true; }
-
+#if !defined(LIBNA_CUDA_EMULATOR)
 std::vector<std::string> architectures() {
   std::vector<std::string> archs;
   std::stringstream list(LIBNA_CUDA_ARCHITECTURES);
@@ -213,6 +233,7 @@ std::vector<std::string> architectures() {
   }
   return archs;
 }
+#endif
 
 void na_forward(const detail::ForwardArgs& args) {
   const std::string op = op_name(args.params);
@@ -333,22 +354,13 @@ void na_av_backward(const detail::AvBackwardArgs& a) {
               });
 }
 
-// Composition (additional keys, merging) has CPU kernels only so far.
-namespace {
-[[noreturn]] void cpu_only(const std::string& op) {
-  throw std::runtime_error("[" + op + "] is not implemented on CUDA yet; run it on CPU arrays");
-}
-}  // namespace
-
-void na_additional_forward(const detail::AdditionalArgs& a) {
-  cpu_only("na" + std::to_string(a.rank) + "d (additional_keys)");
-}
-void na_additional_backward(const detail::AdditionalBackwardArgs& a) {
-  cpu_only("na" + std::to_string(a.rank) + "d_backward (additional_keys)");
-}
-void merge_attentions(const detail::MergeArgs&) { cpu_only("merge_attentions"); }
-void merge_attentions_backward(const detail::MergeBackwardArgs&) {
-  cpu_only("merge_attentions_backward");
+// Composition (additional keys, merging) has CPU kernels only so far: null
+// entries, which ops.cpp reports as not implemented on this backend.
+const detail::Backend* backend() {
+  static const detail::Backend table{
+      LIBNA_CUDA_BACKEND_NAME, &na_forward, &na_qk, &na_av, &na_backward, &na_qk_backward,
+      &na_av_backward, nullptr, nullptr, nullptr, nullptr};
+  return &table;
 }
 
-}  // namespace libna::cuda
+}  // namespace libna::LIBNA_CUDA_BACKEND

@@ -7,6 +7,15 @@
 // stride 0 in every view, so one kernel instance serves ranks 1, 2 and 3.
 // This trades a little integer work on the padded axes for a third of the
 // compile time and binary size (CI builds these kernels on two cores).
+//
+// The same source is compiled twice: by nvcc for the GPU, and with
+// LIBNA_CUDA_EMULATOR by the host compiler, against cuda/emulator's
+// cuda_runtime.h, cuda_fp16.h and cuda_bf16.h, to run under the host
+// emulation of the CUDA execution model (cuda/emulator/emulator.h). The two
+// builds live in different namespaces so that one library can hold both.
+// What the kernels need beyond the CUDA language is spelled through the few
+// macros and functions below (launch, LIBNA_SHARED, LIBNA_TENSOR_CORES), so
+// that each has its GPU meaning and its emulated one in one place.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -14,10 +23,68 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
+#include <utility>
 
 #include "libna/tiling.h"
 
-namespace libna::cuda_impl {
+#if defined(LIBNA_CUDA_EMULATOR)
+#define LIBNA_CUDA_BACKEND cuda_emulator
+#define LIBNA_CUDA_BACKEND_NAME "cuda-emulator"
+#define LIBNA_CUDA_IMPL emulated_cuda_impl
+#else
+#define LIBNA_CUDA_BACKEND cuda
+#define LIBNA_CUDA_BACKEND_NAME "cuda"
+#define LIBNA_CUDA_IMPL cuda_impl
+#endif
+
+// Whether this compilation holds the tensor-core (sm_80+) kernel bodies: the
+// device pass for sm_80 and up, and the emulator (which decides at run time,
+// from the emulated architecture, whether they run).
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(LIBNA_CUDA_EMULATOR)
+#define LIBNA_TENSOR_CORES 1
+#else
+#define LIBNA_TENSOR_CORES 0
+#endif
+
+// A __shared__ variable `name` of type `...` (arrays included), one per
+// block, 16-byte aligned (for 16-byte vector stores and ldmatrix rows):
+// LIBNA_SHARED(tile, float[32][64]);
+#if defined(LIBNA_CUDA_EMULATOR)
+#define LIBNA_SHARED(name, ...) \
+  auto& name = ::libna::emulator::shared<typename ::libna::emulator::Identity<__VA_ARGS__>::type>()
+#else
+#define LIBNA_SHARED(name, ...) \
+  __shared__ alignas(16) typename ::libna::LIBNA_CUDA_IMPL::Identity<__VA_ARGS__>::type name
+#endif
+
+namespace libna::LIBNA_CUDA_IMPL {
+
+template <typename T>
+struct Identity {
+  using type = T;
+};
+
+// kernel<<<grid, block, 0, stream>>>(args...).
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
+            Args&&... args) {
+#if defined(LIBNA_CUDA_EMULATOR)
+  emulator::launch(grid, block, [&] { kernel(args...); });
+  (void)stream;
+#else
+  kernel<<<grid, block, 0, stream>>>(std::forward<Args>(args)...);
+#endif
+}
+
+// The 32 bits of a pair of 16-bit elements (__half2, __nv_bfloat162).
+template <typename Pair>
+__device__ __forceinline__ std::uint32_t bits32(const Pair& x) {
+  static_assert(sizeof(Pair) == sizeof(std::uint32_t));
+  std::uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+}
 
 using tiling::kAxes;
 
@@ -79,13 +146,26 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
+// Element `offset` of a global buffer, through which the emulator checks
+// bounds.
+template <typename T>
+__device__ __forceinline__ T* global_element(const void* base, std::int64_t offset, bool write) {
+  T* p = static_cast<T*>(const_cast<void*>(base)) + offset;
+#if defined(LIBNA_CUDA_EMULATOR)
+  if (emulator::checks_enabled) emulator::check_global(p, sizeof(T), write);
+#else
+  (void)write;
+#endif
+  return p;
+}
+
 template <typename T>
 __device__ __forceinline__ float load(const void* base, std::int64_t offset) {
-  return to_float(static_cast<const T*>(base)[offset]);
+  return to_float(*global_element<const T>(base, offset, false));
 }
 template <typename T>
 __device__ __forceinline__ void store(void* base, std::int64_t offset, float x) {
-  static_cast<T*>(base)[offset] = from_float<T>(x);
+  *global_element<T>(base, offset, true) = from_float<T>(x);
 }
 
 // Full-axis coordinates of a token of the padded [L0, L1, L2] grid.
@@ -133,4 +213,4 @@ template <typename T>
 bool launch_tc_backward(const FusedParams& p, int bucket, std::int64_t batch,
                         cudaStream_t stream);
 
-}  // namespace libna::cuda_impl
+}  // namespace libna::LIBNA_CUDA_IMPL

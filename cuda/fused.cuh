@@ -23,7 +23,7 @@
 
 #include "common.cuh"
 
-namespace libna::cuda_impl {
+namespace libna::LIBNA_CUDA_IMPL {
 
 constexpr float kNegInf = -INFINITY;
 
@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
   constexpr int kLanes = tiling::query_lanes(Bucket);
   constexpr int kChunk = Bucket / kLanes;
   constexpr int kKeys = tiling::forward_keys(Bucket);
-  __shared__ KeyTile<Bucket, kKeys> kt;
+  LIBNA_SHARED(kt, KeyTile<Bucket, kKeys>);
   QueryThread<kLanes> me;
   if (!me.init(p)) return;
   const OwnedQuery& query = me.query;
@@ -275,7 +275,8 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
     if (d < p.dim_v) store<T>(p.out.data, out_row + d * p.out.d, acc[i] * inv_sum);
   }
   if (p.lse.data && me.lane == 0) {
-    static_cast<float*>(p.lse.data)[p.lse.row(b, query.coord, h)] = row_max + logf(row_sum);
+    *global_element<float>(p.lse.data, p.lse.row(b, query.coord, h), true) =
+        row_max + logf(row_sum);
   }
 }
 
@@ -304,8 +305,8 @@ __device__ void load_query_slots(const FusedParams& p, const tiling::Block& blk,
     if (valid[i]) {
       std::int64_t c[kAxes];
       full_coords(p.plan, blk, pos[i], c);
-      lse[i] = static_cast<const float*>(p.lse.data)[p.lse.row(b, c, h)];
-      term[i] = p.row_term[row_term_index(p, b, h, c)];
+      lse[i] = *global_element<const float>(p.lse.data, p.lse.row(b, c, h), false);
+      term[i] = *global_element<const float>(p.row_term, row_term_index(p, b, h, c), false);
     }
   }
   __syncthreads();
@@ -318,7 +319,7 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
   constexpr int kLanes = tiling::dq_lanes(Bucket);
   constexpr int kChunk = Bucket / kLanes;
   constexpr int kKeys = tiling::forward_keys(Bucket);
-  __shared__ KeyTile<Bucket, kKeys> kt;
+  LIBNA_SHARED(kt, KeyTile<Bucket, kKeys>);
   QueryThread<kLanes> me;
   if (!me.init(p)) return;
   const OwnedQuery& query = me.query;
@@ -340,8 +341,11 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
   }
   row_term = lane_sum<kLanes>(row_term);
   const float lse =
-      query.valid ? static_cast<const float*>(p.lse.data)[p.lse.row(b, query.coord, h)] : 0.f;
-  if (query.valid && me.lane == 0) p.row_term[row_term_index(p, b, h, query.coord)] = row_term;
+      query.valid ? *global_element<const float>(p.lse.data, p.lse.row(b, query.coord, h), false)
+                  : 0.f;
+  if (query.valid && me.lane == 0) {
+    *global_element<float>(p.row_term, row_term_index(p, b, h, query.coord), true) = row_term;
+  }
 
   for_each_key_tile<T>(p, me, kt, [&](const tiling::Tile& tile) {
 #pragma unroll 4
@@ -382,11 +386,12 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
   constexpr int kLanes = tiling::key_lanes(Bucket);
   constexpr int kChunk = Bucket / kLanes;
   constexpr int kQueries = tiling::backward_queries(Bucket);
-  __shared__ float q_tile[kQueries][Bucket];
-  __shared__ float dout_tile[kQueries][Bucket];
-  __shared__ float lse_tile[kQueries], term_tile[kQueries];
-  __shared__ int query_pos[kQueries][kAxes];
-  __shared__ bool query_valid[kQueries];
+  LIBNA_SHARED(q_tile, float[kQueries][Bucket]);
+  LIBNA_SHARED(dout_tile, float[kQueries][Bucket]);
+  LIBNA_SHARED(lse_tile, float[kQueries]);
+  LIBNA_SHARED(term_tile, float[kQueries]);
+  LIBNA_SHARED(query_pos, int[kQueries][kAxes]);
+  LIBNA_SHARED(query_valid, bool[kQueries]);
 
   const tiling::Block blk = tiling::make_block(p.plan, blockIdx.x);
   if (blk.empty) return;
@@ -487,21 +492,18 @@ template <typename T, int Bucket>
 void forward_bucket(const FusedParams& params, std::int64_t batch, cudaStream_t stream) {
   const FusedParams p = with_plan(params, tiling::forward_queries(Bucket),
                                   tiling::forward_keys(Bucket), true);
-  fused_forward_kernel<T, Bucket>
-      <<<fused_grid(p, p.heads, batch, "na_forward"), tiling::kThreads, 0, stream>>>(p);
+  launch(fused_forward_kernel<T, Bucket>, fused_grid(p, p.heads, batch, "na_forward"), tiling::kThreads, stream, p);
 }
 
 template <typename T, int Bucket>
 void backward_bucket(const FusedParams& params, std::int64_t batch, cudaStream_t stream) {
   const FusedParams pq = with_plan(params, tiling::dq_queries(Bucket),
                                    tiling::forward_keys(Bucket), true);
-  fused_dq_kernel<T, Bucket>
-      <<<fused_grid(pq, pq.heads, batch, "na_backward"), tiling::kThreads, 0, stream>>>(pq);
+  launch(fused_dq_kernel<T, Bucket>, fused_grid(pq, pq.heads, batch, "na_backward"), tiling::kThreads, stream, pq);
   // Stream order makes the row terms written above visible to this kernel.
   const FusedParams pk = with_plan(params, tiling::backward_keys(Bucket),
                                    tiling::backward_queries(Bucket), false);
-  fused_dkdv_kernel<T, Bucket>
-      <<<fused_grid(pk, pk.heads_kv, batch, "na_backward"), tiling::kThreads, 0, stream>>>(pk);
+  launch(fused_dkdv_kernel<T, Bucket>, fused_grid(pk, pk.heads_kv, batch, "na_backward"), tiling::kThreads, stream, pk);
 }
 
 template <typename F>
@@ -527,4 +529,4 @@ void launch_fused_backward(const FusedParams& p, int bucket, std::int64_t batch,
   dispatch_bucket(bucket, [&](auto b) { backward_bucket<T, decltype(b)::value>(p, batch, stream); });
 }
 
-}  // namespace libna::cuda_impl
+}  // namespace libna::LIBNA_CUDA_IMPL

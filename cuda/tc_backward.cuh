@@ -27,7 +27,7 @@
 
 #include "tc_forward.cuh"
 
-namespace libna::cuda_impl {
+namespace libna::LIBNA_CUDA_IMPL {
 
 // An A fragment (k chunk `chunk`) from C fragments `acc` (mma::p_source).
 template <typename T, int Tiles>
@@ -108,7 +108,7 @@ __device__ __forceinline__ void store_rows(const float (&acc)[Bucket / mma::kN][
 template <typename T, int Bucket>
 __global__ void __launch_bounds__(tiling::kThreads, 1)
     tc_dq_kernel(const FusedParams p, const unsigned vector_loads) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if LIBNA_TENSOR_CORES
   constexpr int kRows = tiling::tc_forward_queries();
   constexpr int kKeys = tiling::tc_dq_keys(Bucket);
   constexpr int kDimChunks = Bucket / mma::kK;  // 16-dim chunks of a row
@@ -116,12 +116,12 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
   constexpr int kKeyTiles = kKeys / mma::kN;    // n tiles of S and dP
   constexpr int kDimTiles = Bucket / mma::kN;   // n tiles of dQ
   static_assert(kRows == tiling::kThreads / mma::kWarpSize * mma::kM);
-  __shared__ TcKeyTile<T, Bucket, kKeys> kt;
-  __shared__ OwnedQuery rows[kRows];
+  LIBNA_SHARED(kt, TcKeyTile<T, Bucket, kKeys>);
+  LIBNA_SHARED(rows, OwnedQuery[kRows]);
   // Q and dO stay in shared memory, read into A fragments per tile: held in
   // registers next to the dq accumulators they made ptxas spill (bucket 128).
-  __shared__ alignas(16) T q_rows[kRows * mma::smem_row_stride(Bucket)];
-  __shared__ alignas(16) T dout_rows[kRows * mma::smem_row_stride(Bucket)];
+  LIBNA_SHARED(q_rows, T[kRows * mma::smem_row_stride(Bucket)]);
+  LIBNA_SHARED(dout_rows, T[kRows * mma::smem_row_stride(Bucket)]);
 
   const tiling::Block blk = tiling::make_block(p.plan, blockIdx.x);
   if (blk.empty) return;
@@ -169,9 +169,10 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
     term[r] = quad_sum(term[r]);
     const OwnedQuery& q = rows[slot[r]];
     lse_log2[r] =
-        q.valid ? static_cast<const float*>(p.lse.data)[p.lse.row(b, q.coord, h)] * kLog2e : 0.f;
+        q.valid ? *global_element<const float>(p.lse.data, p.lse.row(b, q.coord, h), false) * kLog2e
+                : 0.f;
     if (q.valid && mma::thread_in_group(lane) == 0) {
-      p.row_term[row_term_index(p, b, h, q.coord)] = term[r];
+      *global_element<float>(p.row_term, row_term_index(p, b, h, q.coord), true) = term[r];
     }
   }
 
@@ -241,14 +242,14 @@ struct TcKeySide {
 template <typename T, int Bucket>
 __global__ void __launch_bounds__(tiling::kThreads, 1)
     tc_dkdv_kernel(const FusedParams p, const unsigned vector_loads) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if LIBNA_TENSOR_CORES
   constexpr int kKeys = tiling::tc_dkdv_keys();
   constexpr int kQueries = tiling::tc_dkdv_queries(Bucket);
   constexpr int kQueryChunks = kQueries / mma::kK;  // k steps of P^T dO and dS^T Q
   constexpr int kQueryTiles = kQueries / mma::kN;   // n tiles of S^T and dP^T
   constexpr int kDimTiles = Bucket / mma::kN;       // n tiles of dK and dV
   static_assert(kKeys == tiling::kThreads / mma::kWarpSize * mma::kM);
-  __shared__ TcKeySide<T, Bucket, kKeys, kQueries> sm;
+  LIBNA_SHARED(sm, TcKeySide<T, Bucket, kKeys, kQueries>);
 
   const tiling::Block blk = tiling::make_block(p.plan, blockIdx.x);
   if (blk.empty) return;
@@ -345,13 +346,11 @@ bool tc_backward_bucket(const FusedParams& params, std::int64_t batch, cudaStrea
   const unsigned vector_loads = vector_load_flags<T>(params);
   const FusedParams pq = with_plan(params, tiling::tc_forward_queries(),
                                    tiling::tc_dq_keys(Bucket), true);
-  tc_dq_kernel<T, Bucket><<<fused_grid(pq, pq.heads, batch, "na_backward"), tiling::kThreads, 0,
-                            stream>>>(pq, vector_loads);
+  launch(tc_dq_kernel<T, Bucket>, fused_grid(pq, pq.heads, batch, "na_backward"), tiling::kThreads, stream, pq, vector_loads);
   // Stream order makes the row terms written above visible to this kernel.
   const FusedParams pk = with_plan(params, tiling::tc_dkdv_keys(),
                                    tiling::tc_dkdv_queries(Bucket), false);
-  tc_dkdv_kernel<T, Bucket><<<fused_grid(pk, pk.heads_kv, batch, "na_backward"),
-                              tiling::kThreads, 0, stream>>>(pk, vector_loads);
+  launch(tc_dkdv_kernel<T, Bucket>, fused_grid(pk, pk.heads_kv, batch, "na_backward"), tiling::kThreads, stream, pk, vector_loads);
   return true;
 }
 
@@ -363,4 +362,4 @@ bool launch_tc_backward(const FusedParams& p, int bucket, std::int64_t batch,
   });
 }
 
-}  // namespace libna::cuda_impl
+}  // namespace libna::LIBNA_CUDA_IMPL

@@ -22,7 +22,7 @@
 #include "fused.cuh"
 #include "libna/mma_layout.h"
 
-namespace libna::cuda_impl {
+namespace libna::LIBNA_CUDA_IMPL {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -31,11 +31,9 @@ constexpr float kLn2 = 0.6931471805599453f;
 template <typename T>
 __device__ __forceinline__ std::uint32_t pack2(float lo, float hi) {
   if constexpr (std::is_same_v<T, __half>) {
-    const __half2 x = __floats2half2_rn(lo, hi);
-    return reinterpret_cast<const std::uint32_t&>(x);
+    return bits32(__floats2half2_rn(lo, hi));
   } else {
-    const __nv_bfloat162 x = __floats2bfloat162_rn(lo, hi);
-    return reinterpret_cast<const std::uint32_t&>(x);
+    return bits32(__floats2bfloat162_rn(lo, hi));
   }
 }
 
@@ -57,6 +55,9 @@ __device__ __forceinline__ void mma_16816(float* d, const std::uint32_t* a,
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
+#elif defined(LIBNA_CUDA_EMULATOR)
+  emulator::mma_m16n8k16<std::is_same_v<T, __half> ? emulator::Operand::f16
+                                                    : emulator::Operand::bf16>(d, a, b);
 #endif
 }
 
@@ -76,6 +77,8 @@ __device__ __forceinline__ void ldmatrix_x4(std::uint32_t* r, const void* row) {
                  : "r"(address)
                  : "memory");
   }
+#elif defined(LIBNA_CUDA_EMULATOR)
+  emulator::ldmatrix_x4(r, row, Trans);
 #endif
 }
 
@@ -128,7 +131,7 @@ template <typename T>
 __device__ __forceinline__ uint4 load_8(const View& v, std::int64_t row, int d0, int dim,
                                         bool vector) {
   if (vector) {
-    return d0 < dim ? *reinterpret_cast<const uint4*>(static_cast<const T*>(v.data) + row + d0)
+    return d0 < dim ? *global_element<const uint4>(static_cast<const T*>(v.data) + row + d0, 0, false)
                     : uint4{0u, 0u, 0u, 0u};
   }
   std::uint32_t x[4];
@@ -184,14 +187,14 @@ __device__ void load_tc_key_tile(const FusedParams& p, const tiling::Block& blk,
 template <typename T, int Bucket>
 __global__ void __launch_bounds__(tiling::kThreads, 1)
     tc_forward_kernel(const FusedParams p, const unsigned vector_loads) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if LIBNA_TENSOR_CORES
   constexpr int kKeys = tiling::tc_forward_keys(Bucket);
   constexpr int kDimChunks = Bucket / mma::kK;  // k steps of Q K^T
   constexpr int kKeyChunks = kKeys / mma::kK;   // k steps of P V
   constexpr int kKeyTiles = kKeys / mma::kN;    // n tiles of S
   constexpr int kDimTiles = Bucket / mma::kN;   // n tiles of O
   static_assert(tiling::tc_forward_queries() == tiling::kThreads / mma::kWarpSize * mma::kM);
-  __shared__ TcKeyTile<T, Bucket, kKeys> kt;
+  LIBNA_SHARED(kt, TcKeyTile<T, Bucket, kKeys>);
 
   const tiling::Block blk = tiling::make_block(p.plan, blockIdx.x);
   if (blk.empty) return;
@@ -321,7 +324,7 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
       }
     }
     if (p.lse.data && mma::thread_in_group(lane) == 0) {
-      static_cast<float*>(p.lse.data)[p.lse.row(b, rows[r].coord, h)] =
+      *global_element<float>(p.lse.data, p.lse.row(b, rows[r].coord, h), true) =
           (row_max[r] + log2f(sum)) * kLn2;
     }
   }
@@ -360,8 +363,7 @@ bool tc_forward_bucket(const FusedParams& params, std::int64_t batch, cudaStream
   if (!runs_sm80_code(tc_forward_kernel<T, Bucket>)) return false;
   const FusedParams p = with_plan(params, tiling::tc_forward_queries(),
                                   tiling::tc_forward_keys(Bucket), true);
-  tc_forward_kernel<T, Bucket><<<fused_grid(p, p.heads, batch, "na_forward"), tiling::kThreads,
-                                 0, stream>>>(p, vector_load_flags<T>(p));
+  launch(tc_forward_kernel<T, Bucket>, fused_grid(p, p.heads, batch, "na_forward"), tiling::kThreads, stream, p, vector_load_flags<T>(p));
   return true;
 }
 
@@ -373,4 +375,4 @@ bool launch_tc_forward(const FusedParams& p, int bucket, std::int64_t batch,
   });
 }
 
-}  // namespace libna::cuda_impl
+}  // namespace libna::LIBNA_CUDA_IMPL

@@ -8,7 +8,7 @@
 
 #include "common.cuh"
 
-namespace libna::cuda_impl {
+namespace libna::LIBNA_CUDA_IMPL {
 namespace {
 
 constexpr float kNegInf = -INFINITY;
@@ -182,8 +182,7 @@ void launch_store_bias_grad(const float* acc, const BiasView& grad, const AxisPa
                             int heads, cudaStream_t stream) {
   const std::int64_t total = heads * (2 * axes[0].kernel - 1) * (2 * axes[1].kernel - 1) *
                           (2 * axes[2].kernel - 1);
-  store_bias_grad_kernel<T><<<grid_for(total), kBlock, 0, stream>>>(acc, grad, axes[0], axes[1],
-                                                                    axes[2], heads);
+  launch(store_bias_grad_kernel<T>, grid_for(total), kBlock, stream, acc, grad, axes[0], axes[1], axes[2], heads);
 }
 
 template <typename T>
@@ -191,25 +190,21 @@ void launch_unfused(UnfusedOp op, const UnfusedParams& p, cudaStream_t stream) {
   const std::int64_t rows = p.batch * p.tokens;
   switch (op) {
     case UnfusedOp::qk:
-      qk_kernel<T><<<grid_for(rows * p.heads * p.slots), kBlock, 0, stream>>>(p);
+      launch(qk_kernel<T>, grid_for(rows * p.heads * p.slots), kBlock, stream, p);
       break;
     case UnfusedOp::av:
-      slot_gather_kernel<T><<<grid_for(rows * p.heads * p.dim), kBlock, 0, stream>>>(
-          p, p.attn, p.v, p.out);
+      launch(slot_gather_kernel<T>, grid_for(rows * p.heads * p.dim), kBlock, stream, p, p.attn, p.v, p.out);
       break;
     case UnfusedOp::qk_backward:  // p.dim: head dim of q and k
-      slot_gather_kernel<T><<<grid_for(rows * p.heads * p.dim), kBlock, 0, stream>>>(
-          p, p.dattn, p.k, p.dq);
-      key_grad_kernel<T><<<grid_for(rows * p.heads_kv * p.dim), kBlock, 0, stream>>>(
-          p, p.dattn, p.q, p.dk);
+      launch(slot_gather_kernel<T>, grid_for(rows * p.heads * p.dim), kBlock, stream, p, p.dattn, p.k, p.dq);
+      launch(key_grad_kernel<T>, grid_for(rows * p.heads_kv * p.dim), kBlock, stream, p, p.dattn, p.q, p.dk);
       if (p.bias_grad) {
-        qk_bias_grad_kernel<T><<<grid_for(rows * p.heads * p.slots), kBlock, 0, stream>>>(p);
+        launch(qk_bias_grad_kernel<T>, grid_for(rows * p.heads * p.slots), kBlock, stream, p);
       }
       break;
     case UnfusedOp::av_backward:  // p.dim: head dim of v
-      av_dattn_kernel<T><<<grid_for(rows * p.heads * p.slots), kBlock, 0, stream>>>(p);
-      key_grad_kernel<T><<<grid_for(rows * p.heads_kv * p.dim), kBlock, 0, stream>>>(
-          p, p.attn, p.dout, p.dv);
+      launch(av_dattn_kernel<T>, grid_for(rows * p.heads * p.slots), kBlock, stream, p);
+      launch(key_grad_kernel<T>, grid_for(rows * p.heads_kv * p.dim), kBlock, stream, p, p.attn, p.dout, p.dv);
       break;
   }
 }
@@ -222,4 +217,4 @@ LIBNA_INSTANTIATE_UNFUSED(float)
 LIBNA_INSTANTIATE_UNFUSED(__half)
 LIBNA_INSTANTIATE_UNFUSED(__nv_bfloat16)
 
-}  // namespace libna::cuda_impl
+}  // namespace libna::LIBNA_CUDA_IMPL

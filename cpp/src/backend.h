@@ -92,37 +92,45 @@ struct MergeBackwardArgs {
   void* stream;
 };
 
+// One backend: the entry points of one device's kernels, looked up once per
+// call by ops.cpp (backend_for). A null entry is an op the backend does not
+// implement; calling it gives one "not implemented on <name>" error.
+// Adding a backend: define a Backend in its own directory, return it from a
+// function declared below, and name it in backend_for (ops.cpp) and in
+// build_info (info.cpp).
+struct Backend {
+  const char* name;  // as build_info()["backends"] lists it
+  void (*na_forward)(const ForwardArgs&);
+  void (*na_qk)(const QkArgs&);
+  void (*na_av)(const AvArgs&);
+  void (*na_backward)(const BackwardArgs&);
+  void (*na_qk_backward)(const QkBackwardArgs&);
+  void (*na_av_backward)(const AvBackwardArgs&);
+  void (*na_additional_forward)(const AdditionalArgs&);
+  void (*na_additional_backward)(const AdditionalBackwardArgs&);
+  void (*merge_attentions)(const MergeArgs&);
+  void (*merge_attentions_backward)(const MergeBackwardArgs&);
+};
+
 }  // namespace libna::detail
 
 namespace libna::cpu {
-void na_forward(const detail::ForwardArgs& args);
-void na_qk(const detail::QkArgs& args);
-void na_av(const detail::AvArgs& args);
-void na_backward(const detail::BackwardArgs& args);
-void na_qk_backward(const detail::QkBackwardArgs& args);
-void na_av_backward(const detail::AvBackwardArgs& args);
-void na_additional_forward(const detail::AdditionalArgs& args);
-void na_additional_backward(const detail::AdditionalBackwardArgs& args);
-void merge_attentions(const detail::MergeArgs& args);
-void merge_attentions_backward(const detail::MergeBackwardArgs& args);
+const detail::Backend& backend();
 // "avx2" or "portable": the vectorised kernels this process runs (LIBNA_CPU_KERNELS).
 std::string kernel_set_name();
 std::string simd_level();
 }  // namespace libna::cpu
 
-// Implemented in cuda/; a build without CUDA links cuda/no_cuda.cpp, which
-// provides the same symbols and throws "built without CUDA".
+// cuda/backend.cu; a build without CUDA links cuda/no_cuda.cpp instead,
+// whose backend() is null.
 namespace libna::cuda {
-bool compiled();
+const detail::Backend* backend();
 std::vector<std::string> architectures();
-void na_forward(const detail::ForwardArgs& args);
-void na_qk(const detail::QkArgs& args);
-void na_av(const detail::AvArgs& args);
-void na_backward(const detail::BackwardArgs& args);
-void na_qk_backward(const detail::QkBackwardArgs& args);
-void na_av_backward(const detail::AvBackwardArgs& args);
-void na_additional_forward(const detail::AdditionalArgs& args);
-void na_additional_backward(const detail::AdditionalBackwardArgs& args);
-void merge_attentions(const detail::MergeArgs& args);
-void merge_attentions_backward(const detail::MergeBackwardArgs& args);
 }  // namespace libna::cuda
+
+// The same cuda/backend.cu compiled for the host, running the kernels under
+// cuda/emulator (a build with LIBNA_CUDA_EMULATOR=ON); null otherwise.
+// set_cuda_emulator (na.h) routes CPU tensors to it.
+namespace libna::cuda_emulator {
+const detail::Backend* backend();
+}  // namespace libna::cuda_emulator

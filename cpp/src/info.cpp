@@ -35,7 +35,8 @@ BuildInfo build_info() {
   BuildInfo info;
   info.version = LIBNA_VERSION_STRING;
   info.backends = {"cpu"};
-  if (cuda::compiled()) info.backends.push_back("cuda");
+  if (cuda::backend() != nullptr) info.backends.push_back("cuda");
+  if (cuda_emulator::backend() != nullptr) info.backends.push_back("cuda-emulator");
   info.cuda_architectures = cuda::architectures();
   info.cpu_kernels = cpu::kernel_set_name();
   info.simd = cpu::simd_level();

@@ -1,5 +1,6 @@
 // The op layer: validate once, with the op name and the offending values in
 // every message, then route by device.
+#include <atomic>
 #include <cmath>
 #include <sstream>
 #include <stdexcept>
@@ -14,6 +15,76 @@ namespace libna {
 std::string op_name(const NaParams& params, const char* suffix) {
   return "na" + std::to_string(params.rank) + "d" + suffix;
 }
+
+namespace {
+
+std::atomic<int> emulated_arch{0};
+std::atomic<bool> emulator_checks{false};
+
+// The name of the op that `args` belong to, for "not implemented" errors.
+std::string op_of(const detail::ForwardArgs& a) { return op_name(a.params); }
+std::string op_of(const detail::QkArgs& a) { return op_name(a.params, "_qk"); }
+std::string op_of(const detail::AvArgs& a) { return op_name(a.params, "_av"); }
+std::string op_of(const detail::BackwardArgs& a) { return op_name(a.params, "_backward"); }
+std::string op_of(const detail::QkBackwardArgs& a) { return op_name(a.params, "_qk_backward"); }
+std::string op_of(const detail::AvBackwardArgs& a) { return op_name(a.params, "_av_backward"); }
+std::string op_of(const detail::AdditionalArgs& a) {
+  return "na" + std::to_string(a.rank) + "d (additional_keys)";
+}
+std::string op_of(const detail::AdditionalBackwardArgs& a) {
+  return "na" + std::to_string(a.rank) + "d_backward (additional_keys)";
+}
+std::string op_of(const detail::MergeArgs&) { return "merge_attentions"; }
+std::string op_of(const detail::MergeBackwardArgs&) { return "merge_attentions_backward"; }
+
+// The backend that runs tensors on `device`.
+const detail::Backend& backend_for(const Device& device, const std::string& op) {
+  if (device.type == DeviceType::cuda) {
+    if (const detail::Backend* cuda = cuda::backend()) return *cuda;
+    throw std::runtime_error("[" + op + "] got CUDA tensors, but libna was built without CUDA "
+                             "(rebuild with a CUDA compiler and LIBNA_CUDA=ON)");
+  }
+  if (emulated_arch.load(std::memory_order_relaxed) != 0) {
+    if (const detail::Backend* emulator = cuda_emulator::backend()) return *emulator;
+  }
+  return cpu::backend();
+}
+
+template <typename Args>
+using Entry = void (*)(const Args&);
+
+// Runs `entry` of the backend of `device` on validated `args`.
+template <typename Args>
+void run(Entry<Args> detail::Backend::*entry, const Device& device, const Args& args) {
+  const detail::Backend& backend = backend_for(device, op_of(args));
+  const Entry<Args> f = backend.*entry;
+  if (f == nullptr) {
+    throw std::runtime_error("[" + op_of(args) + "] is not implemented on the " + backend.name +
+                             " backend yet; run it on CPU arrays");
+  }
+  f(args);
+}
+
+}  // namespace
+
+void set_cuda_emulator(int arch, bool checks) {
+  if (arch != 0 && cuda_emulator::backend() == nullptr) {
+    throw std::runtime_error(
+        "libna was built without the CUDA emulator; rebuild with "
+        "-C cmake.define.LIBNA_CUDA_EMULATOR=ON (pip) or -DLIBNA_CUDA_EMULATOR=ON (CMake)");
+  }
+  if (arch != 0 && arch != 75 && arch != 80 && arch != 86 && arch != 89 && arch != 90) {
+    throw std::invalid_argument("[cuda_emulator] arch=" + std::to_string(arch) +
+                                " is not supported; expected one of 75, 80, 86, 89, 90 "
+                                "(75 runs the SIMT kernels only, 80 and up also the tensor-core "
+                                "kernels), or 0 to turn the emulator off");
+  }
+  emulated_arch.store(arch, std::memory_order_relaxed);
+  emulator_checks.store(arch != 0 && checks, std::memory_order_relaxed);
+}
+
+int cuda_emulator_arch() { return emulated_arch.load(std::memory_order_relaxed); }
+bool cuda_emulator_checks() { return emulator_checks.load(std::memory_order_relaxed); }
 
 namespace {
 
@@ -266,11 +337,7 @@ void na_forward(const TensorView& q, const TensorView& k, const TensorView& v,
   const double scale =
       params.scale ? *params.scale : 1.0 / std::sqrt(static_cast<double>(q.shape[n + 2]));
   const detail::ForwardArgs args{q, k, v, rpb, out, lse, params, scale, stream};
-  if (q.device.type == DeviceType::cuda) {
-    cuda::na_forward(args);
-  } else {
-    cpu::na_forward(args);
-  }
+  run(&detail::Backend::na_forward, q.device, args);
 }
 
 void check_na_qk(const TensorView& q, const TensorView& k, const TensorView* rpb,
@@ -288,11 +355,7 @@ void na_qk(const TensorView& q, const TensorView& k, const TensorView* rpb,
   Checker c(params, "_qk");
   check_output_like(c, "attn", attn, q.with_last_dim(params.window_size()), q.dtype, q);
   const detail::QkArgs args{q, k, rpb, attn, params, stream};
-  if (q.device.type == DeviceType::cuda) {
-    cuda::na_qk(args);
-  } else {
-    cpu::na_qk(args);
-  }
+  run(&detail::Backend::na_qk, q.device, args);
 }
 
 void check_na_av(const TensorView& attn, const TensorView& v, const NaParams& params) {
@@ -323,11 +386,7 @@ void na_av(const TensorView& attn, const TensorView& v, const TensorView& out,
   const int n = params.rank;
   check_output_like(c, "out", out, attn.with_last_dim(v.shape[n + 2]), attn.dtype, attn);
   const detail::AvArgs args{attn, v, out, params, stream};
-  if (attn.device.type == DeviceType::cuda) {
-    cuda::na_av(args);
-  } else {
-    cpu::na_av(args);
-  }
+  run(&detail::Backend::na_av, attn.device, args);
 }
 
 void check_na_backward(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -361,11 +420,7 @@ void na_backward(const TensorView& q, const TensorView& k, const TensorView& v,
       params.scale ? *params.scale : 1.0 / std::sqrt(static_cast<double>(q.shape[n + 2]));
   const detail::BackwardArgs args{q, k, v, rpb, out, dout, lse, dq, dk, dv, drpb,
                                   params, scale, stream};
-  if (q.device.type == DeviceType::cuda) {
-    cuda::na_backward(args);
-  } else {
-    cpu::na_backward(args);
-  }
+  run(&detail::Backend::na_backward, q.device, args);
 }
 
 void check_na_qk_backward(const TensorView& dattn, const TensorView& q, const TensorView& k,
@@ -384,11 +439,7 @@ void na_qk_backward(const TensorView& dattn, const TensorView& q, const TensorVi
   check_output_like(c, "dq", dq, q, q.dtype, q);
   check_output_like(c, "dk", dk, k, q.dtype, q);
   const detail::QkBackwardArgs args{dattn, q, k, dq, dk, drpb, params, stream};
-  if (q.device.type == DeviceType::cuda) {
-    cuda::na_qk_backward(args);
-  } else {
-    cpu::na_qk_backward(args);
-  }
+  run(&detail::Backend::na_qk_backward, q.device, args);
 }
 
 void check_na_av_backward(const TensorView& dout, const TensorView& attn, const TensorView& v,
@@ -407,11 +458,7 @@ void na_av_backward(const TensorView& dout, const TensorView& attn, const Tensor
   check_output_like(c, "dattn", dattn, attn, attn.dtype, attn);
   check_output_like(c, "dv", dv, v, attn.dtype, attn);
   const detail::AvBackwardArgs args{dout, attn, v, dattn, dv, params, stream};
-  if (attn.device.type == DeviceType::cuda) {
-    cuda::na_av_backward(args);
-  } else {
-    cpu::na_av_backward(args);
-  }
+  run(&detail::Backend::na_av_backward, attn.device, args);
 }
 
 // ---- composition: additional keys and merging ---------------------------------
@@ -477,11 +524,7 @@ void na_additional_forward(const TensorView& q, const TensorView& additional_key
   const detail::AdditionalArgs args{q,   additional_keys, additional_values,
                                     out, lse,             params.rank,
                                     resolve_scale(params, q), stream};
-  if (q.device.type == DeviceType::cuda) {
-    cuda::na_additional_forward(args);
-  } else {
-    cpu::na_additional_forward(args);
-  }
+  run(&detail::Backend::na_additional_forward, q.device, args);
 }
 
 void check_na_additional_backward(const TensorView& q, const TensorView& additional_keys,
@@ -511,11 +554,7 @@ void na_additional_backward(const TensorView& q, const TensorView& additional_ke
   const detail::AdditionalBackwardArgs args{q,  additional_keys, additional_values, out, dout,
                                             lse, dq, dk, dv, params.rank,
                                             resolve_scale(params, q), stream};
-  if (q.device.type == DeviceType::cuda) {
-    cuda::na_additional_backward(args);
-  } else {
-    cpu::na_additional_backward(args);
-  }
+  run(&detail::Backend::na_additional_backward, q.device, args);
 }
 
 namespace {
@@ -581,11 +620,7 @@ void merge_attentions(const std::vector<TensorView>& outs, const std::vector<Ten
   merge_like(op, "output out", out, first, first.dtype, first);
   merge_like(op, "output lse", lse, first.with_last_dim(-1), lse_dtype(first.dtype), first);
   const detail::MergeArgs args{outs, lses, out, lse, stream};
-  if (first.device.type == DeviceType::cuda) {
-    cuda::merge_attentions(args);
-  } else {
-    cpu::merge_attentions(args);
-  }
+  run(&detail::Backend::merge_attentions, first.device, args);
 }
 
 void check_merge_attentions_backward(const std::vector<TensorView>& outs,
@@ -621,11 +656,7 @@ void merge_attentions_backward(const std::vector<TensorView>& outs,
                lse_dtype(first.dtype), first);
   }
   const detail::MergeBackwardArgs args{outs, lses, out, lse, dout, dlse, douts, dlses, stream};
-  if (first.device.type == DeviceType::cuda) {
-    cuda::merge_attentions_backward(args);
-  } else {
-    cpu::merge_attentions_backward(args);
-  }
+  run(&detail::Backend::merge_attentions_backward, first.device, args);
 }
 
 }  // namespace libna

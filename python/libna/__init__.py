@@ -8,6 +8,7 @@ NumPy in gives NumPy out, torch in gives torch out; see ``libna.build_info()``.
 
 from __future__ import annotations
 
+import contextlib as _contextlib
 import os as _os
 import warnings as _warnings
 
@@ -77,6 +78,51 @@ def build_info() -> dict:
     return info
 
 
+_EMULATED_ARCHS = (75, 80, 86, 89, 90)
+
+
+@_public
+def cuda_emulator(arch: int = 80, *, checks: bool = False):
+    """Runs the CUDA backend's kernels on the CPU, for testing without a GPU.
+
+    Inside ``with libna.cuda_emulator(arch=80):``, calls on CPU arrays (NumPy,
+    torch CPU tensors, ...) run the CUDA backend's entry points on the host,
+    under an emulation of the CUDA execution model (threads, barriers, warp
+    shuffles, shared memory, mma.sync and ldmatrix; see cuda/emulator/),
+    choosing kernels as a GPU of compute capability ``arch`` would: 75 takes
+    the SIMT kernels only, 80, 86, 89 and 90 the tensor-core kernels for
+    float16 and bfloat16. ``checks=True`` runs a block's threads in a random
+    order between barriers and checks every global access against the call's
+    tensors (slower). Results and errors are the CUDA backend's (float64 is
+    refused as on a GPU). Process-wide: it affects calls from every thread
+    until the block exits. Needs a build with the emulator
+    (``pip install -C cmake.define.LIBNA_CUDA_EMULATOR=ON .``); RuntimeError
+    otherwise."""
+    if isinstance(arch, bool) or not _is_int(arch):
+        raise TypeError(f"[cuda_emulator] arch={arch!r} must be an int, one of {_EMULATED_ARCHS}")
+    if not isinstance(checks, bool):
+        raise TypeError(f"[cuda_emulator] checks={checks!r} must be a bool")
+    if _C is None or "cuda-emulator" not in _C.build_info()["backends"]:
+        raise RuntimeError(
+            "[cuda_emulator] this build of libna has no CUDA emulator; build it with "
+            "pip install -C cmake.define.LIBNA_CUDA_EMULATOR=ON . "
+            "(or -DLIBNA_CUDA_EMULATOR=ON with CMake)")
+    if arch not in _EMULATED_ARCHS:
+        raise ValueError(f"[cuda_emulator] arch={arch} is not supported; expected one of "
+                         f"{_EMULATED_ARCHS} (75: SIMT kernels only; 80 and up: also tensor cores)")
+    return _emulating(int(arch), checks)
+
+
+@_contextlib.contextmanager
+def _emulating(arch: int, checks: bool):
+    previous = (_C.cuda_emulator_arch(), _C.cuda_emulator_checks())
+    _C.set_cuda_emulator(arch, checks)
+    try:
+        yield
+    finally:
+        _C.set_cuda_emulator(*previous)
+
+
 @_public
 def cmake_dir() -> str:
     """Directory holding libnaConfig.cmake, for find_package(libna)."""
@@ -93,5 +139,5 @@ __all__ = [
     *_OPS,
     "merge_attentions", "merge_attentions_backward",
     "build_info", "set_num_threads", "get_num_threads",
-    "cmake_dir", "include_dir", "reference",
+    "cmake_dir", "include_dir", "reference", "cuda_emulator",
 ]

@@ -452,4 +452,7 @@ NB_MODULE(_C, m) {
   m.def("get_num_threads", &libna::get_num_threads);
   m.attr("max_num_threads") = libna::kMaxNumThreads;
   m.def("environment_warnings", &libna::environment_warnings);
+  m.def("set_cuda_emulator", &libna::set_cuda_emulator, nb::arg("arch"), nb::arg("checks") = false);
+  m.def("cuda_emulator_arch", &libna::cuda_emulator_arch);
+  m.def("cuda_emulator_checks", &libna::cuda_emulator_checks);
 }

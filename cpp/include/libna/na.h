@@ -182,6 +182,19 @@ LIBNA_API void check_merge_attentions_backward(const std::vector<TensorView>& ou
 // from LIBNA_NUM_THREADS, else the cores this process may run on.
 inline constexpr int kMaxNumThreads = 1024;
 LIBNA_API void set_num_threads(int num_threads);
+
+// Testing the CUDA backend without a GPU (a build with LIBNA_CUDA_EMULATOR=ON):
+// while `arch` is set (75, 80, 86, 89 or 90; 0 turns it off), calls on CPU
+// tensors run the CUDA backend's kernels on the host under an emulation of
+// the CUDA execution model, choosing kernels as a GPU of that compute
+// capability would (75: SIMT only; 80 and up: tensor cores for float16 and
+// bfloat16). `checks` randomises the order in which the threads of a block
+// run between barriers and checks shared-memory and global accesses (see
+// cuda/emulator/). Process-wide; throws std::runtime_error in a build without
+// the emulator and std::invalid_argument for another arch.
+LIBNA_API void set_cuda_emulator(int arch, bool checks = false);
+LIBNA_API int cuda_emulator_arch();
+LIBNA_API bool cuda_emulator_checks();
 LIBNA_API int get_num_threads();
 
 // libna reads its environment variables (LIBNA_NUM_THREADS,

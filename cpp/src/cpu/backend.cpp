@@ -126,6 +126,21 @@ void na_av_backward(const detail::AvBackwardArgs& args) {
   LIBNA_DISPATCH_FAST(na_av_backward, args, args.attn.dtype);
 }
 
+// additional.cpp: additional keys and values, and merging partial attentions.
+void na_additional_forward(const detail::AdditionalArgs& args);
+void na_additional_backward(const detail::AdditionalBackwardArgs& args);
+void merge_attentions(const detail::MergeArgs& args);
+void merge_attentions_backward(const detail::MergeBackwardArgs& args);
+
+const detail::Backend& backend() {
+  static const detail::Backend table{
+      "cpu",          &na_forward,           &na_qk,
+      &na_av,         &na_backward,          &na_qk_backward,
+      &na_av_backward, &na_additional_forward, &na_additional_backward,
+      &merge_attentions, &merge_attentions_backward};
+  return table;
+}
+
 std::string kernel_set_name() { return kernel_set() == KernelSet::avx2 ? "avx2" : "portable"; }
 
 std::string simd_level() {

@@ -1,0 +1,3 @@
+// The CUDA header cuda_bf16.h, as the host emulation provides it (see emulator.h).
+#pragma once
+#include "emulator.h"

@@ -1,0 +1,7 @@
+// Linked when libna is built without the CUDA emulator (LIBNA_CUDA_EMULATOR=OFF):
+// no backend table, so set_cuda_emulator refuses to turn it on.
+#include "backend.h"
+
+namespace libna::cuda_emulator {
+const detail::Backend* backend() { return nullptr; }
+}  // namespace libna::cuda_emulator
