@@ -65,14 +65,16 @@ struct Identity {
   using type = T;
 };
 
-// kernel<<<grid, block, 0, stream>>>(args...).
+// kernel<<<grid, block, 0, stream>>>(args...); `name` names the kernel in
+// the emulator's launch log and errors.
 template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
-            Args&&... args) {
+void launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block,
+            cudaStream_t stream, Args&&... args) {
 #if defined(LIBNA_CUDA_EMULATOR)
-  emulator::launch(grid, block, [&] { kernel(args...); });
+  emulator::launch(name, grid, block, [&] { kernel(args...); });
   (void)stream;
 #else
+  (void)name;
   kernel<<<grid, block, 0, stream>>>(std::forward<Args>(args)...);
 #endif
 }

@@ -492,18 +492,18 @@ template <typename T, int Bucket>
 void forward_bucket(const FusedParams& params, std::int64_t batch, cudaStream_t stream) {
   const FusedParams p = with_plan(params, tiling::forward_queries(Bucket),
                                   tiling::forward_keys(Bucket), true);
-  launch(fused_forward_kernel<T, Bucket>, fused_grid(p, p.heads, batch, "na_forward"), tiling::kThreads, stream, p);
+  launch("fused_forward_kernel", fused_forward_kernel<T, Bucket>, fused_grid(p, p.heads, batch, "na_forward"), tiling::kThreads, stream, p);
 }
 
 template <typename T, int Bucket>
 void backward_bucket(const FusedParams& params, std::int64_t batch, cudaStream_t stream) {
   const FusedParams pq = with_plan(params, tiling::dq_queries(Bucket),
                                    tiling::forward_keys(Bucket), true);
-  launch(fused_dq_kernel<T, Bucket>, fused_grid(pq, pq.heads, batch, "na_backward"), tiling::kThreads, stream, pq);
+  launch("fused_dq_kernel", fused_dq_kernel<T, Bucket>, fused_grid(pq, pq.heads, batch, "na_backward"), tiling::kThreads, stream, pq);
   // Stream order makes the row terms written above visible to this kernel.
   const FusedParams pk = with_plan(params, tiling::backward_keys(Bucket),
                                    tiling::backward_queries(Bucket), false);
-  launch(fused_dkdv_kernel<T, Bucket>, fused_grid(pk, pk.heads_kv, batch, "na_backward"), tiling::kThreads, stream, pk);
+  launch("fused_dkdv_kernel", fused_dkdv_kernel<T, Bucket>, fused_grid(pk, pk.heads_kv, batch, "na_backward"), tiling::kThreads, stream, pk);
 }
 
 template <typename F>

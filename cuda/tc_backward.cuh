@@ -346,11 +346,11 @@ bool tc_backward_bucket(const FusedParams& params, std::int64_t batch, cudaStrea
   const unsigned vector_loads = vector_load_flags<T>(params);
   const FusedParams pq = with_plan(params, tiling::tc_forward_queries(),
                                    tiling::tc_dq_keys(Bucket), true);
-  launch(tc_dq_kernel<T, Bucket>, fused_grid(pq, pq.heads, batch, "na_backward"), tiling::kThreads, stream, pq, vector_loads);
+  launch("tc_dq_kernel", tc_dq_kernel<T, Bucket>, fused_grid(pq, pq.heads, batch, "na_backward"), tiling::kThreads, stream, pq, vector_loads);
   // Stream order makes the row terms written above visible to this kernel.
   const FusedParams pk = with_plan(params, tiling::tc_dkdv_keys(),
                                    tiling::tc_dkdv_queries(Bucket), false);
-  launch(tc_dkdv_kernel<T, Bucket>, fused_grid(pk, pk.heads_kv, batch, "na_backward"), tiling::kThreads, stream, pk, vector_loads);
+  launch("tc_dkdv_kernel", tc_dkdv_kernel<T, Bucket>, fused_grid(pk, pk.heads_kv, batch, "na_backward"), tiling::kThreads, stream, pk, vector_loads);
   return true;
 }
 

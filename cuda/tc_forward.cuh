@@ -363,7 +363,7 @@ bool tc_forward_bucket(const FusedParams& params, std::int64_t batch, cudaStream
   if (!runs_sm80_code(tc_forward_kernel<T, Bucket>)) return false;
   const FusedParams p = with_plan(params, tiling::tc_forward_queries(),
                                   tiling::tc_forward_keys(Bucket), true);
-  launch(tc_forward_kernel<T, Bucket>, fused_grid(p, p.heads, batch, "na_forward"), tiling::kThreads, stream, p, vector_load_flags<T>(p));
+  launch("tc_forward_kernel", tc_forward_kernel<T, Bucket>, fused_grid(p, p.heads, batch, "na_forward"), tiling::kThreads, stream, p, vector_load_flags<T>(p));
   return true;
 }
 

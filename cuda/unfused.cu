@@ -182,7 +182,7 @@ void launch_store_bias_grad(const float* acc, const BiasView& grad, const AxisPa
                             int heads, cudaStream_t stream) {
   const std::int64_t total = heads * (2 * axes[0].kernel - 1) * (2 * axes[1].kernel - 1) *
                           (2 * axes[2].kernel - 1);
-  launch(store_bias_grad_kernel<T>, grid_for(total), kBlock, stream, acc, grad, axes[0], axes[1], axes[2], heads);
+  launch("store_bias_grad_kernel", store_bias_grad_kernel<T>, grid_for(total), kBlock, stream, acc, grad, axes[0], axes[1], axes[2], heads);
 }
 
 template <typename T>
@@ -190,21 +190,21 @@ void launch_unfused(UnfusedOp op, const UnfusedParams& p, cudaStream_t stream) {
   const std::int64_t rows = p.batch * p.tokens;
   switch (op) {
     case UnfusedOp::qk:
-      launch(qk_kernel<T>, grid_for(rows * p.heads * p.slots), kBlock, stream, p);
+      launch("qk_kernel", qk_kernel<T>, grid_for(rows * p.heads * p.slots), kBlock, stream, p);
       break;
     case UnfusedOp::av:
-      launch(slot_gather_kernel<T>, grid_for(rows * p.heads * p.dim), kBlock, stream, p, p.attn, p.v, p.out);
+      launch("slot_gather_kernel", slot_gather_kernel<T>, grid_for(rows * p.heads * p.dim), kBlock, stream, p, p.attn, p.v, p.out);
       break;
     case UnfusedOp::qk_backward:  // p.dim: head dim of q and k
-      launch(slot_gather_kernel<T>, grid_for(rows * p.heads * p.dim), kBlock, stream, p, p.dattn, p.k, p.dq);
-      launch(key_grad_kernel<T>, grid_for(rows * p.heads_kv * p.dim), kBlock, stream, p, p.dattn, p.q, p.dk);
+      launch("slot_gather_kernel", slot_gather_kernel<T>, grid_for(rows * p.heads * p.dim), kBlock, stream, p, p.dattn, p.k, p.dq);
+      launch("key_grad_kernel", key_grad_kernel<T>, grid_for(rows * p.heads_kv * p.dim), kBlock, stream, p, p.dattn, p.q, p.dk);
       if (p.bias_grad) {
-        launch(qk_bias_grad_kernel<T>, grid_for(rows * p.heads * p.slots), kBlock, stream, p);
+        launch("qk_bias_grad_kernel", qk_bias_grad_kernel<T>, grid_for(rows * p.heads * p.slots), kBlock, stream, p);
       }
       break;
     case UnfusedOp::av_backward:  // p.dim: head dim of v
-      launch(av_dattn_kernel<T>, grid_for(rows * p.heads * p.slots), kBlock, stream, p);
-      launch(key_grad_kernel<T>, grid_for(rows * p.heads_kv * p.dim), kBlock, stream, p, p.attn, p.dout, p.dv);
+      launch("av_dattn_kernel", av_dattn_kernel<T>, grid_for(rows * p.heads * p.slots), kBlock, stream, p);
+      launch("key_grad_kernel", key_grad_kernel<T>, grid_for(rows * p.heads_kv * p.dim), kBlock, stream, p, p.attn, p.dout, p.dv);
       break;
   }
 }

@@ -133,4 +133,6 @@ std::vector<std::string> architectures();
 // set_cuda_emulator (na.h) routes CPU tensors to it.
 namespace libna::cuda_emulator {
 const detail::Backend* backend();
+// The names of the kernels launched since the last call, in order.
+std::vector<std::string> take_launch_log();
 }  // namespace libna::cuda_emulator

@@ -84,6 +84,7 @@ void set_cuda_emulator(int arch, bool checks) {
 }
 
 int cuda_emulator_arch() { return emulated_arch.load(std::memory_order_relaxed); }
+std::vector<std::string> cuda_emulator_launches() { return cuda_emulator::take_launch_log(); }
 bool cuda_emulator_checks() { return emulator_checks.load(std::memory_order_relaxed); }
 
 namespace {

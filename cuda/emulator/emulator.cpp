@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu/thread_pool.h"
+#include "backend.h"
 #include "libna/na.h"
 #include "numeric.h"
 
@@ -491,6 +492,7 @@ bool inside(std::uintptr_t p, std::size_t bytes) {
 }
 
 std::atomic<unsigned> launches{0};
+std::vector<std::string> launch_log;  // kernel names, until taken
 
 }  // namespace
 
@@ -719,7 +721,13 @@ void register_global(const void* lowest, const void* end) {
 
 int architecture() { return cuda_emulator_arch(); }
 
-void launch(dim3 grid, dim3 block, void (*body)(void*), void* context) {
+
+
+void launch(const char* name, dim3 grid, dim3 block, void (*body)(void*), void* context) {
+  {
+    std::lock_guard<std::mutex> lock(globals_mutex);
+    launch_log.push_back(name);
+  }
   const std::int64_t blocks = static_cast<std::int64_t>(grid.x) * grid.y * grid.z;
   if (block.x * block.y * block.z == 0 || block.x * block.y * block.z > 1024) {
     throw std::runtime_error("[cuda emulator] invalid block size " + std::to_string(block.x) +
@@ -761,10 +769,19 @@ void launch(dim3 grid, dim3 block, void (*body)(void*), void* context) {
     this_block = nullptr;
   });
   checks_enabled = false;
-  if (!error.empty()) throw std::runtime_error("[cuda emulator] " + error);
+  if (!error.empty()) throw std::runtime_error(std::string("[cuda emulator] ") + name + ": " + error);
 }
 
 }  // namespace libna::emulator
+
+namespace libna::cuda_emulator {
+std::vector<std::string> take_launch_log() {
+  std::lock_guard<std::mutex> lock(emulator::globals_mutex);
+  std::vector<std::string> log;
+  log.swap(emulator::launch_log);
+  return log;
+}
+}  // namespace libna::cuda_emulator
 
 // ---- the runtime API ---------------------------------------------------------------------
 const char* cudaGetErrorString(cudaError_t error) {

@@ -136,11 +136,12 @@ void mma_m16n8k16(float* d, const std::uint32_t* a, const std::uint32_t* b) {
 // ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16 with the lane's row address.
 void ldmatrix_x4(std::uint32_t* r, const void* row, bool trans);
 
-// Runs body() as every thread of every block of the grid.
-void launch(dim3 grid, dim3 block, void (*body)(void*), void* context);
+// Runs body() as every thread of every block of the grid of kernel `name`.
+void launch(const char* name, dim3 grid, dim3 block, void (*body)(void*), void* context);
 template <typename Body>
-void launch(dim3 grid, dim3 block, Body&& body) {
-  launch(grid, block, [](void* f) { (*static_cast<std::remove_reference_t<Body>*>(f))(); },
+void launch(const char* name, dim3 grid, dim3 block, Body&& body) {
+  launch(name, grid, block,
+         [](void* f) { (*static_cast<std::remove_reference_t<Body>*>(f))(); },
          const_cast<void*>(static_cast<const void*>(&body)));
 }
 

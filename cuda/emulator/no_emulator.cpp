@@ -4,4 +4,5 @@
 
 namespace libna::cuda_emulator {
 const detail::Backend* backend() { return nullptr; }
+std::vector<std::string> take_launch_log() { return {}; }
 }  // namespace libna::cuda_emulator

@@ -455,4 +455,5 @@ NB_MODULE(_C, m) {
   m.def("set_cuda_emulator", &libna::set_cuda_emulator, nb::arg("arch"), nb::arg("checks") = false);
   m.def("cuda_emulator_arch", &libna::cuda_emulator_arch);
   m.def("cuda_emulator_checks", &libna::cuda_emulator_checks);
+  m.def("cuda_emulator_launches", &libna::cuda_emulator_launches);
 }

@@ -195,6 +195,8 @@ LIBNA_API void set_num_threads(int num_threads);
 LIBNA_API void set_cuda_emulator(int arch, bool checks = false);
 LIBNA_API int cuda_emulator_arch();
 LIBNA_API bool cuda_emulator_checks();
+// The kernels the emulator ran since the previous call, by name, in order.
+LIBNA_API std::vector<std::string> cuda_emulator_launches();
 LIBNA_API int get_num_threads();
 
 // libna reads its environment variables (LIBNA_NUM_THREADS,
