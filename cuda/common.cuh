@@ -170,6 +170,23 @@ __device__ __forceinline__ void store(void* base, std::int64_t offset, float x) 
   *global_element<T>(base, offset, true) = from_float<T>(x);
 }
 
+// The edges of softmax, as cpp/src/numeric.h defines them for every backend
+// (README, "Non-finite values"): a query whose logits are all -inf attends to
+// nothing (out 0, lse -inf, no gradient); a +inf logit gives lse +inf and a
+// NaN output.
+// lse from the running maximum logit and sum = sum of exp(logit - shift),
+// where shift is the maximum, or 0 while every logit is -inf.
+__device__ __forceinline__ float softmax_lse(float max_logit, float sum) {
+  if (max_logit == INFINITY) return INFINITY;
+  return (max_logit == -INFINITY ? 0.f : max_logit) + logf(sum);
+}
+// The factor that normalises the weighted sum of values: 0 for a query that
+// attends to nothing (a NaN sum stays NaN).
+__device__ __forceinline__ float softmax_normaliser(float sum) { return sum == 0.f ? 0.f : 1.f / sum; }
+// The lse a backward subtracts from a logit to get its probability: a query
+// that attends to nothing (lse -inf) gets exp(-inf - +inf) = 0, not NaN.
+__device__ __forceinline__ float backward_lse(float lse) { return lse == -INFINITY ? INFINITY : lse; }
+
 // Full-axis coordinates of a token of the padded [L0, L1, L2] grid.
 __host__ __device__ __forceinline__ void token_coords(std::int64_t token, const std::int64_t* length,
                                                       std::int64_t* c) {

@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
   });
 
   if (!query.valid) return;
-  const float inv_sum = 1.f / row_sum;
+  const float inv_sum = softmax_normaliser(row_sum);
   const std::int64_t out_row = p.out.row(b, query.coord, h);
   #pragma unroll
   for (int i = 0; i < kChunk; ++i) {
@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
   }
   if (p.lse.data && me.lane == 0) {
     *global_element<float>(p.lse.data, p.lse.row(b, query.coord, h), true) =
-        row_max + logf(row_sum);
+        softmax_lse(row_max, row_sum);
   }
 }
 
@@ -305,7 +305,7 @@ __device__ void load_query_slots(const FusedParams& p, const tiling::Block& blk,
     if (valid[i]) {
       std::int64_t c[kAxes];
       full_coords(p.plan, blk, pos[i], c);
-      lse[i] = *global_element<const float>(p.lse.data, p.lse.row(b, c, h), false);
+      lse[i] = backward_lse(*global_element<const float>(p.lse.data, p.lse.row(b, c, h), false));
       term[i] = *global_element<const float>(p.row_term, row_term_index(p, b, h, c), false);
     }
   }
@@ -341,8 +341,9 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
   }
   row_term = lane_sum<kLanes>(row_term);
   const float lse =
-      query.valid ? *global_element<const float>(p.lse.data, p.lse.row(b, query.coord, h), false)
-                  : 0.f;
+      query.valid
+          ? backward_lse(*global_element<const float>(p.lse.data, p.lse.row(b, query.coord, h), false))
+          : 0.f;
   if (query.valid && me.lane == 0) {
     *global_element<float>(p.row_term, row_term_index(p, b, h, query.coord), true) = row_term;
   }

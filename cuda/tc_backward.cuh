@@ -169,7 +169,8 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
     term[r] = quad_sum(term[r]);
     const OwnedQuery& q = rows[slot[r]];
     lse_log2[r] =
-        q.valid ? *global_element<const float>(p.lse.data, p.lse.row(b, q.coord, h), false) * kLog2e
+        q.valid ? backward_lse(*global_element<const float>(p.lse.data, p.lse.row(b, q.coord, h),
+                                                            false)) * kLog2e
                 : 0.f;
     if (q.valid && mma::thread_in_group(lane) == 0) {
       *global_element<float>(p.row_term, row_term_index(p, b, h, q.coord), true) = term[r];

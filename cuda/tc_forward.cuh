@@ -313,7 +313,7 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
   for (int r = 0; r < 2; ++r) {
     const float sum = quad_sum(row_sum[r]);
     if (!rows[r].valid) continue;
-    const float inv_sum = 1.f / sum;
+    const float inv_sum = softmax_normaliser(sum);
     const std::int64_t out_row = p.out.row(b, rows[r].coord, h);
     #pragma unroll
     for (int n = 0; n < kDimTiles; ++n) {
@@ -325,7 +325,8 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
     }
     if (p.lse.data && mma::thread_in_group(lane) == 0) {
       *global_element<float>(p.lse.data, p.lse.row(b, rows[r].coord, h), true) =
-          (row_max[r] + log2f(sum)) * kLn2;
+          row_max[r] == INFINITY ? INFINITY
+                                 : ((row_max[r] == kNegInf ? 0.f : row_max[r]) + log2f(sum)) * kLn2;
     }
   }
 #else

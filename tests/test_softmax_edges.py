@@ -3,6 +3,8 @@ and kernel path) and in libna.reference (README, "Non-finite values"): a query
 whose logits are all -inf attends to nothing (out 0, lse -inf, no gradient
 through it); a +inf logit gives lse +inf and a NaN output."""
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -12,6 +14,20 @@ from libna import reference
 ml_dtypes = pytest.importorskip("ml_dtypes")
 DTYPES = [np.float64, np.float32, np.float16, ml_dtypes.bfloat16]
 SPATIAL = {1: (13,), 2: (9, 10), 3: (5, 6, 7)}
+
+
+EMULATOR = libna._C is not None and "cuda-emulator" in libna.build_info()["backends"]
+
+
+def backends(dtype):
+    """(name, module, context) of each backend that runs `dtype`: the CPU
+    kernels, the reference, and the CUDA kernels under the emulator (SIMT at
+    sm_75, tensor cores at sm_80) where it is built."""
+    runs = [("cpu", libna, contextlib.nullcontext), ("reference", reference, contextlib.nullcontext)]
+    if EMULATOR and dtype != np.float64:
+        runs += [(f"cuda-emulated-sm{arch}", libna, lambda arch=arch: libna.cuda_emulator(arch))
+                 for arch in (75, 80)]
+    return runs
 
 
 def problem(rank, dtype, rng, heads=2):
@@ -27,19 +43,19 @@ def problem(rank, dtype, rng, heads=2):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_query_that_sees_nothing(rank, dtype, rng):
     q, k, v, kernel, rpb = problem(rank, dtype, rng)
-    for lib in (libna, reference):
-        na = getattr(lib, f"na{rank}d")
-        out, lse = na(q, k, v, kernel, rpb=rpb, return_lse=True)
-        assert np.all(np.asarray(out[..., 1, :], np.float64) == 0), lib.__name__
-        assert np.all(np.asarray(lse[..., 1]) == -np.inf), lib.__name__
-        assert np.all(np.isfinite(np.asarray(out[..., 0, :], np.float64))), lib.__name__
-        dout = np.ones_like(out)
-        dq, dk, dv, drpb = getattr(lib, f"na{rank}d_backward")(q, k, v, out, dout, lse, kernel,
-                                                             rpb=rpb)
+    for backend, lib, context in backends(dtype):
+        with context():
+            out, lse = getattr(lib, f"na{rank}d")(q, k, v, kernel, rpb=rpb, return_lse=True)
+            dout = np.ones_like(out)
+            dq, dk, dv, drpb = getattr(lib, f"na{rank}d_backward")(q, k, v, out, dout, lse,
+                                                                 kernel, rpb=rpb)
+        assert np.all(np.asarray(out[..., 1, :], np.float64) == 0), backend
+        assert np.all(np.asarray(lse[..., 1]) == -np.inf), backend
+        assert np.all(np.isfinite(np.asarray(out[..., 0, :], np.float64))), backend
         for name, grad in (("dq", dq), ("dk", dk), ("dv", dv), ("drpb", drpb)):
             grad = np.asarray(grad, np.float64)
-            assert np.all(np.isfinite(grad)), (lib.__name__, name)
-            assert np.all(grad[..., 1, :] == 0 if name != "drpb" else grad[1] == 0), (lib.__name__, name)
+            assert np.all(np.isfinite(grad)), (backend, name)
+            assert np.all(grad[..., 1, :] == 0 if name != "drpb" else grad[1] == 0), (backend, name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
@@ -65,11 +81,12 @@ def test_infinite_logit(rank, dtype, rng):
     q, k, v, kernel, _ = problem(rank, dtype, rng)
     rpb = np.zeros((2,) + (5,) * rank, np.float32).astype(dtype)
     rpb[(0,) + (2,) * rank] = np.inf  # the query's own position, head 0
-    for lib in (libna, reference):
-        out, lse = getattr(lib, f"na{rank}d")(q, k, v, kernel, rpb=rpb, return_lse=True)
-        assert np.all(np.asarray(lse[..., 0]) == np.inf), lib.__name__
-        assert np.all(np.isnan(np.asarray(out[..., 0, :], np.float64))), lib.__name__
-        assert np.all(np.isfinite(np.asarray(out[..., 1, :], np.float64))), lib.__name__
+    for backend, lib, context in backends(dtype):
+        with context():
+            out, lse = getattr(lib, f"na{rank}d")(q, k, v, kernel, rpb=rpb, return_lse=True)
+        assert np.all(np.asarray(lse[..., 0]) == np.inf), backend
+        assert np.all(np.isnan(np.asarray(out[..., 0, :], np.float64))), backend
+        assert np.all(np.isfinite(np.asarray(out[..., 1, :], np.float64))), backend
 
 
 def test_reference_softmax_does_not_hide_a_nan_row(rng):
