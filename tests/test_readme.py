@@ -44,6 +44,8 @@ def test_python_example_runs(code):
             pytest.skip(f"libna.jax is unavailable: {error}")
     if "torch" in code:
         pytest.importorskip("torch", reason="PyTorch is not installed")
+    if "cuda_emulator" in code and "cuda-emulator" not in libna.build_info()["backends"]:
+        pytest.skip("libna was built without the CUDA emulator")
     exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
 
 
