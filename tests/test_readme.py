@@ -18,6 +18,7 @@ def blocks(language):
 
 
 PYTHON_BLOCKS = blocks("python")
+EMULATOR_BUILT = libna._ops._C is not None and "cuda-emulator" in libna.build_info()["backends"]
 
 
 def block_id(code):
@@ -44,7 +45,7 @@ def test_python_example_runs(code):
             pytest.skip(f"libna.jax is unavailable: {error}")
     if "torch" in code:
         pytest.importorskip("torch", reason="PyTorch is not installed")
-    if "cuda_emulator" in code and "cuda-emulator" not in libna.build_info()["backends"]:
+    if "cuda_emulator" in code and not EMULATOR_BUILT:
         pytest.skip("libna was built without the CUDA emulator")
     exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
 
