@@ -42,8 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 NUMERICAL = ("tests/test_forward.py", "tests/test_backward.py", "tests/test_composition.py",
              "tests/test_bad_input.py", "tests/test_properties.py", "tests/test_nan_locality.py",
              "tests/test_softmax_edges.py", "tests/test_cpu_kernels.py")
-# Under the sanitizers also threads and fork.
-SANITIZED = NUMERICAL + ("tests/test_concurrency.py",)
+# Under the sanitizers also threads and fork, and the CUDA kernels under the
+# emulator (its fibers switch stacks, which AddressSanitizer is told of).
+SANITIZED = NUMERICAL + ("tests/test_concurrency.py", "tests/test_cuda_emulator.py")
 # --long: also the framework adapters and models (with the "long" hypothesis
 # profile, which --long sets for every preset).
 LONG = SANITIZED + ("tests/test_torch.py", "tests/test_frameworks.py", "tests/test_models.py",
@@ -59,6 +60,7 @@ class Preset:
     cpp_tests: tuple = ("test_core", "test_tiling", "test_mma_layout")
     pytest: tuple = ()  # empty: no Python extension is built
     long_pytest: tuple = ()  # --long runs these instead
+    emulator: bool = False  # also build the CUDA emulator (LIBNA_CUDA_EMULATOR)
 
     @property
     def python(self):
@@ -68,6 +70,8 @@ class Preset:
         args = [f"-DCMAKE_BUILD_TYPE={self.build_type}"]
         if self.config_flags:
             args.append(f"-DCMAKE_CXX_FLAGS_{self.build_type.upper()}={self.config_flags}")
+        if self.emulator:
+            args.append("-DLIBNA_CUDA_EMULATOR=ON")
         return args
 
 
@@ -78,7 +82,8 @@ PRESETS = {
     # -O1 and line tables only (-g1): UBSan's checks in the kernels' inlined
     # templates take minutes to compile at -O2 -g, and reports need no more.
     # Debug keeps assert() on.
-    "asan": Preset("Debug", "-O1 -g1", "address,undefined", pytest=SANITIZED, long_pytest=LONG),
+    "asan": Preset("Debug", "-O1 -g1", "address,undefined", pytest=SANITIZED, long_pytest=LONG,
+                   emulator=True),
     "tsan": Preset("Debug", "-O1 -g1", "thread", cpp_tests=("test_core",)),
 }
 
