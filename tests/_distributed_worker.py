@@ -33,11 +33,13 @@ def uneven_blocks(length, world):
 
 class Case:
     def __init__(self, name, spatial, kernel_size, axes=(0,), heads=2, heads_kv=None, dim=4,
-                 dim_v=None, batch=1, rpb=False, additional=0, dtype=torch.float64, **keywords):
+                 dim_v=None, batch=1, rpb=False, additional=0, dtype=torch.float64,
+                 grad_of=None, **keywords):
         self.name, self.spatial, self.kernel_size, self.axes = name, spatial, kernel_size, axes
         self.heads, self.heads_kv = heads, heads_kv or heads
         self.dim, self.dim_v, self.batch = dim, dim_v or dim, batch
         self.rpb, self.additional, self.dtype, self.keywords = rpb, additional, dtype, keywords
+        self.grad_of = grad_of  # names of the tensors that require grad (default: all)
 
 
 def cases(world):
@@ -55,6 +57,9 @@ def cases(world):
         Case("1d rpb k5 dilation 2", (16,), 5, dilation=2, rpb=True, return_lse=True),
         Case("1d gqa dv additional scale", (13,), 4, heads=4, heads_kv=2, dim=4, dim_v=6,
              additional=3, scale=0.3, return_lse=True, batch=2),
+        Case("1d only q and rpb need grad", (15,), 5, rpb=True, grad_of=("q", "rpb"),
+             return_lse=True),
+        Case("1d only k needs grad", (15,), 4, is_causal=True, grad_of=("k",)),
         Case("1d float32", (15,), 5, dtype=torch.float32, return_lse=True),
         Case("1d kernel = length", (9,), 9, return_lse=True),
         Case("2d axis 0 k3", (11, 5), 3, return_lse=True),
@@ -107,7 +112,8 @@ def inputs(case, seed):
         "additional_values": t(case.batch, case.additional, case.heads_kv, case.dim_v)
         if case.additional else None,
     }
-    tensors = {name: None if x is None else x.to(case.dtype).requires_grad_()
+    tensors = {name: None if x is None else
+               x.to(case.dtype).requires_grad_(case.grad_of is None or name in case.grad_of)
                for name, x in tensors.items()}
     dout = t(case.batch, *s, case.heads, case.dim_v).to(case.dtype)
     dlse = t(case.batch, *s, case.heads)
@@ -123,7 +129,7 @@ def run(fn, case, tensors, dout, dlse, **extra):
     loss = (outputs[0] * dout).sum()
     if len(outputs) > 1:
         loss = loss + (outputs[1] * dlse.to(outputs[1].dtype)).sum()
-    given = {name: x for name, x in tensors.items() if x is not None}
+    given = {name: x for name, x in tensors.items() if x is not None and x.requires_grad}
     grads = torch.autograd.grad(loss, list(given.values()))
     return outputs, dict(zip(given, grads))
 
@@ -141,7 +147,8 @@ def check_case(case, world, groups, coords, shape):
         return x
 
     local = {name: None if x is None else
-             (block(x) if name in ("q", "k", "v") else x).detach().clone().requires_grad_()
+             (block(x) if name in ("q", "k", "v") else x).detach().clone().requires_grad_(
+                 x.requires_grad)
              for name, x in tensors.items()}
     axis = case.axes if len(case.axes) > 1 else case.axes[0]
     group = tuple(groups[:len(case.axes)]) if len(case.axes) > 1 else groups[0]
@@ -194,7 +201,16 @@ def disagreements(rank, last, qkv):
         lambda: cp.na1d(*qkv(heads=3 if rank == last else 2), 3)))
 
 
-def bad_calls(world):
+def grid_disagreement(rank, grid):
+    """On a 2 x 2 grid the rank that disagrees shares no group with rank 0."""
+    groups, coords, _ = grid
+    q, k, v = (torch.randn(1, 4, 5, 2, 4) for _ in range(3))
+    return expect_collective_error(
+        "kernel size differs on one rank of a grid", ValueError, "disagree on keywords",
+        lambda: cp.na2d(q, k, v, (3, 4) if rank == 3 else 3, group=groups, axis=(0, 1)))
+
+
+def bad_calls(world, grid):
     rank = dist.get_rank()
     L = 4 * world + 3
     sizes = uneven_blocks(L, world)
@@ -208,6 +224,8 @@ def bad_calls(world):
     failures = []
     if world > 1:  # disagreements need two ranks
         failures += disagreements(rank, last, qkv)
+    if grid is not None:
+        failures += grid_disagreement(rank, grid)
     failures += expect_collective_error(
         "bad kernel_size type on the last rank", TypeError, f"rank {last}: ",
         lambda: cp.na1d(*qkv(), "3" if rank == last else 3))
@@ -255,7 +273,7 @@ def main():
         except Exception:  # noqa: BLE001
             failures.append(f"{case.name}: raised\n{traceback.format_exc()}")
     try:
-        failures += bad_calls(world)
+        failures += bad_calls(world, grid)
     except Exception:  # noqa: BLE001
         failures.append(f"bad calls: raised\n{traceback.format_exc()}")
     for f in failures:
