@@ -32,11 +32,15 @@ def uneven_blocks(length, world):
 
 
 class Case:
-    def __init__(self, name, spatial, kernel_size, axes=(0,), heads=2, heads_kv=None, dim=4,
+    def __init__(self, name, spatial, kernel_size, axes=(0,), heads=None, heads_kv=None, dim=4,
                  dim_v=None, batch=1, rpb=False, additional=0, dtype=torch.float64,
-                 grad_of=None, **keywords):
+                 grad_of=None, auto=False, **keywords):
         self.name, self.spatial, self.kernel_size, self.axes = name, spatial, kernel_size, axes
+        # by default as many heads as ranks (at least 2), so that the head
+        # strategy runs too
+        heads = heads or max(2, dist.get_world_size())
         self.heads, self.heads_kv = heads, heads_kv or heads
+        self.auto = auto  # also run strategy="auto"
         self.dim, self.dim_v, self.batch = dim, dim_v or dim, batch
         self.rpb, self.additional, self.dtype, self.keywords = rpb, additional, dtype, keywords
         self.grad_of = grad_of  # names of the tensors that require grad (default: all)
@@ -45,7 +49,7 @@ class Case:
 def cases(world):
     """The feature grid, each on uneven blocks of the sharded axis."""
     c = [
-        Case("1d k3", (13,), 3),
+        Case("1d k3", (13,), 3, auto=True),
         Case("1d k7 thin neighbours", (15,), 7),
         Case("1d even k4", (14,), 4, return_lse=True),
         Case("1d k2 dilation 3", (17,), 2, dilation=3),
@@ -61,7 +65,7 @@ def cases(world):
              return_lse=True),
         Case("1d only k needs grad", (15,), 4, is_causal=True, grad_of=("k",)),
         Case("1d float32", (15,), 5, dtype=torch.float32, return_lse=True),
-        Case("1d kernel = length", (9,), 9, return_lse=True),
+        Case("1d kernel = length", (9,), 9, return_lse=True, auto=True),
         Case("2d axis 0 k3", (11, 5), 3, return_lse=True),
         Case("2d axis 1 even k (4, 2) rpb", (5, 12), (4, 2), axes=(1,), rpb=True),
         Case("2d axis 0 causal/non-causal dilation stride", (14, 6), (3, 3),
@@ -76,7 +80,7 @@ def cases(world):
     ]
     if world == 4:  # a 2 x 2 grid: corners must arrive
         c += [
-            Case("2d grid k3", (9, 8), 3, axes=(0, 1), return_lse=True),
+            Case("2d grid k3", (9, 8), 3, axes=(0, 1), return_lse=True, auto=True),
             Case("2d grid even k dilation rpb", (11, 9), (4, 3), axes=(0, 1), dilation=(2, 1),
                  rpb=True, return_lse=True),
             Case("2d grid causal stride additional", (10, 12), (3, 5), axes=(1, 0),
@@ -134,41 +138,79 @@ def run(fn, case, tensors, dout, dlse, **extra):
     return outputs, dict(zip(given, grads))
 
 
+def strategies(case):
+    peers = 1
+    for a in case.axes:
+        peers *= 2 if len(case.axes) > 1 else dist.get_world_size()
+    divisible = case.heads % peers == 0 and case.heads_kv % peers == 0
+    return ["halo"] + (["heads"] if divisible else []) + (["auto"] if case.auto else [])
+
+
+def expected_bytes(case, strategy, blocks, coords):
+    """What the byte model says this rank sends, and for "auto" the
+    strategy the rule picks: the one whose busiest rank sends less."""
+    arguments = dict(heads=case.heads, heads_kv=case.heads_kv, head_dim=case.dim,
+                     head_dim_v=case.dim_v, batch=case.batch,
+                     stride=case.keywords.get("stride", 1),
+                     dilation=case.keywords.get("dilation", 1),
+                     is_causal=case.keywords.get("is_causal", False),
+                     itemsize=torch.empty((), dtype=case.dtype).element_size(),
+                     return_lse=case.keywords.get("return_lse", False),
+                     lse_itemsize=8 if case.dtype == torch.float64 else 4)
+    index = 0
+    for a, c in zip(case.axes, coords):
+        index = index * len(blocks[a]) + c
+    if strategy == "auto":
+        candidates = [s for s in strategies(case) if s != "auto"]
+        totals = {s: max(cp.exchange_bytes(s, case.spatial, blocks, case.kernel_size,
+                                           **arguments)) for s in candidates}
+        strategy = "heads" if totals.get("heads", float("inf")) < totals["halo"] else "halo"
+    return cp.exchange_bytes(strategy, case.spatial, blocks, case.kernel_size,
+                             **arguments)[index]
+
+
 def check_case(case, world, groups, coords, shape):
     failures = []
     n = len(case.spatial)
     tensors, dout, dlse = inputs(case, seed=zlib.crc32(case.name.encode()))
     ref_out, ref_grads = run(getattr(lt, f"na{n}d"), case, tensors, dout, dlse)
+    blocks = {a: uneven_blocks(case.spatial[a], parts) for a, parts in zip(case.axes, shape)}
 
     def block(x):
-        for a, i, parts in zip(case.axes, coords, shape):
-            sizes = uneven_blocks(case.spatial[a], parts)
+        for a, i in zip(case.axes, coords):
+            sizes = blocks[a]
             x = x.narrow(1 + a, sum(sizes[:i]), sizes[i])
         return x
 
-    local = {name: None if x is None else
-             (block(x) if name in ("q", "k", "v") else x).detach().clone().requires_grad_(
-                 x.requires_grad)
-             for name, x in tensors.items()}
-    axis = case.axes if len(case.axes) > 1 else case.axes[0]
-    group = tuple(groups[:len(case.axes)]) if len(case.axes) > 1 else groups[0]
-    out, grads = run(getattr(cp, f"na{n}d"), case, local, block(dout), block(dlse),
-                     group=group, axis=axis)
-    tol = dict(rtol=1e-9, atol=1e-10) if case.dtype == torch.float64 else dict(rtol=2e-5,
-                                                                                atol=2e-5)
-    compare = [("out", out[0], block(ref_out[0]))]
-    if len(out) > 1:
-        compare.append(("lse", out[1], block(ref_out[1])))
-    for name, g in grads.items():
-        compare.append((f"d{name}", g, block(ref_grads[name]) if name in "qkv"
-                        else ref_grads[name]))
-    for what, got, want in compare:
-        exact = world == 1
-        ok = torch.equal(got, want) if exact else torch.allclose(got, want, **tol)
-        if not ok or got.shape != want.shape:
-            err = (got - want).abs().max().item() if got.shape == want.shape else "shape"
-            failures.append(f"{case.name}: {what} differs from the single-device op "
-                            f"({'not bitwise equal, ' if exact else ''}max error {err})")
+    for strategy in strategies(case):
+        local = {name: None if x is None else
+                 (block(x) if name in ("q", "k", "v") else x).detach().clone().requires_grad_(
+                     x.requires_grad)
+                 for name, x in tensors.items()}
+        axis = case.axes if len(case.axes) > 1 else case.axes[0]
+        group = tuple(groups[:len(case.axes)]) if len(case.axes) > 1 else groups[0]
+        cp.reset_bytes_sent()
+        out, grads = run(getattr(cp, f"na{n}d"), case, local, block(dout), block(dlse),
+                         group=group, axis=axis, strategy=strategy)
+        name = f"{case.name} [{strategy}]"
+        if world > 1 and cp.bytes_sent() != expected_bytes(case, strategy, blocks, coords):
+            failures.append(f"{name}: sent {cp.bytes_sent()} bytes, the byte model says "
+                            f"{expected_bytes(case, strategy, blocks, coords)}")
+        tol = (dict(rtol=1e-9, atol=1e-10) if case.dtype == torch.float64
+               else dict(rtol=2e-5, atol=2e-5))
+        compare = [("out", out[0], block(ref_out[0]))]
+        if len(out) > 1:
+            compare.append(("lse", out[1], block(ref_out[1])))
+        for g_name, g in grads.items():
+            compare.append((f"d{g_name}", g, block(ref_grads[g_name]) if g_name in "qkv"
+                            else ref_grads[g_name]))
+        for what, got, want in compare:
+            exact = world == 1
+            ok = torch.equal(got, want) if exact else torch.allclose(got, want, **tol)
+            if not ok or got.shape != want.shape:
+                err = (got - want).abs().max().item() if got.shape == want.shape else "shape"
+                failures.append(f"{name}: {what} differs from the single-device op "
+                                f"({'not bitwise equal, ' if exact else ''}max error {err})")
     return failures
 
 
@@ -193,7 +235,31 @@ def expect_collective_error(name, kind, needle, call):
 
 
 def disagreements(rank, last, qkv):
+    def changed(q, k, v, batch=None, extent=None, head_dim=None):
+        def change(x):
+            if batch:
+                x = torch.cat([x, x], 0)
+            if extent:
+                x = x[..., :extent, :, :]
+            if head_dim:
+                x = x[..., :head_dim]
+            return x
+        return (change(q), change(k), change(v)) if rank == last else (q, k, v)
+
+    def unsharded(heads=2):  # 2D blocks of axis 0 with an unsharded axis of 5
+        return [x.unsqueeze(2).expand(-1, -1, 5, -1, -1).contiguous() for x in qkv(heads)]
+
     return (expect_collective_error(
+        "batch differs on the last rank", ValueError, f"rank {last} has (('q', (2, ",
+        lambda: cp.na1d(*changed(*qkv(), batch=True), 3))
+        + expect_collective_error(
+        "head dim differs on the last rank", ValueError, "disagree on shapes",
+        lambda: cp.na1d(*changed(*qkv(), head_dim=3), 3))
+        + expect_collective_error(
+        "unsharded extent differs on the last rank", ValueError,
+        ", 4, 2, 4)), ('k'",
+        lambda: cp.na2d(*changed(*unsharded(), extent=4), 3))
+        + expect_collective_error(
         "kernel size differs on the last rank", ValueError, "disagree on keywords",
         lambda: cp.na1d(*qkv(), 5 if rank == last else 3))
         + expect_collective_error(
@@ -235,9 +301,28 @@ def bad_calls(world, grid):
     failures += expect_collective_error(
         "dilated kernel larger than the gathered axis", ValueError, "kernel_size * dilation",
         lambda: cp.na1d(*qkv(), 3, dilation=L))
+    if world > 1:
+        failures += expect_collective_error(
+            "heads strategy with heads not divisible by the ranks", ValueError,
+            f"strategy='heads' needs the heads of q and k/v divisible by the {world} ranks",
+            lambda: cp.na1d(*qkv(heads=world + 1), 3, strategy="heads"))
+        failures += expect_collective_error(
+            "heads strategy with heads_kv not divisible by the ranks", ValueError,
+            "but k has 1 heads",
+            lambda: cp.na1d(*(lambda q, k, v: (q, k[..., :1, :], v[..., :1, :]))(
+                *qkv(heads=world)), 3, strategy="heads"))
     failures += expect_collective_error(
-        "heads strategy", NotImplementedError, "strategy='heads'",
-        lambda: cp.na1d(*qkv(), 3, strategy="heads"))
+        "rpb with stride", ValueError, "rpb is not supported with stride",
+        lambda: cp.na1d(*qkv(), 3, stride=2, rpb=torch.zeros(2, 5)))
+    failures += expect_collective_error(
+        "rpb of the wrong shape (heads strategy: a rank sees only its heads)", ValueError,
+        f"rpb has shape ({world}, 7)",
+        lambda: cp.na1d(*qkv(heads=world), 3, rpb=torch.zeros(world, 7), strategy="heads"))
+    failures += expect_collective_error(
+        "tensors on a device the backend does not serve", ValueError,
+        f"rank {last}: the tensors are on device meta, but the process group of sharded axis "
+        "0 has backend 'gloo'",
+        lambda: cp.na1d(*(t.to("meta" if rank == last else "cpu") for t in qkv()), 3))
     failures += expect_collective_error(
         "no rows on the last rank", ValueError, f"rank {last}: ",
         lambda: cp.na1d(*qkv(rows=0 if rank == last else None), 3))

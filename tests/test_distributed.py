@@ -66,6 +66,26 @@ def test_axis_slab_receives_only_what_windows_reach():
     assert cp.axis_slab(20, 8, 12, 3, is_causal=True) == cp.AxisSlab(6, 12, 6, 12)
 
 
+def test_exchange_bytes():
+    """The byte model, by hand: 16 rows in two blocks of 8, k=3, 2 heads of
+    dim 4, float32. Halo: one K/V row each way (2 heads x (4 + 4) x 4 bytes).
+    Heads: the other rank's head of 8 rows of q (4) and k|v (8), and out
+    (4) of the other block's 8 rows back."""
+    arguments = dict(heads=2, heads_kv=2, head_dim=4)
+    assert cp.exchange_bytes("halo", (16,), {0: [8, 8]}, 3, **arguments) == [64, 64]
+    assert cp.exchange_bytes("heads", (16,), {0: [8, 8]}, 3, **arguments) == [
+        8 * (4 + 8) * 4 + 8 * 4 * 4] * 2
+    # causal: only the second block receives (the first sends) 2 rows
+    assert cp.exchange_bytes("halo", (16,), {0: [8, 8]}, 3, is_causal=True,
+                             **arguments) == [128, 0]
+    # kernel = length on 4 ranks, 4 heads: the halo is every other block
+    # (12 rows), twice what "heads" moves, which "auto" therefore picks
+    four = dict(heads=4, heads_kv=4, head_dim=4)
+    assert cp.exchange_bytes("halo", (16,), {0: [4] * 4}, 16, **four) == [12 * 4 * 8 * 4] * 4
+    assert cp.exchange_bytes("heads", (16,), {0: [4] * 4}, 16, **four) == [
+        3 * 4 * (4 + 8) * 4 + 12 * 4 * 4] * 4
+
+
 def test_without_process_group_raises():
     if dist.is_available() and dist.is_initialized():
         pytest.skip("a process group is initialised in this process")
