@@ -7,7 +7,9 @@ processes (tests/_distributed_worker.py), each compared with the
 single-device op on the gathered tensors, forward and backward, plus the
 bad calls that must raise the same error on every rank. Every process has a
 collective timeout and the whole run a wall-clock one, so a bug fails
-instead of hanging.
+instead of hanging. The data-parallel test trains nothing: it compares one
+step's gradients of a small NAT under DDP and FSDP2 (eager and compiled) with
+one process on the whole batch.
 """
 
 import os
@@ -23,6 +25,7 @@ import libna.torch.distributed as cp  # noqa: E402
 from libna import reference  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(__file__), "_distributed_worker.py")
+DATA_PARALLEL_WORKER = os.path.join(os.path.dirname(__file__), "_data_parallel_worker.py")
 TIMEOUT_S = 150
 
 
@@ -94,26 +97,42 @@ def test_without_process_group_raises():
         cp.na1d(q, q, q, 3)
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_matches_single_device_op(world, tmp_path):
-    """Forward, lse and every gradient on each rank's blocks (world 1:
-    bitwise equal to the plain op), and collective errors."""
+def run_ranks(script, world, tmp_path, *args, timeout=TIMEOUT_S):
+    """Starts `world` processes of `script` (RANK WORLD INIT_FILE *args) on
+    this machine and fails with their output if any fails or the run
+    exceeds `timeout` seconds (then every process is killed)."""
     init_file = tmp_path / "init"
     env = dict(os.environ, OMP_NUM_THREADS="1", LIBNA_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, WORKER, str(r), str(world), str(init_file)],
+    procs = [subprocess.Popen([sys.executable, script, str(r), str(world), str(init_file),
+                               *args],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=env)
              for r in range(world)]
     outputs, failed = [], False
     for r, p in enumerate(procs):
         try:
-            out, _ = p.communicate(timeout=TIMEOUT_S)
+            out, _ = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             for other in procs:
                 other.kill()
             out, _ = p.communicate()
-            out += f"\nrank {r}: timed out after {TIMEOUT_S} s"
+            out += f"\nrank {r}: timed out after {timeout} s"
             failed = True
         outputs.append(out)
         failed |= p.returncode != 0
     assert not failed, "\n".join(outputs)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_matches_single_device_op(world, tmp_path):
+    """Forward, lse and every gradient on each rank's blocks (world 1:
+    bitwise equal to the plain op), both strategies, the bytes sent, and
+    collective errors."""
+    run_ranks(WORKER, world, tmp_path)
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp", "ddp compile", "fsdp compile"])
+def test_data_parallel_nat(wrapper, tmp_path):
+    """A small NAT under DDP / FSDP2 fully_shard (eager and torch.compile)
+    on 2 gloo ranks has the gradients of one process on the whole batch."""
+    run_ranks(DATA_PARALLEL_WORKER, 2, tmp_path, *wrapper.split())
