@@ -341,6 +341,46 @@ def bad_calls(world, grid):
     return failures
 
 
+def check_module(world):
+    """NeighborhoodAttention2D made context-parallel by parallelize() gives
+    the block of the single-device module's output, and its parameters'
+    local gradients sum over the ranks to the single-device ones."""
+    from libna.torch.nn import NeighborhoodAttention2D
+    torch.manual_seed(3)
+    layer = NeighborhoodAttention2D(dim=4 * world, num_heads=world, kernel_size=3,
+                                    dilation=(2, 1)).double()
+    x = torch.randn(2, 11, 6, 4 * world, dtype=torch.float64)
+    dout = torch.randn(2, 11, 6, 4 * world, dtype=torch.float64)
+    (layer(x) * dout).sum().backward()
+    want = {name: p.grad.clone() for name, p in layer.named_parameters()}
+    sizes = uneven_blocks(11, world)
+    rank = dist.get_rank()
+    mine = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+    layer.zero_grad()
+    cp.parallelize(layer, axis=0)
+    out = layer(x[:, mine])
+    (out * dout[:, mine]).sum().backward()
+    failures = []
+    if not torch.allclose(out, _single(layer, x)[:, mine], rtol=1e-9, atol=1e-12):
+        failures.append("parallelize: the module's output differs from the single-device one")
+    for name, p in layer.named_parameters():
+        grad = p.grad.clone()
+        dist.all_reduce(grad)
+        if not torch.allclose(grad, want[name], rtol=1e-9, atol=1e-12):
+            failures.append(f"parallelize: the summed gradient of {name} differs from the "
+                            "single-device one")
+    return failures
+
+
+def _single(layer, x):
+    saved, layer.context_parallel = layer.context_parallel, None
+    try:
+        with torch.no_grad():
+            return layer(x)
+    finally:
+        layer.context_parallel = saved
+
+
 def main():
     rank, world, init_file = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     torch.set_num_threads(1)
@@ -357,6 +397,10 @@ def main():
             failures += check_case(case, world, *placement)
         except Exception:  # noqa: BLE001
             failures.append(f"{case.name}: raised\n{traceback.format_exc()}")
+    try:
+        failures += check_module(world)
+    except Exception:  # noqa: BLE001
+        failures.append(f"module: raised\n{traceback.format_exc()}")
     try:
         failures += bad_calls(world, grid)
     except Exception:  # noqa: BLE001

@@ -97,7 +97,7 @@ import torch.distributed._functional_collectives as funcol
 from .. import _ops, reference
 from . import ops
 
-__all__ = ["na", "na1d", "na2d", "na3d", "axis_slab", "AxisSlab", "exchange_bytes",
+__all__ = ["na", "na1d", "na2d", "na3d", "parallelize", "axis_slab", "AxisSlab", "exchange_bytes",
            "bytes_sent", "reset_bytes_sent"]
 
 _STRATEGIES = ("auto", "halo", "heads")
@@ -685,9 +685,11 @@ def _na_heads(rank, q, k, v, groups, axes, blocks, keywords, extra):
 
 def na(rank: int, q, k, v, kernel_size, *, group=None, axis=0, strategy="auto", stride=1,
        dilation=1, is_causal=False, scale=None, rpb=None, return_lse=False,
-       additional_keys=None, additional_values=None):
+       additional_keys=None, additional_values=None, replicated_grad="sum"):
     """Rank-generic context-parallel neighborhood attention (see ``na1d``)."""
     op = f"libna.torch.distributed.na{rank}d"
+    if replicated_grad not in ("sum", "local"):
+        raise ValueError(f"[{op}] replicated_grad={replicated_grad!r} must be 'sum' or 'local'")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"[{op}] torch.distributed has no initialised process group; call "
                            "torch.distributed.init_process_group first")
@@ -712,7 +714,7 @@ def na(rank: int, q, k, v, kernel_size, *, group=None, axis=0, strategy="auto", 
         return ops.na(rank, q, k, v, **extra, **keywords)
 
     replicated = [name for name, t in extra.items() if t is not None and t.requires_grad]
-    if replicated and torch.is_grad_enabled():
+    if replicated and torch.is_grad_enabled() and replicated_grad == "sum":
         summed = _SumGradients.apply(tuple(_distinct(groups)), *(extra[n] for n in replicated))
         extra.update(zip(replicated, summed))
     peers = math.prod(len(blocks[a]) for a in axes)
@@ -737,17 +739,22 @@ _NA_DOC = """{rank}D context-parallel neighborhood attention over torch.distribu
     reach), "heads" (all-to-all from spatial blocks to head groups and back;
     heads and heads_kv divisible by the number of ranks) or "auto" (the one
     whose busiest rank sends fewer bytes; see the module docstring).
+    replicated_grad: "sum" (default): the gradients of rpb and of the
+    additional keys/values are summed over the ranks, so each rank holds the
+    single-device gradient; "local": each rank keeps its own contribution,
+    like any other replicated parameter, for DDP / FSDP over the ranks to
+    reduce (``parallelize`` sets this for the modules).
     """
 
 
 def _make_na(rank):
     def fn(q, k, v, kernel_size, *, group=None, axis=0, strategy="auto", stride=1, dilation=1,
            is_causal=False, scale=None, rpb=None, return_lse=False, additional_keys=None,
-           additional_values=None):
+           additional_values=None, replicated_grad="sum"):
         return na(rank, q, k, v, kernel_size, group=group, axis=axis, strategy=strategy,
                   stride=stride, dilation=dilation, is_causal=is_causal, scale=scale, rpb=rpb,
                   return_lse=return_lse, additional_keys=additional_keys,
-                  additional_values=additional_values)
+                  additional_values=additional_values, replicated_grad=replicated_grad)
 
     fn.__name__ = fn.__qualname__ = f"na{rank}d"
     fn.__doc__ = _NA_DOC.format(rank=rank, spatial=_ops._SPATIAL[rank])
@@ -755,3 +762,17 @@ def _make_na(rank):
 
 
 na1d, na2d, na3d = (_make_na(r) for r in (1, 2, 3))
+
+
+def parallelize(module, *, group=None, axis=0, strategy="auto"):
+    """Makes every ``libna.torch.nn.NeighborhoodAttention{1,2,3}D`` in
+    ``module`` (itself included) run context-parallel over ``group`` /
+    ``axis`` (see ``na1d``); the rest of the model must then work on blocks
+    of the sharded axes (token-wise layers do). Parameters keep their local
+    gradients (``replicated_grad="local"``, rpb included), so that DDP or
+    FSDP over the ranks reduces every parameter alike. Returns ``module``."""
+    from .nn import _NeighborhoodAttention
+    for m in module.modules():
+        if isinstance(m, _NeighborhoodAttention):
+            m.context_parallel = {"group": group, "axis": axis, "strategy": strategy}
+    return module
