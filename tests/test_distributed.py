@@ -136,3 +136,32 @@ def test_data_parallel_nat(wrapper, tmp_path):
     """A small NAT under DDP / FSDP2 fully_shard (eager and torch.compile)
     on 2 gloo ranks has the gradients of one process on the whole batch."""
     run_ranks(DATA_PARALLEL_WORKER, 2, tmp_path, *wrapper.split())
+
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples",
+                       "train_context_parallel.py")
+
+
+def _losses(command, timeout=TIMEOUT_S):
+    env = dict(os.environ, OMP_NUM_THREADS="1", LIBNA_NUM_THREADS="1")
+    try:
+        run = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as error:  # subprocess.run kills it
+        pytest.fail(f"{command} timed out after {timeout} s:\n{error.stdout}\n{error.stderr}")
+    assert run.returncode == 0, run.stdout + run.stderr
+    losses = [float(line.split()[-1]) for line in run.stdout.splitlines()
+              if line.startswith("step ")]
+    assert losses, run.stdout + run.stderr
+    return losses
+
+
+def test_example_train_context_parallel():
+    """examples/train_context_parallel.py under torchrun on a 2 x 2 data x
+    context mesh of 4 gloo processes has the losses of the single-process
+    run, step by step (float64)."""
+    arguments = [EXAMPLE, "--steps", "4", "--float64"]
+    single = _losses([sys.executable, *arguments, "--single"])
+    parallel = _losses([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc-per-node", "4", *arguments])
+    assert len(single) == len(parallel) == 4
+    assert parallel == pytest.approx(single, rel=1e-12), (single, parallel)
