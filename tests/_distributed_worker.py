@@ -381,6 +381,33 @@ def _single(layer, x):
         layer.context_parallel = saved
 
 
+def check_compiled():
+    """torch.compile(fullgraph=True) of a context-parallel call (equal
+    blocks) gives the eager results and gradients, for every strategy."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 6 * world, 5, 2, 4, generator=g, dtype=torch.float64)
+               for _ in range(3))
+    rpb = torch.randn(2, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    mine = slice(6 * rank, 6 * rank + 6)
+    failures = []
+    for strategy in ("halo", "heads", "auto"):
+        def f(q, k, v, rpb):
+            return cp.na2d(q, k, v, 3, rpb=rpb, strategy=strategy, return_lse=True)
+
+        results = []
+        for fn in (f, torch.compile(f, fullgraph=True)):
+            local = [x[:, mine].clone().requires_grad_() for x in (q, k, v)]
+            rpb.grad = None
+            out, lse = fn(*local, rpb)
+            ((out ** 2).sum() + lse.sum()).backward()
+            results.append([out, lse, *(x.grad for x in local), rpb.grad])
+        for what, eager, compiled in zip(("out", "lse", "dq", "dk", "dv", "drpb"), *results):
+            if not torch.allclose(eager, compiled, rtol=1e-10, atol=1e-12):
+                failures.append(f"torch.compile [{strategy}]: {what} differs from eager")
+    return failures
+
+
 def main():
     rank, world, init_file = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     torch.set_num_threads(1)
@@ -397,6 +424,11 @@ def main():
             failures += check_case(case, world, *placement)
         except Exception:  # noqa: BLE001
             failures.append(f"{case.name}: raised\n{traceback.format_exc()}")
+    if world == 2:
+        try:
+            failures += check_compiled()
+        except Exception:  # noqa: BLE001
+            failures.append(f"compiled: raised\n{traceback.format_exc()}")
     try:
         failures += check_module(world)
     except Exception:  # noqa: BLE001

@@ -91,8 +91,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
 import torch.distributed._functional_collectives as funcol
+from torch import Tensor
 
 from .. import _ops, reference
 from . import ops
@@ -432,7 +432,7 @@ def _local_request(op, rank, groups, axes, tensors, kernel_size, stride, dilatio
     if len(devices) > 1:
         raise ValueError(f"[{op}] the tensors are on several devices {sorted(devices)}")
     device = given["q"].device
-    for group, a in zip(groups, axes):
+    for group, a in zip(groups, () if torch.compiler.is_compiling() else axes):
         backend = dist.get_backend(group)
         serves = _devices_served(backend)
         if device.type not in serves:
@@ -442,7 +442,7 @@ def _local_request(op, rank, groups, axes, tensors, kernel_size, stride, dilatio
                              "it serves or use a group of another backend")
     if strategy == "heads":
         peers = 1
-        for group in _distinct(groups):
+        for group in groups:
             peers *= dist.get_world_size(group)
         for name in ("q", "k"):
             heads = given[name].shape[-2]
@@ -460,7 +460,15 @@ def _local_request(op, rank, groups, axes, tensors, kernel_size, stride, dilatio
 
 def _agree(op, rank, groups, axes, tensors, **arguments):
     """Validate collectively: (request, block sizes per sharded axis, their
-    offsets), the same on every rank, or the same error raised on all."""
+    offsets), the same on every rank, or the same error raised on all.
+
+    Under torch.compile the checks are this rank's only (an object
+    all-gather does not trace) and the blocks are taken to be equal."""
+    if torch.compiler.is_compiling():
+        request = _local_request(op, rank, groups, axes, tensors, **arguments)
+        extent = dict(request.shapes)["q"]
+        return request, {a: [extent[1 + a]] * dist.get_world_size(g)
+                         for g, a in zip(groups, axes)}
     failure, cause, request = None, None, None
     try:
         request = _local_request(op, rank, groups, axes, tensors, **arguments)
@@ -547,7 +555,7 @@ def exchange_bytes(strategy: str, spatial, blocks: dict, kernel_size, *, heads: 
             extent[a] = blocks[a][c]
 
         def rows_elsewhere(a):  # elements of one row of axis a, all else included
-            return batch * math.prod(n for j, n in enumerate(extent) if j != a)
+            return batch * math.prod([n for j, n in enumerate(extent) if j != a])
 
         sent = 0
         if strategy == "halo":
@@ -717,7 +725,7 @@ def na(rank: int, q, k, v, kernel_size, *, group=None, axis=0, strategy="auto", 
     if replicated and torch.is_grad_enabled() and replicated_grad == "sum":
         summed = _SumGradients.apply(tuple(_distinct(groups)), *(extra[n] for n in replicated))
         extra.update(zip(replicated, summed))
-    peers = math.prod(len(blocks[a]) for a in axes)
+    peers = math.prod([len(blocks[a]) for a in axes])
     if _choose(strategy, request, rank, global_extent, blocks, peers) == "heads":
         outputs = _na_heads(rank, q, k, v, groups, axes, blocks, keywords, extra)
     else:
