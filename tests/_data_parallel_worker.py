@@ -21,7 +21,7 @@ import libna.models
 
 def model():
     torch.manual_seed(0)
-    return libna.models.NAT(embed_dim=16, depths=[1, 2], num_heads=[2, 4], kernel_size=3,
+    return libna.models.NAT(embed_dim=16, depths=[1, 1], num_heads=[2, 4], kernel_size=3,
                             num_classes=5, drop_path_rate=0.0).double()
 
 
