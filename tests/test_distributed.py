@@ -89,6 +89,17 @@ def test_exchange_bytes():
         3 * 4 * (4 + 8) * 4 + 12 * 4 * 4] * 4
 
 
+def test_module_context_parallel_argument():
+    from libna.torch.nn import NeighborhoodAttention2D
+    with pytest.raises(TypeError, match=r"context_parallel=\{'groups': None\} must be None or"):
+        NeighborhoodAttention2D(8, 2, 3, context_parallel={"groups": None})
+    layer = cp.parallelize(torch.nn.Sequential(NeighborhoodAttention2D(8, 2, 3)), axis=1)
+    assert layer[0].context_parallel == {"group": None, "axis": 1, "strategy": "auto"}
+    if not (dist.is_available() and dist.is_initialized()):
+        with pytest.raises(RuntimeError, match="no initialised process group"):
+            layer(torch.zeros(1, 4, 4, 8))
+
+
 def test_without_process_group_raises():
     if dist.is_available() and dist.is_initialized():
         pytest.skip("a process group is initialised in this process")
