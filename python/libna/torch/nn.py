@@ -3,7 +3,10 @@
 ``NeighborhoodAttention1D / 2D / 3D`` take channels-last input
 ``[B, *spatial, dim]`` and have the parameters of NATTEN 0.17's modules
 (``qkv``, ``rpb``, ``proj``), so NATTEN checkpoints load with
-``load_state_dict``.
+``load_state_dict``. ``context_parallel={"group": ..., "axis": ...,
+"strategy": ...}`` (or ``libna.torch.distributed.parallelize(model, ...)``
+on a whole model) makes a module run ``libna.torch.distributed.na{n}d`` on
+the ranks' blocks of its input.
 """
 
 import torch
@@ -21,7 +24,7 @@ class _NeighborhoodAttention(nn.Module):
 
     def __init__(self, dim, num_heads, kernel_size, dilation=1, is_causal=False,
                  rel_pos_bias=True, qkv_bias=True, qk_scale=None, attn_drop=0.0,
-                 proj_drop=0.0):
+                 proj_drop=0.0, context_parallel=None):
         super().__init__()
         name = type(self).__name__
         rank = self.rank
@@ -52,6 +55,13 @@ class _NeighborhoodAttention(nn.Module):
             if _ops.check_real(name, arg, p) is None or not 0 <= p <= 1:
                 raise ValueError(f"[{name}] {arg}={p!r} must be a probability from 0 to 1")
 
+        if context_parallel is not None and (
+                not isinstance(context_parallel, dict)
+                or not set(context_parallel) <= {"group", "axis", "strategy"}):
+            raise TypeError(f"[{name}] context_parallel={context_parallel!r} must be None or a "
+                            "dict of keywords of libna.torch.distributed.na{rank}d from group, "
+                            "axis and strategy")
+        self.context_parallel = context_parallel
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -84,7 +94,16 @@ class _NeighborhoodAttention(nn.Module):
         batch, spatial = x.shape[0], x.shape[1:-1]
         qkv = self.qkv(x).reshape(batch, *spatial, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(dim=-3)
-        if self.training and self.attn_drop.p > 0:
+        if self.context_parallel is not None:
+            if self.training and self.attn_drop.p > 0:
+                raise NotImplementedError(
+                    f"[{type(self).__name__}] attention dropout (attn_drop={self.attn_drop.p}) "
+                    "is not supported context-parallel (it needs the unfused ops)")
+            from . import distributed
+            out = distributed.na(rank, q, k, v, self.kernel_size, dilation=self.dilation,
+                                 is_causal=self.is_causal, scale=self.scale, rpb=self.rpb,
+                                 replicated_grad="local", **self.context_parallel)
+        elif self.training and self.attn_drop.p > 0:
             attn = ops.na_qk(rank, q * self.scale, k, self.kernel_size,
                              dilation=self.dilation, is_causal=self.is_causal, rpb=self.rpb)
             attn = self.attn_drop(attn.softmax(dim=-1))

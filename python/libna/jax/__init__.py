@@ -28,11 +28,11 @@ try:
 except ImportError as error:
     raise ImportError(f"libna.jax needs JAX (pip install jax jaxlib): {error}") from error
 
-from . import _ops
-from ._public import public
+from .. import _ops
+from .._public import public
 
 try:
-    from . import _jax_ffi
+    from .. import _jax_ffi
 except ImportError as error:  # pragma: no cover - depends on how libna was built
     raise ImportError(
         "libna.jax needs libna's XLA FFI module libna._jax_ffi, which this build of libna "
@@ -50,7 +50,29 @@ for _name, _capsule in _jax_ffi.handlers().items():
 def _call(target, results, *args, **attrs):
     # broadcast_all: under vmap every operand and result gets the same
     # leading dimensions, which the handlers loop over.
-    return jax.ffi.ffi_call(target, results, vmap_method="broadcast_all")(*args, **attrs)
+    outputs = jax.ffi.ffi_call(target, results, vmap_method="broadcast_all")(*args, **attrs)
+    return _varying_like(outputs, args)
+
+
+def _varying_like(outputs, args):
+    """Inside jax.shard_map the outputs of a call vary over the mesh axes
+    over which its operands vary (ffi_call types them as invariant, and a
+    custom_vjp's backward must return cotangents of its inputs' types)."""
+    varying = set()
+    for a in args:
+        kind = getattr(jax.typeof(a), "manual_axis_type", None)
+        varying |= set(kind.varying) if kind is not None else set()
+    if not varying:
+        return outputs
+    axes = tuple(sorted(varying))
+
+    def cast(x):
+        kind = getattr(jax.typeof(x), "manual_axis_type", None)
+        missing = tuple(a for a in axes if kind is None or a not in kind.varying)
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return type(outputs)(cast(x) for x in outputs) if isinstance(outputs, (tuple, list)) \
+        else cast(outputs)
 
 
 def _like(shape, dtype):
