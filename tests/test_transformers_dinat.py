@@ -35,7 +35,9 @@ def test_transformers_dinat_on_libna_natten(tmp_path):
     if not version.startswith("4.50."):
         pytest.skip(f"transformers {version}: the proof targets 4.50.x; later releases reshape "
                     "q/k/v before natten2dqkrpb, so their DiNAT is wrong on any NATTEN")
-    if importlib.util.find_spec("natten") is not None:
+    from libna.natten._hook import real_natten
+
+    if real_natten() is not None:
         pytest.skip("a real NATTEN is installed, and libna.natten.install() never shadows it")
     script = pathlib.Path(__file__).parent / "transformers_dinat.py"
     result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
