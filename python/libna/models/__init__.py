@@ -11,9 +11,15 @@ any size for which each level still holds ``kernel_size * dilation`` tokens
 along each axis (``level_resolutions`` says what each level sees); see
 ``libna.models.nat`` for the details and for building small configurations
 with ``NAT(...)``.
+
+``to_hf_state_dict`` / ``from_hf_state_dict`` convert state dicts between
+these names and Hugging Face transformers' (``DinatModel``, ``NatModel``);
+``load_checkpoint(model, path)`` loads a local ``.pth`` / ``.bin`` /
+``.safetensors`` file of either kind (``libna.models.checkpoints``).
 """
 
 from ._counting import count_parameters, flops
+from .checkpoints import from_hf_state_dict, load_checkpoint, read_checkpoint, to_hf_state_dict
 from .nat import (
     NAT, DiNAT, NATLayer, NATBlock, ConvTokenizer, ConvDownsampler, Mlp, DropPath,
     dinat_dilations, level_resolutions,
@@ -26,4 +32,5 @@ __all__ = [
     "DropPath", "dinat_dilations", "level_resolutions", "flops", "count_parameters",
     "nat_mini", "nat_tiny", "nat_small", "nat_base",
     "dinat_mini", "dinat_tiny", "dinat_small", "dinat_base",
+    "to_hf_state_dict", "from_hf_state_dict", "load_checkpoint", "read_checkpoint",
 ]

@@ -1,0 +1,248 @@
+"""libna.natten: NATTEN's older API on libna, compared with NATTEN 0.17.5.
+
+The cases (tests/natten_cases.py) call NATTEN's functions and modules as
+user code does; their outputs and gradients must equal those of NATTEN 0.17.5:
+
+* always, those recorded in tests/data/natten_0_17_5.npz;
+* and, where a NATTEN 0.17.5 install is found (``LIBNA_NATTEN017_PYTHON``,
+  or the venv ``../shared/tools/natten-peers.sh`` builds), freshly computed
+  by it in a subprocess.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import libna  # noqa: E402
+import libna.natten  # noqa: E402
+import libna.reference as ref  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import natten_cases  # noqa: E402
+
+FIXTURE = pathlib.Path(__file__).parent / "data" / "natten_0_17_5.npz"
+
+
+@pytest.fixture(scope="module")
+def libna_results():
+    return natten_cases.run(libna.natten, torch)
+
+
+def _compare(expected, actual, source):
+    keys = sorted(k for k in expected if k != "natten_version")
+    assert keys == sorted(actual), f"case keys differ from {source}"
+    for key in keys:
+        want, got = np.asarray(expected[key]), np.asarray(actual[key])
+        assert want.shape == got.shape, f"{key}: shape {got.shape}, {source} {want.shape}"
+        # -inf (slots a causal window does not fill) exactly where NATTEN has them
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=key)
+        finite = np.isfinite(want)
+        np.testing.assert_allclose(got[finite], want[finite], rtol=1e-10, atol=1e-12,
+                                   err_msg=f"{key} differs from {source}")
+
+
+def test_fixture_is_natten_0_17_5():
+    with np.load(FIXTURE) as f:
+        assert str(f["natten_version"]) == "0.17.5"
+        # every case and every module rank is in it
+        cases = {k.split("/")[0] for k in f.files if k != "natten_version"}
+    assert cases == set(natten_cases.CASES) | {"module1d", "module2d", "module3d"}
+
+
+def test_equals_recorded_natten_0_17_5(libna_results):
+    with np.load(FIXTURE) as f:
+        expected = {k: f[k] for k in f.files}
+    _compare(expected, libna_results, "NATTEN 0.17.5 (recorded)")
+
+
+def _natten017_python():
+    candidates = [os.environ.get("LIBNA_NATTEN017_PYTHON")]
+    for root in (os.environ.get("LIBNA_PEERS"), os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                             "natten-peers")):
+        if root:
+            candidates.append(os.path.join(root, "natten017", "bin", "python"))
+    for python in candidates:
+        if python and os.path.exists(python):
+            return python
+    return None
+
+
+def test_equals_live_natten_0_17_5(libna_results, tmp_path):
+    python = _natten017_python()
+    if python is None:
+        pytest.skip("no NATTEN 0.17.5 install found (set LIBNA_NATTEN017_PYTHON, or build "
+                    "../shared/tools/natten-peers.sh); test_equals_recorded_natten_0_17_5 "
+                    "compares with its recorded results instead")
+    out = tmp_path / "live.npz"
+    subprocess.run([python, str(pathlib.Path(natten_cases.__file__)), str(out)], check=True,
+                   cwd=tmp_path, timeout=300)
+    with np.load(out) as f:
+        expected = {k: f[k] for k in f.files}
+    assert str(expected["natten_version"]) == "0.17.5"
+    _compare(expected, libna_results, f"NATTEN 0.17.5 ({python})")
+
+
+# --------------------------------------------------------------------------
+# Beyond NATTEN 0.17.5 on the CPU: checked against libna.reference
+# --------------------------------------------------------------------------
+
+
+def test_fused_additional_keys_and_rpb_gradient_match_reference():
+    """NATTEN 0.17.5 needs xFormers (and a GPU) for these; libna.natten does
+    them everywhere. Heads-last additional keys [B, N, heads, D]."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 6, 7, 2, 4)) for _ in range(3))
+    xk, xv = rng.standard_normal((2, 1, 3, 2, 4))
+    rpb = rng.standard_normal((2, 5, 5))
+    t = [torch.tensor(a, requires_grad=True) for a in (q, k, v, rpb)]
+    out = libna.natten.functional.na2d(*t[:3], 3, 2, rpb=t[3], scale=0.5)
+    np.testing.assert_allclose(out.detach().numpy(),
+                               ref.na2d(q, k, v, 3, dilation=2, rpb=rpb, scale=0.5),
+                               rtol=1e-10, atol=1e-12)
+    out.sum().backward()
+    assert t[3].grad is not None and torch.isfinite(t[3].grad).all()
+    out = libna.natten.functional.na2d(*(torch.tensor(a) for a in (q, k, v)), 3,
+                                       additional_keys=torch.tensor(xk),
+                                       additional_values=torch.tensor(xv))
+    np.testing.assert_allclose(out.numpy(), ref.na2d(q, k, v, 3, additional_keys=xk,
+                                                     additional_values=xv),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_module_has_natten_0_17_parameters_and_defaults():
+    m = libna.natten.NeighborhoodAttention2D(dim=16, num_heads=4, kernel_size=5)
+    assert m.rpb is None  # NATTEN 0.17: rel_pos_bias=False by default
+    assert sorted(m.state_dict()) == ["proj.bias", "proj.weight", "qkv.bias", "qkv.weight"]
+    m = libna.natten.NeighborhoodAttention3D(16, 4, (3, 5, 5), dilation=(1, 2, 1),
+                                             rel_pos_bias=True, qkv_bias=False)
+    assert tuple(m.rpb.shape) == (4, 5, 9, 9) and m.qkv.bias is None
+    assert libna.natten.NeighborhoodAttention1D(8, 2, 3, use_experimental_ops=True)(
+        torch.randn(1, 5, 8)).shape == (1, 5, 8)
+
+
+def test_ops_compile_and_autograd():
+    q, k, v = (torch.randn(1, 2, 6, 6, 4, requires_grad=True) for _ in range(3))
+
+    def f(q, k, v):
+        attn = libna.natten.functional.natten2dqkrpb(q, k, None, 3, 1).softmax(-1)
+        return libna.natten.functional.natten2dav(attn, v, 3, 1)
+
+    eager = f(q, k, v)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    torch.testing.assert_close(compiled, eager)
+    compiled.sum().backward()
+    assert all(x.grad is not None for x in (q, k, v))
+
+
+# --------------------------------------------------------------------------
+# The import hook
+# --------------------------------------------------------------------------
+
+_HOOK_SCRIPT = """
+import importlib.metadata, importlib.util, sys, warnings
+import libna.natten
+assert importlib.util.find_spec("natten") is None
+installed = libna.natten.install()
+assert installed is True and libna.natten.install() is True
+assert importlib.util.find_spec("natten") is not None
+assert importlib.metadata.version("natten") == libna.natten.__version__
+assert importlib.metadata.distribution("natten").metadata["Name"] == "natten"
+import natten
+from natten.functional import natten2dqkrpb, natten2dav, na2d_qk
+import natten.functional as F
+assert natten is libna.natten and F is libna.natten.functional
+assert natten2dqkrpb is libna.natten.functional.natten2dqkrpb
+assert libna.natten.__spec__.name == "libna.natten"   # not taken over by the alias
+assert importlib.util.find_spec("natten.nonexistent") is None
+try:
+    import natten.nonexistent
+except ModuleNotFoundError:
+    pass
+else:
+    raise AssertionError("natten.nonexistent imported")
+assert libna.natten.uninstall() and "natten" not in sys.modules
+assert importlib.util.find_spec("natten") is None
+print("ok")
+"""
+
+
+def _run(script, **env):
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_install_hook_serves_import_and_metadata():
+    if libna.natten._hook.real_natten() is not None:
+        pytest.skip("a real NATTEN is importable here; test_install_keeps_real_natten covers it")
+    result = _run(_HOOK_SCRIPT)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_install_keeps_real_natten(tmp_path):
+    """A real NATTEN (here a stand-in package on sys.path) stays: install()
+    returns False and warns."""
+    fake = tmp_path / "natten"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("__version__ = '0.21.7'\nREAL = True\n")
+    script = """
+import warnings, libna.natten
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    assert libna.natten.install() is False
+assert any("did nothing" in str(w.message) and "real NATTEN" in str(w.message) for w in caught)
+import natten
+assert natten.REAL and not libna.natten.is_installed()
+print("ok")
+"""
+    result = _run(script, PYTHONPATH=os.pathsep.join(
+        [str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+# --------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------
+
+F = libna.natten.functional
+
+
+def test_mixed_up_positional_arguments_name_natten_signature():
+    q = torch.randn(1, 2, 6, 6, 4)
+    rpb = torch.randn(2, 5, 5)
+    # 0.14 order with the rpb where the kernel size belongs
+    with pytest.raises(TypeError, match=r"natten2dqkrpb\] rpb=3 must be a torch.Tensor.*"
+                       r"expected natten2dqkrpb\(query, key, rpb, kernel_size, dilation\)"):
+        F.natten2dqkrpb(q, q, 3, rpb, 1)
+    with pytest.raises(TypeError, match=r"missing a required argument: 'dilation'.*"
+                       r"natten2dqkrpb\(query, key, rpb, kernel_size, dilation\)"):
+        F.natten2dqkrpb(q, q, 3, 1)
+    with pytest.raises(TypeError, match=r"kernel_size=a tensor of shape \(2, 5, 5\) must be "
+                       r"an int or a tuple of ints; expected na2d_qk\(query, key, kernel_size"):
+        F.na2d_qk(q, q, rpb, 3)
+    with pytest.raises(TypeError, match=r"got 5 positional arguments; expected natten3dqk"):
+        F.natten3dqk(torch.randn(1, 2, 4, 4, 4, 4), q, 3, 3, 1)
+    with pytest.raises(TypeError, match=r"xformers_kwargs=.*cannot be honoured"):
+        F.na2d(q, q, q, 3, xformers_kwargs={"op": None})
+
+
+def test_bad_shapes_name_the_argument():
+    q = torch.randn(1, 2, 6, 6, 4)
+    with pytest.raises(ValueError, match=r"query has shape \(1, 6, 6, 4\); expected 5 "
+                       r"dimensions, \[batch, heads, 2 spatial axes, dim\]"):
+        F.na2d_qk(q[0:1, 0], q, 3)
+    with pytest.raises(ValueError, match=r"attn has 10 weights per token; expected "
+                       r"prod\(kernel_size=\(3, 3\)\) = 9"):
+        F.na2d_av(torch.randn(1, 2, 6, 6, 10), q, 3)
+    with pytest.raises(ValueError, match=r"additional_keys has shape \(2, 5, 5\); expected "
+                       r"\[batch=1, heads=2, tokens, dim\]"):
+        F.na2d_qk(q, q, 3, 1, torch.randn(2, 5, 5))
+    with pytest.raises(TypeError, match=r"NeighborhoodAttention2D\] got an unexpected keyword "
+                       r"argument bias=True"):
+        libna.natten.NeighborhoodAttention2D(8, 2, 3, bias=True)
