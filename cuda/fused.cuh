@@ -238,6 +238,8 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
   for_each_key_tile<T>(p, me, kt, [&](const tiling::Tile& tile) {
     float s[kKeys];
     float tile_max = kNegInf;
+    static_assert(kKeys <= 32, "kept holds one bit per key");
+    std::uint32_t kept = 0;  // the keys in the query's window
     #pragma unroll
     for (int j = 0; j < kKeys; ++j) {
       float dot = 0.f;
@@ -247,6 +249,7 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
       const bool keep = me.keeps(tile, kt.valid[j], kt.pos[j]);
       if (keep && p.rpb.data) dot += bias_at<T>(p, h, query.pos, kt.pos[j]);
       s[j] = keep ? dot : kNegInf;
+      kept |= keep ? 1u << j : 0u;
       tile_max = fmaxf(tile_max, s[j]);
     }
     const float new_max = fmaxf(row_max, tile_max);
@@ -259,6 +262,9 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
       for (int j = 0; j < kKeys; ++j) {
         const float prob = expf(s[j] - new_max);
         row_sum += prob;
+        // A key outside the window adds nothing, even a NaN or inf value
+        // (0 * NaN would): non-finite values stay in their neighbourhood.
+        if (!(kept >> j & 1u)) continue;
         #pragma unroll
         for (int i = 0; i < kChunk; ++i) acc[i] += prob * kt.v[j][me.dim(i)];
       }

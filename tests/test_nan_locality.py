@@ -191,3 +191,17 @@ KNOWN = {
 @pytest.mark.parametrize("case", KNOWN.values(), ids=KNOWN.keys())
 def test_known_cases(case, op):
     check(op, *case)
+
+
+EMULATOR = libna._C is not None and "cuda-emulator" in libna.build_info()["backends"]
+
+
+@pytest.mark.skipif(not EMULATOR, reason="libna was built without the CUDA emulator")
+@pytest.mark.parametrize("op", ["forward", "backward"])
+@pytest.mark.parametrize("case", KNOWN.values(), ids=KNOWN.keys())
+def test_known_cases_cuda_simt(case, op):
+    """The same cases through the CUDA backend's SIMT kernels (float32), run
+    under the emulator; its forward once let a masked key's NaN value in
+    (0 * NaN). The tensor-core kernels still do (README, Guarantees)."""
+    with libna.cuda_emulator(80):
+        check(op, *case)
