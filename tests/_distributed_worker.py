@@ -11,6 +11,7 @@ Failures go to stdout; the exit status is the number of failing cases.
 """
 
 import datetime
+import faulthandler
 import sys
 import traceback
 import zlib
@@ -409,6 +410,7 @@ def check_compiled():
 
 
 def main():
+    faulthandler.enable()  # a crash prints every thread's Python stack
     rank, world, init_file = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
