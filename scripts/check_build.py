@@ -8,7 +8,9 @@ a sanitizer reports anything.
     python scripts/check_build.py debug            # -O0: the same
     python scripts/check_build.py asan             # ASan+UBSan at -O1: all C++ tests, the
                                                    # numerical Python tests, threads and fork
-    python scripts/check_build.py tsan             # ThreadSanitizer at -O1: test_core
+    python scripts/check_build.py tsan             # ThreadSanitizer at -O1: test_core, and the
+                                                   # CUDA kernels under the emulator, where it
+                                                   # finds races between emulated threads
     python scripts/check_build.py asan --long      # ... also torch, frameworks, models, reference
     python scripts/check_build.py asan --pytest tests/test_forward.py -k float32
 
@@ -61,6 +63,10 @@ class Preset:
     pytest: tuple = ()  # empty: no Python extension is built
     long_pytest: tuple = ()  # --long runs these instead
     emulator: bool = False  # also build the CUDA emulator (LIBNA_CUDA_EMULATOR)
+    # Self-test kernels of the emulator (na.h, cuda_emulator_self_test) that
+    # lack a barrier or an atomic: the sanitizer must report a data race in
+    # each (that the race detection works), and none in test_cuda_emulator.
+    racy_kernels: tuple = ()
 
     @property
     def python(self):
@@ -82,9 +88,15 @@ PRESETS = {
     # -O1 and line tables only (-g1): UBSan's checks in the kernels' inlined
     # templates take minutes to compile at -O2 -g, and reports need no more.
     # Debug keeps assert() on.
-    "asan": Preset("Debug", "-O1 -g1", "address,undefined", pytest=SANITIZED, long_pytest=LONG,
-                   emulator=True),
-    "tsan": Preset("Debug", "-O1 -g1", "thread", cpp_tests=("test_core",)),
+    "asan": Preset("Debug", "-O1 -g1", "address,undefined",
+                   cpp_tests=("test_core", "test_tiling", "test_mma_layout", "test_cuda_emulator"),
+                   pytest=SANITIZED, long_pytest=LONG, emulator=True),
+    # Each emulated CUDA thread is a fiber that ThreadSanitizer tells apart:
+    # a shared- or global-memory access that no barrier or atomic orders
+    # against another thread's is a data race (cuda/emulator/emulator.cpp).
+    "tsan": Preset("Debug", "-O1 -g1", "thread", cpp_tests=("test_core", "test_cuda_emulator"),
+                   emulator=True, racy_kernels=("neighbour_read_racy",
+                                                "overwrite_after_read_racy", "count_racy")),
 }
 
 
@@ -198,6 +210,26 @@ def run_cpp_tests(preset, work, prefix, env, jobs):
                              "--target", *preset.cpp_tests], 900)
     for test in preset.cpp_tests:
         print(step(test, [build / test], 900, env=env).splitlines()[-1])
+    for kernel in preset.racy_kernels:
+        expect_race(build / "test_cuda_emulator", kernel, work, env)
+
+
+def expect_race(program, kernel, work, env):
+    """Runs the racy self-test `kernel` and fails unless the sanitizer
+    reports a data race in it."""
+    reports = work / f"race-{kernel}"
+    shutil.rmtree(reports, ignore_errors=True)
+    reports.mkdir()
+    env = dict(env, TSAN_OPTIONS=f"halt_on_error=1:log_path={reports / 'report'}")
+    print(f"== race in {kernel}: {program.name} race {kernel}", flush=True)
+    result = subprocess.run([str(program), "race", kernel], capture_output=True, text=True,
+                            timeout=300, env=env)
+    text = report_text(reports)
+    if result.returncode == 0 or "data race" not in text or "self_test.cpp" not in text:
+        raise Failed(f"the race in the self-test kernel {kernel} went unreported (exit "
+                     f"{result.returncode}):\n{tail(result.stdout)}\n{tail(result.stderr)}\n"
+                     f"{tail(text)}")
+    print("   reported", flush=True)
 
 
 def run_pytest(prefix, args, env):

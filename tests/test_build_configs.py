@@ -4,7 +4,9 @@ scripts/check_build.py (see its presets): RelWithDebInfo (-O2) and Debug
 one optimisation level cannot hide behind -O3; ASan+UBSan (-O1) runs every
 C++ test and the numerical, thread and fork Python tests, and fails on any
 report; ThreadSanitizer (-O1) runs test_core, whose concurrent callers share
-the thread pool. Each builds the core from scratch in a temporary directory
+the thread pool, and the CUDA kernels under the emulator (no data race
+between emulated threads), and requires a report from each racy self-test
+kernel of the emulator. Each builds the core from scratch in a temporary directory
 (half a minute to four minutes on two cores). Skipped, saying why, where the
 script finds a tool missing (cmake, a C++ compiler, the sanitizer's runtime,
 nanobind)."""

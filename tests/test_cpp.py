@@ -46,6 +46,14 @@ def build(cmake, source, build_dir, target):
     return exe
 
 
+@pytest.fixture(scope="module")
+def cpp_tests(cmake, tmp_path_factory):
+    """tests/cpp built once against the installed libna: its build directory."""
+    build_dir = tmp_path_factory.mktemp("cpp-tests")
+    build(cmake, ROOT / "tests" / "cpp", build_dir, "test_core")
+    return build_dir
+
+
 def run(exe, env=None):
     result = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, **(env or {})))
@@ -63,8 +71,8 @@ def test_cpp_example(cmake, tmp_path):
     assert lines[-1] == "all cases match the naive loop", out
 
 
-def test_cpp_core(cmake, tmp_path):
-    exe = build(cmake, ROOT / "tests" / "cpp", tmp_path / "tests", "test_core")
+def test_cpp_core(cpp_tests):
+    exe = cpp_tests / "test_core"
     out = run(exe).stdout
     lines = out.splitlines()
     for name in ("axis_window", "converters", "validation", "half_precision", "threads",
@@ -84,10 +92,10 @@ def test_cpp_core(cmake, tmp_path):
     ], stderr
 
 
-def test_cpp_tiling(cmake, tmp_path):
+def test_cpp_tiling(cpp_tests):
     """The CUDA kernels' tile schedule, run on the host over the feature grid:
     every kept (query, key) pair is a reference neighbour, each exactly once."""
-    out = run(build(cmake, ROOT / "tests" / "cpp", tmp_path / "tests", "test_tiling")).stdout
+    out = run(cpp_tests / "test_tiling").stdout
     lines = out.splitlines()
     for name in ("rank1", "rank2", "rank3"):
         assert any(line.startswith(f"{name}: ok") for line in lines), out
@@ -96,16 +104,31 @@ def test_cpp_tiling(cmake, tmp_path):
     assert summary[1:] == ["passed,", "0", "failed"] and int(summary[0]) > 10000, out
 
 
-def test_cpp_mma_layout(cmake, tmp_path):
+def test_cpp_mma_layout(cpp_tests):
     """The tensor-core kernels' fragment layouts (PTX ISA m16n8k16, ldmatrix)
     and shared-memory addressing, run on a simulated warp against plain
     matrix arithmetic: the forward's S, online-softmax row statistics, O and
     lse; the backward's D, S, dP, dS, dq (query side) and S^T, dP^T, P^T,
     dS^T, dk, dv (key side)."""
-    out = run(build(cmake, ROOT / "tests" / "cpp", tmp_path / "tests", "test_mma_layout")).stdout
+    out = run(cpp_tests / "test_mma_layout").stdout
     lines = out.splitlines()
     for name in ("layouts", "warp", "backward", "block"):
         assert f"{name}: ok" in lines, out
     assert "FAILED" not in out, out
     summary = lines[-1].split()
     assert summary[1:] == ["passed,", "0", "failed"] and int(summary[0]) > 40, out
+
+
+def test_cpp_cuda_emulator(cpp_tests):
+    """The CUDA backend under the CUDA emulator through the C++ API: the
+    emulator's self-test kernels, and SIMT and tensor-core forward/backward
+    against the CPU backend (scripts/check_build.py tsan also runs it under
+    ThreadSanitizer)."""
+    if "cuda-emulator" not in libna.build_info()["backends"]:
+        pytest.skip("libna was built without the CUDA emulator")
+    out = run(cpp_tests / "test_cuda_emulator").stdout
+    lines = out.splitlines()
+    for name in ("self_test_kernels", "cuda_backend"):
+        assert f"{name}: ok" in lines, out
+    summary = lines[-1].split()
+    assert summary[1:] == ["passed,", "0", "failed"] and int(summary[0]) > 400, out

@@ -137,3 +137,33 @@ def test_checks_mode_agrees(shape, kernel, kw, dtype, arch, rng):
     ref = getattr(reference, f"na{rank}d")(*f64, kernel, **kw)
     tol = 1e-4 if dtype == np.float32 else 2e-2
     np.testing.assert_allclose(results[0][0].astype(np.float64), ref, rtol=tol, atol=tol)
+
+
+@needs_emulator
+@pytest.mark.parametrize("checks", [False, True])
+def test_self_test_kernels(checks):
+    """The emulator's own kernels (cuda/emulator/self_test.cpp; two blocks of
+    64 threads): the correct ones give their answers in either thread order;
+    without its barrier, a thread reads its neighbour's shared slot before it
+    is written and gets the NaN that uninitialised shared memory holds here.
+    (scripts/check_build.py tsan checks that ThreadSanitizer reports the racy
+    ones and nothing in the CUDA backend's kernels.)"""
+    t = np.arange(128) % 64
+    after = (t + 1) % 64 + 1  # what thread t's neighbour wrote
+    with libna.cuda_emulator(80, checks=checks):
+        run = libna._C.cuda_emulator_self_test
+        np.testing.assert_array_equal(run("neighbour_read"), after)
+        np.testing.assert_array_equal(run("overwrite_after_read"), 2 * after)
+        np.testing.assert_array_equal(run("warp_sum"), np.full(128, 32 * 33 / 2))
+        assert run("atomic_count") == [64.0]
+        racy = np.array(run("neighbour_read_racy"))
+    if not checks:  # threads run in order until a barrier: thread 0 goes first
+        assert np.isnan(racy[0]) and racy[63] == 1.0, racy
+    assert not np.array_equal(racy, after)
+
+
+@needs_emulator
+def test_self_test_bad_name():
+    with pytest.raises(ValueError, match="kernel='nope' is not a self-test kernel; expected "
+                                         "one of neighbour_read, neighbour_read_racy"):
+        libna._C.cuda_emulator_self_test("nope")

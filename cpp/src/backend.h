@@ -135,4 +135,7 @@ namespace libna::cuda_emulator {
 const detail::Backend* backend();
 // The names of the kernels launched since the last call, in order.
 std::vector<std::string> take_launch_log();
+// The emulator's self-test kernels (cuda/emulator/self_test.cpp): the output
+// of the named one; std::invalid_argument for another name.
+std::vector<float> self_test(const std::string& kernel);
 }  // namespace libna::cuda_emulator

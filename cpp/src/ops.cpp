@@ -85,6 +85,12 @@ void set_cuda_emulator(int arch, bool checks) {
 
 int cuda_emulator_arch() { return emulated_arch.load(std::memory_order_relaxed); }
 std::vector<std::string> cuda_emulator_launches() { return cuda_emulator::take_launch_log(); }
+std::vector<float> cuda_emulator_self_test(const std::string& kernel) {
+  if (cuda_emulator::backend() == nullptr) {
+    throw std::runtime_error("[cuda_emulator_self_test] libna was built without the CUDA emulator");
+  }
+  return cuda_emulator::self_test(kernel);
+}
 bool cuda_emulator_checks() { return emulator_checks.load(std::memory_order_relaxed); }
 
 namespace {

@@ -36,7 +36,8 @@ foreach(LIBNA_CUDA_PASS fused_forward fused_backward tc_forward tc_backward)
     list(APPEND LIBNA_EMULATED_SOURCES ${LIBNA_EMULATED_FILE})
   endforeach()
 endforeach()
-list(APPEND LIBNA_EMULATED_SOURCES ${LIBNA_EMULATOR_DIR}/emulator.cpp)
+list(APPEND LIBNA_EMULATED_SOURCES ${LIBNA_EMULATOR_DIR}/emulator.cpp
+     ${LIBNA_EMULATOR_DIR}/self_test.cpp)
 
 target_sources(libna_core PRIVATE ${LIBNA_EMULATED_SOURCES})
 # The kernels' idioms: 16-byte vector stores into 16-bit arrays (which the

@@ -130,7 +130,50 @@ struct Block;
 struct Barrier {
   int expected = 0, arrived = 0;
   std::uint64_t generation = 0;
+  // ThreadSanitizer: what the threads did before generation g's arrival is
+  // released to (and acquired from) sync[g % 2], so that a thread still
+  // leaving generation g does not acquire what a faster one did after it.
+  char sync[2];
 };
+
+// Race detection (a build with -fsanitize=thread, LIBNA_SANITIZE=thread):
+// ThreadSanitizer sees each emulated thread as a fiber of its own and the
+// block scheduler as another, switched between without synchronisation
+// (__tsan_switch_to_fiber_no_sync), so that the kernel's accesses are
+// ordered only by what orders them on a GPU: a barrier (__syncthreads, a
+// warp operation) or an atomic. An access to shared or global memory by one
+// thread that another thread's access (one of them a write) does not
+// happen-before or after is reported as a data race, as compute-sanitizer's
+// racecheck would. The emulator's own state (scheduling, barrier counts, the
+// shared-memory arena's set-up, the warp's matrix product) is shared between
+// the fibers by construction, one OS thread running them in turn: Bookkeeping
+// hides it from the detector.
+#if defined(LIBNA_EMULATOR_TSAN)
+extern "C" void AnnotateIgnoreReadsBegin(const char* file, int line);
+extern "C" void AnnotateIgnoreReadsEnd(const char* file, int line);
+extern "C" void AnnotateIgnoreWritesBegin(const char* file, int line);
+extern "C" void AnnotateIgnoreWritesEnd(const char* file, int line);
+struct Bookkeeping {
+  Bookkeeping() {
+    AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
+    AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
+  }
+  ~Bookkeeping() {
+    AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+    AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
+  }
+  Bookkeeping(const Bookkeeping&) = delete;
+  Bookkeeping& operator=(const Bookkeeping&) = delete;
+};
+void release(const void* sync) { __tsan_release(const_cast<void*>(sync)); }
+void acquire(const void* sync) { __tsan_acquire(const_cast<void*>(sync)); }
+#else
+struct Bookkeeping {
+  Bookkeeping() {}  // user-provided: a guard variable is never "unused"
+};
+void release(const void*) {}
+void acquire(const void*) {}
+#endif
 
 struct Fiber {
   void* stack = nullptr;  // mmap'ed, the lowest page a guard
@@ -192,7 +235,10 @@ struct Block {
 
 thread_local Block* this_block = nullptr;
 
-Fiber& me() { return *this_block->current; }
+Fiber& me() {
+  Bookkeeping bookkeeping;  // the scheduler sets `current` at each switch
+  return *this_block->current;
+}
 
 std::string describe(const Block& b, const Fiber* f) {
   std::ostringstream s;
@@ -256,11 +302,13 @@ void switch_to_fiber(Block& b, Fiber& f) {
   b.current = &f;
   void* fake_stack = nullptr;
   asan_start(&fake_stack, f.stack, kStackBytes);
+  // Read as the scheduler (which wrote it), before the race detector sees f run.
+  void* const sp = f.sp;
 #if defined(LIBNA_EMULATOR_TSAN)
   __tsan_switch_to_fiber(f.tsan_fiber, __tsan_switch_to_fiber_no_sync);
 #endif
 #if defined(__x86_64__)
-  libna_emulator_switch(&b.scheduler_sp, f.sp);
+  libna_emulator_switch(&b.scheduler_sp, sp);
 #else
   swapcontext(&b.scheduler_context, &f.context);
 #endif
@@ -318,25 +366,37 @@ void prepare(Fiber& f) {
 }
 
 // ---- synchronisation -----------------------------------------------------------------
-// Arrives at `barrier` and waits until all of its expected threads have.
+// Arrives at `barrier` and waits until all of its expected threads have;
+// for the race detector, what each did before is ordered before what any
+// does after.
 void arrive_and_wait(Barrier& barrier, const char* where) {
-  Block& b = *this_block;
-  Fiber& f = me();
-  const std::uint64_t generation = barrier.generation;
-  if (++barrier.arrived == barrier.expected) {
-    barrier.arrived = 0;
-    ++barrier.generation;
-    if (!b.checks) return;  // checks: let the others go first, in a random order
-    f.state = Fiber::State::ready;
-    f.where = where;
-    switch_to_scheduler(b, f);
-    return;
+  const char* sync;
+  {
+    Bookkeeping bookkeeping;
+    sync = &barrier.sync[barrier.generation & 1];
   }
-  f.state = Fiber::State::waiting;
-  f.waiting_on = &barrier;
-  f.wait_generation = generation;
-  f.where = where;
-  switch_to_scheduler(b, f);
+  release(sync);
+  {
+    Bookkeeping bookkeeping;
+    Block& b = *this_block;
+    Fiber& f = me();
+    const std::uint64_t generation = barrier.generation;
+    f.where = where;
+    if (++barrier.arrived == barrier.expected) {
+      barrier.arrived = 0;
+      ++barrier.generation;
+      if (b.checks) {  // checks: let the others go first, in a random order
+        f.state = Fiber::State::ready;
+        switch_to_scheduler(b, f);
+      }
+    } else {
+      f.state = Fiber::State::waiting;
+      f.waiting_on = &barrier;
+      f.wait_generation = generation;
+      switch_to_scheduler(b, f);
+    }
+  }
+  acquire(sync);
 }
 
 void release_if_complete(Barrier& barrier) {
@@ -346,32 +406,41 @@ void release_if_complete(Barrier& barrier) {
   }
 }
 
-void fiber_main(void* arg) {
-  Fiber& f = *static_cast<Fiber*>(arg);
-  Block& b = *this_block;
-  asan_finish(nullptr, &b.scheduler_stack, &b.scheduler_stack_size);
-#if defined(LIBNA_EMULATOR_TSAN)
-  __tsan_acquire(&b.body);  // the launch's arguments, written before it
-#endif
+// Runs the kernel as fiber f's thread; returns what stopped it, if anything.
+std::string run_thread(Block& b, const Fiber& f) {
   try {
     b.body(b.context);
   } catch (const KernelError& e) {
-    if (b.error.empty()) b.error = e.message + " (" + describe(b, &f) + ")";
+    return e.message + " (" + describe(b, &f) + ")";
   } catch (const std::exception& e) {
-    if (b.error.empty()) b.error = std::string(e.what()) + " (" + describe(b, &f) + ")";
+    return std::string(e.what()) + " (" + describe(b, &f) + ")";
   } catch (...) {
-    if (b.error.empty()) b.error = "unknown exception (" + describe(b, &f) + ")";
+    return "unknown exception (" + describe(b, &f) + ")";
   }
-#if defined(LIBNA_EMULATOR_TSAN)
-  __tsan_release(&b.fibers);  // what it wrote, for the host after the launch
-#endif
-  f.state = Fiber::State::done;
-  --b.live;
-  --b.barrier.expected;
-  release_if_complete(b.barrier);
-  --b.warps[f.warp].live;
+  return {};
+}
+
+void fiber_main(void* arg) {
+  Fiber& f = *static_cast<Fiber*>(arg);
+  Block& b = [] () -> Block& {
+    Bookkeeping bookkeeping;  // set by the scheduler
+    return *this_block;
+  }();
+  asan_finish(nullptr, &b.scheduler_stack, &b.scheduler_stack_size);
+  acquire(&b.body);  // the launch's arguments and the block's set-up
+  {
+    std::string error = run_thread(b, f);
+    release(&b.fibers);  // what it wrote, for the scheduler and the host
+    Bookkeeping bookkeeping;
+    if (!error.empty() && b.error.empty()) b.error = std::move(error);
+    f.state = Fiber::State::done;
+    --b.live;
+    --b.barrier.expected;
+    release_if_complete(b.barrier);
+    --b.warps[f.warp].live;
+  }  // nothing of the fiber's frame outlives it: it is never resumed
   switch_to_scheduler(b, f);
-  __builtin_trap();  // a finished fiber is never resumed
+  __builtin_trap();
 }
 
 bool runnable(const Fiber& f) {
@@ -446,6 +515,7 @@ void run_block(Block& b) {
 #endif
     prepare(f);
   }
+  release(&b.body);  // the launch's arguments and the set-up, to the fibers
   std::vector<std::size_t> order(threads);
   for (unsigned t = 0; t < threads; ++t) order[t] = t;
   while (b.live > 0 && b.error.empty()) {
@@ -461,6 +531,7 @@ void run_block(Block& b) {
     }
     if (!progressed && b.error.empty()) b.error = deadlock_report(b);
   }
+  acquire(&b.fibers);  // what the block's threads did
   if (b.error.empty()) {
     try {
       check_shared_guards(b);
@@ -497,24 +568,19 @@ std::vector<std::string> launch_log;  // kernel names, until taken
 }  // namespace
 
 // ---- the kernel-side API ---------------------------------------------------------------
+// The scheduler sets these up before the block's threads start (ordered
+// before them for the race detector).
 const dim3& thread_idx() { return me().thread_idx; }
 const dim3& block_idx() { return this_block->block_idx; }
 const dim3& block_dim() { return this_block->block_dim; }
 const dim3& grid_dim() { return this_block->grid_dim; }
 int lane_id() { return me().lane; }
 
-void sync_block() {
-#if defined(LIBNA_EMULATOR_TSAN)
-  __tsan_release(&this_block->barrier);
-#endif
-  arrive_and_wait(this_block->barrier, "__syncthreads");
-#if defined(LIBNA_EMULATOR_TSAN)
-  __tsan_acquire(&this_block->barrier);
-#endif
-}
+void sync_block() { arrive_and_wait(this_block->barrier, "__syncthreads"); }
 
 namespace {
 Warp& enter_warp_operation(unsigned mask, const char* what) {
+  Bookkeeping bookkeeping;
   Block& b = *this_block;
   Fiber& f = me();
   Warp& w = b.warps[f.warp];
@@ -534,15 +600,17 @@ Warp& enter_warp_operation(unsigned mask, const char* what) {
 
 const unsigned char* warp_exchange(unsigned mask, const void* deposit, std::size_t bytes) {
   Warp& w = enter_warp_operation(mask, "warp shuffle");
-  const int parity = static_cast<int>(w.barrier.generation & 1);
-  std::memcpy(w.slots[parity][me().lane], deposit, std::min(bytes, kSlotBytes));
-#if defined(LIBNA_EMULATOR_TSAN)
-  __tsan_release(&w.barrier);
-#endif
+  int parity, lane;
+  {
+    Bookkeeping bookkeeping;
+    parity = static_cast<int>(w.barrier.generation & 1);
+    lane = me().lane;
+  }
+  // Each lane writes its own slot and, after the exchange, reads any lane's:
+  // the barrier orders them (and the slots alternate, so that the next
+  // exchange does not overwrite what a slower lane still reads).
+  std::memcpy(w.slots[parity][lane], deposit, std::min(bytes, kSlotBytes));
   arrive_and_wait(w.barrier, "a warp shuffle");
-#if defined(LIBNA_EMULATOR_TSAN)
-  __tsan_acquire(&w.barrier);
-#endif
   return &w.slots[parity][0][0];
 }
 
@@ -579,6 +647,7 @@ void check_global(const void* address, std::size_t bytes, bool write) {
 }
 
 void* shared_storage(std::size_t bytes, std::size_t alignment) {
+  Bookkeeping bookkeeping;  // the arena's set-up is not the kernel's write
   Block& b = *this_block;
   Fiber& f = me();
   const std::size_t index = f.shared_declarations++;
@@ -639,9 +708,14 @@ void mma_m16n8k16(Operand type, float* d, const std::uint32_t* a, const std::uin
   MmaDeposit mine;
   std::memcpy(mine.a, a, sizeof(mine.a));
   std::memcpy(mine.b, b, sizeof(mine.b));
-  const int parity = static_cast<int>(w.barrier.generation & 1);
-  if (w.barrier.arrived == 0) w.computed[parity] = false;
+  int parity;
+  {
+    Bookkeeping bookkeeping;
+    parity = static_cast<int>(w.barrier.generation & 1);
+    if (w.barrier.arrived == 0) w.computed[parity] = false;
+  }
   const unsigned char* all = warp_exchange(0xffffffffu, &mine, sizeof(mine));
+  Bookkeeping bookkeeping;  // the warp's product, computed once, read by every lane
   if (!w.computed[parity]) {  // the first lane to go on computes the warp's product
     float A[16][16], B[16][8];
     for (int lane = 0; lane < kWarpSize; ++lane) {
@@ -678,18 +752,24 @@ void mma_m16n8k16(Operand type, float* d, const std::uint32_t* a, const std::uin
 // elements 2 (l % 4) and 2 (l % 4) + 1 of matrix m (low half first); with
 // .trans, element l / 4 of rows 2 (l % 4) and 2 (l % 4) + 1.
 void ldmatrix_x4(std::uint32_t* r, const void* row, bool trans) {
-  Block& b = *this_block;
   const auto address = reinterpret_cast<std::uintptr_t>(row);
   if (address % 16 != 0) fail("ldmatrix row address not 16-byte aligned");
-  const auto base = reinterpret_cast<std::uintptr_t>(b.arena.data());
-  bool in_shared = false;
-  for (const SharedVariable& v : b.shared) {
-    if (address >= base + v.offset && address + 16 <= base + v.offset + v.bytes) in_shared = true;
+  {
+    Bookkeeping bookkeeping;
+    const Block& b = *this_block;
+    const auto base = reinterpret_cast<std::uintptr_t>(b.arena.data());
+    bool in_shared = false;
+    for (const SharedVariable& v : b.shared) {
+      if (address >= base + v.offset && address + 16 <= base + v.offset + v.bytes) {
+        in_shared = true;
+      }
+    }
+    if (!in_shared) fail("ldmatrix row address outside every shared variable of the block");
   }
-  if (!in_shared) fail("ldmatrix row address outside every shared variable of the block");
   enter_warp_operation(0xffffffffu, "ldmatrix");
   const unsigned char* all = warp_exchange(0xffffffffu, &row, sizeof(row));
-  const int lane = me().lane;
+  const int lane = lane_id();
+  // The lane's reads of the warp's rows are the kernel's shared-memory reads.
   auto row_of = [&](int m, int i) {
     const unsigned char* p;
     std::memcpy(&p, all + kSlotBytes * (8 * m + i), sizeof(p));
@@ -748,7 +828,6 @@ void launch(const char* name, dim3 grid, dim3 block, void (*body)(void*), void* 
     b.error.clear();
 #if defined(LIBNA_EMULATOR_TSAN)
     if (b.scheduler_tsan_fiber == nullptr) b.scheduler_tsan_fiber = __tsan_get_current_fiber();
-    __tsan_release(&b.body);
 #endif
     this_block = &b;
     for (std::int64_t i = begin; i < end; ++i) {
@@ -763,9 +842,6 @@ void launch(const char* name, dim3 grid, dim3 block, void (*body)(void*), void* 
         break;
       }
     }
-#if defined(LIBNA_EMULATOR_TSAN)
-    __tsan_acquire(&b.fibers);
-#endif
     this_block = nullptr;
   });
   checks_enabled = false;

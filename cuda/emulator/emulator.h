@@ -23,6 +23,10 @@
 //     barrier changes results; global loads and stores (common.cuh's
 //     load/store, atomicAdd) must fall inside a tensor of the call or a
 //     workspace; ldmatrix rows must lie inside a shared variable.
+//   - Race detection (a ThreadSanitizer build): each thread is a fiber the
+//     detector tells apart, ordered with the others only by barriers, warp
+//     operations and atomics, so that an unordered conflicting access to
+//     shared or global memory is reported as a data race (emulator.cpp).
 // Errors (a bounds violation, a deadlock such as a __syncthreads some
 // threads never reach, a warp operation with exited lanes) stop the launch
 // and throw std::runtime_error naming the kernel's block and thread.

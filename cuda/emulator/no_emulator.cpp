@@ -5,4 +5,5 @@
 namespace libna::cuda_emulator {
 const detail::Backend* backend() { return nullptr; }
 std::vector<std::string> take_launch_log() { return {}; }
+std::vector<float> self_test(const std::string&) { return {}; }  // unreachable: ops.cpp refuses
 }  // namespace libna::cuda_emulator

@@ -456,4 +456,5 @@ NB_MODULE(_C, m) {
   m.def("cuda_emulator_arch", &libna::cuda_emulator_arch);
   m.def("cuda_emulator_checks", &libna::cuda_emulator_checks);
   m.def("cuda_emulator_launches", &libna::cuda_emulator_launches);
+  m.def("cuda_emulator_self_test", &libna::cuda_emulator_self_test, nb::arg("kernel"));
 }

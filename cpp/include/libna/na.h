@@ -197,6 +197,15 @@ LIBNA_API int cuda_emulator_arch();
 LIBNA_API bool cuda_emulator_checks();
 // The kernels the emulator ran since the previous call, by name, in order.
 LIBNA_API std::vector<std::string> cuda_emulator_launches();
+// Runs one of the emulator's self-test kernels (cuda/emulator/self_test.cpp;
+// two blocks of 64 threads) and returns its output: "neighbour_read",
+// "overwrite_after_read", "warp_sum" and "atomic_count" are correct kernels
+// with known answers; "neighbour_read_racy", "overwrite_after_read_racy" and
+// "count_racy" each lack one barrier or atomic, so that a ThreadSanitizer
+// build reports a data race (scripts/check_build.py tsan checks both ways).
+// Throws std::runtime_error without the emulator, std::invalid_argument for
+// another name.
+LIBNA_API std::vector<float> cuda_emulator_self_test(const std::string& kernel);
 LIBNA_API int get_num_threads();
 
 // libna reads its environment variables (LIBNA_NUM_THREADS,
