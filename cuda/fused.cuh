@@ -27,6 +27,9 @@ namespace libna::LIBNA_CUDA_IMPL {
 
 constexpr float kNegInf = -INFINITY;
 
+// Neither an inf nor a NaN (a comparison both are false for).
+__device__ __forceinline__ bool is_finite(float x) { return fabsf(x) <= 3.40282347e+38f; }
+
 // Every fused kernel is declared __launch_bounds__(kThreads, 1): without the
 // explicit minimum of one block per SM, ptxas capped the bfloat16 dq kernel
 // on sm_80 at 128 registers and spilled (tests/test_cuda_build.py caught it).

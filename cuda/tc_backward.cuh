@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
 
   for (int t = 0; t < blk.num_tiles; ++t) {
     const tiling::Tile tile = tiling::make_tile(p.plan, blk, t);
-    load_tc_key_tile<T, Bucket, kKeys>(p, blk, tile, b, hk, vector_loads, kt);
+    load_tc_key_tile<Sanitized::none>(p, blk, tile, t, b, hk, vector_loads, kt);
 
     float s[kKeyTiles][4], dp[kKeyTiles][4];  // S = Q K^T, dP = dO V^T
     row_products<T, Bucket>(s, q_rows, kt.k, dp, dout_rows, kt.v, lane, warp);

@@ -82,6 +82,22 @@ __device__ __forceinline__ void ldmatrix_x4(std::uint32_t* r, const void* row) {
 #endif
 }
 
+// Element (row half r, column `column`) of the m16n8 C tiles `acc`, from
+// the lane of the caller's quad that holds it (every lane of the warp
+// calls; `column` the same in all).
+template <int Tiles>
+__device__ __forceinline__ float quad_cell(const float (&acc)[Tiles][4], int column, int r,
+                                           int lane) {
+  const int n = column / mma::kN, odd = column & 1;
+  float mine = 0.f;  // the holder's element, selected without indexing registers at run time
+  #pragma unroll
+  for (int m = 0; m < Tiles; ++m) {
+    if (m == n) mine = odd ? acc[m][2 * r + 1] : acc[m][2 * r];
+  }
+  const int holder = (column % mma::kN) / 2;  // its thread_in_group (mma::c_cell)
+  return __shfl_xor_sync(0xffffffffu, mine, mma::thread_in_group(lane) ^ holder);
+}
+
 // Max and sum over the four lanes of a quad (one C fragment row).
 __device__ __forceinline__ float quad_max(float x) {
   #pragma unroll
@@ -144,22 +160,72 @@ __device__ __forceinline__ uint4 load_8(const View& v, std::int64_t row, int d0,
   return uint4{x[0], x[1], x[2], x[3]};
 }
 
+// Replaces each inf or NaN (all exponent bits set) among the eight 16-bit
+// floats in x by zero; returns whether there was one.
+template <typename T>
+__device__ __forceinline__ bool zero_non_finite(uint4& x) {
+  constexpr std::uint32_t kExponent = std::is_same_v<T, __half> ? 0x7c00u : 0x7f80u;
+  std::uint32_t* const words[4] = {&x.x, &x.y, &x.z, &x.w};
+  bool found = false;
+  #pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int shift = 16 * (i & 1);
+    if ((*words[i / 2] >> shift & kExponent) == kExponent) {
+      *words[i / 2] &= ~(0xffffu << shift);
+      found = true;
+    }
+  }
+  return found;
+}
+
 // Copies rows 0 .. Rows - 1 of view x (head `head`) into padded
 // shared-memory rows (mma::smem_offset), zero where coords(j, c) says row j
-// holds no token, and past the head dim. The whole block takes part; no
+// holds no token, and past the head dim. With `non_finite_rows`, an inf or a
+// NaN is staged as zero and its row's bit set there (bit j % 32 of word
+// j / 32), so that a masked (zero) factor cannot meet it inside mma.sync;
+// the caller adds the terms of those elements for the pairs of the
+// neighbourhood only, from global memory. The whole block takes part; no
 // barrier.
 template <typename T, int Bucket, int Rows, typename Coords>
 __device__ __forceinline__ void stage_rows(Coords&& coords, std::int64_t b, int head,
-                                           const View& x, int dim, bool vector, T* sx) {
+                                           const View& x, int dim, bool vector, T* sx,
+                                           unsigned* non_finite_rows = nullptr) {
   constexpr int kPieces = Bucket / 8;  // 16-byte pieces per row
   for (int e = threadIdx.x; e < Rows * kPieces; e += tiling::kThreads) {
     const int j = e / kPieces, d0 = (e % kPieces) * 8;
     uint4 xv{0u, 0u, 0u, 0u};
     std::int64_t c[kAxes];
     if (coords(j, c)) xv = load_8<T>(x, x.row(b, c, head), d0, dim, vector);
+    if (non_finite_rows != nullptr && zero_non_finite<T>(xv)) {
+      atomicOr(&non_finite_rows[j / 32], 1u << (j % 32));
+    }
     *reinterpret_cast<uint4*>(&sx[mma::smem_offset(j, d0, Bucket)]) = xv;
   }
 }
+
+// A bit per row of a tile, for two tiles in turn: tile t's bits are set
+// while it is staged and read after its barrier, and the other word set is
+// cleared meanwhile for tile t + 1 (its readers passed the barrier that ended
+// tile t - 1; its writers wait for the one that ends tile t).
+template <int Rows>
+struct RowBits {
+  static constexpr int kWords = (Rows + 31) / 32;
+  unsigned bits[2][kWords];
+
+  __device__ __forceinline__ unsigned* of_tile(int t) { return bits[t & 1]; }
+  __device__ __forceinline__ bool any(int t) const {
+    bool found = false;
+    for (int w = 0; w < kWords; ++w) found = found || bits[t & 1][w] != 0u;
+    return found;
+  }
+  __device__ __forceinline__ bool test(int t, int row) const {
+    return (bits[t & 1][row / 32] >> (row % 32)) & 1u;
+  }
+  // Clears the set of tile t + 1 (the whole block calls it; no barrier).
+  __device__ __forceinline__ void clear_next(int t) {
+    if (threadIdx.x < kWords) bits[(t + 1) & 1][threadIdx.x] = 0u;
+  }
+};
 
 template <typename T, int Bucket, int Keys>
 struct TcKeyTile {
@@ -167,21 +233,32 @@ struct TcKeyTile {
   alignas(16) T v[Keys * mma::smem_row_stride(Bucket)];
   int pos[Keys][kAxes];
   bool valid[Keys];
+  // The keys whose row of the operand `Sanitized` names holds an inf or a
+  // NaN, staged as zeros (load_tc_key_tile).
+  RowBits<Keys> non_finite;
 };
 
-// Loads key tile `tile` of kv head `hk` (the whole block takes part).
-template <typename T, int Bucket, int Keys>
+enum class Sanitized { none, k, v };
+
+// Loads key tile `tile` (the t-th) of kv head `hk`, the rows of K or V
+// (`Sanitized`) that hold an inf or a NaN as zeros, marked in kt.non_finite
+// (the whole block takes part).
+template <Sanitized Operand, typename T, int Bucket, int Keys>
 __device__ void load_tc_key_tile(const FusedParams& p, const tiling::Block& blk,
-                                 const tiling::Tile& tile, std::int64_t b, int hk,
+                                 const tiling::Tile& tile, int t, std::int64_t b, int hk,
                                  unsigned vector_loads, TcKeyTile<T, Bucket, Keys>& kt) {
   load_key_slots<Keys>(p, tile, kt.pos, kt.valid);
   const auto coords = [&](int j, std::int64_t* c) {
     if (kt.valid[j]) full_coords(p.plan, blk, kt.pos[j], c);
     return kt.valid[j];
   };
-  stage_rows<T, Bucket, Keys>(coords, b, hk, p.k, p.dim, vector_loads & kVectorK, kt.k);
-  stage_rows<T, Bucket, Keys>(coords, b, hk, p.v, p.dim_v, vector_loads & kVectorV, kt.v);
+  unsigned* const non_finite = kt.non_finite.of_tile(t);
+  stage_rows<T, Bucket, Keys>(coords, b, hk, p.k, p.dim, vector_loads & kVectorK, kt.k,
+                              Operand == Sanitized::k ? non_finite : nullptr);
+  stage_rows<T, Bucket, Keys>(coords, b, hk, p.v, p.dim_v, vector_loads & kVectorV, kt.v,
+                              Operand == Sanitized::v ? non_finite : nullptr);
   __syncthreads();
+  kt.non_finite.clear_next(t);
 }
 
 template <typename T, int Bucket>
@@ -232,10 +309,12 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
   zero(o);
   float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.f, 0.f};  // log2 units
   const float scale_log2 = p.scale * kLog2e;
+  kt.non_finite.clear_next(-1);
+  __syncthreads();
 
   for (int t = 0; t < blk.num_tiles; ++t) {
     const tiling::Tile tile = tiling::make_tile(p.plan, blk, t);
-    load_tc_key_tile<T, Bucket, kKeys>(p, blk, tile, b, hk, vector_loads, kt);
+    load_tc_key_tile<Sanitized::v>(p, blk, tile, t, b, hk, vector_loads, kt);
 
     float s[kKeyTiles][4];
     zero(s);
@@ -304,6 +383,31 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
         ldmatrix_x4<true>(v_frag, &kt.v[mma::smem_offset(cell.row, cell.col, Bucket)]);
         mma_16816<T>(o[2 * pair], p_frag, v_frag);
         mma_16816<T>(o[2 * pair + 1], p_frag, v_frag + 2);
+      }
+    }
+    if (kt.non_finite.any(t)) {
+      // The infs and NaNs of V, staged as zeros: their terms of P V for the
+      // pairs of the neighbourhood.
+      for (int key = 0; key < kKeys; ++key) {
+        if (!kt.non_finite.test(t, key)) continue;
+        std::int64_t c[kAxes];
+        full_coords(p.plan, blk, kt.pos[key], c);
+        const std::int64_t v_row = p.v.row(b, c, hk);
+        #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float probability = quad_cell(s, key, r, lane);
+          const OwnedQuery& q = rows[r];
+          if (!(q.valid && (tile.full || q.sees(kt.pos[key])))) continue;
+          #pragma unroll
+          for (int n = 0; n < kDimTiles; ++n) {
+            #pragma unroll
+            for (int j = 0; j < 2; ++j) {
+              const int d = mma::kN * n + mma::c_cell(lane, 2 * r + j).col;
+              const float value = d < p.dim_v ? load<T>(p.v.data, v_row + d * p.v.d) : 0.f;
+              if (!is_finite(value)) o[n][2 * r + j] += probability * value;
+            }
+          }
+        }
       }
     }
     __syncthreads();  // the next tile overwrites kt

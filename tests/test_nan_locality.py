@@ -22,6 +22,8 @@ NaN only (inf * k over a window can be -inf for every key)."""
 
 import itertools
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -205,3 +207,34 @@ def test_known_cases_cuda_simt(case, op):
     (0 * NaN). The tensor-core kernels still do (README, Guarantees)."""
     with libna.cuda_emulator(80):
         check(op, *case)
+
+
+# Poisons for the tensor-core kernels (float16/bfloat16 at sm_80): a value in
+# each operand that a masked (zero) probability multiplies inside mma.sync:
+# v in P V, k in dS K, q in dS^T Q (and infs for the non-NaN rule).
+TENSOR_CORE_CASES = {
+    "2d-v": KNOWN["2d-v"],
+    "2d-v-inf": (KNOWN["2d-v"][0], ("v", (0, 4, 4, 1, 5), np.inf)),
+    "1d-k": KNOWN["1d-k"],
+    "2d-q": (KNOWN["2d-v"][0], ("q", (0, 2, 7, 0, 3), NAN)),
+    "2d-k-inf": (KNOWN["2d-v"][0], ("k", (0, 6, 1, 1, 0), -np.inf)),
+}
+
+
+@pytest.mark.skipif(not EMULATOR, reason="libna was built without the CUDA emulator")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("op", ["forward"])
+@pytest.mark.parametrize("case", TENSOR_CORE_CASES.values(), ids=TENSOR_CORE_CASES.keys())
+def test_known_cases_cuda_tensor_cores(case, op, dtype):
+    """The cases through the CUDA backend's tensor-core kernels, under the
+    emulator: a non-finite value that a masked probability of zero meets
+    inside mma.sync reaches no output outside its neighbourhood, and the
+    other outputs keep their bits. The forward only: the tensor-core
+    backward still lets a q or k value in through dS^T Q and dS K (README,
+    Guarantees)."""
+    problem, poison = case
+    with libna.cuda_emulator(80):
+        libna._C.cuda_emulator_launches()
+        check(op, dataclasses.replace(problem, dtype=dtype), poison)
+        launched = libna._C.cuda_emulator_launches()
+    assert any(name.startswith("tc_") for name in launched), launched

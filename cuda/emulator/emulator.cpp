@@ -631,6 +631,11 @@ float atomic_add(float* address, float value) {
   }
 }
 
+// The kernels use it on shared memory only (whose bounds the guard zones check).
+unsigned atomic_or(unsigned* address, unsigned value) {
+  return __atomic_fetch_or(address, value, __ATOMIC_RELAXED);
+}
+
 void check_global(const void* address, std::size_t bytes, bool write) {
   const auto p = reinterpret_cast<std::uintptr_t>(address);
   bool ok;

@@ -113,6 +113,7 @@ T shfl_xor(unsigned mask, T x, int offset) {
 }
 
 float atomic_add(float* address, float value);
+unsigned atomic_or(unsigned* address, unsigned value);
 
 // Global accesses: checked against the call's tensors and workspaces when
 // checks are on.
@@ -171,6 +172,9 @@ T __shfl_xor_sync(unsigned mask, T x, int offset) {
 }
 inline float atomicAdd(float* address, float value) {
   return ::libna::emulator::atomic_add(address, value);
+}
+inline unsigned atomicOr(unsigned* address, unsigned value) {
+  return ::libna::emulator::atomic_or(address, value);
 }
 
 // ---- the runtime API ----------------------------------------------------------------
