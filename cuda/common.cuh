@@ -174,6 +174,9 @@ __device__ __forceinline__ void store(void* base, std::int64_t offset, float x) 
 // (README, "Non-finite values"): a query whose logits are all -inf attends to
 // nothing (out 0, lse -inf, no gradient); a +inf logit gives lse +inf and a
 // NaN output.
+// max(a, b), NaN when either is (fmaxf returns the other): a row whose
+// logits are all NaN must not pass for one whose keys are all masked.
+__device__ __forceinline__ float max_or_nan(float a, float b) { return a > b || a != a ? a : b; }
 // lse from the running maximum logit and sum = sum of exp(logit - shift),
 // where shift is the maximum, or 0 while every logit is -inf.
 __device__ __forceinline__ float softmax_lse(float max_logit, float sum) {

@@ -253,10 +253,10 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
       if (keep && p.rpb.data) dot += bias_at<T>(p, h, query.pos, kt.pos[j]);
       s[j] = keep ? dot : kNegInf;
       kept |= keep ? 1u << j : 0u;
-      tile_max = fmaxf(tile_max, s[j]);
+      tile_max = max_or_nan(tile_max, s[j]);
     }
-    const float new_max = fmaxf(row_max, tile_max);
-    if (new_max > kNegInf) {
+    const float new_max = max_or_nan(row_max, tile_max);
+    if (new_max != kNegInf) {  // some key kept with a logit above -inf, or a NaN
       const float correction = expf(row_max - new_max);
       row_sum *= correction;
       #pragma unroll

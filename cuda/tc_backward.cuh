@@ -140,6 +140,7 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
   stage_rows<T, Bucket, kRows>(row_coords, b, h, p.q, p.dim, vector_loads & kVectorQ, q_rows);
   stage_rows<T, Bucket, kRows>(row_coords, b, h, p.dout, p.dim_v, vector_loads & kVectorDout,
                                dout_rows);
+  kt.non_finite.clear_next(-1);
   __syncthreads();
   const int slot[2] = {mma::row_slot(warp, lane, 0), mma::row_slot(warp, lane, 1)};
 
@@ -183,10 +184,31 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
 
   for (int t = 0; t < blk.num_tiles; ++t) {
     const tiling::Tile tile = tiling::make_tile(p.plan, blk, t);
-    load_tc_key_tile<Sanitized::none>(p, blk, tile, t, b, hk, vector_loads, kt);
+    // K's infs and NaNs are staged as zeros (a masked dS of zero must not
+    // meet them in dS K): their terms of S and of dQ are added below.
+    load_tc_key_tile<Sanitized::k>(p, blk, tile, t, b, hk, vector_loads, kt);
+    const bool non_finite_k = kt.non_finite.any(t);
+    const auto k_row = [&](int key) {
+      std::int64_t c[kAxes];
+      full_coords(p.plan, blk, kt.pos[key], c);
+      return p.k.row(b, c, hk);
+    };
 
     float s[kKeyTiles][4], dp[kKeyTiles][4];  // S = Q K^T, dP = dO V^T
     row_products<T, Bucket>(s, q_rows, kt.k, dp, dout_rows, kt.v, lane, warp);
+    if (non_finite_k) {
+      #pragma unroll
+      for (int n = 0; n < kKeyTiles; ++n) {
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int key = mma::kN * n + mma::c_cell(lane, i).col;
+          if (kt.non_finite.test(t, key)) {
+            s[n][i] += non_finite_dot<T, Bucket>(q_rows, slot[mma::c_half(i)], p.k, k_row(key),
+                                                 p.dim);
+          }
+        }
+      }
+    }
 
     // dS = P (dP - D) in place of dP; zero outside the neighbourhood.
     #pragma unroll
@@ -211,6 +233,19 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
       std::uint32_t ds_frag[4];
       a_from_accumulators<T>(dp, c, ds_frag);
       mma_rows_trans<T, Bucket>(dq, ds_frag, kt.k, lane, c);
+    }
+    if (non_finite_k) {
+      for (int key = 0; key < kKeys; ++key) {
+        if (!kt.non_finite.test(t, key)) continue;
+        #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float ds = quad_cell(dp, key, r, lane);
+          const OwnedQuery& q = rows[slot[r]];
+          if (q.valid && (tile.full || q.sees(kt.pos[key]))) {
+            add_non_finite_terms<T>(dq, r, lane, ds, p.k, k_row(key), p.dim);
+          }
+        }
+      }
     }
     __syncthreads();  // the next tile overwrites kt
   }
@@ -238,6 +273,8 @@ struct TcKeySide {
   int query_pos[Queries][kAxes];
   float lse[Queries], term[Queries];
   bool query_valid[Queries];
+  // The queries whose Q (dO) row holds an inf or a NaN, staged as zeros.
+  RowBits<Queries> non_finite_q, non_finite_dout;
 };
 
 template <typename T, int Bucket>
@@ -259,6 +296,8 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
   const int lane = threadIdx.x % mma::kWarpSize;
   const int warp = threadIdx.x / mma::kWarpSize;
   if (threadIdx.x < kKeys) sm.key[threadIdx.x].init(p.plan, blk, threadIdx.x);
+  sm.non_finite_q.clear_next(-1);
+  sm.non_finite_dout.clear_next(-1);
   __syncthreads();
   const auto key_coords = [&](int j, std::int64_t* c) {
     #pragma unroll
@@ -280,19 +319,48 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
   };
 
   const int group = p.heads / p.heads_kv;
+  int visit = 0;  // query tiles visited (their parity picks the RowBits word set)
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
-    for (int t = 0; t < blk.num_tiles; ++t) {
+    for (int t = 0; t < blk.num_tiles; ++t, ++visit) {
       const tiling::Tile tile = tiling::make_tile(p.plan, blk, t);
       load_query_slots<kQueries>(p, blk, tile, b, h, sm.query_pos, sm.query_valid, sm.lse,
                                  sm.term);
+      // Infs and NaNs of Q and dO are staged as zeros (a masked P^T or dS^T
+      // of zero must not meet them in P^T dO and dS^T Q): their terms of
+      // S^T, dP^T, dV and dK are added below.
       stage_rows<T, Bucket, kQueries>(query_coords, b, h, p.q, p.dim, vector_loads & kVectorQ,
-                                      sm.q);
+                                      sm.q, sm.non_finite_q.of_tile(visit));
       stage_rows<T, Bucket, kQueries>(query_coords, b, h, p.dout, p.dim_v,
-                                      vector_loads & kVectorDout, sm.dout);
+                                      vector_loads & kVectorDout, sm.dout,
+                                      sm.non_finite_dout.of_tile(visit));
       __syncthreads();
+      sm.non_finite_q.clear_next(visit);
+      sm.non_finite_dout.clear_next(visit);
+      const bool non_finite = sm.non_finite_q.any(visit) || sm.non_finite_dout.any(visit);
+      const auto query_row = [&](const View& x, int j) {
+        std::int64_t c[kAxes];
+        full_coords(p.plan, blk, sm.query_pos[j], c);
+        return x.row(b, c, h);
+      };
 
       float s[kQueryTiles][4], dp[kQueryTiles][4];  // S^T = K Q^T, dP^T = V dO^T
       row_products<T, Bucket>(s, sm.k, sm.q, dp, sm.v, sm.dout, lane, warp);
+      if (non_finite) {
+        #pragma unroll
+        for (int n = 0; n < kQueryTiles; ++n) {
+          #pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int j = mma::kN * n + mma::c_cell(lane, i).col, row = slot[mma::c_half(i)];
+            if (sm.non_finite_q.test(visit, j)) {
+              s[n][i] += non_finite_dot<T, Bucket>(sm.k, row, p.q, query_row(p.q, j), p.dim);
+            }
+            if (sm.non_finite_dout.test(visit, j)) {
+              dp[n][i] += non_finite_dot<T, Bucket>(sm.v, row, p.dout, query_row(p.dout, j),
+                                                    p.dim_v);
+            }
+          }
+        }
+      }
 
       // P^T in place of S^T, dS^T in place of dP^T; zero outside the
       // neighbourhood. Rows are keys, columns queries.
@@ -321,6 +389,26 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
         a_from_accumulators<T>(dp, c, ds_frag);
         mma_rows_trans<T, Bucket>(dv, p_frag, sm.dout, lane, c);
         mma_rows_trans<T, Bucket>(dk, ds_frag, sm.q, lane, c);
+      }
+      if (non_finite) {
+        for (int j = 0; j < kQueries; ++j) {
+          const bool bad_q = sm.non_finite_q.test(visit, j);
+          const bool bad_dout = sm.non_finite_dout.test(visit, j);
+          if (!bad_q && !bad_dout) continue;
+          #pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const float prob = quad_cell(s, j, r, lane), ds = quad_cell(dp, j, r, lane);
+            const OwnedKey& key = sm.key[slot[r]];
+            if (!(key.valid && sm.query_valid[j] &&
+                  (tile.full || key.seen_by(sm.query_pos[j])))) {
+              continue;
+            }
+            if (bad_dout) {
+              add_non_finite_terms<T>(dv, r, lane, prob, p.dout, query_row(p.dout, j), p.dim_v);
+            }
+            if (bad_q) add_non_finite_terms<T>(dk, r, lane, ds, p.q, query_row(p.q, j), p.dim);
+          }
+        }
       }
       __syncthreads();  // the next tile overwrites the query tile
     }

@@ -98,6 +98,45 @@ __device__ __forceinline__ float quad_cell(const float (&acc)[Tiles][4], int col
   return __shfl_xor_sync(0xffffffffu, mine, mma::thread_in_group(lane) ^ holder);
 }
 
+// acc (C fragments over head dims) += w x[d], row half r, for the caller's
+// dims d < dim where x[d] (row `row` of `x`, from global memory) is an inf or
+// a NaN: the terms of x's elements that stage_rows staged as zeros.
+template <typename T, int DimTiles>
+__device__ __forceinline__ void add_non_finite_terms(float (&acc)[DimTiles][4], int r, int lane,
+                                                     float w, const View& x, std::int64_t row,
+                                                     int dim) {
+  // One element at a time (a rare path: the kernels' registers are spent on
+  // the accumulators), added to acc by an unrolled select, not by indexing
+  // registers at run time.
+  #pragma unroll 1
+  for (int n = 0; n < DimTiles; ++n) {
+    #pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int d = mma::kN * n + mma::c_cell(lane, 2 * r + j).col;
+      const float value = d < dim ? load<T>(x.data, row + d * x.d) : 0.f;
+      if (is_finite(value)) continue;
+      #pragma unroll
+      for (int m = 0; m < DimTiles; ++m) {
+        if (m == n) acc[m][2 * r + j] += w * value;
+      }
+    }
+  }
+}
+
+// The terms of the dot product of shared row `a_row` of `a` (staged whole)
+// and row `row` of x that staging x left out: a[d] x[d] where x[d] is an inf
+// or a NaN, d < dim.
+template <typename T, int Bucket>
+__device__ __forceinline__ float non_finite_dot(const T* a, int a_row, const View& x,
+                                                std::int64_t row, int dim) {
+  float sum = 0.f;
+  for (int d = 0; d < dim; ++d) {
+    const float value = load<T>(x.data, row + d * x.d);
+    if (!is_finite(value)) sum += to_float(a[mma::smem_offset(a_row, d, Bucket)]) * value;
+  }
+  return sum;
+}
+
 // Max and sum over the four lanes of a quad (one C fragment row).
 __device__ __forceinline__ float quad_max(float x) {
   #pragma unroll
@@ -368,6 +407,24 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
       }
     }
 
+    if (kt.non_finite.any(t)) {
+      // The infs and NaNs of V, staged as zeros: their terms of P V for the
+      // pairs of the neighbourhood (before the products, while s is live).
+      for (int key = 0; key < kKeys; ++key) {
+        if (!kt.non_finite.test(t, key)) continue;
+        std::int64_t c[kAxes];
+        full_coords(p.plan, blk, kt.pos[key], c);
+        const std::int64_t v_row = p.v.row(b, c, hk);
+        #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float probability = quad_cell(s, key, r, lane);
+          const OwnedQuery& q = rows[r];
+          if (q.valid && (tile.full || q.sees(kt.pos[key]))) {
+            add_non_finite_terms<T>(o, r, lane, probability, p.v, v_row, p.dim_v);
+          }
+        }
+      }
+    }
     #pragma unroll
     for (int c = 0; c < kKeyChunks; ++c) {
       std::uint32_t p_frag[4];
@@ -383,31 +440,6 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
         ldmatrix_x4<true>(v_frag, &kt.v[mma::smem_offset(cell.row, cell.col, Bucket)]);
         mma_16816<T>(o[2 * pair], p_frag, v_frag);
         mma_16816<T>(o[2 * pair + 1], p_frag, v_frag + 2);
-      }
-    }
-    if (kt.non_finite.any(t)) {
-      // The infs and NaNs of V, staged as zeros: their terms of P V for the
-      // pairs of the neighbourhood.
-      for (int key = 0; key < kKeys; ++key) {
-        if (!kt.non_finite.test(t, key)) continue;
-        std::int64_t c[kAxes];
-        full_coords(p.plan, blk, kt.pos[key], c);
-        const std::int64_t v_row = p.v.row(b, c, hk);
-        #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const float probability = quad_cell(s, key, r, lane);
-          const OwnedQuery& q = rows[r];
-          if (!(q.valid && (tile.full || q.sees(kt.pos[key])))) continue;
-          #pragma unroll
-          for (int n = 0; n < kDimTiles; ++n) {
-            #pragma unroll
-            for (int j = 0; j < 2; ++j) {
-              const int d = mma::kN * n + mma::c_cell(lane, 2 * r + j).col;
-              const float value = d < p.dim_v ? load<T>(p.v.data, v_row + d * p.v.d) : 0.f;
-              if (!is_finite(value)) o[n][2 * r + j] += probability * value;
-            }
-          }
-        }
       }
     }
     __syncthreads();  // the next tile overwrites kt

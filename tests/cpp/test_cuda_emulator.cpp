@@ -21,6 +21,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -111,8 +112,9 @@ struct Outputs {
 };
 
 // Forward and backward of a 2D problem with rpb, on the backend that
-// set_cuda_emulator selects.
-Outputs run_problem(DType dtype) {
+// set_cuda_emulator selects; `poisoned`: a NaN in q, k and v at three
+// tokens (the kernels' paths that keep non-finite values local).
+Outputs run_problem(DType dtype, bool poisoned) {
   const i64 B = 1, H = 12, W = 20, heads = 2, D = 32;
   NaParams p;
   p.rank = 2;
@@ -127,6 +129,13 @@ Outputs run_problem(DType dtype) {
   };
   Tensor q = tensor(&random), k = tensor(&random), v = tensor(&random), rpb = bias(&random),
          dout = tensor(&random);
+  if (poisoned) {
+    const i64 row = heads * D;  // one token's elements
+    for (auto [x, at] : {std::pair{&q, 3 * row + 5}, {&k, 50 * row + 40}, {&v, 130 * row + 7}}) {
+      x->f32[at] = NAN;
+      if (!x->bf16.empty()) x->bf16[at] = to_bf16(NAN);
+    }
+  }
   Tensor out = tensor(), lse(DType::float32, {B, H, W, heads}), dq = tensor(), dk = tensor(),
          dv = tensor(), drpb = bias();
   const TensorView rpb_view = rpb.view(), lse_view = lse.view(), drpb_view = drpb.view();
@@ -147,16 +156,18 @@ void test_cuda_backend() {
                         {80, DType::float32, "fused_forward_kernel"},
                         {75, DType::bfloat16, "fused_forward_kernel"},
                         {80, DType::bfloat16, "tc_forward_kernel"}};
+  for (const bool poisoned : {false, true})
   for (const Case& c : cases) {
     libna::set_cuda_emulator(0);
-    const Outputs cpu = run_problem(c.dtype);
+    const Outputs cpu = run_problem(c.dtype, poisoned);
     libna::set_cuda_emulator(c.arch);
     libna::cuda_emulator_launches();  // forget earlier launches
-    const Outputs emulated = run_problem(c.dtype);
+    const Outputs emulated = run_problem(c.dtype, poisoned);
     const auto launches = libna::cuda_emulator_launches();
     libna::set_cuda_emulator(0);
     const std::string what = std::string("sm_") + std::to_string(c.arch) +
-                             (c.dtype == DType::float32 ? " float32" : " bfloat16");
+                             (c.dtype == DType::float32 ? " float32" : " bfloat16") +
+                             (poisoned ? " with NaNs" : "");
     CHECK(std::count(launches.begin(), launches.end(), c.kernel) == 1,
           what + ": the forward ran " + c.kernel);
     // float32: both accumulate in float32 in another order; bfloat16: the
@@ -166,10 +177,18 @@ void test_cuda_backend() {
       const auto& a = cpu.tensors[i];
       const auto& b = emulated.tensors[i];
       double error = 0, scale = 1;
-      for (std::size_t j = 0; j < a.size(); ++j) {
+      std::size_t nan_mismatches = 0;
+      for (std::size_t j = 0; j < a.size() && j < b.size(); ++j) {
+        if (std::isnan(a[j]) || std::isnan(b[j])) {
+          nan_mismatches += std::isnan(a[j]) != std::isnan(b[j]);
+          continue;
+        }
         error = std::max(error, std::abs(double(a[j]) - b[j]));
         scale = std::max(scale, std::abs(double(a[j])));
       }
+      CHECK(nan_mismatches == 0, what + ": " + names[i] + " is NaN at " +
+                                     std::to_string(nan_mismatches) +
+                                     " other places than the CPU backend's");
       CHECK(a.size() == b.size() && error <= tolerance * scale,
             what + ": " + names[i] + " differs from the CPU backend's by " +
                 std::to_string(error) + " (scale " + std::to_string(scale) + ")");
