@@ -4,18 +4,13 @@ locations, thread settings, the NumPy fallback and torch-free operation."""
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 import libna
 
-
-def run_python(code, env=None, cwd=None, timeout=300):
-    full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=full_env, cwd=cwd, timeout=timeout)
+from _run_python import run_python
 
 
 def test_build_info():
