@@ -12,7 +12,7 @@ import pytest
 import libna
 from libna import _ops, reference
 
-from test_forward import case_id, grid, make_qkv, make_rpb
+from _cases import case_id, grid, make_qkv, make_rpb
 
 
 def run_backward(module, rank, q, k, v, kernel, rpb, dout_seed=1, **kw):

@@ -5,7 +5,7 @@ so that a hang fails the test instead of stopping the suite."""
 
 import json
 
-from test_package import run_python
+from _run_python import run_python
 
 FORKS = 30
 CHILD_DEADLINE_S = 10

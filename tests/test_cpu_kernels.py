@@ -10,7 +10,7 @@ import pytest
 
 import libna
 
-from test_package import run_python
+from _run_python import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,7 +27,7 @@ import libna
 from libna import reference
 
 from _dense import dense_na
-from test_forward import case_id, grid, make_qkv, make_rpb
+from _cases import case_id, grid, make_qkv, make_rpb
 
 HAVE_GPU = torch.cuda.is_available()
 BACKENDS = libna.build_info()["backends"] if libna._C is not None else []

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from test_package import run_python
+from _run_python import run_python
 
 MiB = 2**20
 THREADS = 2

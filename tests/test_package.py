@@ -1,21 +1,19 @@
 """The installed package: build info, the `python -m libna` tour, install
 locations, thread settings, the NumPy fallback and torch-free operation."""
 
+import importlib.metadata
 import os
+import re
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import libna
 
-
-def run_python(code, env=None, cwd=None, timeout=300):
-    full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=full_env, cwd=cwd, timeout=timeout)
+from _run_python import run_python
 
 
 def test_build_info():
@@ -25,6 +23,17 @@ def test_build_info():
     assert isinstance(info["cuda_architectures"], list)
     assert info["simd"] and info["compiler"]
     assert info["num_threads"] == libna.get_num_threads() >= 1
+
+
+def test_one_version_everywhere():
+    """The version is written once, in python/libna/__init__.py; the
+    distribution's metadata, the compiled core and the CMake package
+    (find_package(libna 0.1) checks libnaConfigVersion.cmake) all carry it."""
+    config = (Path(libna.cmake_dir()) / "libnaConfigVersion.cmake").read_text()
+    cmake_version = re.search(r'^set\(PACKAGE_VERSION "([^"]*)"\)$', config, re.M).group(1)
+    assert importlib.metadata.version("libna") == libna.__version__
+    assert cmake_version == libna.__version__
+    assert libna.build_info()["version"] == libna.__version__
 
 
 def test_main_demo_runs():

@@ -17,6 +17,8 @@ import pathlib
 import numpy as np
 import pytest
 
+from _cases import make_qkv
+
 _REF_PATH = pathlib.Path(__file__).resolve().parents[1] / "python" / "libna" / "reference.py"
 _spec = importlib.util.spec_from_file_location("libna_reference_under_test", _REF_PATH)
 R = importlib.util.module_from_spec(_spec)
@@ -35,13 +37,6 @@ except ImportError:  # pragma: no cover
 
 def rand(rng, *shape, dtype=np.float64):
     return rng.standard_normal(shape).astype(dtype)
-
-
-def make_qkv(rng, n_batch, spatial, heads, heads_kv, d, dv, dtype=np.float64):
-    q = rand(rng, n_batch, *spatial, heads, d, dtype=dtype)
-    k = rand(rng, n_batch, *spatial, heads_kv, d, dtype=dtype)
-    v = rand(rng, n_batch, *spatial, heads_kv, dv, dtype=dtype)
-    return q, k, v
 
 
 def fused(n):

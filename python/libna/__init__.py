@@ -18,6 +18,8 @@ from ._ops import _is_int
 from ._ops import rank_ops as _rank_ops
 from ._public import public as _public
 
+# The one place the version is written: pip (scikit-build-core, see
+# pyproject.toml) and CMake read it from this line.
 __version__ = "0.1.0"
 
 _OPS = {**_rank_ops(1), **_rank_ops(2), **_rank_ops(3)}

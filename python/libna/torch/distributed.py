@@ -133,6 +133,7 @@ def bytes_sent() -> int:
 
 
 def reset_bytes_sent() -> None:
+    """Starts the count of ``bytes_sent()`` again from 0."""
     _sent["bytes"] = 0
 
 
