@@ -478,6 +478,10 @@ ROWS = [
         r"\bna2d\b", r"foo", prefix=False),
     row("na1d_backward-unknown-keyword", "na1d_backward", lambda: qkv(1), {"foo": 1},
         TypeError, r"\bna1d_backward\b", r"foo", prefix=False),
+    # the backward's own name, not its forward's (the core once said [na1d])
+    row("na1d_backward-kernel-gt-length", "na1d_backward",
+        lambda: qkv(1) + (rand((1, 8, 2, 4)), rand((1, 8, 2, 4)), rand((1, 8, 2)), 9), {},
+        ValueError, r"kernel_size", r"\b9\b"),
     row("merge_attentions-unknown-keyword", "merge_attentions",
         lambda: ([qkv(1)[0]], [rand((1, 8, 2))]), {"weights": 1}, TypeError,
         r"\bmerge_attentions\b", r"weights", prefix=False),

@@ -322,15 +322,23 @@ void check_qkv(const Checker& c, const TensorView& q, const TensorView& k, const
   c.window_params(q);
 }
 
+// The fused forward's inputs, for the op `c` names (the forward or its
+// backward).
+void check_forward_inputs(const Checker& c, const TensorView& q, const TensorView& k,
+                          const TensorView& v, const TensorView* rpb,
+                          const std::optional<double>& scale) {
+  c.rank_is_valid();
+  check_qkv(c, q, k, &v);
+  if (rpb != nullptr) c.rpb(*rpb, q);
+  c.scale(scale);
+}
+
 }  // namespace
 
 void check_na_forward(const TensorView& q, const TensorView& k, const TensorView& v,
                       const TensorView* rpb, const NaParams& params) {
   Checker c(params, "");
-  c.rank_is_valid();
-  check_qkv(c, q, k, &v);
-  if (rpb != nullptr) c.rpb(*rpb, q);
-  c.scale(params.scale);
+  check_forward_inputs(c, q, k, v, rpb, params.scale);
 }
 
 void na_forward(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -399,8 +407,8 @@ void na_av(const TensorView& attn, const TensorView& v, const TensorView& out,
 void check_na_backward(const TensorView& q, const TensorView& k, const TensorView& v,
                        const TensorView* rpb, const TensorView& out, const TensorView& dout,
                        const TensorView& lse, const NaParams& params) {
-  check_na_forward(q, k, v, rpb, params);
   Checker c(params, "_backward");
+  check_forward_inputs(c, q, k, v, rpb, params.scale);
   const int n = params.rank;
   const TensorView out_shape = q.with_last_dim(v.shape[n + 2]);
   check_input_like(c, "out", out, out_shape, q.dtype, q);
