@@ -45,6 +45,37 @@ def test_each_framework_gets_its_own_type(framework, rng):
     np.testing.assert_allclose(np.asarray(out), want, rtol=0, atol=0)
 
 
+def _in_dtype(framework, x, name):
+    """x (float32, NumPy) as framework's array of dtype `name`."""
+    if framework == "torch":
+        return torch.from_numpy(x).to(getattr(torch, name))
+    if framework == "jax":
+        return jnp.asarray(x, dtype=getattr(jnp, name))
+    if name == "bfloat16":
+        return x.astype(pytest.importorskip("ml_dtypes", reason="needs ml_dtypes").bfloat16)
+    return x.astype(name)
+
+
+@pytest.mark.parametrize("framework", list(FRAMEWORKS))
+@pytest.mark.parametrize("dtype", libna.build_info()["dtypes"] if libna._ops._C else [])
+def test_every_dtype_of_the_core_in_every_framework(framework, dtype, rng):
+    """Each dtype the core lists (LIBNA_FOR_EACH_DTYPE in libna/tensor.h) goes
+    in and comes back in that framework's own type of that dtype: a name map
+    of the bindings, the JAX FFI or _frameworks.py that forgets one fails
+    here."""
+    if framework == "jax" and dtype == "float64" and not jax.config.jax_enable_x64:
+        pytest.skip("JAX runs without x64 here: its float64 arrays are float32")
+    arrays = [_in_dtype(framework, x, dtype) for x in make(rng)[:3]]
+    out = libna.na2d(*arrays, 3)
+    assert isinstance(out, FRAMEWORKS[framework][1])
+    assert str(out.dtype).removeprefix("torch.") == dtype
+    as_f64 = (lambda x: x.double().numpy()) if framework == "torch" else (
+        lambda x: np.asarray(x).astype(np.float64))
+    want = libna.na2d(*(as_f64(x) for x in arrays), 3)
+    tol = {"float64": 1e-12, "float32": 1e-5}.get(dtype, 3e-2)
+    np.testing.assert_allclose(as_f64(out), want, rtol=tol, atol=tol)
+
+
 MIXES = [("numpy", "torch"), ("numpy", "jax"), ("torch", "jax")]
 
 

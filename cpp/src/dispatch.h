@@ -30,13 +30,23 @@ decltype(auto) dispatch_rank(int rank, const char* op, F&& f) {
   }
 }
 
+// The C++ element type of each DType (a DType without one does not compile).
+template <DType>
+struct ElementOf;
+// clang-format off
+template <> struct ElementOf<DType::float16> { using type = Half; };
+template <> struct ElementOf<DType::bfloat16> { using type = BFloat16; };
+template <> struct ElementOf<DType::float32> { using type = float; };
+template <> struct ElementOf<DType::float64> { using type = double; };
+// clang-format on
+
 template <typename F>
 decltype(auto) dispatch_float_types(DType dtype, const char* op, F&& f) {
   switch (dtype) {
-    case DType::float16: return f(TypeTag<Half>{});
-    case DType::bfloat16: return f(TypeTag<BFloat16>{});
-    case DType::float32: return f(TypeTag<float>{});
-    case DType::float64: return f(TypeTag<double>{});
+#define LIBNA_DISPATCH_DTYPE(name, bytes) \
+  case DType::name: return f(TypeTag<typename ElementOf<DType::name>::type>{});
+    LIBNA_FOR_EACH_DTYPE(LIBNA_DISPATCH_DTYPE)
+#undef LIBNA_DISPATCH_DTYPE
   }
   throw dtype_error(std::string("[") + op + "] unsupported dtype code " +
                     std::to_string(static_cast<int>(dtype)));

@@ -1,4 +1,5 @@
 // Names of dtypes and devices, and the description of this build.
+#include <iterator>
 #include <string>
 
 #include "backend.h"
@@ -9,22 +10,32 @@ namespace libna {
 
 const char* dtype_name(DType dtype) {
   switch (dtype) {
-    case DType::float16: return "float16";
-    case DType::bfloat16: return "bfloat16";
-    case DType::float32: return "float32";
-    case DType::float64: return "float64";
+#define LIBNA_DTYPE_NAME(name, bytes) \
+  case DType::name: return #name;
+    LIBNA_FOR_EACH_DTYPE(LIBNA_DTYPE_NAME)
+#undef LIBNA_DTYPE_NAME
   }
   return "unknown";
 }
 
 std::size_t dtype_size(DType dtype) {
   switch (dtype) {
-    case DType::float16:
-    case DType::bfloat16: return 2;
-    case DType::float32: return 4;
-    case DType::float64: return 8;
+#define LIBNA_DTYPE_SIZE(name, bytes) \
+  case DType::name: return bytes;
+    LIBNA_FOR_EACH_DTYPE(LIBNA_DTYPE_SIZE)
+#undef LIBNA_DTYPE_SIZE
   }
   return 0;
+}
+
+std::string dtype_names() {
+  std::string names;
+  const std::size_t n = std::size(kDTypes);
+  for (std::size_t i = 0; i < n; ++i) {
+    names += i == 0 ? "" : i + 1 == n ? " or " : ", ";
+    names += dtype_name(kDTypes[i]);
+  }
+  return names;
 }
 
 std::string device_name(Device device) {
@@ -34,6 +45,7 @@ std::string device_name(Device device) {
 BuildInfo build_info() {
   BuildInfo info;
   info.version = LIBNA_VERSION_STRING;
+  for (const DType dtype : kDTypes) info.dtypes.push_back(dtype_name(dtype));
   info.backends = {"cpu"};
   if (cuda::backend() != nullptr) info.backends.push_back("cuda");
   if (cuda_emulator::backend() != nullptr) info.backends.push_back("cuda-emulator");

@@ -84,7 +84,7 @@ struct Call {
     throw libna::dtype_error("[" + op + "] " + name + " has dtype " + kind +
                              std::to_string(dt.bits) +
                              (dt.lanes == 1 ? std::string() : "x" + std::to_string(dt.lanes)) +
-                             "; expected float16, bfloat16, float32 or float64");
+                             "; expected " + libna::dtype_names());
   }
 
   template <typename Array>
@@ -397,6 +397,7 @@ nb::dict build_info() {
   const libna::BuildInfo info = libna::build_info();
   nb::dict d;
   d["version"] = info.version;
+  d["dtypes"] = info.dtypes;
   d["backends"] = info.backends;
   d["cuda_architectures"] = info.cuda_architectures;
   d["cpu_kernels"] = info.cpu_kernels;

@@ -11,8 +11,10 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <exception>
+#include <iterator>
 #include <optional>
 #include <string>
 #include <vector>
@@ -40,7 +42,7 @@ DType dtype_of(ffi::DataType type) {
     default:
       throw libna::dtype_error("[libna.jax] unsupported element type " +
                                std::to_string(static_cast<int>(type)) +
-                               "; expected float16, bfloat16, float32 or float64");
+                               "; expected " + libna::dtype_names());
   }
 }
 
@@ -345,13 +347,13 @@ TensorView shape_view(const nb::handle& spec, const char* name) {
   const auto shape = nb::cast<std::vector<std::int64_t>>(spec[0]);
   const auto dtype = nb::cast<std::string>(spec[1]);
   TensorView t;
-  if (dtype == "float16") t.dtype = DType::float16;
-  else if (dtype == "bfloat16") t.dtype = DType::bfloat16;
-  else if (dtype == "float32") t.dtype = DType::float32;
-  else if (dtype == "float64") t.dtype = DType::float64;
-  else
+  const auto* found = std::find_if(std::begin(libna::kDTypes), std::end(libna::kDTypes),
+                                   [&](DType d) { return dtype == libna::dtype_name(d); });
+  if (found == std::end(libna::kDTypes)) {
     throw libna::dtype_error(std::string("[libna.jax] ") + name + " has dtype " + dtype +
-                             "; expected float16, bfloat16, float32 or float64");
+                             "; expected " + libna::dtype_names());
+  }
+  t.dtype = *found;
   if (shape.size() > static_cast<std::size_t>(libna::kMaxDims)) {
     throw std::invalid_argument(std::string("[libna.jax] ") + name + " has " +
                                 std::to_string(shape.size()) + " dimensions; at most " +

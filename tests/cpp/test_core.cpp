@@ -167,6 +167,31 @@ float bf16_to_float(std::uint16_t b) {
   return f;
 }
 
+// Every dtype of LIBNA_FOR_EACH_DTYPE has a name, a size and a CPU kernel:
+// an all-zero forward in it gives zeros (a dtype a map forgot fails here).
+void test_dtypes() {
+  std::set<std::string> names;
+  for (const DType dtype : libna::kDTypes) {
+    const std::string name = libna::dtype_name(dtype);
+    CHECK_MSG(name != "unknown" && names.insert(name).second, name);
+    CHECK_MSG(libna::dtype_size(dtype) >= 2 && libna::dtype_size(dtype) <= 8, name);
+    CHECK_MSG(libna::dtype_names().find(name) != std::string::npos, libna::dtype_names());
+    std::vector<double> q(1 * 6 * 2 * 4, 0.0), out(q.size(), 1.0);  // room for any dtype
+    const auto tensor = [&](std::vector<double>& data) {
+      return TensorView::contiguous(data.data(), dtype, {1, 6, 2, 4});
+    };
+    NaParams p;
+    p.rank = 1;
+    p.kernel_size = {3, 0, 0};
+    libna::na_forward(tensor(q), tensor(q), tensor(q), nullptr, tensor(out), nullptr, p);
+    const auto* bytes = reinterpret_cast<const unsigned char*>(out.data());
+    CHECK_MSG(std::all_of(bytes, bytes + 48 * libna::dtype_size(dtype),
+                          [](unsigned char b) { return b == 0; }),
+              name + ": the forward of zeros is zero");
+  }
+  CHECK(names.size() == libna::build_info().dtypes.size());
+}
+
 void test_converters() {
   CHECK(float_to_half(1.0f) == 0x3c00);
   CHECK(float_to_half(-2.0f) == 0xc000);
@@ -844,7 +869,7 @@ int main() {
       {"validation", test_validation},     {"half_precision", test_half_precision},
       {"threads", test_threads},           {"composition", test_composition},
       {"cpu_kernels", test_cpu_kernels},   {"vectorised_vs_scalar", test_vectorised_against_scalar},
-      {"concurrent_callers", test_concurrent_callers},
+      {"concurrent_callers", test_concurrent_callers}, {"dtypes", test_dtypes},
   };
   for (const auto& [name, fn] : tests) {
     const int failed_before = g_failed;

@@ -217,6 +217,7 @@ LIBNA_API std::vector<std::string> environment_warnings();
 // ---- build description ------------------------------------------------------
 struct BuildInfo {
   std::string version;
+  std::vector<std::string> dtypes;          // every DType's name (kDTypes)
   std::vector<std::string> backends;        // "cpu", and "cuda" when compiled
   std::vector<std::string> cuda_architectures;
   std::string cpu_kernels;                  // "avx2" or "portable" (LIBNA_CPU_KERNELS)

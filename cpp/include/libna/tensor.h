@@ -12,10 +12,32 @@
 
 namespace libna {
 
-enum class DType : std::uint8_t { float16, bfloat16, float32, float64 };
+// The element types libna computes in, each named once, as X(name, bytes):
+// the enum, kDTypes, dtype_name, dtype_size and the CPU dispatch
+// (cpp/src/dispatch.h, which names each one's C++ type) expand this list.
+// A new dtype is a line here, its element type in dispatch.h, its kernels,
+// and its name in the frameworks' maps (python/libna/_frameworks.py,
+// python/src/bindings.cpp, python/src/jax_ffi.cpp); test_core and
+// tests/test_frameworks.py fail while one of them lacks it.
+#define LIBNA_FOR_EACH_DTYPE(X) X(float16, 2) X(bfloat16, 2) X(float32, 4) X(float64, 8)
+
+enum class DType : std::uint8_t {
+#define LIBNA_DTYPE_ENUMERATOR(name, bytes) name,
+  LIBNA_FOR_EACH_DTYPE(LIBNA_DTYPE_ENUMERATOR)
+#undef LIBNA_DTYPE_ENUMERATOR
+};
+
+// Every DType, in declaration order.
+inline constexpr DType kDTypes[] = {
+#define LIBNA_DTYPE_VALUE(name, bytes) DType::name,
+    LIBNA_FOR_EACH_DTYPE(LIBNA_DTYPE_VALUE)
+#undef LIBNA_DTYPE_VALUE
+};
 
 LIBNA_API const char* dtype_name(DType dtype);
 LIBNA_API std::size_t dtype_size(DType dtype);
+// "float16, bfloat16, float32 or float64": for messages that list them.
+LIBNA_API std::string dtype_names();
 
 enum class DeviceType : std::uint8_t { cpu, cuda };
 
