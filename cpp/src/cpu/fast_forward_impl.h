@@ -3,7 +3,7 @@
 // its target region, with LIBNA_SIMD_NS defined. Used for
 // float32/float16/bfloat16 (float64 keeps the scalar kernel in kernels.h).
 //
-// The idea (see ../shared notes): put 8 consecutive queries of one dilation
+// The idea: put 8 consecutive queries of one dilation
 // group along the last spatial axis in SIMD lanes. Their windows along that
 // axis are the same shape shifted by one position each (away from the
 // borders), and along the other axes they are identical. With K and V
