@@ -26,7 +26,7 @@
 #include <cstring>
 #include <utility>
 
-#include "libna/tiling.h"
+#include "tiling.h"
 
 #if defined(LIBNA_CUDA_EMULATOR)
 #define LIBNA_CUDA_BACKEND cuda_emulator

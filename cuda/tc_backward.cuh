@@ -21,7 +21,7 @@
 // Scores are in log2 units as in the forward. dS (like P in the forward) is
 // rounded to the input type for its product. The tile schedule is tiling.h's;
 // only tiles that make_tile does not mark "full" test each pair. Every
-// fragment index comes from libna/mma_layout.h, which
+// fragment index comes from cuda/mma_layout.h, which
 // tests/cpp/test_mma_layout.cpp checks on a simulated warp.
 #pragma once
 

@@ -12,7 +12,7 @@
 // Per key tile: K and V go to shared memory as padded [key][dim] rows;
 // S = Q K^T (Q in A fragments, K through ldmatrix), scale, rpb and mask in
 // float32, online softmax, P (from S's accumulators, never stored) times V
-// (ldmatrix.trans). Every fragment index comes from libna/mma_layout.h,
+// (ldmatrix.trans). Every fragment index comes from cuda/mma_layout.h,
 // which tests/cpp/test_mma_layout.cpp checks on a simulated warp.
 #pragma once
 
@@ -20,7 +20,7 @@
 #include <type_traits>
 
 #include "fused.cuh"
-#include "libna/mma_layout.h"
+#include "mma_layout.h"
 
 namespace libna::LIBNA_CUDA_IMPL {
 

@@ -16,7 +16,7 @@
 //   - mma.sync m16n8k16 (f16/bf16 in, f32 accumulate) and ldmatrix.x4
 //     (.trans) exchange the warp's registers by the PTX ISA's fragment
 //     layouts, written here from the ISA independently of
-//     libna/mma_layout.h (which the kernels use), so that a fragment index
+//     cuda/mma_layout.h (which the kernels use), so that a fragment index
 //     the kernels get wrong gives wrong numbers.
 //   - Checks (set_cuda_emulator(arch, checks=true)): the threads of a block
 //     run in a random order between synchronisation points, so a missing

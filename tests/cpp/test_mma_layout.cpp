@@ -1,5 +1,5 @@
 // Host test of the tensor-core kernels' fragment and shared-memory
-// addressing (libna/mma_layout.h), which cannot run on a GPU here:
+// addressing (cuda/mma_layout.h), which cannot run on a GPU here:
 //   - the header's m16n8k16 and ldmatrix layouts against the PTX ISA's,
 //     written again below in inverse form (which lane and element holds a
 //     cell), so that each layout is also checked to be a bijection;
@@ -24,8 +24,8 @@
 //     aligned ldmatrix rows and vector stores, no bank conflict in any
 //     ldmatrix phase.
 // Prints "<name>: ok" per part and a summary; exits non-zero on any failure.
-#include <libna/mma_layout.h>
-#include <libna/tiling.h>
+#include "mma_layout.h"
+#include "tiling.h"
 
 #include "check.h"
 

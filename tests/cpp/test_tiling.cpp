@@ -1,4 +1,4 @@
-// Host test of the CUDA kernels' tile scheduling (libna/tiling.h): runs the
+// Host test of the CUDA kernels' tile scheduling (cuda/tiling.h): runs the
 // very functions the kernels call, slot by slot as the threads of a block
 // would, over a grid of ranks, extents, odd/even kernels, strides,
 // dilations and per-axis causal flags, for every head-dim bucket and block
@@ -13,7 +13,7 @@
 //   - rpb offsets equal the reference's, and lie in [0, 2k-1);
 //   - the unfused kernels' slot layout and its inverse agree with it.
 // Prints "<name>: ok" per part and a summary; exits non-zero on any failure.
-#include <libna/tiling.h>
+#include "tiling.h"
 #include <libna/window.h>
 
 #include "check.h"
