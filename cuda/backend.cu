@@ -358,8 +358,8 @@ void na_av_backward(const detail::AvBackwardArgs& a) {
 // entries, which ops.cpp reports as not implemented on this backend.
 const detail::Backend* backend() {
   static const detail::Backend table{
-      LIBNA_CUDA_BACKEND_NAME, &na_forward, &na_qk, &na_av, &na_backward, &na_qk_backward,
-      &na_av_backward, nullptr, nullptr, nullptr, nullptr};
+      LIBNA_CUDA_BACKEND_NAME, "CUDA", {false, tiling::kMaxHeadDim}, &na_forward, &na_qk, &na_av,
+      &na_backward, &na_qk_backward, &na_av_backward, nullptr, nullptr, nullptr, nullptr};
   return &table;
 }
 

@@ -105,6 +105,42 @@ def test_ops_the_cuda_backend_lacks_say_so(rng):
         libna.na1d(q, k, v, 3, additional_keys=extra, additional_values=extra)
 
 
+@needs_emulator
+@pytest.mark.parametrize("call, error, match", [
+    ("forward-float64", TypeError, r"\[na1d\] float64 is not supported by the CUDA backend"),
+    ("backward-float64", TypeError,
+     r"\[na1d_backward\] float64 is not supported by the CUDA backend"),
+    ("forward-head-dim-300", ValueError,
+     r"\[na1d\] head dims up to 256 are supported by the CUDA backend, got head_dim=300"),
+    ("qk-float64", TypeError, r"\[na1d_qk\] float64 is not supported"),
+    ("additional-keys", RuntimeError,
+     r"\[na1d\] is not implemented on the cuda-emulator backend"),
+])
+def test_backend_limits_fail_before_outputs_are_allocated(call, error, match, rng):
+    """What the CUDA backend cannot run is refused by the core's checks,
+    before the binding asks the caller's framework for any output."""
+    allocated = []
+
+    def alloc(shape, dtype):
+        allocated.append(shape)
+        return np.empty(shape, dtype)
+
+    dtype = np.float64 if "float64" in call else np.float32
+    q, k, v = qkv(rng, (1, 9, 2, 300 if "300" in call else 8), dtype)
+    lse = np.zeros((1, 9, 2), dtype)
+    one, no = [1], [False]
+    with libna.cuda_emulator(80), pytest.raises(error, match=match):
+        if call.startswith("forward"):
+            libna._C.na_forward(1, q, k, v, None, [3], one, one, no, None, True, alloc)
+        elif call.startswith("backward"):
+            libna._C.na_backward(1, q, k, v, None, q, q, lse, [3], one, one, no, None, alloc)
+        elif call.startswith("qk"):
+            libna._C.na_qk(1, q, k, None, [3], one, no, alloc)
+        else:
+            libna._C.na_additional_forward(1, q, k[:, :3], v[:, :3], None, True, alloc)
+    assert allocated == []
+
+
 CHECKED_CASES = [
     ((1, 23, 2, 32), 5, dict(dilation=2)),
     ((2, 9, 10, 4, 64), (3, 5), dict(is_causal=(True, False))),

@@ -98,8 +98,17 @@ struct MergeBackwardArgs {
 // Adding a backend: define a Backend in its own directory, return it from a
 // function declared below, and name it in backend_for (ops.cpp) and in
 // build_info (info.cpp).
+// What a backend cannot run, declared to the checks (ops.cpp), so that such
+// a request fails before its outputs are allocated.
+struct BackendLimits {
+  bool float64 = true;                // runs float64
+  std::int64_t max_fused_head_dim = 0;  // the fused ops' largest D / D_v; 0: any
+};
+
 struct Backend {
-  const char* name;  // as build_info()["backends"] lists it
+  const char* name;    // as build_info()["backends"] lists it
+  const char* family;  // what messages call it: "CPU", "CUDA"
+  BackendLimits limits;
   void (*na_forward)(const ForwardArgs&);
   void (*na_qk)(const QkArgs&);
   void (*na_av)(const AvArgs&);

@@ -1,5 +1,6 @@
 // The op layer: validate once, with the op name and the offending values in
 // every message, then route by device.
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <sstream>
@@ -322,6 +323,30 @@ void check_qkv(const Checker& c, const TensorView& q, const TensorView& k, const
   c.window_params(q);
 }
 
+// That the backend which will run `entry` on tensors like q can: it has
+// the op, runs q's dtype and, for a fused op (head dims dim, dim_v), those
+// head dims. Checked with the arguments, before any output is allocated.
+template <typename Args>
+void check_backend(const Checker& c, Entry<Args> detail::Backend::*entry, const TensorView& q,
+                   std::int64_t dim = 0, std::int64_t dim_v = 0) {
+  const detail::Backend& backend = backend_for(q.device, c.op());
+  if (backend.*entry == nullptr) {
+    throw std::runtime_error("[" + c.op() + "] is not implemented on the " + backend.name +
+                             " backend yet; run it on CPU arrays");
+  }
+  const detail::BackendLimits& limits = backend.limits;
+  if (q.dtype == DType::float64 && !limits.float64) {
+    throw dtype_error("[" + c.op() + "] float64 is not supported by the " + backend.family +
+                      " backend; use float32, float16 or bfloat16 (float64 runs on the CPU "
+                      "backend)");
+  }
+  if (limits.max_fused_head_dim > 0 && std::max(dim, dim_v) > limits.max_fused_head_dim) {
+    c.fail("head dims up to " + std::to_string(limits.max_fused_head_dim) +
+           " are supported by the " + backend.family + " backend, got head_dim=" +
+           std::to_string(dim) + ", head_dim_v=" + std::to_string(dim_v));
+  }
+}
+
 // The fused forward's inputs, for the op `c` names (the forward or its
 // backward).
 void check_forward_inputs(const Checker& c, const TensorView& q, const TensorView& k,
@@ -339,6 +364,8 @@ void check_na_forward(const TensorView& q, const TensorView& k, const TensorView
                       const TensorView* rpb, const NaParams& params) {
   Checker c(params, "");
   check_forward_inputs(c, q, k, v, rpb, params.scale);
+  const int n = params.rank;
+  check_backend(c, &detail::Backend::na_forward, q, q.shape[n + 2], v.shape[n + 2]);
 }
 
 void na_forward(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -362,6 +389,7 @@ void check_na_qk(const TensorView& q, const TensorView& k, const TensorView* rpb
   c.stride_is_one();
   check_qkv(c, q, k, nullptr);
   if (rpb != nullptr) c.rpb(*rpb, q);
+  check_backend(c, &detail::Backend::na_qk, q);
 }
 
 void na_qk(const TensorView& q, const TensorView& k, const TensorView* rpb,
@@ -392,6 +420,7 @@ void check_na_av(const TensorView& attn, const TensorView& v, const NaParams& pa
     c.fail("attn last dimension must be prod(kernel_size) = " +
            std::to_string(params.window_size()) + ", got shape " + shape_str(attn));
   }
+  check_backend(c, &detail::Backend::na_av, attn);
 }
 
 void na_av(const TensorView& attn, const TensorView& v, const TensorView& out,
@@ -414,6 +443,7 @@ void check_na_backward(const TensorView& q, const TensorView& k, const TensorVie
   check_input_like(c, "out", out, out_shape, q.dtype, q);
   check_input_like(c, "dout", dout, out_shape, q.dtype, q);
   check_input_like(c, "lse", lse, q.with_last_dim(-1), lse_dtype(q.dtype), q);
+  check_backend(c, &detail::Backend::na_backward, q, q.shape[n + 2], v.shape[n + 2]);
 }
 
 void na_backward(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -444,6 +474,7 @@ void check_na_qk_backward(const TensorView& dattn, const TensorView& q, const Te
   Checker c(params, "_qk_backward");
   check_input_like(c, "dattn", dattn, q.with_last_dim(params.window_size()), q.dtype, q);
   if (drpb != nullptr) c.rpb(*drpb, q);
+  check_backend(c, &detail::Backend::na_qk_backward, q);
 }
 
 void na_qk_backward(const TensorView& dattn, const TensorView& q, const TensorView& k,
@@ -463,6 +494,7 @@ void check_na_av_backward(const TensorView& dout, const TensorView& attn, const 
   Checker c(params, "_av_backward");
   const int n = params.rank;
   check_input_like(c, "dout", dout, attn.with_last_dim(v.shape[n + 2]), attn.dtype, attn);
+  check_backend(c, &detail::Backend::na_av_backward, attn);
 }
 
 void na_av_backward(const TensorView& dout, const TensorView& attn, const TensorView& v,
@@ -527,6 +559,7 @@ void check_na_additional_forward(const TensorView& q, const TensorView& addition
   c.rank_is_valid();
   check_additional(c, q, additional_keys, additional_values);
   c.scale(params.scale);
+  check_backend(c, &detail::Backend::na_additional_forward, q);
 }
 
 void na_additional_forward(const TensorView& q, const TensorView& additional_keys,
@@ -554,6 +587,7 @@ void check_na_additional_backward(const TensorView& q, const TensorView& additio
   check_input_like(c, "out", out, out_shape, q.dtype, q);
   check_input_like(c, "dout", dout, out_shape, q.dtype, q);
   check_input_like(c, "lse", lse, q.with_last_dim(-1), lse_dtype(q.dtype), q);
+  check_backend(c, &detail::Backend::na_additional_backward, q);
 }
 
 void na_additional_backward(const TensorView& q, const TensorView& additional_keys,

@@ -134,7 +134,8 @@ void merge_attentions_backward(const detail::MergeBackwardArgs& args);
 
 const detail::Backend& backend() {
   static const detail::Backend table{
-      "cpu",          &na_forward,           &na_qk,
+      "cpu",          "CPU",                 {},
+      &na_forward,    &na_qk,
       &na_av,         &na_backward,          &na_qk_backward,
       &na_av_backward, &na_additional_forward, &na_additional_backward,
       &merge_attentions, &merge_attentions_backward};
