@@ -406,6 +406,19 @@ def check_compiled():
         for what, eager, compiled in zip(("out", "lse", "dq", "dk", "dv", "drpb"), *results):
             if not torch.allclose(eager, compiled, rtol=1e-10, atol=1e-12):
                 failures.append(f"torch.compile [{strategy}]: {what} differs from eager")
+    # Unequal blocks cannot be traced (their sizes are other ranks' shapes):
+    # the compiled call must refuse them on every rank, not exchange the
+    # wrong rows.
+    rows = 5 if rank == 0 else 7
+    local = [x[:, :rows].contiguous() for x in (q, k, v)]
+    compiled = torch.compile(lambda q, k, v: cp.na2d(q, k, v, 3), fullgraph=True)
+    try:
+        compiled(*local)
+        failures.append("torch.compile with unequal blocks did not raise")
+    except RuntimeError as error:
+        expected = f"this rank holds {rows} rows and another a different number"
+        if expected not in str(error):
+            failures.append(f"torch.compile with unequal blocks raised {error!r}")
     return failures
 
 

@@ -78,7 +78,8 @@ keywords) raises the same error on every rank, naming the rank. Every rank
 of a group must call the op, and run its backward, the same number of times
 in the same order. Under torch.compile the validation is this rank's only
 (an all-gather of Python objects does not trace), and the blocks of a
-sharded axis must then be equal; run the call eagerly once to check a setup.
+sharded axis must then be equal: the compiled graph all-gathers the block
+sizes and raises RuntimeError on every rank when they differ.
 """
 
 from __future__ import annotations
@@ -424,6 +425,20 @@ def _local_request(op, rank, groups, axes, tensors, kernel_size, stride, dilatio
         keywords=keywords)
 
 
+def _assert_equal_blocks(op, group, axis, rows, device):
+    """Under torch.compile: every rank of ``group`` must hold ``rows`` rows
+    of sharded axis ``axis``, checked in the graph (a tensor all-gather and
+    an assertion, which trace) so that unequal blocks raise on every rank
+    instead of exchanging the wrong rows."""
+    mine = torch.tensor([rows], dtype=torch.int64, device=device)
+    every = funcol.wait_tensor(funcol.all_gather_tensor(mine, 0, group))
+    torch._assert_async(
+        torch.all(every == rows),
+        f"[{op}] under torch.compile every rank must hold a block of the same size along "
+        f"sharded axis {axis}, but this rank holds {rows} rows and another a different "
+        f"number; call it eagerly (which supports unequal blocks) or shard evenly")
+
+
 def _agree(op, rank, groups, axes, tensors, **arguments):
     """Validate collectively: (request, block sizes per sharded axis, their
     offsets), the same on every rank, or the same error raised on all.
@@ -433,6 +448,8 @@ def _agree(op, rank, groups, axes, tensors, **arguments):
     if torch.compiler.is_compiling():
         request = _local_request(op, rank, groups, axes, tensors, **arguments)
         extent = dict(request.shapes)["q"]
+        for g, a in zip(groups, axes):
+            _assert_equal_blocks(op, g, a, extent[1 + a], tensors["q"].device)
         return request, {a: [extent[1 + a]] * dist.get_world_size(g)
                          for g, a in zip(groups, axes)}
     failure, cause, request = None, None, None
