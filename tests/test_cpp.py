@@ -77,7 +77,7 @@ def test_cpp_core(cpp_tests):
     lines = out.splitlines()
     for name in ("axis_window", "converters", "validation", "half_precision", "threads",
                  "composition", "cpu_kernels", "vectorised_vs_scalar", "concurrent_callers",
-                 "dtypes"):
+                 "dtypes", "plan"):
         assert f"{name}: ok" in lines, out
     assert "FAILED" not in out, out
     summary = lines[-1].split()

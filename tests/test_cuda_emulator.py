@@ -128,16 +128,17 @@ def test_backend_limits_fail_before_outputs_are_allocated(call, error, match, rn
     dtype = np.float64 if "float64" in call else np.float32
     q, k, v = qkv(rng, (1, 9, 2, 300 if "300" in call else 8), dtype)
     lse = np.zeros((1, 9, 2), dtype)
-    one, no = [1], [False]
+    window = dict(rank=1, kernel_size=[3], stride=[1], dilation=[1], is_causal=[False])
     with libna.cuda_emulator(80), pytest.raises(error, match=match):
         if call.startswith("forward"):
-            libna._C.na_forward(1, q, k, v, None, [3], one, one, no, None, True, alloc)
+            libna._C.call("na", [q, k, v, None], **window, want_lse=True, alloc=alloc)
         elif call.startswith("backward"):
-            libna._C.na_backward(1, q, k, v, None, q, q, lse, [3], one, one, no, None, alloc)
+            libna._C.call("na_backward", [q, k, v, None, q, q, lse], **window, alloc=alloc)
         elif call.startswith("qk"):
-            libna._C.na_qk(1, q, k, None, [3], one, no, alloc)
+            libna._C.call("na_qk", [q, k, None], **window, alloc=alloc)
         else:
-            libna._C.na_additional_forward(1, q, k[:, :3], v[:, :3], None, True, alloc)
+            libna._C.call("na_additional", [q, k[:, :3], v[:, :3]], rank=1, want_lse=True,
+                          alloc=alloc)
     assert allocated == []
 
 

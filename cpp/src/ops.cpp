@@ -130,6 +130,7 @@ class Checker {
     throw std::invalid_argument("[" + op_ + "] " + message);
   }
   const std::string& op() const { return op_; }
+  const NaParams& params() const { return params_; }
   int rank() const { return params_.rank; }
 
   void rank_is_valid() const {
@@ -284,12 +285,6 @@ void check_like(const Checker& c, const char* role, const char* name, const Tens
     c.fail(what + " is on " + device_name(t.device) + " but the inputs are on " +
            device_name(like.device));
   }
-  if (t.data == nullptr) c.fail(what + " has no data");
-}
-
-void check_output_like(const Checker& c, const char* name, const TensorView& out,
-                       const TensorView& expected_shape, DType dtype, const TensorView& like) {
-  check_like(c, "output ", name, out, expected_shape, dtype, like);
 }
 
 void check_input_like(const Checker& c, const char* name, const TensorView& t,
@@ -327,23 +322,25 @@ void check_qkv(const Checker& c, const TensorView& q, const TensorView& k, const
 // the op, runs q's dtype and, for a fused op (head dims dim, dim_v), those
 // head dims. Checked with the arguments, before any output is allocated.
 template <typename Args>
-void check_backend(const Checker& c, Entry<Args> detail::Backend::*entry, const TensorView& q,
-                   std::int64_t dim = 0, std::int64_t dim_v = 0) {
-  const detail::Backend& backend = backend_for(q.device, c.op());
+void check_backend(const std::string& op, Entry<Args> detail::Backend::*entry,
+                   const TensorView& q, std::int64_t dim = 0, std::int64_t dim_v = 0) {
+  const detail::Backend& backend = backend_for(q.device, op);
   if (backend.*entry == nullptr) {
-    throw std::runtime_error("[" + c.op() + "] is not implemented on the " + backend.name +
+    throw std::runtime_error("[" + op + "] is not implemented on the " + backend.name +
                              " backend yet; run it on CPU arrays");
   }
   const detail::BackendLimits& limits = backend.limits;
   if (q.dtype == DType::float64 && !limits.float64) {
-    throw dtype_error("[" + c.op() + "] float64 is not supported by the " + backend.family +
+    throw dtype_error("[" + op + "] float64 is not supported by the " + backend.family +
                       " backend; use float32, float16 or bfloat16 (float64 runs on the CPU "
                       "backend)");
   }
   if (limits.max_fused_head_dim > 0 && std::max(dim, dim_v) > limits.max_fused_head_dim) {
-    c.fail("head dims up to " + std::to_string(limits.max_fused_head_dim) +
-           " are supported by the " + backend.family + " backend, got head_dim=" +
-           std::to_string(dim) + ", head_dim_v=" + std::to_string(dim_v));
+    throw std::invalid_argument("[" + op + "] head dims up to " +
+                                std::to_string(limits.max_fused_head_dim) +
+                                " are supported by the " + backend.family +
+                                " backend, got head_dim=" + std::to_string(dim) +
+                                ", head_dim_v=" + std::to_string(dim_v));
   }
 }
 
@@ -358,51 +355,170 @@ void check_forward_inputs(const Checker& c, const TensorView& q, const TensorVie
   c.scale(scale);
 }
 
+// ---- plans ----------------------------------------------------------------------
+
+double resolve_scale(const NaParams& params, const TensorView& q) {
+  return params.scale ? *params.scale : 1.0 / std::sqrt(static_cast<double>(q.shape[q.ndim - 1]));
+}
+
+using Inputs = std::vector<std::optional<TensorView>>;
+using Last = Plan::Output::Last;
+
+// Output `name`: input `like`'s shape with its last dimension changed by
+// `last` (see Plan::Output), of `dtype`, on the inputs' device.
+Plan::Output output(std::string name, const Inputs& inputs, int like, DType dtype,
+                    Last last = Last::same, std::int64_t last_value = 0, bool wanted = true) {
+  TensorView spec = inputs[like] ? *inputs[like] : TensorView{};
+  if (last == Last::drop) spec = spec.with_last_dim(-1);
+  if (last == Last::input) spec = spec.with_last_dim(inputs[last_value]->shape[inputs[last_value]->ndim - 1]);
+  if (last == Last::constant) spec = spec.with_last_dim(last_value);
+  spec.data = nullptr;
+  spec.dtype = dtype;
+  for (int i = 0; i < spec.ndim; ++i) spec.strides[i] = 0;
+  return Plan::Output{std::move(name), spec, wanted, like, last, last_value};
+}
+
+Plan::Output optional_output(std::string name, const Inputs& inputs, int like, DType dtype) {
+  return output(std::move(name), inputs, like, dtype, Last::same, 0, inputs[like].has_value());
+}
+
+// A backend call's arguments as planned: the outputs are filled in by run.
+// Optional inputs (rpb, dlse) live here, so that the arguments' pointers to
+// them stay valid for as long as the plan.
+template <typename Args>
+struct Planned {
+  Args args;
+  TensorView optional;
+};
+
+template <typename Args>
+std::shared_ptr<Planned<Args>> planned(Args args, const TensorView* optional,
+                                       const TensorView* Args::*pointer) {
+  auto p = std::make_shared<Planned<Args>>(Planned<Args>{std::move(args), TensorView{}});
+  if (optional != nullptr) {
+    p->optional = *optional;
+    p->args.*pointer = &p->optional;
+  } else {
+    p->args.*pointer = nullptr;
+  }
+  return p;
+}
+
+std::optional<TensorView> maybe(const TensorView* t) {
+  return t ? std::optional<TensorView>(*t) : std::nullopt;
+}
+
 }  // namespace
 
-void check_na_forward(const TensorView& q, const TensorView& k, const TensorView& v,
-                      const TensorView* rpb, const NaParams& params) {
+Plan::Plan(std::string op, std::vector<std::optional<TensorView>> inputs,
+           std::vector<Output> outputs, Runner runner, std::shared_ptr<const void> state)
+    : op_(std::move(op)), inputs_(std::move(inputs)), outputs_(std::move(outputs)),
+      runner_(runner), state_(std::move(state)) {}
+
+void Plan::run(const std::vector<TensorView>& outputs, void* stream) const {
+  auto fail = [&](const std::string& message) {
+    throw std::invalid_argument("[" + op_ + "] " + message);
+  };
+  if (outputs.size() != outputs_.size()) {
+    fail("expected " + std::to_string(outputs_.size()) + " outputs, got " +
+         std::to_string(outputs.size()));
+  }
+  for (std::size_t i = 0; i < outputs.size(); ++i) {
+    const Output& o = outputs_[i];
+    if (!o.wanted) continue;
+    const TensorView& t = outputs[i];
+    bool ok = t.ndim == o.spec.ndim;
+    for (int d = 0; ok && d < t.ndim; ++d) ok = t.shape[d] == o.spec.shape[d];
+    if (!ok) fail("output " + o.name + " must have shape " + shape_str(o.spec) + ", got " +
+                  shape_str(t));
+    if (t.dtype != o.spec.dtype) {
+      throw dtype_error("[" + op_ + "] output " + o.name + " must have dtype " +
+                        dtype_name(o.spec.dtype) + ", got " + dtype_name(t.dtype));
+    }
+    if (t.device != o.spec.device) {
+      fail("output " + o.name + " is on " + device_name(t.device) + " but the inputs are on " +
+           device_name(o.spec.device));
+    }
+    if (t.data == nullptr) fail("output " + o.name + " has no data");
+  }
+  for (std::size_t i = 0; i < inputs_.size(); ++i) {
+    if (inputs_[i] && inputs_[i]->data == nullptr) {
+      fail("input " + std::to_string(i) + " has no data");
+    }
+  }
+  runner_(*this, outputs, stream);
+}
+
+Plan plan_na_forward(const TensorView& q, const TensorView& k, const TensorView& v,
+                     const TensorView* rpb, const NaParams& params, bool with_lse) {
   Checker c(params, "");
   check_forward_inputs(c, q, k, v, rpb, params.scale);
   const int n = params.rank;
-  check_backend(c, &detail::Backend::na_forward, q, q.shape[n + 2], v.shape[n + 2]);
+  check_backend(c.op(), &detail::Backend::na_forward, q, q.shape[n + 2], v.shape[n + 2]);
+  auto state = planned(detail::ForwardArgs{q, k, v, nullptr, {}, nullptr, params,
+                                           resolve_scale(params, q), nullptr},
+                       rpb, &detail::ForwardArgs::rpb);
+  const Inputs inputs{q, k, v, maybe(rpb)};
+  return Plan(c.op(), inputs,
+              {output("out", inputs, 0, q.dtype, Last::input, 2),
+               output("lse", inputs, 0, lse_dtype(q.dtype), Last::drop, 0, with_lse)},
+              [](const Plan& plan, const std::vector<TensorView>& outputs, void* stream) {
+                detail::ForwardArgs args = plan.state<Planned<detail::ForwardArgs>>().args;
+                args.out = outputs[0];
+                args.lse = plan.outputs()[1].wanted ? &outputs[1] : nullptr;
+                args.stream = stream;
+                run(&detail::Backend::na_forward, args.q.device, args);
+              },
+              state);
+}
+
+void check_na_forward(const TensorView& q, const TensorView& k, const TensorView& v,
+                      const TensorView* rpb, const NaParams& params) {
+  plan_na_forward(q, k, v, rpb, params, false);
 }
 
 void na_forward(const TensorView& q, const TensorView& k, const TensorView& v,
                 const TensorView* rpb, const TensorView& out, const TensorView* lse,
                 const NaParams& params, void* stream) {
-  check_na_forward(q, k, v, rpb, params);
-  Checker c(params, "");
-  const int n = params.rank;
-  check_output_like(c, "out", out, q.with_last_dim(v.shape[n + 2]), q.dtype, q);
-  if (lse != nullptr) check_output_like(c, "lse", *lse, q.with_last_dim(-1), lse_dtype(q.dtype), q);
-  const double scale =
-      params.scale ? *params.scale : 1.0 / std::sqrt(static_cast<double>(q.shape[n + 2]));
-  const detail::ForwardArgs args{q, k, v, rpb, out, lse, params, scale, stream};
-  run(&detail::Backend::na_forward, q.device, args);
+  plan_na_forward(q, k, v, rpb, params, lse != nullptr).run({out, lse ? *lse : TensorView{}}, stream);
 }
 
-void check_na_qk(const TensorView& q, const TensorView& k, const TensorView* rpb,
-                 const NaParams& params) {
+Plan plan_na_qk(const TensorView& q, const TensorView& k, const TensorView* rpb,
+                const NaParams& params) {
   Checker c(params, "_qk");
   c.rank_is_valid();
   c.stride_is_one();
   check_qkv(c, q, k, nullptr);
   if (rpb != nullptr) c.rpb(*rpb, q);
-  check_backend(c, &detail::Backend::na_qk, q);
+  check_backend(c.op(), &detail::Backend::na_qk, q);
+  auto state = planned(detail::QkArgs{q, k, nullptr, {}, params, nullptr}, rpb,
+                       &detail::QkArgs::rpb);
+  const Inputs inputs{q, k, maybe(rpb)};
+  return Plan(c.op(), inputs,
+              {output("attn", inputs, 0, q.dtype, Last::constant, params.window_size())},
+              [](const Plan& plan, const std::vector<TensorView>& outputs, void* stream) {
+                detail::QkArgs args = plan.state<Planned<detail::QkArgs>>().args;
+                args.attn = outputs[0];
+                args.stream = stream;
+                run(&detail::Backend::na_qk, args.q.device, args);
+              },
+              state);
+}
+
+void check_na_qk(const TensorView& q, const TensorView& k, const TensorView* rpb,
+                 const NaParams& params) {
+  plan_na_qk(q, k, rpb, params);
 }
 
 void na_qk(const TensorView& q, const TensorView& k, const TensorView* rpb,
            const TensorView& attn, const NaParams& params, void* stream) {
-  check_na_qk(q, k, rpb, params);
-  Checker c(params, "_qk");
-  check_output_like(c, "attn", attn, q.with_last_dim(params.window_size()), q.dtype, q);
-  const detail::QkArgs args{q, k, rpb, attn, params, stream};
-  run(&detail::Backend::na_qk, q.device, args);
+  plan_na_qk(q, k, rpb, params).run({attn}, stream);
 }
 
-void check_na_av(const TensorView& attn, const TensorView& v, const NaParams& params) {
-  Checker c(params, "_av");
+namespace {
+
+void check_av_inputs(const Checker& c, const TensorView& attn, const TensorView& v) {
+  const NaParams& params = c.params();
   c.rank_is_valid();
   c.stride_is_one();
   const int n = params.rank;
@@ -420,22 +536,38 @@ void check_na_av(const TensorView& attn, const TensorView& v, const NaParams& pa
     c.fail("attn last dimension must be prod(kernel_size) = " +
            std::to_string(params.window_size()) + ", got shape " + shape_str(attn));
   }
-  check_backend(c, &detail::Backend::na_av, attn);
+}
+
+}  // namespace
+
+Plan plan_na_av(const TensorView& attn, const TensorView& v, const NaParams& params) {
+  Checker c(params, "_av");
+  check_av_inputs(c, attn, v);
+  check_backend(c.op(), &detail::Backend::na_av, attn);
+  auto state = std::make_shared<detail::AvArgs>(detail::AvArgs{attn, v, {}, params, nullptr});
+  const Inputs inputs{attn, v};
+  return Plan(c.op(), inputs, {output("out", inputs, 0, attn.dtype, Last::input, 1)},
+              [](const Plan& plan, const std::vector<TensorView>& outputs, void* stream) {
+                detail::AvArgs args = plan.state<detail::AvArgs>();
+                args.out = outputs[0];
+                args.stream = stream;
+                run(&detail::Backend::na_av, args.attn.device, args);
+              },
+              state);
+}
+
+void check_na_av(const TensorView& attn, const TensorView& v, const NaParams& params) {
+  plan_na_av(attn, v, params);
 }
 
 void na_av(const TensorView& attn, const TensorView& v, const TensorView& out,
            const NaParams& params, void* stream) {
-  check_na_av(attn, v, params);
-  Checker c(params, "_av");
-  const int n = params.rank;
-  check_output_like(c, "out", out, attn.with_last_dim(v.shape[n + 2]), attn.dtype, attn);
-  const detail::AvArgs args{attn, v, out, params, stream};
-  run(&detail::Backend::na_av, attn.device, args);
+  plan_na_av(attn, v, params).run({out}, stream);
 }
 
-void check_na_backward(const TensorView& q, const TensorView& k, const TensorView& v,
-                       const TensorView* rpb, const TensorView& out, const TensorView& dout,
-                       const TensorView& lse, const NaParams& params) {
+Plan plan_na_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                      const TensorView* rpb, const TensorView& out, const TensorView& dout,
+                      const TensorView& lse, const NaParams& params) {
   Checker c(params, "_backward");
   check_forward_inputs(c, q, k, v, rpb, params.scale);
   const int n = params.rank;
@@ -443,7 +575,30 @@ void check_na_backward(const TensorView& q, const TensorView& k, const TensorVie
   check_input_like(c, "out", out, out_shape, q.dtype, q);
   check_input_like(c, "dout", dout, out_shape, q.dtype, q);
   check_input_like(c, "lse", lse, q.with_last_dim(-1), lse_dtype(q.dtype), q);
-  check_backend(c, &detail::Backend::na_backward, q, q.shape[n + 2], v.shape[n + 2]);
+  check_backend(c.op(), &detail::Backend::na_backward, q, q.shape[n + 2], v.shape[n + 2]);
+  auto state = planned(detail::BackwardArgs{q, k, v, nullptr, out, dout, lse, {}, {}, {},
+                                            nullptr, params, resolve_scale(params, q), nullptr},
+                       rpb, &detail::BackwardArgs::rpb);
+  const Inputs inputs{q, k, v, maybe(rpb), out, dout, lse};
+  return Plan(c.op(), inputs,
+              {output("dq", inputs, 0, q.dtype), output("dk", inputs, 1, q.dtype),
+               output("dv", inputs, 2, q.dtype), optional_output("drpb", inputs, 3, q.dtype)},
+              [](const Plan& plan, const std::vector<TensorView>& outputs, void* stream) {
+                detail::BackwardArgs args = plan.state<Planned<detail::BackwardArgs>>().args;
+                args.dq = outputs[0];
+                args.dk = outputs[1];
+                args.dv = outputs[2];
+                args.drpb = plan.outputs()[3].wanted ? &outputs[3] : nullptr;
+                args.stream = stream;
+                run(&detail::Backend::na_backward, args.q.device, args);
+              },
+              state);
+}
+
+void check_na_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                       const TensorView* rpb, const TensorView& out, const TensorView& dout,
+                       const TensorView& lse, const NaParams& params) {
+  plan_na_backward(q, k, v, rpb, out, dout, lse, params);
 }
 
 void na_backward(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -451,70 +606,87 @@ void na_backward(const TensorView& q, const TensorView& k, const TensorView& v,
                  const TensorView& lse, const TensorView& dq, const TensorView& dk,
                  const TensorView& dv, const TensorView* drpb, const NaParams& params,
                  void* stream) {
-  check_na_backward(q, k, v, rpb, out, dout, lse, params);
-  Checker c(params, "_backward");
-  check_output_like(c, "dq", dq, q, q.dtype, q);
-  check_output_like(c, "dk", dk, k, q.dtype, q);
-  check_output_like(c, "dv", dv, v, q.dtype, q);
+  Plan plan = plan_na_backward(q, k, v, rpb, out, dout, lse, params);
   if ((rpb == nullptr) != (drpb == nullptr)) {
-    c.fail("drpb must be given exactly when rpb is");
+    Checker(params, "_backward").fail("drpb must be given exactly when rpb is");
   }
-  if (drpb != nullptr) check_output_like(c, "drpb", *drpb, *rpb, q.dtype, q);
-  const int n = params.rank;
-  const double scale =
-      params.scale ? *params.scale : 1.0 / std::sqrt(static_cast<double>(q.shape[n + 2]));
-  const detail::BackwardArgs args{q, k, v, rpb, out, dout, lse, dq, dk, dv, drpb,
-                                  params, scale, stream};
-  run(&detail::Backend::na_backward, q.device, args);
+  plan.run({dq, dk, dv, drpb ? *drpb : TensorView{}}, stream);
+}
+
+Plan plan_na_qk_backward(const TensorView& dattn, const TensorView& q, const TensorView& k,
+                         const TensorView* rpb, const NaParams& params) {
+  Checker c(params, "_qk_backward");
+  c.rank_is_valid();
+  c.stride_is_one();
+  check_qkv(c, q, k, nullptr);
+  check_input_like(c, "dattn", dattn, q.with_last_dim(params.window_size()), q.dtype, q);
+  if (rpb != nullptr) c.rpb(*rpb, q);
+  check_backend(c.op(), &detail::Backend::na_qk_backward, q);
+  auto state = std::make_shared<detail::QkBackwardArgs>(
+      detail::QkBackwardArgs{dattn, q, k, {}, {}, nullptr, params, nullptr});
+  const Inputs inputs{dattn, q, k, maybe(rpb)};
+  return Plan(c.op(), inputs,
+              {output("dq", inputs, 1, q.dtype), output("dk", inputs, 2, q.dtype),
+               optional_output("drpb", inputs, 3, q.dtype)},
+              [](const Plan& plan, const std::vector<TensorView>& outputs, void* stream) {
+                detail::QkBackwardArgs args = plan.state<detail::QkBackwardArgs>();
+                args.dq = outputs[0];
+                args.dk = outputs[1];
+                args.drpb = plan.outputs()[2].wanted ? &outputs[2] : nullptr;
+                args.stream = stream;
+                run(&detail::Backend::na_qk_backward, args.q.device, args);
+              },
+              state);
 }
 
 void check_na_qk_backward(const TensorView& dattn, const TensorView& q, const TensorView& k,
                           const TensorView* drpb, const NaParams& params) {
-  check_na_qk(q, k, nullptr, params);
-  Checker c(params, "_qk_backward");
-  check_input_like(c, "dattn", dattn, q.with_last_dim(params.window_size()), q.dtype, q);
-  if (drpb != nullptr) c.rpb(*drpb, q);
-  check_backend(c, &detail::Backend::na_qk_backward, q);
+  plan_na_qk_backward(dattn, q, k, drpb, params);
 }
 
 void na_qk_backward(const TensorView& dattn, const TensorView& q, const TensorView& k,
                     const TensorView& dq, const TensorView& dk, const TensorView* drpb,
                     const NaParams& params, void* stream) {
-  check_na_qk_backward(dattn, q, k, drpb, params);
-  Checker c(params, "_qk_backward");
-  check_output_like(c, "dq", dq, q, q.dtype, q);
-  check_output_like(c, "dk", dk, k, q.dtype, q);
-  const detail::QkBackwardArgs args{dattn, q, k, dq, dk, drpb, params, stream};
-  run(&detail::Backend::na_qk_backward, q.device, args);
+  plan_na_qk_backward(dattn, q, k, drpb, params)
+      .run({dq, dk, drpb ? *drpb : TensorView{}}, stream);
+}
+
+Plan plan_na_av_backward(const TensorView& dout, const TensorView& attn, const TensorView& v,
+                         const NaParams& params) {
+  Checker c(params, "_av_backward");
+  check_av_inputs(c, attn, v);
+  const int n = params.rank;
+  check_input_like(c, "dout", dout, attn.with_last_dim(v.shape[n + 2]), attn.dtype, attn);
+  check_backend(c.op(), &detail::Backend::na_av_backward, attn);
+  auto state = std::make_shared<detail::AvBackwardArgs>(
+      detail::AvBackwardArgs{dout, attn, v, {}, {}, params, nullptr});
+  const Inputs inputs{dout, attn, v};
+  return Plan(c.op(), inputs,
+              {output("dattn", inputs, 1, attn.dtype), output("dv", inputs, 2, attn.dtype)},
+              [](const Plan& plan, const std::vector<TensorView>& outputs, void* stream) {
+                detail::AvBackwardArgs args = plan.state<detail::AvBackwardArgs>();
+                args.dattn = outputs[0];
+                args.dv = outputs[1];
+                args.stream = stream;
+                run(&detail::Backend::na_av_backward, args.attn.device, args);
+              },
+              state);
 }
 
 void check_na_av_backward(const TensorView& dout, const TensorView& attn, const TensorView& v,
                           const NaParams& params) {
-  check_na_av(attn, v, params);
-  Checker c(params, "_av_backward");
-  const int n = params.rank;
-  check_input_like(c, "dout", dout, attn.with_last_dim(v.shape[n + 2]), attn.dtype, attn);
-  check_backend(c, &detail::Backend::na_av_backward, attn);
+  plan_na_av_backward(dout, attn, v, params);
 }
 
 void na_av_backward(const TensorView& dout, const TensorView& attn, const TensorView& v,
                     const TensorView& dattn, const TensorView& dv, const NaParams& params,
                     void* stream) {
-  check_na_av_backward(dout, attn, v, params);
-  Checker c(params, "_av_backward");
-  check_output_like(c, "dattn", dattn, attn, attn.dtype, attn);
-  check_output_like(c, "dv", dv, v, attn.dtype, attn);
-  const detail::AvBackwardArgs args{dout, attn, v, dattn, dv, params, stream};
-  run(&detail::Backend::na_av_backward, attn.device, args);
+  plan_na_av_backward(dout, attn, v, params).run({dattn, dv}, stream);
 }
 
 // ---- composition: additional keys and merging ---------------------------------
 
 namespace {
-
-double resolve_scale(const NaParams& params, const TensorView& q) {
-  return params.scale ? *params.scale : 1.0 / std::sqrt(static_cast<double>(q.shape[q.ndim - 1]));
-}
 
 // q [B, *spatial, heads, D]; additional_keys [B, N, heads_kv, D];
 // additional_values [B, N, heads_kv, D_v].
@@ -553,32 +725,47 @@ void check_additional(const Checker& c, const TensorView& q, const TensorView& k
 
 }  // namespace
 
-void check_na_additional_forward(const TensorView& q, const TensorView& additional_keys,
-                                 const TensorView& additional_values, const NaParams& params) {
+Plan plan_na_additional_forward(const TensorView& q, const TensorView& additional_keys,
+                                const TensorView& additional_values, const NaParams& params,
+                                bool with_lse) {
   Checker c(params, "");
   c.rank_is_valid();
   check_additional(c, q, additional_keys, additional_values);
   c.scale(params.scale);
-  check_backend(c, &detail::Backend::na_additional_forward, q);
+  check_backend(c.op(), &detail::Backend::na_additional_forward, q);
+  auto state = std::make_shared<detail::AdditionalArgs>(detail::AdditionalArgs{
+      q, additional_keys, additional_values, {}, nullptr, params.rank, resolve_scale(params, q),
+      nullptr});
+  const Inputs inputs{q, additional_keys, additional_values};
+  return Plan(c.op(), inputs,
+              {output("out", inputs, 0, q.dtype, Last::input, 2),
+               output("lse", inputs, 0, lse_dtype(q.dtype), Last::drop, 0, with_lse)},
+              [](const Plan& plan, const std::vector<TensorView>& outputs, void* stream) {
+                detail::AdditionalArgs args = plan.state<detail::AdditionalArgs>();
+                args.out = outputs[0];
+                args.lse = plan.outputs()[1].wanted ? &outputs[1] : nullptr;
+                args.stream = stream;
+                run(&detail::Backend::na_additional_forward, args.q.device, args);
+              },
+              state);
+}
+
+void check_na_additional_forward(const TensorView& q, const TensorView& additional_keys,
+                                 const TensorView& additional_values, const NaParams& params) {
+  plan_na_additional_forward(q, additional_keys, additional_values, params, false);
 }
 
 void na_additional_forward(const TensorView& q, const TensorView& additional_keys,
                            const TensorView& additional_values, const TensorView& out,
                            const TensorView* lse, const NaParams& params, void* stream) {
-  check_na_additional_forward(q, additional_keys, additional_values, params);
-  Checker c(params, "");
-  check_output_like(c, "out", out, q.with_last_dim(additional_values.shape[3]), q.dtype, q);
-  if (lse != nullptr) check_output_like(c, "lse", *lse, q.with_last_dim(-1), lse_dtype(q.dtype), q);
-  const detail::AdditionalArgs args{q,   additional_keys, additional_values,
-                                    out, lse,             params.rank,
-                                    resolve_scale(params, q), stream};
-  run(&detail::Backend::na_additional_forward, q.device, args);
+  plan_na_additional_forward(q, additional_keys, additional_values, params, lse != nullptr)
+      .run({out, lse ? *lse : TensorView{}}, stream);
 }
 
-void check_na_additional_backward(const TensorView& q, const TensorView& additional_keys,
-                                  const TensorView& additional_values, const TensorView& out,
-                                  const TensorView& dout, const TensorView& lse,
-                                  const NaParams& params) {
+Plan plan_na_additional_backward(const TensorView& q, const TensorView& additional_keys,
+                                 const TensorView& additional_values, const TensorView& out,
+                                 const TensorView& dout, const TensorView& lse,
+                                 const NaParams& params) {
   Checker c(params, "_backward");
   c.rank_is_valid();
   check_additional(c, q, additional_keys, additional_values);
@@ -587,7 +774,31 @@ void check_na_additional_backward(const TensorView& q, const TensorView& additio
   check_input_like(c, "out", out, out_shape, q.dtype, q);
   check_input_like(c, "dout", dout, out_shape, q.dtype, q);
   check_input_like(c, "lse", lse, q.with_last_dim(-1), lse_dtype(q.dtype), q);
-  check_backend(c, &detail::Backend::na_additional_backward, q);
+  check_backend(c.op(), &detail::Backend::na_additional_backward, q);
+  auto state = std::make_shared<detail::AdditionalBackwardArgs>(detail::AdditionalBackwardArgs{
+      q, additional_keys, additional_values, out, dout, lse, {}, {}, {}, params.rank,
+      resolve_scale(params, q), nullptr});
+  const Inputs inputs{q, additional_keys, additional_values, out, dout, lse};
+  return Plan(c.op(), inputs,
+              {output("dq", inputs, 0, q.dtype),
+               output("d(additional_keys)", inputs, 1, q.dtype),
+               output("d(additional_values)", inputs, 2, q.dtype)},
+              [](const Plan& plan, const std::vector<TensorView>& outputs, void* stream) {
+                detail::AdditionalBackwardArgs args = plan.state<detail::AdditionalBackwardArgs>();
+                args.dq = outputs[0];
+                args.dk = outputs[1];
+                args.dv = outputs[2];
+                args.stream = stream;
+                run(&detail::Backend::na_additional_backward, args.q.device, args);
+              },
+              state);
+}
+
+void check_na_additional_backward(const TensorView& q, const TensorView& additional_keys,
+                                  const TensorView& additional_values, const TensorView& out,
+                                  const TensorView& dout, const TensorView& lse,
+                                  const NaParams& params) {
+  plan_na_additional_backward(q, additional_keys, additional_values, out, dout, lse, params);
 }
 
 void na_additional_backward(const TensorView& q, const TensorView& additional_keys,
@@ -595,15 +806,8 @@ void na_additional_backward(const TensorView& q, const TensorView& additional_ke
                             const TensorView& dout, const TensorView& lse, const TensorView& dq,
                             const TensorView& dk, const TensorView& dv, const NaParams& params,
                             void* stream) {
-  check_na_additional_backward(q, additional_keys, additional_values, out, dout, lse, params);
-  Checker c(params, "_backward");
-  check_output_like(c, "dq", dq, q, q.dtype, q);
-  check_output_like(c, "d(additional_keys)", dk, additional_keys, q.dtype, q);
-  check_output_like(c, "d(additional_values)", dv, additional_values, q.dtype, q);
-  const detail::AdditionalBackwardArgs args{q,  additional_keys, additional_values, out, dout,
-                                            lse, dq, dk, dv, params.rank,
-                                            resolve_scale(params, q), stream};
-  run(&detail::Backend::na_additional_backward, q.device, args);
+  plan_na_additional_backward(q, additional_keys, additional_values, out, dout, lse, params)
+      .run({dq, dk, dv}, stream);
 }
 
 namespace {
@@ -656,26 +860,42 @@ void check_merge_inputs(const char* op, const std::vector<TensorView>& outs,
 
 }  // namespace
 
+Plan plan_merge_attentions(const std::vector<TensorView>& outs,
+                           const std::vector<TensorView>& lses) {
+  const char* op = "merge_attentions";
+  check_merge_inputs(op, outs, lses);
+  check_backend(op, &detail::Backend::merge_attentions, outs[0]);
+  const TensorView& first = outs[0];
+  Inputs inputs(outs.begin(), outs.end());
+  inputs.insert(inputs.end(), lses.begin(), lses.end());
+  auto state = std::make_shared<detail::MergeArgs>(detail::MergeArgs{outs, lses, {}, {}, nullptr});
+  std::vector<Plan::Output> outputs{output("out", inputs, 0, first.dtype),
+                                    output("lse", inputs, 0, lse_dtype(first.dtype), Last::drop)};
+  return Plan(op, std::move(inputs), std::move(outputs),
+              [](const Plan& plan, const std::vector<TensorView>& outputs, void* stream) {
+                detail::MergeArgs args = plan.state<detail::MergeArgs>();
+                args.out = outputs[0];
+                args.lse = outputs[1];
+                args.stream = stream;
+                run(&detail::Backend::merge_attentions, args.out.device, args);
+              },
+              state);
+}
+
 void check_merge_attentions(const std::vector<TensorView>& outs,
                             const std::vector<TensorView>& lses) {
-  check_merge_inputs("merge_attentions", outs, lses);
+  plan_merge_attentions(outs, lses);
 }
 
 void merge_attentions(const std::vector<TensorView>& outs, const std::vector<TensorView>& lses,
                       const TensorView& out, const TensorView& lse, void* stream) {
-  const char* op = "merge_attentions";
-  check_merge_inputs(op, outs, lses);
-  const TensorView& first = outs[0];
-  merge_like(op, "output out", out, first, first.dtype, first);
-  merge_like(op, "output lse", lse, first.with_last_dim(-1), lse_dtype(first.dtype), first);
-  const detail::MergeArgs args{outs, lses, out, lse, stream};
-  run(&detail::Backend::merge_attentions, first.device, args);
+  plan_merge_attentions(outs, lses).run({out, lse}, stream);
 }
 
-void check_merge_attentions_backward(const std::vector<TensorView>& outs,
-                                     const std::vector<TensorView>& lses, const TensorView& out,
-                                     const TensorView& lse, const TensorView& dout,
-                                     const TensorView* dlse) {
+Plan plan_merge_attentions_backward(const std::vector<TensorView>& outs,
+                                    const std::vector<TensorView>& lses, const TensorView& out,
+                                    const TensorView& lse, const TensorView& dout,
+                                    const TensorView* dlse) {
   const char* op = "merge_attentions_backward";
   check_merge_inputs(op, outs, lses);
   const TensorView& first = outs[0];
@@ -684,6 +904,40 @@ void check_merge_attentions_backward(const std::vector<TensorView>& outs,
   merge_like(op, "lse", lse, lse_shape, lse_dtype(first.dtype), first);
   merge_like(op, "dout", dout, first, first.dtype, first);
   if (dlse != nullptr) merge_like(op, "dlse", *dlse, lse_shape, lse_dtype(first.dtype), first);
+  check_backend(op, &detail::Backend::merge_attentions_backward, first);
+  Inputs inputs(outs.begin(), outs.end());
+  inputs.insert(inputs.end(), lses.begin(), lses.end());
+  inputs.insert(inputs.end(), {out, lse, dout, maybe(dlse)});
+  const int parts = static_cast<int>(outs.size());
+  std::vector<Plan::Output> outputs;
+  for (int i = 0; i < parts; ++i) {
+    outputs.push_back(output("douts[" + std::to_string(i) + "]", inputs, i, first.dtype));
+  }
+  for (int i = 0; i < parts; ++i) {
+    outputs.push_back(
+        output("dlses[" + std::to_string(i) + "]", inputs, parts + i, lse_dtype(first.dtype)));
+  }
+  auto state = planned(detail::MergeBackwardArgs{outs, lses, out, lse, dout, nullptr, {}, {},
+                                                 nullptr},
+                       dlse, &detail::MergeBackwardArgs::dlse);
+  return Plan(op, std::move(inputs), std::move(outputs),
+              [](const Plan& plan, const std::vector<TensorView>& outputs, void* stream) {
+                detail::MergeBackwardArgs args =
+                    plan.state<Planned<detail::MergeBackwardArgs>>().args;
+                const std::size_t n = args.outs.size();
+                args.douts.assign(outputs.begin(), outputs.begin() + n);
+                args.dlses.assign(outputs.begin() + n, outputs.end());
+                args.stream = stream;
+                run(&detail::Backend::merge_attentions_backward, args.out.device, args);
+              },
+              state);
+}
+
+void check_merge_attentions_backward(const std::vector<TensorView>& outs,
+                                     const std::vector<TensorView>& lses, const TensorView& out,
+                                     const TensorView& lse, const TensorView& dout,
+                                     const TensorView* dlse) {
+  plan_merge_attentions_backward(outs, lses, out, lse, dout, dlse);
 }
 
 void merge_attentions_backward(const std::vector<TensorView>& outs,
@@ -691,21 +945,15 @@ void merge_attentions_backward(const std::vector<TensorView>& outs,
                                const TensorView& lse, const TensorView& dout,
                                const TensorView* dlse, const std::vector<TensorView>& douts,
                                const std::vector<TensorView>& dlses, void* stream) {
-  const char* op = "merge_attentions_backward";
-  check_merge_attentions_backward(outs, lses, out, lse, dout, dlse);
-  const TensorView& first = outs[0];
+  Plan plan = plan_merge_attentions_backward(outs, lses, out, lse, dout, dlse);
   if (douts.size() != outs.size() || dlses.size() != outs.size()) {
-    merge_fail(op, "expected " + std::to_string(outs.size()) + " douts and dlses, got " +
-                       std::to_string(douts.size()) + " and " + std::to_string(dlses.size()));
+    merge_fail("merge_attentions_backward",
+               "expected " + std::to_string(outs.size()) + " douts and dlses, got " +
+                   std::to_string(douts.size()) + " and " + std::to_string(dlses.size()));
   }
-  for (std::size_t i = 0; i < outs.size(); ++i) {
-    const std::string idx = "[" + std::to_string(i) + "]";
-    merge_like(op, "output douts" + idx, douts[i], first, first.dtype, first);
-    merge_like(op, "output dlses" + idx, dlses[i], first.with_last_dim(-1),
-               lse_dtype(first.dtype), first);
-  }
-  const detail::MergeBackwardArgs args{outs, lses, out, lse, dout, dlse, douts, dlses, stream};
-  run(&detail::Backend::merge_attentions_backward, first.device, args);
+  std::vector<TensorView> outputs(douts);
+  outputs.insert(outputs.end(), dlses.begin(), dlses.end());
+  plan.run(outputs, stream);
 }
 
 }  // namespace libna

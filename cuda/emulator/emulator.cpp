@@ -494,9 +494,9 @@ void run_block(Block& b) {
   for (unsigned w = 0; w < b.warps.size(); ++w) {
     Warp& warp = b.warps[w];
     warp.live = static_cast<int>(std::min<unsigned>(kWarpSize, threads - w * kWarpSize));
-    warp.barrier = Barrier{warp.live, 0, 0};
+    warp.barrier = Barrier{warp.live, 0, 0, {}};
   }
-  b.barrier = Barrier{static_cast<int>(threads), 0, 0};
+  b.barrier = Barrier{static_cast<int>(threads), 0, 0, {}};
   b.live = static_cast<int>(threads);
   b.shared.clear();
   b.arena_used = 0;

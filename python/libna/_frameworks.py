@@ -12,8 +12,12 @@ import sys
 
 import numpy as np
 
+try:
+    from . import _C
+except ImportError:  # pragma: no cover - libna then runs on its NumPy reference
+    _C = None
+
 _BFLOAT16_NAMES = ("bfloat16",)
-_NUMPY_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _family(x) -> str | None:
@@ -67,12 +71,12 @@ class Arrays:
                     f"JAX, CuPy, ...), got {type(x).__module__}.{type(x).__qualname__}"
                 )
             families[name] = family
-        if traced_by_jax(*named.values()):
+        kinds = set(families.values())
+        if not kinds <= {"numpy", "torch"} and traced_by_jax(*named.values()):
             raise TypeError(
                 f"[{op}] got JAX tracers (a call inside jax.jit, jax.grad or jax.vmap); under "
                 "JAX transformations use libna.na1d/na2d/na3d or merge_attentions, which run "
                 "as XLA custom calls (libna.jax)")
-        kinds = set(families.values())
         if len(kinds) > 1:
             listing = ", ".join(f"{n}: {f}" for n, f in families.items())
             raise TypeError(f"[{op}] all arrays must come from one framework, got {listing}")
@@ -80,49 +84,60 @@ class Arrays:
         self.family = kinds.pop() if kinds else "numpy"
         self.stream = 0
         self._device = None
-        self.inputs = {name: self._prepare(name, x) for name, x in named.items()}
+        # NumPy has no bfloat16 of its own and cannot export ml_dtypes'
+        # bfloat16 over DLPack, so bfloat16 NumPy arrays (inputs, and the
+        # outputs of every framework that allocates with NumPy) travel as
+        # uint16 views, which the binding then reads as bfloat16. Genuine
+        # uint16 inputs are refused here before they could be misread.
+        self.uint16_is_bfloat16 = self.family not in ("torch", "cupy")
+        prepare = getattr(self, "_prepare_" + self.family, self._prepare_other)
+        self.inputs = {name: None if x is None else prepare(name, x) for name, x in named.items()}
 
-    # NumPy has no bfloat16 of its own and cannot export ml_dtypes' bfloat16
-    # over DLPack, so bfloat16 NumPy arrays (inputs and outputs) travel as
-    # uint16 views and the binding reads uint16 as bfloat16. Genuine uint16
-    # inputs are therefore refused here, before they could be misread.
-    uint16_is_bfloat16 = True
+    def call(self, op, inputs, rank=0, kernel_size=(), stride=(), dilation=(), is_causal=(),
+             scale=None, want_lse=False):
+        """The compiled op `op` on `inputs` (prepared arrays, or outputs of an
+        earlier call of this one), its outputs allocated in this framework."""
+        return _C.call(op, inputs, rank, kernel_size, stride, dilation, is_causal, scale,
+                       want_lse, self.alloc, self.uint16_is_bfloat16, self.stream)
 
-    def _prepare(self, name, x):
-        if x is None:
-            return None
-        if str(getattr(x, "dtype", "")).rsplit(".", 1)[-1] == "uint16":
-            raise TypeError(
-                f"[{self.op}] {name} has dtype uint16; expected float16, bfloat16, float32 "
-                "or float64"
-            )
-        if self.family == "numpy":
-            if _is_numpy_bfloat16(x.dtype):
-                return x.view(np.uint16)
-            if x.dtype not in _NUMPY_FLOATS:
-                raise TypeError(
-                    f"[{self.op}] {name} has dtype {x.dtype}; expected float16, bfloat16, "
-                    "float32 or float64"
-                )
+    def _refuse_uint16(self, name):
+        raise TypeError(f"[{self.op}] {name} has dtype uint16; expected float16, bfloat16, "
+                        "float32 or float64")
+
+    def _prepare_numpy(self, name, x):
+        char = x.dtype.char
+        if char in "efd":  # float16, float32, float64
             return x
-        if self.family == "torch":
-            if x.device.type not in ("cpu", "cuda"):
-                raise ValueError(
-                    f"[{self.op}] {name} is on device '{x.device}'; libna supports CPU and "
-                    "CUDA tensors"
-                )
-            self._device = x.device
-            if x.device.type == "cuda":
-                import torch
+        if char == "H":
+            self._refuse_uint16(name)
+        if _is_numpy_bfloat16(x.dtype):
+            return x.view(np.uint16)
+        raise TypeError(f"[{self.op}] {name} has dtype {x.dtype}; expected float16, bfloat16, "
+                        "float32 or float64")
 
-                self.stream = torch.cuda.current_stream(x.device).cuda_stream
-            # PyTorch refuses to export tensors that require grad over DLPack.
-            return x.detach()
-        if self.family == "cupy":
-            import cupy
+    def _prepare_torch(self, name, x):
+        device = x.device
+        if device.type == "cuda":
+            import torch
 
-            self._device = x.device
-            self.stream = cupy.cuda.get_current_stream().ptr
+            self.stream = torch.cuda.current_stream(device).cuda_stream
+        elif device.type != "cpu":
+            raise ValueError(f"[{self.op}] {name} is on device '{device}'; libna supports CPU "
+                             "and CUDA tensors")
+        self._device = device
+        # PyTorch refuses to export tensors that require grad over DLPack.
+        return x.detach() if x.requires_grad else x
+
+    def _prepare_cupy(self, name, x):
+        import cupy
+
+        self._device = x.device
+        self.stream = cupy.cuda.get_current_stream().ptr
+        return x
+
+    def _prepare_other(self, name, x):
+        if str(getattr(x, "dtype", "")).rsplit(".", 1)[-1] == "uint16":
+            self._refuse_uint16(name)
         return x
 
     def alloc(self, shape, dtype_name):

@@ -40,6 +40,8 @@ _INT64_MAX = 2**63 - 1
 
 def per_axis(op: str, name: str, value, rank: int, *, boolean: bool = False) -> tuple:
     """An int (bool) or a sequence of rank ints (bools) as a rank-tuple."""
+    if type(value) is (bool if boolean else int) and (boolean or -_INT64_MAX <= value <= _INT64_MAX):
+        return (value,) * rank  # the common case, without the general checks
     check, kind = (_is_bool, "bool") if boolean else (_is_int, "int")
     if check(value):
         values = (value,) * rank
@@ -124,15 +126,13 @@ def na(rank, q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False, sca
     a = arrays.inputs
     extra = None
     if additional:  # validated (and computed) before the neighbourhood part
-        extra = _C.na_additional_forward(
-            rank, a["q"], a["additional_keys"], a["additional_values"], scale, True,
-            arrays.alloc, arrays.uint16_is_bfloat16, arrays.stream)
-    out, lse = _C.na_forward(
-        rank, a["q"], a["k"], a["v"], a["rpb"], kernel_size, stride, dilation, is_causal,
-        scale, return_lse or additional, arrays.alloc, arrays.uint16_is_bfloat16, arrays.stream)
+        extra = arrays.call("na_additional",
+                            [a["q"], a["additional_keys"], a["additional_values"]], rank,
+                            scale=scale, want_lse=True)
+    out, lse = arrays.call("na", [a["q"], a["k"], a["v"], a["rpb"]], rank, kernel_size, stride,
+                           dilation, is_causal, scale, return_lse or additional)
     if additional:
-        out, lse = _C.merge_attentions([out, extra[0]], [lse, extra[1]], arrays.alloc,
-                                       arrays.uint16_is_bfloat16, arrays.stream)
+        out, lse = arrays.call("merge_attentions", [out, extra[0], lse, extra[1]])
     out = arrays.finish(out, q)
     return (out, arrays.finish(lse, q)) if return_lse else out
 
@@ -147,8 +147,8 @@ def na_qk(rank, q, k, kernel_size, *, dilation=1, is_causal=False, rpb=None):
     is_causal = per_axis(op, "is_causal", is_causal, rank, boolean=True)
     arrays = Arrays(op, {"q": q, "k": k, "rpb": rpb})
     a = arrays.inputs
-    attn = _C.na_qk(rank, a["q"], a["k"], a["rpb"], kernel_size, dilation, is_causal,
-                    arrays.alloc, arrays.uint16_is_bfloat16, arrays.stream)
+    (attn,) = arrays.call("na_qk", [a["q"], a["k"], a["rpb"]], rank, kernel_size,
+                          dilation=dilation, is_causal=is_causal)
     return arrays.finish(attn, q)
 
 
@@ -162,8 +162,8 @@ def na_av(rank, attn, v, kernel_size, *, dilation=1, is_causal=False):
     is_causal = per_axis(op, "is_causal", is_causal, rank, boolean=True)
     arrays = Arrays(op, {"attn": attn, "v": v})
     a = arrays.inputs
-    out = _C.na_av(rank, a["attn"], a["v"], kernel_size, dilation, is_causal,
-                   arrays.alloc, arrays.uint16_is_bfloat16, arrays.stream)
+    (out,) = arrays.call("na_av", [a["attn"], a["v"]], rank, kernel_size, dilation=dilation,
+                         is_causal=is_causal)
     return arrays.finish(out, attn)
 
 
@@ -190,13 +190,12 @@ def na_backward(rank, q, k, v, out, dout, lse, kernel_size, *, stride=1, dilatio
     if additional:
         # Both parts' gradients come from the merged out and lse
         # (FlashAttention-style); their query gradients add up.
-        extra = _C.na_additional_backward(
-            rank, a["q"], a["additional_keys"], a["additional_values"], a["out"], a["dout"],
-            a["lse"], scale, arrays.alloc, arrays.uint16_is_bfloat16, arrays.stream)
-    grads = _C.na_backward(
-        rank, a["q"], a["k"], a["v"], a["rpb"], a["out"], a["dout"], a["lse"], kernel_size,
-        stride, dilation, is_causal, scale, arrays.alloc, arrays.uint16_is_bfloat16,
-        arrays.stream)
+        extra = arrays.call(
+            "na_additional_backward", [a["q"], a["additional_keys"], a["additional_values"],
+                                       a["out"], a["dout"], a["lse"]], rank, scale=scale)
+    grads = arrays.call("na_backward", [a["q"], a["k"], a["v"], a["rpb"], a["out"], a["dout"],
+                                        a["lse"]], rank, kernel_size, stride, dilation,
+                        is_causal, scale)
     grads = [arrays.finish(g, q) for g in (grads if rpb is not None else grads[:3])]
     if additional:
         extra = [arrays.finish(g, q) for g in extra]
@@ -214,8 +213,8 @@ def na_qk_backward(rank, dattn, q, k, kernel_size, *, dilation=1, is_causal=Fals
     is_causal = per_axis(op, "is_causal", is_causal, rank, boolean=True)
     arrays = Arrays(op, {"dattn": dattn, "q": q, "k": k, "rpb": rpb})
     a = arrays.inputs
-    grads = _C.na_qk_backward(rank, a["dattn"], a["q"], a["k"], a["rpb"], kernel_size, dilation,
-                              is_causal, arrays.alloc, arrays.uint16_is_bfloat16, arrays.stream)
+    grads = arrays.call("na_qk_backward", [a["dattn"], a["q"], a["k"], a["rpb"]], rank,
+                        kernel_size, dilation=dilation, is_causal=is_causal)
     grads = tuple(arrays.finish(g, q) for g in grads)
     return grads if rpb is not None else grads[:2]
 
@@ -230,8 +229,8 @@ def na_av_backward(rank, dout, attn, v, kernel_size, *, dilation=1, is_causal=Fa
     is_causal = per_axis(op, "is_causal", is_causal, rank, boolean=True)
     arrays = Arrays(op, {"dout": dout, "attn": attn, "v": v})
     a = arrays.inputs
-    grads = _C.na_av_backward(rank, a["dout"], a["attn"], a["v"], kernel_size, dilation,
-                              is_causal, arrays.alloc, arrays.uint16_is_bfloat16, arrays.stream)
+    grads = arrays.call("na_av_backward", [a["dout"], a["attn"], a["v"]], rank, kernel_size,
+                        dilation=dilation, is_causal=is_causal)
     return tuple(arrays.finish(g, attn) for g in grads)
 
 
@@ -268,9 +267,8 @@ def merge_attentions(outs, lses):
     named = check_parts(op, outs, lses)
     arrays = Arrays(op, named, optional=())
     a = arrays.inputs
-    out, lse = _C.merge_attentions(
-        [a[f"outs[{i}]"] for i in range(len(outs))], [a[f"lses[{i}]"] for i in range(len(lses))],
-        arrays.alloc, arrays.uint16_is_bfloat16, arrays.stream)
+    out, lse = arrays.call("merge_attentions", [a[f"outs[{i}]"] for i in range(len(outs))] +
+                           [a[f"lses[{i}]"] for i in range(len(lses))])
     return arrays.finish(out, outs[0]), arrays.finish(lse, outs[0])
 
 
@@ -286,10 +284,11 @@ def merge_attentions_backward(outs, lses, out, lse, dout, dlse=None):
     named.update({"out": out, "lse": lse, "dout": dout, "dlse": dlse})
     arrays = Arrays(op, named, optional=("dlse",))
     a = arrays.inputs
-    douts, dlses = _C.merge_attentions_backward(
-        [a[f"outs[{i}]"] for i in range(len(outs))], [a[f"lses[{i}]"] for i in range(len(lses))],
-        a["out"], a["lse"], a["dout"], a["dlse"], arrays.alloc, arrays.uint16_is_bfloat16,
-        arrays.stream)
+    n = len(outs)
+    grads = arrays.call("merge_attentions_backward",
+                        [a[f"outs[{i}]"] for i in range(n)] + [a[f"lses[{i}]"] for i in range(n)] +
+                        [a["out"], a["lse"], a["dout"], a["dlse"]])
+    douts, dlses = grads[:n], grads[n:]
     return ([arrays.finish(g, out) for g in douts], [arrays.finish(g, out) for g in dlses])
 
 

@@ -1,6 +1,9 @@
-// libna._C: DLPack arrays in, validated tensor views to the C++ core, and
-// outputs allocated by a Python callable so that every framework gets its own
-// array type back. Validation happens in C++ before anything is allocated.
+// libna._C: two generic entry points for every op. call(op, inputs, ...)
+// views DLPack arrays, plans the op in the C++ core (which validates it, once),
+// allocates the outputs through a Python callable so that every framework gets
+// its own array type back, and runs the plan. plan(op, specs, ...) validates
+// the same call on shapes and dtypes alone and returns the output shapes: the
+// one rule the torch fake kernels and JAX's abstract evaluation use.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
@@ -8,7 +11,9 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -126,271 +131,249 @@ struct Call {
     }
     return {array, view(out, name)};
   }
-
-  // An optional output: (None, nullopt) when not wanted.
-  std::pair<nb::object, std::optional<TensorView>> allocate_if(
-      bool wanted, const nb::callable& alloc, const TensorView& shape_of, DType dtype,
-      const char* name) const {
-    if (!wanted) return {nb::none(), std::nullopt};
-    auto [array, view] = allocate(alloc, shape_of, dtype, name);
-    return {array, view};
-  }
 };
 
-NaParams make_params(const Call& call, int rank, const std::vector<std::int64_t>& kernel_size,
-                     const std::vector<std::int64_t>& stride,
-                     const std::vector<std::int64_t>& dilation,
-                     const std::vector<bool>& is_causal, std::optional<double> scale) {
+// The inputs of each op, in the order Python passes them; optional ones may
+// be None. merge_attentions takes outs then lses (any number of parts);
+// merge_attentions_backward also out, lse, dout and dlse (optional).
+struct OpInputs {
+  const char* op;      // the name the Python layer calls it by
+  const char* suffix;  // of na{rank}d in error messages
+  std::vector<const char*> names;
+  std::vector<const char*> optional;
+};
+
+const std::vector<OpInputs>& op_table() {
+  static const std::vector<OpInputs> table = {
+      {"na", "", {"q", "k", "v", "rpb"}, {"rpb"}},
+      {"na_qk", "_qk", {"q", "k", "rpb"}, {"rpb"}},
+      {"na_av", "_av", {"attn", "v"}, {}},
+      {"na_backward", "_backward", {"q", "k", "v", "rpb", "out", "dout", "lse"}, {"rpb"}},
+      {"na_qk_backward", "_qk_backward", {"dattn", "q", "k", "rpb"}, {"rpb"}},
+      {"na_av_backward", "_av_backward", {"dout", "attn", "v"}, {}},
+      {"na_additional", "", {"q", "additional_keys", "additional_values"}, {}},
+      {"na_additional_backward", "_backward",
+       {"q", "additional_keys", "additional_values", "out", "dout", "lse"}, {}},
+      {"merge_attentions", nullptr, {}, {}},
+      {"merge_attentions_backward", nullptr, {"out", "lse", "dout", "dlse"}, {"dlse"}},
+  };
+  return table;
+}
+
+const OpInputs& op_inputs(const std::string& op) {
+  for (const OpInputs& entry : op_table()) {
+    if (op == entry.op) return entry;
+  }
+  throw std::invalid_argument("[libna._C] unknown op '" + op + "'");
+}
+
+// The per-axis parameters of an NA op, as the Python layer normalised them.
+struct Params {
+  int rank;
+  std::vector<std::int64_t> kernel_size, stride, dilation;
+  std::vector<bool> is_causal;
+  std::optional<double> scale;
+};
+
+NaParams make_params(const Call& call, const Params& in, bool unit_stride) {
   NaParams p;
-  p.rank = rank;
-  if (rank < 1 || rank > libna::kMaxSpatialRank) {
-    call.fail("spatial rank must be 1, 2 or 3, got " + std::to_string(rank));
+  p.rank = in.rank;
+  if (in.rank < 1 || in.rank > libna::kMaxSpatialRank) {
+    call.fail("spatial rank must be 1, 2 or 3, got " + std::to_string(in.rank));
   }
   auto copy = [&](const char* name, const auto& values, auto& into) {
-    if (values.size() != static_cast<std::size_t>(rank)) {
+    if (values.size() != static_cast<std::size_t>(in.rank)) {
       call.fail(std::string(name) + " has " + std::to_string(values.size()) +
-                " values; expected " + std::to_string(rank) + " (one per spatial axis)");
+                " values; expected " + std::to_string(in.rank) + " (one per spatial axis)");
     }
-    for (int a = 0; a < rank; ++a) into[a] = values[a];
+    for (int a = 0; a < in.rank; ++a) into[a] = values[a];
   };
-  copy("kernel_size", kernel_size, p.kernel_size);
-  copy("stride", stride, p.stride);
-  copy("dilation", dilation, p.dilation);
-  copy("is_causal", is_causal, p.is_causal);
-  p.scale = scale;
+  copy("kernel_size", in.kernel_size, p.kernel_size);
+  if (!unit_stride) copy("stride", in.stride, p.stride);
+  copy("dilation", in.dilation, p.dilation);
+  copy("is_causal", in.is_causal, p.is_causal);
+  p.scale = in.scale;
   return p;
 }
 
-nb::tuple na_forward(int rank, InObject q_in, InObject k_in, InObject v_in,
-                     InObject rpb_in, const std::vector<std::int64_t>& kernel_size,
-                     const std::vector<std::int64_t>& stride,
-                     const std::vector<std::int64_t>& dilation,
-                     const std::vector<bool>& is_causal, std::optional<double> scale,
-                     bool return_lse, const nb::callable& alloc, bool uint16_is_bfloat16,
-                     std::uintptr_t stream) {
-  const Call call{"na" + std::to_string(rank) + "d", uint16_is_bfloat16, stream};
-  const NaParams p = make_params(call, rank, kernel_size, stride, dilation, is_causal, scale);
-  const TensorView q = call.input(q_in, "q"), k = call.input(k_in, "k"), v = call.input(v_in, "v");
-  std::optional<TensorView> rpb;
-  if (!rpb_in.is_none()) rpb = call.input(rpb_in, "rpb");
-  libna::check_na_forward(q, k, v, rpb ? &*rpb : nullptr, p);
-
-  auto [out_obj, out] = call.allocate(alloc, q.with_last_dim(v.shape[rank + 2]), q.dtype, "out");
-  auto [lse_obj, lse] =
-      call.allocate_if(return_lse, alloc, q.with_last_dim(-1), libna::lse_dtype(q.dtype), "lse");
-  {
-    nb::gil_scoped_release release;
-    libna::na_forward(q, k, v, rpb ? &*rpb : nullptr, out, lse ? &*lse : nullptr, p,
-                      reinterpret_cast<void*>(stream));
+// Plans `op` on the given input views (absent optional ones are nullopt).
+libna::Plan make_plan(const Call& call, const std::string& op,
+                      const std::vector<std::optional<TensorView>>& in, const Params& params,
+                      bool want_lse) {
+  auto opt = [&](std::size_t i) { return in[i] ? &*in[i] : nullptr; };
+  const bool unfused = op == "na_qk" || op == "na_av" || op == "na_qk_backward" ||
+                       op == "na_av_backward";
+  if (op.rfind("merge_attentions", 0) == 0) {
+    const bool backward = op == "merge_attentions_backward";
+    const std::size_t parts = (in.size() - (backward ? 4 : 0)) / 2;
+    std::vector<TensorView> outs, lses;
+    for (std::size_t i = 0; i < parts; ++i) {
+      outs.push_back(*in[i]);
+      lses.push_back(*in[parts + i]);
+    }
+    if (!backward) return libna::plan_merge_attentions(outs, lses);
+    const std::size_t rest = 2 * parts;
+    return libna::plan_merge_attentions_backward(outs, lses, *in[rest], *in[rest + 1],
+                                                 *in[rest + 2], opt(rest + 3));
   }
-  return nb::make_tuple(out_obj, lse_obj);
+  if (op == "na_additional" || op == "na_additional_backward") {
+    const NaParams p = rank_and_scale(params.rank, params.scale);
+    if (op == "na_additional") {
+      return libna::plan_na_additional_forward(*in[0], *in[1], *in[2], p, want_lse);
+    }
+    return libna::plan_na_additional_backward(*in[0], *in[1], *in[2], *in[3], *in[4], *in[5], p);
+  }
+  const NaParams p = make_params(call, params, unfused);
+  if (op == "na") return libna::plan_na_forward(*in[0], *in[1], *in[2], opt(3), p, want_lse);
+  if (op == "na_qk") return libna::plan_na_qk(*in[0], *in[1], opt(2), p);
+  if (op == "na_av") return libna::plan_na_av(*in[0], *in[1], p);
+  if (op == "na_backward") {
+    return libna::plan_na_backward(*in[0], *in[1], *in[2], opt(3), *in[4], *in[5], *in[6], p);
+  }
+  if (op == "na_qk_backward") return libna::plan_na_qk_backward(*in[0], *in[1], *in[2], opt(3), p);
+  return libna::plan_na_av_backward(*in[0], *in[1], *in[2], p);
 }
 
-nb::object na_qk(int rank, InObject q_in, InObject k_in, InObject rpb_in,
-                 const std::vector<std::int64_t>& kernel_size,
-                 const std::vector<std::int64_t>& dilation, const std::vector<bool>& is_causal,
-                 const nb::callable& alloc, bool uint16_is_bfloat16, std::uintptr_t stream) {
-  const Call call{"na" + std::to_string(rank) + "d_qk", uint16_is_bfloat16, stream};
-  const std::vector<std::int64_t> ones(kernel_size.size(), 1);
-  const NaParams p = make_params(call, rank, kernel_size, ones, dilation, is_causal, std::nullopt);
-  const TensorView q = call.input(q_in, "q"), k = call.input(k_in, "k");
-  std::optional<TensorView> rpb;
-  if (!rpb_in.is_none()) rpb = call.input(rpb_in, "rpb");
-  libna::check_na_qk(q, k, rpb ? &*rpb : nullptr, p);
-  auto [attn_obj, attn] = call.allocate(alloc, q.with_last_dim(p.window_size()), q.dtype, "attn");
-  {
-    nb::gil_scoped_release release;
-    libna::na_qk(q, k, rpb ? &*rpb : nullptr, attn, p, reinterpret_cast<void*>(stream));
+// The name of every input of a call of `op` with `count` inputs.
+std::vector<std::string> input_names(const OpInputs& entry, std::size_t count) {
+  std::vector<std::string> names;
+  if (entry.suffix == nullptr) {  // merge_attentions(_backward): outs, lses, then the named
+    const std::size_t parts = (count - entry.names.size()) / 2;
+    for (std::size_t i = 0; i < parts; ++i) names.push_back("outs[" + std::to_string(i) + "]");
+    for (std::size_t i = 0; i < parts; ++i) names.push_back("lses[" + std::to_string(i) + "]");
   }
-  return attn_obj;
+  for (const char* name : entry.names) names.emplace_back(name);
+  return names;
 }
 
-nb::object na_av(int rank, InObject attn_in, InObject v_in,
-                 const std::vector<std::int64_t>& kernel_size,
-                 const std::vector<std::int64_t>& dilation, const std::vector<bool>& is_causal,
-                 const nb::callable& alloc, bool uint16_is_bfloat16, std::uintptr_t stream) {
-  const Call call{"na" + std::to_string(rank) + "d_av", uint16_is_bfloat16, stream};
-  const std::vector<std::int64_t> ones(kernel_size.size(), 1);
-  const NaParams p = make_params(call, rank, kernel_size, ones, dilation, is_causal, std::nullopt);
-  const TensorView attn = call.input(attn_in, "attn"), v = call.input(v_in, "v");
-  libna::check_na_av(attn, v, p);
-  auto [out_obj, out] = call.allocate(alloc, attn.with_last_dim(v.shape[rank + 2]), attn.dtype, "out");
-  {
-    nb::gil_scoped_release release;
-    libna::na_av(attn, v, out, p, reinterpret_cast<void*>(stream));
+bool is_optional(const OpInputs& entry, const std::string& name) {
+  for (const char* o : entry.optional) {
+    if (name == o) return true;
   }
-  return out_obj;
+  return false;
 }
 
-nb::tuple na_backward(int rank, InObject q_in, InObject k_in, InObject v_in,
-                      InObject rpb_in, InObject out_in, InObject dout_in,
-                      InObject lse_in, const std::vector<std::int64_t>& kernel_size,
-                      const std::vector<std::int64_t>& stride,
-                      const std::vector<std::int64_t>& dilation,
-                      const std::vector<bool>& is_causal, std::optional<double> scale,
-                      const nb::callable& alloc, bool uint16_is_bfloat16, std::uintptr_t stream) {
-  const Call call{"na" + std::to_string(rank) + "d_backward", uint16_is_bfloat16, stream};
-  const NaParams p = make_params(call, rank, kernel_size, stride, dilation, is_causal, scale);
-  const TensorView q = call.input(q_in, "q"), k = call.input(k_in, "k"), v = call.input(v_in, "v");
-  const TensorView out = call.input(out_in, "out"), dout = call.input(dout_in, "dout"),
-                   lse = call.input(lse_in, "lse");
-  std::optional<TensorView> rpb;
-  if (!rpb_in.is_none()) rpb = call.input(rpb_in, "rpb");
-  libna::check_na_backward(q, k, v, rpb ? &*rpb : nullptr, out, dout, lse, p);
-  auto [dq_obj, dq] = call.allocate(alloc, q, q.dtype, "dq");
-  auto [dk_obj, dk] = call.allocate(alloc, k, q.dtype, "dk");
-  auto [dv_obj, dv] = call.allocate(alloc, v, q.dtype, "dv");
-  auto [drpb_obj, drpb] = call.allocate_if(rpb.has_value(), alloc, rpb ? *rpb : q, q.dtype, "drpb");
-  {
-    nb::gil_scoped_release release;
-    libna::na_backward(q, k, v, rpb ? &*rpb : nullptr, out, dout, lse, dq, dk, dv,
-                       drpb ? &*drpb : nullptr, p, reinterpret_cast<void*>(stream));
-  }
-  return nb::make_tuple(dq_obj, dk_obj, dv_obj, drpb_obj);
+std::string call_name(const OpInputs& entry, int rank) {
+  if (entry.suffix == nullptr) return entry.op;
+  return "na" + std::to_string(rank) + "d" + entry.suffix;
 }
 
-nb::tuple na_qk_backward(int rank, InObject dattn_in, InObject q_in,
-                         InObject k_in, InObject rpb_in,
-                         const std::vector<std::int64_t>& kernel_size,
-                         const std::vector<std::int64_t>& dilation,
-                         const std::vector<bool>& is_causal, const nb::callable& alloc,
-                         bool uint16_is_bfloat16, std::uintptr_t stream) {
-  const Call call{"na" + std::to_string(rank) + "d_qk_backward", uint16_is_bfloat16, stream};
-  const std::vector<std::int64_t> ones(kernel_size.size(), 1);
-  const NaParams p = make_params(call, rank, kernel_size, ones, dilation, is_causal, std::nullopt);
-  const TensorView dattn = call.input(dattn_in, "dattn"), q = call.input(q_in, "q"),
-                   k = call.input(k_in, "k");
-  std::optional<TensorView> rpb;  // only its shape matters: drpb takes it
-  if (!rpb_in.is_none()) rpb = call.input(rpb_in, "rpb");
-  libna::check_na_qk_backward(dattn, q, k, rpb ? &*rpb : nullptr, p);
-  auto [dq_obj, dq] = call.allocate(alloc, q, q.dtype, "dq");
-  auto [dk_obj, dk] = call.allocate(alloc, k, q.dtype, "dk");
-  auto [drpb_obj, drpb] = call.allocate_if(rpb.has_value(), alloc, rpb ? *rpb : q, q.dtype, "drpb");
-  {
-    nb::gil_scoped_release release;
-    libna::na_qk_backward(dattn, q, k, dq, dk, drpb ? &*drpb : nullptr, p,
-                          reinterpret_cast<void*>(stream));
+std::vector<std::optional<TensorView>> read_inputs(
+    const Call& call, const OpInputs& entry, const std::vector<InObject>& objects,
+    const std::function<TensorView(InObject, const std::string&)>& read) {
+  const bool merge = entry.suffix == nullptr;
+  if (merge ? objects.size() < entry.names.size() + 2 ||
+                  (objects.size() - entry.names.size()) % 2 != 0
+            : objects.size() != entry.names.size()) {
+    call.fail("got " + std::to_string(objects.size()) + " inputs; expected " +
+              (merge ? "outs, lses" : std::string()) + std::to_string(entry.names.size()));
   }
-  return nb::make_tuple(dq_obj, dk_obj, drpb_obj);
+  const std::vector<std::string> names = input_names(entry, objects.size());
+  std::vector<std::optional<TensorView>> views(objects.size());
+  for (std::size_t i = 0; i < objects.size(); ++i) {
+    if (objects[i].is_none()) {
+      if (!is_optional(entry, names[i])) call.fail(names[i] + " must be an array, got None");
+      continue;
+    }
+    views[i] = read(objects[i], names[i]);
+  }
+  return views;
 }
 
-nb::tuple na_av_backward(int rank, InObject dout_in, InObject attn_in,
-                         InObject v_in, const std::vector<std::int64_t>& kernel_size,
-                         const std::vector<std::int64_t>& dilation,
-                         const std::vector<bool>& is_causal, const nb::callable& alloc,
-                         bool uint16_is_bfloat16, std::uintptr_t stream) {
-  const Call call{"na" + std::to_string(rank) + "d_av_backward", uint16_is_bfloat16, stream};
-  const std::vector<std::int64_t> ones(kernel_size.size(), 1);
-  const NaParams p = make_params(call, rank, kernel_size, ones, dilation, is_causal, std::nullopt);
-  const TensorView dout = call.input(dout_in, "dout"), attn = call.input(attn_in, "attn"),
-                   v = call.input(v_in, "v");
-  libna::check_na_av_backward(dout, attn, v, p);
-  auto [dattn_obj, dattn] = call.allocate(alloc, attn, attn.dtype, "dattn");
-  auto [dv_obj, dv] = call.allocate(alloc, v, attn.dtype, "dv");
+// Runs `op` on DLPack arrays: plan (validates), allocate the wanted outputs
+// through `alloc` (shape, dtype name) -> array, run without the GIL. Returns
+// the outputs in plan order, None for an unwanted one.
+nb::tuple call_op(const std::string& op, const std::vector<InObject>& inputs, const Params& params,
+                  bool want_lse, const nb::callable& alloc, bool uint16_is_bfloat16,
+                  std::uintptr_t stream) {
+  const OpInputs& entry = op_inputs(op);
+  const Call call{call_name(entry, params.rank), uint16_is_bfloat16, stream};
+  const auto views = read_inputs(call, entry, inputs, [&](InObject o, const std::string& name) {
+    return call.input(o, name);
+  });
+  const libna::Plan plan = make_plan(call, op, views, params, want_lse);
+  std::vector<TensorView> outputs(plan.outputs().size());
+  nb::list result;
+  for (std::size_t i = 0; i < outputs.size(); ++i) {
+    const libna::Plan::Output& o = plan.outputs()[i];
+    if (!o.wanted) {
+      result.append(nb::none());
+      continue;
+    }
+    auto [array, view] = call.allocate(alloc, o.spec, o.spec.dtype, o.name.c_str());
+    result.append(array);
+    outputs[i] = view;
+  }
   {
     nb::gil_scoped_release release;
-    libna::na_av_backward(dout, attn, v, dattn, dv, p, reinterpret_cast<void*>(stream));
+    plan.run(outputs, reinterpret_cast<void*>(stream));
   }
-  return nb::make_tuple(dattn_obj, dv_obj);
+  return nb::tuple(result);
 }
 
-nb::tuple na_additional_forward(int rank, InObject q_in, InObject keys_in,
-                                InObject values_in, std::optional<double> scale,
-                                bool return_lse, const nb::callable& alloc,
-                                bool uint16_is_bfloat16, std::uintptr_t stream) {
-  const Call call{"na" + std::to_string(rank) + "d", uint16_is_bfloat16, stream};
-  const NaParams p = rank_and_scale(rank, scale);
-  const TensorView q = call.input(q_in, "q"), keys = call.input(keys_in, "additional_keys"),
-                   values = call.input(values_in, "additional_values");
-  libna::check_na_additional_forward(q, keys, values, p);
-  auto [out_obj, out] = call.allocate(alloc, q.with_last_dim(values.shape[3]), q.dtype, "out");
-  auto [lse_obj, lse] =
-      call.allocate_if(return_lse, alloc, q.with_last_dim(-1), libna::lse_dtype(q.dtype), "lse");
-  {
-    nb::gil_scoped_release release;
-    libna::na_additional_forward(q, keys, values, out, lse ? &*lse : nullptr, p,
-                                 reinterpret_cast<void*>(stream));
+// A data-less view from (shape, dtype name, device type name, device index):
+// what the torch fake kernels and JAX's abstract evaluation know of an array.
+TensorView spec_view(const Call& call, InObject object, const std::string& name) {
+  auto [shape, dtype, device, index] =
+      nb::cast<std::tuple<std::vector<std::int64_t>, std::string, std::string, int>>(object);
+  TensorView t;
+  bool known = false;
+  for (DType d : libna::kDTypes) {
+    if (dtype == libna::dtype_name(d)) {
+      t.dtype = d;
+      known = true;
+    }
   }
-  return nb::make_tuple(out_obj, lse_obj);
+  if (!known) {
+    throw libna::dtype_error("[" + call.op + "] " + name + " has dtype " + dtype + "; expected " +
+                             libna::dtype_names());
+  }
+  if (shape.size() > static_cast<std::size_t>(libna::kMaxDims)) {
+    call.fail(name + " has " + std::to_string(shape.size()) + " dimensions; at most " +
+              std::to_string(libna::kMaxDims) + " are supported");
+  }
+  t.ndim = static_cast<int>(shape.size());
+  std::int64_t stride = 1;
+  for (int i = t.ndim - 1; i >= 0; --i) {
+    t.shape[i] = shape[i];
+    t.strides[i] = stride;
+    stride *= std::max<std::int64_t>(shape[i], 1);
+  }
+  if (device == "cpu") {
+    t.device = {libna::DeviceType::cpu, 0};
+  } else if (device == "cuda") {
+    t.device = {libna::DeviceType::cuda, index};
+  } else {
+    call.fail(name + " is on device '" + device + "'; libna supports CPU and CUDA arrays");
+  }
+  return t;
 }
 
-nb::tuple na_additional_backward(int rank, InObject q_in, InObject keys_in,
-                                 InObject values_in, InObject out_in,
-                                 InObject dout_in, InObject lse_in,
-                                 std::optional<double> scale, const nb::callable& alloc,
-                                 bool uint16_is_bfloat16, std::uintptr_t stream) {
-  const Call call{"na" + std::to_string(rank) + "d_backward", uint16_is_bfloat16, stream};
-  const NaParams p = rank_and_scale(rank, scale);
-  const TensorView q = call.input(q_in, "q"), keys = call.input(keys_in, "additional_keys"),
-                   values = call.input(values_in, "additional_values");
-  const TensorView out = call.input(out_in, "out"), dout = call.input(dout_in, "dout"),
-                   lse = call.input(lse_in, "lse");
-  libna::check_na_additional_backward(q, keys, values, out, dout, lse, p);
-  auto [dq_obj, dq] = call.allocate(alloc, q, q.dtype, "dq");
-  auto [dk_obj, dk] = call.allocate(alloc, keys, q.dtype, "d(additional_keys)");
-  auto [dv_obj, dv] = call.allocate(alloc, values, q.dtype, "d(additional_values)");
-  {
-    nb::gil_scoped_release release;
-    libna::na_additional_backward(q, keys, values, out, dout, lse, dq, dk, dv, p,
-                                  reinterpret_cast<void*>(stream));
-  }
-  return nb::make_tuple(dq_obj, dk_obj, dv_obj);
-}
-
-std::vector<TensorView> views(const Call& call, const std::vector<InObject>& arrays,
-                              const char* name) {
-  std::vector<TensorView> result;
-  for (std::size_t i = 0; i < arrays.size(); ++i) {
-    const std::string label = std::string(name) + "[" + std::to_string(i) + "]";
-    result.push_back(call.input(arrays[i], label));
+// Plans `op` on input specs (see spec_view; None for an absent optional
+// input) and returns, for each output, (shape, dtype name, like, last,
+// last_value) (see libna::Plan::Output), None when unwanted: the one
+// output-shape rule, for every front end.
+nb::list plan_op(const std::string& op, const std::vector<InObject>& inputs, const Params& params,
+                 bool want_lse) {
+  const OpInputs& entry = op_inputs(op);
+  const Call call{call_name(entry, params.rank), false, 0};
+  const auto views = read_inputs(call, entry, inputs, [&](InObject o, const std::string& name) {
+    return spec_view(call, o, name);
+  });
+  const libna::Plan plan = make_plan(call, op, views, params, want_lse);
+  nb::list result;
+  for (const libna::Plan::Output& o : plan.outputs()) {
+    if (!o.wanted) {
+      result.append(nb::none());
+      continue;
+    }
+    nb::list shape;
+    for (int i = 0; i < o.spec.ndim; ++i) shape.append(o.spec.shape[i]);
+    static const char* const kLast[] = {"same", "drop", "input", "constant"};
+    result.append(nb::make_tuple(nb::tuple(shape), libna::dtype_name(o.spec.dtype), o.like,
+                                 kLast[static_cast<int>(o.last)], o.last_value));
   }
   return result;
-}
-
-nb::tuple merge_attentions(const std::vector<InObject>& outs_in,
-                           const std::vector<InObject>& lses_in, const nb::callable& alloc,
-                           bool uint16_is_bfloat16, std::uintptr_t stream) {
-  const Call call{"merge_attentions", uint16_is_bfloat16, stream};
-  const auto outs = views(call, outs_in, "outs"), lses = views(call, lses_in, "lses");
-  libna::check_merge_attentions(outs, lses);
-  auto [out_obj, out] = call.allocate(alloc, outs[0], outs[0].dtype, "out");
-  auto [lse_obj, lse] =
-      call.allocate(alloc, outs[0].with_last_dim(-1), libna::lse_dtype(outs[0].dtype), "lse");
-  {
-    nb::gil_scoped_release release;
-    libna::merge_attentions(outs, lses, out, lse, reinterpret_cast<void*>(stream));
-  }
-  return nb::make_tuple(out_obj, lse_obj);
-}
-
-nb::tuple merge_attentions_backward(const std::vector<InObject>& outs_in,
-                                    const std::vector<InObject>& lses_in, InObject out_in,
-                                    InObject lse_in, InObject dout_in,
-                                    InObject dlse_in, const nb::callable& alloc,
-                                    bool uint16_is_bfloat16, std::uintptr_t stream) {
-  const Call call{"merge_attentions_backward", uint16_is_bfloat16, stream};
-  const auto outs = views(call, outs_in, "outs"), lses = views(call, lses_in, "lses");
-  const TensorView out = call.input(out_in, "out"), lse = call.input(lse_in, "lse"),
-                   dout = call.input(dout_in, "dout");
-  std::optional<TensorView> dlse;
-  if (!dlse_in.is_none()) dlse = call.input(dlse_in, "dlse");
-  libna::check_merge_attentions_backward(outs, lses, out, lse, dout, dlse ? &*dlse : nullptr);
-  nb::list douts_obj, dlses_obj;
-  std::vector<TensorView> douts, dlses;
-  for (std::size_t i = 0; i < outs.size(); ++i) {
-    auto [dout_obj, dout_i] = call.allocate(alloc, outs[i], outs[i].dtype, "douts");
-    auto [dlse_obj, dlse_i] = call.allocate(alloc, lses[i], lses[i].dtype, "dlses");
-    douts_obj.append(dout_obj);
-    dlses_obj.append(dlse_obj);
-    douts.push_back(dout_i);
-    dlses.push_back(dlse_i);
-  }
-  {
-    nb::gil_scoped_release release;
-    libna::merge_attentions_backward(outs, lses, out, lse, dout, dlse ? &*dlse : nullptr, douts,
-                                     dlses, reinterpret_cast<void*>(stream));
-  }
-  return nb::make_tuple(douts_obj, dlses_obj);
 }
 
 nb::dict build_info() {
@@ -413,41 +396,46 @@ NB_MODULE(_C, m) {
 
   register_dtype_error_as_type_error();
 
-  m.def("na_forward", &na_forward, nb::arg("rank"), nb::arg("q"), nb::arg("k"), nb::arg("v"),
-        nb::arg("rpb").none(), nb::arg("kernel_size"), nb::arg("stride"), nb::arg("dilation"),
-        nb::arg("is_causal"), nb::arg("scale").none(), nb::arg("return_lse"), nb::arg("alloc"),
-        nb::arg("uint16_is_bfloat16") = false, nb::arg("stream") = 0);
-  m.def("na_qk", &na_qk, nb::arg("rank"), nb::arg("q"), nb::arg("k"), nb::arg("rpb").none(),
-        nb::arg("kernel_size"), nb::arg("dilation"), nb::arg("is_causal"), nb::arg("alloc"),
-        nb::arg("uint16_is_bfloat16") = false, nb::arg("stream") = 0);
-  m.def("na_av", &na_av, nb::arg("rank"), nb::arg("attn"), nb::arg("v"), nb::arg("kernel_size"),
-        nb::arg("dilation"), nb::arg("is_causal"), nb::arg("alloc"),
-        nb::arg("uint16_is_bfloat16") = false, nb::arg("stream") = 0);
-  m.def("na_backward", &na_backward, nb::arg("rank"), nb::arg("q"), nb::arg("k"), nb::arg("v"),
-        nb::arg("rpb").none(), nb::arg("out"), nb::arg("dout"), nb::arg("lse"),
-        nb::arg("kernel_size"), nb::arg("stride"), nb::arg("dilation"), nb::arg("is_causal"),
-        nb::arg("scale").none(), nb::arg("alloc"), nb::arg("uint16_is_bfloat16") = false,
-        nb::arg("stream") = 0);
-  m.def("na_qk_backward", &na_qk_backward, nb::arg("rank"), nb::arg("dattn"), nb::arg("q"),
-        nb::arg("k"), nb::arg("rpb").none(), nb::arg("kernel_size"), nb::arg("dilation"),
-        nb::arg("is_causal"), nb::arg("alloc"), nb::arg("uint16_is_bfloat16") = false,
-        nb::arg("stream") = 0);
-  m.def("na_av_backward", &na_av_backward, nb::arg("rank"), nb::arg("dout"), nb::arg("attn"),
-        nb::arg("v"), nb::arg("kernel_size"), nb::arg("dilation"), nb::arg("is_causal"),
-        nb::arg("alloc"), nb::arg("uint16_is_bfloat16") = false, nb::arg("stream") = 0);
-  m.def("na_additional_forward", &na_additional_forward, nb::arg("rank"), nb::arg("q"),
-        nb::arg("additional_keys"), nb::arg("additional_values"), nb::arg("scale").none(),
-        nb::arg("return_lse"), nb::arg("alloc"), nb::arg("uint16_is_bfloat16") = false,
-        nb::arg("stream") = 0);
-  m.def("na_additional_backward", &na_additional_backward, nb::arg("rank"), nb::arg("q"),
-        nb::arg("additional_keys"), nb::arg("additional_values"), nb::arg("out"),
-        nb::arg("dout"), nb::arg("lse"), nb::arg("scale").none(), nb::arg("alloc"),
-        nb::arg("uint16_is_bfloat16") = false, nb::arg("stream") = 0);
-  m.def("merge_attentions", &merge_attentions, nb::arg("outs"), nb::arg("lses"),
-        nb::arg("alloc"), nb::arg("uint16_is_bfloat16") = false, nb::arg("stream") = 0);
-  m.def("merge_attentions_backward", &merge_attentions_backward, nb::arg("outs"),
-        nb::arg("lses"), nb::arg("out"), nb::arg("lse"), nb::arg("dout"), nb::arg("dlse").none(),
-        nb::arg("alloc"), nb::arg("uint16_is_bfloat16") = false, nb::arg("stream") = 0);
+  m.def(
+      "call",
+      [](const std::string& op, const std::vector<InObject>& inputs, int rank,
+         std::vector<std::int64_t> kernel_size, std::vector<std::int64_t> stride,
+         std::vector<std::int64_t> dilation, std::vector<bool> is_causal,
+         std::optional<double> scale, bool want_lse, const nb::callable& alloc,
+         bool uint16_is_bfloat16, std::uintptr_t stream) {
+        return call_op(op, inputs,
+                       Params{rank, std::move(kernel_size), std::move(stride), std::move(dilation),
+                              std::move(is_causal), scale},
+                       want_lse, alloc, uint16_is_bfloat16, stream);
+      },
+      nb::arg("op"), nb::arg("inputs"), nb::arg("rank") = 0,
+      nb::arg("kernel_size") = std::vector<std::int64_t>(),
+      nb::arg("stride") = std::vector<std::int64_t>(),
+      nb::arg("dilation") = std::vector<std::int64_t>(),
+      nb::arg("is_causal") = std::vector<bool>(), nb::arg("scale").none() = nb::none(),
+      nb::arg("want_lse") = false, nb::arg("alloc"), nb::arg("uint16_is_bfloat16") = false,
+      nb::arg("stream") = 0,
+      "Runs op on DLPack arrays (validated once, outputs allocated by alloc(shape, dtype)); "
+      "returns its outputs, None for an unwanted one.");
+  m.def(
+      "plan",
+      [](const std::string& op, const std::vector<InObject>& inputs, int rank,
+         std::vector<std::int64_t> kernel_size, std::vector<std::int64_t> stride,
+         std::vector<std::int64_t> dilation, std::vector<bool> is_causal,
+         std::optional<double> scale, bool want_lse) {
+        return plan_op(op, inputs,
+                       Params{rank, std::move(kernel_size), std::move(stride), std::move(dilation),
+                              std::move(is_causal), scale},
+                       want_lse);
+      },
+      nb::arg("op"), nb::arg("inputs"), nb::arg("rank") = 0,
+      nb::arg("kernel_size") = std::vector<std::int64_t>(),
+      nb::arg("stride") = std::vector<std::int64_t>(),
+      nb::arg("dilation") = std::vector<std::int64_t>(),
+      nb::arg("is_causal") = std::vector<bool>(), nb::arg("scale").none() = nb::none(),
+      nb::arg("want_lse") = false,
+      "Validates op on input specs (shape, dtype name, device type, device index) and returns "
+      "each output's (shape, dtype name, like, last, last_value), None for an unwanted one.");
   m.def("build_info", &build_info);
   m.def("set_num_threads", &libna::set_num_threads, nb::arg("num_threads"));
   m.def("get_num_threads", &libna::get_num_threads);

@@ -340,59 +340,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(libna_merge_attentions_backward, merge_attentions_
 
 namespace {
 
-// Shape-only validation at trace time, so that bad input raises ValueError /
-// TypeError from the jitted call itself. `arrays` maps a name to
-// (shape, dtype name) or None; nothing is read from memory.
-TensorView shape_view(const nb::handle& spec, const char* name) {
-  const auto shape = nb::cast<std::vector<std::int64_t>>(spec[0]);
-  const auto dtype = nb::cast<std::string>(spec[1]);
-  TensorView t;
-  const auto* found = std::find_if(std::begin(libna::kDTypes), std::end(libna::kDTypes),
-                                   [&](DType d) { return dtype == libna::dtype_name(d); });
-  if (found == std::end(libna::kDTypes)) {
-    throw libna::dtype_error(std::string("[libna.jax] ") + name + " has dtype " + dtype +
-                             "; expected " + libna::dtype_names());
-  }
-  t.dtype = *found;
-  if (shape.size() > static_cast<std::size_t>(libna::kMaxDims)) {
-    throw std::invalid_argument(std::string("[libna.jax] ") + name + " has " +
-                                std::to_string(shape.size()) + " dimensions; at most " +
-                                std::to_string(libna::kMaxDims));
-  }
-  t.ndim = static_cast<int>(shape.size());
-  std::int64_t stride = 1;
-  for (int d = t.ndim - 1; d >= 0; --d) {
-    t.shape[d] = shape[d];
-    t.strides[d] = stride;
-    stride *= shape[d];
-  }
-  return t;
-}
-
-void check_na(const nb::dict& arrays, const std::vector<std::int64_t>& kernel_size,
-              const std::vector<std::int64_t>& stride, const std::vector<std::int64_t>& dilation,
-              const std::vector<std::int64_t>& is_causal, double scale) {
-  const NaParams p = make_params(Int64s(kernel_size), Int64s(stride), Int64s(dilation),
-                                 Int64s(is_causal), scale);
-  auto get = [&](const char* name) -> std::optional<TensorView> {
-    nb::object spec = arrays[name];
-    if (spec.is_none()) return std::nullopt;
-    return shape_view(spec, name);
-  };
-  const TensorView q = *get("q");
-  const auto rpb = get("rpb");
-  libna::check_na_forward(q, *get("k"), *get("v"), rpb ? &*rpb : nullptr, p);
-  const auto keys = get("additional_keys");
-  if (keys) libna::check_na_additional_forward(q, *keys, *get("additional_values"), p);
-}
-
-void check_merge(const nb::list& outs, const nb::list& lses) {
-  std::vector<TensorView> out_views, lse_views;
-  for (std::size_t i = 0; i < outs.size(); ++i) out_views.push_back(shape_view(outs[i], "outs"));
-  for (std::size_t i = 0; i < lses.size(); ++i) lse_views.push_back(shape_view(lses[i], "lses"));
-  libna::check_merge_attentions(out_views, lse_views);
-}
-
 template <typename Fn>
 nb::capsule handler_capsule(Fn* fn) {
   return nb::capsule(reinterpret_cast<void*>(fn));
@@ -413,7 +360,4 @@ NB_MODULE(_jax_ffi, m) {
     d["libna_merge_attentions_backward"] = handler_capsule(libna_merge_attentions_backward);
     return d;
   });
-  m.def("check_na", &check_na, nb::arg("arrays"), nb::arg("kernel_size"), nb::arg("stride"),
-        nb::arg("dilation"), nb::arg("is_causal"), nb::arg("scale"));
-  m.def("check_merge", &check_merge, nb::arg("outs"), nb::arg("lses"));
 }

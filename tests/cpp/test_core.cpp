@@ -192,6 +192,50 @@ void test_dtypes() {
   CHECK(names.size() == libna::build_info().dtypes.size());
 }
 
+// plan_na_forward validates on data-less views and names its outputs; run
+// checks only the outputs it is given, and runs what was planned.
+void test_plan() {
+  NaParams p;
+  p.rank = 1;
+  p.kernel_size = {3, 0, 0};
+  const TensorView q = TensorView::contiguous(nullptr, DType::float32, {2, 7, 4, 8});
+  const TensorView kv = TensorView::contiguous(nullptr, DType::float32, {2, 7, 2, 8});
+  const TensorView v = TensorView::contiguous(nullptr, DType::float32, {2, 7, 2, 5});
+  const libna::Plan plan = libna::plan_na_forward(q, kv, v, nullptr, p, /*with_lse=*/true);
+  CHECK(plan.op() == "na1d" && plan.outputs().size() == 2);
+  const libna::Plan::Output& out = plan.outputs()[0];
+  CHECK(out.name == "out" && out.wanted && out.spec.ndim == 4 && out.spec.shape[3] == 5);
+  CHECK(out.like == 0 && out.last == libna::Plan::Output::Last::input && out.last_value == 2);
+  const libna::Plan::Output& lse = plan.outputs()[1];
+  CHECK(lse.name == "lse" && lse.wanted && lse.spec.ndim == 3 && lse.spec.dtype == DType::float32);
+  CHECK(!libna::plan_na_forward(q, kv, v, nullptr, p, false).outputs()[1].wanted);
+  bool threw = false;
+  try {  // the inputs have no data: planning is fine, running is not
+    std::vector<float> o(2 * 7 * 4 * 5), l(2 * 7 * 4);
+    plan.run({TensorView::contiguous(o.data(), DType::float32, {2, 7, 4, 5}),
+              TensorView::contiguous(l.data(), DType::float32, {2, 7, 4})});
+  } catch (const std::invalid_argument& e) {
+    threw = std::string(e.what()).find("[na1d] input 0 has no data") != std::string::npos;
+  }
+  CHECK(threw);
+  std::vector<float> qd(2 * 7 * 4 * 8, 0.5f), kd(2 * 7 * 2 * 8, 0.25f), vd(2 * 7 * 2 * 5, 2.0f);
+  const libna::Plan real = libna::plan_na_forward(
+      TensorView::contiguous(qd.data(), DType::float32, {2, 7, 4, 8}),
+      TensorView::contiguous(kd.data(), DType::float32, {2, 7, 2, 8}),
+      TensorView::contiguous(vd.data(), DType::float32, {2, 7, 2, 5}), nullptr, p, false);
+  std::vector<float> o(2 * 7 * 4 * 5, -1.0f);
+  threw = false;
+  try {  // an output of the wrong shape
+    real.run({TensorView::contiguous(o.data(), DType::float32, {2, 7, 4, 4}), TensorView{}});
+  } catch (const std::invalid_argument& e) {
+    threw = std::string(e.what()).find("output out must have shape (2, 7, 4, 5)") !=
+            std::string::npos;
+  }
+  CHECK(threw);
+  real.run({TensorView::contiguous(o.data(), DType::float32, {2, 7, 4, 5}), TensorView{}});
+  CHECK(std::all_of(o.begin(), o.end(), [](float x) { return std::abs(x - 2.0f) < 1e-6f; }));
+}
+
 void test_converters() {
   CHECK(float_to_half(1.0f) == 0x3c00);
   CHECK(float_to_half(-2.0f) == 0xc000);
@@ -870,6 +914,7 @@ int main() {
       {"threads", test_threads},           {"composition", test_composition},
       {"cpu_kernels", test_cpu_kernels},   {"vectorised_vs_scalar", test_vectorised_against_scalar},
       {"concurrent_callers", test_concurrent_callers}, {"dtypes", test_dtypes},
+      {"plan", test_plan},
   };
   for (const auto& [name, fn] : tests) {
     const int failed_before = g_failed;

@@ -9,6 +9,7 @@
 
 #include <array>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -176,6 +177,102 @@ LIBNA_API void check_merge_attentions_backward(const std::vector<TensorView>& ou
                                                const std::vector<TensorView>& lses,
                                                const TensorView& out, const TensorView& lse,
                                                const TensorView& dout, const TensorView* dlse);
+
+// ---- planned calls -------------------------------------------------------------
+// Every op above is plan_<op> + Plan::run. plan_<op> validates a call once
+// (the same errors as the op) and says what it will write: the name, shape,
+// dtype and device of each output. The inputs' data pointers are not read,
+// so front ends plan with data-less views to learn output shapes (the torch
+// fake kernels, JAX's abstract evaluation) and plan, allocate and run to
+// compute (the Python bindings). run(outputs) checks only that the outputs
+// match the plan and that every tensor has data, then runs the backend: the
+// inputs are not validated again. A plan holds views, not data: the inputs
+// must outlive run.
+class LIBNA_API Plan {
+ public:
+  struct Output {
+    std::string name;  // "out", "lse", "dq", ... ("douts[0]" for merge_attentions_backward)
+    TensorView spec;   // shape, dtype, device; no data
+    bool wanted = true;  // false for an optional output the call does not produce
+    // The shape rule: input `like`'s shape with its last dimension kept
+    // (same), dropped (drop), taken from input `last_value`'s last dimension
+    // (input), or set to `last_value` (constant). Front ends with symbolic
+    // shapes (torch.compile) build outputs from it.
+    enum class Last { same, drop, input, constant };
+    int like = 0;
+    Last last = Last::same;
+    std::int64_t last_value = 0;
+  };
+  using Runner = void (*)(const Plan& plan, const std::vector<TensorView>& outputs,
+                          void* stream);
+
+  // inputs: in the op's documented order, nullopt for an absent optional one.
+  Plan(std::string op, std::vector<std::optional<TensorView>> inputs,
+       std::vector<Output> outputs, Runner runner, std::shared_ptr<const void> state);
+
+  const std::string& op() const { return op_; }
+  const std::vector<std::optional<TensorView>>& inputs() const { return inputs_; }
+  const std::vector<Output>& outputs() const { return outputs_; }
+  // outputs: one view per entry of outputs(), in order (unwanted ones are
+  // ignored and may be default views).
+  void run(const std::vector<TensorView>& outputs, void* stream = nullptr) const;
+
+  // For the runners: op-specific state made by the planner.
+  template <typename T>
+  const T& state() const { return *static_cast<const T*>(state_.get()); }
+
+ private:
+  std::string op_;
+  std::vector<std::optional<TensorView>> inputs_;
+  std::vector<Output> outputs_;
+  Runner runner_;
+  std::shared_ptr<const void> state_;
+};
+
+// Inputs in order: q, k, v, rpb (optional).
+// Outputs: out, lse (wanted when with_lse).
+LIBNA_API Plan plan_na_forward(const TensorView& q, const TensorView& k, const TensorView& v,
+                               const TensorView* rpb, const NaParams& params, bool with_lse);
+// Inputs: q, k, rpb (optional). Outputs: attn.
+LIBNA_API Plan plan_na_qk(const TensorView& q, const TensorView& k, const TensorView* rpb,
+                          const NaParams& params);
+// Inputs: attn, v. Outputs: out.
+LIBNA_API Plan plan_na_av(const TensorView& attn, const TensorView& v, const NaParams& params);
+// Inputs: q, k, v, rpb (optional), out, dout, lse.
+// Outputs: dq, dk, dv, drpb (wanted when rpb is given).
+LIBNA_API Plan plan_na_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                                const TensorView* rpb, const TensorView& out,
+                                const TensorView& dout, const TensorView& lse,
+                                const NaParams& params);
+// Inputs: dattn, q, k, rpb (optional).
+// Outputs: dq, dk, drpb (wanted when rpb, whose shape drpb takes, is given).
+LIBNA_API Plan plan_na_qk_backward(const TensorView& dattn, const TensorView& q,
+                                   const TensorView& k, const TensorView* rpb,
+                                   const NaParams& params);
+// Inputs: dout, attn, v. Outputs: dattn, dv.
+LIBNA_API Plan plan_na_av_backward(const TensorView& dout, const TensorView& attn,
+                                   const TensorView& v, const NaParams& params);
+// Inputs: q, additional_keys, additional_values.
+// Outputs: out, lse (wanted when with_lse).
+LIBNA_API Plan plan_na_additional_forward(const TensorView& q, const TensorView& additional_keys,
+                                          const TensorView& additional_values,
+                                          const NaParams& params, bool with_lse);
+// Inputs: q, additional_keys, additional_values, out, dout, lse.
+// Outputs: dq, d(additional_keys), d(additional_values).
+LIBNA_API Plan plan_na_additional_backward(const TensorView& q,
+                                           const TensorView& additional_keys,
+                                           const TensorView& additional_values,
+                                           const TensorView& out, const TensorView& dout,
+                                           const TensorView& lse, const NaParams& params);
+// Inputs: outs..., lses.... Outputs: out, lse.
+LIBNA_API Plan plan_merge_attentions(const std::vector<TensorView>& outs,
+                                     const std::vector<TensorView>& lses);
+// Inputs: outs..., lses..., out, lse, dout, dlse (optional).
+// Outputs: douts[0..n), then dlses[0..n).
+LIBNA_API Plan plan_merge_attentions_backward(const std::vector<TensorView>& outs,
+                                              const std::vector<TensorView>& lses,
+                                              const TensorView& out, const TensorView& lse,
+                                              const TensorView& dout, const TensorView* dlse);
 
 // ---- CPU thread pool --------------------------------------------------------
 // Threads used by the CPU backend (1 to kMaxNumThreads); the default comes

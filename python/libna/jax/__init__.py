@@ -79,10 +79,6 @@ def _like(shape, dtype):
     return jax.ShapeDtypeStruct(tuple(shape), dtype)
 
 
-def _lse_dtype(dtype):
-    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
-
-
 # params: (kernel_size, stride, dilation, is_causal, scale), all hashable.
 def _na_attrs(params):
     kernel_size, stride, dilation, is_causal, scale = params
@@ -92,20 +88,18 @@ def _na_attrs(params):
 
 
 def _merge_call(outs, lses):
-    return _call("libna_merge_attentions", (_like(outs[0].shape, outs[0].dtype),
-                                            _like(lses[0].shape, lses[0].dtype)),
+    return _call("libna_merge_attentions", _plan("merge_attentions", [*outs, *lses]),
                  *outs, *lses, parts=np.int64(len(outs)))
 
 
 def _forward(params, q, k, v, rpb, xk, xv):
     """(out, lse) of NA plus, when given, the additional keys, merged."""
-    lse_like = _like(q.shape[:-1], _lse_dtype(q.dtype))
     rpb_args = () if rpb is None else (rpb,)
-    out, lse = _call("libna_na_forward", (_like(q.shape[:-1] + v.shape[-1:], q.dtype), lse_like),
+    out, lse = _call("libna_na_forward", _plan("na", [q, k, v, rpb], params, want_lse=True),
                      q, k, v, *rpb_args, **_na_attrs(params))
     if xk is not None:
         extra = _call("libna_na_additional_forward",
-                      (_like(q.shape[:-1] + xv.shape[-1:], q.dtype), lse_like), q, xk, xv,
+                      _plan("na_additional", [q, xk, xv], params, want_lse=True), q, xk, xv,
                       rank=np.int64(len(params[0])), scale=np.float64(params[4]))
         out, lse = _merge_call([out, extra[0]], [lse, extra[1]])
     return out, lse
@@ -126,17 +120,17 @@ def _backward(params, residuals, dout, dlse):
         out = _append_column(out, jnp.zeros(out.shape[:-1], out.dtype))
         dout = _append_column(dout, dlse)
     rpb_args = () if rpb is None else (rpb,)
-    results = [_like(t.shape, t.dtype) for t in (q, k, v, *rpb_args)]
-    grads = _call("libna_na_backward", tuple(results), q, k, v, out, dout, lse, *rpb_args,
-                  **_na_attrs(params))
+    results = _plan("na_backward", [q, k, v, rpb, out, dout, lse], params)
+    grads = _call("libna_na_backward", tuple(r for r in results if r is not None), q, k, v,
+                  out, dout, lse, *rpb_args, **_na_attrs(params))
     dq, dk, dv = grads[:3]
     drpb = grads[3] if rpb is not None else None
     dxk = dxv = None
     if xk is not None:
         dq_extra, dxk, dxv = _call(
             "libna_na_additional_backward",
-            tuple(_like(t.shape, t.dtype) for t in (q, xk, xv)), q, xk, xv, out, dout, lse,
-            rank=np.int64(len(params[0])), scale=np.float64(params[4]))
+            _plan("na_additional_backward", [q, xk, xv, out, dout, lse], params), q, xk, xv,
+            out, dout, lse, rank=np.int64(len(params[0])), scale=np.float64(params[4]))
         dq = dq + dq_extra
     if dlse is not None:
         dv = dv[..., :-1]
@@ -191,7 +185,22 @@ def _as_jax(op, name, x):
 
 
 def _spec(x):
-    return None if x is None else (tuple(int(d) for d in x.shape), jnp.dtype(x.dtype).name)
+    """What libna's core plans on: (shape, dtype name, device type, index);
+    the handlers run on the CPU."""
+    return None if x is None else (tuple(int(d) for d in x.shape), jnp.dtype(x.dtype).name,
+                                   "cpu", 0)
+
+
+def _plan(op, arrays, params=None, want_lse=False):
+    """The outputs of libna's op `op` on `arrays` as ShapeDtypeStructs (None
+    for an unwanted one): the core validates the call, once, at trace time
+    (ValueError / TypeError from the jitted call itself) and gives the
+    output shapes, the same rule every front end uses."""
+    kernel_size, stride, dilation, is_causal, scale = params or ((), (), (), (), None)
+    planned = _ops._C.plan(op, [_spec(x) for x in arrays], len(kernel_size), list(kernel_size),
+                           list(stride), list(dilation), [bool(c) for c in is_causal], scale,
+                           want_lse)
+    return tuple(None if p is None else _like(p[0], jnp.dtype(p[1])) for p in planned)
 
 
 def na(rank, q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False, scale=None,
@@ -211,12 +220,13 @@ def na(rank, q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False, sca
         if named[name] is None:
             raise TypeError(f"[{op}] {name} must be an array, got None")
     named = {name: _as_jax(op, name, x) for name, x in named.items()}
-    # Shape-only validation by the C++ checks, so that bad input raises
-    # ValueError / TypeError at trace time.
-    _jax_ffi.check_na({name: _spec(x) for name, x in named.items()}, list(kernel_size),
-                      list(stride), list(dilation), [int(c) for c in is_causal],
-                      0.0 if scale is None else scale)
     q = named["q"]
+    # Validated here (at trace time) by planning, before any custom_vjp.
+    checked = (kernel_size, stride, dilation, is_causal, scale)
+    _plan("na", [q, named["k"], named["v"], named["rpb"]], checked)
+    if named["additional_keys"] is not None:
+        _plan("na_additional", [q, named["additional_keys"], named["additional_values"]],
+              checked)
     if scale is None:
         scale = float(q.shape[-1]) ** -0.5
     params = (kernel_size, stride, dilation, tuple(int(c) for c in is_causal), float(scale))
@@ -241,7 +251,7 @@ def _merge_bwd(residuals, cotangents):
     outs, lses, out, lse = residuals
     dout, dlse = cotangents
     parts = len(outs)
-    results = tuple(_like(x.shape, x.dtype) for x in (*outs, *lses))
+    results = _plan("merge_attentions_backward", [*outs, *lses, out, lse, dout, dlse])
     grads = _call("libna_merge_attentions_backward", results, *outs, *lses, out, lse, dout,
                   dlse, parts=np.int64(parts))
     return list(grads[:parts]), list(grads[parts:])
@@ -260,7 +270,8 @@ def merge_attentions(outs, lses):
         raise TypeError(f"[{op}] outs and lses must be lists or tuples of arrays")
     outs = [_as_jax(op, f"outs[{i}]", o) for i, o in enumerate(outs)]
     lses = [_as_jax(op, f"lses[{i}]", x) for i, x in enumerate(lses)]
-    _jax_ffi.check_merge([_spec(o) for o in outs], [_spec(x) for x in lses])
+    _ops.check_parts(op, outs, lses)
+    _plan("merge_attentions", [*outs, *lses])
     return _merge(outs, lses)
 
 

@@ -30,9 +30,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .. import _jax_ffi, _ops
+from .. import _ops
 from .._context import axis_slab
-from . import _spec, na as _na
+from . import _plan, na as _na
 
 __all__ = ["na", "na1d", "na2d", "na3d", "slab_plan"]
 
@@ -115,9 +115,10 @@ def na(rank, q, k, v, kernel_size, *, axis_name, axis=0, stride=1, dilation=1,
     specs = {"q": gathered(q), "k": gathered(k), "v": gathered(v), "rpb": rpb,
              "additional_keys": additional_keys, "additional_values": additional_values}
     try:  # the single-device op's checks on the gathered shapes
-        _jax_ffi.check_na({name: _spec(x) for name, x in specs.items()}, list(ks), list(st),
-                          list(dil), [int(c) for c in causal],
-                          0.0 if scale is None else float(scale))
+        checked = (ks, st, dil, causal, scale)
+        _plan("na", [specs["q"], specs["k"], specs["v"], rpb], checked)
+        if additional_keys is not None:
+            _plan("na_additional", [specs["q"], additional_keys, additional_values], checked)
     except (TypeError, ValueError) as error:
         raise type(error)(f"{error} (in {op}: the gathered shape of q is "
                           f"{tuple(specs['q'].shape)}, {peers} blocks of {block} along spatial "

@@ -35,7 +35,6 @@ one dtype (TypeError otherwise) before calling the ops. Tensors on CUDA go to
 libna's CUDA backend on the caller's current stream.
 """
 
-import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -57,16 +56,47 @@ __all__ = [
 # --------------------------------------------------------------------------
 
 
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _hint(size) -> int:
+    """A size as an int; a symbolic one (torch.compile(dynamic=True)) as its
+    example value, which validation reads without adding guards."""
+    if isinstance(size, int):
+        return size
+    hint = getattr(size.node, "hint", None)
+    return int(size) if hint is None else int(hint)
 
 
-def _check_fake_rank(op: str, name: str, x: Tensor, rank: int) -> None:
-    if x.dim() != rank + 3:
-        raise ValueError(
-            f"[{op}] {name} has {x.dim()} dimensions; expected {rank + 3} "
-            f"([B, {rank} spatial axes, heads, head_dim]) for kernel_size of length {rank}"
-        )
+def _spec(t: Optional[Tensor]):
+    """What libna's core plans on: (shape, dtype name, device type, index)."""
+    if t is None:
+        return None
+    return (tuple(_hint(s) for s in t.shape), str(t.dtype).rsplit(".", 1)[-1], t.device.type,
+            t.device.index or 0)
+
+
+def _planned(op: str, tensors, kernel_size=(), stride=(), dilation=(), is_causal=(),
+             scale=None, want_lse=False) -> list:
+    """Empty outputs of `op` for a fake kernel. libna's core validates the
+    call (as the real op would) and gives each output's dtype and shape rule:
+    an input's shape with its last dimension kept, dropped, taken from
+    another input or set, so that symbolic sizes carry through. An unwanted
+    optional output is an empty tensor, as the real op returns."""
+    plan = _ops._C.plan(op, [_spec(t) for t in tensors], len(kernel_size), list(kernel_size),
+                        list(stride), list(dilation), list(is_causal), scale, want_lse)
+    outputs = []
+    for entry in plan:
+        if entry is None:
+            outputs.append(tensors[0].new_empty(0))
+            continue
+        _, dtype, like, last, value = entry
+        shape = list(tensors[like].shape)
+        if last == "drop":
+            shape.pop()
+        elif last == "input":
+            shape[-1] = tensors[value].shape[-1]
+        elif last == "constant":
+            shape[-1] = value
+        outputs.append(tensors[like].new_empty(shape, dtype=getattr(torch, dtype)))
+    return outputs
 
 
 @torch.library.custom_op("libna::na_forward", mutates_args=())
@@ -93,9 +123,11 @@ def na_forward(
 @na_forward.register_fake
 def _(q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale, additional_keys=None,
       additional_values=None):
-    _check_fake_rank("na_forward", "q", q, len(kernel_size))
-    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
-    lse = q.new_empty(q.shape[:-1], dtype=_lse_dtype(q.dtype))
+    if additional_keys is not None:
+        _planned("na_additional", [q, additional_keys, additional_values], kernel_size,
+                 scale=scale, want_lse=True)
+    out, lse = _planned("na", [q, k, v, rpb], kernel_size, stride, dilation, is_causal, scale,
+                        want_lse=True)
     return out, lse
 
 
@@ -132,10 +164,13 @@ def na_backward(
 @na_backward.register_fake
 def _(q, k, v, out, dout, lse, rpb, kernel_size, stride, dilation, is_causal, scale,
       additional_keys=None, additional_values=None):
-    _check_fake_rank("na_backward", "q", q, len(kernel_size))
-    empty_like = lambda t: q.new_empty(0) if t is None else torch.empty_like(t)  # noqa: E731
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), empty_like(rpb),
-            empty_like(additional_keys), empty_like(additional_values))
+    grads = _planned("na_backward", [q, k, v, rpb, out, dout, lse], kernel_size, stride,
+                     dilation, is_causal, scale)
+    if additional_keys is None:
+        return (*grads, q.new_empty(0), q.new_empty(0))
+    return (*grads, *_planned("na_additional_backward",
+                              [q, additional_keys, additional_values, out, dout, lse],
+                              kernel_size, scale=scale)[1:])
 
 
 @torch.library.custom_op("libna::merge_attentions", mutates_args=())
@@ -146,7 +181,7 @@ def merge_attentions_op(outs: List[Tensor], lses: List[Tensor]) -> Tuple[Tensor,
 
 @merge_attentions_op.register_fake
 def _(outs, lses):
-    return torch.empty_like(outs[0]), torch.empty_like(lses[0])
+    return tuple(_planned("merge_attentions", [*outs, *lses]))
 
 
 @torch.library.custom_op("libna::merge_attentions_backward", mutates_args=())
@@ -160,7 +195,8 @@ def merge_attentions_backward(
 
 @merge_attentions_backward.register_fake
 def _(outs, lses, out, lse, dout, dlse):
-    return [torch.empty_like(o) for o in outs], [torch.empty_like(x) for x in lses]
+    grads = _planned("merge_attentions_backward", [*outs, *lses, out, lse, dout, dlse])
+    return grads[:len(outs)], grads[len(outs):]
 
 
 @torch.library.custom_op("libna::na_qk", mutates_args=())
@@ -179,8 +215,8 @@ def na_qk_op(
 
 @na_qk_op.register_fake
 def _(q, k, rpb, kernel_size, dilation, is_causal):
-    _check_fake_rank("na_qk", "q", q, len(kernel_size))
-    return q.new_empty((*q.shape[:-1], math.prod(kernel_size)))
+    return _planned("na_qk", [q, k, rpb], kernel_size, dilation=dilation,
+                    is_causal=is_causal)[0]
 
 
 @torch.library.custom_op("libna::na_qk_backward", mutates_args=())
@@ -203,9 +239,8 @@ def na_qk_backward(
 
 @na_qk_backward.register_fake
 def _(dattn, q, k, rpb, kernel_size, dilation, is_causal):
-    _check_fake_rank("na_qk_backward", "q", q, len(kernel_size))
-    drpb = q.new_empty(0) if rpb is None else torch.empty_like(rpb)
-    return torch.empty_like(q), torch.empty_like(k), drpb
+    return tuple(_planned("na_qk_backward", [dattn, q, k, rpb], kernel_size, dilation=dilation,
+                          is_causal=is_causal))
 
 
 @torch.library.custom_op("libna::na_av", mutates_args=())
@@ -223,8 +258,8 @@ def na_av_op(
 
 @na_av_op.register_fake
 def _(attn, v, kernel_size, dilation, is_causal):
-    _check_fake_rank("na_av", "attn", attn, len(kernel_size))
-    return attn.new_empty((*attn.shape[:-1], v.shape[-1]))
+    return _planned("na_av", [attn, v], kernel_size, dilation=dilation,
+                    is_causal=is_causal)[0]
 
 
 @torch.library.custom_op("libna::na_av_backward", mutates_args=())
@@ -243,8 +278,8 @@ def na_av_backward(
 
 @na_av_backward.register_fake
 def _(dout, attn, v, kernel_size, dilation, is_causal):
-    _check_fake_rank("na_av_backward", "attn", attn, len(kernel_size))
-    return torch.empty_like(attn), torch.empty_like(v)
+    return tuple(_planned("na_av_backward", [dout, attn, v], kernel_size, dilation=dilation,
+                          is_causal=is_causal))
 
 
 # --------------------------------------------------------------------------
