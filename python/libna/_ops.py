@@ -120,7 +120,17 @@ def na(rank, q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False, sca
     is_causal = per_axis(op, "is_causal", is_causal, rank, boolean=True)
     scale = check_scale(op, scale)
     return_lse = check_flag(op, "return_lse", return_lse)
-    additional = check_additional(op, additional_keys, additional_values)
+    check_additional(op, additional_keys, additional_values)
+    return na_normalized(op, rank, q, k, v, rpb, additional_keys, additional_values,
+                         kernel_size, stride, dilation, is_causal, scale, return_lse)
+
+
+def na_normalized(op, rank, q, k, v, rpb, additional_keys, additional_values, kernel_size,
+                  stride, dilation, is_causal, scale, return_lse):
+    """``na`` on arguments already normalised (per-axis tuples, a float or
+    None scale, flags as bools): what the front ends call once they have
+    checked their own arguments."""
+    additional = additional_keys is not None
     arrays = Arrays(op, {"q": q, "k": k, "v": v, "rpb": rpb, "additional_keys": additional_keys,
                          "additional_values": additional_values})
     a = arrays.inputs

@@ -119,13 +119,20 @@ struct Call {
   }
 
   // Calls the Python allocator and views what it returns as a writable array.
+  // The allocator returns the array, or (array, a DLPack capsule of it),
+  // which is cheaper to import than calling the array's __dlpack__.
   std::pair<nb::object, TensorView> allocate(const nb::callable& alloc, const TensorView& shape_of,
                                              DType dtype, const char* name) const {
     nb::list shape;
     for (int i = 0; i < shape_of.ndim; ++i) shape.append(shape_of.shape[i]);
     nb::object array = alloc(nb::tuple(shape), libna::dtype_name(dtype));
+    nb::object exported = array;
+    if (nb::isinstance<nb::tuple>(array) && nb::len(array) == 2) {
+      exported = array[1];
+      array = array[0];
+    }
     OutArray out;
-    if (!nb::try_cast<OutArray>(array, out, /*convert=*/false)) {
+    if (!nb::try_cast<OutArray>(exported, out, /*convert=*/false)) {
       throw std::runtime_error("[" + op + "] the allocator returned an object that is not a "
                                "writable DLPack array for output " + name);
     }

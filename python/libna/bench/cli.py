@@ -12,6 +12,7 @@ import libna
 
 from .memory import memory_child
 from .methods import ALL_METHODS
+from .overhead import run_overhead
 from .problem import Problem
 from .sweep import run_sweep
 from .table import run_table
@@ -102,6 +103,9 @@ def build_parser():
                             "(default 0.5; at least --repeats calls)")
     sweep.add_argument("--out-dir", default="docs",
                        help="where --sweep writes its PNG files (default docs/)")
+    parser.add_argument("--overhead", action="store_true",
+                        help="time small calls (7x7 and NAT's last levels) from NumPy and "
+                             "libna.torch next to a same-size add, and exit")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -162,6 +166,8 @@ def main(argv=None) -> int:
                 args.device)
     if args.memory_child:
         return memory_child(p, args.memory_child, args.backward, args.threads)
+    if args.overhead:
+        return run_overhead(args)
     if args.sweep:
         return run_sweep(args)
     return run_table(args, p)

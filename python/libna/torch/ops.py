@@ -39,6 +39,7 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from .. import _ops
 from .._public import public
@@ -114,10 +115,16 @@ def na_forward(
     additional_values: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Fused neighborhood attention (plus additional keys): (out, lse)."""
-    return _ops.na(
-        len(kernel_size), q, k, v, tuple(kernel_size), stride=tuple(stride),
-        dilation=tuple(dilation), is_causal=tuple(is_causal), scale=float(scale), rpb=rpb,
-        return_lse=True, additional_keys=additional_keys, additional_values=additional_values)
+    return _na_forward_impl(q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale,
+                            additional_keys, additional_values)
+
+
+def _na_forward_impl(q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale,
+                     additional_keys=None, additional_values=None):
+    rank = len(kernel_size)
+    return _ops.na_normalized(f"na{rank}d", rank, q, k, v, rpb, additional_keys,
+                              additional_values, tuple(kernel_size), tuple(stride),
+                              tuple(dilation), tuple(is_causal), float(scale), True)
 
 
 @na_forward.register_fake
@@ -333,6 +340,37 @@ def _na_forward_backward(ctx, dout, dlse):
 na_forward.register_autograd(_na_forward_backward, setup_context=_na_forward_setup)
 
 
+class _NaForwardEager(torch.autograd.Function):
+    """``libna::na_forward`` for plain eager calls: the same inputs, outputs
+    and autograd formula (its backward is the ``libna::na_backward`` op), run
+    without the custom-op dispatch, which costs more than a small call's
+    kernel. torch.compile, fake tensors, modes and torch.func go through the
+    custom op (see ``_eager``)."""
+
+    @staticmethod
+    def forward(q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale,
+                additional_keys, additional_values):
+        return _na_forward_impl(q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale,
+                                additional_keys, additional_values)
+
+    setup_context = staticmethod(_na_forward_setup)
+    backward = staticmethod(_na_forward_backward)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _eager(*tensors) -> bool:
+    """Whether a call may take the eager path: plain tensors, not traced by
+    torch.compile, no torch function or dispatch mode (FakeTensorMode...)
+    and no torch.func transform active."""
+    return (all(t is None or type(t) in _PLAIN for t in tensors)
+            and not torch.compiler.is_compiling()
+            and not torch._C._is_torch_function_mode_enabled()
+            and _current_dispatch_mode() is None
+            and torch._C._functorch.peek_interpreter_stack() is None)
+
+
 def _merge_setup(ctx, inputs, output):
     outs, lses = inputs
     out, lse = output
@@ -502,7 +540,8 @@ def na(rank: int, q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False
                         "additional_values": xv})
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    out, lse = na_forward(q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale, xk, xv)
+    forward = _NaForwardEager.apply if _eager(q, k, v, rpb, xk, xv) else na_forward
+    out, lse = forward(q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale, xk, xv)
     return (out, lse) if return_lse else out
 
 
