@@ -361,10 +361,12 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _eager(*tensors) -> bool:
-    """Whether a call may take the eager path: plain tensors, not traced by
+    """Whether a call may take the eager path: plain tensors on a device
+    libna runs on (meta tensors take the op's fake kernel), not traced by
     torch.compile, no torch function or dispatch mode (FakeTensorMode...)
     and no torch.func transform active."""
     return (all(t is None or type(t) in _PLAIN for t in tensors)
+            and tensors[0].device.type in ("cpu", "cuda")  # not meta, say
             and not torch.compiler.is_compiling()
             and not torch._C._is_torch_function_mode_enabled()
             and _current_dispatch_mode() is None
