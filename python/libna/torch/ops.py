@@ -67,10 +67,13 @@ def _hint(size) -> int:
 
 
 def _spec(t: Optional[Tensor]):
-    """What libna's core plans on: (shape, dtype name, device type, index)."""
+    """What libna's core plans on: (shape, dtype name, device type, index).
+    Meta tensors (shape-only) are planned as CPU ones; the real call checks
+    the device."""
     if t is None:
         return None
-    return (tuple(_hint(s) for s in t.shape), str(t.dtype).rsplit(".", 1)[-1], t.device.type,
+    device = "cuda" if t.device.type == "cuda" else "cpu"
+    return (tuple(_hint(s) for s in t.shape), str(t.dtype).rsplit(".", 1)[-1], device,
             t.device.index or 0)
 
 
