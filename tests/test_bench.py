@@ -39,6 +39,18 @@ def test_help_explains_the_options():
         assert option in out
 
 
+def test_overhead_table():
+    code, out = bench("--overhead", "--repeats", "3", "--threads", "1")
+    assert code == 0, out
+    rows = [line for line in out.splitlines() if line.startswith(("7x7", "NAT level"))]
+    assert len(rows) == 9, out
+    for row in rows:
+        ours, floor, difference = (float(x) for x in row.split()[-3:])
+        assert ours > 0 and floor > 0 and abs(ours - floor - difference) < 0.2, row
+    for caller in ("NumPy", "libna.torch, no_grad", "libna.torch, autograd"):
+        assert sum(caller in row for row in rows) == 3, out
+
+
 def test_table_every_method_checked_and_timed():
     code, out = bench(*TINY, "--no-memory")
     assert code == 0, out

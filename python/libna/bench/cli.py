@@ -72,7 +72,7 @@ def build_parser():
                         help="threads for libna and torch (default libna.get_num_threads())")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed calls per measurement after one warm-up "
-                             "(default 10; 3 with --sweep)")
+                             "(default 10; 3 with --sweep, 400 with --overhead)")
     parser.add_argument("--backward", action=argparse.BooleanOptionalAction, default=True,
                         help="also time and check the backward pass (default on)")
     parser.add_argument("--rounds", type=int, default=1,
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         print(f"error: --kernel {args.kernel} exceeds --size {args.size}", file=sys.stderr)
         return 2
     if args.repeats is None:
-        args.repeats = 3 if args.sweep else 10
+        args.repeats = 400 if args.overhead else 3 if args.sweep else 10
     if min(args.repeats, args.rounds, args.batch, args.heads, args.dim) < 1:
         print("error: --repeats, --rounds, --batch, --heads and --dim must be >= 1",
               file=sys.stderr)

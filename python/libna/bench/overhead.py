@@ -24,7 +24,7 @@ PROBLEMS = [
 
 
 def _us(fn, calls):
-    best, _ = time_calls(fn, calls, warmup=max(10, calls // 10))
+    best, _ = time_calls(fn, calls, warmup=max(3, calls // 10), max_calls=calls)
     return best * 1e6
 
 
@@ -32,7 +32,7 @@ def run_overhead(args) -> int:
     import torch
     import libna.torch as lt
 
-    calls = max(args.repeats, 200)
+    calls = args.repeats
     rng = np.random.default_rng(0)
     print(f"libna {libna.__version__}, {args.threads} thread(s); best of {calls} calls; "
           "kernel 7 (the whole 7x7 window at 7x7)")
