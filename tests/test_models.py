@@ -381,3 +381,34 @@ def test_attention_maps_example(digits_run, tmp_path, capsys, monkeypatch):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
         assert name in out
+
+
+@pytest.mark.parametrize("family", ["nat", "dinat"])
+def test_torch_compile_of_a_model(family):
+    """torch.compile (inductor, fullgraph: no graph break inside the blocks)
+    of a small NAT / DiNAT gives the eager logits and gradients."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    config = dict(embed_dim=16, depths=(1, 2), num_heads=(1, 2), kernel_size=5,
+                  num_classes=7, drop_path_rate=0.0)
+    if family == "dinat":
+        model = M.DiNAT(img_size=64, **config)
+    else:
+        model = M.NAT(**config)
+    x = torch.randn(2, 3, 64, 64)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, fullgraph=True)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+    model.train()
+    grads = []
+    for fn in (model, compiled):
+        model.zero_grad()
+        fn(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for eager, traced in zip(*grads):
+        torch.testing.assert_close(traced, eager, rtol=1e-3, atol=1e-4)
+    assert sum(counters["graph_break"].values()) == 0
