@@ -266,6 +266,7 @@ void na_backward(const detail::BackwardArgs& args) {
     p.out = view_of(args.out, n);
     p.dout = view_of(args.dout, n);
     p.lse = view_of(args.lse, n);
+    if (args.dlse) p.dlse = view_of(*args.dlse, n);
     p.dq = view_of(args.dq, n);
     p.dk = view_of(args.dk, n);
     p.dv = view_of(args.dv, n);

@@ -115,7 +115,8 @@ struct FusedParams {
   View q, k, v, out, dout, dq, dk, dv;
   BiasView rpb;      // data null when absent
   View lse;          // [B, *spatial, heads] (d unused); data null when absent
-  float* row_term;   // backward: D_i = dout_i . out_i, [B, heads, tokens]
+  View dlse;         // backward: lse's gradient, like lse; data null when absent
+  float* row_term;   // backward: D_i = dout_i . out_i - dlse_i, [B, heads, tokens]
   float* bias_grad;  // backward with rpb: float32 [heads, prod(2k-1)], zeroed
 };
 

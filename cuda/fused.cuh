@@ -349,6 +349,9 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
     dq_acc[i] = 0.f;
   }
   row_term = lane_sum<kLanes>(row_term);
+  if (query.valid && p.dlse.data != nullptr) {
+    row_term -= *global_element<const float>(p.dlse.data, p.dlse.row(b, query.coord, h), false);
+  }
   const float lse =
       query.valid
           ? backward_lse(*global_element<const float>(p.lse.data, p.lse.row(b, query.coord, h), false))

@@ -169,6 +169,9 @@ __global__ void __launch_bounds__(tiling::kThreads, 1)
   for (int r = 0; r < 2; ++r) {
     term[r] = quad_sum(term[r]);
     const OwnedQuery& q = rows[slot[r]];
+    if (q.valid && p.dlse.data != nullptr) {
+      term[r] -= *global_element<const float>(p.dlse.data, p.dlse.row(b, q.coord, h), false);
+    }
     lse_log2[r] =
         q.valid ? backward_lse(*global_element<const float>(p.lse.data, p.lse.row(b, q.coord, h),
                                                             false)) * kLog2e

@@ -303,3 +303,50 @@ def test_wide_rows_in_column_tiles(spatial, kernel, kw, use_rpb, rng, saving_and
     for name, g, b, r in zip(("dq", "dk", "dv", "drpb"), got, recomputed, ref):
         assert np.array_equal(g, b), name
         assert np.abs(g - r).max() <= 1e-5 * max(1.0, np.abs(r).max()), name
+
+
+DLSE_CASES = [  # spatial, kernel, keyword arguments
+    ((11,), 4, dict(is_causal=True)),
+    ((7, 9), (3, 5), dict(dilation=(2, 1), rpb=True)),
+    ((5, 6, 4), 3, dict(stride=(1, 2, 1))),
+    ((6, 7), 3, dict(additional=3)),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("spatial,kernel,kw", DLSE_CASES,
+                         ids=lambda x: str(x) if not isinstance(x, dict) else str(sorted(x)))
+def test_lse_gradient_matches_reference(spatial, kernel, kw, dtype, rng):
+    """dlse, the gradient of lse, enters the kernels' row terms (D_i =
+    dout_i.out_i - dlse_i): every gradient equals the reference's, which
+    adds p * dlse to the logits' gradient, and differs from the one without
+    dlse (on the scalar float64 kernels and the vectorised float32 ones)."""
+    kw = dict(kw)
+    rank = len(spatial)
+    kernel_size = (kernel,) * rank if isinstance(kernel, int) else kernel
+    q, k, v = (x.astype(dtype) for x in make_qkv(rng, 2, spatial, 4, 2, 8, 6))
+    if kw.pop("rpb", False):
+        kw["rpb"] = make_rpb(rng, 4, kernel_size).astype(dtype)
+    extra = kw.pop("additional", 0)
+    if extra:
+        kw["additional_keys"] = rng.standard_normal((2, extra, 2, 8)).astype(dtype)
+        kw["additional_values"] = rng.standard_normal((2, extra, 2, 6)).astype(dtype)
+    out, lse = getattr(reference, f"na{rank}d")(q, k, v, kernel_size, return_lse=True, **kw)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    dlse = rng.standard_normal(lse.shape).astype(lse.dtype)
+    args = (q, k, v, out, dout, lse, kernel_size)
+    got = getattr(libna, f"na{rank}d_backward")(*args, dlse=dlse, **kw)
+    want = getattr(reference, f"na{rank}d_backward")(*args, dlse=dlse, **kw)
+    without = getattr(reference, f"na{rank}d_backward")(*args, **kw)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == np.float64 else dict(rtol=2e-4, atol=2e-4)
+    for g, w, n in zip(got, want, without):
+        np.testing.assert_allclose(g, w, **tol)
+    assert not np.allclose(want[0], without[0], rtol=1e-3)  # dlse changes dq
+
+
+def test_lse_gradient_refuses_a_wrong_shape(rng):
+    q, k, v = make_qkv(rng, 1, (8,), 2, 2, 4, 4)
+    out, lse = libna.na1d(q, k, v, 3, return_lse=True)
+    for module in (libna, reference):
+        with pytest.raises(ValueError, match=r"\[na1d_backward\] .*dlse .*shape"):
+            module.na1d_backward(q, k, v, out, out, lse, 3, dlse=lse[:, :4])

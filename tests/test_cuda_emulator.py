@@ -204,3 +204,23 @@ def test_self_test_bad_name():
     with pytest.raises(ValueError, match="kernel='nope' is not a self-test kernel; expected "
                                          "one of neighbour_read, neighbour_read_racy"):
         libna._C.cuda_emulator_self_test("nope")
+
+
+@needs_emulator
+@pytest.mark.parametrize("arch,dtype", [(75, np.float32), (80, np.float16)])
+def test_lse_gradient_in_the_cuda_kernels(arch, dtype, rng):
+    """dlse enters the SIMT (arch 75) and tensor-core (arch 80, float16) row
+    terms as on the CPU: the emulated gradients equal the float64 reference."""
+    q, k, v = (x.astype(dtype) for x in qkv(rng, (2, 9, 10, 4, 16)))
+    out, lse = libna.reference.na2d(q, k, v, (3, 5), return_lse=True)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    dlse = rng.standard_normal(lse.shape).astype(np.float32)
+    want = libna.reference.na2d_backward(q, k, v, out, dout, lse, (3, 5), dlse=dlse)
+    libna._C.cuda_emulator_launches()
+    with libna.cuda_emulator(arch, checks=True):
+        got = libna.na2d_backward(q, k, v, out, dout, lse, (3, 5), dlse=dlse)
+    launches = libna._C.cuda_emulator_launches()
+    assert any(name.startswith("tc_" if arch == 80 else "fused_") for name in launches), launches
+    tol = 1e-4 if dtype == np.float32 else 3e-2
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.astype(np.float64), w, rtol=tol, atol=tol)

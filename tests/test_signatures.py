@@ -23,7 +23,7 @@ NA_QK = "(q, k, kernel_size, *, dilation=1, is_causal=False, rpb=None)"
 NA_AV = "(attn, v, kernel_size, *, dilation=1, is_causal=False)"
 NA_BACKWARD = ("(q, k, v, out, dout, lse, kernel_size, *, stride=1, dilation=1, "
                "is_causal=False, scale=None, rpb=None, additional_keys=None, "
-               "additional_values=None)")
+               "additional_values=None, dlse=None)")
 NA_QK_BACKWARD = "(dattn, q, k, kernel_size, *, dilation=1, is_causal=False, rpb=None)"
 NA_AV_BACKWARD = "(dout, attn, v, kernel_size, *, dilation=1, is_causal=False)"
 MERGE = "(outs, lses)"

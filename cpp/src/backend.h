@@ -38,6 +38,9 @@ struct BackwardArgs {
   TensorView q, k, v;
   const TensorView* rpb;  // optional
   TensorView out, dout, lse;
+  // optional: the gradient of lse, [B, *spatial, heads] (lse's dtype); the
+  // row terms become D_i = dout_i . out_i - dlse_i.
+  const TensorView* dlse;
   TensorView dq, dk, dv;
   const TensorView* drpb;  // given exactly when rpb is
   NaParams params;
@@ -72,6 +75,7 @@ struct AdditionalArgs {
 struct AdditionalBackwardArgs {
   TensorView q, k, v;
   TensorView out, dout, lse;  // of the merged attention
+  const TensorView* dlse;     // optional, as for BackwardArgs
   TensorView dq, dk, dv;
   int rank;
   double scale;

@@ -389,12 +389,13 @@ template <typename Args>
 struct Planned {
   Args args;
   TensorView optional;
+  TensorView dlse;  // the backward's optional lse gradient
 };
 
 template <typename Args>
 std::shared_ptr<Planned<Args>> planned(Args args, const TensorView* optional,
                                        const TensorView* Args::*pointer) {
-  auto p = std::make_shared<Planned<Args>>(Planned<Args>{std::move(args), TensorView{}});
+  auto p = std::make_shared<Planned<Args>>(Planned<Args>{std::move(args), {}, {}});
   if (optional != nullptr) {
     p->optional = *optional;
     p->args.*pointer = &p->optional;
@@ -567,7 +568,7 @@ void na_av(const TensorView& attn, const TensorView& v, const TensorView& out,
 
 Plan plan_na_backward(const TensorView& q, const TensorView& k, const TensorView& v,
                       const TensorView* rpb, const TensorView& out, const TensorView& dout,
-                      const TensorView& lse, const NaParams& params) {
+                      const TensorView& lse, const NaParams& params, const TensorView* dlse) {
   Checker c(params, "_backward");
   check_forward_inputs(c, q, k, v, rpb, params.scale);
   const int n = params.rank;
@@ -575,11 +576,17 @@ Plan plan_na_backward(const TensorView& q, const TensorView& k, const TensorView
   check_input_like(c, "out", out, out_shape, q.dtype, q);
   check_input_like(c, "dout", dout, out_shape, q.dtype, q);
   check_input_like(c, "lse", lse, q.with_last_dim(-1), lse_dtype(q.dtype), q);
+  if (dlse != nullptr) check_input_like(c, "dlse", *dlse, q.with_last_dim(-1), lse_dtype(q.dtype), q);
   check_backend(c.op(), &detail::Backend::na_backward, q, q.shape[n + 2], v.shape[n + 2]);
-  auto state = planned(detail::BackwardArgs{q, k, v, nullptr, out, dout, lse, {}, {}, {},
-                                            nullptr, params, resolve_scale(params, q), nullptr},
+  auto state = planned(detail::BackwardArgs{q, k, v, nullptr, out, dout, lse, nullptr, {}, {},
+                                            {}, nullptr, params, resolve_scale(params, q),
+                                            nullptr},
                        rpb, &detail::BackwardArgs::rpb);
-  const Inputs inputs{q, k, v, maybe(rpb), out, dout, lse};
+  if (dlse != nullptr) {
+    state->dlse = *dlse;
+    state->args.dlse = &state->dlse;
+  }
+  const Inputs inputs{q, k, v, maybe(rpb), out, dout, lse, maybe(dlse)};
   return Plan(c.op(), inputs,
               {output("dq", inputs, 0, q.dtype), output("dk", inputs, 1, q.dtype),
                output("dv", inputs, 2, q.dtype), optional_output("drpb", inputs, 3, q.dtype)},
@@ -765,7 +772,7 @@ void na_additional_forward(const TensorView& q, const TensorView& additional_key
 Plan plan_na_additional_backward(const TensorView& q, const TensorView& additional_keys,
                                  const TensorView& additional_values, const TensorView& out,
                                  const TensorView& dout, const TensorView& lse,
-                                 const NaParams& params) {
+                                 const NaParams& params, const TensorView* dlse) {
   Checker c(params, "_backward");
   c.rank_is_valid();
   check_additional(c, q, additional_keys, additional_values);
@@ -774,17 +781,20 @@ Plan plan_na_additional_backward(const TensorView& q, const TensorView& addition
   check_input_like(c, "out", out, out_shape, q.dtype, q);
   check_input_like(c, "dout", dout, out_shape, q.dtype, q);
   check_input_like(c, "lse", lse, q.with_last_dim(-1), lse_dtype(q.dtype), q);
+  if (dlse != nullptr) check_input_like(c, "dlse", *dlse, q.with_last_dim(-1), lse_dtype(q.dtype), q);
   check_backend(c.op(), &detail::Backend::na_additional_backward, q);
-  auto state = std::make_shared<detail::AdditionalBackwardArgs>(detail::AdditionalBackwardArgs{
-      q, additional_keys, additional_values, out, dout, lse, {}, {}, {}, params.rank,
-      resolve_scale(params, q), nullptr});
-  const Inputs inputs{q, additional_keys, additional_values, out, dout, lse};
+  auto state = planned(detail::AdditionalBackwardArgs{q, additional_keys, additional_values, out,
+                                                      dout, lse, nullptr, {}, {}, {}, params.rank,
+                                                      resolve_scale(params, q), nullptr},
+                       dlse, &detail::AdditionalBackwardArgs::dlse);
+  const Inputs inputs{q, additional_keys, additional_values, out, dout, lse, maybe(dlse)};
   return Plan(c.op(), inputs,
               {output("dq", inputs, 0, q.dtype),
                output("d(additional_keys)", inputs, 1, q.dtype),
                output("d(additional_values)", inputs, 2, q.dtype)},
               [](const Plan& plan, const std::vector<TensorView>& outputs, void* stream) {
-                detail::AdditionalBackwardArgs args = plan.state<detail::AdditionalBackwardArgs>();
+                detail::AdditionalBackwardArgs args =
+                    plan.state<Planned<detail::AdditionalBackwardArgs>>().args;
                 args.dq = outputs[0];
                 args.dk = outputs[1];
                 args.dv = outputs[2];

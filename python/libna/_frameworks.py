@@ -53,6 +53,15 @@ def _numpy_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
+def _capsule(to_dlpack, x):
+    """x's DLPack capsule, or x itself when torch cannot export it (sparse,
+    quantized, ...), so that the binding says why it cannot read it."""
+    try:
+        return to_dlpack(x)
+    except (RuntimeError, TypeError, BufferError):
+        return x
+
+
 class Arrays:
     """The arrays of one op call, all from one framework."""
 
@@ -102,7 +111,7 @@ class Arrays:
             # faster than a call of Tensor.__dlpack__ (a Python method).
             from torch.utils.dlpack import to_dlpack
 
-            inputs = [None if x is None else to_dlpack(x) for x in inputs]
+            inputs = [None if x is None else _capsule(to_dlpack, x) for x in inputs]
             alloc = self._alloc_torch
         else:
             alloc = self.alloc

@@ -179,13 +179,13 @@ def na_av(rank, attn, v, kernel_size, *, dilation=1, is_causal=False):
 
 def na_backward(rank, q, k, v, out, dout, lse, kernel_size, *, stride=1, dilation=1,
                 is_causal=False, scale=None, rpb=None, additional_keys=None,
-                additional_values=None):
+                additional_values=None, dlse=None):
     op = f"na{rank}d_backward"
     if _C is None:
         return getattr(reference, op)(
             q, k, v, out, dout, lse, kernel_size, stride=stride, dilation=dilation,
             is_causal=is_causal, scale=scale, rpb=rpb, additional_keys=additional_keys,
-            additional_values=additional_values)
+            additional_values=additional_values, dlse=dlse)
     kernel_size = per_axis(op, "kernel_size", kernel_size, rank)
     stride = per_axis(op, "stride", stride, rank)
     dilation = per_axis(op, "dilation", dilation, rank)
@@ -194,7 +194,8 @@ def na_backward(rank, q, k, v, out, dout, lse, kernel_size, *, stride=1, dilatio
     additional = check_additional(op, additional_keys, additional_values)
     arrays = Arrays(op, {"q": q, "k": k, "v": v, "rpb": rpb, "out": out, "dout": dout,
                          "lse": lse, "additional_keys": additional_keys,
-                         "additional_values": additional_values})
+                         "additional_values": additional_values, "dlse": dlse},
+                    optional=("rpb", "additional_keys", "additional_values", "dlse"))
     a = arrays.inputs
     extra = ()
     if additional:
@@ -202,10 +203,11 @@ def na_backward(rank, q, k, v, out, dout, lse, kernel_size, *, stride=1, dilatio
         # (FlashAttention-style); their query gradients add up.
         extra = arrays.call(
             "na_additional_backward", [a["q"], a["additional_keys"], a["additional_values"],
-                                       a["out"], a["dout"], a["lse"]], rank, scale=scale)
+                                       a["out"], a["dout"], a["lse"], a["dlse"]], rank,
+            scale=scale)
     grads = arrays.call("na_backward", [a["q"], a["k"], a["v"], a["rpb"], a["out"], a["dout"],
-                                        a["lse"]], rank, kernel_size, stride, dilation,
-                        is_causal, scale)
+                                        a["lse"], a["dlse"]], rank, kernel_size, stride,
+                        dilation, is_causal, scale)
     grads = [arrays.finish(g, q) for g in (grads if rpb is not None else grads[:3])]
     if additional:
         extra = [arrays.finish(g, q) for g in extra]
@@ -355,7 +357,9 @@ _BACKWARD_DOC = """Gradients of na{rank}d: (dq, dk, dv), plus drpb when rpb is g
     probabilities are recomputed from lse; dk/dv sum over the query heads of
     each kv head; drpb sums over batch and queries. With additional_keys and
     additional_values (as given to the forward) their gradients follow:
-    (dq, dk, dv[, drpb], d_additional_keys, d_additional_values).
+    (dq, dk, dv[, drpb], d_additional_keys, d_additional_values). dlse, the
+    gradient of lse ([B, {spatial}, heads], lse's dtype), is optional: give it
+    when the forward's lse feeds the loss too.
     """
 
 _QK_BACKWARD_DOC = """Gradients of na{rank}d_qk: (dq, dk), plus drpb when rpb is given.

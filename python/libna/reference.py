@@ -543,9 +543,11 @@ def _scatter_kv(dst, key_ix, g, heads_kv):
     dst[sel] += red.reshape(dst[sel].shape)
 
 
-def _fused_backward(q, k, v, dout, ks, st, dil, causal, scale, rpb, extra=None):
+def _fused_backward(q, k, v, dout, ks, st, dil, causal, scale, rpb, extra=None, dlse=None):
     """Gradients recomputed from scratch; with extra = (additional_keys,
-    additional_values) also their gradients (dq, dk, dv, drpb, dxk, dxv)."""
+    additional_values) also their gradients (dq, dk, dv, drpb, dxk, dxv).
+    dlse, the gradient of lse (whose derivative in the logits is p), adds
+    p * dlse to the logits' gradient."""
     b, spatial, heads = q.shape[0], q.shape[1:-2], q.shape[-2]
     heads_kv = k.shape[-2]
     hmap = _head_map(heads, heads_kv)
@@ -573,6 +575,8 @@ def _fused_backward(q, k, v, dout, ks, st, dil, causal, scale, rpb, extra=None):
         do = dout[sel]  # [B, H, Dv]
         dp = np.einsum("bhe,bnhe->bhn", do, vg)
         ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))  # d logits
+        if dlse is not None:
+            ds = ds + p * dlse[sel][..., None]
         dq[sel] = scale * np.einsum("bhn,bnhd->bhd", ds, kg)
         # out = sum_n p * v  ->  dv; logits = scale * q.k  ->  dk
         pv = np.einsum("bhn,bhe->bnhe", p, do)
@@ -774,9 +778,10 @@ def _na_fused(n, fn, q, k, v, kernel_size, stride, dilation, is_causal, scale,
 
 def _na_fused_backward(n, fn, q, k, v, out, dout, lse, kernel_size, stride,
                        dilation, is_causal, scale, rpb, additional_keys=None,
-                       additional_values=None):
+                       additional_values=None, dlse=None):
     _one_framework(fn, q=q, k=k, v=v, out=out, dout=dout, lse=lse, rpb=rpb,
-                   additional_keys=additional_keys, additional_values=additional_values)
+                   additional_keys=additional_keys, additional_values=additional_values,
+                   dlse=dlse)
     q = _as_array(fn, "q", q)
     k = _as_array(fn, "k", k)
     v = _as_array(fn, "v", v)
@@ -792,6 +797,13 @@ def _na_fused_backward(n, fn, q, k, v, out, dout, lse, kernel_size, stride,
             f"[{fn}] lse has shape {tuple(lse.shape)}; expected "
             f"{tuple(q.shape[:-1])} ([B, *spatial, heads])."
         )
+    if dlse is not None:
+        dlse = _as_array(fn, "dlse", dlse)
+        if tuple(dlse.shape) != tuple(q.shape[:-1]):
+            raise ValueError(
+                f"[{fn}] dlse has shape {tuple(dlse.shape)}; expected "
+                f"{tuple(q.shape[:-1])} ([B, *spatial, heads], like lse)."
+            )
     ks, st, dil, causal = _check_params(
         fn, q.shape[1:-2], kernel_size, stride, dilation, is_causal, n
     )
@@ -799,7 +811,8 @@ def _na_fused_backward(n, fn, q, k, v, out, dout, lse, kernel_size, stride,
     rpb64 = _check_rpb(fn, rpb, q.shape[-2], ks, st, causal, q.dtype)
     extra = _check_additional(fn, q, additional_keys, additional_values)
     dq, dk, dv, drpb, dxk, dxv = _fused_backward(
-        _f64(q), _f64(k), _f64(v), _f64(dout), ks, st, dil, causal, scale_f, rpb64, extra
+        _f64(q), _f64(k), _f64(v), _f64(dout), ks, st, dil, causal, scale_f, rpb64, extra,
+        None if dlse is None else _f64(dlse)
     )
     res = (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
     if rpb64 is not None:
@@ -955,29 +968,29 @@ def na3d_av(attn, v, kernel_size, *, dilation=1, is_causal=False):
 
 def na1d_backward(q, k, v, out, dout, lse, kernel_size, *, stride=1, dilation=1,
                   is_causal=False, scale=None, rpb=None, additional_keys=None,
-                  additional_values=None):
+                  additional_values=None, dlse=None):
     """Gradient of :func:`na1d`: (dq, dk, dv) or (dq, dk, dv, drpb)."""
     return _na_fused_backward(1, "na1d_backward", q, k, v, out, dout, lse,
                               kernel_size, stride, dilation, is_causal, scale, rpb,
-                              additional_keys, additional_values)
+                              additional_keys, additional_values, dlse)
 
 
 def na2d_backward(q, k, v, out, dout, lse, kernel_size, *, stride=1, dilation=1,
                   is_causal=False, scale=None, rpb=None, additional_keys=None,
-                  additional_values=None):
+                  additional_values=None, dlse=None):
     """Gradient of :func:`na2d`: (dq, dk, dv) or (dq, dk, dv, drpb)."""
     return _na_fused_backward(2, "na2d_backward", q, k, v, out, dout, lse,
                               kernel_size, stride, dilation, is_causal, scale, rpb,
-                              additional_keys, additional_values)
+                              additional_keys, additional_values, dlse)
 
 
 def na3d_backward(q, k, v, out, dout, lse, kernel_size, *, stride=1, dilation=1,
                   is_causal=False, scale=None, rpb=None, additional_keys=None,
-                  additional_values=None):
+                  additional_values=None, dlse=None):
     """Gradient of :func:`na3d`: (dq, dk, dv) or (dq, dk, dv, drpb)."""
     return _na_fused_backward(3, "na3d_backward", q, k, v, out, dout, lse,
                               kernel_size, stride, dilation, is_causal, scale, rpb,
-                              additional_keys, additional_values)
+                              additional_keys, additional_values, dlse)
 
 
 def na1d_qk_backward(dattn, q, k, kernel_size, *, dilation=1, is_causal=False,

@@ -155,12 +155,13 @@ const std::vector<OpInputs>& op_table() {
       {"na", "", {"q", "k", "v", "rpb"}, {"rpb"}},
       {"na_qk", "_qk", {"q", "k", "rpb"}, {"rpb"}},
       {"na_av", "_av", {"attn", "v"}, {}},
-      {"na_backward", "_backward", {"q", "k", "v", "rpb", "out", "dout", "lse"}, {"rpb"}},
+      {"na_backward", "_backward", {"q", "k", "v", "rpb", "out", "dout", "lse", "dlse"},
+       {"rpb", "dlse"}},
       {"na_qk_backward", "_qk_backward", {"dattn", "q", "k", "rpb"}, {"rpb"}},
       {"na_av_backward", "_av_backward", {"dout", "attn", "v"}, {}},
       {"na_additional", "", {"q", "additional_keys", "additional_values"}, {}},
       {"na_additional_backward", "_backward",
-       {"q", "additional_keys", "additional_values", "out", "dout", "lse"}, {}},
+       {"q", "additional_keys", "additional_values", "out", "dout", "lse", "dlse"}, {"dlse"}},
       {"merge_attentions", nullptr, {}, {}},
       {"merge_attentions_backward", nullptr, {"out", "lse", "dout", "dlse"}, {"dlse"}},
   };
@@ -228,14 +229,16 @@ libna::Plan make_plan(const Call& call, const std::string& op,
     if (op == "na_additional") {
       return libna::plan_na_additional_forward(*in[0], *in[1], *in[2], p, want_lse);
     }
-    return libna::plan_na_additional_backward(*in[0], *in[1], *in[2], *in[3], *in[4], *in[5], p);
+    return libna::plan_na_additional_backward(*in[0], *in[1], *in[2], *in[3], *in[4], *in[5], p,
+                                              opt(6));
   }
   const NaParams p = make_params(call, params, unfused);
   if (op == "na") return libna::plan_na_forward(*in[0], *in[1], *in[2], opt(3), p, want_lse);
   if (op == "na_qk") return libna::plan_na_qk(*in[0], *in[1], opt(2), p);
   if (op == "na_av") return libna::plan_na_av(*in[0], *in[1], p);
   if (op == "na_backward") {
-    return libna::plan_na_backward(*in[0], *in[1], *in[2], opt(3), *in[4], *in[5], *in[6], p);
+    return libna::plan_na_backward(*in[0], *in[1], *in[2], opt(3), *in[4], *in[5], *in[6], p,
+                                   opt(7));
   }
   if (op == "na_qk_backward") return libna::plan_na_qk_backward(*in[0], *in[1], *in[2], opt(3), p);
   return libna::plan_na_av_backward(*in[0], *in[1], *in[2], p);
@@ -269,14 +272,17 @@ std::vector<std::optional<TensorView>> read_inputs(
     const Call& call, const OpInputs& entry, const std::vector<InObject>& objects,
     const std::function<TensorView(InObject, const std::string&)>& read) {
   const bool merge = entry.suffix == nullptr;
+  // Trailing optional inputs may be left out.
+  std::size_t required = entry.names.size();
+  while (!merge && required > 0 && is_optional(entry, entry.names[required - 1])) --required;
   if (merge ? objects.size() < entry.names.size() + 2 ||
                   (objects.size() - entry.names.size()) % 2 != 0
-            : objects.size() != entry.names.size()) {
+            : objects.size() < required || objects.size() > entry.names.size()) {
     call.fail("got " + std::to_string(objects.size()) + " inputs; expected " +
               (merge ? "outs, lses" : std::string()) + std::to_string(entry.names.size()));
   }
   const std::vector<std::string> names = input_names(entry, objects.size());
-  std::vector<std::optional<TensorView>> views(objects.size());
+  std::vector<std::optional<TensorView>> views(merge ? objects.size() : entry.names.size());
   for (std::size_t i = 0; i < objects.size(); ++i) {
     if (objects[i].is_none()) {
       if (!is_optional(entry, names[i])) call.fail(names[i] + " must be an array, got None");

@@ -139,31 +139,36 @@ ffi::Error na_forward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
   });
 }
 
+// The optional arguments are rpb (when given) then dlse (when with_dlse).
 ffi::Error na_backward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer out,
-                       ffi::AnyBuffer dout, ffi::AnyBuffer lse, ffi::RemainingArgs rpb_arg,
+                       ffi::AnyBuffer dout, ffi::AnyBuffer lse, ffi::RemainingArgs optional,
                        ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                        ffi::Result<ffi::AnyBuffer> dv, ffi::RemainingRets drpb_ret,
                        Int64s kernel_size, Int64s stride, Int64s dilation, Int64s is_causal,
-                       double scale) {
+                       double scale, std::int64_t with_dlse) {
   return guarded([&] {
     const NaParams p = make_params(kernel_size, stride, dilation, is_causal, scale);
-    std::optional<ffi::AnyBuffer> rpb;
+    std::optional<ffi::AnyBuffer> rpb, dlse;
     std::optional<ffi::Result<ffi::AnyBuffer>> drpb;
-    if (rpb_arg.size() > 0) {
-      rpb = *rpb_arg.get<ffi::AnyBuffer>(0);
+    if (optional.size() > static_cast<std::size_t>(with_dlse != 0)) {
+      rpb = *optional.get<ffi::AnyBuffer>(0);
       drpb = *drpb_ret.get<ffi::AnyBuffer>(0);
     }
+    if (with_dlse != 0) dlse = *optional.get<ffi::AnyBuffer>(optional.size() - 1);
     const Slices s(q, p.rank + 3);
     for (std::int64_t i = 0; i < s.count; ++i) {
-      std::optional<TensorView> rpb_view, drpb_view;
+      std::optional<TensorView> rpb_view, drpb_view, dlse_view;
       if (rpb) {
         rpb_view = s.slice(*rpb, i);
         drpb_view = s.slice(*drpb, i);
       }
-      libna::na_backward(s.slice(q, i), s.slice(k, i), s.slice(v, i),
-                         rpb_view ? &*rpb_view : nullptr, s.slice(out, i), s.slice(dout, i),
-                         s.slice(lse, i), s.slice(dq, i), s.slice(dk, i), s.slice(dv, i),
-                         drpb_view ? &*drpb_view : nullptr, p);
+      if (dlse) dlse_view = s.slice(*dlse, i);
+      libna::plan_na_backward(s.slice(q, i), s.slice(k, i), s.slice(v, i),
+                              rpb_view ? &*rpb_view : nullptr, s.slice(out, i),
+                              s.slice(dout, i), s.slice(lse, i), p,
+                              dlse_view ? &*dlse_view : nullptr)
+          .run({s.slice(dq, i), s.slice(dk, i), s.slice(dv, i),
+                drpb_view ? *drpb_view : TensorView{}});
     }
   });
 }
@@ -183,19 +188,25 @@ ffi::Error na_additional_forward(ffi::AnyBuffer q, ffi::AnyBuffer keys, ffi::Any
   });
 }
 
+// The optional argument is dlse.
 ffi::Error na_additional_backward(ffi::AnyBuffer q, ffi::AnyBuffer keys, ffi::AnyBuffer values,
                                   ffi::AnyBuffer out, ffi::AnyBuffer dout, ffi::AnyBuffer lse,
-                                  ffi::Result<ffi::AnyBuffer> dq,
+                                  ffi::RemainingArgs optional, ffi::Result<ffi::AnyBuffer> dq,
                                   ffi::Result<ffi::AnyBuffer> dkeys,
                                   ffi::Result<ffi::AnyBuffer> dvalues, std::int64_t rank,
                                   double scale) {
   return guarded([&] {
     const NaParams p = rank_and_scale(static_cast<int>(rank), scale);
+    std::optional<ffi::AnyBuffer> dlse;
+    if (optional.size() > 0) dlse = *optional.get<ffi::AnyBuffer>(0);
     const Slices s(q, p.rank + 3);
     for (std::int64_t i = 0; i < s.count; ++i) {
-      libna::na_additional_backward(s.slice(q, i), s.slice(keys, i), s.slice(values, i),
-                                    s.slice(out, i), s.slice(dout, i), s.slice(lse, i),
-                                    s.slice(dq, i), s.slice(dkeys, i), s.slice(dvalues, i), p);
+      std::optional<TensorView> dlse_view;
+      if (dlse) dlse_view = s.slice(*dlse, i);
+      libna::plan_na_additional_backward(s.slice(q, i), s.slice(keys, i), s.slice(values, i),
+                                         s.slice(out, i), s.slice(dout, i), s.slice(lse, i), p,
+                                         dlse_view ? &*dlse_view : nullptr)
+          .run({s.slice(dq, i), s.slice(dkeys, i), s.slice(dvalues, i)});
     }
   });
 }
@@ -299,7 +310,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(libna_na_backward, na_backward,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .RemainingRets()));
+                                  .RemainingRets())
+                                  .Attr<std::int64_t>("with_dlse"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(libna_na_additional_forward, na_additional_forward,
                               ffi::Ffi::Bind()
@@ -319,6 +331,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(libna_na_additional_backward, na_additional_backwa
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .RemainingArgs()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()

@@ -238,12 +238,13 @@ LIBNA_API Plan plan_na_qk(const TensorView& q, const TensorView& k, const Tensor
                           const NaParams& params);
 // Inputs: attn, v. Outputs: out.
 LIBNA_API Plan plan_na_av(const TensorView& attn, const TensorView& v, const NaParams& params);
-// Inputs: q, k, v, rpb (optional), out, dout, lse.
-// Outputs: dq, dk, dv, drpb (wanted when rpb is given).
+// Inputs: q, k, v, rpb (optional), out, dout, lse, dlse (optional: the
+// gradient of lse, when the forward's lse feeds the loss; [B, *spatial,
+// heads] in lse's dtype). Outputs: dq, dk, dv, drpb (wanted when rpb is given).
 LIBNA_API Plan plan_na_backward(const TensorView& q, const TensorView& k, const TensorView& v,
                                 const TensorView* rpb, const TensorView& out,
                                 const TensorView& dout, const TensorView& lse,
-                                const NaParams& params);
+                                const NaParams& params, const TensorView* dlse = nullptr);
 // Inputs: dattn, q, k, rpb (optional).
 // Outputs: dq, dk, drpb (wanted when rpb, whose shape drpb takes, is given).
 LIBNA_API Plan plan_na_qk_backward(const TensorView& dattn, const TensorView& q,
@@ -257,13 +258,14 @@ LIBNA_API Plan plan_na_av_backward(const TensorView& dout, const TensorView& att
 LIBNA_API Plan plan_na_additional_forward(const TensorView& q, const TensorView& additional_keys,
                                           const TensorView& additional_values,
                                           const NaParams& params, bool with_lse);
-// Inputs: q, additional_keys, additional_values, out, dout, lse.
+// Inputs: q, additional_keys, additional_values, out, dout, lse, dlse (optional).
 // Outputs: dq, d(additional_keys), d(additional_values).
 LIBNA_API Plan plan_na_additional_backward(const TensorView& q,
                                            const TensorView& additional_keys,
                                            const TensorView& additional_values,
                                            const TensorView& out, const TensorView& dout,
-                                           const TensorView& lse, const NaParams& params);
+                                           const TensorView& lse, const NaParams& params,
+                                           const TensorView* dlse = nullptr);
 // Inputs: outs..., lses.... Outputs: out, lse.
 LIBNA_API Plan plan_merge_attentions(const std::vector<TensorView>& outs,
                                      const std::vector<TensorView>& lses);

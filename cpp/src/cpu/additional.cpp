@@ -155,7 +155,11 @@ void additional_backward(const detail::AdditionalBackwardArgs& a) {
       load_row(q + rows.offset(a.q, row), a.q.strides[n + 2], dim, qrow.data());
       load_row(dout + rows.offset(a.dout, row), a.dout.strides[n + 2], dim_v, dorow.data());
       load_row(out + rows.offset(a.out, row), a.out.strides[n + 2], dim_v, orow.data());
-      const Acc d = dot(dorow.data(), orow.data(), dim_v);
+      Acc d = dot(dorow.data(), orow.data(), dim_v);
+      if (a.dlse != nullptr) {  // the lse gradient enters the row term
+        d -= load<Acc>(static_cast<const Acc*>(a.dlse->data) + row.b * a.dlse->strides[0] +
+                       offset_of(*a.dlse, 1, n, row.position) + row.h * a.dlse->strides[n + 1]);
+      }
       row_term[r] = d;
       const Acc l = lse_of(row);
       std::fill(dq.begin(), dq.end(), Acc(0));

@@ -172,6 +172,13 @@ void na_backward(const detail::BackwardArgs& args) {
   const auto lse_at = [&](std::int64_t b, const std::int64_t* c, std::int64_t h) {
     return backward_lse(load<Acc>(lse_data + row_offset<Rank>(lse, b, c, 0) + h * lse.strides[Rank + 1]));
   };
+  // The lse gradient, when given, enters the row terms: D_i = dout_i.out_i - dlse_i.
+  const auto dlse_at = [&](std::int64_t b, const std::int64_t* c, std::int64_t h) {
+    if (args.dlse == nullptr) return Acc(0);
+    const TensorView& dl = *args.dlse;
+    return load<Acc>(static_cast<const Acc*>(dl.data) + row_offset<Rank>(dl, b, c, 0) +
+                     h * dl.strides[Rank + 1]);
+  };
 
   const BiasBuffer<Rank, Acc> bias_layout(p, g.heads);
   const std::vector<Acc> bias = args.rpb ? bias_layout.template load_from<T>(*args.rpb)
@@ -208,7 +215,7 @@ void na_backward(const detail::BackwardArgs& args) {
         load_row(dout_data + row_offset<Rank>(dout, b, c, h), dout.strides[Rank + 2], Acc(1),
                  s.dout_row.data(), dim_v);
         const Acc d_i = dot(s.dout_row.data(), out_data + row_offset<Rank>(out, b, c, h),
-                            dim_v, out.strides[Rank + 2]);
+                            dim_v, out.strides[Rank + 2]) - dlse_at(b, c, h);
         row_term[row_index(b, c, h)] = d_i;
         const Acc lse_i = lse_at(b, c, h);
         const T* k_head = k_data + b * k.strides[0] + hk * k.strides[Rank + 1];

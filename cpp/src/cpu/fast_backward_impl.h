@@ -596,6 +596,8 @@ void store_row_terms(const detail::BackwardArgs& args, const Geometry<Rank>& g,
   const T* out = static_cast<const T*>(args.out.data);
   const T* dout = static_cast<const T*>(args.dout.data);
   const float* lse_in = static_cast<const float*>(args.lse.data);
+  // The lse gradient, when given, enters the row terms: D = dout . out - dlse.
+  const float* dlse_in = args.dlse ? static_cast<const float*>(args.dlse->data) : nullptr;
   const std::int64_t dim_v = args.out.shape[Rank + 2];
   const std::int64_t od = args.out.strides[Rank + 2], dd = args.dout.strides[Rank + 2];
   parallel_for(g.batch * layout.rows, 1, [&](std::int64_t begin, std::int64_t end) {
@@ -612,7 +614,10 @@ void store_row_terms(const detail::BackwardArgs& args, const Geometry<Rank>& g,
           float dot = 0.0f;
           for (std::int64_t d = 0; d < dim_v; ++d) dot += load<float>(o + d * od) * load<float>(d_o + d * dd);
           const std::int64_t at = ((b * g.heads + h) * layout.rows + row) * layout.width + col;
-          delta[at] = dot;
+          delta[at] = dlse_in == nullptr
+                          ? dot
+                          : dot - load<float>(dlse_in + row_offset<Rank>(*args.dlse, b, c, 0) +
+                                              h * args.dlse->strides[Rank + 1]);
           lse[at] = backward_lse(
               load<float>(lse_in + row_offset<Rank>(args.lse, b, c, 0) + h * args.lse.strides[Rank + 1]));
         }

@@ -105,36 +105,26 @@ def _forward(params, q, k, v, rpb, xk, xv):
     return out, lse
 
 
-def _append_column(x, column):
-    return jnp.concatenate([x, column.astype(x.dtype)[..., None]], axis=-1)
-
-
 def _backward(params, residuals, dout, dlse):
     """Cotangents of (q, k, v, rpb, xk, xv): both parts' gradients from the
-    merged out and lse; an lse cotangent folds in as an extra value column
-    (ones in v, zero in out, dlse in dout)."""
+    merged out and lse; an lse cotangent (dlse) enters the kernels' row terms."""
     q, k, v, rpb, xk, xv, out, lse = residuals
-    if dlse is not None:
-        v = _append_column(v, jnp.ones(v.shape[:-1], v.dtype))
-        xv = None if xv is None else _append_column(xv, jnp.ones(xv.shape[:-1], xv.dtype))
-        out = _append_column(out, jnp.zeros(out.shape[:-1], out.dtype))
-        dout = _append_column(dout, dlse)
     rpb_args = () if rpb is None else (rpb,)
-    results = _plan("na_backward", [q, k, v, rpb, out, dout, lse], params)
+    dlse_args = () if dlse is None else (dlse,)
+    results = _plan("na_backward", [q, k, v, rpb, out, dout, lse, dlse], params)
     grads = _call("libna_na_backward", tuple(r for r in results if r is not None), q, k, v,
-                  out, dout, lse, *rpb_args, **_na_attrs(params))
+                  out, dout, lse, *rpb_args, *dlse_args, **_na_attrs(params),
+                  with_dlse=np.int64(dlse is not None))
     dq, dk, dv = grads[:3]
     drpb = grads[3] if rpb is not None else None
     dxk = dxv = None
     if xk is not None:
         dq_extra, dxk, dxv = _call(
             "libna_na_additional_backward",
-            _plan("na_additional_backward", [q, xk, xv, out, dout, lse], params), q, xk, xv,
-            out, dout, lse, rank=np.int64(len(params[0])), scale=np.float64(params[4]))
+            _plan("na_additional_backward", [q, xk, xv, out, dout, lse, dlse], params), q, xk,
+            xv, out, dout, lse, *dlse_args, rank=np.int64(len(params[0])),
+            scale=np.float64(params[4]))
         dq = dq + dq_extra
-    if dlse is not None:
-        dv = dv[..., :-1]
-        dxv = None if dxv is None else dxv[..., :-1]
     return dq, dk, dv, drpb, dxk, dxv
 
 

@@ -24,9 +24,8 @@ return None). With additional keys, one backward call gives the gradients of
 both parts from the merged out and lse.
 
 The fused op saves q, k, v, out and lse (and rpb) for its backward, never the
-attention matrix. The gradient of lse is supported too: it is folded into the
-single fused backward call by appending a ones column to v, a zero column to
-out and the lse gradient as a column of dout.
+attention matrix. The gradient of lse is supported too: the fused backward
+takes it (dlse) into its row terms, D_i = dout_i . out_i - dlse_i.
 
 The wrappers (``na``, ``na_qk``, ``na_av`` and ``na{1,2,3}d*``) normalise the
 arguments, apply autocast (inside ``torch.autocast`` floating inputs other
@@ -157,13 +156,15 @@ def na_backward(
     scale: float,
     additional_keys: Optional[Tensor] = None,
     additional_values: Optional[Tensor] = None,
+    dlse: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of na_forward: (dq, dk, dv, drpb, d_additional_keys,
-    d_additional_values); the optional ones are empty when not given."""
+    d_additional_values); the optional ones are empty when not given. dlse
+    (optional) is the gradient of lse."""
     grads = list(_ops.na_backward(
         len(kernel_size), q, k, v, out, dout, lse, tuple(kernel_size), stride=tuple(stride),
         dilation=tuple(dilation), is_causal=tuple(is_causal), scale=float(scale), rpb=rpb,
-        additional_keys=additional_keys, additional_values=additional_values))
+        additional_keys=additional_keys, additional_values=additional_values, dlse=dlse))
     if rpb is None:
         grads.insert(3, q.new_empty(0))
     if additional_keys is None:
@@ -173,13 +174,13 @@ def na_backward(
 
 @na_backward.register_fake
 def _(q, k, v, out, dout, lse, rpb, kernel_size, stride, dilation, is_causal, scale,
-      additional_keys=None, additional_values=None):
-    grads = _planned("na_backward", [q, k, v, rpb, out, dout, lse], kernel_size, stride,
+      additional_keys=None, additional_values=None, dlse=None):
+    grads = _planned("na_backward", [q, k, v, rpb, out, dout, lse, dlse], kernel_size, stride,
                      dilation, is_causal, scale)
     if additional_keys is None:
         return (*grads, q.new_empty(0), q.new_empty(0))
     return (*grads, *_planned("na_additional_backward",
-                              [q, additional_keys, additional_values, out, dout, lse],
+                              [q, additional_keys, additional_values, out, dout, lse, dlse],
                               kernel_size, scale=scale)[1:])
 
 
@@ -307,11 +308,6 @@ def _na_forward_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _with_lse_column(x, column):
-    """x with `column` ([..., 1]) appended along the last axis."""
-    return None if x is None else torch.cat([x, column.to(x.dtype)], dim=-1)
-
-
 def _na_forward_backward(ctx, dout, dlse):
     q, k, v, out, lse, rpb, xk, xv = ctx.saved_tensors
     kernel_size, stride, dilation, is_causal, scale = ctx.params
@@ -320,22 +316,10 @@ def _na_forward_backward(ctx, dout, dlse):
         return no_grads
     if dout is None:
         dout = torch.zeros_like(out)
-    if dlse is not None:
-        # d lse / d logits = softmax probabilities p, so the lse gradient adds
-        # p * dlse to the logits' gradient p * (dout.v_j - dout.out). With a
-        # ones column appended to v (and to the additional values), a zero
-        # column to out and dlse to dout, one fused backward computes
-        # p * (dout.v_j + dlse - dout.out).
-        ones = v.new_ones((*v.shape[:-1], 1))
-        v = _with_lse_column(v, ones)
-        xv = None if xv is None else _with_lse_column(xv, xv.new_ones((*xv.shape[:-1], 1)))
-        out = _with_lse_column(out, out.new_zeros((*out.shape[:-1], 1)))
-        dout = _with_lse_column(dout, dlse.unsqueeze(-1))
+    # d lse / d logits = the softmax probabilities p, so an lse gradient adds
+    # p * dlse to the logits' gradient: the kernels take it in their row terms.
     dq, dk, dv, drpb, dxk, dxv = na_backward(q, k, v, out, dout, lse, rpb, kernel_size, stride,
-                                             dilation, is_causal, scale, xk, xv)
-    if dlse is not None:
-        dv = dv[..., :-1]
-        dxv = None if xv is None else dxv[..., :-1]
+                                             dilation, is_causal, scale, xk, xv, dlse)
     return (dq, dk, dv, (drpb if rpb is not None else None), None, None, None, None, None,
             (dxk if xk is not None else None), (dxv if xv is not None else None))
 
