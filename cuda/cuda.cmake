@@ -40,13 +40,24 @@ endforeach()
 target_sources(libna_core PRIVATE ${LIBNA_CUDA_SOURCES})
 set_source_files_properties(${LIBNA_CUDA_SOURCES} PROPERTIES LANGUAGE CUDA)
 target_include_directories(libna_core PRIVATE ${CMAKE_CURRENT_LIST_DIR})
+# The CUDA runtime is linked statically (the wheel then needs only the driver's
+# libcuda.so.1); the CUDA units hide their symbols as the C++ ones do, so that
+# only the LIBNA_API functions are exported.
 set_target_properties(libna_core PROPERTIES
   CUDA_ARCHITECTURES "${LIBNA_CUDA_ARCHS}"
   CUDA_RUNTIME_LIBRARY Static
+  CUDA_VISIBILITY_PRESET hidden
   CUDA_STANDARD 17
   CUDA_STANDARD_REQUIRED ON
 )
-string(REPLACE ";" "," LIBNA_CUDA_ARCHS_CSV "${LIBNA_CUDA_ARCHS}")
+# build_info()["cuda_architectures"] lists the architectures with machine code
+# (SASS): "80-real;90" (SASS for sm_80 and sm_90, and sm_90's PTX, which the
+# driver compiles for newer GPUs) reports sm_80 and sm_90; a "-virtual" entry,
+# PTX only, is not listed.
+set(LIBNA_CUDA_SASS_ARCHS ${LIBNA_CUDA_ARCHS})
+list(FILTER LIBNA_CUDA_SASS_ARCHS EXCLUDE REGEX "-virtual$")
+list(TRANSFORM LIBNA_CUDA_SASS_ARCHS REPLACE "-real$" "")
+string(REPLACE ";" "," LIBNA_CUDA_ARCHS_CSV "${LIBNA_CUDA_SASS_ARCHS}")
 target_compile_definitions(libna_core PRIVATE
   LIBNA_CUDA_ARCHITECTURES="${LIBNA_CUDA_ARCHS_CSV}")
 # Warnings are errors in the CUDA sources (device and host side).

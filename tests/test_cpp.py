@@ -1,9 +1,14 @@
 """Builds the C++ example (examples/cpp) and the C++ tests (tests/cpp) against
-the installed package with CMake, runs them, and checks their output."""
+the installed package with CMake (and the example also as a scikit-build-core
+project that finds libna through its cmake.root entry point), runs them, and
+checks their output."""
 
 import os
+import re
 import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -62,13 +67,46 @@ def run(exe, env=None):
     return result
 
 
-def test_cpp_example(cmake, tmp_path):
-    out = run(build(cmake, ROOT / "examples" / "cpp", tmp_path / "example", "na2d_example")).stdout
+def check_example_output(out):
     lines = out.splitlines()
     assert lines[0].startswith(f"libna {libna.__version__} (backends: cpu"), out
     checks = [line for line in lines if "max |out err|" in line]
     assert len(checks) == 3 and all(line.endswith(": ok") for line in checks), out
     assert lines[-1] == "all cases match the naive loop", out
+
+
+def test_cpp_example(cmake, tmp_path):
+    check_example_output(
+        run(build(cmake, ROOT / "examples" / "cpp", tmp_path / "example", "na2d_example")).stdout)
+
+
+def test_cpp_example_as_scikit_build_core_project(cmake, tmp_path):
+    """examples/cpp/pyproject.toml lists libna in its build-system.requires;
+    scikit-build-core then finds it through libna's cmake.root entry point
+    (libna_ROOT), with no libna_DIR and with its site-packages search off, so
+    that nothing else could have found it. Built with this environment's
+    packages (no isolation, nothing downloaded); the program runs from the
+    wheel's layout next to the installed libna package."""
+    pytest.importorskip("scikit_build_core",
+                        reason="scikit-build-core is not installed (pip install '.[test]')")
+    build_dir, dist, site = tmp_path / "build", tmp_path / "dist", tmp_path / "site"
+    cmd = [sys.executable, "-m", "pip", "wheel", str(ROOT / "examples" / "cpp"), "--no-deps",
+           "--no-build-isolation", "--check-build-dependencies", "--wheel-dir", str(dist),
+           "-C", f"build-dir={build_dir}", "-C", "search.site-packages=false"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+    cache = (build_dir / "CMakeCache.txt").read_text()
+    package = Path(libna.__file__).resolve().parent
+    found = dict(re.findall(r"^(libna_ROOT|libna_DIR):PATH=(.*)$", cache, re.M))
+    assert Path(found["libna_ROOT"]).resolve() == package, found
+    assert Path(found["libna_DIR"]).resolve() == Path(libna.cmake_dir()).resolve(), found
+    (wheel,) = dist.glob("libna_example-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)
+    (site / "libna").symlink_to(package, target_is_directory=True)
+    exe = site / "libna_example" / "na2d_example"
+    exe.chmod(0o755)
+    check_example_output(run(exe).stdout)
 
 
 def test_cpp_core(cpp_tests):

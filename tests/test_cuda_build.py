@@ -8,7 +8,12 @@ within the per-block limit.
 The resource usage comes from `cuobjdump --dump-resource-usage` of the
 installed library when cuobjdump is on PATH, else from the ptxas report
 (nvcc --resource-usage) that the build records next to the library
-(lib/libna_cuda_resource_usage.txt)."""
+(lib/libna_cuda_resource_usage.txt).
+
+What the wheel ships (docs/release.md): the CUDA runtime linked statically,
+machine code (SASS) for each reported architecture and PTX for the newest
+one, which the driver compiles for GPUs newer than any of them; and only
+libna's API among the library's exported symbols."""
 
 import re
 import shutil
@@ -153,6 +158,39 @@ def test_tensor_core_kernels_compiled_for_sm80_and_later(usage):
             assert u["regs"] >= 64, f"{kernel} ({arch}) looks empty: {u}"
             assert not u["spill"] and not u["stack"], f"{kernel} ({arch}) spills: {u}"
             assert 0 < u["smem"] <= SMEM_LIMIT, f"{kernel} ({arch}) shared memory: {u}"
+
+
+def tool_output(tool, *args):
+    exe = shutil.which(tool)
+    if exe is None:
+        pytest.skip(f"{tool} is not on PATH")
+    result = subprocess.run([exe, *args, str(library())], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_cuda_runtime_is_linked_statically():
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(.*?)\]",
+                        tool_output("readelf", "-d"))
+    assert needed and not [n for n in needed if n.startswith(("libcudart", "libcuda."))], needed
+
+
+def test_sass_for_each_architecture_and_ptx_for_the_newest():
+    archs = set(libna.build_info()["cuda_architectures"])
+    sass = set(re.findall(r"\.(sm_\d+a?)\.cubin", tool_output("cuobjdump", "--list-elf")))
+    ptx = set(re.findall(r"\.(sm_\d+a?)\.ptx", tool_output("cuobjdump", "--list-ptx")))
+    assert sass == archs, (sass, archs)
+    newest = max(archs, key=lambda a: int(re.sub(r"\D", "", a)))
+    assert newest in ptx, (ptx, newest)
+
+
+def test_only_libna_api_is_exported():
+    """The CUDA units are compiled with hidden visibility, like the C++ ones:
+    the backend's entry points and kernels' launchers stay inside."""
+    symbols = tool_output("nm", "-D", "--defined-only", "-C").splitlines()
+    internal = [s for s in symbols if re.search(r"libna::cuda(_impl)?::", s)]
+    assert not internal, internal[:10]
 
 
 def test_library_holds_forward_and_backward_kernels():
