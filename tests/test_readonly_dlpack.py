@@ -108,7 +108,7 @@ def test_read_only_arrays_of_another_producer_are_read(rng):
 
 @pytest.mark.parametrize("read_only", [True, False], ids=["read-only", "writable"])
 def test_read_only_output_is_refused(rng, read_only):
-    """libna._C.na_forward writes `out` into whatever its allocator returns:
+    """libna._C.call("na", ...) writes `out` into whatever its allocator returns:
     a read-only array is refused before any kernel runs; the same memory
     offered writable receives the result."""
     q, k, v = _qkv(rng)
@@ -119,15 +119,15 @@ def test_read_only_output_is_refused(rng, read_only):
         assert (tuple(shape), dtype) == (q.shape, "float32")
         return block
 
-    call = (1, q, k, v, None, [3], [1], [1], [False], None, False, alloc, False, 0)
+    call = ("na", [q, k, v, None], 1, [3], [1], [1], [False], None, False, alloc, False, 0)
     if read_only:
         with pytest.raises(RuntimeError, match=r"\[na1d\] the allocator returned an object "
                                                r"that is not a writable DLPack array for "
                                                r"output out"):
-            libna._C.na_forward(*call)
+            libna._C.call(*call)
         np.testing.assert_array_equal(block.values(), sentinel)
     else:
-        out, lse = libna._C.na_forward(*call)
+        out, lse = libna._C.call(*call)
         assert out is block and lse is None
         np.testing.assert_allclose(block.values(), reference.na1d(q, k, v, 3),
                                    rtol=1e-5, atol=1e-5)
