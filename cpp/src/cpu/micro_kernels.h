@@ -11,7 +11,6 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
-#include <utility>
 
 #include "cpu/lane_windows.h"
 #include "cpu/simd.h"
@@ -22,19 +21,6 @@ namespace libna::cpu::LIBNA_SIMD_NS {
 using simd::f32x8;
 using simd::i32x8;
 using simd::kLanes;
-
-// Calls fn(std::integral_constant<int, count>()) when 1 <= count <= Max (the
-// remainders of a register-blocked loop); nothing otherwise.
-template <typename Fn, int... I>
-LIBNA_ALWAYS_INLINE void with_count(std::int64_t count, const Fn& fn,
-                                    std::integer_sequence<int, I...>) {
-  (void)((count == I + 1 && (fn(std::integral_constant<int, I + 1>()), true)) || ...);
-}
-
-template <int Max, typename Fn>
-LIBNA_ALWAYS_INLINE void with_count(std::int64_t count, const Fn& fn) {
-  with_count(count, fn, std::make_integer_sequence<int, Max>());
-}
 
 // logits[r][j] (8 lanes) = sum_d q[d] * key(r, d, j) for R key rows and N
 // window positions j, where q[d] is the 8 floats at q + d * q_stride and
@@ -70,11 +56,20 @@ void qk_window(const float* q, std::int64_t q_stride, const float* const* keys,
                std::int64_t width,
                std::int64_t dim, std::int64_t window, float* const* logits) {
   constexpr int kN = tuning::kQkWindowPositions;
+  static_assert(kN >= 1 && kN <= 7, "the remainder switch below covers 1 to 6 positions");
   std::int64_t j = 0;
   for (; window - j >= kN; j += kN) qk_chunk<R, kN>(q, q_stride, keys, j, width, dim, logits);
-  with_count<kN - 1>(window - j, [&](auto n) {
-    qk_chunk<R, decltype(n)::value>(q, q_stride, keys, j, width, dim, logits);
-  });
+  // (A switch: a fold expression doing the same changed how GCC 12 cloned
+  // and inlined qk_rows.)
+  switch (window - j) {
+    case 1: qk_chunk<R, 1>(q, q_stride, keys, j, width, dim, logits); break;
+    case 2: qk_chunk<R, 2>(q, q_stride, keys, j, width, dim, logits); break;
+    case 3: qk_chunk<R, 3>(q, q_stride, keys, j, width, dim, logits); break;
+    case 4: qk_chunk<R, 4>(q, q_stride, keys, j, width, dim, logits); break;
+    case 5: qk_chunk<R, 5>(q, q_stride, keys, j, width, dim, logits); break;
+    case 6: qk_chunk<R, 6>(q, q_stride, keys, j, width, dim, logits); break;
+    default: break;
+  }
 }
 
 // logits[r][j][lane] = sum_d q[d * q_stride + lane] * keys[r][d * width + j
@@ -86,17 +81,18 @@ inline void qk_rows(const float* q, std::int64_t q_stride,
                     const float* const* keys, std::int64_t n_rows,
                     std::int64_t width, std::int64_t dim, std::int64_t window,
                     float* logits) {
-  // kR key rows at a time, then the rows left.
-  const auto rows = [&](std::int64_t r, auto n) {
-    constexpr int kRows = decltype(n)::value;
-    float* out[kRows];
-    for (int i = 0; i < kRows; ++i) out[i] = logits + (r + i) * window * kLanes;
-    qk_window<kRows>(q, q_stride, keys + r, width, dim, window, out);
-  };
   constexpr int kR = tuning::kQkKeyRows;
+  static_assert(kR == 1 || kR == 2, "the remainder below is one row");
   std::int64_t r = 0;
-  for (; r + kR <= n_rows; r += kR) rows(r, std::integral_constant<int, kR>());
-  with_count<kR - 1>(n_rows - r, [&](auto n) { rows(r, n); });
+  for (; r + kR <= n_rows; r += kR) {
+    float* out[kR];
+    for (int i = 0; i < kR; ++i) out[i] = logits + (r + i) * window * kLanes;
+    qk_window<kR>(q, q_stride, keys + r, width, dim, window, out);
+  }
+  if (r < n_rows) {
+    float* const out[1] = {logits + r * window * kLanes};
+    qk_window<1>(q, q_stride, keys + r, width, dim, window, out);
+  }
 }
 
 // out[j] (8 lanes) = (out[j] if accumulate) + the sum over key rows r and
@@ -105,7 +101,6 @@ inline void qk_rows(const float* q, std::int64_t q_stride,
 // outside [lo, hi) in that lane) counts as 0: its probability is 0, but the
 // value may be inf or NaN, and 0 * NaN would carry it to a query that never
 // sees it.
-static_assert(tuning::kPvChannels <= 8, "pv_chunk unrolls its zeroing loop 8 times");
 template <int N, bool Masked>
 void pv_chunk(const float* probs, const float* const* value_rows,
               std::int64_t key_rows, std::int64_t window, std::int64_t width,
@@ -173,8 +168,18 @@ inline void pv_range(const float* probs, const float* const* value_rows,
     }
   };
   constexpr int kN = tuning::kPvChannels;
+  static_assert(kN >= 1 && kN <= 8, "the remainder switch below covers 1 to 7 channels");
   for (; d + kN <= dim_v; d += kN) chunk(std::integral_constant<int, kN>());
-  with_count<kN - 1>(dim_v - d, chunk);
+  switch (dim_v - d) {
+    case 1: chunk(std::integral_constant<int, 1>()); break;
+    case 2: chunk(std::integral_constant<int, 2>()); break;
+    case 3: chunk(std::integral_constant<int, 3>()); break;
+    case 4: chunk(std::integral_constant<int, 4>()); break;
+    case 5: chunk(std::integral_constant<int, 5>()); break;
+    case 6: chunk(std::integral_constant<int, 6>()); break;
+    case 7: chunk(std::integral_constant<int, 7>()); break;
+    default: break;
+  }
 }
 
 }  // namespace libna::cpu::LIBNA_SIMD_NS
