@@ -11,6 +11,7 @@
 
 #include "backend.h"
 #include "dispatch.h"
+#include "cpu/tuning.h"
 #include "thread_pool.h"
 
 namespace libna::cpu {
@@ -92,7 +93,7 @@ void additional_forward(const detail::AdditionalArgs& a) {
   const T* k = static_cast<const T*>(a.k.data);
   const T* v = static_cast<const T*>(a.v.data);
   T* out = static_cast<T*>(a.out.data);
-  parallel_for(rows.count(), 16, [&](std::int64_t begin, std::int64_t end) {
+  parallel_for(rows.count(), tuning::kAdditionalRowsPerTask, [&](std::int64_t begin, std::int64_t end) {
     std::vector<Acc> qrow(dim), krow(dim), logits(keys), acc(dim_v);
     for (std::int64_t r = begin; r < end; ++r) {
       const auto row = rows.row(r);
@@ -147,7 +148,7 @@ void additional_backward(const detail::AdditionalBackwardArgs& a) {
   // Row term D = dout . out of the merged attention, one per query row.
   std::vector<Acc> row_term(static_cast<std::size_t>(rows.count()));
   // Query pass: dq = scale * sum_j dS_j k_j, dS_j = P_j (dout . v_j - D).
-  parallel_for(rows.count(), 16, [&](std::int64_t begin, std::int64_t end) {
+  parallel_for(rows.count(), tuning::kAdditionalRowsPerTask, [&](std::int64_t begin, std::int64_t end) {
     std::vector<Acc> qrow(dim), krow(dim), vrow(dim_v), dorow(dim_v), orow(dim_v), dq(dim);
     for (std::int64_t r = begin; r < end; ++r) {
       const auto row = rows.row(r);
@@ -220,7 +221,7 @@ void merge(const detail::MergeArgs& a) {
   const int rows_ndim = first.ndim - 1;
   const std::int64_t rows = product(first, 0, rows_ndim), dim_v = first.shape[rows_ndim];
   const std::size_t parts = a.outs.size();
-  parallel_for(rows, 64, [&](std::int64_t begin, std::int64_t end) {
+  parallel_for(rows, tuning::kMergeRowsPerTask, [&](std::int64_t begin, std::int64_t end) {
     std::vector<Acc> part_lse(parts), acc(dim_v);
     for (std::int64_t r = begin; r < end; ++r) {
       Acc max = -std::numeric_limits<Acc>::infinity();
@@ -255,7 +256,7 @@ void merge_backward(const detail::MergeBackwardArgs& a) {
   const TensorView& first = a.outs[0];
   const int rows_ndim = first.ndim - 1;
   const std::int64_t rows = product(first, 0, rows_ndim), dim_v = first.shape[rows_ndim];
-  parallel_for(rows, 64, [&](std::int64_t begin, std::int64_t end) {
+  parallel_for(rows, tuning::kMergeRowsPerTask, [&](std::int64_t begin, std::int64_t end) {
     std::vector<Acc> dorow(dim_v), orow(dim_v);
     for (std::int64_t r = begin; r < end; ++r) {
       const Acc total = load<Acc>(static_cast<const Acc*>(a.lse.data) + offset_of(a.lse, 0, rows_ndim, r));

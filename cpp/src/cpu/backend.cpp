@@ -1,9 +1,9 @@
 // CPU backend entry points: dispatch rank and dtype once, to the kernels
 // instantiated per rank in the generated cpu_rank*.cpp files.
 #include "backend.h"
+#include "cpu/environment.h"
 #include "dispatch.h"
 
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -59,8 +59,7 @@ struct KernelChoice {
 };
 
 KernelChoice choose_kernel_set() {
-  const char* env = std::getenv("LIBNA_CPU_KERNELS");
-  const std::string value = env ? env : "";
+  const std::string& value = cpu_kernels_variable();
   const std::string choices = cpu_has_avx2_fma() ? "auto, portable, avx2" : "auto, portable";
   if (value.empty() || value == "auto") {
     return {cpu_has_avx2_fma() ? KernelSet::avx2 : KernelSet::portable, ""};

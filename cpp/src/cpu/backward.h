@@ -1,5 +1,7 @@
-// CPU gradient kernels, written once for every rank and dtype (instantiated
-// per rank by instantiate.cpp.in, like kernels.h).
+// The scalar CPU gradient kernels, written once for every rank and dtype and
+// run for float64 (instantiated per rank by instantiate.cpp.in, like
+// kernels.h). Its neighbourhood tables (AxisTable, Tables) serve the
+// vectorised kernels too.
 //
 // Every gradient is computed by gathering, so no two threads ever write the
 // same element and results do not depend on the thread count:
@@ -105,23 +107,24 @@ void list_queries(const Tables<Rank>& tables, const std::int64_t* key, const std
   }
 }
 
-// Queries per block in the query pass; each block owns one bias-gradient
-// partial, and partials are summed in block order (deterministic).
-inline constexpr std::int64_t kQueriesPerBlock = 64;
+// Each block of tuning::kScalarQueriesPerBlock queries in the query pass owns
+// one bias-gradient partial, and partials are summed in block order
+// (deterministic).
 
 // Runs query_fn(b, coords, bias_partial) over every query, in fixed blocks,
 // then sums the partials into `bias_grad` (when bias_size > 0).
 template <int Rank, typename Acc, typename QueryFn>
 void query_pass(const Geometry<Rank>& g, std::int64_t bias_size, std::vector<Acc>& bias_grad,
                 QueryFn&& query_fn) {
-  const std::int64_t blocks_per_batch = (g.tokens + kQueriesPerBlock - 1) / kQueriesPerBlock;
+  constexpr std::int64_t kBlock = tuning::kScalarQueriesPerBlock;
+  const std::int64_t blocks_per_batch = (g.tokens + kBlock - 1) / kBlock;
   const std::int64_t blocks = g.batch * blocks_per_batch;
   std::vector<std::vector<Acc>> partials(bias_size > 0 ? blocks : 0);
   parallel_for(blocks, 1, [&](std::int64_t begin, std::int64_t end) {
     for (std::int64_t block = begin; block < end; ++block) {
       const std::int64_t b = block / blocks_per_batch;
-      const std::int64_t first = (block % blocks_per_batch) * kQueriesPerBlock;
-      const std::int64_t last = std::min(g.tokens, first + kQueriesPerBlock);
+      const std::int64_t first = (block % blocks_per_batch) * kBlock;
+      const std::int64_t last = std::min(g.tokens, first + kBlock);
       Acc* partial = nullptr;
       if (bias_size > 0) {
         partials[block].assign(bias_size, Acc(0));
@@ -145,7 +148,7 @@ void query_pass(const Geometry<Rank>& g, std::int64_t bias_size, std::vector<Acc
 // Runs key_fn(b, coords) over every key position.
 template <int Rank, typename KeyFn>
 void key_pass(const Geometry<Rank>& g, KeyFn&& key_fn) {
-  parallel_for(g.batch * g.tokens, kTokensPerTask, [&](std::int64_t begin, std::int64_t end) {
+  parallel_for(g.batch * g.tokens, tuning::kScalarTokensPerTask, [&](std::int64_t begin, std::int64_t end) {
     for (std::int64_t item = begin; item < end; ++item) {
       std::int64_t c[Rank];
       g.coords(item % g.tokens, c);

@@ -14,6 +14,7 @@
 #include <sched.h>
 #endif
 
+#include "cpu/tuning.h"
 #include "libna/na.h"
 
 namespace libna::cpu {
@@ -31,7 +32,7 @@ int available_cores() {
 // else `fallback`, with a message naming the variable, its value and the
 // value used instead in `warnings`.
 std::int64_t read_integer(const char* variable, const std::string& expected, std::int64_t low,
-                          std::int64_t high, std::int64_t fallback, const char* fallback_is,
+                          std::int64_t high, std::int64_t fallback, const std::string& fallback_is,
                           std::vector<std::string>& warnings) {
   const char* text = std::getenv(variable);
   if (text == nullptr) return fallback;
@@ -69,7 +70,8 @@ const Parsed& parsed() {
         p.warnings));
     p.settings.saved_probs_bytes = read_integer(
         "LIBNA_CPU_SAVED_PROBS_BYTES", "a whole number of bytes (0 or more)", 0,
-        std::numeric_limits<std::int64_t>::max(), std::int64_t{16} << 20, " (16 MiB, the default)",
+        std::numeric_limits<std::int64_t>::max(), tuning::kDefaultSavedProbsBytes,
+        " (" + std::to_string(tuning::kDefaultSavedProbsBytes >> 20) + " MiB, the default)",
         p.warnings);
     return p;
   }();
@@ -80,6 +82,14 @@ const Parsed& parsed() {
 std::atomic<bool> warnings_reported{false};
 
 }  // namespace
+
+const std::string& cpu_kernels_variable() {
+  static const std::string value = [] {
+    const char* text = std::getenv("LIBNA_CPU_KERNELS");
+    return std::string(text ? text : "");
+  }();
+  return value;
+}
 
 const Environment& environment() {
   const Parsed& p = parsed();

@@ -1,18 +1,25 @@
-// The CPU backend's LIBNA_* environment variables, read once per process.
+// The CPU backend's LIBNA_* environment variables, read once per process:
+// the only place the library reads its environment.
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace libna::cpu {
 
 struct Environment {
   int num_threads;                 // LIBNA_NUM_THREADS, else the cores this process may use
-  std::int64_t saved_probs_bytes;  // LIBNA_CPU_SAVED_PROBS_BYTES, else 16 MiB
+  std::int64_t saved_probs_bytes;  // LIBNA_CPU_SAVED_PROBS_BYTES, else 16 MiB (tuning.h)
 };
 
 // The first call reads the variables; an invalid value is replaced by the
 // default, with one line on stderr for it unless environment_warnings() has
 // handed the messages to its caller first (as the Python package does).
 const Environment& environment();
+
+// LIBNA_CPU_KERNELS ("" when unset), read at the first call: the first CPU
+// op or build_info(), which is later than environment() may be read (the
+// kernel set is checked by backend.cpp, which refuses a bad value).
+const std::string& cpu_kernels_variable();
 
 }  // namespace libna::cpu

@@ -13,7 +13,10 @@
 // carried came out wrong). The headers shared with the rest of the library
 // are included first, outside the region, so that their inline functions and
 // templates are never compiled for AVX2: the linker keeps one copy of each,
-// and it must run on every CPU.
+// and it must run on every CPU. The kernels' own headers (fused_forward.h,
+// fused_backward.h, unfused.h and what they include: simd.h, lanes.h and the
+// pieces between) are included inside it, and may include only standard
+// headers that this list includes first.
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -32,16 +35,18 @@
 
 #include "backend.h"
 #include "cpu/backward.h"
+#include "cpu/environment.h"
 #include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
+#include "cpu/tuning.h"
 #include "libna/window.h"
 #include "numeric.h"
 
 LIBNA_SIMD_BEGIN
 
-#include "cpu/fast_forward_impl.h"
-#include "cpu/fast_backward_impl.h"
-#include "cpu/fast_unfused_impl.h"
+#include "cpu/fused_forward.h"
+#include "cpu/fused_backward.h"
+#include "cpu/unfused.h"
 
 namespace libna::cpu::LIBNA_SIMD_NS {
 

@@ -1,6 +1,8 @@
-// CPU kernels, written once for every rank and dtype. This header holds the
-// definitions; each rank is instantiated in its own generated translation
-// unit (see instantiate.cpp.in), and backend.cpp dispatches to them.
+// The scalar CPU kernels, written once for every rank and dtype and run for
+// float64 (gradient checking). This header holds the definitions; each rank
+// is instantiated in its own generated translation unit (see
+// instantiate.cpp.in), and backend.cpp dispatches to them. Its geometry
+// (Geometry, row_offset, BiasBuffer) serves the vectorised kernels too.
 #pragma once
 
 #include <algorithm>
@@ -12,6 +14,7 @@
 #include "backend.h"
 #include "libna/window.h"
 #include "numeric.h"
+#include "cpu/tuning.h"
 #include "thread_pool.h"
 
 namespace libna::cpu {
@@ -179,9 +182,6 @@ inline void store_row(const Acc* x, Acc factor, T* y, std::int64_t stride, std::
   for (std::int64_t d = 0; d < n; ++d) store<T, Acc>(y + d * stride, factor * x[d]);
 }
 
-// Queries per parallel work item: enough to amortise scheduling.
-inline constexpr std::int64_t kTokensPerTask = 16;
-
 template <int Rank, typename T>
 void na_forward(const detail::ForwardArgs& args) {
   using Acc = acc_t<T>;
@@ -199,7 +199,7 @@ void na_forward(const detail::ForwardArgs& args) {
   Acc* lse_data = args.lse ? static_cast<Acc*>(args.lse->data) : nullptr;
   const Acc scale = static_cast<Acc>(args.scale);
 
-  parallel_for(g.batch * g.tokens, kTokensPerTask, [&](std::int64_t begin, std::int64_t end) {
+  parallel_for(g.batch * g.tokens, tuning::kScalarTokensPerTask, [&](std::int64_t begin, std::int64_t end) {
     KeyList keys;
     std::vector<Acc> q_row(dim), acc(dim_v), logits(args.params.window_size());
     for (std::int64_t item = begin; item < end; ++item) {
@@ -256,7 +256,7 @@ void na_qk(const detail::QkArgs& args) {
   T* attn_data = static_cast<T*>(attn.data);
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
 
-  parallel_for(g.batch * g.tokens, kTokensPerTask, [&](std::int64_t begin, std::int64_t end) {
+  parallel_for(g.batch * g.tokens, tuning::kScalarTokensPerTask, [&](std::int64_t begin, std::int64_t end) {
     KeyList keys;
     std::vector<Acc> q_row(dim);
     for (std::int64_t item = begin; item < end; ++item) {
@@ -297,7 +297,7 @@ void na_av(const detail::AvArgs& args) {
   const T* v_data = static_cast<const T*>(v.data);
   T* out_data = static_cast<T*>(out.data);
 
-  parallel_for(g.batch * g.tokens, kTokensPerTask, [&](std::int64_t begin, std::int64_t end) {
+  parallel_for(g.batch * g.tokens, tuning::kScalarTokensPerTask, [&](std::int64_t begin, std::int64_t end) {
     KeyList keys;
     std::vector<Acc> acc(dim_v);
     for (std::int64_t item = begin; item < end; ++item) {

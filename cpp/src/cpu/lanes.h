@@ -1,8 +1,9 @@
 // Moving the head vectors of eight tokens between the tensors' layout (one
 // token's [d] run after another, any strides, any of the storage types) and
 // the vectorised kernels' lane layout ([d][lane]: one f32x8 per channel),
-// through 8x8 register transposes. Included by fast_forward_impl.h inside
-// the per-instruction-set namespace.
+// through 8x8 register transposes. Included by the vectorised kernels'
+// headers (packing.h, lane_kernel.h) inside the per-instruction-set
+// namespace.
 #pragma once
 
 #include <algorithm>

@@ -10,6 +10,7 @@
 #include <cstring>
 
 #define LIBNA_ALWAYS_INLINE inline __attribute__((always_inline))
+#define LIBNA_NOINLINE __attribute__((noinline))
 
 namespace libna::cpu::LIBNA_SIMD_NS::simd {
 

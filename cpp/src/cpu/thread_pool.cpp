@@ -15,6 +15,7 @@
 #include <sched.h>
 #endif
 
+#include "cpu/tuning.h"
 #include "environment.h"
 #include "libna/na.h"
 
@@ -55,9 +56,8 @@ class Pool {
       return;
     }
     ensure_workers(threads - 1);
-    // About four chunks per thread balances load without much overhead.
-    const std::int64_t chunk =
-        std::max<std::int64_t>(grain, (n + 4 * threads - 1) / (4 * threads));
+    const std::int64_t chunks = tuning::kChunksPerThread * threads;
+    const std::int64_t chunk = std::max<std::int64_t>(grain, (n + chunks - 1) / chunks);
     {
       std::lock_guard<std::mutex> lock(state_mutex_);
       fn_ = &fn;

@@ -1,8 +1,29 @@
-// The vectorised unfused forward ops, included after fast_forward_impl.h by
-// fast_kernels_impl.h: na_qk (scores in the prod(kernel) slot layout) and
-// na_av (their weighted sum of values), built from the fused forward's lane
-// pieces. Both go through the lane layout [key row][window position][lane]
-// and move entries to or from each query's slots one lane at a time.
+// The vectorised unfused ops and their backward: na_qk (scores in the
+// prod(kernel) slot layout) and na_av (their weighted sum of values), built
+// from the fused kernels' lane pieces over whole packed tensors (pack()).
+// Both go through the lane layout [key row][window position][lane] and move
+// entries to or from each query's slots one lane at a time.
+// Included inside the per-instruction-set namespace and target region of
+// fast_kernels_impl.h (LIBNA_SIMD_NS), like every header of the vectorised
+// kernels.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "cpu/backward.h"
+#include "cpu/bias_grad.h"
+#include "cpu/kernels.h"
+#include "cpu/lane_kernel.h"
+#include "cpu/lane_windows.h"
+#include "cpu/micro_kernels.h"
+#include "cpu/neighbour_rows.h"
+#include "cpu/packed_layout.h"
+#include "cpu/packing.h"
+#include "cpu/thread_pool.h"
+#include "cpu/thread_scratch.h"
 
 namespace libna::cpu::LIBNA_SIMD_NS {
 

@@ -1,0 +1,143 @@
+// The vectorised fused forward (float32/float16/bfloat16; float64 keeps the
+// scalar kernel in kernels.h), included once per instruction set by
+// fast_kernels_impl.h inside its target region, with LIBNA_SIMD_NS defined.
+// The backward and the unfused ops are built from the same pieces.
+//
+// The idea: put 8 consecutive queries of one dilation group along the last
+// spatial axis in SIMD lanes (lane_windows.h). Their windows along that axis
+// are the same shape shifted by one position each (away from the borders),
+// and along the other axes they are identical (neighbour_rows.h). With K and
+// V repacked head-dim-major and group-contiguous ("[row][d][col]",
+// packed_layout.h, packing.h), the keys of all 8 lanes at one window offset
+// are a single contiguous load, so Q.K and P.V become FMAs with no
+// broadcasts, no wasted products and no horizontal sums (micro_kernels.h).
+// Blocks where the windows do not shift in step (borders, causal starts,
+// stride > 1, partial blocks) read the same way over the smallest range that
+// covers every lane's window, and mask each lane outside its own; the packed
+// rows carry zero columns around each dilation group for the reads that fall
+// outside it.
+//
+// Work items are (b, h, column tile, row), rows innermost (column_tiles.h),
+// and each thread packs the rows an item reads, only the tile's columns, into
+// its own small cache (row_cache.h): consecutive rows of a tile share all but
+// a few key rows, so packed data is reused from cache and never written out
+// as a full-size copy.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "cpu/column_tiles.h"
+#include "cpu/kernels.h"
+#include "cpu/lane_kernel.h"
+#include "cpu/lane_windows.h"
+#include "cpu/micro_kernels.h"
+#include "cpu/neighbour_rows.h"
+#include "cpu/packed_layout.h"
+#include "cpu/packing.h"
+#include "cpu/row_cache.h"
+#include "cpu/tuning.h"
+
+namespace libna::cpu::LIBNA_SIMD_NS {
+
+template <int Rank, typename T>
+struct Forward : LaneKernel<Rank, T> {
+  using Base = LaneKernel<Rank, T>;
+  using Base::g;
+  const detail::ForwardArgs& args;
+  const PackSource<Rank, T> q, k, v;  // q times the softmax scale
+  const ColumnTiles tiles;
+  const TileColumns columns;
+
+  // Per-thread working memory.
+  struct Scratch {
+    std::vector<float> out;  // [d][lane]
+    std::vector<float> logits;
+    RowList key_rows;
+    std::vector<const float*> key_ptrs, value_rows;
+    RowCaches rows;  // a: q (own) and k (window); b: v (window)
+  };
+
+  Forward(const detail::ForwardArgs& a, const Geometry<Rank>& geometry,
+          const ColumnLayout& columns_layout)
+      : Base(geometry, columns_layout, a.k, a.v, a.params, a.rpb, a.scale), args(a),
+        q(a.q, geometry, columns_layout, static_cast<float>(a.scale)),
+        k(a.k, geometry, columns_layout, 1.0f), v(a.v, geometry, columns_layout, 1.0f),
+        tiles(columns_layout, geometry.window_rows(), this->k_dim + this->v_dim),
+        columns(*this, tiles, [&](std::int64_t grp, std::int64_t i0, std::int64_t lanes) {
+          return query_lanes(this->last(), columns_layout.group_len[grp], i0, lanes);
+        }) {
+    this->set_row_stride(columns.own, columns.window);
+  }
+
+  void start(Scratch& s) const {
+    // Items of a chunk are mostly consecutive rows, or rows of the next tile.
+    s.rows.reset(tuning::kRowCacheWindows * g.window_rows(), this->k_dim, this->v_dim,
+                 this->row_stride);
+  }
+
+  // The queries of one (b, h, row) in one column tile, eight at a time.
+  void row(const TiledRow& at, Scratch& s) const {
+    std::int64_t c[Rank];
+    row_coords<Rank>(g, at.row, c);
+    key_rows_of<Rank>(g, c, this->bias_strides, s.key_rows);
+    const std::int64_t hk = at.h / this->heads_per_kv, t = at.tile_index;
+    RowCaches& rows = s.rows;
+    rows.next_item();
+    rows.load_window(k, v, at.b, hk, s.key_rows, t, columns.window[t]);
+    const float* q_row = rows.own_a.get(q, at.b, at.h, at.row, t, columns.own[t]);
+    this->for_query_blocks(at.tile, [&](std::int64_t grp, const LaneWindows& w) {
+      block(at.b, at.h, q_row, c, grp, w, s);
+    });
+  }
+
+  void block(std::int64_t b, std::int64_t h, const float* q_row,
+             std::int64_t* c, std::int64_t grp, const LaneWindows& w,
+             Scratch& s) const {
+    const std::int64_t dim_v = this->v_dim, n_rows = s.key_rows.size;
+    this->prefetch_lanes(args.out, b, c, h, grp, w);
+    s.logits.resize(n_rows * w.window * kLanes);
+    this->window_rows(s.rows.bases_a, grp, w, s.key_ptrs);
+    this->logits(this->lanes_at(q_row, grp, w), this->row_stride, h, w, s.key_rows,
+                 s.key_ptrs.data(), s.logits.data());
+
+    f32x8 max_logit, sum;
+    softmax_lanes(s.logits.data(), n_rows * w.window, &max_logit, &sum);
+
+    this->window_rows(s.rows.bases_b, grp, w, s.value_rows);
+    s.out.resize(dim_v * kLanes);
+    pv_range(s.logits.data(), s.value_rows.data(), n_rows, w.window, this->row_stride, dim_v,
+             s.out.data(), w.masked && !s.rows.window_finite_b ? &w : nullptr);
+
+    // Normalise and store. A query whose logits are all -inf attends to
+    // nothing: out = 0 and lse = -inf (a NaN sum stays NaN).
+    const f32x8 zero = simd::splat(0.0f);
+    const f32x8 factor = sum == zero ? zero : simd::splat(1.0f) / sum;
+    this->store_lanes(args.out, b, c, h, grp, w, factor, s.out.data());
+    if (args.lse) {
+      alignas(32) float m[kLanes], total[kLanes];
+      simd::store(m, max_logit);
+      simd::store(total, sum);
+      float* lse = static_cast<float*>(args.lse->data);
+      for (std::int64_t l = 0; l < w.lanes; ++l) {
+        c[Rank - 1] = grp + (w.i0 + l) * this->last().dilation;
+        // softmax_lanes shifted by m[l], which is 0 for all -inf logits.
+        lse[row_offset<Rank>(*args.lse, b, c, 0) + h * args.lse->strides[Rank + 1]] =
+            softmax_lse(m[l], total[l]);
+      }
+    }
+  }
+};
+
+template <int Rank, typename T>
+void na_forward(const detail::ForwardArgs& args) {
+  const Geometry<Rank> g(args.q, args.params);
+  const ColumnLayout layout(g);
+  const Forward<Rank, T> fwd(args, g, layout);
+  using Scratch = typename Forward<Rank, T>::Scratch;
+  for_tiled_rows<Scratch>(
+      g.batch, g.heads, layout.rows, fwd.tiles, [&](Scratch& s) { fwd.start(s); },
+      [&](const TiledRow& at, Scratch& s) { fwd.row(at, s); });
+}
+
+}  // namespace libna::cpu::LIBNA_SIMD_NS
