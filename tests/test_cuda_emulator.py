@@ -114,7 +114,7 @@ def test_ops_the_cuda_backend_lacks_say_so(rng):
      r"\[na1d\] head dims up to 256 are supported by the CUDA backend, got head_dim=300"),
     ("qk-float64", TypeError, r"\[na1d_qk\] float64 is not supported"),
     ("additional-keys", RuntimeError,
-     r"\[na1d\] is not implemented on the cuda-emulator backend"),
+     r"\[na1d\] additional keys are not implemented on the cuda-emulator backend"),
 ])
 def test_backend_limits_fail_before_outputs_are_allocated(call, error, match, rng):
     """What the CUDA backend cannot run is refused by the core's checks,
@@ -136,8 +136,8 @@ def test_backend_limits_fail_before_outputs_are_allocated(call, error, match, rn
             libna._C.call("na_backward", [q, k, v, None, q, q, lse], **window, alloc=alloc)
         elif call.startswith("qk"):
             libna._C.call("na_qk", [q, k, None], **window, alloc=alloc)
-        else:
-            libna._C.call("na_additional", [q, k[:, :3], v[:, :3]], rank=1, want_lse=True,
+        else:  # the fused op with additional keys, which the CUDA backend lacks
+            libna._C.call("na", [q, k, v, None, k[:, :3], v[:, :3]], **window, want_lse=True,
                           alloc=alloc)
     assert allocated == []
 

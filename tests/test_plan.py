@@ -73,20 +73,25 @@ def test_planned_outputs_are_what_the_ops_return(case, rng):
     rank = len(kernel_size)
     na = getattr(libna, f"na{rank}d")
     out, lse = na(q, k, v, kernel_size, return_lse=True, **kw)
-    rpb = kw.get("rpb")
+    rpb, xk, xv = kw.get("rpb"), kw.get("additional_keys"), kw.get("additional_values")
     params = window(rank, kernel_size, kw)
-    assert planned_shapes("na", [q, k, v, rpb], **params, want_lse=True) == shapes(out, lse)
-    assert planned_shapes("na", [q, k, v, rpb], **params) == shapes(out, None)
+    inputs = [q, k, v, rpb, xk, xv]
+    assert planned_shapes("na", inputs, **params, want_lse=True) == shapes(out, lse)
+    # Unwanted, lse is not an output (with additional keys it is a workspace).
+    assert planned_shapes("na", inputs, **params) == shapes(out, None)
     grads = getattr(libna, f"na{rank}d_backward")(
         q, k, v, out, np.ones_like(out), lse, kernel_size,
         **{n: x for n, x in kw.items() if n not in ("return_lse",)})
-    planned = planned_shapes("na_backward", [q, k, v, rpb, out, out, lse], **params)
+    planned = planned_shapes("na_backward", [q, k, v, rpb, out, out, lse, None, xk, xv],
+                             **params)
     assert planned[:3] == shapes(*grads[:3])
     assert planned[3] == (shapes(rpb)[0] if rpb is not None else None)
-    if "additional_keys" in kw:
-        xk, xv = kw["additional_keys"], kw["additional_values"]
+    if xk is not None:
+        assert planned[4:] == shapes(xk, xv) == shapes(*grads[-2:])
         extra = planned_shapes("na_additional_backward", [q, xk, xv, out, out, lse], rank=rank)
         assert extra == shapes(q, xk, xv) == shapes(grads[0], *grads[-2:])
+    else:
+        assert planned[4:] == [None, None]
     if "stride" not in kw and "additional_keys" not in kw:
         attn = getattr(libna, f"na{rank}d_qk")(q, k, kernel_size, rpb=rpb,
                                                dilation=kw.get("dilation", 1),
@@ -184,3 +189,22 @@ class TestTorchFakes:
         with FakeTensorMode() as mode, pytest.raises(
                 ValueError, match="q has 4 heads, which is not a multiple of the 3"):
             lt.na2d(mode.from_tensor(q), mode.from_tensor(k), mode.from_tensor(k), 3)
+
+
+def test_a_workspace_is_allocated_but_not_returned(rng):
+    """With additional keys and no lse wanted, the core still needs lse: the
+    binding allocates it through the caller's allocator (as for CUDA
+    arrays, whose memory only the framework may allocate) and returns only out."""
+    q, k, v, kernel_size, kw = make_case(rng, CASES[-1])
+    allocated = []
+
+    def alloc(shape, dtype):
+        allocated.append(tuple(shape))
+        return np.empty(shape, dtype)
+
+    params = window(2, kernel_size, kw)
+    inputs = [q, k, v, None, kw["additional_keys"], kw["additional_values"]]
+    out, lse = _C.call("na", inputs, **params, alloc=alloc)
+    assert lse is None and allocated == [out.shape, out.shape[:-1]]
+    want = libna.na2d(q, k, v, kernel_size, **kw)
+    np.testing.assert_array_equal(out, want)

@@ -66,10 +66,14 @@ struct AvBackwardArgs {
 struct AdditionalArgs {
   TensorView q, k, v;  // k, v: the additional keys and values [B, N, heads_kv, D]
   TensorView out;
-  const TensorView* lse;  // optional
+  const TensorView* lse;  // optional unless merge
   int rank;
   double scale;
   void* stream;
+  // out and lse already hold an attention of the same queries over other
+  // keys (the neighbourhood): merge this part into them, row by row, rather
+  // than overwrite them.
+  bool merge = false;
 };
 
 struct AdditionalBackwardArgs {
@@ -80,6 +84,8 @@ struct AdditionalBackwardArgs {
   int rank;
   double scale;
   void* stream;
+  // dq already holds the neighbourhood part's query gradient: add to it.
+  bool accumulate_dq = false;
 };
 
 struct MergeArgs {

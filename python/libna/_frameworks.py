@@ -168,9 +168,7 @@ class Arrays:
     def alloc(self, shape, dtype_name):
         """Called by the binding (after validation) for each output."""
         if self.family == "torch":
-            import torch
-
-            return torch.empty(shape, dtype=getattr(torch, dtype_name), device=self._device)
+            return self._alloc_torch(shape, dtype_name)
         if self.family == "cupy":
             import cupy
 

@@ -130,19 +130,12 @@ def na_normalized(op, rank, q, k, v, rpb, additional_keys, additional_values, ke
     """``na`` on arguments already normalised (per-axis tuples, a float or
     None scale, flags as bools): what the front ends call once they have
     checked their own arguments."""
-    additional = additional_keys is not None
     arrays = Arrays(op, {"q": q, "k": k, "v": v, "rpb": rpb, "additional_keys": additional_keys,
                          "additional_values": additional_values})
     a = arrays.inputs
-    extra = None
-    if additional:  # validated (and computed) before the neighbourhood part
-        extra = arrays.call("na_additional",
-                            [a["q"], a["additional_keys"], a["additional_values"]], rank,
-                            scale=scale, want_lse=True)
-    out, lse = arrays.call("na", [a["q"], a["k"], a["v"], a["rpb"]], rank, kernel_size, stride,
-                           dilation, is_causal, scale, return_lse or additional)
-    if additional:
-        out, lse = arrays.call("merge_attentions", [out, extra[0], lse, extra[1]])
+    out, lse = arrays.call("na", [a["q"], a["k"], a["v"], a["rpb"], a["additional_keys"],
+                                  a["additional_values"]], rank, kernel_size, stride, dilation,
+                           is_causal, scale, return_lse)
     out = arrays.finish(out, q)
     return (out, arrays.finish(lse, q)) if return_lse else out
 
@@ -191,27 +184,19 @@ def na_backward(rank, q, k, v, out, dout, lse, kernel_size, *, stride=1, dilatio
     dilation = per_axis(op, "dilation", dilation, rank)
     is_causal = per_axis(op, "is_causal", is_causal, rank, boolean=True)
     scale = check_scale(op, scale)
-    additional = check_additional(op, additional_keys, additional_values)
+    check_additional(op, additional_keys, additional_values)
     arrays = Arrays(op, {"q": q, "k": k, "v": v, "rpb": rpb, "out": out, "dout": dout,
                          "lse": lse, "additional_keys": additional_keys,
                          "additional_values": additional_values, "dlse": dlse},
                     optional=("rpb", "additional_keys", "additional_values", "dlse"))
     a = arrays.inputs
-    extra = ()
-    if additional:
-        # Both parts' gradients come from the merged out and lse
-        # (FlashAttention-style); their query gradients add up.
-        extra = arrays.call(
-            "na_additional_backward", [a["q"], a["additional_keys"], a["additional_values"],
-                                       a["out"], a["dout"], a["lse"], a["dlse"]], rank,
-            scale=scale)
+    # One core call: with additional keys, both parts' gradients come from the
+    # merged out and lse (FlashAttention-style) and dq holds both shares.
     grads = arrays.call("na_backward", [a["q"], a["k"], a["v"], a["rpb"], a["out"], a["dout"],
-                                        a["lse"], a["dlse"]], rank, kernel_size, stride,
+                                        a["lse"], a["dlse"], a["additional_keys"],
+                                        a["additional_values"]], rank, kernel_size, stride,
                         dilation, is_causal, scale)
-    grads = [arrays.finish(g, q) for g in (grads if rpb is not None else grads[:3])]
-    if additional:
-        extra = [arrays.finish(g, q) for g in extra]
-        grads = [grads[0] + extra[0], *grads[1:], extra[1], extra[2]]
+    grads = [arrays.finish(g, q) for g in grads if g is not None]
     return tuple(grads)
 
 

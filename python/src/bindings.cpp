@@ -152,11 +152,14 @@ struct OpInputs {
 
 const std::vector<OpInputs>& op_table() {
   static const std::vector<OpInputs> table = {
-      {"na", "", {"q", "k", "v", "rpb"}, {"rpb"}},
+      {"na", "", {"q", "k", "v", "rpb", "additional_keys", "additional_values"},
+       {"rpb", "additional_keys", "additional_values"}},
       {"na_qk", "_qk", {"q", "k", "rpb"}, {"rpb"}},
       {"na_av", "_av", {"attn", "v"}, {}},
-      {"na_backward", "_backward", {"q", "k", "v", "rpb", "out", "dout", "lse", "dlse"},
-       {"rpb", "dlse"}},
+      {"na_backward", "_backward",
+       {"q", "k", "v", "rpb", "out", "dout", "lse", "dlse", "additional_keys",
+        "additional_values"},
+       {"rpb", "dlse", "additional_keys", "additional_values"}},
       {"na_qk_backward", "_qk_backward", {"dattn", "q", "k", "rpb"}, {"rpb"}},
       {"na_av_backward", "_av_backward", {"dout", "attn", "v"}, {}},
       {"na_additional", "", {"q", "additional_keys", "additional_values"}, {}},
@@ -233,12 +236,14 @@ libna::Plan make_plan(const Call& call, const std::string& op,
                                               opt(6));
   }
   const NaParams p = make_params(call, params, unfused);
-  if (op == "na") return libna::plan_na_forward(*in[0], *in[1], *in[2], opt(3), p, want_lse);
+  if (op == "na") {
+    return libna::plan_na_forward(*in[0], *in[1], *in[2], opt(3), p, want_lse, opt(4), opt(5));
+  }
   if (op == "na_qk") return libna::plan_na_qk(*in[0], *in[1], opt(2), p);
   if (op == "na_av") return libna::plan_na_av(*in[0], *in[1], p);
   if (op == "na_backward") {
     return libna::plan_na_backward(*in[0], *in[1], *in[2], opt(3), *in[4], *in[5], *in[6], p,
-                                   opt(7));
+                                   opt(7), opt(8), opt(9));
   }
   if (op == "na_qk_backward") return libna::plan_na_qk_backward(*in[0], *in[1], *in[2], opt(3), p);
   return libna::plan_na_av_backward(*in[0], *in[1], *in[2], p);
@@ -294,8 +299,9 @@ std::vector<std::optional<TensorView>> read_inputs(
 }
 
 // Runs `op` on DLPack arrays: plan (validates), allocate the wanted outputs
-// through `alloc` (shape, dtype name) -> array, run without the GIL. Returns
-// the outputs in plan order, None for an unwanted one.
+// (workspaces included) through `alloc` (shape, dtype name) -> array, run
+// without the GIL. Returns the outputs in plan order, None for an unwanted
+// one or a workspace.
 nb::tuple call_op(const std::string& op, const std::vector<InObject>& inputs, const Params& params,
                   bool want_lse, const nb::callable& alloc, bool uint16_is_bfloat16,
                   std::uintptr_t stream) {
@@ -306,7 +312,7 @@ nb::tuple call_op(const std::string& op, const std::vector<InObject>& inputs, co
   });
   const libna::Plan plan = make_plan(call, op, views, params, want_lse);
   std::vector<TensorView> outputs(plan.outputs().size());
-  nb::list result;
+  nb::list result, workspaces;
   for (std::size_t i = 0; i < outputs.size(); ++i) {
     const libna::Plan::Output& o = plan.outputs()[i];
     if (!o.wanted) {
@@ -314,7 +320,8 @@ nb::tuple call_op(const std::string& op, const std::vector<InObject>& inputs, co
       continue;
     }
     auto [array, view] = call.allocate(alloc, o.spec, o.spec.dtype, o.name.c_str());
-    result.append(array);
+    result.append(o.workspace ? nb::none() : array);
+    if (o.workspace) workspaces.append(array);  // kept alive until run returns
     outputs[i] = view;
   }
   {
@@ -364,8 +371,8 @@ TensorView spec_view(const Call& call, InObject object, const std::string& name)
 
 // Plans `op` on input specs (see spec_view; None for an absent optional
 // input) and returns, for each output, (shape, dtype name, like, last,
-// last_value) (see libna::Plan::Output), None when unwanted: the one
-// output-shape rule, for every front end.
+// last_value) (see libna::Plan::Output), None when unwanted or a workspace:
+// the one output-shape rule, for every front end.
 nb::list plan_op(const std::string& op, const std::vector<InObject>& inputs, const Params& params,
                  bool want_lse) {
   const OpInputs& entry = op_inputs(op);
@@ -376,7 +383,7 @@ nb::list plan_op(const std::string& op, const std::vector<InObject>& inputs, con
   const libna::Plan plan = make_plan(call, op, views, params, want_lse);
   nb::list result;
   for (const libna::Plan::Output& o : plan.outputs()) {
-    if (!o.wanted) {
+    if (!o.wanted || o.workspace) {
       result.append(nb::none());
       continue;
     }

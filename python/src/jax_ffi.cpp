@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <exception>
+#include <initializer_list>
 #include <iterator>
 #include <optional>
 #include <string>
@@ -66,6 +67,10 @@ struct Slices {
   TensorView slice(ffi::Result<ffi::AnyBuffer> b, std::int64_t i) const {
     return view(b->untyped_data(), b->element_type(), b->dimensions(), i);
   }
+  template <typename Buffer>  // Optional's: data, type, dims
+  TensorView slice(const Buffer& b, std::int64_t i) const {
+    return view(b.data, b.type, b.dims, i);
+  }
 
  private:
   TensorView view(void* data, ffi::DataType type, Int64s dims, std::int64_t i) const {
@@ -107,6 +112,53 @@ NaParams make_params(Int64s kernel_size, Int64s stride, Int64s dilation, Int64s 
   return p;
 }
 
+// The optional operands (or results) of a handler, passed as remaining
+// arguments in a fixed order, each present when its flag is set: slice(s, j,
+// i) is the i-th vmap slice of optional j, nullopt when it is absent.
+class Optional {
+ public:
+  template <typename Remaining>
+  Optional(const Remaining& remaining, std::initializer_list<std::int64_t> flags) {
+    std::size_t next = 0;
+    for (std::int64_t flag : flags) {
+      if (flag == 0) {
+        buffers_.emplace_back(std::nullopt);
+        continue;
+      }
+      if (next >= remaining.size()) {
+        throw std::invalid_argument("[libna.jax] fewer optional operands than flags");
+      }
+      buffers_.emplace_back(buffer(remaining, next++));
+    }
+    if (next != remaining.size()) {
+      throw std::invalid_argument("[libna.jax] more optional operands than flags");
+    }
+  }
+
+  std::optional<TensorView> slice(const Slices& s, std::size_t j, std::int64_t i) const {
+    if (!buffers_[j]) return std::nullopt;
+    return s.slice(*buffers_[j], i);
+  }
+  static const TensorView* ptr(const std::optional<TensorView>& t) { return t ? &*t : nullptr; }
+
+ private:
+  struct Buffer {
+    void* data;
+    ffi::DataType type;
+    Int64s dims;
+  };
+  static Buffer buffer(const ffi::RemainingArgs& args, std::size_t j) {
+    const auto b = *args.get<ffi::AnyBuffer>(j);
+    return Buffer{b.untyped_data(), b.element_type(), b.dimensions()};
+  }
+  static Buffer buffer(const ffi::RemainingRets& rets, std::size_t j) {
+    auto b = *rets.get<ffi::AnyBuffer>(j);
+    return Buffer{b->untyped_data(), b->element_type(), b->dimensions()};
+  }
+  friend struct Slices;
+  std::vector<std::optional<Buffer>> buffers_;
+};
+
 // Runs `body`, turning C++ exceptions into FFI errors with the same message.
 template <typename F>
 ffi::Error guarded(F&& body) {
@@ -120,93 +172,52 @@ ffi::Error guarded(F&& body) {
   }
 }
 
+// The optional arguments, in order: rpb (when with_rpb), then additional
+// keys and values (when with_additional); results: out, lse.
 ffi::Error na_forward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                      ffi::RemainingArgs rpb_arg, ffi::Result<ffi::AnyBuffer> out,
+                      ffi::RemainingArgs optional, ffi::Result<ffi::AnyBuffer> out,
                       ffi::Result<ffi::AnyBuffer> lse, Int64s kernel_size, Int64s stride,
-                      Int64s dilation, Int64s is_causal, double scale) {
+                      Int64s dilation, Int64s is_causal, double scale, std::int64_t with_rpb,
+                      std::int64_t with_additional) {
   return guarded([&] {
     const NaParams p = make_params(kernel_size, stride, dilation, is_causal, scale);
-    std::optional<ffi::AnyBuffer> rpb;
-    if (rpb_arg.size() > 0) rpb = *rpb_arg.get<ffi::AnyBuffer>(0);
+    const Optional given(optional, {with_rpb, with_additional, with_additional});
     const Slices s(q, p.rank + 3);
     for (std::int64_t i = 0; i < s.count; ++i) {
-      std::optional<TensorView> rpb_view;
-      if (rpb) rpb_view = s.slice(*rpb, i);
-      const TensorView lse_view = s.slice(lse, i);
-      libna::na_forward(s.slice(q, i), s.slice(k, i), s.slice(v, i),
-                        rpb_view ? &*rpb_view : nullptr, s.slice(out, i), &lse_view, p);
+      const auto rpb = given.slice(s, 0, i), keys = given.slice(s, 1, i),
+                 values = given.slice(s, 2, i);
+      libna::plan_na_forward(s.slice(q, i), s.slice(k, i), s.slice(v, i), given.ptr(rpb), p,
+                             true, given.ptr(keys), given.ptr(values))
+          .run({s.slice(out, i), s.slice(lse, i)});
     }
   });
 }
 
-// The optional arguments are rpb (when given) then dlse (when with_dlse).
+// The optional arguments, in order: rpb (when with_rpb), dlse (when
+// with_dlse), additional keys and values (when with_additional); results:
+// dq, dk, dv, then drpb and the additional keys' and values' gradients when
+// their inputs are given.
 ffi::Error na_backward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer out,
                        ffi::AnyBuffer dout, ffi::AnyBuffer lse, ffi::RemainingArgs optional,
                        ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
-                       ffi::Result<ffi::AnyBuffer> dv, ffi::RemainingRets drpb_ret,
+                       ffi::Result<ffi::AnyBuffer> dv, ffi::RemainingRets optional_grads,
                        Int64s kernel_size, Int64s stride, Int64s dilation, Int64s is_causal,
-                       double scale, std::int64_t with_dlse) {
+                       double scale, std::int64_t with_rpb, std::int64_t with_dlse,
+                       std::int64_t with_additional) {
   return guarded([&] {
     const NaParams p = make_params(kernel_size, stride, dilation, is_causal, scale);
-    std::optional<ffi::AnyBuffer> rpb, dlse;
-    std::optional<ffi::Result<ffi::AnyBuffer>> drpb;
-    if (optional.size() > static_cast<std::size_t>(with_dlse != 0)) {
-      rpb = *optional.get<ffi::AnyBuffer>(0);
-      drpb = *drpb_ret.get<ffi::AnyBuffer>(0);
-    }
-    if (with_dlse != 0) dlse = *optional.get<ffi::AnyBuffer>(optional.size() - 1);
+    const Optional given(optional, {with_rpb, with_dlse, with_additional, with_additional});
+    const Optional grads(optional_grads, {with_rpb, with_additional, with_additional});
     const Slices s(q, p.rank + 3);
     for (std::int64_t i = 0; i < s.count; ++i) {
-      std::optional<TensorView> rpb_view, drpb_view, dlse_view;
-      if (rpb) {
-        rpb_view = s.slice(*rpb, i);
-        drpb_view = s.slice(*drpb, i);
-      }
-      if (dlse) dlse_view = s.slice(*dlse, i);
-      libna::plan_na_backward(s.slice(q, i), s.slice(k, i), s.slice(v, i),
-                              rpb_view ? &*rpb_view : nullptr, s.slice(out, i),
-                              s.slice(dout, i), s.slice(lse, i), p,
-                              dlse_view ? &*dlse_view : nullptr)
-          .run({s.slice(dq, i), s.slice(dk, i), s.slice(dv, i),
-                drpb_view ? *drpb_view : TensorView{}});
-    }
-  });
-}
-
-ffi::Error na_additional_forward(ffi::AnyBuffer q, ffi::AnyBuffer keys, ffi::AnyBuffer values,
-                                 ffi::Result<ffi::AnyBuffer> out,
-                                 ffi::Result<ffi::AnyBuffer> lse, std::int64_t rank,
-                                 double scale) {
-  return guarded([&] {
-    const NaParams p = rank_and_scale(static_cast<int>(rank), scale);
-    const Slices s(q, p.rank + 3);
-    for (std::int64_t i = 0; i < s.count; ++i) {
-      const TensorView lse_view = s.slice(lse, i);
-      libna::na_additional_forward(s.slice(q, i), s.slice(keys, i), s.slice(values, i),
-                                   s.slice(out, i), &lse_view, p);
-    }
-  });
-}
-
-// The optional argument is dlse.
-ffi::Error na_additional_backward(ffi::AnyBuffer q, ffi::AnyBuffer keys, ffi::AnyBuffer values,
-                                  ffi::AnyBuffer out, ffi::AnyBuffer dout, ffi::AnyBuffer lse,
-                                  ffi::RemainingArgs optional, ffi::Result<ffi::AnyBuffer> dq,
-                                  ffi::Result<ffi::AnyBuffer> dkeys,
-                                  ffi::Result<ffi::AnyBuffer> dvalues, std::int64_t rank,
-                                  double scale) {
-  return guarded([&] {
-    const NaParams p = rank_and_scale(static_cast<int>(rank), scale);
-    std::optional<ffi::AnyBuffer> dlse;
-    if (optional.size() > 0) dlse = *optional.get<ffi::AnyBuffer>(0);
-    const Slices s(q, p.rank + 3);
-    for (std::int64_t i = 0; i < s.count; ++i) {
-      std::optional<TensorView> dlse_view;
-      if (dlse) dlse_view = s.slice(*dlse, i);
-      libna::plan_na_additional_backward(s.slice(q, i), s.slice(keys, i), s.slice(values, i),
-                                         s.slice(out, i), s.slice(dout, i), s.slice(lse, i), p,
-                                         dlse_view ? &*dlse_view : nullptr)
-          .run({s.slice(dq, i), s.slice(dkeys, i), s.slice(dvalues, i)});
+      const auto rpb = given.slice(s, 0, i), dlse = given.slice(s, 1, i),
+                 keys = given.slice(s, 2, i), values = given.slice(s, 3, i);
+      const auto none = [](const std::optional<TensorView>& t) { return t ? *t : TensorView{}; };
+      libna::plan_na_backward(s.slice(q, i), s.slice(k, i), s.slice(v, i), given.ptr(rpb),
+                              s.slice(out, i), s.slice(dout, i), s.slice(lse, i), p,
+                              given.ptr(dlse), given.ptr(keys), given.ptr(values))
+          .run({s.slice(dq, i), s.slice(dk, i), s.slice(dv, i), none(grads.slice(s, 0, i)),
+                none(grads.slice(s, 1, i)), none(grads.slice(s, 2, i))});
     }
   });
 }
@@ -296,7 +307,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(libna_na_forward, na_forward,
                                                      .Arg<ffi::AnyBuffer>()
                                                      .RemainingArgs()
                                                      .Ret<ffi::AnyBuffer>()
-                                                     .Ret<ffi::AnyBuffer>()));
+                                                     .Ret<ffi::AnyBuffer>())
+                                  .Attr<std::int64_t>("with_rpb")
+                                  .Attr<std::int64_t>("with_additional"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(libna_na_backward, na_backward,
                               with_na_attributes(ffi::Ffi::Bind()
@@ -311,32 +324,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(libna_na_backward, na_backward,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .RemainingRets())
-                                  .Attr<std::int64_t>("with_dlse"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(libna_na_additional_forward, na_additional_forward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<std::int64_t>("rank")
-                                  .Attr<double>("scale"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(libna_na_additional_backward, na_additional_backward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .RemainingArgs()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<std::int64_t>("rank")
-                                  .Attr<double>("scale"));
+                                  .Attr<std::int64_t>("with_rpb")
+                                  .Attr<std::int64_t>("with_dlse")
+                                  .Attr<std::int64_t>("with_additional"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(libna_merge_attentions, merge_attentions,
                               ffi::Ffi::Bind()
@@ -367,8 +357,6 @@ NB_MODULE(_jax_ffi, m) {
     nb::dict d;
     d["libna_na_forward"] = handler_capsule(libna_na_forward);
     d["libna_na_backward"] = handler_capsule(libna_na_backward);
-    d["libna_na_additional_forward"] = handler_capsule(libna_na_additional_forward);
-    d["libna_na_additional_backward"] = handler_capsule(libna_na_additional_backward);
     d["libna_merge_attentions"] = handler_capsule(libna_merge_attentions);
     d["libna_merge_attentions_backward"] = handler_capsule(libna_merge_attentions_backward);
     return d;

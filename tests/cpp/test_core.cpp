@@ -6,6 +6,7 @@
 //   (d) the thread-count setting, and bitwise identical results on 1 and 2
 //       threads,
 //   (e) composition: NA over the whole sequence plus additional keys, merged,
+//       by hand and in the core (na_forward / na_backward with additional keys),
 //       against a naive dense attention loop; its validation errors,
 //   (f) the CPU kernel set that build_info reports: the one LIBNA_CPU_KERNELS
 //       names, and the portable one off x86-64,
@@ -215,7 +216,7 @@ void test_plan() {
     plan.run({TensorView::contiguous(o.data(), DType::float32, {2, 7, 4, 5}),
               TensorView::contiguous(l.data(), DType::float32, {2, 7, 4})});
   } catch (const std::invalid_argument& e) {
-    threw = std::string(e.what()).find("[na1d] input 0 has no data") != std::string::npos;
+    threw = std::string(e.what()).find("[na1d] input q has no data") != std::string::npos;
   }
   CHECK(threw);
   std::vector<float> qd(2 * 7 * 4 * 8, 0.5f), kd(2 * 7 * 2 * 8, 0.25f), vd(2 * 7 * 2 * 5, 2.0f);
@@ -624,6 +625,67 @@ void test_composition() {
       }
     }
   CHECK_MSG(err < 1e-12, "merged NA + additional keys vs dense loop, error " + std::to_string(err));
+
+  // The same composed in the core: na_forward with additional keys, with lse
+  // and without (the lse workspace then comes from the core), and its backward.
+  const TensorView kv = view(k, {1, L, heads, D}), vv = view(v, {1, L, heads, D});
+  std::vector<double> c_out(L * heads * D), c_lse(L * heads), c_out2(L * heads * D);
+  const TensorView c_lse_v = view(c_lse, {1, L, heads});
+  libna::na_forward(qv, kv, vv, nullptr, view(c_out, {1, L, heads, D}), &c_lse_v, p, nullptr,
+                    &xkv, &xvv);
+  libna::na_forward(qv, kv, vv, nullptr, view(c_out2, {1, L, heads, D}), nullptr, p, nullptr,
+                    &xkv, &xvv);
+  double composed_err = 0;
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    composed_err = std::max({composed_err, std::abs(c_out[i] - out[i]), std::abs(c_out2[i] - out[i])});
+  }
+  for (std::size_t i = 0; i < lse.size(); ++i) composed_err = std::max(composed_err, std::abs(c_lse[i] - lse[i]));
+  CHECK_MSG(composed_err < 1e-12, "na_forward with additional keys vs the three ops, error " +
+                                      std::to_string(composed_err));
+  {
+    const libna::Plan plan = libna::plan_na_forward(qv, kv, vv, nullptr, p, false, &xkv, &xvv);
+    CHECK_MSG(plan.outputs()[1].wanted && plan.outputs()[1].workspace,
+              "without lse, additional keys make lse a workspace output");
+    CHECK(libna::plan_na_forward(qv, kv, vv, nullptr, p, false).outputs()[1].wanted == false);
+  }
+  std::vector<double> dout = random(L * heads * D);
+  const TensorView outv = view(out, {1, L, heads, D}), doutv = view(dout, {1, L, heads, D}),
+                   lsev = view(lse, {1, L, heads});
+  using Buffer = std::vector<double>;
+  Buffer dq(L * heads * D), dk(L * heads * D), dv(L * heads * D), x_dq(L * heads * D),
+      dxk(N * heads * D), dxv(N * heads * D), c_dq(L * heads * D), c_dk(L * heads * D),
+      c_dv(L * heads * D), c_dxk(N * heads * D), c_dxv(N * heads * D);
+  libna::na_backward(qv, kv, vv, nullptr, outv, doutv, lsev, view(dq, {1, L, heads, D}),
+                     view(dk, {1, L, heads, D}), view(dv, {1, L, heads, D}), nullptr, p);
+  libna::na_additional_backward(qv, xkv, xvv, outv, doutv, lsev, view(x_dq, {1, L, heads, D}),
+                                view(dxk, {1, N, heads, D}), view(dxv, {1, N, heads, D}), p);
+  const TensorView c_dxk_v = view(c_dxk, {1, N, heads, D}), c_dxv_v = view(c_dxv, {1, N, heads, D});
+  libna::na_backward(qv, kv, vv, nullptr, outv, doutv, lsev, view(c_dq, {1, L, heads, D}),
+                     view(c_dk, {1, L, heads, D}), view(c_dv, {1, L, heads, D}), nullptr, p,
+                     nullptr, nullptr, &xkv, &xvv, &c_dxk_v, &c_dxv_v);
+  double grad_err = 0;
+  for (std::size_t i = 0; i < dq.size(); ++i) {
+    grad_err = std::max({grad_err, std::abs(c_dq[i] - (dq[i] + x_dq[i])), std::abs(c_dk[i] - dk[i]),
+                         std::abs(c_dv[i] - dv[i])});
+  }
+  for (std::size_t i = 0; i < dxk.size(); ++i) {
+    grad_err = std::max({grad_err, std::abs(c_dxk[i] - dxk[i]), std::abs(c_dxv[i] - dxv[i])});
+  }
+  CHECK_MSG(grad_err < 1e-12, "na_backward with additional keys vs the two backward ops, error " +
+                                  std::to_string(grad_err));
+  expect_error("additional keys without values", false, "[na1d]", "additional_values", [&] {
+    libna::plan_na_forward(qv, kv, vv, nullptr, p, true, &xkv, nullptr);
+  });
+  expect_error("additional values head_dim_v vs v", false, "[na1d]", "head_dim_v", [&] {
+    TensorView bad = xvv;
+    bad.shape[3] = D - 1;
+    libna::plan_na_forward(qv, kv, vv, nullptr, p, true, &xkv, &bad);
+  });
+  expect_error("additional keys' gradients missing", false, "[na1d_backward]", "d_additional_keys", [&] {
+    libna::na_backward(qv, kv, vv, nullptr, outv, doutv, lsev, view(c_dq, {1, L, heads, D}),
+                       view(c_dk, {1, L, heads, D}), view(c_dv, {1, L, heads, D}), nullptr, p,
+                       nullptr, nullptr, &xkv, &xvv);
+  });
 
   expect_error("additional_keys batch", false, "[na1d]", "additional_keys", [&] {
     TensorView bad = xkv;

@@ -52,10 +52,17 @@ LIBNA_API std::string op_name(const NaParams& params, const char* suffix = "");
 // out = softmax(scale * q.k + rpb) . v over each query's neighbourhood.
 // rpb: optional [heads, 2k_1-1, ..., 2k_n-1] (non-causal, stride 1 only).
 // lse: optional [B, *spatial, heads], float32 (float64 for float64 inputs).
+// additional_keys [B, N, heads_kv, D] and additional_values [B, N, heads_kv,
+// D_v] (optional, both or neither): N keys every query attends to besides its
+// neighbourhood, in the same softmax (on CPU tensors only so far). Without
+// lse, they need an lse workspace: allocated here for CPU tensors (the plan
+// names it, for callers that allocate their own).
 LIBNA_API void na_forward(const TensorView& q, const TensorView& k,
                           const TensorView& v, const TensorView* rpb,
                           const TensorView& out, const TensorView* lse,
-                          const NaParams& params, void* stream = nullptr);
+                          const NaParams& params, void* stream = nullptr,
+                          const TensorView* additional_keys = nullptr,
+                          const TensorView* additional_values = nullptr);
 
 // Checks the inputs of na_forward without running it (nothing is read from
 // the data pointers), so that callers can validate before they allocate.
@@ -84,15 +91,23 @@ LIBNA_API void check_na_av(const TensorView& attn, const TensorView& v,
 // ---- gradients ---------------------------------------------------------------
 // Fused backward of na_forward, FlashAttention-2 style: the probabilities are
 // recomputed from lse (as returned by na_forward), with the row term
-// D_i = dout_i . out_i; no score tensor is materialised. dq, dk, dv have the
-// shapes of q, k, v (dk/dv sum over the query heads of each kv head); drpb,
-// given exactly when rpb is, has rpb's shape and sums over batch and queries.
+// D_i = dout_i . out_i - dlse_i (dlse: the optional gradient of lse, when the
+// forward's lse feeds the loss); no score tensor is materialised. dq, dk, dv
+// have the shapes of q, k, v (dk/dv sum over the query heads of each kv
+// head); drpb, given exactly when rpb is, has rpb's shape and sums over batch
+// and queries. With the forward's additional keys/values, their gradients
+// d_additional_keys/values (given exactly when they are) come from the same
+// out and lse, and dq holds both parts' share.
 LIBNA_API void na_backward(const TensorView& q, const TensorView& k, const TensorView& v,
                            const TensorView* rpb, const TensorView& out,
                            const TensorView& dout, const TensorView& lse,
                            const TensorView& dq, const TensorView& dk, const TensorView& dv,
                            const TensorView* drpb, const NaParams& params,
-                           void* stream = nullptr);
+                           void* stream = nullptr, const TensorView* dlse = nullptr,
+                           const TensorView* additional_keys = nullptr,
+                           const TensorView* additional_values = nullptr,
+                           const TensorView* d_additional_keys = nullptr,
+                           const TensorView* d_additional_values = nullptr);
 LIBNA_API void check_na_backward(const TensorView& q, const TensorView& k,
                                  const TensorView& v, const TensorView* rpb,
                                  const TensorView& out, const TensorView& dout,
@@ -116,10 +131,9 @@ LIBNA_API void check_na_av_backward(const TensorView& dout, const TensorView& at
                                     const TensorView& v, const NaParams& params);
 
 // ---- composition: additional keys and merging ------------------------------
-// na{n}d(..., additional_keys, additional_values) is na_forward over the
-// neighbourhood, na_additional_forward over the additional keys, and
-// merge_attentions of the two; the backward runs na_backward and
-// na_additional_backward with the merged out and lse and sums the dq parts.
+// na_forward / na_backward with additional keys are composed of these (the
+// additional part merged into the neighbourhood's out and lse row by row;
+// its dq added to the neighbourhood's); they are also ops of their own.
 
 // Dense attention of every query over N additional keys shared by all query
 // positions of a batch entry: out = softmax(scale * q.k) . v over the N keys.
@@ -202,16 +216,23 @@ class LIBNA_API Plan {
     int like = 0;
     Last last = Last::same;
     std::int64_t last_value = 0;
+    // Scratch the op needs (e.g. lse when additional keys are merged and the
+    // caller did not ask for it): the caller allocates it like any output
+    // and passes it to run, but it is not a result.
+    bool workspace = false;
   };
   using Runner = void (*)(const Plan& plan, const std::vector<TensorView>& outputs,
                           void* stream);
 
-  // inputs: in the op's documented order, nullopt for an absent optional one.
+  // inputs: in the op's documented order, nullopt for an absent optional
+  // one, and their names.
   Plan(std::string op, std::vector<std::optional<TensorView>> inputs,
-       std::vector<Output> outputs, Runner runner, std::shared_ptr<const void> state);
+       std::vector<std::string> input_names, std::vector<Output> outputs, Runner runner,
+       std::shared_ptr<const void> state);
 
   const std::string& op() const { return op_; }
   const std::vector<std::optional<TensorView>>& inputs() const { return inputs_; }
+  const std::vector<std::string>& input_names() const { return input_names_; }
   const std::vector<Output>& outputs() const { return outputs_; }
   // outputs: one view per entry of outputs(), in order (unwanted ones are
   // ignored and may be default views).
@@ -224,15 +245,19 @@ class LIBNA_API Plan {
  private:
   std::string op_;
   std::vector<std::optional<TensorView>> inputs_;
+  std::vector<std::string> input_names_;
   std::vector<Output> outputs_;
   Runner runner_;
   std::shared_ptr<const void> state_;
 };
 
-// Inputs in order: q, k, v, rpb (optional).
-// Outputs: out, lse (wanted when with_lse).
+// Inputs in order: q, k, v, rpb, additional_keys, additional_values (the
+// last three optional). Outputs: out, lse (wanted when with_lse; a workspace
+// when only the additional keys need it).
 LIBNA_API Plan plan_na_forward(const TensorView& q, const TensorView& k, const TensorView& v,
-                               const TensorView* rpb, const NaParams& params, bool with_lse);
+                               const TensorView* rpb, const NaParams& params, bool with_lse,
+                               const TensorView* additional_keys = nullptr,
+                               const TensorView* additional_values = nullptr);
 // Inputs: q, k, rpb (optional). Outputs: attn.
 LIBNA_API Plan plan_na_qk(const TensorView& q, const TensorView& k, const TensorView* rpb,
                           const NaParams& params);
@@ -240,11 +265,15 @@ LIBNA_API Plan plan_na_qk(const TensorView& q, const TensorView& k, const Tensor
 LIBNA_API Plan plan_na_av(const TensorView& attn, const TensorView& v, const NaParams& params);
 // Inputs: q, k, v, rpb (optional), out, dout, lse, dlse (optional: the
 // gradient of lse, when the forward's lse feeds the loss; [B, *spatial,
-// heads] in lse's dtype). Outputs: dq, dk, dv, drpb (wanted when rpb is given).
+// heads] in lse's dtype), additional_keys, additional_values (optional).
+// Outputs: dq, dk, dv, drpb (wanted when rpb is given), d(additional_keys),
+// d(additional_values) (wanted when they are given).
 LIBNA_API Plan plan_na_backward(const TensorView& q, const TensorView& k, const TensorView& v,
                                 const TensorView* rpb, const TensorView& out,
                                 const TensorView& dout, const TensorView& lse,
-                                const NaParams& params, const TensorView* dlse = nullptr);
+                                const NaParams& params, const TensorView* dlse = nullptr,
+                                const TensorView* additional_keys = nullptr,
+                                const TensorView* additional_values = nullptr);
 // Inputs: dattn, q, k, rpb (optional).
 // Outputs: dq, dk, drpb (wanted when rpb, whose shape drpb takes, is given).
 LIBNA_API Plan plan_na_qk_backward(const TensorView& dattn, const TensorView& q,

@@ -82,6 +82,12 @@ QueryRows query_rows(const TensorView& q, int rank) {
   return QueryRows{rank, product(q, 1, rank), q.shape[rank + 1], q.shape[0]};
 }
 
+// Weight of a part with log-sum-exp `part` in a merge whose total is `total`.
+template <typename Acc>
+Acc merge_weight(Acc part, Acc total) {
+  return std::isinf(total) && total < 0 ? Acc(0) : std::exp(part - total);
+}
+
 template <typename T>
 void additional_forward(const detail::AdditionalArgs& a) {
   using Acc = acc_t<T>;
@@ -115,13 +121,29 @@ void additional_forward(const detail::AdditionalArgs& a) {
         for (std::int64_t e = 0; e < dim_v; ++e) acc[e] += p * load<Acc>(vj + e * a.v.strides[3]);
       }
       T* o = out + rows.offset(a.out, row);
+      const std::int64_t os = a.out.strides[n + 2];
+      Acc* lse = a.lse == nullptr ? nullptr
+                                  : static_cast<Acc*>(a.lse->data) + row.b * a.lse->strides[0] +
+                                        offset_of(*a.lse, 1, n, row.position) +
+                                        row.h * a.lse->strides[n + 1];
       const Acc normaliser = softmax_normaliser(sum);
-      for (std::int64_t e = 0; e < dim_v; ++e) store<T, Acc>(o + e * a.out.strides[n + 2], acc[e] * normaliser);
-      if (a.lse != nullptr) {
-        auto* lse = static_cast<Acc*>(a.lse->data);
-        lse[row.b * a.lse->strides[0] + offset_of(*a.lse, 1, n, row.position) +
-            row.h * a.lse->strides[n + 1]] = softmax_lse(max, sum);
+      Acc part_lse = softmax_lse(max, sum);
+      if (a.merge) {  // out, lse hold another part of these rows: combine the two
+        const Acc other = *lse;
+        const Acc top = std::max(other, part_lse);
+        const Acc total = std::isinf(top) && top < 0
+                              ? top
+                              : top + std::log(std::exp(other - top) + std::exp(part_lse - top));
+        const Acc w_other = merge_weight(other, total), w_part = merge_weight(part_lse, total);
+        for (std::int64_t e = 0; e < dim_v; ++e) {
+          const Acc previous = w_other == 0 ? Acc(0) : w_other * load<Acc>(o + e * os);
+          store<T, Acc>(o + e * os, previous + w_part * acc[e] * normaliser);
+        }
+        part_lse = total;
+      } else {
+        for (std::int64_t e = 0; e < dim_v; ++e) store<T, Acc>(o + e * os, acc[e] * normaliser);
       }
+      if (lse != nullptr) *lse = part_lse;
     }
   });
 }
@@ -172,7 +194,11 @@ void additional_backward(const detail::AdditionalBackwardArgs& a) {
         for (std::int64_t e = 0; e < dim; ++e) dq[e] += ds * krow[e];
       }
       T* dst = static_cast<T*>(a.dq.data) + rows.offset(a.dq, row);
-      for (std::int64_t e = 0; e < dim; ++e) store<T, Acc>(dst + e * a.dq.strides[n + 2], scale * dq[e]);
+      const std::int64_t ds = a.dq.strides[n + 2];
+      for (std::int64_t e = 0; e < dim; ++e) {
+        const Acc previous = a.accumulate_dq ? load<Acc>(dst + e * ds) : Acc(0);
+        store<T, Acc>(dst + e * ds, previous + scale * dq[e]);
+      }
     }
   });
 
@@ -206,12 +232,6 @@ void additional_backward(const detail::AdditionalBackwardArgs& a) {
       for (std::int64_t e = 0; e < dim_v; ++e) store<T, Acc>(dv_dst + e * a.dv.strides[3], dv[e]);
     }
   });
-}
-
-// Weight of a part with log-sum-exp `part` in a merge whose total is `total`.
-template <typename Acc>
-Acc merge_weight(Acc part, Acc total) {
-  return std::isinf(total) && total < 0 ? Acc(0) : std::exp(part - total);
 }
 
 template <typename T>

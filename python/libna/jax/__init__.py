@@ -92,40 +92,30 @@ def _merge_call(outs, lses):
                  *outs, *lses, parts=np.int64(len(outs)))
 
 
+def _present(*optional):
+    """The optional operands that are given, and a with_* flag for each."""
+    return tuple(x for x in optional if x is not None), [np.int64(x is not None) for x in optional]
+
+
 def _forward(params, q, k, v, rpb, xk, xv):
-    """(out, lse) of NA plus, when given, the additional keys, merged."""
-    rpb_args = () if rpb is None else (rpb,)
-    out, lse = _call("libna_na_forward", _plan("na", [q, k, v, rpb], params, want_lse=True),
-                     q, k, v, *rpb_args, **_na_attrs(params))
-    if xk is not None:
-        extra = _call("libna_na_additional_forward",
-                      _plan("na_additional", [q, xk, xv], params, want_lse=True), q, xk, xv,
-                      rank=np.int64(len(params[0])), scale=np.float64(params[4]))
-        out, lse = _merge_call([out, extra[0]], [lse, extra[1]])
-    return out, lse
+    """(out, lse) of NA plus, when given, the additional keys, merged (one
+    core call)."""
+    operands, (with_rpb, with_additional, _) = _present(rpb, xk, xv)
+    return _call("libna_na_forward", _plan("na", [q, k, v, rpb, xk, xv], params, want_lse=True),
+                 q, k, v, *operands, **_na_attrs(params), with_rpb=with_rpb,
+                 with_additional=with_additional)
 
 
 def _backward(params, residuals, dout, dlse):
     """Cotangents of (q, k, v, rpb, xk, xv): both parts' gradients from the
     merged out and lse; an lse cotangent (dlse) enters the kernels' row terms."""
     q, k, v, rpb, xk, xv, out, lse = residuals
-    rpb_args = () if rpb is None else (rpb,)
-    dlse_args = () if dlse is None else (dlse,)
-    results = _plan("na_backward", [q, k, v, rpb, out, dout, lse, dlse], params)
-    grads = _call("libna_na_backward", tuple(r for r in results if r is not None), q, k, v,
-                  out, dout, lse, *rpb_args, *dlse_args, **_na_attrs(params),
-                  with_dlse=np.int64(dlse is not None))
-    dq, dk, dv = grads[:3]
-    drpb = grads[3] if rpb is not None else None
-    dxk = dxv = None
-    if xk is not None:
-        dq_extra, dxk, dxv = _call(
-            "libna_na_additional_backward",
-            _plan("na_additional_backward", [q, xk, xv, out, dout, lse, dlse], params), q, xk,
-            xv, out, dout, lse, *dlse_args, rank=np.int64(len(params[0])),
-            scale=np.float64(params[4]))
-        dq = dq + dq_extra
-    return dq, dk, dv, drpb, dxk, dxv
+    operands, (with_rpb, with_dlse, with_additional, _) = _present(rpb, dlse, xk, xv)
+    results = _plan("na_backward", [q, k, v, rpb, out, dout, lse, dlse, xk, xv], params)
+    grads = iter(_call("libna_na_backward", tuple(r for r in results if r is not None), q, k, v,
+                       out, dout, lse, *operands, **_na_attrs(params), with_rpb=with_rpb,
+                       with_dlse=with_dlse, with_additional=with_additional))
+    return tuple(None if r is None else next(grads) for r in results)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -213,10 +203,8 @@ def na(rank, q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False, sca
     q = named["q"]
     # Validated here (at trace time) by planning, before any custom_vjp.
     checked = (kernel_size, stride, dilation, is_causal, scale)
-    _plan("na", [q, named["k"], named["v"], named["rpb"]], checked)
-    if named["additional_keys"] is not None:
-        _plan("na_additional", [q, named["additional_keys"], named["additional_values"]],
-              checked)
+    _plan("na", [q, named["k"], named["v"], named["rpb"], named["additional_keys"],
+                 named["additional_values"]], checked)
     if scale is None:
         scale = float(q.shape[-1]) ** -0.5
     params = (kernel_size, stride, dilation, tuple(int(c) for c in is_causal), float(scale))

@@ -116,9 +116,8 @@ def na(rank, q, k, v, kernel_size, *, axis_name, axis=0, stride=1, dilation=1,
              "additional_keys": additional_keys, "additional_values": additional_values}
     try:  # the single-device op's checks on the gathered shapes
         checked = (ks, st, dil, causal, scale)
-        _plan("na", [specs["q"], specs["k"], specs["v"], rpb], checked)
-        if additional_keys is not None:
-            _plan("na_additional", [specs["q"], additional_keys, additional_values], checked)
+        _plan("na", [specs["q"], specs["k"], specs["v"], rpb, additional_keys,
+                     additional_values], checked)
     except (TypeError, ValueError) as error:
         raise type(error)(f"{error} (in {op}: the gathered shape of q is "
                           f"{tuple(specs['q'].shape)}, {peers} blocks of {block} along spatial "

@@ -132,11 +132,8 @@ def _na_forward_impl(q, k, v, rpb, kernel_size, stride, dilation, is_causal, sca
 @na_forward.register_fake
 def _(q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale, additional_keys=None,
       additional_values=None):
-    if additional_keys is not None:
-        _planned("na_additional", [q, additional_keys, additional_values], kernel_size,
-                 scale=scale, want_lse=True)
-    out, lse = _planned("na", [q, k, v, rpb], kernel_size, stride, dilation, is_causal, scale,
-                        want_lse=True)
+    out, lse = _planned("na", [q, k, v, rpb, additional_keys, additional_values], kernel_size,
+                        stride, dilation, is_causal, scale, want_lse=True)
     return out, lse
 
 
@@ -175,13 +172,9 @@ def na_backward(
 @na_backward.register_fake
 def _(q, k, v, out, dout, lse, rpb, kernel_size, stride, dilation, is_causal, scale,
       additional_keys=None, additional_values=None, dlse=None):
-    grads = _planned("na_backward", [q, k, v, rpb, out, dout, lse, dlse], kernel_size, stride,
-                     dilation, is_causal, scale)
-    if additional_keys is None:
-        return (*grads, q.new_empty(0), q.new_empty(0))
-    return (*grads, *_planned("na_additional_backward",
-                              [q, additional_keys, additional_values, out, dout, lse, dlse],
-                              kernel_size, scale=scale)[1:])
+    return tuple(_planned("na_backward", [q, k, v, rpb, out, dout, lse, dlse, additional_keys,
+                                          additional_values], kernel_size, stride, dilation,
+                          is_causal, scale))
 
 
 @torch.library.custom_op("libna::merge_attentions", mutates_args=())
