@@ -243,6 +243,156 @@ def test_bad_shapes_name_the_argument():
     with pytest.raises(ValueError, match=r"additional_keys has shape \(2, 5, 5\); expected "
                        r"\[batch=1, heads=2, tokens, dim\]"):
         F.na2d_qk(q, q, 3, 1, torch.randn(2, 5, 5))
-    with pytest.raises(TypeError, match=r"NeighborhoodAttention2D\] got an unexpected keyword "
-                       r"argument bias=True"):
-        libna.natten.NeighborhoodAttention2D(8, 2, 3, bias=True)
+    with pytest.raises(TypeError, match=r"NeighborhoodAttention2D\] the call fits no NATTEN "
+                       r"signature \(not NATTEN 0.17's: it has no argument rel_pos;"):
+        libna.natten.NeighborhoodAttention2D(8, 2, 3, rel_pos=True)
+
+
+# --------------------------------------------------------------------------
+# The modules as NATTEN 0.14-0.16 constructed them
+# --------------------------------------------------------------------------
+#
+# 0.14.5-0.15.1 (no 0.16 was released): NeighborhoodAttention{1,2}D(dim,
+# num_heads, kernel_size, dilation=1, bias=True, qkv_bias=True, qk_scale=None,
+# attn_drop=0.0, proj_drop=0.0); 0.15's NeighborhoodAttention3D(dim, num_heads,
+# kernel_size, kernel_size_d=None, dilation=1, dilation_d=None, bias=True, ...).
+# Early 0.14 (and 0.13) took (dim, kernel_size, num_heads, qkv_bias, qk_scale,
+# attn_drop, proj_drop, dilation=None), by keyword in practice.
+
+NA = {rank: getattr(libna.natten, f"NeighborhoodAttention{rank}D") for rank in (1, 2, 3)}
+SPATIAL = {1: (11,), 2: (10, 11), 3: (7, 10, 11)}
+
+# rank -> (the module in 0.17's keywords, [NATTEN 0.14-0.17 calls meaning the same])
+OLD_CALLS = {
+    1: (dict(dim=16, num_heads=2, kernel_size=5, dilation=2, rel_pos_bias=True,
+             qkv_bias=False, qk_scale=0.3), [
+        ("0.15 keywords", (), dict(dim=16, num_heads=2, kernel_size=5, dilation=2, bias=True,
+                                   qkv_bias=False, qk_scale=0.3)),
+        ("0.15 positional", (16, 2, 5, 2, True, False, 0.3), {}),
+        ("0.17 positional", (16, 2, 5, 2, False, True, False, 0.3), {}),
+    ]),
+    2: (dict(dim=16, num_heads=2, kernel_size=5, dilation=2, rel_pos_bias=True,
+             qkv_bias=False, qk_scale=0.3, attn_drop=0.0, proj_drop=0.0), [
+        ("0.15 keywords", (), dict(dim=16, num_heads=2, kernel_size=5, dilation=2, bias=True,
+                                   qkv_bias=False, qk_scale=0.3, attn_drop=0.0,
+                                   proj_drop=0.0)),
+        ("0.15 positional", (16, 2, 5, 2, True, False, 0.3, 0.0, 0.0), {}),
+        ("0.15 positional, then keywords", (16, 2, 5, 2), dict(bias=True, qkv_bias=False,
+                                                               qk_scale=0.3)),
+        ("0.14 keywords, dilation=None", (), dict(dim=16, kernel_size=5, num_heads=2,
+                                                  qkv_bias=False, qk_scale=0.3, dilation=2,
+                                                  bias=True)),
+        ("0.17 positional", (16, 2, 5, 2, False, True, False, 0.3, 0.0, 0.0, False), {}),
+    ]),
+    3: (dict(dim=16, num_heads=2, kernel_size=(3, 5, 5), dilation=(1, 2, 2),
+             rel_pos_bias=True, qkv_bias=False, qk_scale=0.3), [
+        ("0.15 keywords", (), dict(dim=16, num_heads=2, kernel_size=5, kernel_size_d=3,
+                                   dilation=2, dilation_d=1, bias=True, qkv_bias=False,
+                                   qk_scale=0.3)),
+        ("0.15 positional", (16, 2, 5, 3, 2, 1, True, False, 0.3), {}),
+        ("0.17 positional", (16, 2, (3, 5, 5), (1, 2, 2), False, True, False, 0.3), {}),
+    ]),
+}
+
+
+@pytest.mark.parametrize("rank,form,args,kwargs", [
+    (rank, form, args, kwargs) for rank, (_, calls) in OLD_CALLS.items()
+    for form, args, kwargs in calls])
+def test_old_module_signatures_build_the_same_module(rank, form, args, kwargs):
+    """Each NATTEN release's call builds the module 0.17's keywords build: the
+    same parameters (names, shapes), and, with the same weights, the same
+    output."""
+    current = NA[rank](**OLD_CALLS[rank][0])
+    old = NA[rank](*args, **kwargs)
+    assert {k: tuple(v.shape) for k, v in old.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in current.state_dict().items()}
+    assert sorted(old.state_dict()) == ["proj.bias", "proj.weight", "qkv.weight", "rpb"]
+    assert (old.kernel_size, old.dilation, old.is_causal, old.scale) == \
+        (current.kernel_size, current.dilation, current.is_causal, current.scale)
+    current.load_state_dict(old.state_dict())
+    x = torch.randn(2, *SPATIAL[rank], 16, dtype=torch.float64)
+    old, current = old.double(), current.double()
+    assert torch.equal(old(x), current(x))
+
+
+def test_old_module_dilation_none_and_depth_defaults():
+    """0.14-0.16 took dilation=None for 1; 3D kernel_size_d / dilation_d default
+    to kernel_size / dilation."""
+    m = NA[2](dim=8, num_heads=2, kernel_size=3, dilation=None, bias=False)
+    assert m.dilation == (1, 1) and m.rpb is None
+    m = NA[3](8, 2, 5, None, 2)  # (dim, num_heads, kernel_size, kernel_size_d, dilation)
+    assert m.kernel_size == (5, 5, 5) and m.dilation == (2, 2, 2)
+    m = NA[3](dim=8, num_heads=2, kernel_size=5, kernel_size_d=3, bias=True)
+    assert m.kernel_size == (3, 5, 5) and tuple(m.rpb.shape) == (2, 5, 9, 9)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_checkpoint_of_a_natten_014_016_module_loads(rank, tmp_path):
+    """Code written for 0.14-0.16 rarely says bias= (NAT/DiNAT do not): there
+    the bias was on by default, in 0.17 off. Built that way, the module follows
+    0.17 until it loads a state dict with an rpb, then takes the bias on."""
+    kwargs = dict(dim=16, num_heads=2, kernel_size=5, dilation=2)
+    natten_015 = NA[rank](**kwargs, bias=True).double()
+    path = tmp_path / "natten_015.pth"
+    torch.save({"model": natten_015.state_dict()}, path)
+
+    m = NA[rank](**kwargs)  # as NAT's code builds it
+    assert m.rpb is None
+    m.load_state_dict(torch.load(path, weights_only=True)["model"])
+    assert tuple(m.rpb.shape) == (2, *(9,) * rank) and m.rel_pos_bias
+    assert sorted(m.state_dict()) == sorted(natten_015.state_dict())
+    x = torch.randn(1, *(10,) * rank, 16, dtype=torch.float64)
+    assert torch.equal(m.double()(x), natten_015(x))
+    assert any(p is m.rpb for p in m.parameters())  # trainable like the others
+
+
+def test_checkpoint_disagreeing_with_an_explicit_bias_switch_does_not_load():
+    with_rpb = NA[2](16, 2, 5, rel_pos_bias=True).state_dict()
+    without_rpb = NA[2](16, 2, 5).state_dict()
+    for said in (dict(rel_pos_bias=False), dict(bias=False), dict(is_causal=True)):
+        with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "rpb"'):
+            NA[2](16, 2, 5, **said).load_state_dict(with_rpb)
+        m = NA[2](16, 2, 5, **said)
+        assert m.load_state_dict(with_rpb, strict=False).unexpected_keys == ["rpb"]
+        assert m.rpb is None
+    for said in (dict(rel_pos_bias=True), dict(bias=True)):
+        with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "rpb"'):
+            NA[2](16, 2, 5, **said).load_state_dict(without_rpb)
+
+
+def test_old_positional_calls_that_cannot_be_told_apart_name_the_signatures():
+    sig_017 = (r"NATTEN 0.17's NeighborhoodAttention2D\(dim, num_heads, kernel_size, "
+               r"dilation=1, is_causal=False, rel_pos_bias=False")
+    sig_014 = (r"NATTEN 0.14-0.16's NeighborhoodAttention2D\(dim, num_heads, kernel_size, "
+               r"dilation=1, bias=True, qkv_bias=True")
+    # 0.17: is_causal=True; 0.14-0.16: bias=True
+    with pytest.raises(TypeError, match=r"argument 5 \(True\) is is_causal in NATTEN 0.17, "
+                       r"bias in 0.14-0.16\); pass them by keyword; expected " + sig_017 +
+                       r".* or " + sig_014):
+        NA[2](16, 2, 5, 1, True)
+    with pytest.raises(TypeError, match=r"argument 6 \(True\) is rel_pos_bias in NATTEN 0.17, "
+                       r"qkv_bias in 0.14-0.16"):
+        NA[2](16, 2, 5, 1, False, True)
+    with pytest.raises(TypeError, match=r"NeighborhoodAttention3D\] .*argument 4 \(3\) is "
+                       r"dilation in NATTEN 0.17, kernel_size_d in 0.14-0.16"):
+        NA[3](16, 2, 5, 3)
+    # ... while calls that mean the same in both go through
+    assert NA[2](16, 2, 5, 1, False).rpb is None
+    assert NA[1](16, 2, 5, 2).dilation == (2,)
+    # the first modules' order (dim, kernel_size, num_heads)
+    with pytest.raises(TypeError, match=r"num_heads=7 does not divide dim=64, but the third "
+                       r"argument \(4\) would: NATTEN 0.13 and early 0.14 took \(dim, "
+                       r"kernel_size, num_heads, ...\)"):
+        NA[2](64, 7, 4)
+    # early 0.14's positional qkv_bias where 0.15 and 0.17 have dilation
+    with pytest.raises(TypeError, match=r"fits no NATTEN signature \(not NATTEN 0.17's: its "
+                       r"argument dilation must be an int or a tuple of ints, got True; not "
+                       r"NATTEN 0.14-0.16's: its argument dilation must be an int or None"):
+        NA[2](16, 5, 2, True)
+    # keywords of both releases together
+    with pytest.raises(TypeError, match=r"not NATTEN 0.17's: it has no argument bias; not "
+                       r"NATTEN 0.14-0.16's: it has no argument is_causal"):
+        NA[2](16, 2, 5, bias=True, is_causal=True)
+    with pytest.raises(TypeError, match=r"not NATTEN 0.14-0.16's: its argument kernel_size must "
+                       r"be an int, got \(3, 5\)"):
+        NA[2](16, 2, (3, 5), bias=True)

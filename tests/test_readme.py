@@ -58,3 +58,15 @@ def test_cpp_example_matches_examples_cpp():
         line = line.strip()
         if line and not line.startswith("//"):
             assert line in lines, f"README C++ line not in examples/cpp/main.cpp: {line}"
+
+
+def test_readme_has_the_wheel_table():
+    """README's "Wheels" section gives, for the CPU and the CUDA wheel, the
+    size and install time, and what each extra pulls in."""
+    wheels = README.split("\n## Wheels\n", 1)[1].split("\n## ", 1)[0]
+    assert "| | CPU wheel | CUDA wheel |" in wheels
+    rows = {line.split("|")[1].strip() for line in wheels.splitlines()
+            if line.startswith("| ") and line.count("|") >= 3}
+    assert {"size", "install", "extra", "none", "`jax`", "`examples`", "`test`"} <= rows, rows
+    size = next(line for line in wheels.splitlines() if line.startswith("| size |"))
+    assert len(re.findall(r"\d+(?:\.\d+)? MB", size)) >= 2, size

@@ -175,3 +175,26 @@ def test_abi3_request_that_nanobind_cannot_keep_stops_the_build(tmp_path, nanobi
     assert ("the wheel is tagged abi3 (SKBUILD_SABI_COMPONENT=Development.SABIModule) but "
             f"nanobind built _C with the version-specific suffix '{suffix}'") in \
         " ".join(result.stderr.split()), result.stderr
+
+
+def test_nanobind_floor_speaks_versioned_dlpack():
+    """pyproject.toml asks for nanobind 2.10.1 or newer wherever it names it
+    (the build requirement and the test extra): the first release that speaks
+    versioned DLPack, whose read-only flag tests/test_readonly_dlpack.py checks
+    with a producer other than NumPy."""
+    import re
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11+")
+    pyproject = ROOT / "pyproject.toml"
+    if not pyproject.exists():
+        pytest.skip("not run from a source tree")
+    config = tomllib.loads(pyproject.read_text())
+    requirements = list(config["build-system"]["requires"])
+    for extra in config["project"].get("optional-dependencies", {}).values():
+        requirements += extra
+    floors = [re.fullmatch(r"nanobind\s*>=\s*([\d.]+)", r.strip()) for r in requirements
+              if re.match(r"nanobind\b", r.strip())]
+    assert floors and all(floors), [r for r in requirements if "nanobind" in r]
+    assert all(tuple(map(int, m.group(1).split("."))) >= (2, 10, 1) for m in floors), \
+        [m.group(0) for m in floors]
+    assert any(re.match(r"nanobind\b", r) for r in config["build-system"]["requires"])
