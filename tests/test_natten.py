@@ -160,6 +160,10 @@ import natten.functional as F
 assert natten is libna.natten and F is libna.natten.functional
 assert natten2dqkrpb is libna.natten.functional.natten2dqkrpb
 assert libna.natten.__spec__.name == "libna.natten"   # not taken over by the alias
+from natten.natten2d import NeighborhoodAttention2D      # where 0.14-0.17 kept the modules
+from natten.na3d import NeighborhoodAttention3D          # and where 0.17 did
+assert NeighborhoodAttention2D is libna.natten.NeighborhoodAttention2D
+assert NeighborhoodAttention3D is libna.natten.NeighborhoodAttention3D
 assert importlib.util.find_spec("natten.nonexistent") is None
 try:
     import natten.nonexistent
@@ -396,3 +400,34 @@ def test_old_positional_calls_that_cannot_be_told_apart_name_the_signatures():
     with pytest.raises(TypeError, match=r"not NATTEN 0.14-0.16's: its argument kernel_size must "
                        r"be an int, got \(3, 5\)"):
         NA[2](16, 2, (3, 5), bias=True)
+
+
+@pytest.mark.parametrize("rank, extent, kernel_size, dilation", [
+    (1, (3,), 5, 1), (2, (3, 6), 3, 2), (2, (2, 9), 5, 1)])
+def test_module_pads_an_input_shorter_than_its_window(rank, extent, kernel_size, dilation):
+    """NATTEN 0.14-0.16's 1D/2D modules zero-padded an input shorter than
+    kernel_size * dilation at the end of each axis (after which the qkv
+    projection's bias makes the padded keys and values) and cropped the
+    output. Rebuilt here from the unfused 0.14 ops, which are compared with
+    NATTEN itself above."""
+    torch.manual_seed(0)
+    heads, dim = 2, 8
+    module = libna.natten.NeighborhoodAttention1D(dim, heads, kernel_size, dilation, bias=True) \
+        if rank == 1 else libna.natten.NeighborhoodAttention2D(dim, heads, kernel_size, dilation,
+                                                               bias=True)
+    module = module.double()
+    x = torch.randn(2, *extent, dim, dtype=torch.float64)
+    window = kernel_size * dilation
+    padded_extent = [max(n, window) for n in extent]
+    padded = torch.zeros(2, *padded_extent, dim, dtype=torch.float64)
+    padded[(slice(None), *(slice(0, n) for n in extent))] = x
+    qkv = module.qkv(padded).reshape(2, *padded_extent, 3, heads, dim // heads)
+    q, k, v = (qkv.select(rank + 1, i).movedim(-2, 1) for i in range(3))
+    F = libna.natten.functional
+    qk, av = (F.natten1dqkrpb, F.natten1dav) if rank == 1 else (F.natten2dqkrpb, F.natten2dav)
+    attn = qk(q * module.scale, k, module.rpb, kernel_size, dilation).softmax(-1)
+    out = av(attn, v, kernel_size, dilation).movedim(1, -2).reshape(2, *padded_extent, dim)
+    want = module.proj(out)[(slice(None), *(slice(0, n) for n in extent))]
+    got = module(x)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

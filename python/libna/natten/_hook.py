@@ -25,6 +25,13 @@ _TOP = "natten"
 _TARGET = "libna.natten"
 
 
+# Where older NATTEN kept its modules: natten.natten{1,2,3}d (0.14-0.17, the
+# last deprecated) and natten.na{1,2,3}d (0.17), each holding
+# NeighborhoodAttention{1,2,3}D; the drop-in has them all in one module.
+_MODULE_PATHS = {f"{_TOP}.{prefix}{rank}d": _TARGET + ".modules"
+                 for prefix in ("natten", "na") for rank in (1, 2, 3)}
+
+
 def _normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
@@ -72,7 +79,7 @@ class NattenFinder(importlib.metadata.DistributionFinder):
     def find_spec(self, fullname, path=None, target=None):
         if fullname != _TOP and not fullname.startswith(_TOP + "."):
             return None
-        alias = _TARGET + fullname[len(_TOP):]
+        alias = _MODULE_PATHS.get(fullname, _TARGET + fullname[len(_TOP):])
         try:
             module = importlib.import_module(alias)
         except ModuleNotFoundError as error:

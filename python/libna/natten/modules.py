@@ -216,6 +216,22 @@ def _module(base, rank):
             # None: left to the default, so a checkpoint with a bias may turn it on
             self.rel_pos_bias_setting = rel_pos_bias
 
+        if rank < 3:
+            def forward(self, x):
+                # NATTEN 0.14-0.16 zero-padded a 1D/2D input shorter than the
+                # window (kernel_size * dilation) at the end of each axis and
+                # cropped the output; 0.17 refused it. Padded, it runs here too.
+                window = [k * d for k, d in zip(self.kernel_size, self.dilation)]
+                extents = x.shape[1:1 + rank]
+                short = [max(0, w - n) for w, n in zip(window, extents)]
+                if x.dim() != rank + 2 or not any(short):
+                    return super().forward(x)
+                padding = [0, 0]
+                for missing in reversed(short):
+                    padding += [0, missing]
+                out = super().forward(torch.nn.functional.pad(x, padding))
+                return out[(slice(None), *(slice(0, n) for n in extents))]
+
         def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                                   missing_keys, unexpected_keys, error_msgs):
             # Said explicitly, the setting stays (a checkpoint that disagrees
