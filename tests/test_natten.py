@@ -141,6 +141,30 @@ def test_ops_compile_and_autograd():
     assert all(x.grad is not None for x in (q, k, v))
 
 
+def test_fused_op_and_module_compile():
+    """The fused heads-last na2d (with rpb) and the module (padding a short
+    input) under torch.compile(fullgraph=True): the eager values and gradients."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 6, 6, 2, 4, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(2, 5, 5, requires_grad=True)
+
+    def fused(q, k, v, rpb):
+        return libna.natten.functional.na2d(q, k, v, 3, rpb=rpb)
+
+    inputs = (q, k, v, rpb)
+    eager = fused(*inputs)
+    eager_grads = torch.autograd.grad(eager.sum(), inputs)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")(*inputs)
+    torch.testing.assert_close(compiled, eager)
+    for got, want in zip(torch.autograd.grad(compiled.sum(), inputs), eager_grads):
+        torch.testing.assert_close(got, want)
+
+    module = libna.natten.NeighborhoodAttention2D(8, 2, 5, bias=True)
+    x = torch.randn(1, 3, 7, 8)  # 3 < 5: padded as NATTEN 0.14-0.16 did
+    torch.testing.assert_close(
+        torch.compile(module, fullgraph=True, backend="aot_eager")(x), module(x))
+
+
 # --------------------------------------------------------------------------
 # The import hook
 # --------------------------------------------------------------------------
