@@ -37,6 +37,7 @@ foreach(LIBNA_CUDA_PASS fused_forward fused_backward tc_forward tc_backward)
   endforeach()
 endforeach()
 list(APPEND LIBNA_EMULATED_SOURCES ${LIBNA_EMULATOR_DIR}/emulator.cpp
+     ${LIBNA_EMULATOR_DIR}/fibers.cpp ${LIBNA_EMULATOR_DIR}/warp_matrix.cpp
      ${LIBNA_EMULATOR_DIR}/self_test.cpp)
 
 target_sources(libna_core PRIVATE ${LIBNA_EMULATED_SOURCES})
