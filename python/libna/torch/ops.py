@@ -523,7 +523,13 @@ def na(rank: int, q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False
                         "additional_values": xv})
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    forward = _NaForwardEager.apply if _eager(q, k, v, rpb, xk, xv) else na_forward
+    if not _eager(q, k, v, rpb, xk, xv):
+        forward = na_forward
+    elif torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, rpb, xk, xv)):
+        forward = _NaForwardEager.apply
+    else:  # nothing to differentiate: no autograd node (~15 us a call)
+        forward = _na_forward_impl
     out, lse = forward(q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale, xk, xv)
     return (out, lse) if return_lse else out
 
