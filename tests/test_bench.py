@@ -51,6 +51,78 @@ def test_overhead_table():
         assert sum(caller in row for row in rows) == 3, out
 
 
+def markdown_rows(output, heading):
+    """Header cells and body rows (lists of cells) of the first table under `heading`."""
+    lines = output.split(heading, 1)[1].splitlines()[1:]
+    table = []
+    for line in lines:
+        if line.startswith("|"):
+            table.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif table:
+            break
+    return table[0], table[2:]
+
+
+def test_models_table(tmp_path):
+    from libna.bench.models import ALL_MODELS, LIBNA_MODELS, timm_status
+
+    have_timm = timm_status()[0] is not None
+    plot = tmp_path / "models.png"
+    code, out = bench("--models", "--image-size", "64", "--batches", "1", "--dtypes", "float32",
+                      "--no-compile", "--repeats", "1", "--warmup", "1", "--threads", "1",
+                      "--plot", str(plot), timeout=90)
+    assert code == 0, out
+    assert "machine:" in out and "threads: 1" in out and "load average" in out
+    header, rows = markdown_rows(out, "## images per second")
+    ratios = ["nat_tiny/swin_tiny", "nat_tiny/convnext_tiny"]
+    assert header == ["mode", "dtype", "batch", "compile", *ALL_MODELS, *ratios], out
+    assert [row[:4] for row in rows] == [["inference", "float32", "1", "eager"],
+                                        ["train", "float32", "1", "eager"]], out
+    for row in rows:
+        cells = dict(zip(header, row))
+        for name in LIBNA_MODELS:
+            assert float(cells[name]) > 0, row
+        for name in ("swin_tiny", "convnext_tiny"):
+            if have_timm:
+                assert float(cells[name]) > 0, row
+            else:
+                assert cells[name] == "absent", row
+        for name in ratios:
+            assert cells[name].endswith("x") if have_timm else cells[name] == "-", row
+    if not have_timm:
+        assert "timm is not importable" in out and "pip install timm" in out
+    assert "parameters: nat_mini" in out
+    assert plot.stat().st_size > 0
+
+
+def test_models_rounds_keep_each_cells_best():
+    from libna.bench.models import best_round
+
+    first = {"img_s": 2.0, "first_s": 30.0, "parameters": 1}
+    faster = {"img_s": 3.0, "first_s": 1.0, "parameters": 1}
+    assert best_round(None, first) is first
+    assert best_round(first, {"img_s": 1.0, "first_s": 1.0}) is first
+    assert best_round(first, faster) == {"img_s": 3.0, "first_s": 30.0, "parameters": 1}
+    assert best_round({"error": "compile > 240 s"}, faster) is faster
+    assert best_round(first, {"error": "compile > 240 s"}) is first
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--models", "nat_tiny,resnet50"], "choose from"),
+    (["--models", "--batches", "8", "--compile-batches", "1"], "--compile-batches"),
+    (["--models", "--dtypes", "float32", "--compile-dtypes", "bfloat16"], "--compile-dtypes"),
+    (["--models", "--image-size", "16"], "--image-size"),
+    (["--models", "--modes", "eval"], "choose from"),
+])
+def test_models_bad_options_are_argparse_errors(args, message, capsys):
+    from libna import bench as libna_bench
+
+    with pytest.raises(SystemExit) as exit_info:
+        libna_bench.main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_table_every_method_checked_and_timed():
     code, out = bench(*TINY, "--no-memory")
     assert code == 0, out

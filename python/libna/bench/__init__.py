@@ -41,6 +41,15 @@ the same run. Subprocesses get OPENBLAS_NUM_THREADS=1 (and the bench restarts
 itself with it when unset), so NumPy's idle OpenBLAS threads do not spin on
 the cores being measured.
 
+--models times whole image classifiers end to end instead: libna.models'
+nat_mini, nat_tiny and dinat_tiny against timm's Swin-T and ConvNeXt-T
+(timm is optional: `pip install timm`, or libna's `bench` extra; without it
+the libna rows run and a note says so), inference and one training step
+(forward + cross-entropy backward + SGD update), in float32 and bfloat16
+autocast, eager and torch.compile'd, printing img/s (batch / median of
+--repeats calls after --warmup calls) and the same-run ratios nat_tiny /
+swin_tiny and nat_tiny / convnext_tiny; --plot PATH draws them.
+
 --sweep times the forward and backward per token against the token count
 (fixed kernel) and against the kernel size (fixed --size) and writes PNG
 plots to --out-dir; peers that would take more than --sweep-budget seconds
@@ -53,6 +62,8 @@ Examples:
   python -m libna.bench --dtype bfloat16 --no-backward
   python -m libna.bench --sweep --out-dir docs
   python -m libna.bench --methods libna,sdpa-mask --threads 1 --no-memory
+  python -m libna.bench --models --threads 2 --plot docs/img/models.png
+  python -m libna.bench --models nat_tiny,swin_tiny --batches 8 --dtypes float32 --no-compile
 """
 
 # The package, one idea a module:
@@ -65,6 +76,8 @@ Examples:
 #   report       times and markdown tables as printed
 #   table        the default run (check, time, measure, print)
 #   sweep        --sweep: time per token vs token count and kernel size, plots
+#   overhead     --overhead: what a small call costs next to a same-size add
+#   models       --models: NAT / DiNAT vs timm's Swin-T and ConvNeXt-T end to end
 #   cli          the command line; __main__ runs it
 
 from .cli import DEFAULTS, build_parser, main
@@ -72,6 +85,7 @@ from .correctness import (TOLERANCE, full_reference_affordable, max_abs_err,
                           reference_affordable, reference_outputs, tolerance)
 from .machine import cpu_flags, cpu_model, machine_lines, proc_kib
 from .memory import CHILD_ENV, measure_memory, memory_child
+from .models import ALL_MODELS, LIBNA_MODELS, TIMM_MODELS, plot_models, run_models
 from .methods import (ALL_METHODS, CUDA_ONLY, METHOD_CLASSES, SAME_OPERATOR, FlexMethod,
                       GatherMethod, LibnaMethod, Method, NattenMethod, SdpaFullMethod,
                       SdpaMaskMethod, SdpaMethod, SwinMethod, libna_ops, na_mask_mod,
@@ -98,5 +112,6 @@ __all__ = [
     "cpu_model", "cpu_flags", "machine_lines", "proc_kib",
     "fmt_ms", "markdown_table", "run_table",
     "mem_available", "estimated_bytes", "work", "run_sweep", "plot_sweep",
+    "ALL_MODELS", "LIBNA_MODELS", "TIMM_MODELS", "run_models", "plot_models",
     "build_parser", "main",
 ]

@@ -12,6 +12,8 @@ import libna
 
 from .memory import memory_child
 from .methods import ALL_METHODS
+from .models import ALL_MODELS, DTYPES as MODEL_DTYPES, MODES as MODEL_MODES
+from .models import name_list, run_models
 from .overhead import run_overhead
 from .problem import Problem
 from .sweep import run_sweep
@@ -72,13 +74,14 @@ def build_parser():
                         help="threads for libna and torch (default libna.get_num_threads())")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed calls per measurement after one warm-up "
-                             "(default 10; 3 with --sweep, 400 with --overhead)")
+                             "(default 10; 3 with --sweep, 400 with --overhead, 5 with "
+                             "--models)")
     parser.add_argument("--backward", action=argparse.BooleanOptionalAction, default=True,
                         help="also time and check the backward pass (default on)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the whole timing sequence this many times, interleaved, and "
-                             "keep each row's (each point's) best round: steadier numbers on a "
-                             "shared machine (default 1)")
+                             "keep each row's (each point's, each --models cell's) best round: "
+                             "steadier numbers on a shared machine (default 1)")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                         help="measure peak memory in fresh subprocesses (default on)")
     parser.add_argument("--methods", type=lambda s: [x.strip() for x in s.split(",")
@@ -106,12 +109,68 @@ def build_parser():
     parser.add_argument("--overhead", action="store_true",
                         help="time small calls (7x7 and NAT's last levels) from NumPy and "
                              "libna.torch next to a same-size add, and exit")
+    models = parser.add_argument_group("models")
+    models.add_argument("--models", nargs="?", const=list(ALL_MODELS), default=None,
+                        type=name_list(ALL_MODELS), metavar="NAMES",
+                        help="time whole models end to end (inference and a training step, "
+                             "img/s) and exit: NAMES is a comma-separated subset of "
+                             f"{','.join(ALL_MODELS)} (default all; swin_tiny and "
+                             "convnext_tiny need timm)")
+    models.add_argument("--image-size", type=int, default=224,
+                        help="input height and width for --models (default 224; below 193 "
+                             "the NAT kernels shrink to fit the small levels)")
+    models.add_argument("--batches", type=_int_list, default=[8, 1],
+                        help="batch sizes for --models (default 8,1)")
+    models.add_argument("--dtypes", type=name_list(MODEL_DTYPES), default=list(MODEL_DTYPES),
+                        help="float32 and/or bfloat16 (autocast) for --models (default both)")
+    models.add_argument("--modes", type=name_list(MODEL_MODES), default=list(MODEL_MODES),
+                        help="inference and/or train (one SGD step) for --models "
+                             "(default both)")
+    models.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time torch.compile'd models (inductor) next to eager "
+                             "(default on)")
+    models.add_argument("--compile-batches", type=_int_list, default=None,
+                        help="compile only at these batch sizes (default all --batches)")
+    models.add_argument("--compile-dtypes", type=name_list(MODEL_DTYPES), default=None,
+                        help="compile only in these dtypes (default all --dtypes)")
+    models.add_argument("--compile-timeout", type=int, default=900,
+                        help="give up a compiled configuration whose first call (the "
+                             "compile) takes longer than this many seconds (default 900; "
+                             "0: no limit)")
+    models.add_argument("--warmup", type=int, default=2,
+                        help="untimed calls before timing each configuration, the first of "
+                             "which compiles (default 2)")
+    models.add_argument("--plot", default=None, metavar="PATH",
+                        help="write a PNG bar chart of img/s per model to PATH")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return parser
 
 
+def check_models_args(parser, args):
+    """argparse errors (exit 2) for --models options that cannot run."""
+    if args.image_size < 33:
+        parser.error("--image-size must be >= 33: NAT's last level, 1/32 of the image a "
+                     "side, needs 2 tokens a side")
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1 (the first call compiles; it is never timed)")
+    if args.compile_timeout < 0:
+        parser.error("--compile-timeout must be >= 0")
+    for name in ("compile_batches", "compile_dtypes"):
+        chosen = getattr(args, name)
+        available = getattr(args, name.split("_")[1])
+        if chosen is None:
+            setattr(args, name, list(available))
+        elif not set(chosen) <= set(available):
+            option = "--" + name.replace("_", "-")
+            parser.error(f"{option} {','.join(map(str, chosen))} must be among "
+                         f"--{name.split('_')[1]} {','.join(map(str, available))}")
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.models is not None:
+        check_models_args(parser, args)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # for anything started from here
     rank = args.rank
     size, kernel = DEFAULTS[rank]
@@ -130,7 +189,8 @@ def main(argv=None) -> int:
         print(f"error: --kernel {args.kernel} exceeds --size {args.size}", file=sys.stderr)
         return 2
     if args.repeats is None:
-        args.repeats = 400 if args.overhead else 3 if args.sweep else 10
+        args.repeats = (400 if args.overhead else 3 if args.sweep else
+                        5 if args.models is not None else 10)
     if min(args.repeats, args.rounds, args.batch, args.heads, args.dim) < 1:
         print("error: --repeats, --rounds, --batch, --heads and --dim must be >= 1",
               file=sys.stderr)
@@ -168,6 +228,8 @@ def main(argv=None) -> int:
         return memory_child(p, args.memory_child, args.backward, args.threads)
     if args.overhead:
         return run_overhead(args)
+    if args.models is not None:
+        return run_models(args)
     if args.sweep:
         return run_sweep(args)
     return run_table(args, p)
