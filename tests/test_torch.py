@@ -688,3 +688,14 @@ def test_cuda_matches_cpu():
     out_g.sum().backward()
     for a, b in zip(cpu, gpu):
         torch.testing.assert_close(b.grad.cpu(), a.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+def test_eager_calls_show_in_the_profiler(grad):
+    """The eager paths bypass torch's dispatcher (which is what torch.profiler
+    records), so they name themselves: a model's profile shows libna's time."""
+    q, k, v = (torch.randn(1, 6, 6, 2, 8, requires_grad=grad) for _ in range(3))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        libna.torch.na2d(q, k, v, 3)
+    names = [event.key for event in prof.key_averages()]
+    assert names.count("libna::na_forward") == 1, names
