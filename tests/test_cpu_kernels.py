@@ -6,6 +6,7 @@ run. The C++ tests run them on aarch64 itself (test_aarch64.py)."""
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import libna
@@ -97,3 +98,25 @@ def test_numerical_grid_on_portable_kernels():
     assert "libna cpu kernels: portable (simd" in result.stdout, result.stdout[:2000]
     summary = result.stdout.splitlines()[-1]
     assert " passed" in summary and "failed" not in summary, summary
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-5, 2e4], ids=["normal", "subnormal-outputs", "large"])
+def test_float16_is_float32_rounded_to_nearest_even(scale):
+    """float16 inputs are computed in float32 and only the results are
+    rounded: on the same (float16-representable) values, every float16
+    output and gradient is the float32 one rounded to nearest even, bit for
+    bit. This pins the float16 conversions of the vectorised kernels (F16C
+    on x86-64, bit arithmetic elsewhere), subnormals and overflow included."""
+    rng = np.random.default_rng(1)
+    q, k, dout = (rng.standard_normal((2, 9, 11, 2, 16)).astype(np.float16) for _ in range(3))
+    v = np.clip(rng.standard_normal((2, 9, 11, 2, 16)) * scale, -6e4, 6e4).astype(np.float16)
+    up = [x.astype(np.float32) for x in (q, k, v)]
+    out16, lse16 = libna.na2d(q, k, v, 5, return_lse=True)
+    out32, lse32 = libna.na2d(*up, 5, return_lse=True)
+    np.testing.assert_array_equal(out16, out32.astype(np.float16))
+    np.testing.assert_array_equal(lse16, lse32)
+    grads16 = libna.na2d_backward(q, k, v, out16, dout, lse16, 5)
+    grads32 = libna.na2d_backward(*up, out16.astype(np.float32), dout.astype(np.float32),
+                                  lse16, 5)
+    for name, g16, g32 in zip(("dq", "dk", "dv"), grads16, grads32):
+        np.testing.assert_array_equal(g16, g32.astype(np.float16), err_msg=name)

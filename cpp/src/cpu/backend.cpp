@@ -41,7 +41,8 @@ LIBNA_DECLARE_KERNELS
 namespace {
 bool cpu_has_avx2_fma() {
 #if defined(LIBNA_HAVE_AVX2_KERNELS)
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
   return has;
 #else
   return false;
@@ -68,7 +69,7 @@ KernelChoice choose_kernel_set() {
   if (value == "avx2") {
     if (cpu_has_avx2_fma()) return {KernelSet::avx2, ""};
 #if defined(LIBNA_HAVE_AVX2_KERNELS)
-    const char* why = "this CPU lacks AVX2 or FMA";
+    const char* why = "this CPU lacks AVX2, FMA or F16C";
 #else
     const char* why = "this build is not for x86-64 and has no AVX2 kernels";
 #endif

@@ -59,7 +59,16 @@ LIBNA_ALWAYS_INLINE f32x8 load8(const T* p, std::int64_t stride, std::int64_t n)
     } else if constexpr (std::is_same_v<T, BFloat16>) {
       return bits_as_float(widen_u16(p) << 16);
     } else if constexpr (std::is_same_v<T, Half>) {
+#if defined(LIBNA_SIMD_F16C)
+      __m128i h;
+      std::memcpy(&h, p, sizeof h);
+      const __m256 f = _mm256_cvtph_ps(h);  // exact, as half_to_float
+      f32x8 x;
+      std::memcpy(&x, &f, sizeof x);
+      return x;
+#else
       return half_to_float(widen_u16(p));
+#endif
     }
   }
   alignas(32) float x[kLanes] = {};
@@ -73,6 +82,17 @@ LIBNA_ALWAYS_INLINE void store8(T* p, std::int64_t stride, std::int64_t n, f32x8
   if constexpr (std::is_same_v<T, float>) {
     if (stride == 1 && n == kLanes) return simd::store(p, x);
   }
+#if defined(LIBNA_SIMD_F16C)
+  if constexpr (std::is_same_v<T, Half>) {
+    if (stride == 1 && n == kLanes) {  // round to nearest even, as to_half
+      __m256 f;
+      std::memcpy(&f, &x, sizeof f);
+      const __m128i h = _mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      std::memcpy(p, &h, sizeof h);
+      return;
+    }
+  }
+#endif
   alignas(32) float y[kLanes];
   simd::store(y, x);
   for (std::int64_t i = 0; i < n; ++i) store<T, float>(p + i * stride, y[i]);
