@@ -178,6 +178,15 @@ const OpInputs& op_inputs(const std::string& op) {
   throw std::invalid_argument("[libna._C] unknown op '" + op + "'");
 }
 
+// The parameters the additional-key ops use: the spatial rank (for names and
+// shapes) and the scale.
+NaParams rank_and_scale(int rank, std::optional<double> scale) {
+  NaParams p;
+  p.rank = rank;
+  p.scale = scale;
+  return p;
+}
+
 // The per-axis parameters of an NA op, as the Python layer normalised them.
 struct Params {
   int rank;

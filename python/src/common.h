@@ -4,7 +4,6 @@
 #include <nanobind/nanobind.h>
 
 #include <exception>
-#include <optional>
 
 #include "libna/na.h"
 
@@ -18,13 +17,4 @@ inline void register_dtype_error_as_type_error() {
       PyErr_SetString(PyExc_TypeError, e.what());
     }
   });
-}
-
-// The parameters the additional-key ops use: the spatial rank (for names and
-// shapes) and the scale.
-inline libna::NaParams rank_and_scale(int rank, std::optional<double> scale) {
-  libna::NaParams p;
-  p.rank = rank;
-  p.scale = scale;
-  return p;
 }

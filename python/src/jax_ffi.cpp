@@ -155,7 +155,6 @@ class Optional {
     auto b = *rets.get<ffi::AnyBuffer>(j);
     return Buffer{b->untyped_data(), b->element_type(), b->dimensions()};
   }
-  friend struct Slices;
   std::vector<std::optional<Buffer>> buffers_;
 };
 

@@ -82,7 +82,21 @@ QueryRows query_rows(const TensorView& q, int rank) {
   return QueryRows{rank, product(q, 1, rank), q.shape[rank + 1], q.shape[0]};
 }
 
-// Weight of a part with log-sum-exp `part` in a merge whose total is `total`.
+// The log-sum-exp of a merge of `n` parts with log-sum-exps `parts`; -inf
+// when every part is -inf (no keys), or when a part is +inf or NaN.
+template <typename Acc>
+Acc merged_lse(const Acc* parts, std::size_t n) {
+  Acc max = -std::numeric_limits<Acc>::infinity();
+  for (std::size_t i = 0; i < n; ++i) max = std::max(max, parts[i]);
+  Acc sum = 0;
+  if (!(std::isinf(max) && max < 0)) {
+    for (std::size_t i = 0; i < n; ++i) sum += std::exp(parts[i] - max);
+  }
+  return sum > 0 ? max + std::log(sum) : -std::numeric_limits<Acc>::infinity();
+}
+
+// Weight of a part with log-sum-exp `part` in a merge whose total is `total`
+// (a part of weight 0 is not read: its out may be anything).
 template <typename Acc>
 Acc merge_weight(Acc part, Acc total) {
   return std::isinf(total) && total < 0 ? Acc(0) : std::exp(part - total);
@@ -129,15 +143,13 @@ void additional_forward(const detail::AdditionalArgs& a) {
       const Acc normaliser = softmax_normaliser(sum);
       Acc part_lse = softmax_lse(max, sum);
       if (a.merge) {  // out, lse hold another part of these rows: combine the two
-        const Acc other = *lse;
-        const Acc top = std::max(other, part_lse);
-        const Acc total = std::isinf(top) && top < 0
-                              ? top
-                              : top + std::log(std::exp(other - top) + std::exp(part_lse - top));
-        const Acc w_other = merge_weight(other, total), w_part = merge_weight(part_lse, total);
+        const Acc parts[2] = {*lse, part_lse};
+        const Acc total = merged_lse(parts, 2);
+        const Acc w_other = merge_weight(parts[0], total), w_part = merge_weight(part_lse, total);
         for (std::int64_t e = 0; e < dim_v; ++e) {
           const Acc previous = w_other == 0 ? Acc(0) : w_other * load<Acc>(o + e * os);
-          store<T, Acc>(o + e * os, previous + w_part * acc[e] * normaliser);
+          const Acc mine = w_part == 0 ? Acc(0) : w_part * acc[e] * normaliser;
+          store<T, Acc>(o + e * os, previous + mine);
         }
         part_lse = total;
       } else {
@@ -244,16 +256,10 @@ void merge(const detail::MergeArgs& a) {
   parallel_for(rows, tuning::kMergeRowsPerTask, [&](std::int64_t begin, std::int64_t end) {
     std::vector<Acc> part_lse(parts), acc(dim_v);
     for (std::int64_t r = begin; r < end; ++r) {
-      Acc max = -std::numeric_limits<Acc>::infinity();
       for (std::size_t i = 0; i < parts; ++i) {
         part_lse[i] = load<Acc>(static_cast<const Acc*>(a.lses[i].data) + offset_of(a.lses[i], 0, rows_ndim, r));
-        max = std::max(max, part_lse[i]);
       }
-      Acc sum = 0;
-      if (!(std::isinf(max) && max < 0)) {
-        for (std::size_t i = 0; i < parts; ++i) sum += std::exp(part_lse[i] - max);
-      }
-      const Acc total = sum > 0 ? max + std::log(sum) : -std::numeric_limits<Acc>::infinity();
+      const Acc total = merged_lse(part_lse.data(), parts);
       std::fill(acc.begin(), acc.end(), Acc(0));
       for (std::size_t i = 0; i < parts; ++i) {
         const Acc w = merge_weight(part_lse[i], total);
