@@ -45,35 +45,118 @@ def kernel_report(kernels):
     return result.stdout.split()
 
 
+# The sets in order of speed, each with its build_info()["simd"] on x86-64.
+X86_SETS = {"avx2": "avx2+fma", "avx512": "avx512+fma"}
+
+
+def sets_this_cpu_runs():
+    """The kernel sets this CPU runs: the default one and every slower one."""
+    default = libna.build_info()["cpu_kernels"]
+    order = ["portable", "avx2", "avx512"]
+    return order[:order.index(default) + 1]
+
+
 def test_forced_sets_are_reported():
     default = libna.build_info()
-    assert default["cpu_kernels"] in ("avx2", "portable")
+    assert default["cpu_kernels"] in ("avx512", "avx2", "portable")
     assert kernel_report("auto") == kernel_report("") == [default["cpu_kernels"], default["simd"]]
     kernels, simd = kernel_report("portable")
     assert kernels == "portable" and simd in ("sse2", "neon", "portable")
-    if default["cpu_kernels"] == "avx2":
-        assert kernel_report("avx2") == ["avx2", "avx2+fma"]
+    for name in sets_this_cpu_runs()[1:]:
+        assert kernel_report(name) == [name, X86_SETS[name]]
 
 
 def test_unknown_set_is_refused_by_every_op_and_build_info():
-    result = run_python(TRY_AN_OP, env={"LIBNA_CPU_KERNELS": "avx512"})
+    result = run_python(TRY_AN_OP, env={"LIBNA_CPU_KERNELS": "avx1024"})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 3, result.stdout
+    choices = ", ".join(["auto"] + sets_this_cpu_runs())
     for line in lines:
-        assert line.startswith("ValueError: LIBNA_CPU_KERNELS='avx512' is not a kernel set; "
-                               "choose one of auto, portable"), line
+        assert line == ("ValueError: LIBNA_CPU_KERNELS='avx1024' is not a kernel set; "
+                        f"choose one of {choices}"), line
 
 
-def test_avx2_is_refused_where_the_cpu_cannot_run_it():
-    if libna.build_info()["cpu_kernels"] == "avx2":
-        pytest.skip("this CPU runs the AVX2 kernels (the refusal is checked on aarch64 by "
+@pytest.mark.parametrize("name, lacks", [("avx2", "AVX2, FMA or F16C"),
+                                         ("avx512", "AVX-512 F, VL, BW or DQ")])
+def test_x86_set_is_refused_where_the_cpu_cannot_run_it(name, lacks):
+    if name in sets_this_cpu_runs():
+        pytest.skip(f"this CPU runs the {name} kernels (refusals are checked on aarch64 by "
                     "test_aarch64.py)")
-    result = run_python(TRY_AN_OP, env={"LIBNA_CPU_KERNELS": "avx2"})
+    result = run_python(TRY_AN_OP, env={"LIBNA_CPU_KERNELS": name})
     assert result.returncode == 0, result.stderr
+    choices = ", ".join(["auto"] + sets_this_cpu_runs())
     for line in result.stdout.splitlines():
-        assert line.startswith("ValueError: LIBNA_CPU_KERNELS=avx2 cannot run here"), line
-        assert line.endswith("choose one of auto, portable"), line
+        assert line == (f"ValueError: LIBNA_CPU_KERNELS={name} cannot run here (this CPU lacks "
+                        f"{lacks}); choose one of {choices}"), line
+
+
+# Forward problems for the row pairs (two query rows at a time), with what
+# pairs rows differently: odd and even row counts, dilation and causal masks
+# along the rows, strides, rpb, grouped heads, 3D, windows as tall as the
+# input, and inf among the values (a row one half does not see must not
+# reach it).
+ROW_PAIR_CASES = """
+import numpy as np, libna
+rng = np.random.default_rng(7)
+def inputs(shape, heads_kv=None, dtype=np.float32):
+    q = rng.standard_normal(shape).astype(dtype)
+    kv_shape = shape[:-2] + (heads_kv or shape[-2], shape[-1])
+    return q, rng.standard_normal(kv_shape).astype(dtype), rng.standard_normal(kv_shape).astype(dtype)
+results = []
+def run(fn, q, k, v, kernel, **kw):
+    out, lse = fn(q, k, v, kernel, return_lse=True, **kw)
+    results.extend([np.asarray(out, np.float32), np.asarray(lse, np.float32)])
+for rows in (7, 8, 13):
+    run(libna.na2d, *inputs((2, rows, 19, 4, 16)), 5)
+    run(libna.na2d, *inputs((1, rows, 11, 2, 8)), (3, 5), dilation=(2, 1))
+    run(libna.na2d, *inputs((1, rows, 11, 2, 8)), (4, 3), is_causal=(True, False))
+    run(libna.na2d, *inputs((1, rows, 10, 2, 8)), 3, stride=(2, 1), dilation=(2, 3))
+    run(libna.na2d, *inputs((1, rows, 9, 2, 8)), (rows, 3))
+heads = 4
+rpb = rng.standard_normal((heads, 9, 13)).astype(np.float32)
+run(libna.na2d, *inputs((1, 12, 21, heads, 16)), (5, 7), rpb=rpb)
+run(libna.na2d, *inputs((1, 9, 16, heads, 16), heads_kv=2), 3)
+run(libna.na3d, *inputs((1, 5, 7, 9, 2, 8)), (3, 3, 5), is_causal=(False, True, False))
+run(libna.na3d, *inputs((1, 4, 9, 8, 2, 8)), 3, dilation=(1, 2, 2))
+for dtype in (np.float16, "bfloat16"):
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        import ml_dtypes
+        dt = np.dtype(ml_dtypes.bfloat16)
+    run(libna.na2d, *inputs((1, 9, 13, 2, 16), dtype=dt), 5)
+q, k, v = inputs((1, 10, 12, 2, 8))
+v[0, 9, 3, 0, 2] = np.inf       # seen by the rows near the bottom only
+v[0, 0, 11, 1, 5] = np.nan      # and near the top
+run(libna.na2d, q, k, v, 3)
+np.savez(OUT, *results)
+"""
+
+
+@pytest.mark.parametrize("name", ["portable", "avx2", "avx512"])
+def test_row_pairs_are_bitwise_single_rows(name, tmp_path):
+    """The forward computed two query rows at a time (LIBNA_CPU_ROW_PAIRS=1)
+    gives the outputs and log-sum-exps of one row at a time bit for bit, in
+    every kernel set this CPU runs (with AVX-512 a pair is one 16-lane
+    register, elsewhere two 8-lane halves)."""
+    if name not in sets_this_cpu_runs():
+        pytest.skip(f"this CPU does not run the {name} kernels")
+    saved = {}
+    for pairs in ("0", "1"):
+        out = tmp_path / f"pairs{pairs}.npz"
+        result = run_python(f"OUT = {str(out)!r}\n" + ROW_PAIR_CASES, timeout=300,
+                            env={"LIBNA_CPU_KERNELS": name, "LIBNA_CPU_ROW_PAIRS": pairs})
+        assert result.returncode == 0, result.stdout + result.stderr
+        with np.load(out) as data:
+            saved[pairs] = [data[key] for key in sorted(data.files, key=lambda s: int(s[4:]))]
+    assert len(saved["0"]) == len(saved["1"]) == 2 * 22
+    for i, (single, paired) in enumerate(zip(saved["0"], saved["1"])):
+        np.testing.assert_array_equal(paired, single, err_msg=f"result {i}")
+    # The inf and NaN values reach the outputs of the rows that see them, and
+    # no others.
+    out = saved["1"][-2]
+    assert not np.isfinite(out[0, 8:10, 2:5, 0]).all() and np.isfinite(out[0, :7, :, 0]).all()
 
 
 def test_main_self_check_on_portable_kernels():

@@ -31,25 +31,48 @@ LIBNA_DECLARE_KERNELS
 namespace portable {
 LIBNA_DECLARE_KERNELS
 }  // namespace portable
-#if defined(LIBNA_HAVE_AVX2_KERNELS)
+#if defined(LIBNA_HAVE_X86_KERNELS)
 namespace avx2 {
 LIBNA_DECLARE_KERNELS
 }  // namespace avx2
+namespace avx512 {
+LIBNA_DECLARE_KERNELS
+}  // namespace avx512
 #endif
 #undef LIBNA_DECLARE_KERNELS
 
 namespace {
-bool cpu_has_avx2_fma() {
-#if defined(LIBNA_HAVE_AVX2_KERNELS)
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has;
-#else
+
+enum class KernelSet { portable, avx2, avx512 };
+
+// Whether this CPU runs a kernel set (and this build has it).
+bool cpu_runs(KernelSet set) {
+#if defined(LIBNA_HAVE_X86_KERNELS)
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           __builtin_cpu_supports("f16c");
+  static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                             __builtin_cpu_supports("avx512vl") &&
+                             __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512dq");
+  switch (set) {
+    case KernelSet::portable: return true;
+    case KernelSet::avx2: return avx2;
+    case KernelSet::avx512: return avx512;
+  }
   return false;
+#else
+  return set == KernelSet::portable;
 #endif
 }
 
-enum class KernelSet { portable, avx2 };
+struct NamedSet {
+  const char* name;
+  KernelSet set;
+  const char* needs;  // what a CPU must have to run it
+};
+constexpr NamedSet kSets[] = {{"portable", KernelSet::portable, ""},
+                              {"avx2", KernelSet::avx2, "AVX2, FMA or F16C"},
+                              {"avx512", KernelSet::avx512, "AVX-512 F, VL, BW or DQ"}};
 
 // The kernel set that LIBNA_CPU_KERNELS names (auto or unset: the fastest this
 // CPU runs), or the message that refuses it. Kept rather than thrown at once
@@ -61,21 +84,24 @@ struct KernelChoice {
 
 KernelChoice choose_kernel_set() {
   const std::string& value = cpu_kernels_variable();
-  const std::string choices = cpu_has_avx2_fma() ? "auto, portable, avx2" : "auto, portable";
-  if (value.empty() || value == "auto") {
-    return {cpu_has_avx2_fma() ? KernelSet::avx2 : KernelSet::portable, ""};
+  std::string choices = "auto";
+  KernelSet fastest = KernelSet::portable;
+  for (const NamedSet& s : kSets) {
+    if (!cpu_runs(s.set)) continue;
+    choices += std::string(", ") + s.name;
+    fastest = s.set;
   }
-  if (value == "portable") return {KernelSet::portable, ""};
-  if (value == "avx2") {
-    if (cpu_has_avx2_fma()) return {KernelSet::avx2, ""};
-#if defined(LIBNA_HAVE_AVX2_KERNELS)
-    const char* why = "this CPU lacks AVX2, FMA or F16C";
+  if (value.empty() || value == "auto") return {fastest, ""};
+  for (const NamedSet& s : kSets) {
+    if (value != s.name) continue;
+    if (cpu_runs(s.set)) return {s.set, ""};
+#if defined(LIBNA_HAVE_X86_KERNELS)
+    const std::string why = std::string("this CPU lacks ") + s.needs;
 #else
-    const char* why = "this build is not for x86-64 and has no AVX2 kernels";
+    const std::string why = "this build is not for x86-64 and has no " + value + " kernels";
 #endif
-    return {KernelSet::portable,
-            std::string("LIBNA_CPU_KERNELS=avx2 cannot run here (") + why + "); choose one of " +
-                choices};
+    return {KernelSet::portable, "LIBNA_CPU_KERNELS=" + value + " cannot run here (" + why +
+                                     "); choose one of " + choices};
   }
   return {KernelSet::portable,
           "LIBNA_CPU_KERNELS='" + value + "' is not a kernel set; choose one of " + choices};
@@ -90,9 +116,11 @@ KernelSet kernel_set() {
 }  // namespace
 
 // The vectorised kernel of `op` in the kernel set `kernels`.
-#if defined(LIBNA_HAVE_AVX2_KERNELS)
-#define LIBNA_VECTORISED(op, R, T, args, kernels) \
-  (kernels == KernelSet::avx2 ? avx2::op<R, T>(args) : portable::op<R, T>(args))
+#if defined(LIBNA_HAVE_X86_KERNELS)
+#define LIBNA_VECTORISED(op, R, T, args, kernels)                 \
+  (kernels == KernelSet::avx512 ? avx512::op<R, T>(args)          \
+   : kernels == KernelSet::avx2 ? avx2::op<R, T>(args)            \
+                                : portable::op<R, T>(args))
 #else
 #define LIBNA_VECTORISED(op, R, T, args, kernels) portable::op<R, T>(args)
 #endif
@@ -142,10 +170,20 @@ const detail::Backend& backend() {
   return table;
 }
 
-std::string kernel_set_name() { return kernel_set() == KernelSet::avx2 ? "avx2" : "portable"; }
+std::string kernel_set_name() {
+  const KernelSet set = kernel_set();
+  for (const NamedSet& s : kSets) {
+    if (s.set == set) return s.name;
+  }
+  return "portable";
+}
 
 std::string simd_level() {
-  if (kernel_set() == KernelSet::avx2) return "avx2+fma";
+  switch (kernel_set()) {
+    case KernelSet::avx512: return "avx512+fma";
+    case KernelSet::avx2: return "avx2+fma";
+    case KernelSet::portable: break;
+  }
 #if defined(__x86_64__) || defined(_M_X64)
   return "sse2";
 #elif defined(__aarch64__)

@@ -55,6 +55,19 @@ std::int64_t read_integer(const char* variable, const std::string& expected, std
   return fallback;
 }
 
+// 0 or 1 from `variable`; -1 when it is unset, or not 0 or 1 (then with a
+// message in `warnings` saying that `fallback_is` is used instead).
+int read_switch(const char* variable, const std::string& fallback_is,
+                std::vector<std::string>& warnings) {
+  const char* text = std::getenv(variable);
+  if (text == nullptr) return -1;
+  const std::string value(text);
+  if (value == "0" || value == "1") return value == "1" ? 1 : 0;
+  warnings.push_back(std::string(variable) + "='" + value + "' is not 0 or 1; using " +
+                     fallback_is + " instead");
+  return -1;
+}
+
 struct Parsed {
   Environment settings;
   std::vector<std::string> warnings;
@@ -73,6 +86,7 @@ const Parsed& parsed() {
         std::numeric_limits<std::int64_t>::max(), tuning::kDefaultSavedProbsBytes,
         " (" + std::to_string(tuning::kDefaultSavedProbsBytes >> 20) + " MiB, the default)",
         p.warnings);
+    p.settings.row_pairs = read_switch("LIBNA_CPU_ROW_PAIRS", "the kernel set's choice", p.warnings);
     return p;
   }();
   return result;

@@ -10,6 +10,11 @@ namespace libna::cpu {
 struct Environment {
   int num_threads;                 // LIBNA_NUM_THREADS, else the cores this process may use
   std::int64_t saved_probs_bytes;  // LIBNA_CPU_SAVED_PROBS_BYTES, else 16 MiB (tuning.h)
+  // LIBNA_CPU_ROW_PAIRS: 1 computes the fused forward two query rows at a
+  // time (pair_kernels.h), 0 one row at a time; unset (-1), the kernel set
+  // chooses (pairs with AVX-512, where they are faster). For comparing the
+  // two ways, which give bitwise equal results.
+  int row_pairs;
 };
 
 // The first call reads the variables; an invalid value is replaced by the

@@ -17,6 +17,10 @@
 // rows carry zero columns around each dilation group for the reads that fall
 // outside it.
 //
+// Rows are computed two at a time where a row has a partner, the next row of
+// its dilation group along the second-to-last axis (pair_kernels.h): the two
+// share most key rows, and each load of keys or values serves both.
+//
 // Work items are (b, h, column tile, row), rows innermost (column_tiles.h),
 // and each thread packs the rows an item reads, only the tile's columns, into
 // its own small cache (row_cache.h): consecutive rows of a tile share all but
@@ -35,6 +39,7 @@
 #include "cpu/neighbour_rows.h"
 #include "cpu/packed_layout.h"
 #include "cpu/packing.h"
+#include "cpu/pair_kernels.h"
 #include "cpu/row_cache.h"
 #include "cpu/tuning.h"
 
@@ -48,6 +53,7 @@ struct Forward : LaneKernel<Rank, T> {
   const PackSource<Rank, T> q, k, v;  // q times the softmax scale
   const ColumnTiles tiles;
   const TileColumns columns;
+  const bool row_pairs;  // rows two at a time (Rank >= 2; LIBNA_CPU_ROW_PAIRS, else the set's choice)
 
   // Per-thread working memory.
   struct Scratch {
@@ -56,6 +62,12 @@ struct Forward : LaneKernel<Rank, T> {
     RowList key_rows;
     std::vector<const float*> key_ptrs, value_rows;
     RowCaches rows;  // a: q (own) and k (window); b: v (window)
+    // Row pairs: the second row's key rows, the union of both, and which
+    // halves see each union row.
+    RowList key_rows_b;
+    RowUnion pair_rows;
+    std::vector<std::int32_t> halves;  // [u][16]: -1 where the lane's row sees key row u
+    bool both_see_all = true;
   };
 
   Forward(const detail::ForwardArgs& a, const Geometry<Rank>& geometry,
@@ -66,20 +78,32 @@ struct Forward : LaneKernel<Rank, T> {
         tiles(columns_layout, geometry.window_rows(), this->k_dim + this->v_dim),
         columns(*this, tiles, [&](std::int64_t grp, std::int64_t i0, std::int64_t lanes) {
           return query_lanes(this->last(), columns_layout.group_len[grp], i0, lanes);
-        }) {
+        }),
+        row_pairs(Rank >= 2 && (environment().row_pairs < 0 ? kRowPairsByDefault
+                                                             : environment().row_pairs == 1)) {
     this->set_row_stride(columns.own, columns.window);
   }
 
   void start(Scratch& s) const {
-    // Items of a chunk are mostly consecutive rows, or rows of the next tile.
-    s.rows.reset(tuning::kRowCacheWindows * g.window_rows(), this->k_dim, this->v_dim,
-                 this->row_stride);
+    // Items of a chunk are mostly consecutive rows, or rows of the next tile;
+    // a pair sees at most twice a row's window rows, and its q rows are two.
+    const std::int64_t windows = row_pairs ? 2 * tuning::kRowCacheWindows : tuning::kRowCacheWindows;
+    s.rows.reset(windows * g.window_rows(), this->k_dim, this->v_dim, this->row_stride, 2);
   }
 
-  // The queries of one (b, h, row) in one column tile, eight at a time.
+  // The queries of one (b, h, row) in one column tile, eight at a time; with
+  // row pairs, those of the row and its partner, or none if the row is the
+  // partner of the one before.
   void row(const TiledRow& at, Scratch& s) const {
     std::int64_t c[Rank];
     row_coords<Rank>(g, at.row, c);
+    if constexpr (Rank >= 2) {
+      if (row_pairs) {
+        const std::int64_t step = g.axes[Rank - 2].dilation, y = c[Rank - 2];
+        if ((y / step) % 2 == 1) return;  // computed with row - step
+        if (y + step < g.spatial[Rank - 2]) return pair(at, c, s);
+      }
+    }
     key_rows_of<Rank>(g, c, this->bias_strides, s.key_rows);
     const std::int64_t hk = at.h / this->heads_per_kv, t = at.tile_index;
     RowCaches& rows = s.rows;
@@ -114,16 +138,121 @@ struct Forward : LaneKernel<Rank, T> {
     const f32x8 zero = simd::splat(0.0f);
     const f32x8 factor = sum == zero ? zero : simd::splat(1.0f) / sum;
     this->store_lanes(args.out, b, c, h, grp, w, factor, s.out.data());
-    if (args.lse) {
-      alignas(32) float m[kLanes], total[kLanes];
-      simd::store(m, max_logit);
-      simd::store(total, sum);
-      float* lse = static_cast<float*>(args.lse->data);
-      for (std::int64_t l = 0; l < w.lanes; ++l) {
-        c[Rank - 1] = grp + (w.i0 + l) * this->last().dilation;
-        // softmax_lanes shifted by m[l], which is 0 for all -inf logits.
-        lse[row_offset<Rank>(*args.lse, b, c, 0) + h * args.lse->strides[Rank + 1]] =
-            softmax_lse(m[l], total[l]);
+    store_lse(b, c, h, grp, w, max_logit, sum);
+  }
+
+  void store_lse(std::int64_t b, std::int64_t* c, std::int64_t h, std::int64_t grp,
+                 const LaneWindows& w, f32x8 max_logit, f32x8 sum) const {
+    if (!args.lse) return;
+    alignas(32) float m[kLanes], total[kLanes];
+    simd::store(m, max_logit);
+    simd::store(total, sum);
+    float* lse = static_cast<float*>(args.lse->data);
+    for (std::int64_t l = 0; l < w.lanes; ++l) {
+      c[Rank - 1] = grp + (w.i0 + l) * this->last().dilation;
+      // softmax_lanes shifted by m[l], which is 0 for all -inf logits.
+      lse[row_offset<Rank>(*args.lse, b, c, 0) + h * args.lse->strides[Rank + 1]] =
+          softmax_lse(m[l], total[l]);
+    }
+  }
+
+  // Row `at.row` (coordinates c) and its partner one dilation step further
+  // along the second-to-last axis, in 16 lanes (pair_kernels.h).
+  void pair(const TiledRow& at, std::int64_t* c, Scratch& s) const {
+    std::int64_t cb[Rank];
+    std::copy(c, c + Rank, cb);
+    const std::int64_t step = g.axes[Rank - 2].dilation, row_b = at.row + step;
+    cb[Rank - 2] += step;
+    key_rows_of<Rank>(g, c, this->bias_strides, s.key_rows);
+    key_rows_of<Rank>(g, cb, this->bias_strides, s.key_rows_b);
+    unite_rows(s.key_rows, s.key_rows_b, s.pair_rows);
+    const std::int64_t n = s.pair_rows.rows.size;
+    s.halves.resize(n * kPairLanes);
+    s.both_see_all = true;
+    for (std::int64_t u = 0; u < n; ++u) {
+      const bool a = s.pair_rows.index_a[u] >= 0, b = s.pair_rows.index_b[u] >= 0;
+      std::fill_n(s.halves.begin() + u * kPairLanes, kLanes, a ? -1 : 0);
+      std::fill_n(s.halves.begin() + u * kPairLanes + kLanes, kLanes, b ? -1 : 0);
+      s.both_see_all = s.both_see_all && a && b;
+    }
+    const std::int64_t hk = at.h / this->heads_per_kv, t = at.tile_index;
+    RowCaches& rows = s.rows;
+    rows.next_item();
+    rows.load_window(k, v, at.b, hk, s.pair_rows.rows, t, columns.window[t]);
+    const float* q_a = rows.own_a.get(q, at.b, at.h, at.row, t, columns.own[t]);
+    const float* q_b = rows.own_a.get(q, at.b, at.h, row_b, t, columns.own[t]);
+    this->for_query_blocks(at.tile, [&](std::int64_t grp, const LaneWindows& w) {
+      pair_block(at.b, at.h, q_a, q_b, c, cb, grp, w, s);
+    });
+  }
+
+  void pair_block(std::int64_t b, std::int64_t h, const float* q_a, const float* q_b,
+                  std::int64_t* c, std::int64_t* cb, std::int64_t grp, const LaneWindows& w,
+                  Scratch& s) const {
+    const std::int64_t dim_v = this->v_dim, n = s.pair_rows.rows.size;
+    this->prefetch_lanes(args.out, b, c, h, grp, w);
+    this->prefetch_lanes(args.out, b, cb, h, grp, w);
+    s.logits.resize(n * w.window * kPairLanes);
+    this->window_rows(s.rows.bases_a, grp, w, s.key_ptrs);
+    qk_pair_rows(this->lanes_at(q_a, grp, w), this->lanes_at(q_b, grp, w), this->row_stride,
+                 s.key_ptrs.data(), n, this->row_stride, this->k_dim, w.window, s.logits.data());
+    pair_bias_and_mask(h, w, s);
+
+    f32x16 max_logit, sum;
+    softmax_pair(s.logits.data(), n * w.window, &max_logit, &sum);
+
+    this->window_rows(s.rows.bases_b, grp, w, s.value_rows);
+    s.out.resize(dim_v * kPairLanes);
+    const bool mask_values = (w.masked || !s.both_see_all) && !s.rows.window_finite_b;
+    pv_pair_range(s.logits.data(), s.value_rows.data(), n, w.window, this->row_stride, dim_v,
+                  s.out.data(), mask_values ? &w : nullptr, s.halves.data());
+
+    // Normalise and store, as block() does for each half.
+    const f32x16 factor = pair::inverse_or_zero(sum);
+    this->store_lanes(args.out, b, c, h, grp, w, pair::low(factor), s.out.data(), kPairLanes);
+    this->store_lanes(args.out, b, cb, h, grp, w, pair::high(factor), s.out.data() + kLanes,
+                      kPairLanes);
+    store_lse(b, c, h, grp, w, pair::low(max_logit), pair::low(sum));
+    store_lse(b, cb, h, grp, w, pair::high(max_logit), pair::high(sum));
+  }
+
+  // The rpb and the masks of a pair's logits, as LaneKernel::logits adds
+  // and applies them to one row's: each half gets the bias of its own row's
+  // window, and -inf outside its lanes' windows and in the key rows it does
+  // not see.
+  void pair_bias_and_mask(std::int64_t h, const LaneWindows& w, Scratch& s) const {
+    const std::int64_t window = w.window, kernel = this->last().kernel, n = s.pair_rows.rows.size;
+    const std::int64_t bias_step = this->bias_strides[Rank];
+    const std::int64_t rel0 = w.first - w.i0 + kernel - 1;
+    const std::int64_t j_begin = std::max<std::int64_t>(0, -rel0);
+    const std::int64_t j_end = std::min(window, 2 * kernel - 1 - rel0);
+    i32x8 lo8, hi8;
+    w.entry_bounds(&lo8, &hi8);
+    const i32x16 lo = pair::join(lo8, lo8), hi = pair::join(hi8, hi8);
+    const f32x16 outside = pair::splat(-std::numeric_limits<float>::infinity());
+    const bool masked = w.masked || !s.both_see_all;
+    for (std::int64_t u = 0; u < n; ++u) {
+      float* logits = s.logits.data() + u * window * kPairLanes;
+      const i32x16 row_mask = pair::load_mask(s.halves.data() + u * kPairLanes);
+      if (!this->bias.empty()) {
+        const float* head = this->bias.data() + h * this->bias_strides[0];
+        const std::int64_t ia = s.pair_rows.index_a[u], ib = s.pair_rows.index_b[u];
+        // A half that does not see the row is masked below: any bias does.
+        const float* bias_a = ia >= 0 ? head + s.key_rows.bias[ia] : head;
+        const float* bias_b = ib >= 0 ? head + s.key_rows_b.bias[ib] : head;
+        for (std::int64_t j = j_begin; j < j_end; ++j) {
+          const std::int64_t at = (rel0 + j) * bias_step;
+          pair::store(logits + j * kPairLanes,
+                      pair::load(logits + j * kPairLanes) +
+                          pair::join(simd::splat(bias_a[at]), simd::splat(bias_b[at])));
+        }
+      }
+      if (!masked) continue;
+      for (std::int64_t j = 0; j < window; ++j) {
+        const i32x16 inside =
+            pair::inside(pair::splat_int(static_cast<std::int32_t>(j)), lo, hi, row_mask);
+        pair::store(logits + j * kPairLanes,
+                    pair::select(inside, pair::load(logits + j * kPairLanes), outside));
       }
     }
   }

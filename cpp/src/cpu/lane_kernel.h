@@ -119,13 +119,14 @@ struct LaneKernel {
     for (std::int64_t l = 0; l < w.lanes; ++l) prefetch_lines<true>(tokens[l], bytes);
   }
 
-  // t[b, c (lane positions), h, d] = factor[lane] * src[d][lane], for the
-  // lanes of w.
+  // t[b, c (lane positions), h, d] = factor[lane] * src[d * src_stride +
+  // lane], for the lanes of w.
   void store_lanes(const TensorView& t, std::int64_t b, std::int64_t* c, std::int64_t h,
-                   std::int64_t grp, const LaneWindows& w, f32x8 factor, const float* src) const {
+                   std::int64_t grp, const LaneWindows& w, f32x8 factor, const float* src,
+                   std::int64_t src_stride = kLanes) const {
     T* tokens[kLanes];
     lane_tokens(t, b, c, h, grp, w, tokens);
-    scatter_lanes(src, factor, t.shape[Rank + 2], tokens, w.lanes, t.strides[Rank + 2]);
+    scatter_lanes(src, factor, t.shape[Rank + 2], tokens, w.lanes, t.strides[Rank + 2], src_stride);
   }
 
   // logits[r][j][lane] = q.k (+ rpb) of each lane's query (channel d at

@@ -159,16 +159,17 @@ void gather_lanes(const T* const* tokens, std::int64_t lanes, std::int64_t strid
   if (probe) *probe += bad;
 }
 
-// tokens[l][d * stride] = factor[l] * src[d * kLanes + l] for d < dim and
-// l < lanes.
+// tokens[l][d * stride] = factor[l] * src[d * src_stride + l] for d < dim
+// and l < lanes.
 template <typename T>
 void scatter_lanes(const float* src, f32x8 factor, std::int64_t dim,
-                   T* const* tokens, std::int64_t lanes, std::int64_t stride) {
+                   T* const* tokens, std::int64_t lanes, std::int64_t stride,
+                   std::int64_t src_stride = kLanes) {
   f32x8 r[kLanes];
   std::int64_t d0 = 0;
   if (lanes == kLanes) {
     for (; d0 + kLanes <= dim; d0 += kLanes) {
-      for (int i = 0; i < kLanes; ++i) r[i] = simd::load(src + (d0 + i) * kLanes) * factor;
+      for (int i = 0; i < kLanes; ++i) r[i] = simd::load(src + (d0 + i) * src_stride) * factor;
       transpose8(r);
       for (int l = 0; l < kLanes; ++l) store8(tokens[l] + d0 * stride, stride, kLanes, r[l]);
     }
@@ -176,7 +177,7 @@ void scatter_lanes(const float* src, f32x8 factor, std::int64_t dim,
   for (; d0 < dim; d0 += kLanes) {
     const std::int64_t n = std::min<std::int64_t>(kLanes, dim - d0);
     for (std::int64_t i = 0; i < kLanes; ++i) {
-      r[i] = i < n ? simd::load(src + (d0 + i) * kLanes) * factor : simd::splat(0.0f);
+      r[i] = i < n ? simd::load(src + (d0 + i) * src_stride) * factor : simd::splat(0.0f);
     }
     transpose8(r);
     for (std::int64_t l = 0; l < lanes; ++l) store8(tokens[l] + d0 * stride, stride, n, r[l]);

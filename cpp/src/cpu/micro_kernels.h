@@ -22,6 +22,26 @@ using simd::f32x8;
 using simd::i32x8;
 using simd::kLanes;
 
+// Runs chunk(std::integral_constant<int, N>()) over [0, total) in register
+// blocks of N = kN, then once with N = the remainder (1 to 7), with `at` at
+// the first index of each block as it runs.
+template <int kN, typename Chunk>
+LIBNA_ALWAYS_INLINE void for_register_blocks(std::int64_t total, std::int64_t& at,
+                                             const Chunk& chunk) {
+  static_assert(kN >= 1 && kN <= 8, "the remainder switch below covers 1 to 7");
+  for (at = 0; at + kN <= total; at += kN) chunk(std::integral_constant<int, kN>());
+  switch (total - at) {
+    case 1: chunk(std::integral_constant<int, 1>()); break;
+    case 2: chunk(std::integral_constant<int, 2>()); break;
+    case 3: chunk(std::integral_constant<int, 3>()); break;
+    case 4: chunk(std::integral_constant<int, 4>()); break;
+    case 5: chunk(std::integral_constant<int, 5>()); break;
+    case 6: chunk(std::integral_constant<int, 6>()); break;
+    case 7: chunk(std::integral_constant<int, 7>()); break;
+    default: break;
+  }
+}
+
 // logits[r][j] (8 lanes) = sum_d q[d] * key(r, d, j) for R key rows and N
 // window positions j, where q[d] is the 8 floats at q + d * q_stride and
 // key(r, d, j) the 8 consecutive columns of row r from column j (lane l
@@ -167,19 +187,7 @@ inline void pv_range(const float* probs, const float* const* value_rows,
                          out + d * kLanes);
     }
   };
-  constexpr int kN = tuning::kPvChannels;
-  static_assert(kN >= 1 && kN <= 8, "the remainder switch below covers 1 to 7 channels");
-  for (; d + kN <= dim_v; d += kN) chunk(std::integral_constant<int, kN>());
-  switch (dim_v - d) {
-    case 1: chunk(std::integral_constant<int, 1>()); break;
-    case 2: chunk(std::integral_constant<int, 2>()); break;
-    case 3: chunk(std::integral_constant<int, 3>()); break;
-    case 4: chunk(std::integral_constant<int, 4>()); break;
-    case 5: chunk(std::integral_constant<int, 5>()); break;
-    case 6: chunk(std::integral_constant<int, 6>()); break;
-    case 7: chunk(std::integral_constant<int, 7>()); break;
-    default: break;
-  }
+  for_register_blocks<tuning::kPvChannels>(dim_v, d, chunk);
 }
 
 }  // namespace libna::cpu::LIBNA_SIMD_NS

@@ -96,6 +96,30 @@ void query_rows_of(const Geometry<Rank>& g, const Tables<Rank>& tables, const st
       bias_strides, out);
 }
 
+// The key rows of a pair of query rows (pair_kernels.h): the union of both
+// rows' key rows, in increasing order, with each one's index in either list
+// (-1: that row does not see it). Both lists are in increasing order, as
+// key_rows_of makes them.
+struct RowUnion {
+  RowList rows;  // rows.rows and rows.size only
+  std::vector<std::int64_t> index_a, index_b;
+};
+
+inline void unite_rows(const RowList& a, const RowList& b, RowUnion& out) {
+  out.rows.rows.clear();
+  out.index_a.clear();
+  out.index_b.clear();
+  std::int64_t i = 0, j = 0;
+  while (i < a.size || j < b.size) {
+    const bool take_a = i < a.size && (j == b.size || a.rows[i] <= b.rows[j]);
+    const bool take_b = j < b.size && (i == a.size || b.rows[j] <= a.rows[i]);
+    out.rows.rows.push_back(take_a ? a.rows[i] : b.rows[j]);
+    out.index_a.push_back(take_a ? i++ : -1);
+    out.index_b.push_back(take_b ? j++ : -1);
+  }
+  out.rows.size = static_cast<std::int64_t>(out.rows.rows.size());
+}
+
 // The most query rows (positions of the leading axes) that see one key row.
 template <int Rank>
 std::int64_t inverse_window_rows(const Tables<Rank>& tables) {

@@ -85,11 +85,12 @@ struct RowCaches {
   // masking the values outside each lane's window (pv_range).
   bool window_finite_a = true, window_finite_b = true;
 
-  // (stride: of the packed rows, LaneKernel::row_stride.)
+  // (stride: of the packed rows, LaneKernel::row_stride; own_capacity: the
+  // rows an item's lanes sit in, two for a row pair.)
   void reset(std::int64_t window_capacity, std::int64_t dim_a, std::int64_t dim_b,
-             std::int64_t stride) {
-    own_a.reset(1, dim_a, stride);
-    own_b.reset(1, dim_b, stride);
+             std::int64_t stride, std::int64_t own_capacity = 1) {
+    own_a.reset(own_capacity, dim_a, stride);
+    own_b.reset(own_capacity, dim_b, stride);
     window_a.reset(window_capacity, dim_a, stride);
     window_b.reset(window_capacity, dim_b, stride);
   }

@@ -32,30 +32,37 @@ LIBNA_ALWAYS_INLINE f32x8 max(f32x8 a, f32x8 b) { return a > b ? a : b; }
 
 // exp(x) for x <= 0 (logits minus their maximum), with exp(x) = 0 below
 // -87 (so -inf maps to 0). Cody-Waite range reduction x = n ln2 + r,
-// |r| <= ln2/2, and a degree-6 polynomial for exp(r): about 1 ulp.
-LIBNA_ALWAYS_INLINE f32x8 exp_nonpositive(f32x8 x) {
-  const f32x8 lowest = splat(-87.0f);
-  const i32x8 underflow = x < lowest;
+// |r| <= ln2/2, and a degree-6 polynomial for exp(r): about 1 ulp. F: a
+// float vector of any width (f32x8, or the row pairs' 16 lanes), each lane
+// computed alike.
+template <typename F>
+LIBNA_ALWAYS_INLINE F exp_nonpositive(F x) {
+  using I = decltype(x < x);  // the integer vector of F's width
+  // (No helper lambda for the constants: GCC compiles a lambda's body
+  // without the kernel set's target, and a vector return across that
+  // boundary changes the ABI.)
+  const F lowest = F{} - 87.0f;
+  const I underflow = x < lowest;
   x = x < lowest ? lowest : x;
-  const f32x8 round_magic = splat(12582912.0f);  // 1.5 * 2^23
-  const f32x8 n = (x * splat(1.44269504088896341f) + round_magic) - round_magic;
-  f32x8 r = x - n * splat(0.693359375f);
-  r = r - n * splat(-2.12194440e-4f);
-  f32x8 p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  p = p * r * r + r + splat(1.0f);
-  const i32x8 exponent = (__builtin_convertvector(n, i32x8) + 127) << 23;
-  f32x8 scale;
+  const F round_magic = (F{} + 12582912.0f);  // 1.5 * 2^23
+  const F n = (x * 1.44269504088896341f + round_magic) - round_magic;
+  F r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  F p = F{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const I exponent = (__builtin_convertvector(n, I) + 127) << 23;
+  F scale;
   std::memcpy(&scale, &exponent, sizeof scale);
-  const f32x8 result = p * scale;
-  i32x8 bits;
+  const F result = p * scale;
+  I bits;
   std::memcpy(&bits, &result, sizeof bits);
   bits &= ~underflow;
-  f32x8 out;
+  F out;
   std::memcpy(&out, &bits, sizeof out);
   return out;
 }

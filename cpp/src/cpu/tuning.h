@@ -39,6 +39,13 @@ inline constexpr int kQkWindowPositions = 7;
 // P.V: head-dim channels accumulated at once, each an f32x8 register: more
 // reuse each probability load more, until the accumulators spill.
 inline constexpr int kPvChannels = 8;
+// Row pairs (pair_kernels.h), whose 16-lane accumulators take two AVX2
+// registers or one AVX-512 register (of 32): q.k window positions and P.V
+// channels per block, with AVX2 and with AVX-512.
+inline constexpr int kPairQkPositions = 4;
+inline constexpr int kPairPvChannels = 4;
+inline constexpr int kPairQkPositionsWide = 7;
+inline constexpr int kPairPvChannelsWide = 8;
 
 // ---- the vectorised kernels' tiles and caches ----------------------------
 // Bytes of packed key and value columns a column tile's windows may cover
