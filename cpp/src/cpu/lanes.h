@@ -135,11 +135,16 @@ void gather_lanes(const T* const* tokens, std::int64_t lanes, std::int64_t strid
     for (; d0 + kLanes <= dim; d0 += kLanes) {
       for (int l = 0; l < kLanes; ++l) r[l] = load8(tokens[l] + d0 * stride, stride, kLanes);
       transpose8(r);
+      f32x8 x[kLanes];
       for (int i = 0; i < kLanes; ++i) {
-        const f32x8 x = r[i] * scale;
-        simd::store(dst + (d0 + i) * dst_stride, x);
-        bad += x * zero;
+        x[i] = r[i] * scale;
+        simd::store(dst + (d0 + i) * dst_stride, x[i]);
       }
+      // 0 * x, summed as a tree: one add per block on the probe's chain
+      // (eight in a row, each waiting for the last, made packing
+      // latency-bound).
+      bad += ((x[0] * zero + x[1] * zero) + (x[2] * zero + x[3] * zero)) +
+             ((x[4] * zero + x[5] * zero) + (x[6] * zero + x[7] * zero));
     }
   }
   for (; d0 < dim; d0 += kLanes) {

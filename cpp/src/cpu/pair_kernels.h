@@ -65,6 +65,18 @@ LIBNA_ALWAYS_INLINE f32x16 load(const float* p) {
   return v;
 }
 LIBNA_ALWAYS_INLINE void store(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
+// The eight floats at p in both halves: one vbroadcastf32x8 from memory (a
+// load, no shuffle on the port that also runs 512-bit FMAs).
+LIBNA_ALWAYS_INLINE f32x16 twice(const float* p) {
+#if !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's intrinsic header
+#endif
+  return reinterpret_cast<f32x16>(_mm512_broadcast_f32x8(_mm256_loadu_ps(p)));
+#if !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+}
 // Lanes of x where `keep`, else of `fill`.
 LIBNA_ALWAYS_INLINE f32x16 select(i32x16 keep, f32x16 x, f32x16 fill) { return keep ? x : fill; }
 // Lanes with lo <= position < hi, where `rows` too.
@@ -106,6 +118,10 @@ LIBNA_ALWAYS_INLINE i32x16 join(i32x8 a, i32x8 b) { return {a, b}; }
 LIBNA_ALWAYS_INLINE f32x8 low(f32x16 x) { return x.lo; }
 LIBNA_ALWAYS_INLINE f32x8 high(f32x16 x) { return x.hi; }
 LIBNA_ALWAYS_INLINE f32x16 load(const float* p) { return {simd::load(p), simd::load(p + kLanes)}; }
+LIBNA_ALWAYS_INLINE f32x16 twice(const float* p) {
+  const f32x8 x = simd::load(p);
+  return {x, x};
+}
 LIBNA_ALWAYS_INLINE void store(float* p, f32x16 v) {
   simd::store(p, v.lo);
   simd::store(p + kLanes, v.hi);
@@ -133,11 +149,6 @@ LIBNA_ALWAYS_INLINE f32x16 inverse_or_zero(f32x16 x) {
 namespace pair {
 LIBNA_ALWAYS_INLINE f32x16 splat(float x) { return join(simd::splat(x), simd::splat(x)); }
 LIBNA_ALWAYS_INLINE i32x16 splat_int(std::int32_t x) { return join(i32x8{} + x, i32x8{} + x); }
-// The eight floats at p in both halves.
-LIBNA_ALWAYS_INLINE f32x16 twice(const float* p) {
-  const f32x8 x = simd::load(p);
-  return join(x, x);
-}
 // A mask of 16 lanes from 16 int32 at p (any alignment).
 LIBNA_ALWAYS_INLINE i32x16 load_mask(const std::int32_t* p) {
   i32x8 a, b;
