@@ -135,7 +135,7 @@ struct Backend {
 
 namespace libna::cpu {
 const detail::Backend& backend();
-// "avx2" or "portable": the vectorised kernels this process runs (LIBNA_CPU_KERNELS).
+// "avx512", "avx2" or "portable": the vectorised kernels this process runs (LIBNA_CPU_KERNELS).
 std::string kernel_set_name();
 std::string simd_level();
 }  // namespace libna::cpu

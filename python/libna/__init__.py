@@ -62,7 +62,7 @@ def get_num_threads() -> int:
 @_public
 def build_info() -> dict:
     """What this build of libna contains: version, dtypes, backends, CUDA
-    architectures, the CPU kernel set ("avx2" or "portable", which
+    architectures, the CPU kernel set ("avx512", "avx2" or "portable", which
     LIBNA_CPU_KERNELS can force), SIMD level, compiler and CPU thread count.
     Raises ValueError if LIBNA_CPU_KERNELS names a set this CPU cannot run."""
     if _C is None:

@@ -713,8 +713,10 @@ void test_composition() {
 
 void test_cpu_kernels() {
   const libna::BuildInfo info = libna::build_info();
-  CHECK(info.cpu_kernels == "avx2" || info.cpu_kernels == "portable");
+  CHECK(info.cpu_kernels == "avx512" || info.cpu_kernels == "avx2" ||
+        info.cpu_kernels == "portable");
   CHECK((info.cpu_kernels == "avx2") == (info.simd == "avx2+fma"));
+  CHECK((info.cpu_kernels == "avx512") == (info.simd == "avx512+fma"));
   const char* forced = std::getenv("LIBNA_CPU_KERNELS");
   if (forced && *forced && std::string(forced) != "auto") CHECK(info.cpu_kernels == forced);
 #if !defined(__x86_64__) && !defined(_M_X64)

@@ -348,7 +348,7 @@ struct BuildInfo {
   std::vector<std::string> dtypes;          // every DType's name (kDTypes)
   std::vector<std::string> backends;        // "cpu", and "cuda" when compiled
   std::vector<std::string> cuda_architectures;
-  std::string cpu_kernels;                  // "avx2" or "portable" (LIBNA_CPU_KERNELS)
+  std::string cpu_kernels;  // "avx512", "avx2" or "portable" (LIBNA_CPU_KERNELS)
   std::string simd;                         // SIMD level the CPU backend uses
   std::string compiler;
 };
