@@ -126,6 +126,15 @@ for dtype in (np.float16, "bfloat16"):
         import ml_dtypes
         dt = np.dtype(ml_dtypes.bfloat16)
     run(libna.na2d, *inputs((1, 9, 13, 2, 16), dtype=dt), 5)
+# 1D with windows of 16 or more: a row's lane blocks two at a time.
+run(libna.na1d, *inputs((2, 203, 2, 16)), 63)
+run(libna.na1d, *inputs((1, 150, 2, 8)), 17, dilation=3)
+run(libna.na1d, *inputs((1, 97, 2, 8)), 24, is_causal=True)
+run(libna.na1d, *inputs((1, 130, 4, 8), heads_kv=2), 31, stride=4)
+run(libna.na1d, *inputs((1, 77, 4, 8)), 31, rpb=rng.standard_normal((4, 61)).astype(np.float32))
+q, k, v = inputs((1, 120, 2, 8))
+v[0, 100, 1, 3] = np.inf
+run(libna.na1d, q, k, v, 33)
 q, k, v = inputs((1, 10, 12, 2, 8))
 v[0, 9, 3, 0, 2] = np.inf       # seen by the rows near the bottom only
 v[0, 0, 11, 1, 5] = np.nan      # and near the top
@@ -136,10 +145,11 @@ np.savez(OUT, *results)
 
 @pytest.mark.parametrize("name", ["portable", "avx2", "avx512"])
 def test_row_pairs_are_bitwise_single_rows(name, tmp_path):
-    """The forward computed two query rows at a time (LIBNA_CPU_ROW_PAIRS=1)
-    gives the outputs and log-sum-exps of one row at a time bit for bit, in
-    every kernel set this CPU runs (with AVX-512 a pair is one 16-lane
-    register, elsewhere two 8-lane halves)."""
+    """The forward computed two query rows at a time, or in 1D two lane
+    blocks of a row (LIBNA_CPU_ROW_PAIRS=1), gives the outputs and
+    log-sum-exps of one row or block at a time bit for bit, in every kernel
+    set this CPU runs (with AVX-512 a pair is one 16-lane register, elsewhere
+    two 8-lane halves)."""
     if name not in sets_this_cpu_runs():
         pytest.skip(f"this CPU does not run the {name} kernels")
     saved = {}
@@ -150,7 +160,7 @@ def test_row_pairs_are_bitwise_single_rows(name, tmp_path):
         assert result.returncode == 0, result.stdout + result.stderr
         with np.load(out) as data:
             saved[pairs] = [data[key] for key in sorted(data.files, key=lambda s: int(s[4:]))]
-    assert len(saved["0"]) == len(saved["1"]) == 2 * 22
+    assert len(saved["0"]) == len(saved["1"]) == 2 * 28
     for i, (single, paired) in enumerate(zip(saved["0"], saved["1"])):
         np.testing.assert_array_equal(paired, single, err_msg=f"result {i}")
     # The inf and NaN values reach the outputs of the rows that see them, and

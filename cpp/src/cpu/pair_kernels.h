@@ -223,22 +223,19 @@ void pv_pair_chunk(const float* probs, const float* const* value_rows, const std
 }
 
 // out[d][16] = sum over rows u and positions c of probs[u][c][16] *
-// value_rows[u][d * width + c + lane], for d < dim_v. `w` and `rows`: the
-// block's lane windows, when the values may hold inf or NaN (probs must be 0
-// outside them), else null; rows[u * 16 + lane]: -1 where that lane's row
-// sees key row u, 0 where not.
+// value_rows[u][d * width + c + lane], for d < dim_v. `masked` when the
+// values may hold inf or NaN where probs are 0: then only the entries c of
+// each lane with lo <= c < hi, in the key rows u its half sees (rows[u * 16 +
+// lane] = -1, else 0), are read.
 inline void pv_pair_range(const float* probs, const float* const* value_rows,
                           std::int64_t n_rows, std::int64_t window, std::int64_t width,
-                          std::int64_t dim_v, float* out, const LaneWindows* w,
-                          const std::int32_t* rows) {
-  i32x8 lo8{}, hi8{};
-  if (w != nullptr) w->entry_bounds(&lo8, &hi8);
-  const i32x16 lo = pair::join(lo8, lo8), hi = pair::join(hi8, hi8);
+                          std::int64_t dim_v, float* out, bool masked, const i32x16& lo,
+                          const i32x16& hi, const std::int32_t* rows) {
   std::int64_t d = 0;
   const auto chunk = [&](auto n) {
     constexpr int N = decltype(n)::value;
     float* o = out + d * kPairLanes;
-    if (w != nullptr) {
+    if (masked) {
       pv_pair_chunk<N, true>(probs, value_rows, rows, n_rows, window, width, d, lo, hi, o);
     } else {
       pv_pair_chunk<N, false>(probs, value_rows, rows, n_rows, window, width, d, lo, hi, o);
