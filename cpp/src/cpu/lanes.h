@@ -117,6 +117,27 @@ LIBNA_ALWAYS_INLINE void transpose8(f32x8* r) {
   }
 }
 
+// dst[0 .. n) = src[0 .. n) for n <= kLanes, in fixed-size pieces (a copy
+// of a run-time length is a call of memmove, which took a tenth of a small
+// problem's time in the rows' last, partial blocks).
+LIBNA_ALWAYS_INLINE void store_first(float* dst, const float* src, std::int64_t n) {
+  static_assert(kLanes == 8, "pieces of 4, 2 and 1 cover fewer than 8");
+  if (n == kLanes) {
+    std::memcpy(dst, src, kLanes * sizeof(float));
+    return;
+  }
+  std::int64_t i = 0;
+  if (n & 4) {
+    std::memcpy(dst, src, 4 * sizeof(float));
+    i = 4;
+  }
+  if (n & 2) {
+    std::memcpy(dst + i, src + i, 2 * sizeof(float));
+    i += 2;
+  }
+  if (n & 1) dst[i] = src[i];
+}
+
 // dst[d * dst_stride + l] = factor * tokens[l][d * stride] for d < dim and
 // l < lanes (tokens beyond `lanes` are not read; with lanes < kLanes only
 // those lanes of dst are written, so dst may be a packed row's columns).
@@ -157,7 +178,7 @@ void gather_lanes(const T* const* tokens, std::int64_t lanes, std::int64_t strid
       alignas(32) float y[kLanes];
       const f32x8 x = r[i] * scale;  // lanes past `lanes` are 0
       simd::store(y, x);
-      std::copy(y, y + lanes, dst + (d0 + i) * dst_stride);
+      store_first(dst + (d0 + i) * dst_stride, y, lanes);
       bad += x * zero;
     }
   }

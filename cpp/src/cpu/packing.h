@@ -108,9 +108,10 @@ class PackSource {
       const std::int64_t len = layout_.group_len[grp], lo = cols.lo[grp], hi = cols.hi[grp];
       if (lo >= hi) continue;
       float* base = dst + layout_.group_base[grp];
-      for (std::int64_t d = 0; d < dim; ++d) {
-        if (lo < 0) std::fill(base + d * width + lo, base + d * width, 0.0f);
-        if (hi > len) std::fill(base + d * width + len, base + d * width + hi, 0.0f);
+      alignas(32) static constexpr float kZeros[kLanes] = {};
+      for (std::int64_t d = 0; d < dim; ++d) {  // (at most kPad = kLanes columns each side)
+        if (lo < 0) store_first(base + d * width + lo, kZeros, -lo);
+        if (hi > len) store_first(base + d * width + len, kZeros, hi - len);
       }
       const std::int64_t end = std::min(hi, len), begin = std::max<std::int64_t>(lo, 0);
       const auto token = [&](std::int64_t i) {
