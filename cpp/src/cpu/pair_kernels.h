@@ -11,6 +11,9 @@
 // one row does not see is masked out of that half (-inf logits, 0
 // probabilities), so each half computes exactly what the single-row kernels
 // compute for its row, in the same order, and the results are bitwise equal.
+// In 1D the same kernels take two consecutive lane blocks of one row (block
+// pairs): the key "rows" are the one row, and the second half's window starts
+// a few columns right of the first's (fused_forward.h).
 // Included inside the per-instruction-set namespace and target region of
 // fast_kernels_impl.h (LIBNA_SIMD_NS), like every header of the vectorised
 // kernels.
@@ -192,8 +195,8 @@ inline void qk_pair_rows(const float* qa, const float* qb, std::int64_t q_stride
 // out[j][16] = sum over key rows u and positions c of probs[u][c][16] *
 // value(u, d0 + j, c + lane), for N channels. With Masked, a value outside
 // its lane's window (c outside [lo, hi)) or in a key row its half does not
-// see (rows[u] false) counts as 0: its probability is 0, but the value may be
-// inf or NaN.
+// see (rows[u * 16 + lane] = 0) counts as 0: its probability is 0, but the
+// value may be inf or NaN.
 template <int N, bool Masked>
 void pv_pair_chunk(const float* probs, const float* const* value_rows, const std::int32_t* rows,
                    std::int64_t n_rows, std::int64_t window, std::int64_t width, std::int64_t d0,
