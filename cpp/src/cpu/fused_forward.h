@@ -67,7 +67,7 @@ struct Forward : LaneKernel<Rank, T> {
     RowCaches rows;  // a: q (own) and k (window); b: v (window)
     // Row pairs: the second row's key rows, the union of both, and which
     // halves see each union row.
-    RowList key_rows_b, next_rows;  // next_rows: the next pair's, to prefetch
+    RowList key_rows_b;
     RowUnion pair_rows;
     std::vector<std::int32_t> halves;  // [u][16]: -1 where the lane's row sees key row u
     bool both_see_all = true;
@@ -97,7 +97,8 @@ struct Forward : LaneKernel<Rank, T> {
     // Items of a chunk are mostly consecutive rows, or rows of the next tile;
     // a pair sees at most twice a row's window rows, and its q rows are two.
     const std::int64_t windows = row_pairs ? 2 * tuning::kRowCacheWindows : tuning::kRowCacheWindows;
-    s.rows.reset(windows * g.window_rows(), this->k_dim, this->v_dim, this->row_stride, 2);
+    s.rows.reset(windows * g.window_rows(), this->k_dim, this->v_dim, this->row_stride,
+                 row_pairs ? 2 : 1);
   }
 
   // The queries of one (b, h, row) in one column tile, eight at a time; with
@@ -222,36 +223,9 @@ struct Forward : LaneKernel<Rank, T> {
     rows.load_window(k, v, at.b, hk, s.pair_rows.rows, t, columns.window[t]);
     const float* q_a = rows.own_a.get(q, at.b, at.h, at.row, t, columns.own[t]);
     const float* q_b = rows.own_a.get(q, at.b, at.h, row_b, t, columns.own[t]);
-    prefetch_next_pair(at, cb, s);
     this->for_query_blocks(at.tile, [&](std::int64_t grp, const LaneWindows& w) {
       pair_block(at.b, at.h, grp, row_pair(q_a, q_b, w, c, cb), s);
     });
-  }
-
-  // Starts fetching the tokens the next pair down (rows cb + step and cb +
-  // 2 step along the second-to-last axis) packs that this one did not: its q
-  // rows and the key rows its second row adds. Packing otherwise waits on
-  // them.
-  void prefetch_next_pair(const TiledRow& at, const std::int64_t* cb, Scratch& s) const {
-    const std::int64_t step = g.axes[Rank - 2].dilation;
-    std::int64_t next[Rank];
-    std::copy(cb, cb + Rank, next);
-    const ColumnRanges& own = columns.own[at.tile_index];
-    const ColumnRanges& window = columns.window[at.tile_index];
-    for (int i = 1; i <= 2; ++i) {
-      next[Rank - 2] = cb[Rank - 2] + i * step;
-      if (next[Rank - 2] >= g.spatial[Rank - 2]) return;
-      q.prefetch_row(at.b, at.h, at.row + (i + 1) * step, own);
-    }
-    key_rows_of<Rank>(g, next, this->bias_strides, s.next_rows);
-    const std::vector<std::int64_t>& seen = s.pair_rows.rows.rows;
-    const std::int64_t hk = at.h / this->heads_per_kv;
-    for (std::int64_t r = 0; r < s.next_rows.size; ++r) {
-      const std::int64_t row = s.next_rows.rows[r];
-      if (std::binary_search(seen.begin(), seen.end(), row)) continue;
-      k.prefetch_row(at.b, hk, row, window);
-      v.prefetch_row(at.b, hk, row, window);
-    }
   }
 
   // Two blocks of query lanes computed together in 16 lanes
