@@ -122,3 +122,37 @@ def test_cupy_in_cupy_out_on_the_callers_stream(rng):
     np.testing.assert_allclose(cupy.asnumpy(lse), want_lse, atol=1e-5)
     with pytest.raises(TypeError, match="one framework"):
         libna.na2d(cupy.asarray(q), k, v, 3)
+
+
+def test_plain_calls_take_the_short_path_and_the_rest_the_checked_one(rng):
+    """Arrays' short path (no per-array framework checks) is taken only by
+    calls whose arrays are all NumPy float16/32/64 arrays or all plain CPU
+    torch tensors; everything else (mixes, bfloat16 and uint16 NumPy arrays,
+    subclasses, Parameters, meta tensors, a missing required input) goes
+    through the checked path, which refuses or converts as before."""
+    from libna._frameworks import _plain_family
+
+    a = rng.standard_normal((1, 4, 4, 1, 8)).astype(np.float32)
+    t = torch.from_numpy(a)
+    opt = ("rpb",)
+    assert _plain_family({"q": a, "k": a.astype(np.float16), "rpb": None}, opt) == "numpy"
+    assert _plain_family({"q": t, "k": t.requires_grad_(False), "rpb": None}, opt) == "torch"
+    for named in ({"q": a, "k": t}, {"q": t, "k": a},
+                  {"q": a, "k": a.view(np.uint16)},
+                  {"q": a, "k": np.asarray(a, dtype=np.int32)},
+                  {"q": a, "k": np.ma.asarray(a)},
+                  {"q": t, "k": torch.nn.Parameter(t.clone())},
+                  {"q": t, "k": torch.empty(t.shape, device="meta")},
+                  {"q": a, "k": None}):
+        assert _plain_family(named, opt) is None, named
+    # Both paths give the same answer and the caller's type back.
+    out_numpy = libna.na2d(a, a, a, 3)
+    out_torch = libna.na2d(t, t, t, 3)
+    out_param = libna.na2d(torch.nn.Parameter(t.clone()), t, t, 3)
+    assert isinstance(out_numpy, np.ndarray) and type(out_torch) is torch.Tensor
+    np.testing.assert_array_equal(out_torch.numpy(), out_numpy)
+    np.testing.assert_array_equal(out_param.detach().numpy(), out_numpy)
+    with pytest.raises(TypeError, match="one framework"):
+        libna.na2d(a, t, a, 3)
+    with pytest.raises(TypeError, match=r"\bk\b.*None"):
+        libna.na2d(a, None, a, 3)

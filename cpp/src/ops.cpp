@@ -38,6 +38,12 @@ struct Inputs {
   std::vector<std::string> names;
   std::vector<std::optional<TensorView>> views;
 
+  Inputs() {
+    names.reserve(kMostInputs);
+    views.reserve(kMostInputs);
+  }
+  static constexpr std::size_t kMostInputs = 10;  // na_backward's (merges may add more)
+
   Inputs& add(std::string name, const TensorView* t) {
     names.push_back(std::move(name));
     views.push_back(t ? std::optional<TensorView>(*t) : std::nullopt);
@@ -268,7 +274,8 @@ Plan plan_na_forward(const TensorView& q, const TensorView& k, const TensorView&
       output("out", inputs, 0, q.dtype, Last::input, 2),
       output("lse", inputs, 0, lse_dtype(q.dtype), Last::drop, 0, with_lse || additional)};
   outputs[1].workspace = !with_lse && additional;
-  return Plan(c.op(), inputs.views, inputs.names, std::move(outputs), run_forward, state);
+  return Plan(c.op(), std::move(inputs.views), std::move(inputs.names), std::move(outputs),
+              run_forward, state);
 }
 
 void check_na_forward(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -345,7 +352,7 @@ Plan plan_na_backward(const TensorView& q, const TensorView& k, const TensorView
   inputs.add("q", q).add("k", k).add("v", v).add("rpb", rpb).add("out", out).add("dout", dout);
   inputs.add("lse", lse).add("dlse", dlse);
   inputs.add("additional_keys", additional_keys).add("additional_values", additional_values);
-  return Plan(c.op(), inputs.views, inputs.names,
+  return Plan(c.op(), std::move(inputs.views), std::move(inputs.names),
               {output("dq", inputs, 0, q.dtype), output("dk", inputs, 1, q.dtype),
                output("dv", inputs, 2, q.dtype), optional_output("drpb", inputs, 3, q.dtype),
                optional_output("d(additional_keys)", inputs, 8, q.dtype),
@@ -419,7 +426,7 @@ Plan plan_na_qk(const TensorView& q, const TensorView& k, const TensorView* rpb,
   state->args = detail::QkArgs{q, k, state->hold(rpb, 0), {}, params, nullptr};
   Inputs inputs;
   inputs.add("q", q).add("k", k).add("rpb", rpb);
-  return Plan(c.op(), inputs.views, inputs.names,
+  return Plan(c.op(), std::move(inputs.views), std::move(inputs.names),
               {output("attn", inputs, 0, q.dtype, Last::constant, params.window_size())},
               run_planned<detail::QkArgs, &detail::Backend::na_qk, fill_qk>, state);
 }
@@ -440,7 +447,7 @@ Plan plan_na_av(const TensorView& attn, const TensorView& v, const NaParams& par
   check_backend(c.op(), &detail::Backend::na_av, attn);
   Inputs inputs;
   inputs.add("attn", attn).add("v", v);
-  return Plan(c.op(), inputs.views, inputs.names,
+  return Plan(c.op(), std::move(inputs.views), std::move(inputs.names),
               {output("out", inputs, 0, attn.dtype, Last::input, 1)},
               run_planned<detail::AvArgs, &detail::Backend::na_av, fill_av>,
               planned(detail::AvArgs{attn, v, {}, params, nullptr}));
@@ -466,7 +473,7 @@ Plan plan_na_qk_backward(const TensorView& dattn, const TensorView& q, const Ten
   check_backend(c.op(), &detail::Backend::na_qk_backward, q);
   Inputs inputs;
   inputs.add("dattn", dattn).add("q", q).add("k", k).add("rpb", rpb);
-  return Plan(c.op(), inputs.views, inputs.names,
+  return Plan(c.op(), std::move(inputs.views), std::move(inputs.names),
               {output("dq", inputs, 1, q.dtype), output("dk", inputs, 2, q.dtype),
                optional_output("drpb", inputs, 3, q.dtype)},
               run_planned<detail::QkBackwardArgs, &detail::Backend::na_qk_backward,
@@ -495,7 +502,7 @@ Plan plan_na_av_backward(const TensorView& dout, const TensorView& attn, const T
   check_backend(c.op(), &detail::Backend::na_av_backward, attn);
   Inputs inputs;
   inputs.add("dout", dout).add("attn", attn).add("v", v);
-  return Plan(c.op(), inputs.views, inputs.names,
+  return Plan(c.op(), std::move(inputs.views), std::move(inputs.names),
               {output("dattn", inputs, 1, attn.dtype), output("dv", inputs, 2, attn.dtype)},
               run_planned<detail::AvBackwardArgs, &detail::Backend::na_av_backward,
                           fill_av_backward>,
@@ -549,7 +556,7 @@ Plan plan_na_additional_forward(const TensorView& q, const TensorView& additiona
   Inputs inputs;
   inputs.add("q", q).add("additional_keys", additional_keys);
   inputs.add("additional_values", additional_values);
-  return Plan(c.op(), inputs.views, inputs.names,
+  return Plan(c.op(), std::move(inputs.views), std::move(inputs.names),
               {output("out", inputs, 0, q.dtype, Last::input, 2),
                output("lse", inputs, 0, lse_dtype(q.dtype), Last::drop, 0, with_lse)},
               run_planned<detail::AdditionalArgs, &detail::Backend::na_additional_forward,
@@ -592,7 +599,7 @@ Plan plan_na_additional_backward(const TensorView& q, const TensorView& addition
   inputs.add("q", q).add("additional_keys", additional_keys);
   inputs.add("additional_values", additional_values).add("out", out).add("dout", dout);
   inputs.add("lse", lse).add("dlse", dlse);
-  return Plan(c.op(), inputs.views, inputs.names,
+  return Plan(c.op(), std::move(inputs.views), std::move(inputs.names),
               {output("dq", inputs, 0, q.dtype),
                output("d(additional_keys)", inputs, 1, q.dtype),
                output("d(additional_values)", inputs, 2, q.dtype)},
@@ -636,7 +643,7 @@ Plan plan_merge_attentions(const std::vector<TensorView>& outs,
   check_backend(op, &detail::Backend::merge_attentions, outs[0]);
   const TensorView& first = outs[0];
   const Inputs inputs = merge_inputs(outs, lses);
-  return Plan(op, inputs.views, inputs.names,
+  return Plan(op, std::move(inputs.views), std::move(inputs.names),
               {output("out", inputs, 0, first.dtype),
                output("lse", inputs, 0, lse_dtype(first.dtype), Last::drop)},
               run_planned<detail::MergeArgs, &detail::Backend::merge_attentions, fill_merge>,
@@ -680,7 +687,7 @@ Plan plan_merge_attentions_backward(const std::vector<TensorView>& outs,
   auto state = std::make_shared<Planned<detail::MergeBackwardArgs>>();
   state->args = detail::MergeBackwardArgs{outs, lses, out, lse, dout, state->hold(dlse, 0),
                                           {},   {},   nullptr};
-  return Plan(op, inputs.views, inputs.names, std::move(outputs),
+  return Plan(op, std::move(inputs.views), std::move(inputs.names), std::move(outputs),
               run_planned<detail::MergeBackwardArgs, &detail::Backend::merge_attentions_backward,
                           fill_merge_backward>,
               state);

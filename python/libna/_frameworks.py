@@ -8,6 +8,7 @@ validated the inputs), so torch in gives torch out, NumPy in gives NumPy out.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import numpy as np
@@ -62,11 +63,74 @@ def _capsule(to_dlpack, x):
         return x
 
 
+# NumPy dtypes by the names the binding allocates outputs by.
+_NUMPY_DTYPES = {name: _numpy_dtype(name)
+                 for name in ("float16", "bfloat16", "float32", "float64")}
+
+
+def _alloc_numpy(shape, dtype_name):
+    """The NumPy allocator the binding calls (after validation) per output."""
+    return np.empty(shape, _NUMPY_DTYPES[dtype_name])
+
+
+def _plain_family(named: dict, optional) -> str | None:
+    """'numpy' when every array given is a NumPy float16/32/64 array,
+    'torch' when every one is a plain CPU torch.Tensor, else None: the common
+    calls, which skip the general checks of Arrays."""
+    family = tensor = None
+    for name, x in named.items():
+        if x is None:
+            if name not in optional:
+                return None
+            continue
+        kind = type(x)
+        if kind is np.ndarray:
+            if x.dtype.char not in "efd" or family == "torch":
+                return None
+            family = "numpy"
+            continue
+        if tensor is None:
+            torch = sys.modules.get("torch")  # libna itself never imports torch
+            if torch is None:
+                return None
+            tensor = torch.Tensor
+        if kind is not tensor or family == "numpy" or x.device.type != "cpu":
+            return None
+        family = "torch"
+    return family
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_exports():
+    """(torch dtypes by name, torch's C DLPack exporter, torch.empty), looked
+    up once (an import statement per call costs about a microsecond)."""
+    import torch
+    from torch.utils.dlpack import to_dlpack
+
+    dtypes = {name: getattr(torch, name) for name in ("float16", "bfloat16", "float32", "float64")}
+    return dtypes, to_dlpack, torch.empty
+
+
 class Arrays:
     """The arrays of one op call, all from one framework."""
 
     def __init__(self, op: str, named: dict,
                  optional=("rpb", "additional_keys", "additional_values")):
+        self.op = op
+        self.stream = 0
+        self._device = None
+        plain = _plain_family(named, optional)
+        if plain is not None:  # checked enough; the binding checks the rest
+            self.family = plain
+            self.uint16_is_bfloat16 = plain == "numpy"
+            if plain == "numpy":
+                self.inputs = named
+            else:
+                self._device = "cpu"
+                # PyTorch refuses to export tensors that require grad over DLPack.
+                self.inputs = {name: None if x is None else x.detach() if x.requires_grad else x
+                               for name, x in named.items()}
+            return
         families = {}
         for name, x in named.items():
             if x is None:
@@ -89,10 +153,7 @@ class Arrays:
         if len(kinds) > 1:
             listing = ", ".join(f"{n}: {f}" for n, f in families.items())
             raise TypeError(f"[{op}] all arrays must come from one framework, got {listing}")
-        self.op = op
         self.family = kinds.pop() if kinds else "numpy"
-        self.stream = 0
-        self._device = None
         # NumPy has no bfloat16 of its own and cannot export ml_dtypes'
         # bfloat16 over DLPack, so bfloat16 NumPy arrays (inputs, and the
         # outputs of every framework that allocates with NumPy) travel as
@@ -109,20 +170,19 @@ class Arrays:
         if self.family == "torch":
             # A DLPack capsule from torch's C exporter imports several times
             # faster than a call of Tensor.__dlpack__ (a Python method).
-            from torch.utils.dlpack import to_dlpack
-
+            to_dlpack = _torch_exports()[1]
             inputs = [None if x is None else _capsule(to_dlpack, x) for x in inputs]
             alloc = self._alloc_torch
+        elif self.family == "numpy":
+            alloc = _alloc_numpy
         else:
             alloc = self.alloc
         return _C.call(op, inputs, rank, kernel_size, stride, dilation, is_causal, scale,
                        want_lse, alloc, self.uint16_is_bfloat16, self.stream)
 
     def _alloc_torch(self, shape, dtype_name):
-        import torch
-        from torch.utils.dlpack import to_dlpack
-
-        out = torch.empty(shape, dtype=getattr(torch, dtype_name), device=self._device)
+        dtypes, to_dlpack, empty = _torch_exports()
+        out = empty(shape, dtype=dtypes[dtype_name], device=self._device)
         return out, to_dlpack(out)
 
     def _refuse_uint16(self, name):
@@ -174,7 +234,7 @@ class Arrays:
 
             with self._device:
                 return cupy.empty(shape, dtype=dtype_name)
-        return np.empty(shape, dtype=_numpy_dtype(dtype_name))
+        return _alloc_numpy(shape, dtype_name)
 
     def finish(self, out, like):
         """An output in the caller's own array type."""

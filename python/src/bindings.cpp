@@ -261,6 +261,7 @@ libna::Plan make_plan(const Call& call, const std::string& op,
 // The name of every input of a call of `op` with `count` inputs.
 std::vector<std::string> input_names(const OpInputs& entry, std::size_t count) {
   std::vector<std::string> names;
+  names.reserve(count);
   if (entry.suffix == nullptr) {  // merge_attentions(_backward): outs, lses, then the named
     const std::size_t parts = (count - entry.names.size()) / 2;
     for (std::size_t i = 0; i < parts; ++i) names.push_back("outs[" + std::to_string(i) + "]");
@@ -316,6 +317,7 @@ nb::tuple call_op(const std::string& op, const std::vector<InObject>& inputs, co
                   std::uintptr_t stream) {
   const OpInputs& entry = op_inputs(op);
   const Call call{call_name(entry, params.rank), uint16_is_bfloat16, stream};
+  call.imported.reserve(inputs.size());
   const auto views = read_inputs(call, entry, inputs, [&](InObject o, const std::string& name) {
     return call.input(o, name);
   });
