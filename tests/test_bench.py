@@ -223,3 +223,35 @@ def test_flex_peer_mask_is_the_na_rule(rank, size, kernel):
         out = flex.forward(q, k, v)
     torch.testing.assert_close(out, libna_bench.LibnaMethod(p).forward(q, k, v),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_instruction_counts_are_the_difference_per_call(monkeypatch, capsys):
+    """python -m libna.bench.instructions prints (count with N calls - count
+    with none) / N per case; without valgrind it says so and fails."""
+    from libna.bench import instructions
+
+    monkeypatch.setattr(instructions.shutil, "which", lambda name: "/usr/bin/valgrind")
+    monkeypatch.setattr(instructions, "_instructions",
+                        lambda call, calls: 5000 + calls * (1000 + len(call)))
+    assert instructions.main(["--calls", "10"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert len(rows) == len(instructions.CASES)
+    for row, (label, call) in zip(rows, instructions.CASES):
+        assert row.startswith(label) and row.split()[-1] == f"{1000 + len(call):,}"
+    monkeypatch.setattr(instructions.shutil, "which", lambda name: None)
+    assert instructions.main([]) == 1
+    assert "valgrind is not installed" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        instructions.main(["--calls", "0"])
+
+
+@pytest.mark.skipif(__import__("shutil").which("valgrind") is None,
+                    reason="valgrind is not installed (apt install valgrind)")
+def test_instruction_counts_read_callgrinds_total():
+    from libna.bench import instructions
+
+    # The set-up alone (imports included) runs millions of instructions; a
+    # call more adds some.
+    none = instructions._instructions("None", 0)
+    assert none > 1_000_000
+    assert instructions._instructions("libna.na2d(s, s, s, 2)", 3) > none
