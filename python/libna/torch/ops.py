@@ -495,7 +495,9 @@ def _static(x):
 
 
 def _per_axis(op, name, value, rank, boolean=False):
-    return list(_ops.per_axis(op, name, _static(value), rank, boolean=boolean))
+    if type(value) is not (bool if boolean else int):  # (a plain one needs no _static)
+        value = _static(value)
+    return list(_ops.per_axis(op, name, value, rank, boolean=boolean))
 
 
 def _rank(fn: str, rank) -> int:
