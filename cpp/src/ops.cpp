@@ -53,6 +53,16 @@ struct Inputs {
   bool has(int i) const { return views[i].has_value(); }
 };
 
+// The plan of `op` on `inputs`. The inputs are taken by reference and moved
+// from only here, after every argument of the call is evaluated: the
+// outputs are often built from them in the same call (an argument moved
+// from in place would be read moved-from under some evaluation orders).
+Plan plan_of(std::string op, Inputs&& inputs, std::vector<Plan::Output> outputs,
+             Plan::Runner runner, std::shared_ptr<const void> state) {
+  return Plan(std::move(op), std::move(inputs.views), std::move(inputs.names),
+              std::move(outputs), runner, std::move(state));
+}
+
 // Output `name`: input `like`'s shape with its last dimension changed by
 // `last` (see Plan::Output), of `dtype`, on the inputs' device.
 Plan::Output output(std::string name, const Inputs& inputs, int like, DType dtype,
@@ -274,7 +284,7 @@ Plan plan_na_forward(const TensorView& q, const TensorView& k, const TensorView&
       output("out", inputs, 0, q.dtype, Last::input, 2),
       output("lse", inputs, 0, lse_dtype(q.dtype), Last::drop, 0, with_lse || additional)};
   outputs[1].workspace = !with_lse && additional;
-  return Plan(c.op(), std::move(inputs.views), std::move(inputs.names), std::move(outputs),
+  return plan_of(c.op(), std::move(inputs), std::move(outputs),
               run_forward, state);
 }
 
@@ -352,7 +362,7 @@ Plan plan_na_backward(const TensorView& q, const TensorView& k, const TensorView
   inputs.add("q", q).add("k", k).add("v", v).add("rpb", rpb).add("out", out).add("dout", dout);
   inputs.add("lse", lse).add("dlse", dlse);
   inputs.add("additional_keys", additional_keys).add("additional_values", additional_values);
-  return Plan(c.op(), std::move(inputs.views), std::move(inputs.names),
+  return plan_of(c.op(), std::move(inputs),
               {output("dq", inputs, 0, q.dtype), output("dk", inputs, 1, q.dtype),
                output("dv", inputs, 2, q.dtype), optional_output("drpb", inputs, 3, q.dtype),
                optional_output("d(additional_keys)", inputs, 8, q.dtype),
@@ -426,7 +436,7 @@ Plan plan_na_qk(const TensorView& q, const TensorView& k, const TensorView* rpb,
   state->args = detail::QkArgs{q, k, state->hold(rpb, 0), {}, params, nullptr};
   Inputs inputs;
   inputs.add("q", q).add("k", k).add("rpb", rpb);
-  return Plan(c.op(), std::move(inputs.views), std::move(inputs.names),
+  return plan_of(c.op(), std::move(inputs),
               {output("attn", inputs, 0, q.dtype, Last::constant, params.window_size())},
               run_planned<detail::QkArgs, &detail::Backend::na_qk, fill_qk>, state);
 }
@@ -447,7 +457,7 @@ Plan plan_na_av(const TensorView& attn, const TensorView& v, const NaParams& par
   check_backend(c.op(), &detail::Backend::na_av, attn);
   Inputs inputs;
   inputs.add("attn", attn).add("v", v);
-  return Plan(c.op(), std::move(inputs.views), std::move(inputs.names),
+  return plan_of(c.op(), std::move(inputs),
               {output("out", inputs, 0, attn.dtype, Last::input, 1)},
               run_planned<detail::AvArgs, &detail::Backend::na_av, fill_av>,
               planned(detail::AvArgs{attn, v, {}, params, nullptr}));
@@ -473,7 +483,7 @@ Plan plan_na_qk_backward(const TensorView& dattn, const TensorView& q, const Ten
   check_backend(c.op(), &detail::Backend::na_qk_backward, q);
   Inputs inputs;
   inputs.add("dattn", dattn).add("q", q).add("k", k).add("rpb", rpb);
-  return Plan(c.op(), std::move(inputs.views), std::move(inputs.names),
+  return plan_of(c.op(), std::move(inputs),
               {output("dq", inputs, 1, q.dtype), output("dk", inputs, 2, q.dtype),
                optional_output("drpb", inputs, 3, q.dtype)},
               run_planned<detail::QkBackwardArgs, &detail::Backend::na_qk_backward,
@@ -502,7 +512,7 @@ Plan plan_na_av_backward(const TensorView& dout, const TensorView& attn, const T
   check_backend(c.op(), &detail::Backend::na_av_backward, attn);
   Inputs inputs;
   inputs.add("dout", dout).add("attn", attn).add("v", v);
-  return Plan(c.op(), std::move(inputs.views), std::move(inputs.names),
+  return plan_of(c.op(), std::move(inputs),
               {output("dattn", inputs, 1, attn.dtype), output("dv", inputs, 2, attn.dtype)},
               run_planned<detail::AvBackwardArgs, &detail::Backend::na_av_backward,
                           fill_av_backward>,
@@ -556,7 +566,7 @@ Plan plan_na_additional_forward(const TensorView& q, const TensorView& additiona
   Inputs inputs;
   inputs.add("q", q).add("additional_keys", additional_keys);
   inputs.add("additional_values", additional_values);
-  return Plan(c.op(), std::move(inputs.views), std::move(inputs.names),
+  return plan_of(c.op(), std::move(inputs),
               {output("out", inputs, 0, q.dtype, Last::input, 2),
                output("lse", inputs, 0, lse_dtype(q.dtype), Last::drop, 0, with_lse)},
               run_planned<detail::AdditionalArgs, &detail::Backend::na_additional_forward,
@@ -599,7 +609,7 @@ Plan plan_na_additional_backward(const TensorView& q, const TensorView& addition
   inputs.add("q", q).add("additional_keys", additional_keys);
   inputs.add("additional_values", additional_values).add("out", out).add("dout", dout);
   inputs.add("lse", lse).add("dlse", dlse);
-  return Plan(c.op(), std::move(inputs.views), std::move(inputs.names),
+  return plan_of(c.op(), std::move(inputs),
               {output("dq", inputs, 0, q.dtype),
                output("d(additional_keys)", inputs, 1, q.dtype),
                output("d(additional_values)", inputs, 2, q.dtype)},
@@ -642,8 +652,8 @@ Plan plan_merge_attentions(const std::vector<TensorView>& outs,
   check_merge_inputs(op, outs, lses);
   check_backend(op, &detail::Backend::merge_attentions, outs[0]);
   const TensorView& first = outs[0];
-  const Inputs inputs = merge_inputs(outs, lses);
-  return Plan(op, std::move(inputs.views), std::move(inputs.names),
+  Inputs inputs = merge_inputs(outs, lses);
+  return plan_of(op, std::move(inputs),
               {output("out", inputs, 0, first.dtype),
                output("lse", inputs, 0, lse_dtype(first.dtype), Last::drop)},
               run_planned<detail::MergeArgs, &detail::Backend::merge_attentions, fill_merge>,
@@ -687,7 +697,7 @@ Plan plan_merge_attentions_backward(const std::vector<TensorView>& outs,
   auto state = std::make_shared<Planned<detail::MergeBackwardArgs>>();
   state->args = detail::MergeBackwardArgs{outs, lses, out, lse, dout, state->hold(dlse, 0),
                                           {},   {},   nullptr};
-  return Plan(op, std::move(inputs.views), std::move(inputs.names), std::move(outputs),
+  return plan_of(op, std::move(inputs), std::move(outputs),
               run_planned<detail::MergeBackwardArgs, &detail::Backend::merge_attentions_backward,
                           fill_merge_backward>,
               state);
