@@ -68,17 +68,20 @@ struct SavedProbs {
   // query row `row` ([key row][window position][lane] over the key rows
   // `rows`): entry j (offset first + j - i0) at the block's own columns,
   // from col0 = group_base + i0. `kernel`: the last axis' kernel size.
+  // Consecutive entries are consecutive lines: `width` floats apart.
   void save_query_block(std::int64_t head, std::int64_t row, std::int64_t col0,
                         std::int64_t kernel, const LaneWindows& w, const RowList& rows,
                         const float* probs, const float* dlogits) const {
+    const std::int64_t delta0 = w.first - w.i0;
     for (std::int64_t r = 0; r < rows.size; ++r) {
       const std::int64_t m = rows.slot[r] / kernel;
+      float* p_line = line(0, head, row, m, delta0) + col0;
+      float* ds_line = line(1, head, row, m, delta0) + col0;
       const float* p = probs + r * w.window * kLanes;
       const float* ds = dlogits + r * w.window * kLanes;
       for (std::int64_t j = 0; j < w.window; ++j) {
-        const std::int64_t delta = w.first + j - w.i0;
-        simd::store(line(0, head, row, m, delta) + col0, simd::load(p + j * kLanes));
-        simd::store(line(1, head, row, m, delta) + col0, simd::load(ds + j * kLanes));
+        simd::store(p_line + j * width, simd::load(p + j * kLanes));
+        simd::store(ds_line + j * width, simd::load(ds + j * kLanes));
       }
     }
   }
@@ -86,23 +89,34 @@ struct SavedProbs {
   // Reads P and dS of a key block back for query head `head` of the kv head
   // (the query rows `rows`, [query row][window position][lane]): key i0 + l
   // and query first + j + l are at offset i0 - first - j, column first + j +
-  // l, from col0 = group_base + first.
+  // l, from col0 = group_base + first. Consecutive entries are (width - 1)
+  // floats apart, backwards. Outside a lane's window the lines hold other
+  // pairs' values (or none): those entries read as 0.
   void load_key_block(std::int64_t head, std::int64_t col0, std::int64_t kernel,
                       const LaneWindows& w, const RowList& rows, float* probs,
                       float* dlogits) const {
+    const std::int64_t delta0 = w.i0 - w.first, step = 1 - width;
+    i32x8 lo{}, hi{};
+    if (w.masked) w.entry_bounds(&lo, &hi);
+    const f32x8 zero = simd::splat(0.0f);
     for (std::int64_t r = 0; r < rows.size; ++r) {
       const std::int64_t query_row = rows.rows[r], m = rows.slot[r] / kernel;
+      const float* p_line = line(0, head, query_row, m, delta0) + col0;
+      const float* ds_line = line(1, head, query_row, m, delta0) + col0;
       float* p = probs + r * w.window * kLanes;
       float* ds = dlogits + r * w.window * kLanes;
-      for (std::int64_t j = 0; j < w.window; ++j) {
-        const std::int64_t delta = w.i0 - w.first - j;
-        simd::store(p + j * kLanes, simd::load(line(0, head, query_row, m, delta) + col0 + j));
-        simd::store(ds + j * kLanes, simd::load(line(1, head, query_row, m, delta) + col0 + j));
+      if (!w.masked) {
+        for (std::int64_t j = 0; j < w.window; ++j) {
+          simd::store(p + j * kLanes, simd::load(p_line + j * step));
+          simd::store(ds + j * kLanes, simd::load(ds_line + j * step));
+        }
+        continue;
       }
-      // Outside a lane's window the lines hold other pairs (or nothing).
-      if (w.masked) {
-        w.mask(p, w.window, 0.0f);
-        w.mask(ds, w.window, 0.0f);
+      for (std::int64_t j = 0; j < w.window; ++j) {
+        const i32x8 jv = i32x8{} + static_cast<std::int32_t>(j);
+        const i32x8 inside = (jv >= lo) & (jv < hi);
+        simd::store(p + j * kLanes, inside ? simd::load(p_line + j * step) : zero);
+        simd::store(ds + j * kLanes, inside ? simd::load(ds_line + j * step) : zero);
       }
     }
   }
