@@ -169,6 +169,69 @@ def test_row_pairs_are_bitwise_single_rows(name, tmp_path):
     assert not np.isfinite(out[0, 8:10, 2:5, 0]).all() and np.isfinite(out[0, :7, :, 0]).all()
 
 
+BACKWARD_PAIR_CASES = """
+import numpy as np, libna
+rng = np.random.default_rng(11)
+def inputs(shape, heads_kv=None, dtype=np.float32):
+    q = rng.standard_normal(shape).astype(dtype)
+    kv_shape = shape[:-2] + (heads_kv or shape[-2], shape[-1])
+    return q, rng.standard_normal(kv_shape).astype(dtype), rng.standard_normal(kv_shape).astype(dtype)
+results = []
+def run(q, k, v, kernel, **kw):
+    out, lse = libna.na2d(q, k, v, kernel, return_lse=True, **kw)
+    dout = rng.standard_normal(out.shape).astype(out.dtype)
+    grads = libna.na2d_backward(q, k, v, out, dout, lse, kernel, **kw)
+    results.extend(np.asarray(g, np.float32) for g in grads)
+for rows in (7, 8, 13):     # an odd last row keeps no partner
+    run(*inputs((2, rows, 14, 4, 16)), 7 if rows >= 7 else rows)
+    run(*inputs((1, rows, 11, 2, 8)), (3, 5), dilation=(2, 1))
+    run(*inputs((1, rows, 11, 2, 8)), (4, 3), is_causal=(True, False))
+    run(*inputs((1, rows, 10, 2, 8)), 3, stride=(2, 1), dilation=(2, 3))
+    run(*inputs((1, rows, 9, 2, 8)), (rows, 3))
+heads = 4
+run(*inputs((1, 14, 14, heads, 32)), 7, rpb=rng.standard_normal((heads, 13, 13)).astype(np.float32))
+run(*inputs((1, 17, 19, heads, 8)), (5, 3), dilation=(3, 2),
+    rpb=rng.standard_normal((heads, 9, 5)).astype(np.float32))
+run(*inputs((1, 9, 16, heads, 16), heads_kv=2), 3)
+run(*inputs((1, 12, 56, 2, 16)), 7)   # wide rows: several strips
+q, k, v = inputs((1, 10, 12, 2, 8))
+v[0, 9, 3, 0, 2] = np.inf       # seen by the rows near the bottom only
+k[0, 0, 11, 1, 5] = np.nan      # and near the top
+run(q, k, v, 3)
+np.savez(OUT, *results)
+"""
+
+
+@pytest.mark.parametrize("name", ["portable", "avx2", "avx512"])
+def test_backward_row_pairs_are_bitwise_single_rows(name, tmp_path):
+    """The backward's query pass computing two query rows at a time
+    (LIBNA_CPU_ROW_PAIRS=1, the schedule that keeps P and dS) gives the
+    gradients of one row at a time bit for bit, and so does the schedule
+    that computes P and dS again (LIBNA_CPU_SAVED_PROBS_BYTES=0, no pairs),
+    in every kernel set this CPU runs: rpb, dilation, causal, stride, GQA,
+    strips, odd row counts, and inf/NaN inputs."""
+    if name not in sets_this_cpu_runs():
+        pytest.skip(f"this CPU does not run the {name} kernels")
+    saved = {}
+    settings = {"single": {"LIBNA_CPU_ROW_PAIRS": "0"}, "pairs": {"LIBNA_CPU_ROW_PAIRS": "1"},
+                "recompute": {"LIBNA_CPU_ROW_PAIRS": "1", "LIBNA_CPU_SAVED_PROBS_BYTES": "0"}}
+    for label, env in settings.items():
+        out = tmp_path / f"{label}.npz"
+        result = run_python(f"OUT = {str(out)!r}\n" + BACKWARD_PAIR_CASES, timeout=300,
+                            env={"LIBNA_CPU_KERNELS": name, **env})
+        assert result.returncode == 0, result.stdout + result.stderr
+        with np.load(out) as data:
+            saved[label] = [data[key] for key in sorted(data.files, key=lambda s: int(s[4:]))]
+    assert len(saved["single"]) == 3 * 5 * 3 + 4 + 4 + 3 + 3 + 3
+    for label in ("pairs", "recompute"):
+        assert len(saved[label]) == len(saved["single"])
+        for i, (single, other) in enumerate(zip(saved["single"], saved[label])):
+            np.testing.assert_array_equal(other, single, err_msg=f"{label}: result {i}")
+    # The inf and NaN reach the gradients of what sees them, and no others.
+    dq = saved["pairs"][-3]
+    assert not np.isfinite(dq[0, 7:10, 2:5, 0]).all() and np.isfinite(dq[0, 3:7, :, 0]).all()
+
+
 def test_main_self_check_on_portable_kernels():
     result = run_python("""
         import sys

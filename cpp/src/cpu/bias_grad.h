@@ -29,21 +29,29 @@ inline float lane_sum(f32x8 x) {
   return s;
 }
 
-// bias_grad (one head of the rpb gradient) += ds[r][j][lane] summed by
-// relative position: entry j of every lane is at first + j - i0 (entries
-// outside a lane's window hold 0).
-inline void add_bias_grad(const LaneWindows& w, const RowList& rows,
-                          std::int64_t kernel, std::int64_t step,
-                          const float* ds, float* bias_grad) {
+// bias_grad (one head of the rpb gradient, from the key row's offset
+// `bias_offset` on) += one key row's dS summed by relative position: entry j
+// is the 8 floats at ds + j * entry_stride, and every lane's entry j is at
+// relative position first + j - i0 (entries outside a lane's window hold 0).
+inline void add_bias_grad_row(const LaneWindows& w, std::int64_t bias_offset,
+                              std::int64_t kernel, std::int64_t step, const float* ds,
+                              std::int64_t entry_stride, float* bias_grad) {
   const std::int64_t rel0 = w.first - w.i0 + kernel - 1;
   const std::int64_t j_begin = std::max<std::int64_t>(0, -rel0);
   const std::int64_t j_end = std::min(w.window, 2 * kernel - 1 - rel0);
+  float* head = bias_grad + bias_offset;
+  for (std::int64_t j = j_begin; j < j_end; ++j) {
+    head[(rel0 + j) * step] += lane_sum(simd::load(ds + j * entry_stride));
+  }
+}
+
+// add_bias_grad_row over a block's key rows `rows`, ds[r][j][lane].
+inline void add_bias_grad(const LaneWindows& w, const RowList& rows,
+                          std::int64_t kernel, std::int64_t step,
+                          const float* ds, float* bias_grad) {
   for (std::int64_t r = 0; r < rows.size; ++r) {
-    float* head = bias_grad + rows.bias[r];
-    const float* row = ds + r * w.window * kLanes;
-    for (std::int64_t j = j_begin; j < j_end; ++j) {
-      head[(rel0 + j) * step] += lane_sum(simd::load(row + j * kLanes));
-    }
+    add_bias_grad_row(w, rows.bias[r], kernel, step, ds + r * w.window * kLanes, kLanes,
+                      bias_grad);
   }
 }
 

@@ -41,7 +41,8 @@ void na_backward(const detail::BackwardArgs& args) {
   SavedProbs saved = saved_probs_layout(pass, tables);
   const std::int64_t tiles = pass.query_tiles.count;
   const SavedPlan plan =
-      saved_plan<Rank>(g, tables, g.batch * heads_kv * tiles, saved, pass.ring_rows);
+      saved_plan<Rank>(g, tables, g.batch * heads_kv * tiles, saved, pass.ring_rows,
+                       pass.row_pairs);
   const std::int64_t query_items = g.batch * heads * tiles * layout.rows;
   // lse and D in the packed column layout (the key pass reads their padding
   // too), then the rpb-gradient partials.
@@ -54,21 +55,27 @@ void na_backward(const detail::BackwardArgs& args) {
 
   using Scratch = typename Backward<Rank, T>::Scratch;
   using QueryTile = typename Backward<Rank, T>::QueryTile;
+  // (The item's rpb-gradient partial, zeroed; null without rpb.)
+  const auto partial_of = [&](const TiledRow& at, std::int64_t row) -> float* {
+    if (!bias_head) return nullptr;
+    const std::int64_t item = ((at.b * heads + at.h) * tiles + at.tile_index) * layout.rows + row;
+    float* partial = bias_partials + item * bias_head;
+    std::fill(partial, partial + bias_head, 0.0f);
+    return partial;
+  };
   const auto query_item = [&](const TiledRow& at, const QueryTile& tile, Scratch& s) {
-    float* partial = nullptr;
-    if (bias_head) {
-      const std::int64_t item = ((at.b * heads + at.h) * tiles + at.tile_index) * layout.rows + at.row;
-      partial = bias_partials + item * bias_head;
-      std::fill(partial, partial + bias_head, 0.0f);
-    }
-    pass.query_row(at, tile, partial, s);
+    pass.query_row(at, tile, partial_of(at, at.row), s);
+  };
+  const auto query_pair = [&](const TiledRow& at, std::int64_t row_b, const QueryTile& tile,
+                              Scratch& s) {
+    pass.query_pair(at, row_b, tile, partial_of(at, at.row), partial_of(at, row_b), s);
   };
 
   if (plan.slots == 0) {
     run_recomputing_backward(pass, query_item);
   } else {
     saved.slots = plan.slots;
-    run_saved_backward(pass, plan, saved, query_item);
+    run_saved_backward(pass, plan, saved, query_item, query_pair);
   }
   if (args.drpb) {
     store_bias_grad<T>(bias_layout, bias_partials, query_items, tiles * layout.rows, *args.drpb);

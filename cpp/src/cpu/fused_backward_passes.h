@@ -32,6 +32,8 @@
 #include "cpu/neighbour_rows.h"
 #include "cpu/packed_layout.h"
 #include "cpu/packing.h"
+#include "cpu/pair_kernels.h"
+#include "cpu/pair_rows.h"
 #include "cpu/row_cache.h"
 #include "cpu/saved_probs.h"
 #include "cpu/simd.h"
@@ -63,6 +65,9 @@ struct Backward : LaneKernel<Rank, T> {
   // The strips of the saved pipeline (1D and 2D; empty in 3D), one per query
   // tile, set by the constructor.
   std::vector<Strip> strip_list;
+  // 2D, keeping P and dS: the query pass takes rows two at a time (query_pair;
+  // LIBNA_CPU_ROW_PAIRS, else the kernel set's choice).
+  const bool row_pairs;
 
   struct Scratch {
     std::vector<float> probs, dlogits;  // [row][window position][lane]
@@ -77,6 +82,7 @@ struct Backward : LaneKernel<Rank, T> {
     // windows too (whole rows, tile 0): each is packed once.
     RowCaches key_rows;
     SavedProbs saved;  // saved.data null: the key pass computes P and dS again
+    PairRows pair;     // query_pair: the second row's key rows and the union
     GrowingBuffer saved_memory;
   };
 
@@ -97,7 +103,8 @@ struct Backward : LaneKernel<Rank, T> {
                       }),
         key_columns(*this, key_tiles, [&](std::int64_t grp, std::int64_t i0, std::int64_t lanes) {
           return key_lanes(t.axis[Rank - 1], grp, this->last().dilation, i0, lanes);
-        }) {
+        }),
+        row_pairs(Rank == 2 && ring_rows > 0 && row_pairs_wanted()) {
     std::vector<ColumnRanges> strip_columns;
     if (ring_rows) {
       strip_list = saved_strips(*this, t, query_tiles);
@@ -222,6 +229,140 @@ struct Backward : LaneKernel<Rank, T> {
     if (bias_grad) {
       add_bias_grad(w, s.rows_list, this->last().kernel, this->bias_strides[Rank],
                     s.dlogits.data(), bias_grad);
+    }
+  }
+
+  // Query rows at.row and row_b, the next of its dilation group along the
+  // second-to-last axis, in 16 lanes (pair_kernels.h, pair_rows.h): what
+  // query_row does for each, bit for bit, with each load of a key or value
+  // column feeding both. Saving P and dS only (the q and dout rows come from
+  // the key pass' caches). bias_grad_a/_b: each row's rpb-gradient partial.
+  void query_pair(const TiledRow& at, std::int64_t row_b, const QueryTile& tile,
+                  float* bias_grad_a, float* bias_grad_b, Scratch& s) const {
+    std::int64_t ca[Rank], cb[Rank];
+    row_coords<Rank>(g, at.row, ca);
+    row_coords<Rank>(g, row_b, cb);
+    key_rows_of<Rank>(g, ca, this->bias_strides, s.rows_list);
+    key_rows_of<Rank>(g, cb, this->bias_strides, s.pair.b);
+    s.pair.unite(s.rows_list);
+    const std::int64_t hk = at.h / this->heads_per_kv, t = at.tile_index;
+    s.query_rows.next_item();
+    s.query_rows.load_window(k, v, at.b, hk, s.pair.rows.rows, t, tile.kv_columns);
+    RowCaches& q_rows = s.key_rows;
+    q_rows.next_item();
+    const PairInputs in{
+        q_rows.window_a.get(q_scaled, at.b, at.h, at.row, t, tile.q_columns),
+        q_rows.window_a.get(q_scaled, at.b, at.h, row_b, t, tile.q_columns),
+        q_rows.window_b.get(dout, at.b, at.h, at.row, t, tile.q_columns),
+        q_rows.window_b.get(dout, at.b, at.h, row_b, t, tile.q_columns), at.row, row_b, ca, cb};
+    this->for_query_blocks(at.tile, [&](std::int64_t grp, const LaneWindows& w) {
+      const std::int64_t block = layout.block(grp, w.i0);
+      const bool own = block >= tile.own.begin && block < tile.own.end;
+      query_pair_block(at.b, at.h, in, grp, w, own ? bias_grad_a : nullptr,
+                       own ? bias_grad_b : nullptr, own, s);
+    });
+  }
+
+  struct PairInputs {
+    const float *q_a, *q_b, *dout_a, *dout_b;  // packed rows
+    std::int64_t row_a, row_b;
+    std::int64_t *ca, *cb;
+  };
+
+  // query_block for the two rows of a pair in 16 lanes.
+  LIBNA_NOINLINE void query_pair_block(std::int64_t b, std::int64_t h, const PairInputs& in,
+                                       std::int64_t grp, const LaneWindows& w,
+                                       float* bias_grad_a, float* bias_grad_b, bool store_dq,
+                                       Scratch& s) const {
+    const std::int64_t dim = this->k_dim, dim_v = this->v_dim, n = s.pair.rows.rows.size;
+    const std::int64_t window = w.window, entries = n * window, width = this->row_stride;
+    const std::int64_t col0 = layout.group_base[grp] + w.i0;
+    const Halves x = row_pair(in.q_a, in.q_b, w, in.ca, in.cb);
+    const f32x16 lse_v = pair::join(simd::load(lse + scalar_row(b, h, in.row_a) + col0),
+                                    simd::load(lse + scalar_row(b, h, in.row_b) + col0));
+    const f32x16 delta_v = pair::join(simd::load(delta + scalar_row(b, h, in.row_a) + col0),
+                                      simd::load(delta + scalar_row(b, h, in.row_b) + col0));
+    if (store_dq) {
+      this->prefetch_lanes(args.dq, b, in.ca, h, grp, w);
+      this->prefetch_lanes(args.dq, b, in.cb, h, grp, w);
+    }
+
+    // P, then dP, then dS = P (dP - D), as query_block computes them.
+    s.probs.resize(entries * kPairLanes);
+    s.dlogits.resize(entries * kPairLanes);
+    this->window_rows(s.query_rows.bases_a, grp, w, s.ptrs_b);
+    qk_pair_rows(this->lanes_at(in.q_a, grp, w), this->lanes_at(in.q_b, grp, w), width,
+                 s.ptrs_b.data(), n, width, dim, window, s.probs.data());
+    const bool masked = pair_masked(x, s.pair);
+    i32x16 lo, hi;
+    pair_bounds(x, &lo, &hi);
+    pair_bias_and_mask(*this, h, x, masked, lo, hi, s.rows_list, s.pair, s.probs.data());
+    for (std::int64_t e = 0; e < entries; ++e) {
+      pair::store(s.probs.data() + e * kPairLanes,
+                  pair::exp_nonpositive(pair::load(s.probs.data() + e * kPairLanes) - lse_v));
+    }
+    this->window_rows(s.query_rows.bases_b, grp, w, s.ptrs_a);
+    qk_pair_rows(this->lanes_at(in.dout_a, grp, w), this->lanes_at(in.dout_b, grp, w), width,
+                 s.ptrs_a.data(), n, width, dim_v, window, s.dlogits.data());
+    for (std::int64_t e = 0; e < entries; ++e) {
+      const f32x16 p = pair::load(s.probs.data() + e * kPairLanes);
+      pair::store(s.dlogits.data() + e * kPairLanes,
+                  p * (pair::load(s.dlogits.data() + e * kPairLanes) - delta_v));
+    }
+    // dS is 0 outside a half's windows and key rows (dP there may come from
+    // values it does not see).
+    if (masked) {
+      const f32x16 zero = pair::splat(0.0f);
+      for (std::int64_t u = 0; u < n; ++u) {
+        const i32x16 row_mask = pair::load_mask(s.pair.halves.data() + u * kPairLanes);
+        float* ds = s.dlogits.data() + u * window * kPairLanes;
+        for (std::int64_t j = 0; j < window; ++j) {
+          const i32x16 inside =
+              pair::inside(pair::splat_int(static_cast<std::int32_t>(j)), lo, hi, row_mask);
+          pair::store(ds + j * kPairLanes, pair::select(inside, pair::load(ds + j * kPairLanes), zero));
+        }
+      }
+    }
+
+    // Each half keeps the key rows of its own row's window.
+    const std::int64_t kernel = this->last().kernel, head = h % this->heads_per_kv;
+    const std::int64_t step = this->bias_strides[Rank];
+    for (std::int64_t u = 0; u < n; ++u) {
+      const float* p = s.probs.data() + u * window * kPairLanes;
+      const float* ds = s.dlogits.data() + u * window * kPairLanes;
+      const std::int64_t ia = s.pair.rows.index_a[u], ib = s.pair.rows.index_b[u];
+      if (ia >= 0) {
+        s.saved.save_query_row(head, in.row_a, s.rows_list.slot[ia] / kernel, col0, w, p, ds,
+                               kPairLanes);
+      }
+      if (ib >= 0) {
+        s.saved.save_query_row(head, in.row_b, s.pair.b.slot[ib] / kernel, col0, w, p + kLanes,
+                               ds + kLanes, kPairLanes);
+      }
+    }
+
+    if (!store_dq) return;
+    // dq = scale * dS . k (ptrs_b: the key rows)
+    s.acc.resize(dim * kPairLanes);
+    pv_pair_range(s.dlogits.data(), s.ptrs_b.data(), n, window, width, dim, s.acc.data(),
+                  masked && !s.query_rows.window_finite_a, lo, hi, s.pair.halves.data());
+    this->store_lanes(args.dq, b, in.ca, h, grp, w, simd::splat(this->scale), s.acc.data(),
+                      kPairLanes);
+    this->store_lanes(args.dq, b, in.cb, h, grp, w, simd::splat(this->scale),
+                      s.acc.data() + kLanes, kPairLanes);
+
+    // The rpb gradient: each half's dS by relative position, its key rows in
+    // order (as add_bias_grad sums one row's).
+    for (std::int64_t u = 0; u < n; ++u) {
+      const float* ds = s.dlogits.data() + u * window * kPairLanes;
+      const std::int64_t ia = s.pair.rows.index_a[u], ib = s.pair.rows.index_b[u];
+      if (bias_grad_a && ia >= 0) {
+        add_bias_grad_row(w, s.rows_list.bias[ia], kernel, step, ds, kPairLanes, bias_grad_a);
+      }
+      if (bias_grad_b && ib >= 0) {
+        add_bias_grad_row(w, s.pair.b.bias[ib], kernel, step, ds + kLanes, kPairLanes,
+                          bias_grad_b);
+      }
     }
   }
 

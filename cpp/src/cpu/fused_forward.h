@@ -41,6 +41,7 @@
 #include "cpu/packed_layout.h"
 #include "cpu/packing.h"
 #include "cpu/pair_kernels.h"
+#include "cpu/pair_rows.h"
 #include "cpu/row_cache.h"
 #include "cpu/tuning.h"
 
@@ -65,12 +66,7 @@ struct Forward : LaneKernel<Rank, T> {
     RowList key_rows;
     std::vector<const float*> key_ptrs, value_rows;
     RowCaches rows;  // a: q (own) and k (window); b: v (window)
-    // Row pairs: the second row's key rows, the union of both, and which
-    // halves see each union row.
-    RowList key_rows_b;
-    RowUnion pair_rows;
-    std::vector<std::int32_t> halves;  // [u][16]: -1 where the lane's row sees key row u
-    bool both_see_all = true;
+    PairRows pair;  // row pairs: the second row's key rows and the union
     std::vector<std::pair<std::int64_t, LaneWindows>> blocks;  // block pairs: a row's blocks
   };
 
@@ -83,14 +79,9 @@ struct Forward : LaneKernel<Rank, T> {
         columns(*this, tiles, [&](std::int64_t grp, std::int64_t i0, std::int64_t lanes) {
           return query_lanes(this->last(), columns_layout.group_len[grp], i0, lanes);
         }),
-        row_pairs(Rank >= 2 && pairs_wanted()),
-        block_pairs(Rank == 1 && pairs_wanted() && geometry.axes[Rank - 1].kernel >= 2 * kLanes) {
+        row_pairs(Rank >= 2 && row_pairs_wanted()),
+        block_pairs(Rank == 1 && row_pairs_wanted() && geometry.axes[Rank - 1].kernel >= 2 * kLanes) {
     this->set_row_stride(columns.own, columns.window);
-  }
-
-  static bool pairs_wanted() {
-    const int setting = environment().row_pairs;
-    return setting < 0 ? kRowPairsByDefault : setting == 1;
   }
 
   void start(Scratch& s) const {
@@ -131,10 +122,8 @@ struct Forward : LaneKernel<Rank, T> {
   // at a time.
   void row_of_block_pairs(const TiledRow& at, std::int64_t* c, const float* q_row,
                           Scratch& s) const {
-    unite_rows(s.key_rows, s.key_rows, s.pair_rows);  // both halves see every key row
-    s.key_rows_b = s.key_rows;
-    s.halves.assign(s.pair_rows.rows.size * kPairLanes, -1);
-    s.both_see_all = true;
+    s.pair.b = s.key_rows;
+    s.pair.unite(s.key_rows);  // both halves see every key row
     s.blocks.clear();
     this->for_query_blocks(at.tile, [&](std::int64_t grp, const LaneWindows& w) {
       s.blocks.push_back({grp, w});
@@ -206,21 +195,12 @@ struct Forward : LaneKernel<Rank, T> {
     const std::int64_t step = g.axes[Rank - 2].dilation, row_b = at.row + step;
     cb[Rank - 2] += step;
     key_rows_of<Rank>(g, c, this->bias_strides, s.key_rows);
-    key_rows_of<Rank>(g, cb, this->bias_strides, s.key_rows_b);
-    unite_rows(s.key_rows, s.key_rows_b, s.pair_rows);
-    const std::int64_t n = s.pair_rows.rows.size;
-    s.halves.resize(n * kPairLanes);
-    s.both_see_all = true;
-    for (std::int64_t u = 0; u < n; ++u) {
-      const bool a = s.pair_rows.index_a[u] >= 0, b = s.pair_rows.index_b[u] >= 0;
-      std::fill_n(s.halves.begin() + u * kPairLanes, kLanes, a ? -1 : 0);
-      std::fill_n(s.halves.begin() + u * kPairLanes + kLanes, kLanes, b ? -1 : 0);
-      s.both_see_all = s.both_see_all && a && b;
-    }
+    key_rows_of<Rank>(g, cb, this->bias_strides, s.pair.b);
+    s.pair.unite(s.key_rows);
     const std::int64_t hk = at.h / this->heads_per_kv, t = at.tile_index;
     RowCaches& rows = s.rows;
     rows.next_item();
-    rows.load_window(k, v, at.b, hk, s.pair_rows.rows, t, columns.window[t]);
+    rows.load_window(k, v, at.b, hk, s.pair.rows.rows, t, columns.window[t]);
     const float* q_a = rows.own_a.get(q, at.b, at.h, at.row, t, columns.own[t]);
     const float* q_b = rows.own_a.get(q, at.b, at.h, row_b, t, columns.own[t]);
     this->for_query_blocks(at.tile, [&](std::int64_t grp, const LaneWindows& w) {
@@ -228,28 +208,9 @@ struct Forward : LaneKernel<Rank, T> {
     });
   }
 
-  // Two blocks of query lanes computed together in 16 lanes
-  // (pair_kernels.h), half a and half b: each with its q lanes, lane windows
-  // and coordinates (for storing). A row pair is one block of two rows (the
-  // same windows); a block pair (1D) is two consecutive blocks of one row,
-  // b's windows `offset` columns right of a's. The key rows are
-  // s.pair_rows, read from a's first column: position j of the union window
-  // is position j of half a and j - offset of half b.
-  struct Halves {
-    const float *q_a, *q_b;
-    const LaneWindows &wa, &wb;
-    std::int64_t *ca, *cb;
-    std::int64_t offset, window;
-  };
-
-  static Halves row_pair(const float* q_a, const float* q_b, const LaneWindows& w,
-                         std::int64_t* ca, std::int64_t* cb) {
-    return {q_a, q_b, w, w, ca, cb, 0, w.window};
-  }
-
   void pair_block(std::int64_t b, std::int64_t h, std::int64_t grp, const Halves& x,
                   Scratch& s) const {
-    const std::int64_t dim_v = this->v_dim, n = s.pair_rows.rows.size, window = x.window;
+    const std::int64_t dim_v = this->v_dim, n = s.pair.rows.rows.size, window = x.window;
     this->prefetch_lanes(args.out, b, x.ca, h, grp, x.wa);
     this->prefetch_lanes(args.out, b, x.cb, h, grp, x.wb);
     s.logits.resize(n * window * kPairLanes);
@@ -257,13 +218,10 @@ struct Forward : LaneKernel<Rank, T> {
     qk_pair_rows(this->lanes_at(x.q_a, grp, x.wa), this->lanes_at(x.q_b, grp, x.wb),
                  this->row_stride, s.key_ptrs.data(), n, this->row_stride, this->k_dim, window,
                  s.logits.data());
-    // Whether some half reads an entry outside its lanes' windows or key
-    // rows.
-    const bool masked = x.wa.masked || x.wb.masked || x.offset != 0 || x.wb.window != window ||
-                        !s.both_see_all;
+    const bool masked = pair_masked(x, s.pair);
     i32x16 lo, hi;
     pair_bounds(x, &lo, &hi);
-    pair_bias_and_mask(h, x, masked, lo, hi, s);
+    pair_bias_and_mask(*this, h, x, masked, lo, hi, s.key_rows, s.pair, s.logits.data());
 
     f32x16 max_logit, sum;
     softmax_pair(s.logits.data(), n * window, &max_logit, &sum);
@@ -272,7 +230,7 @@ struct Forward : LaneKernel<Rank, T> {
     s.out.resize(dim_v * kPairLanes);
     const bool mask_values = masked && !s.rows.window_finite_b;
     pv_pair_range(s.logits.data(), s.value_rows.data(), n, window, this->row_stride, dim_v,
-                  s.out.data(), mask_values, lo, hi, s.halves.data());
+                  s.out.data(), mask_values, lo, hi, s.pair.halves.data());
 
     // Normalise and store, as block() does for each half.
     const f32x16 factor = pair::inverse_or_zero(sum);
@@ -282,62 +240,6 @@ struct Forward : LaneKernel<Rank, T> {
                       s.out.data() + kLanes, kPairLanes);
     store_lse(b, x.ca, h, grp, x.wa, pair::low(max_logit), pair::low(sum));
     store_lse(b, x.cb, h, grp, x.wb, pair::high(max_logit), pair::high(sum));
-  }
-
-  // Each lane's entries of the union window: lo <= j < hi.
-  static void pair_bounds(const Halves& x, i32x16* lo, i32x16* hi) {
-    i32x8 lo_a, hi_a, lo_b, hi_b;
-    x.wa.entry_bounds(&lo_a, &hi_a);
-    x.wb.entry_bounds(&lo_b, &hi_b);
-    const std::int32_t offset = static_cast<std::int32_t>(x.offset);
-    *lo = pair::join(lo_a, lo_b + offset);
-    *hi = pair::join(hi_a, hi_b + offset);
-  }
-
-  // The rpb and the masks of a pair's logits, as LaneKernel::logits adds
-  // and applies them to one block's: each half gets the bias of its own
-  // row's window at its own relative positions, and -inf outside its lanes'
-  // windows and in the key rows it does not see.
-  void pair_bias_and_mask(std::int64_t h, const Halves& x, bool masked, const i32x16& lo,
-                          const i32x16& hi, Scratch& s) const {
-    const std::int64_t window = x.window, kernel = this->last().kernel;
-    const std::int64_t n = s.pair_rows.rows.size, bias_step = this->bias_strides[Rank];
-    // Position j of the union is relative position rel_a + j in half a and
-    // rel_b + j in half b, each valid below 2 kernel - 1.
-    const std::int64_t rel_a = x.wa.first - x.wa.i0 + kernel - 1;
-    const std::int64_t rel_b = x.wb.first - x.wb.i0 + kernel - 1 - x.offset;
-    const std::int64_t j_begin = std::max<std::int64_t>(0, -std::max(rel_a, rel_b));
-    const std::int64_t j_end = std::min(window, 2 * kernel - 1 - std::min(rel_a, rel_b));
-    const f32x16 outside = pair::splat(-std::numeric_limits<float>::infinity());
-    const auto bias_at = [&](const float* row, std::int64_t rel) {
-      return rel >= 0 && rel < 2 * kernel - 1 ? row[rel * bias_step] : 0.0f;
-    };
-    for (std::int64_t u = 0; u < n; ++u) {
-      float* logits = s.logits.data() + u * window * kPairLanes;
-      if (!this->bias.empty()) {
-        const float* head = this->bias.data() + h * this->bias_strides[0];
-        const std::int64_t ia = s.pair_rows.index_a[u], ib = s.pair_rows.index_b[u];
-        // A half that does not see the row is masked below: any bias does.
-        const float* bias_a = ia >= 0 ? head + s.key_rows.bias[ia] : head;
-        const float* bias_b = ib >= 0 ? head + s.key_rows_b.bias[ib] : head;
-        // (Outside a half's relative positions the entry is outside its
-        // lanes' windows: masked below, whatever it adds.)
-        for (std::int64_t j = j_begin; j < j_end; ++j) {
-          pair::store(logits + j * kPairLanes,
-                      pair::load(logits + j * kPairLanes) +
-                          pair::join(simd::splat(bias_at(bias_a, rel_a + j)),
-                                     simd::splat(bias_at(bias_b, rel_b + j))));
-        }
-      }
-      if (!masked) continue;
-      const i32x16 row_mask = pair::load_mask(s.halves.data() + u * kPairLanes);
-      for (std::int64_t j = 0; j < window; ++j) {
-        const i32x16 inside =
-            pair::inside(pair::splat_int(static_cast<std::int32_t>(j)), lo, hi, row_mask);
-        pair::store(logits + j * kPairLanes,
-                    pair::select(inside, pair::load(logits + j * kPairLanes), outside));
-      }
-    }
   }
 };
 

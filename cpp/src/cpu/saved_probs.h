@@ -68,21 +68,29 @@ struct SavedProbs {
   // query row `row` ([key row][window position][lane] over the key rows
   // `rows`): entry j (offset first + j - i0) at the block's own columns,
   // from col0 = group_base + i0. `kernel`: the last axis' kernel size.
-  // Consecutive entries are consecutive lines: `width` floats apart.
   void save_query_block(std::int64_t head, std::int64_t row, std::int64_t col0,
                         std::int64_t kernel, const LaneWindows& w, const RowList& rows,
                         const float* probs, const float* dlogits) const {
-    const std::int64_t delta0 = w.first - w.i0;
     for (std::int64_t r = 0; r < rows.size; ++r) {
-      const std::int64_t m = rows.slot[r] / kernel;
-      float* p_line = line(0, head, row, m, delta0) + col0;
-      float* ds_line = line(1, head, row, m, delta0) + col0;
-      const float* p = probs + r * w.window * kLanes;
-      const float* ds = dlogits + r * w.window * kLanes;
-      for (std::int64_t j = 0; j < w.window; ++j) {
-        simd::store(p_line + j * width, simd::load(p + j * kLanes));
-        simd::store(ds_line + j * width, simd::load(ds + j * kLanes));
-      }
+      save_query_row(head, row, rows.slot[r] / kernel, col0, w,
+                     probs + r * w.window * kLanes, dlogits + r * w.window * kLanes, kLanes);
+    }
+  }
+
+  // One key row's part of save_query_block: the key row is the m-th of the
+  // query row's window, and entry j of P and dS is the 8 floats at
+  // p + j * entry_stride and ds + j * entry_stride (16 in a row pair's
+  // halves). Consecutive entries go to consecutive lines: `width` floats
+  // apart.
+  void save_query_row(std::int64_t head, std::int64_t row, std::int64_t m, std::int64_t col0,
+                      const LaneWindows& w, const float* p, const float* ds,
+                      std::int64_t entry_stride) const {
+    const std::int64_t delta0 = w.first - w.i0;
+    float* p_line = line(0, head, row, m, delta0) + col0;
+    float* ds_line = line(1, head, row, m, delta0) + col0;
+    for (std::int64_t j = 0; j < w.window; ++j) {
+      simd::store(p_line + j * width, simd::load(p + j * entry_stride));
+      simd::store(ds_line + j * width, simd::load(ds + j * entry_stride));
     }
   }
 
