@@ -96,13 +96,16 @@ def test_x86_set_is_refused_where_the_cpu_cannot_run_it(name, lacks):
 # along the rows, strides, rpb, grouped heads, 3D, windows as tall as the
 # input, and inf among the values (a row one half does not see must not
 # reach it).
-ROW_PAIR_CASES = """
+# The pair tests' scripts start with this: q, k, v of a shape from rng.
+RANDOM_INPUTS = """
 import numpy as np, libna
-rng = np.random.default_rng(7)
 def inputs(shape, heads_kv=None, dtype=np.float32):
     q = rng.standard_normal(shape).astype(dtype)
     kv_shape = shape[:-2] + (heads_kv or shape[-2], shape[-1])
     return q, rng.standard_normal(kv_shape).astype(dtype), rng.standard_normal(kv_shape).astype(dtype)
+"""
+ROW_PAIR_CASES = RANDOM_INPUTS + """
+rng = np.random.default_rng(7)
 results = []
 def run(fn, q, k, v, kernel, **kw):
     out, lse = fn(q, k, v, kernel, return_lse=True, **kw)
@@ -169,13 +172,8 @@ def test_row_pairs_are_bitwise_single_rows(name, tmp_path):
     assert not np.isfinite(out[0, 8:10, 2:5, 0]).all() and np.isfinite(out[0, :7, :, 0]).all()
 
 
-BACKWARD_PAIR_CASES = """
-import numpy as np, libna
+BACKWARD_PAIR_CASES = RANDOM_INPUTS + """
 rng = np.random.default_rng(11)
-def inputs(shape, heads_kv=None, dtype=np.float32):
-    q = rng.standard_normal(shape).astype(dtype)
-    kv_shape = shape[:-2] + (heads_kv or shape[-2], shape[-1])
-    return q, rng.standard_normal(kv_shape).astype(dtype), rng.standard_normal(kv_shape).astype(dtype)
 results = []
 def run(q, k, v, kernel, **kw):
     out, lse = libna.na2d(q, k, v, kernel, return_lse=True, **kw)
