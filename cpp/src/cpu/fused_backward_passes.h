@@ -65,8 +65,8 @@ struct Backward : LaneKernel<Rank, T> {
   // The strips of the saved pipeline (1D and 2D; empty in 3D), one per query
   // tile, set by the constructor.
   std::vector<Strip> strip_list;
-  // 2D, keeping P and dS: the query pass takes rows two at a time (query_pair;
-  // LIBNA_CPU_ROW_PAIRS, else the kernel set's choice).
+  // 2D, keeping P and dS: both passes take rows two at a time (query_pair,
+  // key_pair; LIBNA_CPU_ROW_PAIRS, else the kernel set's choice).
   const bool row_pairs;
 
   struct Scratch {
@@ -83,6 +83,7 @@ struct Backward : LaneKernel<Rank, T> {
     RowCaches key_rows;
     SavedProbs saved;  // saved.data null: the key pass computes P and dS again
     PairRows pair;     // query_pair: the second row's key rows and the union
+    PairRows key_pair;  // key_pair: the second key row's query rows and the union
     GrowingBuffer saved_memory;
   };
 
@@ -395,11 +396,97 @@ struct Backward : LaneKernel<Rank, T> {
     });
   }
 
+  // Key rows at.row and row_b, the next of its dilation group along the
+  // second-to-last axis, in 16 lanes (pair_kernels.h), with P and dS read
+  // back from `s.saved`: what key_row does for each, bit for bit, with each
+  // load of a q or dout column feeding both.
+  void key_pair(const TiledRow& at, std::int64_t row_b, const ColumnRanges& q_columns,
+                Scratch& s) const {
+    std::int64_t ca[Rank], cb[Rank];
+    row_coords<Rank>(g, at.row, ca);
+    row_coords<Rank>(g, row_b, cb);
+    query_rows_of<Rank>(g, tables, ca, this->bias_strides, s.rows_list);
+    query_rows_of<Rank>(g, tables, cb, this->bias_strides, s.key_pair.b);
+    s.key_pair.unite(s.rows_list);
+    const RowList& rows = s.key_pair.rows.rows;
+    s.key_rows.next_item();
+    for (std::int64_t i = 0; i < this->heads_per_kv; ++i) {
+      s.key_rows.load_window(q_scaled, dout, at.b, at.h * this->heads_per_kv + i, rows,
+                             at.tile_index, q_columns, i);
+    }
+    for_key_blocks(*this, tables, at.tile, [&](std::int64_t grp, const LaneWindows& w) {
+      saved_key_pair_block(at.b, at.h, ca, cb, grp, w, s);
+    });
+  }
+
+  LIBNA_NOINLINE void saved_key_pair_block(std::int64_t b, std::int64_t hk, std::int64_t* ca,
+                                           std::int64_t* cb, std::int64_t grp,
+                                           const LaneWindows& w, Scratch& s) const {
+    const PairRows& kp = s.key_pair;
+    const std::int64_t n = kp.rows.rows.size, window = w.window, width = this->row_stride;
+    const std::int64_t col0 = layout.group_base[grp] + w.first, kernel = this->last().kernel;
+    for (std::int64_t* c : {ca, cb}) {
+      this->prefetch_lanes(args.dk, b, c, hk, grp, w);
+      this->prefetch_lanes(args.dv, b, c, hk, grp, w);
+    }
+    s.acc_k.assign(this->k_dim * kPairLanes, 0.0f);
+    s.acc_v.assign(this->v_dim * kPairLanes, 0.0f);
+    s.probs.resize(n * window * kPairLanes);
+    s.dlogits.resize(n * window * kPairLanes);
+    i32x8 lo{}, hi{};
+    w.entry_bounds(&lo, &hi);
+    const i32x16 lo16 = pair::join(lo, lo), hi16 = pair::join(hi, hi);
+    // Entries outside a lane's window or in query rows its half does not
+    // see hold 0; the values there are read only when they may be
+    // non-finite (then masked too).
+    const bool masked = w.masked || !kp.both_see_all;
+    const bool mask_values =
+        masked && !(s.key_rows.window_finite_a && s.key_rows.window_finite_b);
+    const f32x8 zero = simd::splat(0.0f);
+    for (std::int64_t i = 0; i < this->heads_per_kv; ++i) {
+      for (std::int64_t u = 0; u < n; ++u) {
+        float* p = s.probs.data() + u * window * kPairLanes;
+        float* ds = s.dlogits.data() + u * window * kPairLanes;
+        const std::int64_t query_row = kp.rows.rows.rows[u];
+        const std::int64_t ia = kp.rows.index_a[u], ib = kp.rows.index_b[u];
+        for (int half = 0; half < 2; ++half) {
+          const std::int64_t index = half == 0 ? ia : ib;
+          float* p_half = p + half * kLanes;
+          float* ds_half = ds + half * kLanes;
+          if (index < 0) {
+            for (std::int64_t j = 0; j < window; ++j) {
+              simd::store(p_half + j * kPairLanes, zero);
+              simd::store(ds_half + j * kPairLanes, zero);
+            }
+            continue;
+          }
+          const std::int64_t slot = half == 0 ? s.rows_list.slot[index] : kp.b.slot[index];
+          s.saved.load_key_row(i, query_row, slot / kernel, col0, w, lo, hi, p_half, ds_half,
+                               kPairLanes);
+        }
+      }
+      key_window_ptrs(i, n, grp, w, s);
+      // dv += P . dout, dk += dS . (scale q)
+      pv_pair_range(s.probs.data(), s.ptrs_a.data(), n, window, width, this->v_dim,
+                    s.acc_v.data(), mask_values, lo16, hi16, kp.halves.data(), true);
+      pv_pair_range(s.dlogits.data(), s.ptrs_b.data(), n, window, width, this->k_dim,
+                    s.acc_k.data(), mask_values, lo16, hi16, kp.halves.data(), true);
+    }
+    for (int half = 0; half < 2; ++half) {
+      std::int64_t* c = half == 0 ? ca : cb;
+      this->store_lanes(args.dk, b, c, hk, grp, w, simd::splat(1.0f),
+                        s.acc_k.data() + half * kLanes, kPairLanes);
+      this->store_lanes(args.dv, b, c, hk, grp, w, simd::splat(1.0f),
+                        s.acc_v.data() + half * kLanes, kPairLanes);
+    }
+  }
+
   // Points ptrs_a at the dout rows and ptrs_b at the (scale q) rows of
-  // query head `i` of the kv head, at the block's first window column.
-  void key_window_ptrs(std::int64_t i, std::int64_t grp, const LaneWindows& w,
-                       Scratch& s) const {
-    const std::int64_t n_rows = s.rows_list.size, at = layout.group_base[grp] + w.first;
+  // query head `i` of the kv head (n_rows rows each), at the block's first
+  // window column.
+  void key_window_ptrs(std::int64_t i, std::int64_t n_rows, std::int64_t grp,
+                       const LaneWindows& w, Scratch& s) const {
+    const std::int64_t at = layout.group_base[grp] + w.first;
     s.ptrs_a.resize(n_rows);
     s.ptrs_b.resize(n_rows);
     for (std::int64_t r = 0; r < n_rows; ++r) {
@@ -435,7 +522,7 @@ struct Backward : LaneKernel<Rank, T> {
     s.dlogits.resize(entries * kLanes);
     for (std::int64_t i = 0; i < this->heads_per_kv; ++i) {
       s.saved.load_key_block(i, col0, kernel, w, s.rows_list, s.probs.data(), s.dlogits.data());
-      key_window_ptrs(i, grp, w, s);
+      key_window_ptrs(i, s.rows_list.size, grp, w, s);
       accumulate_key_grads(w, s);
     }
     this->store_lanes(args.dk, b, c, hk, grp, w, simd::splat(1.0f), s.acc_k.data());
@@ -458,7 +545,7 @@ struct Backward : LaneKernel<Rank, T> {
 
     for (std::int64_t h = hk * this->heads_per_kv; h < (hk + 1) * this->heads_per_kv; ++h) {
       const std::int64_t i = h - hk * this->heads_per_kv;
-      key_window_ptrs(i, grp, w, s);
+      key_window_ptrs(i, s.rows_list.size, grp, w, s);
       qk_rows(k_lanes, width, s.ptrs_b.data(), n_rows, width, dim, w.window, s.probs.data());
       qk_rows(v_lanes, width, s.ptrs_a.data(), n_rows, width, dim_v, w.window,
               s.dlogits.data());

@@ -26,6 +26,15 @@
 
 namespace libna::cpu::LIBNA_SIMD_NS {
 
+// With row pairs of step `step` (the dilation along the second-to-last
+// axis): the partner of query row `row` if it leads a pair (the next row of
+// its dilation group, row + step), -1 if it has none (a last odd row), -2
+// if it is the partner of row - step.
+inline std::int64_t partner_row(std::int64_t row, std::int64_t step, std::int64_t rows) {
+  if ((row / step) % 2 == 1) return -2;
+  return row + step < rows ? row + step : -1;
+}
+
 // The order of the pipelined 1D/2D backward (SavedProbs): each thread takes
 // whole (b, kv head, strip) items and runs down their query rows, each
 // followed by the key rows whose last query row it was (key_order: the key
@@ -34,6 +43,11 @@ namespace libna::cpu::LIBNA_SIMD_NS {
 struct SavedPlan {
   std::int64_t slots = 0;  // 0: compute P and dS again instead
   std::vector<std::int64_t> key_order, last_query_row;
+  // With row pairs: key_order holds the key rows that lead a pair or have no
+  // partner, each with its partner (-1: none) and when it can run: once
+  // every query row up to key_ready is done (without pairs, its
+  // last_query_row).
+  std::vector<std::int64_t> key_partner, key_ready;
 };
 
 template <int Rank>
@@ -41,10 +55,12 @@ SavedPlan saved_plan(const Geometry<Rank>& g, const Tables<Rank>& tables, std::i
                      SavedProbs layout, std::int64_t ring_rows, bool row_pairs) {
   SavedPlan plan;
   if (ring_rows == 0) return plan;  // 3D: k^3 values per query
-  // With row pairs the query rows finish out of order (row y with y + step),
-  // and a key row's queries are read up to 3 steps - 1 rows after its last
-  // query row (run_saved_backward): the ring holds as many more.
-  if (row_pairs) ring_rows += 3 * g.axes[0].dilation - 2;
+  // With row pairs the query rows finish out of order (row y with y +
+  // step), and a key row waits for its partner's queries: its first query
+  // row is read up to 4 steps - 1 rows after the last (run_saved_backward),
+  // and the ring holds as many more.
+  const std::int64_t step = Rank == 2 && row_pairs ? g.axes[0].dilation : 0;
+  if (step) ring_rows += 4 * step - 1;
   // The (b, kv head, strip) items must keep every thread busy; the ring must
   // fit.
   layout.slots = ring_rows;
@@ -62,21 +78,36 @@ SavedPlan saved_plan(const Geometry<Rank>& g, const Tables<Rank>& tables, std::i
       plan.last_query_row[c] = count ? axis.first_query[c] + (count - 1) * g.axes[0].dilation : -1;
     }
   }
-  plan.key_order.resize(rows);
-  std::iota(plan.key_order.begin(), plan.key_order.end(), 0);
-  std::stable_sort(plan.key_order.begin(), plan.key_order.end(), [&](auto x, auto y) {
-    return plan.last_query_row[x] < plan.last_query_row[y];
-  });
+  std::vector<std::int64_t> ready(rows), partner(rows, -1);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    ready[r] = plan.last_query_row[r];
+    if (step == 0) {
+      plan.key_order.push_back(r);
+      continue;
+    }
+    // Key rows pair when their last query rows are at most a step apart
+    // (near a border they can be further: then each runs alone, so that the
+    // ring still holds the first's queries).
+    const auto close = [&](std::int64_t a, std::int64_t b) {
+      return plan.last_query_row[b] - plan.last_query_row[a] <= step;
+    };
+    partner[r] = partner_row(r, step, rows);
+    if (partner[r] == -2) {
+      if (close(r - step, r)) continue;  // runs with r - step
+      partner[r] = -1;
+    } else if (partner[r] >= 0 && !close(r, partner[r])) {
+      partner[r] = -1;
+    }
+    if (partner[r] >= 0) ready[r] = std::max(ready[r], plan.last_query_row[partner[r]]);
+    plan.key_order.push_back(r);
+  }
+  std::stable_sort(plan.key_order.begin(), plan.key_order.end(),
+                   [&](auto x, auto y) { return ready[x] < ready[y]; });
+  for (const std::int64_t r : plan.key_order) {
+    plan.key_partner.push_back(partner[r]);
+    plan.key_ready.push_back(ready[r]);
+  }
   return plan;
-}
-
-// With row pairs of step `step` (the dilation along the second-to-last
-// axis): the partner of query row `row` if it leads a pair (the next row of
-// its dilation group, row + step), -1 if it has none (a last odd row), -2
-// if it is the partner of row - step.
-inline std::int64_t partner_row(std::int64_t row, std::int64_t step, std::int64_t rows) {
-  if ((row / step) % 2 == 1) return -2;
-  return row + step < rows ? row + step : -1;
 }
 
 // Starts fetching the tokens the saved pipeline packs for query row `row`
@@ -118,6 +149,7 @@ void run_saved_backward(const Backward<Rank, T>& pass, const SavedPlan& plan,
   const std::vector<Strip>& strips = pass.strip_list;
   const std::int64_t n_strips = pass.query_tiles.count;  // (strips.size())
   const std::int64_t pair_step = pass.row_pairs ? g.axes[0].dilation : 0;
+  const std::int64_t keys = static_cast<std::int64_t>(plan.key_order.size());
   parallel_for(g.batch * heads_kv * n_strips, 1, [&](std::int64_t begin, std::int64_t end) {
     Scratch& s = thread_scratch<Scratch>();
     std::vector<char> done;
@@ -151,11 +183,13 @@ void run_saved_backward(const Backward<Rank, T>& pass, const SavedPlan& plan,
           if (partner >= 0) done[partner] = 1;
         }
         while (done_upto + 1 < layout.rows && done[done_upto + 1]) ++done_upto;
-        for (; next_key < layout.rows &&
-               plan.last_query_row[plan.key_order[next_key]] <= done_upto;
-             ++next_key) {
-          pass.key_row(TiledRow{0, b, hk, plan.key_order[next_key], t, strip.keys},
-                       strip.q_columns, s);
+        for (; next_key < keys && plan.key_ready[next_key] <= done_upto; ++next_key) {
+          const TiledRow at{0, b, hk, plan.key_order[next_key], t, strip.keys};
+          if (plan.key_partner[next_key] >= 0) {
+            pass.key_pair(at, plan.key_partner[next_key], strip.q_columns, s);
+          } else {
+            pass.key_row(at, strip.q_columns, s);
+          }
         }
       }
     }

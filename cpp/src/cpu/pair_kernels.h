@@ -192,18 +192,19 @@ inline void qk_pair_rows(const float* qa, const float* qb, std::int64_t q_stride
   }
 }
 
-// out[j][16] = sum over key rows u and positions c of probs[u][c][16] *
-// value(u, d0 + j, c + lane), for N channels. With Masked, a value outside
+// out[j][16] = (out[j] if accumulate) + the sum over key rows u and
+// positions c of probs[u][c][16] * value(u, d0 + j, c + lane), for N
+// channels. With Masked, a value outside
 // its lane's window (c outside [lo, hi)) or in a key row its half does not
 // see (rows[u * 16 + lane] = 0) counts as 0: its probability is 0, but the
 // value may be inf or NaN.
 template <int N, bool Masked>
 void pv_pair_chunk(const float* probs, const float* const* value_rows, const std::int32_t* rows,
                    std::int64_t n_rows, std::int64_t window, std::int64_t width, std::int64_t d0,
-                   const i32x16& lo, const i32x16& hi, float* out) {
+                   bool accumulate, const i32x16& lo, const i32x16& hi, float* out) {
   f32x16 acc[N];
 #pragma GCC unroll 8
-  for (int j = 0; j < N; ++j) acc[j] = pair::splat(0.0f);
+  for (int j = 0; j < N; ++j) acc[j] = accumulate ? pair::load(out + j * kPairLanes) : pair::splat(0.0f);
   const f32x16 zero = pair::splat(0.0f);
   for (std::int64_t u = 0; u < n_rows; ++u) {
     const float* vr = value_rows[u] + d0 * width;
@@ -225,23 +226,25 @@ void pv_pair_chunk(const float* probs, const float* const* value_rows, const std
   for (int j = 0; j < N; ++j) pair::store(out + j * kPairLanes, acc[j]);
 }
 
-// out[d][16] = sum over rows u and positions c of probs[u][c][16] *
-// value_rows[u][d * width + c + lane], for d < dim_v. `masked` when the
+// out[d][16] = (out[d] if accumulate) + the sum over rows u and positions c
+// of probs[u][c][16] * value_rows[u][d * width + c + lane], for d < dim_v. `masked` when the
 // values may hold inf or NaN where probs are 0: then only the entries c of
 // each lane with lo <= c < hi, in the key rows u its half sees (rows[u * 16 +
 // lane] = -1, else 0), are read.
 inline void pv_pair_range(const float* probs, const float* const* value_rows,
                           std::int64_t n_rows, std::int64_t window, std::int64_t width,
                           std::int64_t dim_v, float* out, bool masked, const i32x16& lo,
-                          const i32x16& hi, const std::int32_t* rows) {
+                          const i32x16& hi, const std::int32_t* rows, bool accumulate = false) {
   std::int64_t d = 0;
   const auto chunk = [&](auto n) {
     constexpr int N = decltype(n)::value;
     float* o = out + d * kPairLanes;
     if (masked) {
-      pv_pair_chunk<N, true>(probs, value_rows, rows, n_rows, window, width, d, lo, hi, o);
+      pv_pair_chunk<N, true>(probs, value_rows, rows, n_rows, window, width, d, accumulate, lo,
+                             hi, o);
     } else {
-      pv_pair_chunk<N, false>(probs, value_rows, rows, n_rows, window, width, d, lo, hi, o);
+      pv_pair_chunk<N, false>(probs, value_rows, rows, n_rows, window, width, d, accumulate, lo,
+                              hi, o);
     }
   };
   for_register_blocks<kPairPvChannels>(dim_v, d, chunk);

@@ -97,35 +97,43 @@ struct SavedProbs {
   // Reads P and dS of a key block back for query head `head` of the kv head
   // (the query rows `rows`, [query row][window position][lane]): key i0 + l
   // and query first + j + l are at offset i0 - first - j, column first + j +
-  // l, from col0 = group_base + first. Consecutive entries are (width - 1)
-  // floats apart, backwards. Outside a lane's window the lines hold other
-  // pairs' values (or none): those entries read as 0.
+  // l, from col0 = group_base + first. Outside a lane's window the lines
+  // hold other pairs' values (or none): those entries read as 0.
   void load_key_block(std::int64_t head, std::int64_t col0, std::int64_t kernel,
                       const LaneWindows& w, const RowList& rows, float* probs,
                       float* dlogits) const {
-    const std::int64_t delta0 = w.i0 - w.first, step = 1 - width;
     i32x8 lo{}, hi{};
     if (w.masked) w.entry_bounds(&lo, &hi);
-    const f32x8 zero = simd::splat(0.0f);
     for (std::int64_t r = 0; r < rows.size; ++r) {
-      const std::int64_t query_row = rows.rows[r], m = rows.slot[r] / kernel;
-      const float* p_line = line(0, head, query_row, m, delta0) + col0;
-      const float* ds_line = line(1, head, query_row, m, delta0) + col0;
-      float* p = probs + r * w.window * kLanes;
-      float* ds = dlogits + r * w.window * kLanes;
-      if (!w.masked) {
-        for (std::int64_t j = 0; j < w.window; ++j) {
-          simd::store(p + j * kLanes, simd::load(p_line + j * step));
-          simd::store(ds + j * kLanes, simd::load(ds_line + j * step));
-        }
-        continue;
-      }
+      load_key_row(head, rows.rows[r], rows.slot[r] / kernel, col0, w, lo, hi,
+                   probs + r * w.window * kLanes, dlogits + r * w.window * kLanes, kLanes);
+    }
+  }
+
+  // One query row's part of load_key_block: the key row is the m-th of the
+  // query row's window; entry j goes to p + j * entry_stride and ds + j *
+  // entry_stride (16 in a key-row pair's halves). lo, hi: the lanes'
+  // entries (w.entry_bounds) when w.masked. Consecutive entries are (width -
+  // 1) floats apart, backwards.
+  void load_key_row(std::int64_t head, std::int64_t query_row, std::int64_t m,
+                    std::int64_t col0, const LaneWindows& w, const i32x8& lo, const i32x8& hi,
+                    float* p, float* ds, std::int64_t entry_stride) const {
+    const std::int64_t step = 1 - width;
+    const float* p_line = line(0, head, query_row, m, w.i0 - w.first) + col0;
+    const float* ds_line = line(1, head, query_row, m, w.i0 - w.first) + col0;
+    if (!w.masked) {
       for (std::int64_t j = 0; j < w.window; ++j) {
-        const i32x8 jv = i32x8{} + static_cast<std::int32_t>(j);
-        const i32x8 inside = (jv >= lo) & (jv < hi);
-        simd::store(p + j * kLanes, inside ? simd::load(p_line + j * step) : zero);
-        simd::store(ds + j * kLanes, inside ? simd::load(ds_line + j * step) : zero);
+        simd::store(p + j * entry_stride, simd::load(p_line + j * step));
+        simd::store(ds + j * entry_stride, simd::load(ds_line + j * step));
       }
+      return;
+    }
+    const f32x8 zero = simd::splat(0.0f);
+    for (std::int64_t j = 0; j < w.window; ++j) {
+      const i32x8 jv = i32x8{} + static_cast<std::int32_t>(j);
+      const i32x8 inside = (jv >= lo) & (jv < hi);
+      simd::store(p + j * entry_stride, inside ? simd::load(p_line + j * step) : zero);
+      simd::store(ds + j * entry_stride, inside ? simd::load(ds_line + j * step) : zero);
     }
   }
 };
