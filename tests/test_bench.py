@@ -255,3 +255,37 @@ def test_instruction_counts_read_callgrinds_total():
     none = instructions._instructions("None", 0)
     assert none > 1_000_000
     assert instructions._instructions("libna.na2d(s, s, s, 2)", 3) > none
+
+
+def test_alternate_runs_settings_in_turn_and_prints_medians(capsys):
+    """python -m libna.bench.alternate runs one process per setting per round,
+    in turn, and prints each setting's median and its ratio to the first's;
+    bad options are refused."""
+    from libna.bench import alternate
+
+    calls = []
+
+    def fake_run(name, value, shape, kernel, mode, n_calls, threads):
+        calls.append((name, value))
+        return {"0": [4.0, 6.0, 5.0], "1": [2.0, 3.0, 2.5]}[value][sum(v == value for _, v in calls) - 1]
+
+    assert alternate.main(["--env", "LIBNA_CPU_ROW_PAIRS=0,1", "--shape", "8,14,14,8,32",
+                           "--pass", "backward", "--rounds", "3"], run=fake_run) == 0
+    assert calls == [("LIBNA_CPU_ROW_PAIRS", "0"), ("LIBNA_CPU_ROW_PAIRS", "1")] * 3
+    out = capsys.readouterr().out
+    assert "| 0 | 5.000 | 1.00x | 4.000 6.000 5.000 |" in out
+    assert "| 1 | 2.500 | 2.00x | 2.000 3.000 2.500 |" in out
+    for bad in (["--env", "X=1", "--shape", "1,8,1,8"], ["--env", "X", "--shape", "1,8,1,8"],
+                ["--env", "X=1,2", "--shape", "1,8"], ["--env", "X=1,2", "--shape", "1,a,1,8"],
+                ["--env", "X=1,2", "--shape", "1,8,1,8", "--rounds", "0"]):
+        with pytest.raises(SystemExit):
+            alternate.main(bad, run=fake_run)
+
+
+def test_alternate_times_a_real_call():
+    """One real fresh process per setting: a positive best time."""
+    from libna.bench import alternate
+
+    for mode in ("forward", "backward"):
+        ms = alternate.run_one("LIBNA_CPU_ROW_PAIRS", "1", (1, 9, 9, 2, 8), 3, mode, 2, 1)
+        assert 0 < ms < 10_000
