@@ -31,6 +31,7 @@ class RowCache {
     stride_ = stride;
     data_ = memory_.reserve(capacity * row_floats_);  // only the packed columns are touched
     entries_.assign(capacity, Entry{});
+    hints_.assign(capacity, 0);
     stamp_ = 1;
   }
   void next_item() { ++stamp_; }
@@ -40,11 +41,24 @@ class RowCache {
   template <typename Source>
   const float* get(const Source& source, std::int64_t b, std::int64_t h, std::int64_t r,
                    std::int64_t tile, const ColumnRanges& cols, bool* finite = nullptr) {
+    // Where row r went last: consecutive items ask for mostly the same rows,
+    // so this usually finds it without a search.
+    if (entries_.empty()) throw std::logic_error("libna: RowCache is smaller than one item's rows");
+    std::int64_t& hint = hints_[static_cast<std::size_t>(r) % hints_.size()];
+    {
+      Entry& e = entries_[static_cast<std::size_t>(hint)];
+      if (e.b == b && e.h == h && e.r == r && e.tile == tile) {
+        e.stamp = stamp_;
+        if (finite) *finite = *finite && e.finite;
+        return e.row;
+      }
+    }
     Entry* victim = nullptr;
     for (Entry& e : entries_) {
       if (e.b == b && e.h == h && e.r == r && e.tile == tile) {
         e.stamp = stamp_;
         if (finite) *finite = *finite && e.finite;
+        hint = &e - entries_.data();
         return e.row;
       }
       if (e.stamp < stamp_ && (!victim || e.stamp < victim->stamp)) victim = &e;
@@ -57,6 +71,7 @@ class RowCache {
     bool row_finite = true;
     float* row = source.pack_columns(b, h, r, cols, memory, stride_, &row_finite);
     *victim = Entry{b, h, r, tile, stamp_, row, row_finite};
+    hint = victim - entries_.data();
     if (finite) *finite = *finite && row_finite;
     return row;
   }
@@ -72,6 +87,7 @@ class RowCache {
   float* data_ = nullptr;
   std::int64_t row_floats_ = 0, stride_ = 0, stamp_ = 1;
   std::vector<Entry> entries_;
+  std::vector<std::int64_t> hints_;  // by r % capacity: an entry index, maybe stale
 };
 
 // A thread's packed rows in the fused kernels: caches for the rows its lanes
