@@ -277,7 +277,8 @@ def test_alternate_runs_settings_in_turn_and_prints_medians(capsys):
     assert "| 1 | 2.500 | 2.00x | 2.000 3.000 2.500 |" in out
     for bad in (["--env", "X=1", "--shape", "1,8,1,8"], ["--env", "X", "--shape", "1,8,1,8"],
                 ["--env", "X=1,2", "--shape", "1,8"], ["--env", "X=1,2", "--shape", "1,a,1,8"],
-                ["--env", "X=1,2", "--shape", "1,8,1,8", "--rounds", "0"]):
+                ["--env", "X=1,2", "--shape", "1,8,1,8", "--rounds", "0"],
+                ["--env", "X=1,2", "--shape", "1,8,8,1,8", "--kernel", "3,3,3"]):
         with pytest.raises(SystemExit):
             alternate.main(bad, run=fake_run)
 

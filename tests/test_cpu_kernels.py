@@ -176,9 +176,10 @@ BACKWARD_PAIR_CASES = RANDOM_INPUTS + """
 rng = np.random.default_rng(11)
 results = []
 def run(q, k, v, kernel, **kw):
-    out, lse = libna.na2d(q, k, v, kernel, return_lse=True, **kw)
+    rank = q.ndim - 3
+    out, lse = getattr(libna, f"na{rank}d")(q, k, v, kernel, return_lse=True, **kw)
     dout = rng.standard_normal(out.shape).astype(out.dtype)
-    grads = libna.na2d_backward(q, k, v, out, dout, lse, kernel, **kw)
+    grads = getattr(libna, f"na{rank}d_backward")(q, k, v, out, dout, lse, kernel, **kw)
     results.extend(np.asarray(g, np.float32) for g in grads)
 for rows in (7, 8, 13):     # an odd last row keeps no partner
     run(*inputs((2, rows, 14, 4, 16)), 7 if rows >= 7 else rows)
@@ -192,6 +193,9 @@ run(*inputs((1, 17, 19, heads, 8)), (5, 3), dilation=(3, 2),
     rpb=rng.standard_normal((heads, 9, 5)).astype(np.float32))
 run(*inputs((1, 9, 16, heads, 16), heads_kv=2), 3)
 run(*inputs((1, 12, 56, 2, 16)), 7)   # wide rows: several strips
+# 3D (the schedule that computes P and dS again; pairs along the second axis)
+run(*inputs((1, 4, 7, 9, 2, 8)), (3, 5, 3), rpb=rng.standard_normal((2, 5, 9, 5)).astype(np.float32))
+run(*inputs((1, 5, 8, 7, 2, 8)), 3, dilation=(1, 2, 2), is_causal=(False, True, False))
 q, k, v = inputs((1, 10, 12, 2, 8))
 v[0, 9, 3, 0, 2] = np.inf       # seen by the rows near the bottom only
 k[0, 0, 11, 1, 5] = np.nan      # and near the top
@@ -203,11 +207,12 @@ np.savez(OUT, *results)
 @pytest.mark.parametrize("name", ["portable", "avx2", "avx512"])
 def test_backward_row_pairs_are_bitwise_single_rows(name, tmp_path):
     """The backward's query pass computing two query rows at a time
-    (LIBNA_CPU_ROW_PAIRS=1, the schedule that keeps P and dS) gives the
-    gradients of one row at a time bit for bit, and so does the schedule
-    that computes P and dS again (LIBNA_CPU_SAVED_PROBS_BYTES=0, no pairs),
-    in every kernel set this CPU runs: rpb, dilation, causal, stride, GQA,
-    strips, odd row counts, and inf/NaN inputs."""
+    (LIBNA_CPU_ROW_PAIRS=1) and its key pass two key rows at a time (2D,
+    the schedule that keeps P and dS) gives the gradients of one row at a
+    time bit for bit, and so does the schedule that computes P and dS again
+    (LIBNA_CPU_SAVED_PROBS_BYTES=0; 3D always), its query pass in pairs, in
+    every kernel set this CPU runs: rpb, dilation, causal, stride, GQA,
+    strips, odd row counts, 3D, and inf/NaN inputs."""
     if name not in sets_this_cpu_runs():
         pytest.skip(f"this CPU does not run the {name} kernels")
     saved = {}
@@ -220,7 +225,7 @@ def test_backward_row_pairs_are_bitwise_single_rows(name, tmp_path):
         assert result.returncode == 0, result.stdout + result.stderr
         with np.load(out) as data:
             saved[label] = [data[key] for key in sorted(data.files, key=lambda s: int(s[4:]))]
-    assert len(saved["single"]) == 3 * 5 * 3 + 4 + 4 + 3 + 3 + 3
+    assert len(saved["single"]) == 3 * 5 * 3 + 4 + 4 + 3 + 3 + 4 + 3 + 3
     for label in ("pairs", "recompute"):
         assert len(saved[label]) == len(saved["single"])
         for i, (single, other) in enumerate(zip(saved["single"], saved[label])):

@@ -72,7 +72,7 @@ void na_backward(const detail::BackwardArgs& args) {
   };
 
   if (plan.slots == 0) {
-    run_recomputing_backward(pass, query_item);
+    run_recomputing_backward(pass, query_item, query_pair);
   } else {
     saved.slots = plan.slots;
     run_saved_backward(pass, plan, saved, query_item, query_pair);

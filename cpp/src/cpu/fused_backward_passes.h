@@ -65,8 +65,9 @@ struct Backward : LaneKernel<Rank, T> {
   // The strips of the saved pipeline (1D and 2D; empty in 3D), one per query
   // tile, set by the constructor.
   std::vector<Strip> strip_list;
-  // 2D, keeping P and dS: both passes take rows two at a time (query_pair,
-  // key_pair; LIBNA_CPU_ROW_PAIRS, else the kernel set's choice).
+  // 2D and 3D: the query pass takes rows two at a time (query_pair), and in
+  // 2D, keeping P and dS, so does the key pass (key_pair);
+  // LIBNA_CPU_ROW_PAIRS, else the kernel set's choice.
   const bool row_pairs;
 
   struct Scratch {
@@ -105,7 +106,7 @@ struct Backward : LaneKernel<Rank, T> {
         key_columns(*this, key_tiles, [&](std::int64_t grp, std::int64_t i0, std::int64_t lanes) {
           return key_lanes(t.axis[Rank - 1], grp, this->last().dilation, i0, lanes);
         }),
-        row_pairs(Rank == 2 && ring_rows > 0 && row_pairs_wanted()) {
+        row_pairs(Rank >= 2 && row_pairs_wanted()) {
     std::vector<ColumnRanges> strip_columns;
     if (ring_rows) {
       strip_list = saved_strips(*this, t, query_tiles);
@@ -120,7 +121,7 @@ struct Backward : LaneKernel<Rank, T> {
 
   // (capacity: of the window-row caches, RowCaches::reset.)
   void start_query_pass(Scratch& s, std::int64_t capacity) const {
-    s.query_rows.reset(capacity, this->k_dim, this->v_dim, this->row_stride);
+    s.query_rows.reset(capacity, this->k_dim, this->v_dim, this->row_stride, row_pairs ? 2 : 1);
   }
   void start_key_pass(Scratch& s, std::int64_t capacity) const {
     s.key_rows.reset(capacity, this->k_dim, this->v_dim, this->row_stride);
@@ -236,8 +237,7 @@ struct Backward : LaneKernel<Rank, T> {
   // Query rows at.row and row_b, the next of its dilation group along the
   // second-to-last axis, in 16 lanes (pair_kernels.h, pair_rows.h): what
   // query_row does for each, bit for bit, with each load of a key or value
-  // column feeding both. Saving P and dS only (the q and dout rows come from
-  // the key pass' caches). bias_grad_a/_b: each row's rpb-gradient partial.
+  // column feeding both. bias_grad_a/_b: each row's rpb-gradient partial.
   void query_pair(const TiledRow& at, std::int64_t row_b, const QueryTile& tile,
                   float* bias_grad_a, float* bias_grad_b, Scratch& s) const {
     std::int64_t ca[Rank], cb[Rank];
@@ -249,13 +249,16 @@ struct Backward : LaneKernel<Rank, T> {
     const std::int64_t hk = at.h / this->heads_per_kv, t = at.tile_index;
     s.query_rows.next_item();
     s.query_rows.load_window(k, v, at.b, hk, s.pair.rows.rows, t, tile.kv_columns);
-    RowCaches& q_rows = s.key_rows;
-    q_rows.next_item();
-    const PairInputs in{
-        q_rows.window_a.get(q_scaled, at.b, at.h, at.row, t, tile.q_columns),
-        q_rows.window_a.get(q_scaled, at.b, at.h, row_b, t, tile.q_columns),
-        q_rows.window_b.get(dout, at.b, at.h, at.row, t, tile.q_columns),
-        q_rows.window_b.get(dout, at.b, at.h, row_b, t, tile.q_columns), at.row, row_b, ca, cb};
+    // Saving P and dS: the key pass reads these rows again (as query_row).
+    RowCaches& q_rows = s.saved.data ? s.key_rows : s.query_rows;
+    RowCache& q_cache = s.saved.data ? q_rows.window_a : q_rows.own_a;
+    RowCache& dout_cache = s.saved.data ? q_rows.window_b : q_rows.own_b;
+    if (s.saved.data) q_rows.next_item();
+    const PairInputs in{q_cache.get(q_scaled, at.b, at.h, at.row, t, tile.q_columns),
+                        q_cache.get(q_scaled, at.b, at.h, row_b, t, tile.q_columns),
+                        dout_cache.get(dout, at.b, at.h, at.row, t, tile.q_columns),
+                        dout_cache.get(dout, at.b, at.h, row_b, t, tile.q_columns),
+                        at.row, row_b, ca, cb};
     this->for_query_blocks(at.tile, [&](std::int64_t grp, const LaneWindows& w) {
       const std::int64_t block = layout.block(grp, w.i0);
       const bool own = block >= tile.own.begin && block < tile.own.end;
@@ -328,7 +331,7 @@ struct Backward : LaneKernel<Rank, T> {
     // Each half keeps the key rows of its own row's window.
     const std::int64_t kernel = this->last().kernel, head = h % this->heads_per_kv;
     const std::int64_t step = this->bias_strides[Rank];
-    for (std::int64_t u = 0; u < n; ++u) {
+    for (std::int64_t u = 0; s.saved.data && u < n; ++u) {
       const float* p = s.probs.data() + u * window * kPairLanes;
       const float* ds = s.dlogits.data() + u * window * kPairLanes;
       const std::int64_t ia = s.pair.rows.index_a[u], ib = s.pair.rows.index_b[u];

@@ -14,6 +14,7 @@
 
 #include "cpu/column_tiles.h"
 #include "cpu/fused_backward_passes.h"
+#include "cpu/fused_backward_saved.h"
 #include "cpu/saved_probs.h"
 #include "cpu/tuning.h"
 
@@ -22,19 +23,36 @@ namespace libna::cpu::LIBNA_SIMD_NS {
 // Runs the backward computing P and dS again in the key pass: the query pass
 // over (b, h, tile, row) items, then the key pass over (b, kv head, tile,
 // row) items (at.h: the kv head); tiled rows, as in the forward.
-// query_item(at, tile, scratch) runs one query-pass item.
-template <int Rank, typename T, typename QueryItem>
-void run_recomputing_backward(const Backward<Rank, T>& pass, const QueryItem& query_item) {
+// query_item(at, tile, scratch) runs one query-pass item; with row pairs
+// (pass.row_pairs), query_pair(at, row_b, tile, scratch) runs a row and the
+// next of its dilation group along the second-to-last axis together, and
+// the partner's own item does nothing (as in the forward).
+template <int Rank, typename T, typename QueryItem, typename QueryPair>
+void run_recomputing_backward(const Backward<Rank, T>& pass, const QueryItem& query_item,
+                              const QueryPair& query_pair) {
   using Scratch = typename Backward<Rank, T>::Scratch;
   const Geometry<Rank>& g = pass.g;
   const std::int64_t heads_kv = pass.args.k.shape[Rank + 1], rows = pass.layout.rows;
+  const std::int64_t step = pass.row_pairs ? g.axes[Rank - 2].dilation : 0;
   for_tiled_rows<Scratch>(
       g.batch, g.heads, rows, pass.query_tiles,
       [&](Scratch& s) {
         pass.start_query_pass(s, tuning::kRowCacheWindows * g.window_rows());
         pass.start_saving(s, SavedProbs());
       },
-      [&](const TiledRow& at, Scratch& s) { query_item(at, pass.query_tile(at.tile_index), s); });
+      [&](const TiledRow& at, Scratch& s) {
+        if (step) {
+          std::int64_t c[Rank];
+          row_coords<Rank>(g, at.row, c);
+          const std::int64_t partner = partner_row(c[Rank - 2], step, g.spatial[Rank - 2]);
+          if (partner == -2) return;  // computed with its partner
+          // (Rows number the leading axes with the second-to-last fastest.)
+          if (partner >= 0) {
+            return query_pair(at, at.row + step, pass.query_tile(at.tile_index), s);
+          }
+        }
+        query_item(at, pass.query_tile(at.tile_index), s);
+      });
   for_tiled_rows<Scratch>(
       g.batch, heads_kv, rows, pass.key_tiles,
       [&](Scratch& s) {

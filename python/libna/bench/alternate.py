@@ -89,7 +89,8 @@ def main(argv=None, run=run_one) -> int:
                         help="NAME=VALUE,VALUE[,...]: the settings to alternate")
     parser.add_argument("--shape", type=lambda t: _ints(t, "--shape"), required=True,
                         help="B,spatial...,heads,D (4 to 6 ints: 1D to 3D)")
-    parser.add_argument("--kernel", type=int, default=7, help="kernel size (default 7)")
+    parser.add_argument("--kernel", type=lambda t: _ints(t, "--kernel"), default=(7,),
+                        help="kernel size: an int, or one per spatial axis (default 7)")
     parser.add_argument("--pass", dest="mode", choices=("forward", "backward"),
                         default="forward", help="what to time (default forward)")
     parser.add_argument("--rounds", type=int, default=5, help="alternations (default 5)")
@@ -100,17 +101,22 @@ def main(argv=None, run=run_one) -> int:
     if not 4 <= len(args.shape) <= 6:
         parser.error(f"--shape={','.join(map(str, args.shape))} has {len(args.shape)} values; "
                      "expected 4 to 6 (B, 1 to 3 spatial extents, heads, D)")
-    for option in ("rounds", "calls", "threads", "kernel"):
+    spatial = len(args.shape) - 3
+    if len(args.kernel) not in (1, spatial):
+        parser.error(f"--kernel={','.join(map(str, args.kernel))} has {len(args.kernel)} values; "
+                     f"expected 1 or {spatial} (one per spatial axis)")
+    kernel = args.kernel[0] if len(args.kernel) == 1 else args.kernel
+    for option in ("rounds", "calls", "threads"):
         if getattr(args, option) < 1:
             parser.error(f"--{option}={getattr(args, option)} must be at least 1")
     name, values = args.env
     times = {value: [] for value in values}
     for _ in range(args.rounds):
         for value in values:
-            times[value].append(run(name, value, args.shape, args.kernel, args.mode,
+            times[value].append(run(name, value, args.shape, kernel, args.mode,
                                     args.calls, args.threads))
     shape = "x".join(map(str, args.shape))
-    print(f"# {args.mode}, shape {shape}, kernel {args.kernel}, float32, {args.threads} "
+    print(f"# {args.mode}, shape {shape}, kernel {kernel}, float32, {args.threads} "
           f"thread(s); {args.rounds} alternating rounds of fresh processes, best of "
           f"{args.calls} calls each")
     print(f"| {name} | median ms | vs {name}={values[0]} | every round (ms) |")
