@@ -33,7 +33,9 @@ void run_recomputing_backward(const Backward<Rank, T>& pass, const QueryItem& qu
   using Scratch = typename Backward<Rank, T>::Scratch;
   const Geometry<Rank>& g = pass.g;
   const std::int64_t heads_kv = pass.args.k.shape[Rank + 1], rows = pass.layout.rows;
-  const std::int64_t step = pass.row_pairs ? g.axes[Rank - 2].dilation : 0;
+  // (The pairs' axis: the second-to-last; none in 1D.)
+  constexpr int kPairAxis = Rank >= 2 ? Rank - 2 : 0;
+  const std::int64_t step = Rank >= 2 && pass.row_pairs ? g.axes[kPairAxis].dilation : 0;
   for_tiled_rows<Scratch>(
       g.batch, g.heads, rows, pass.query_tiles,
       [&](Scratch& s) {
@@ -44,7 +46,7 @@ void run_recomputing_backward(const Backward<Rank, T>& pass, const QueryItem& qu
         if (step) {
           std::int64_t c[Rank];
           row_coords<Rank>(g, at.row, c);
-          const std::int64_t partner = partner_row(c[Rank - 2], step, g.spatial[Rank - 2]);
+          const std::int64_t partner = partner_row(c[kPairAxis], step, g.spatial[kPairAxis]);
           if (partner == -2) return;  // computed with its partner
           // (Rows number the leading axes with the second-to-last fastest.)
           if (partner >= 0) {

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <numeric>
 #include <vector>
 
@@ -50,55 +51,67 @@ struct SavedPlan {
   std::vector<std::int64_t> key_partner, key_ready;
 };
 
+// The order of the saved pipeline's query rows: visit(row, partner,
+// done_upto, newest) for each row in turn, where partner is row's partner
+// (partner_row; -1 without pairs) and, counting row and its partner as done,
+// every row up to done_upto is done and newest is the largest done. Both
+// saved_plan (sizing the ring) and run_saved_backward walk it.
+template <typename Visit>
+void walk_query_rows(std::int64_t rows, std::int64_t step, const Visit& visit) {
+  std::vector<char> done(rows, 0);
+  std::int64_t done_upto = -1, newest = -1;
+  for (std::int64_t row = 0; row < rows; ++row) {
+    const std::int64_t partner = step ? partner_row(row, step, rows) : -1;
+    if (partner != -2) {
+      done[row] = 1;
+      newest = std::max(newest, row);
+      if (partner >= 0) {
+        done[partner] = 1;
+        newest = std::max(newest, partner);
+      }
+    }
+    while (done_upto + 1 < rows && done[done_upto + 1]) ++done_upto;
+    visit(row, partner, done_upto, newest);
+  }
+}
+
 template <int Rank>
 SavedPlan saved_plan(const Geometry<Rank>& g, const Tables<Rank>& tables, std::int64_t items,
                      SavedProbs layout, std::int64_t ring_rows, bool row_pairs) {
   SavedPlan plan;
   if (ring_rows == 0) return plan;  // 3D: k^3 values per query
-  // With row pairs the query rows finish out of order (row y with y +
-  // step), and a key row waits for its partner's queries: its first query
-  // row is read up to 4 steps - 1 rows after the last (run_saved_backward),
-  // and the ring holds as many more.
   const std::int64_t step = Rank == 2 && row_pairs ? g.axes[0].dilation : 0;
-  if (step) ring_rows += 4 * step - 1;
-  // The (b, kv head, strip) items must keep every thread busy; the ring must
-  // fit.
-  layout.slots = ring_rows;
-  const std::int64_t threads = get_num_threads();
-  const bool balanced = (items + threads - 1) / threads * threads * tuning::kSavedBalanceDenominator <=
-                        items * tuning::kSavedBalanceNumerator;
-  if (!balanced || layout.size() * std::int64_t{sizeof(float)} > SavedProbs::budget()) return plan;
-  plan.slots = ring_rows;
   const std::int64_t rows = Rank == 2 ? g.spatial[0] : 1;
+  std::vector<std::int64_t> first_query_row(rows, 0);
   plan.last_query_row.assign(rows, 0);
   if constexpr (Rank == 2) {
     const AxisTable& axis = tables.axis[0];
     for (std::int64_t c = 0; c < rows; ++c) {
       const std::int64_t count = axis.query_count[c];
+      first_query_row[c] = count ? axis.first_query[c] : -1;
       plan.last_query_row[c] = count ? axis.first_query[c] + (count - 1) * g.axes[0].dilation : -1;
     }
   }
+  // The key rows in the order they run: each once every query row up to its
+  // last is done (ready); with row pairs, two key rows of a dilation group
+  // together when their last query rows are at most a step apart (near a
+  // border they can be further: then each runs alone).
   std::vector<std::int64_t> ready(rows), partner(rows, -1);
+  const auto close = [&](std::int64_t a, std::int64_t b) {
+    return std::abs(plan.last_query_row[b] - plan.last_query_row[a]) <= step;
+  };
   for (std::int64_t r = 0; r < rows; ++r) {
     ready[r] = plan.last_query_row[r];
-    if (step == 0) {
-      plan.key_order.push_back(r);
-      continue;
+    if (step) {
+      partner[r] = partner_row(r, step, rows);
+      if (partner[r] == -2) {
+        if (close(r - step, r)) continue;  // runs with r - step
+        partner[r] = -1;
+      } else if (partner[r] >= 0 && !close(r, partner[r])) {
+        partner[r] = -1;
+      }
+      if (partner[r] >= 0) ready[r] = std::max(ready[r], plan.last_query_row[partner[r]]);
     }
-    // Key rows pair when their last query rows are at most a step apart
-    // (near a border they can be further: then each runs alone, so that the
-    // ring still holds the first's queries).
-    const auto close = [&](std::int64_t a, std::int64_t b) {
-      return plan.last_query_row[b] - plan.last_query_row[a] <= step;
-    };
-    partner[r] = partner_row(r, step, rows);
-    if (partner[r] == -2) {
-      if (close(r - step, r)) continue;  // runs with r - step
-      partner[r] = -1;
-    } else if (partner[r] >= 0 && !close(r, partner[r])) {
-      partner[r] = -1;
-    }
-    if (partner[r] >= 0) ready[r] = std::max(ready[r], plan.last_query_row[partner[r]]);
     plan.key_order.push_back(r);
   }
   std::stable_sort(plan.key_order.begin(), plan.key_order.end(),
@@ -107,6 +120,32 @@ SavedPlan saved_plan(const Geometry<Rank>& g, const Tables<Rank>& tables, std::i
     plan.key_partner.push_back(partner[r]);
     plan.key_ready.push_back(ready[r]);
   }
+  // The ring's slots: the most query rows from a key item's first query row
+  // to the newest done when it runs (one row's window span without pairs;
+  // row pairs finish rows out of order and key pairs wait for the later
+  // row), found by walking the pipeline's order.
+  std::int64_t slots = ring_rows, next = 0;
+  const std::int64_t keys = static_cast<std::int64_t>(plan.key_order.size());
+  walk_query_rows(rows, step, [&](std::int64_t, std::int64_t, std::int64_t done_upto,
+                                  std::int64_t newest) {
+    for (; next < keys && plan.key_ready[next] <= done_upto; ++next) {
+      for (const std::int64_t r : {plan.key_order[next], plan.key_partner[next]}) {
+        if (r >= 0 && first_query_row[r] >= 0) {
+          slots = std::max(slots, newest - first_query_row[r] + 1);
+        }
+      }
+    }
+  });
+  // The (b, kv head, strip) items must keep every thread busy; the ring must
+  // fit.
+  layout.slots = slots;
+  const std::int64_t threads = get_num_threads();
+  const bool balanced = (items + threads - 1) / threads * threads * tuning::kSavedBalanceDenominator <=
+                        items * tuning::kSavedBalanceNumerator;
+  if (!balanced || layout.size() * std::int64_t{sizeof(float)} > SavedProbs::budget()) {
+    return SavedPlan();
+  }
+  plan.slots = slots;
   return plan;
 }
 
@@ -152,7 +191,6 @@ void run_saved_backward(const Backward<Rank, T>& pass, const SavedPlan& plan,
   const std::int64_t keys = static_cast<std::int64_t>(plan.key_order.size());
   parallel_for(g.batch * heads_kv * n_strips, 1, [&](std::int64_t begin, std::int64_t end) {
     Scratch& s = thread_scratch<Scratch>();
-    std::vector<char> done;
     pass.start_saving(s, saved);
     for (std::int64_t item = begin; item < end; ++item) {
       const std::int64_t t = item % n_strips, hk = item / n_strips % heads_kv;
@@ -164,12 +202,10 @@ void run_saved_backward(const Backward<Rank, T>& pass, const SavedPlan& plan,
       // (A pair's window: the union of two rows'.)
       pass.start_query_pass(s, pair_step ? 2 * g.window_rows() + 2 : g.window_rows() + 1);
       pass.start_key_pass(s, (plan.slots + 1) * pass.heads_per_kv);
-      // Query rows done: all those up to done_upto, and some after it.
-      std::int64_t next_key = 0, done_upto = -1;
-      done.assign(layout.rows, 0);
-      for (std::int64_t row = 0; row < layout.rows; ++row) {
+      std::int64_t next_key = 0;
+      walk_query_rows(layout.rows, pair_step, [&](std::int64_t row, std::int64_t partner,
+                                                   std::int64_t done_upto, std::int64_t) {
         if (row + 1 < layout.rows) prefetch_rows(pass, b, hk, row + 1, strip, s);
-        const std::int64_t partner = pair_step ? partner_row(row, pair_step, layout.rows) : -1;
         if (partner != -2) {  // (-2: done as a partner)
           for (std::int64_t h = hk * pass.heads_per_kv; h < (hk + 1) * pass.heads_per_kv; ++h) {
             const TiledRow at{0, b, h, row, t, strip.queries};
@@ -179,10 +215,8 @@ void run_saved_backward(const Backward<Rank, T>& pass, const SavedPlan& plan,
               query_item(at, tile, s);
             }
           }
-          done[row] = 1;
-          if (partner >= 0) done[partner] = 1;
         }
-        while (done_upto + 1 < layout.rows && done[done_upto + 1]) ++done_upto;
+        // The key rows whose query rows are all done.
         for (; next_key < keys && plan.key_ready[next_key] <= done_upto; ++next_key) {
           const TiledRow at{0, b, hk, plan.key_order[next_key], t, strip.keys};
           if (plan.key_partner[next_key] >= 0) {
@@ -191,7 +225,7 @@ void run_saved_backward(const Backward<Rank, T>& pass, const SavedPlan& plan,
             pass.key_row(at, strip.q_columns, s);
           }
         }
-      }
+      });
     }
   });
 }
