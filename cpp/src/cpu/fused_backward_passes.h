@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "cpu/backward.h"
@@ -159,19 +160,25 @@ struct Backward : LaneKernel<Rank, T> {
     RowCaches& rows = s.query_rows;
     rows.next_item();
     rows.load_window(k, v, at.b, hk, s.rows_list, t, tile.kv_columns);
-    // Saving P and dS: the key pass reads these rows again (key_row).
-    RowCaches& q_rows = s.saved.data ? s.key_rows : s.query_rows;
-    RowCache& q_cache = s.saved.data ? q_rows.window_a : q_rows.own_a;
-    RowCache& dout_cache = s.saved.data ? q_rows.window_b : q_rows.own_b;
-    if (s.saved.data) q_rows.next_item();
-    const float* q_row = q_cache.get(q_scaled, at.b, at.h, at.row, t, tile.q_columns);
-    const float* dout_row = dout_cache.get(dout, at.b, at.h, at.row, t, tile.q_columns);
+    auto [q_cache, dout_cache] = q_and_dout_caches(s);
+    const float* q_row = q_cache->get(q_scaled, at.b, at.h, at.row, t, tile.q_columns);
+    const float* dout_row = dout_cache->get(dout, at.b, at.h, at.row, t, tile.q_columns);
     this->for_query_blocks(at.tile, [&](std::int64_t grp, const LaneWindows& w) {
       const std::int64_t block = layout.block(grp, w.i0);
       const bool own = block >= tile.own.begin && block < tile.own.end;
       query_block(at.b, at.h, at.row, q_row, dout_row, c, grp, w, own ? bias_grad : nullptr,
                   own, s);
     });
+  }
+
+  // The caches the query pass packs its q and dout rows into: when saving P
+  // and dS, the key pass' window caches (it reads these rows again, and
+  // each is packed once); else the pass' own rows. Starts an item of the
+  // key pass' caches when it uses them.
+  std::pair<RowCache*, RowCache*> q_and_dout_caches(Scratch& s) const {
+    if (!s.saved.data) return {&s.query_rows.own_a, &s.query_rows.own_b};
+    s.key_rows.next_item();
+    return {&s.key_rows.window_a, &s.key_rows.window_b};
   }
 
   // Kept out of line: GCC 12 inlined it into the saved schedule's row loop
@@ -249,15 +256,11 @@ struct Backward : LaneKernel<Rank, T> {
     const std::int64_t hk = at.h / this->heads_per_kv, t = at.tile_index;
     s.query_rows.next_item();
     s.query_rows.load_window(k, v, at.b, hk, s.pair.rows.rows, t, tile.kv_columns);
-    // Saving P and dS: the key pass reads these rows again (as query_row).
-    RowCaches& q_rows = s.saved.data ? s.key_rows : s.query_rows;
-    RowCache& q_cache = s.saved.data ? q_rows.window_a : q_rows.own_a;
-    RowCache& dout_cache = s.saved.data ? q_rows.window_b : q_rows.own_b;
-    if (s.saved.data) q_rows.next_item();
-    const PairInputs in{q_cache.get(q_scaled, at.b, at.h, at.row, t, tile.q_columns),
-                        q_cache.get(q_scaled, at.b, at.h, row_b, t, tile.q_columns),
-                        dout_cache.get(dout, at.b, at.h, at.row, t, tile.q_columns),
-                        dout_cache.get(dout, at.b, at.h, row_b, t, tile.q_columns),
+    auto [q_cache, dout_cache] = q_and_dout_caches(s);
+    const PairInputs in{q_cache->get(q_scaled, at.b, at.h, at.row, t, tile.q_columns),
+                        q_cache->get(q_scaled, at.b, at.h, row_b, t, tile.q_columns),
+                        dout_cache->get(dout, at.b, at.h, at.row, t, tile.q_columns),
+                        dout_cache->get(dout, at.b, at.h, row_b, t, tile.q_columns),
                         at.row, row_b, ca, cb};
     this->for_query_blocks(at.tile, [&](std::int64_t grp, const LaneWindows& w) {
       const std::int64_t block = layout.block(grp, w.i0);
@@ -316,15 +319,8 @@ struct Backward : LaneKernel<Rank, T> {
     // dS is 0 outside a half's windows and key rows (dP there may come from
     // values it does not see).
     if (masked) {
-      const f32x16 zero = pair::splat(0.0f);
       for (std::int64_t u = 0; u < n; ++u) {
-        const i32x16 row_mask = pair::load_mask(s.pair.halves.data() + u * kPairLanes);
-        float* ds = s.dlogits.data() + u * window * kPairLanes;
-        for (std::int64_t j = 0; j < window; ++j) {
-          const i32x16 inside =
-              pair::inside(pair::splat_int(static_cast<std::int32_t>(j)), lo, hi, row_mask);
-          pair::store(ds + j * kPairLanes, pair::select(inside, pair::load(ds + j * kPairLanes), zero));
-        }
+        s.pair.mask(u, lo, hi, s.dlogits.data() + u * window * kPairLanes, window, 0.0f);
       }
     }
 

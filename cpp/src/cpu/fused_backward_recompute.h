@@ -14,7 +14,7 @@
 
 #include "cpu/column_tiles.h"
 #include "cpu/fused_backward_passes.h"
-#include "cpu/fused_backward_saved.h"
+#include "cpu/pair_rows.h"
 #include "cpu/saved_probs.h"
 #include "cpu/tuning.h"
 

@@ -15,11 +15,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <numeric>
 #include <vector>
 
 #include "cpu/backward.h"
 #include "cpu/fused_backward_passes.h"
+#include "cpu/pair_rows.h"
 #include "cpu/saved_probs.h"
 #include "cpu/thread_pool.h"
 #include "cpu/thread_scratch.h"
@@ -27,20 +27,12 @@
 
 namespace libna::cpu::LIBNA_SIMD_NS {
 
-// With row pairs of step `step` (the dilation along the second-to-last
-// axis): the partner of query row `row` if it leads a pair (the next row of
-// its dilation group, row + step), -1 if it has none (a last odd row), -2
-// if it is the partner of row - step.
-inline std::int64_t partner_row(std::int64_t row, std::int64_t step, std::int64_t rows) {
-  if ((row / step) % 2 == 1) return -2;
-  return row + step < rows ? row + step : -1;
-}
-
 // The order of the pipelined 1D/2D backward (SavedProbs): each thread takes
 // whole (b, kv head, strip) items and runs down their query rows, each
-// followed by the key rows whose last query row it was (key_order: the key
-// rows by last_query_row, the leading-axis position of the last query that
-// sees them; -1: none). `slots` query rows span every key row's queries.
+// followed by the key rows whose queries are then all done (key_order, by
+// key_ready; last_query_row: the leading-axis position of the last query
+// that sees a key row, -1: none). `slots` query rows span every key item's
+// queries.
 struct SavedPlan {
   std::int64_t slots = 0;  // 0: compute P and dS again instead
   std::vector<std::int64_t> key_order, last_query_row;

@@ -100,9 +100,10 @@ struct Forward : LaneKernel<Rank, T> {
     row_coords<Rank>(g, at.row, c);
     if constexpr (Rank >= 2) {
       if (row_pairs) {
-        const std::int64_t step = g.axes[Rank - 2].dilation, y = c[Rank - 2];
-        if ((y / step) % 2 == 1) return;  // computed with row - step
-        if (y + step < g.spatial[Rank - 2]) return pair(at, c, s);
+        const std::int64_t partner =
+            partner_row(c[Rank - 2], g.axes[Rank - 2].dilation, g.spatial[Rank - 2]);
+        if (partner == -2) return;  // computed with row - step
+        if (partner >= 0) return pair(at, c, s);
       }
     }
     key_rows_of<Rank>(g, c, this->bias_strides, s.key_rows);

@@ -28,6 +28,15 @@ inline bool row_pairs_wanted() {
   return setting < 0 ? kRowPairsByDefault : setting == 1;
 }
 
+// Which rows pair, along an axis of `rows` positions with pairs of step
+// `step` (its dilation): the partner of position `row` if it leads a pair
+// (the next of its dilation group, row + step), -1 if it has none (a last
+// odd one), -2 if it is the partner of row - step.
+inline std::int64_t partner_row(std::int64_t row, std::int64_t step, std::int64_t rows) {
+  if ((row / step) % 2 == 1) return -2;
+  return row + step < rows ? row + step : -1;
+}
+
 // The key rows a pair reads: the second row's list (`b`; the first's is the
 // caller's), their union, and which halves see each union row.
 struct PairRows {
@@ -47,6 +56,21 @@ struct PairRows {
       std::fill_n(halves.begin() + u * kPairLanes, kLanes, in_a ? -1 : 0);
       std::fill_n(halves.begin() + u * kPairLanes + kLanes, kLanes, in_b ? -1 : 0);
       both_see_all = both_see_all && in_a && in_b;
+    }
+  }
+
+  // values[j][16] = fill for j < window where union row u's entry j is
+  // outside a lane's window (lo <= j < hi) or in a row its half does not
+  // see.
+  void mask(std::int64_t u, const i32x16& lo, const i32x16& hi, float* values,
+            std::int64_t window, float fill) const {
+    const i32x16 row_mask = pair::load_mask(halves.data() + u * kPairLanes);
+    const f32x16 outside = pair::splat(fill);
+    for (std::int64_t j = 0; j < window; ++j) {
+      const i32x16 inside =
+          pair::inside(pair::splat_int(static_cast<std::int32_t>(j)), lo, hi, row_mask);
+      pair::store(values + j * kPairLanes,
+                  pair::select(inside, pair::load(values + j * kPairLanes), outside));
     }
   }
 };
@@ -103,7 +127,6 @@ void pair_bias_and_mask(const LaneKernel<Rank, T>& kernel, std::int64_t h, const
   const std::int64_t rel_b = x.wb.first - x.wb.i0 + kernel_size - 1 - x.offset;
   const std::int64_t j_begin = std::max<std::int64_t>(0, -std::max(rel_a, rel_b));
   const std::int64_t j_end = std::min(window, 2 * kernel_size - 1 - std::min(rel_a, rel_b));
-  const f32x16 outside = pair::splat(-std::numeric_limits<float>::infinity());
   const auto bias_at = [&](const float* row, std::int64_t rel) {
     return rel >= 0 && rel < 2 * kernel_size - 1 ? row[rel * bias_step] : 0.0f;
   };
@@ -124,14 +147,7 @@ void pair_bias_and_mask(const LaneKernel<Rank, T>& kernel, std::int64_t h, const
                                    simd::splat(bias_at(bias_b, rel_b + j))));
       }
     }
-    if (!masked) continue;
-    const i32x16 row_mask = pair::load_mask(p.halves.data() + u * kPairLanes);
-    for (std::int64_t j = 0; j < window; ++j) {
-      const i32x16 inside =
-          pair::inside(pair::splat_int(static_cast<std::int32_t>(j)), lo, hi, row_mask);
-      pair::store(logits + j * kPairLanes,
-                  pair::select(inside, pair::load(logits + j * kPairLanes), outside));
-    }
+    if (masked) p.mask(u, lo, hi, logits, window, -std::numeric_limits<float>::infinity());
   }
 }
 

@@ -43,10 +43,11 @@ class RowCache {
                    std::int64_t tile, const ColumnRanges& cols, bool* finite = nullptr) {
     // Where row r went last: consecutive items ask for mostly the same rows,
     // so this usually finds it without a search.
-    if (entries_.empty()) throw std::logic_error("libna: RowCache is smaller than one item's rows");
-    std::int64_t& hint = hints_[static_cast<std::size_t>(r) % hints_.size()];
-    {
-      Entry& e = entries_[static_cast<std::size_t>(hint)];
+    // (No entries: the search below finds no victim and says so.)
+    std::int64_t* hint = nullptr;
+    if (!hints_.empty()) {
+      hint = &hints_[static_cast<std::size_t>(r) % hints_.size()];
+      Entry& e = entries_[static_cast<std::size_t>(*hint)];
       if (e.b == b && e.h == h && e.r == r && e.tile == tile) {
         e.stamp = stamp_;
         if (finite) *finite = *finite && e.finite;
@@ -58,7 +59,7 @@ class RowCache {
       if (e.b == b && e.h == h && e.r == r && e.tile == tile) {
         e.stamp = stamp_;
         if (finite) *finite = *finite && e.finite;
-        hint = &e - entries_.data();
+        *hint = &e - entries_.data();
         return e.row;
       }
       if (e.stamp < stamp_ && (!victim || e.stamp < victim->stamp)) victim = &e;
@@ -71,7 +72,7 @@ class RowCache {
     bool row_finite = true;
     float* row = source.pack_columns(b, h, r, cols, memory, stride_, &row_finite);
     *victim = Entry{b, h, r, tile, stamp_, row, row_finite};
-    hint = victim - entries_.data();
+    *hint = victim - entries_.data();
     if (finite) *finite = *finite && row_finite;
     return row;
   }
