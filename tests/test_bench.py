@@ -232,11 +232,14 @@ def test_instruction_counts_are_the_difference_per_call(monkeypatch, capsys):
 
     monkeypatch.setattr(instructions.shutil, "which", lambda name: "/usr/bin/valgrind")
     monkeypatch.setattr(instructions, "_instructions",
-                        lambda call, calls: 5000 + calls * (1000 + len(call)))
+                        lambda call, calls, setup: 5000 + calls * (1000 + len(call)))
     assert instructions.main(["--calls", "10"]) == 0
     rows = capsys.readouterr().out.splitlines()[2:]
-    assert len(rows) == len(instructions.CASES)
-    for row, (label, call) in zip(rows, instructions.CASES):
+    cases = instructions.CASES
+    if __import__("importlib.util").util.find_spec("torch") is not None:
+        cases = cases + instructions.TORCH_CASES
+    assert len(rows) == len(cases)
+    for row, (label, call) in zip(rows, cases):
         assert row.startswith(label) and row.split()[-1] == f"{1000 + len(call):,}"
     monkeypatch.setattr(instructions.shutil, "which", lambda name: None)
     assert instructions.main([]) == 1

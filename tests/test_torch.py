@@ -690,6 +690,87 @@ def test_cuda_matches_cpu():
         torch.testing.assert_close(b.grad.cpu(), a.grad, rtol=1e-4, atol=1e-5)
 
 
+def _fast_path_cases():
+    g = torch.Generator().manual_seed(11)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    qkv = r(2, 6, 7, 3, 4, 8)  # a fused projection's output: q, k, v are strided views
+    return {
+        "rpb-dilation": ((r(1, 7, 9, 4, 8), r(1, 7, 9, 4, 8), r(1, 7, 9, 4, 8)),
+                         dict(kernel_size=3, dilation=(2, 1), rpb=r(4, 5, 5))),
+        "gqa-causal-stride": ((r(2, 6, 8, 4, 8), r(2, 6, 8, 2, 8), r(2, 6, 8, 2, 5)),
+                              dict(kernel_size=(3, 4), stride=(1, 2), is_causal=(True, False))),
+        "qkv-views-lse": (tuple(qkv.unbind(-3)), dict(kernel_size=5, return_lse=True)),
+        "additional-keys": ((r(1, 5, 6, 2, 8), r(1, 5, 6, 2, 8), r(1, 5, 6, 2, 8)),
+                            dict(kernel_size=3, additional_keys=r(1, 3, 2, 8),
+                                 additional_values=r(1, 3, 2, 8))),
+        "parameter-bf16": (tuple(torch.nn.Parameter(t) for t in
+                                 (r(1, 6, 6, 2, 16).bfloat16(), r(1, 6, 6, 2, 16).bfloat16(),
+                                  r(1, 6, 6, 2, 16).bfloat16())),
+                           dict(kernel_size=3, scale=0.3)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_fast_path_cases()))
+def test_eager_fast_path_is_the_custom_op(name):
+    """Plain CPU calls go straight to the core (forward and backward) without
+    the custom ops' dispatch: outputs and gradients are bitwise those of the
+    custom ops libna::na_forward and libna::na_backward called explicitly,
+    also for strided views, Parameters, bfloat16, an lse gradient and a
+    stride-0 dout."""
+    (q, k, v), kw = _fast_path_cases()[name]
+    q, k, v = (t if isinstance(t, torch.nn.Parameter) else t.detach().requires_grad_()
+               for t in (q, k, v))
+    optional = {key: kw.pop(key, None) for key in ("rpb", "additional_keys", "additional_values")}
+    optional = {key: None if t is None else t.requires_grad_() for key, t in optional.items()}
+    leaves = [t for t in (q, k, v, *optional.values()) if t is not None]
+    out = lt.na2d(q, k, v, **kw, **optional)
+    outputs = out if isinstance(out, tuple) else (out,)
+    assert "NaForwardEager" in type(outputs[0].grad_fn).__name__
+    assert any(type(t) is torch.nn.Parameter for t in leaves) == (name == "parameter-bf16")
+    # sum() gives a stride-0 (expanded) dout; lse's gradient flows when returned.
+    grads = torch.autograd.grad(sum(o.float().sum() for o in outputs), leaves)
+
+    axes = [list(libna._ops.per_axis("na2d", key, kw.get(key, default), 2, boolean=key == "is_causal"))
+            for key, default in (("kernel_size", None), ("stride", 1), ("dilation", 1),
+                                 ("is_causal", False))]
+    scale = kw.get("scale", q.shape[-1] ** -0.5)
+    detached = {key: None if t is None else t.detach() for key, t in optional.items()}
+    q, k, v = (t.detach() for t in (q, k, v))
+    out_ref, lse_ref = torch.ops.libna.na_forward(
+        q, k, v, detached["rpb"], *axes, scale, detached["additional_keys"],
+        detached["additional_values"])
+    dlse = torch.ones_like(lse_ref) if kw.get("return_lse") else None
+    grads_ref = torch.ops.libna.na_backward(
+        q, k, v, out_ref, torch.ones_like(out_ref), lse_ref, detached["rpb"], *axes, scale,
+        detached["additional_keys"], detached["additional_values"], dlse)
+    assert torch.equal(outputs[0], out_ref)
+    if kw.get("return_lse"):
+        assert torch.equal(outputs[1], lse_ref)
+    grads_ref = [g for g, x in zip(grads_ref, (q, k, v, *optional.values())) if x is not None]
+    assert len(grads) == len(grads_ref)
+    for a, b in zip(grads, grads_ref):
+        assert torch.equal(a, b)
+
+
+def test_numpy_fast_path_matches_the_checked_one(rng):
+    """A NumPy call with plain arguments skips the Python checks (the core
+    validates); arguments in other forms (tuples, NumPy integers, a scale
+    given as an int) take the checked path and give the same answer, and bad
+    input is refused the same way on both."""
+    q, k, v = (rng.standard_normal((1, 6, 7, 2, 8)).astype(np.float32) for _ in range(3))
+    fast = libna.na2d(q, k, v, 3, dilation=2, scale=0.5, return_lse=True)
+    checked = libna.na2d(q, k, v, (3, 3), dilation=(np.int64(2), 2), scale=np.float32(0.5),
+                         return_lse=np.True_)
+    for a, b in zip(fast, checked):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"\[na2d\] .*kernel_size"):
+        libna.na2d(q, k, v, 9)
+    with pytest.raises(ValueError, match=r"\[na2d\] .*kernel_size"):
+        libna.na2d(q, k, v, (9, 9))
+    with pytest.raises(ValueError, match=r"\[na2d\] kernel_size=.* out of range"):
+        libna.na2d(q, k, v, 2**70)
+
+
 @pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
 def test_eager_calls_show_in_the_profiler(grad):
     """The eager paths bypass torch's dispatcher (which is what torch.profiler
@@ -699,3 +780,9 @@ def test_eager_calls_show_in_the_profiler(grad):
         libna.torch.na2d(q, k, v, 3)
     names = [event.key for event in prof.key_averages()]
     assert names.count("libna::na_forward") == 1, names
+    if grad:  # and so does the backward's
+        out = libna.torch.na2d(q, k, v, 3)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out.sum().backward()
+        names = [event.key for event in prof.key_averages()]
+        assert names.count("libna::na_backward") == 1, names

@@ -73,6 +73,27 @@ def _alloc_numpy(shape, dtype_name):
     return np.empty(shape, _NUMPY_DTYPES[dtype_name])
 
 
+def plain_numpy(arrays, optional=()) -> bool:
+    """Whether every one of `arrays`, and of `optional` that is not None,
+    is a NumPy float16/32/64 array: the common NumPy call, whose outputs
+    need no conversion (see call_numpy)."""
+    for x in arrays:
+        if type(x) is not np.ndarray or x.dtype.char not in "efd":
+            return False
+    for x in optional:
+        if x is not None and (type(x) is not np.ndarray or x.dtype.char not in "efd"):
+            return False
+    return True
+
+
+def call_numpy(op, arrays, rank=0, kernel_size=(), stride=(), dilation=(), is_causal=(),
+               scale=None, want_lse=False):
+    """The compiled op `op` on arrays that plain_numpy accepts, outputs
+    allocated by NumPy, with none of Arrays' checks."""
+    return _C.call(op, arrays, rank, kernel_size, stride, dilation, is_causal, scale, want_lse,
+                   _alloc_numpy, True, 0)
+
+
 def _plain_family(named: dict, optional) -> str | None:
     """'numpy' when every array given is a NumPy float16/32/64 array,
     'torch' when every one is a plain CPU torch.Tensor, else None: the common
@@ -109,6 +130,26 @@ def _torch_exports():
 
     dtypes = {name: getattr(torch, name) for name in ("float16", "bfloat16", "float32", "float64")}
     return dtypes, to_dlpack, torch.empty
+
+
+def _alloc_torch_cpu(shape, dtype_name):
+    """The allocator of calls on CPU torch tensors: (tensor, its capsule).
+    torch.empty parses separate sizes faster than a tuple (~0.5 us)."""
+    dtypes, to_dlpack, empty = _torch_exports()
+    out = empty(*shape, dtype=dtypes[dtype_name]) if shape else empty((), dtype=dtypes[dtype_name])
+    return out, to_dlpack(out)
+
+
+def call_torch_cpu(op, tensors, rank=0, kernel_size=(), stride=(), dilation=(), is_causal=(),
+                   scale=None, want_lse=False):
+    """The compiled op `op` on plain, dense CPU torch tensors of libna's
+    dtypes (None for absent optional ones), outputs allocated by torch: the
+    common eager call, with none of Arrays' checks (the caller made them).
+    Tensors that require grad export as they are (torch's C exporter does not
+    refuse them; only Tensor.__dlpack__ does)."""
+    to_dlpack = _torch_exports()[1]
+    return _C.call(op, [None if x is None else to_dlpack(x) for x in tensors], rank, kernel_size,
+                   stride, dilation, is_causal, scale, want_lse, _alloc_torch_cpu, False, 0)
 
 
 class Arrays:
@@ -181,6 +222,8 @@ class Arrays:
                        want_lse, alloc, self.uint16_is_bfloat16, self.stream)
 
     def _alloc_torch(self, shape, dtype_name):
+        if self._device == "cpu":
+            return _alloc_torch_cpu(shape, dtype_name)
         dtypes, to_dlpack, empty = _torch_exports()
         out = empty(shape, dtype=dtypes[dtype_name], device=self._device)
         return out, to_dlpack(out)

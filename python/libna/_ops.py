@@ -15,7 +15,7 @@ import numbers
 import numpy as np
 
 from . import reference
-from ._frameworks import Arrays, traced_by_jax
+from ._frameworks import Arrays, call_numpy, plain_numpy, traced_by_jax
 from ._public import public
 
 try:
@@ -99,8 +99,29 @@ def check_additional(op: str, additional_keys, additional_values) -> bool:
     return additional_keys is not None
 
 
+def common_arguments(rank, kernel_size, stride, dilation, is_causal, scale, return_lse):
+    """(kernel_size, stride, dilation, is_causal) as rank-tuples when every
+    argument has its most common form (ints in range, a bool, a float or
+    None scale, a bool return_lse), which needs no further checks; None
+    otherwise (per_axis and the checks below then normalise or explain)."""
+    if (type(kernel_size) is int and type(stride) is int and type(dilation) is int
+            and type(is_causal) is bool and type(return_lse) is bool
+            and (scale is None or type(scale) is float)
+            and -_INT64_MAX <= min(kernel_size, stride, dilation)
+            and max(kernel_size, stride, dilation) <= _INT64_MAX):
+        return (kernel_size,) * rank, (stride,) * rank, (dilation,) * rank, (is_causal,) * rank
+    return None
+
+
 def na(rank, q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False, scale=None,
        rpb=None, return_lse=False, additional_keys=None, additional_values=None):
+    if type(q) is np.ndarray and additional_keys is None and additional_values is None:
+        # The most common NumPy call goes straight to the core, which
+        # validates the rest (each helper call costs about 0.1 us).
+        axes = common_arguments(rank, kernel_size, stride, dilation, is_causal, scale, return_lse)
+        if axes is not None and _C is not None and plain_numpy((q, k, v), (rpb,)):
+            out, lse = call_numpy("na", (q, k, v, rpb), rank, *axes, scale, return_lse)
+            return (out, lse) if return_lse else out
     op = f"na{rank}d"
     if traced_by_jax(q, k, v, rpb, additional_keys, additional_values):
         from . import jax as libna_jax

@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from .. import _ops
+from .._frameworks import call_torch_cpu
 from .._public import public
 
 __all__ = [
@@ -293,65 +294,139 @@ def _(dout, attn, v, kernel_size, dilation, is_causal):
 
 def _na_forward_setup(ctx, inputs, output):
     q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale, xk, xv = inputs
+    _save_forward(ctx, q, k, v, rpb, xk, xv, output,
+                  (len(kernel_size), kernel_size, stride, dilation, is_causal, scale))
+
+
+def _save_forward(ctx, q, k, v, rpb, xk, xv, output, params):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, rpb, xk, xv)
-    ctx.params = (kernel_size, stride, dilation, is_causal, scale)
+    ctx.params = params  # (rank, kernel_size, stride, dilation, is_causal, scale)
     # An unused output (usually lse) gets None rather than a tensor of zeros,
     # so that its gradient costs nothing when it does not flow.
     ctx.set_materialize_grads(False)
 
 
-def _na_forward_backward(ctx, dout, dlse):
+def _forward_grads(ctx, dout, dlse):
+    """(dq, dk, dv, drpb, dxk, dxv) of a saved forward, None where an input
+    was not given or nothing flows back."""
     q, k, v, out, lse, rpb, xk, xv = ctx.saved_tensors
-    kernel_size, stride, dilation, is_causal, scale = ctx.params
-    no_grads = (None,) * 11
     if dout is None and dlse is None:
-        return no_grads
+        return (None,) * 6
     if dout is None:
         dout = torch.zeros_like(out)
+    rank, kernel_size, stride, dilation, is_causal, scale = ctx.params
     # d lse / d logits = the softmax probabilities p, so an lse gradient adds
     # p * dlse to the logits' gradient: the kernels take it in their row terms.
-    dq, dk, dv, drpb, dxk, dxv = na_backward(q, k, v, out, dout, lse, rpb, kernel_size, stride,
-                                             dilation, is_causal, scale, xk, xv, dlse)
-    return (dq, dk, dv, (drpb if rpb is not None else None), None, None, None, None, None,
-            (dxk if xk is not None else None), (dxv if xv is not None else None))
+    if torch.is_grad_enabled() or not _plain_cpu((q, k, v, out, dout), (rpb, xk, xv), (lse, dlse)):
+        # The op (whose own formula refuses a double backward with a clear
+        # error), also for anything but plain CPU tensors.
+        grads = na_backward(q, k, v, out, dout, lse, rpb, kernel_size, stride, dilation,
+                            is_causal, scale, xk, xv, dlse)
+    else:
+        grads = _profiled("libna::na_backward", call_torch_cpu, "na_backward",
+                          (q, k, v, rpb, out, dout, lse, dlse, xk, xv), rank, kernel_size,
+                          stride, dilation, is_causal, scale)
+    dq, dk, dv, drpb, dxk, dxv = grads
+    return (dq, dk, dv, (drpb if rpb is not None else None), (dxk if xk is not None else None),
+            (dxv if xv is not None else None))
+
+
+def _na_forward_backward(ctx, dout, dlse):
+    dq, dk, dv, drpb, dxk, dxv = _forward_grads(ctx, dout, dlse)
+    return dq, dk, dv, drpb, None, None, None, None, None, dxk, dxv
 
 
 na_forward.register_autograd(_na_forward_backward, setup_context=_na_forward_setup)
 
 
+def _eager_forward(q, k, v, rpb, xk, xv, params):
+    """(out, lse) of an eager call (see ``_eager``)."""
+    rank, kernel_size, stride, dilation, is_causal, scale = params
+    if q.is_cpu and q.dtype in _CORE_DTYPES:  # (all share q's dtype): straight to the core
+        return tuple(call_torch_cpu("na", (q, k, v, rpb, xk, xv), rank, kernel_size, stride,
+                                    dilation, is_causal, scale, True))
+    return _na_forward_impl(q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale, xk,
+                            xv)
+
+
 class _NaForwardEager(torch.autograd.Function):
-    """``libna::na_forward`` for plain eager calls: the same inputs, outputs
-    and autograd formula (its backward is the ``libna::na_backward`` op), run
-    without the custom-op dispatch, which costs more than a small call's
-    kernel. torch.compile, fake tensors, modes and torch.func go through the
-    custom op (see ``_eager``)."""
+    """``libna::na_forward`` for plain eager calls: the same outputs and
+    autograd formula, run without the custom-op dispatch, which costs more
+    than a small call's kernel. torch.compile, fake tensors, modes and
+    torch.func go through the custom op (see ``_eager``). The op's parameters
+    travel as one tuple: each argument of ``apply`` costs time."""
 
     # forward(ctx, ...) rather than a separate setup_context: torch binds the
     # arguments of the latter form with inspect on every call (~25 us).
     @staticmethod
-    def forward(ctx, *inputs):
-        output = _na_forward_impl(*inputs)
-        _na_forward_setup(ctx, inputs, output)
+    def forward(ctx, q, k, v, rpb, xk, xv, params):
+        output = _eager_forward(q, k, v, rpb, xk, xv, params)
+        _save_forward(ctx, q, k, v, rpb, xk, xv, output, params)
         return output
 
-    backward = staticmethod(_na_forward_backward)
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return (*_forward_grads(ctx, dout, dlse), None)
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+_CORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _unmodified() -> bool:
+    """No torch.compile tracing, torch function or dispatch mode
+    (FakeTensorMode...) and no torch.func transform active."""
+    return not (torch.compiler.is_compiling()
+                or torch._C._is_torch_function_mode_enabled()
+                or _current_dispatch_mode() is not None
+                or torch._C._functorch.peek_interpreter_stack() is not None)
 
 
 def _eager(*tensors) -> bool:
     """Whether a call may take the eager path: plain tensors on a device
-    libna runs on (meta tensors take the op's fake kernel), not traced by
-    torch.compile, no torch function or dispatch mode (FakeTensorMode...)
-    and no torch.func transform active."""
+    libna runs on (meta tensors take the op's fake kernel), outside the modes
+    of ``_unmodified``."""
     return (all(t is None or type(t) in _PLAIN for t in tensors)
             and tensors[0].device.type in ("cpu", "cuda")  # not meta, say
-            and not torch.compiler.is_compiling()
-            and not torch._C._is_torch_function_mode_enabled()
-            and _current_dispatch_mode() is None
-            and torch._C._functorch.peek_interpreter_stack() is None)
+            and _unmodified())
+
+
+def _plain_cpu(required, optional=(), any_dtype=()) -> bool:
+    """Whether a call may go straight to the core: the tensors `required`,
+    and those of `optional` and `any_dtype` that are not None, are plain,
+    dense CPU tensors, those of `required` and `optional` of one of libna's
+    dtypes, outside autocast and the modes of ``_unmodified``. Anything else
+    takes the general path, which casts, explains what is wrong or traces."""
+    q = required[0]
+    if type(q) not in _PLAIN:
+        return False
+    dtype = q.dtype
+    if dtype not in _CORE_DTYPES:
+        return False
+    for t in required:
+        if (type(t) not in _PLAIN or t.dtype is not dtype or not t.is_cpu
+                or t.layout is not torch.strided):
+            return False
+    for t in optional:
+        if t is not None and (type(t) not in _PLAIN or t.dtype is not dtype or not t.is_cpu
+                              or t.layout is not torch.strided):
+            return False
+    for t in any_dtype:
+        if t is not None and (type(t) not in _PLAIN or not t.is_cpu
+                              or t.layout is not torch.strided):
+            return False
+    return not torch.is_autocast_enabled("cpu") and _unmodified()
+
+
+def _profiled(name, fn, *args):
+    """fn(*args), recorded as `name` when torch.profiler records: the eager
+    paths bypass the dispatcher, which is what the profiler sees, so they
+    name themselves as the custom op would be named."""
+    if torch.autograd._profiler_enabled():
+        with torch.profiler.record_function(name):
+            return fn(*args)
+    return fn(*args)
 
 
 def _merge_setup(ctx, inputs, output):
@@ -513,33 +588,37 @@ def na(rank: int, q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False
     """Rank-generic fused neighborhood attention (see ``na1d``)."""
     rank = _rank("na", rank)
     op = f"na{rank}d"
-    kernel_size = _per_axis(op, "kernel_size", kernel_size, rank)
-    stride = _per_axis(op, "stride", stride, rank)
-    dilation = _per_axis(op, "dilation", dilation, rank)
-    is_causal = _per_axis(op, "is_causal", is_causal, rank, boolean=True)
-    scale = _ops.check_scale(op, scale)
-    return_lse = _ops.check_flag(op, "return_lse", return_lse)
+    axes = _ops.common_arguments(rank, kernel_size, stride, dilation, is_causal, scale, return_lse)
+    if axes is not None:  # plain ints and bools: nothing more to check here
+        kernel_size, stride, dilation, is_causal = (list(a) for a in axes)
+    else:
+        kernel_size = _per_axis(op, "kernel_size", kernel_size, rank)
+        stride = _per_axis(op, "stride", stride, rank)
+        dilation = _per_axis(op, "dilation", dilation, rank)
+        is_causal = _per_axis(op, "is_causal", is_causal, rank, boolean=True)
+        scale = _ops.check_scale(op, scale)
+        return_lse = _ops.check_flag(op, "return_lse", return_lse)
     _ops.check_additional(op, additional_keys, additional_values)
-    q, k, v, rpb, xk, xv = _autocast(q, k, v, rpb, additional_keys, additional_values)
-    _check_tensors(op, {"q": q, "k": k, "v": v, "rpb": rpb, "additional_keys": xk,
-                        "additional_values": xv})
+    q, k, v, rpb, xk, xv = tensors = (q, k, v, rpb, additional_keys, additional_values)
+    if _plain_cpu((q, k, v), (rpb, xk, xv)):  # the common eager call: checked enough
+        eager = True
+    else:
+        q, k, v, rpb, xk, xv = tensors = _autocast(*tensors)
+        _check_tensors(op, {"q": q, "k": k, "v": v, "rpb": rpb, "additional_keys": xk,
+                            "additional_values": xv})
+        eager = _eager(*tensors)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if not _eager(q, k, v, rpb, xk, xv):
-        forward = na_forward
-    elif torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, rpb, xk, xv)):
-        forward = _NaForwardEager.apply
-    else:  # nothing to differentiate: no autograd node (~15 us a call)
-        forward = _na_forward_impl
-    arguments = (q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale, xk, xv)
-    if forward is not na_forward and torch.autograd._profiler_enabled():
-        # The eager paths bypass the dispatcher, which is what torch.profiler
-        # records: name the call as the custom op would be named.
-        with torch.profiler.record_function("libna::na_forward"):
-            out, lse = forward(*arguments)
+    if not eager:
+        out, lse = na_forward(q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale, xk,
+                              xv)
     else:
-        out, lse = forward(*arguments)
+        params = (rank, kernel_size, stride, dilation, is_causal, scale)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            forward = _NaForwardEager.apply
+        else:  # nothing to differentiate: no autograd node (~15 us a call)
+            forward = _eager_forward
+        out, lse = _profiled("libna::na_forward", forward, q, k, v, rpb, xk, xv, params)
     return (out, lse) if return_lse else out
 
 
