@@ -123,33 +123,29 @@ def _plain_family(named: dict, optional) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def _torch_exports():
-    """(torch dtypes by name, torch's C DLPack exporter, torch.empty), looked
-    up once (an import statement per call costs about a microsecond)."""
+    """(torch dtypes by name, torch's C DLPack exporter, torch.empty, its
+    DLPack importer), looked up once (an import statement per call costs
+    about a microsecond)."""
     import torch
-    from torch.utils.dlpack import to_dlpack
+    from torch.utils.dlpack import from_dlpack, to_dlpack
 
     dtypes = {name: getattr(torch, name) for name in ("float16", "bfloat16", "float32", "float64")}
-    return dtypes, to_dlpack, torch.empty
-
-
-def _alloc_torch_cpu(shape, dtype_name):
-    """The allocator of calls on CPU torch tensors: (tensor, its capsule).
-    torch.empty parses separate sizes faster than a tuple (~0.5 us)."""
-    dtypes, to_dlpack, empty = _torch_exports()
-    out = empty(*shape, dtype=dtypes[dtype_name]) if shape else empty((), dtype=dtypes[dtype_name])
-    return out, to_dlpack(out)
+    return dtypes, to_dlpack, torch.empty, from_dlpack
 
 
 def call_torch_cpu(op, tensors, rank=0, kernel_size=(), stride=(), dilation=(), is_causal=(),
                    scale=None, want_lse=False):
     """The compiled op `op` on plain, dense CPU torch tensors of libna's
-    dtypes (None for absent optional ones), outputs allocated by torch: the
-    common eager call, with none of Arrays' checks (the caller made them).
+    dtypes (None for absent optional ones): the common eager call, with none
+    of Arrays' checks (the caller made them).
     Tensors that require grad export as they are (torch's C exporter does not
-    refuse them; only Tensor.__dlpack__ does)."""
-    to_dlpack = _torch_exports()[1]
+    refuse them; only Tensor.__dlpack__ does). The outputs are allocated by
+    libna and imported over DLPack, which costs a quarter of torch.empty;
+    they are ordinary CPU tensors (as from torch.from_numpy: their storage
+    cannot be resized in place)."""
+    _, to_dlpack, _, from_dlpack = _torch_exports()
     return _C.call(op, [None if x is None else to_dlpack(x) for x in tensors], rank, kernel_size,
-                   stride, dilation, is_causal, scale, want_lse, _alloc_torch_cpu, False, 0)
+                   stride, dilation, is_causal, scale, want_lse, None, False, 0, from_dlpack)
 
 
 class Arrays:
@@ -213,6 +209,9 @@ class Arrays:
             # faster than a call of Tensor.__dlpack__ (a Python method).
             to_dlpack = _torch_exports()[1]
             inputs = [None if x is None else _capsule(to_dlpack, x) for x in inputs]
+            if self._device == "cpu":  # (see call_torch_cpu)
+                return _C.call(op, inputs, rank, kernel_size, stride, dilation, is_causal, scale,
+                               want_lse, None, False, 0, _torch_exports()[3])
             alloc = self._alloc_torch
         elif self.family == "numpy":
             alloc = _alloc_numpy
@@ -222,9 +221,7 @@ class Arrays:
                        want_lse, alloc, self.uint16_is_bfloat16, self.stream)
 
     def _alloc_torch(self, shape, dtype_name):
-        if self._device == "cpu":
-            return _alloc_torch_cpu(shape, dtype_name)
-        dtypes, to_dlpack, empty = _torch_exports()
+        dtypes, to_dlpack, empty, _ = _torch_exports()
         out = empty(shape, dtype=dtypes[dtype_name], device=self._device)
         return out, to_dlpack(out)
 

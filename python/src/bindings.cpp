@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <functional>
+#include <memory>
+#include <new>
 #include <optional>
 #include <string>
 #include <vector>
@@ -139,6 +141,72 @@ struct Call {
     return {array, view(out, name)};
   }
 };
+
+// An output libna allocates on the host and hands over as a DLPack capsule
+// (the DLManagedTensor layout: the tensor, a context, the deleter first),
+// for frameworks whose CPU allocation costs more than importing a capsule
+// (torch.empty: ~2 us a call; importing: ~0.5 us). The consumer renames the
+// capsule and calls the deleter when its array dies; a capsule never
+// consumed frees the memory itself.
+struct HostOutput {
+  nb::dlpack::dltensor tensor;
+  void* manager_ctx = nullptr;
+  void (*deleter)(HostOutput*) = nullptr;
+  std::int64_t shape[libna::kMaxDims] = {}, strides[libna::kMaxDims] = {};
+};
+
+constexpr std::size_t kHostAlignment = 64;
+
+void free_host_output(HostOutput* t) {
+  ::operator delete(t->tensor.data, std::align_val_t{kHostAlignment});
+  delete t;
+}
+
+nb::dlpack::dtype dlpack_dtype(DType dtype) {
+  using Code = nb::dlpack::dtype_code;
+  nb::dlpack::dtype dt;
+  dt.code = static_cast<std::uint8_t>(dtype == DType::bfloat16 ? Code::Bfloat : Code::Float);
+  dt.bits = static_cast<std::uint8_t>(8 * libna::dtype_size(dtype));
+  dt.lanes = 1;
+  return dt;
+}
+
+// A contiguous host array of `spec`'s shape and `dtype` as (capsule, view).
+std::pair<nb::object, TensorView> host_output(const TensorView& spec, DType dtype) {
+  auto t = std::make_unique<HostOutput>();
+  TensorView view;
+  view.ndim = spec.ndim;
+  view.dtype = dtype;
+  view.device = {libna::DeviceType::cpu, 0};
+  std::int64_t count = 1;
+  for (int i = spec.ndim - 1; i >= 0; --i) {
+    t->shape[i] = view.shape[i] = spec.shape[i];
+    t->strides[i] = view.strides[i] = count;
+    count *= spec.shape[i];
+  }
+  const std::size_t bytes = std::max<std::size_t>(
+      static_cast<std::size_t>(count) * libna::dtype_size(dtype), 1);
+  t->tensor.data = view.data = ::operator new(bytes, std::align_val_t{kHostAlignment});
+  t->tensor.device = {nb::device::cpu::value, 0};
+  t->tensor.ndim = spec.ndim;
+  t->tensor.dtype = dlpack_dtype(dtype);
+  t->tensor.shape = t->shape;
+  t->tensor.strides = t->strides;
+  t->deleter = free_host_output;
+  PyObject* capsule = PyCapsule_New(t.get(), "dltensor", [](PyObject* c) {
+    // Still named "dltensor": never consumed (a consumer renames it).
+    if (PyCapsule_IsValid(c, "dltensor") != 0) {
+      auto* owned = static_cast<HostOutput*>(PyCapsule_GetPointer(c, "dltensor"));
+      owned->deleter(owned);
+    }
+  });
+  if (capsule == nullptr) {
+    free_host_output(t.release());
+    throw nb::python_error();
+  }
+  t.release();
+  return {nb::steal(capsule), view};
+}
 
 // The inputs of each op, in the order Python passes them; optional ones may
 // be None. merge_attentions takes outs then lses (any number of parts);
@@ -313,8 +381,8 @@ std::vector<std::optional<TensorView>> read_inputs(
 // without the GIL. Returns the outputs in plan order, None for an unwanted
 // one or a workspace.
 nb::tuple call_op(const std::string& op, const std::vector<InObject>& inputs, const Params& params,
-                  bool want_lse, const nb::callable& alloc, bool uint16_is_bfloat16,
-                  std::uintptr_t stream) {
+                  bool want_lse, const nb::object& alloc, bool uint16_is_bfloat16,
+                  std::uintptr_t stream, const nb::object& wrap_host) {
   const OpInputs& entry = op_inputs(op);
   const Call call{call_name(entry, params.rank), uint16_is_bfloat16, stream};
   call.imported.reserve(inputs.size());
@@ -330,9 +398,22 @@ nb::tuple call_op(const std::string& op, const std::vector<InObject>& inputs, co
       result.append(nb::none());
       continue;
     }
-    auto [array, view] = call.allocate(alloc, o.spec, o.spec.dtype, o.name.c_str());
-    result.append(o.workspace ? nb::none() : array);
-    if (o.workspace) workspaces.append(array);  // kept alive until run returns
+    const bool on_host = !wrap_host.is_none();
+    if (on_host && o.spec.device.type != libna::DeviceType::cpu) {
+      call.fail("outputs on the host were asked for (wrap_host), but " + o.name + " is on " +
+                libna::device_name(o.spec.device));
+    }
+    auto [array, view] = on_host ? host_output(o.spec, o.spec.dtype)
+                                 : call.allocate(nb::borrow<nb::callable>(alloc), o.spec,
+                                                 o.spec.dtype, o.name.c_str());
+    // Workspaces, and the host outputs' capsules (which own the memory until
+    // a consumer takes it, whatever wrap_host does), live until run returns.
+    if (o.workspace || on_host) workspaces.append(array);
+    if (o.workspace) {
+      result.append(nb::none());
+    } else {
+      result.append(on_host ? wrap_host(array) : array);
+    }
     outputs[i] = view;
   }
   {
@@ -432,21 +513,27 @@ NB_MODULE(_C, m) {
       [](const std::string& op, const std::vector<InObject>& inputs, int rank,
          std::vector<std::int64_t> kernel_size, std::vector<std::int64_t> stride,
          std::vector<std::int64_t> dilation, std::vector<bool> is_causal,
-         std::optional<double> scale, bool want_lse, const nb::callable& alloc,
-         bool uint16_is_bfloat16, std::uintptr_t stream) {
+         std::optional<double> scale, bool want_lse, const nb::object& alloc,
+         bool uint16_is_bfloat16, std::uintptr_t stream, const nb::object& wrap_host) {
+        if (wrap_host.is_none() ? !PyCallable_Check(alloc.ptr())
+                                : !PyCallable_Check(wrap_host.ptr())) {
+          throw nb::type_error("[libna._C] call needs alloc (a callable) or wrap_host (a "
+                               "callable)");
+        }
         return call_op(op, inputs,
                        Params{rank, std::move(kernel_size), std::move(stride), std::move(dilation),
                               std::move(is_causal), scale},
-                       want_lse, alloc, uint16_is_bfloat16, stream);
+                       want_lse, alloc, uint16_is_bfloat16, stream, wrap_host);
       },
       nb::arg("op"), nb::arg("inputs"), nb::arg("rank") = 0,
       nb::arg("kernel_size") = std::vector<std::int64_t>(),
       nb::arg("stride") = std::vector<std::int64_t>(),
       nb::arg("dilation") = std::vector<std::int64_t>(),
       nb::arg("is_causal") = std::vector<bool>(), nb::arg("scale").none() = nb::none(),
-      nb::arg("want_lse") = false, nb::arg("alloc"), nb::arg("uint16_is_bfloat16") = false,
-      nb::arg("stream") = 0,
-      "Runs op on DLPack arrays (validated once, outputs allocated by alloc(shape, dtype)); "
+      nb::arg("want_lse") = false, nb::arg("alloc").none(), nb::arg("uint16_is_bfloat16") = false,
+      nb::arg("stream") = 0, nb::arg("wrap_host").none() = nb::none(),
+      "Runs op on DLPack arrays (validated once, outputs allocated by alloc(shape, dtype), or "
+      "with wrap_host on the host by libna and each handed to wrap_host(DLPack capsule)); "
       "returns its outputs, None for an unwanted one.");
   m.def(
       "plan",
