@@ -837,3 +837,88 @@ def test_cpu_outputs_from_libna_are_freed():
     assert report.pop("aligned") is True
     for name, grown in report.items():
         assert grown < 2 * 32 * 2**20, (name, grown)
+
+
+_QKVPACKED_CASES = {
+    "1d-causal-lse": ((2, 11), dict(kernel_size=5, is_causal=True, return_lse=True)),
+    "2d-rpb-dilation": ((1, 7, 9), dict(kernel_size=3, dilation=(2, 1), rpb=True)),
+    "2d-stride-scale": ((2, 6, 8), dict(kernel_size=(3, 5), stride=(2, 1), scale=0.3)),
+    "3d": ((1, 4, 5, 6), dict(kernel_size=3)),
+}
+
+
+def _qkvpacked_inputs(name, dtype=torch.float32):
+    shape, kw = _QKVPACKED_CASES[name]
+    kw = dict(kw)
+    g = torch.Generator().manual_seed(4)
+    heads, dim = 2, 8
+    qkv = torch.randn(*shape, 3 * heads * dim, generator=g, dtype=dtype)
+    qkv = qkv.reshape(*shape, 3, heads, dim).requires_grad_()  # as a fused Linear gives it
+    if kw.pop("rpb", False):
+        kernel = kw["kernel_size"]
+        kw["rpb"] = torch.randn(heads, *(2 * kernel - 1,) * (len(shape) - 1), generator=g,
+                                dtype=dtype).requires_grad_()
+    return qkv, kw
+
+
+@pytest.mark.parametrize("name", list(_QKVPACKED_CASES))
+def test_qkvpacked_is_na_on_the_unbound_views(name):
+    """na{n}d_qkvpacked(qkv) gives bitwise na{n}d(*qkv.unbind(-3)): outputs,
+    the lse, and gradients of qkv (written in one piece on the eager path:
+    contiguous, no stack) and of rpb; the custom ops' path (any torch
+    function mode) gives the same."""
+    qkv, kw = _qkvpacked_inputs(name)
+    rank = qkv.dim() - 4  # [B, *spatial, 3, heads, D]
+    packed = getattr(lt, f"na{rank}d_qkvpacked")
+    plain = getattr(lt, f"na{rank}d")
+    leaves = [qkv] + ([kw["rpb"]] if "rpb" in kw else [])
+
+    def run(fn, *args):
+        out = fn(*args, **kw)
+        outs = out if isinstance(out, tuple) else (out,)
+        grads = torch.autograd.grad(sum((o * (i + 1)).sum() for i, o in enumerate(outs)), leaves)
+        return outs, grads
+
+    outs, grads = run(packed, qkv)
+    assert "NaQkvPackedEager" in type(outs[0].grad_fn).__name__
+    assert grads[0].is_contiguous() and grads[0].shape == qkv.shape
+    ref_outs, ref_grads = run(plain, *qkv.unbind(-3))
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        mode_outs, mode_grads = run(packed, qkv)
+    for got in ((outs, grads), (mode_outs, mode_grads)):
+        for a, b in zip((*got[0], *got[1]), (*ref_outs, *ref_grads)):
+            assert torch.equal(a, b)
+
+
+def test_qkvpacked_gradcheck_and_no_double_backward():
+    qkv, kw = _qkvpacked_inputs("2d-rpb-dilation", torch.float64)
+    rpb = kw.pop("rpb")
+    fn = lambda qkv, rpb: lt.na2d_qkvpacked(qkv, rpb=rpb, return_lse=True, **kw)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (qkv, rpb))
+    out, lse = fn(qkv, rpb)
+    (dqkv,) = torch.autograd.grad((out * out).sum() + lse.sum(), qkv, create_graph=True)
+    with pytest.raises(NotImplementedError, match=r"^\[na2d\] double backward"):
+        dqkv.sum().backward()
+
+
+def test_qkvpacked_bad_input():
+    qkv = torch.randn(1, 5, 6, 3, 2, 8)
+    with pytest.raises(TypeError, match=r"^\[na2d_qkvpacked\] qkv must be a torch\.Tensor, got "
+                                        r"numpy\.ndarray"):
+        lt.na2d_qkvpacked(qkv.numpy(), 3)
+    for bad in (qkv[..., :2, :, :], qkv[0], qkv.reshape(1, 5, 6, 2, 3, 8)):
+        with pytest.raises(ValueError, match=r"^\[na2d_qkvpacked\] qkv has shape .*expected "
+                                             r"\[B, 2 spatial axes, 3, heads, D\]"):
+            lt.na2d_qkvpacked(bad, 3)
+    with pytest.raises(ValueError, match=r"\[na2d_qkvpacked\] kernel_size=\(3, 3, 3\)"):
+        lt.na2d_qkvpacked(qkv, (3, 3, 3))
+    with pytest.raises(ValueError, match=r"kernel_size"):  # the core's check, on q
+        lt.na2d_qkvpacked(qkv.requires_grad_(), 9)
+    with pytest.raises(TypeError, match=r"\[na2d_qkvpacked\] got an unexpected keyword argument "
+                                        r"additional_keys"):
+        lt.na2d_qkvpacked(qkv, 3, additional_keys=qkv)

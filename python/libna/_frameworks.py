@@ -134,7 +134,7 @@ def _torch_exports():
 
 
 def call_torch_cpu(op, tensors, rank=0, kernel_size=(), stride=(), dilation=(), is_causal=(),
-                   scale=None, want_lse=False):
+                   scale=None, want_lse=False, into=()):
     """The compiled op `op` on plain, dense CPU torch tensors of libna's
     dtypes (None for absent optional ones): the common eager call, with none
     of Arrays' checks (the caller made them).
@@ -142,10 +142,30 @@ def call_torch_cpu(op, tensors, rank=0, kernel_size=(), stride=(), dilation=(), 
     refuse them; only Tensor.__dlpack__ does). The outputs are allocated by
     libna and imported over DLPack, which costs a quarter of torch.empty;
     they are ordinary CPU tensors (as from torch.from_numpy: their storage
-    cannot be resized in place)."""
-    _, to_dlpack, _, from_dlpack = _torch_exports()
-    return _C.call(op, [None if x is None else to_dlpack(x) for x in tensors], rank, kernel_size,
-                   stride, dilation, is_causal, scale, want_lse, None, False, 0, from_dlpack)
+    cannot be resized in place). `into`: tensors (views, any strides) that the
+    first outputs are written into, in the op's output order; the rest are
+    allocated by torch."""
+    dtypes, to_dlpack, empty, from_dlpack = _torch_exports()
+    capsules = [None if x is None else to_dlpack(x) for x in tensors]
+    if not into:
+        return _C.call(op, capsules, rank, kernel_size, stride, dilation, is_causal, scale,
+                       want_lse, None, False, 0, from_dlpack)
+    given = list(into)
+
+    def alloc(shape, dtype_name):
+        dtype = dtypes[dtype_name]
+        if not given:
+            out = empty(*shape, dtype=dtype) if shape else empty((), dtype=dtype)
+            return out, to_dlpack(out)
+        out = given.pop(0)
+        if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+            raise RuntimeError(f"[{op}] an output of shape {tuple(shape)} and dtype {dtype_name} "
+                               f"was to be written into a tensor of shape {tuple(out.shape)} "
+                               f"and dtype {out.dtype}")
+        return out, to_dlpack(out)
+
+    return _C.call(op, capsules, rank, kernel_size, stride, dilation, is_causal, scale, want_lse,
+                   alloc, False, 0)
 
 
 class Arrays:

@@ -14,6 +14,7 @@ implementations and autograd formulas, so they work under ``torch.compile``
 from . import nn, ops
 from .ops import (
     na1d, na2d, na3d,
+    na1d_qkvpacked, na2d_qkvpacked, na3d_qkvpacked,
     na1d_qk, na2d_qk, na3d_qk,
     na1d_av, na2d_av, na3d_av,
     merge_attentions,
@@ -23,6 +24,7 @@ from .nn import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAt
 __all__ = [
     "ops", "nn",
     "na1d", "na2d", "na3d",
+    "na1d_qkvpacked", "na2d_qkvpacked", "na3d_qkvpacked",
     "na1d_qk", "na2d_qk", "na3d_qk",
     "na1d_av", "na2d_av", "na3d_av",
     "merge_attentions",

@@ -93,6 +93,11 @@ class _NeighborhoodAttention(nn.Module):
                 f"dim={self.dim}] ({rank + 2} dimensions), got {tuple(x.shape)}")
         batch, spatial = x.shape[0], x.shape[1:-1]
         qkv = self.qkv(x).reshape(batch, *spatial, 3, self.num_heads, self.head_dim)
+        if self.context_parallel is None and not (self.training and self.attn_drop.p > 0):
+            # One gradient for the projection's output, not three stacked.
+            out = ops.na_qkvpacked(rank, qkv, self.kernel_size, dilation=self.dilation,
+                                   is_causal=self.is_causal, scale=self.scale, rpb=self.rpb)
+            return self.proj_drop(self.proj(out.reshape(batch, *spatial, self.dim)))
         q, k, v = qkv.unbind(dim=-3)
         if self.context_parallel is not None:
             if self.training and self.attn_drop.p > 0:
@@ -103,15 +108,12 @@ class _NeighborhoodAttention(nn.Module):
             out = distributed.na(rank, q, k, v, self.kernel_size, dilation=self.dilation,
                                  is_causal=self.is_causal, scale=self.scale, rpb=self.rpb,
                                  replicated_grad="local", **self.context_parallel)
-        elif self.training and self.attn_drop.p > 0:
+        else:
             attn = ops.na_qk(rank, q * self.scale, k, self.kernel_size,
                              dilation=self.dilation, is_causal=self.is_causal, rpb=self.rpb)
             attn = self.attn_drop(attn.softmax(dim=-1))
             out = ops.na_av(rank, attn, v, self.kernel_size, dilation=self.dilation,
                             is_causal=self.is_causal)
-        else:
-            out = ops.na(rank, q, k, v, self.kernel_size, dilation=self.dilation,
-                         is_causal=self.is_causal, scale=self.scale, rpb=self.rpb)
         out = out.reshape(batch, *spatial, self.dim)
         return self.proj_drop(self.proj(out))
 

@@ -47,6 +47,7 @@ from .._public import public
 __all__ = [
     "na", "na_qk", "na_av", "merge_attentions",
     "na1d", "na2d", "na3d",
+    "na_qkvpacked", "na1d_qkvpacked", "na2d_qkvpacked", "na3d_qkvpacked",
     "na1d_qk", "na2d_qk", "na3d_qk",
     "na1d_av", "na2d_av", "na3d_av",
 ]
@@ -583,21 +584,26 @@ def _rank(fn: str, rank) -> int:
     return int(rank)
 
 
+def _na_arguments(op, rank, kernel_size, stride, dilation, is_causal, scale, return_lse):
+    """The fused op's per-axis arguments as lists, scale as a float or None
+    and return_lse as a bool (TypeError / ValueError naming a bad one)."""
+    axes = _ops.common_arguments(rank, kernel_size, stride, dilation, is_causal, scale, return_lse)
+    if axes is not None:  # plain ints and bools: nothing more to check here
+        return (*(list(a) for a in axes), scale, return_lse)
+    return (_per_axis(op, "kernel_size", kernel_size, rank),
+            _per_axis(op, "stride", stride, rank),
+            _per_axis(op, "dilation", dilation, rank),
+            _per_axis(op, "is_causal", is_causal, rank, boolean=True),
+            _ops.check_scale(op, scale), _ops.check_flag(op, "return_lse", return_lse))
+
+
 def na(rank: int, q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False, scale=None,
        rpb=None, return_lse=False, additional_keys=None, additional_values=None):
     """Rank-generic fused neighborhood attention (see ``na1d``)."""
     rank = _rank("na", rank)
     op = f"na{rank}d"
-    axes = _ops.common_arguments(rank, kernel_size, stride, dilation, is_causal, scale, return_lse)
-    if axes is not None:  # plain ints and bools: nothing more to check here
-        kernel_size, stride, dilation, is_causal = (list(a) for a in axes)
-    else:
-        kernel_size = _per_axis(op, "kernel_size", kernel_size, rank)
-        stride = _per_axis(op, "stride", stride, rank)
-        dilation = _per_axis(op, "dilation", dilation, rank)
-        is_causal = _per_axis(op, "is_causal", is_causal, rank, boolean=True)
-        scale = _ops.check_scale(op, scale)
-        return_lse = _ops.check_flag(op, "return_lse", return_lse)
+    kernel_size, stride, dilation, is_causal, scale, return_lse = _na_arguments(
+        op, rank, kernel_size, stride, dilation, is_causal, scale, return_lse)
     _ops.check_additional(op, additional_keys, additional_values)
     q, k, v, rpb, xk, xv = tensors = (q, k, v, rpb, additional_keys, additional_values)
     if _plain_cpu((q, k, v), (rpb, xk, xv)):  # the common eager call: checked enough
@@ -620,6 +626,71 @@ def na(rank: int, q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False
             forward = _eager_forward
         out, lse = _profiled("libna::na_forward", forward, q, k, v, rpb, xk, xv, params)
     return (out, lse) if return_lse else out
+
+
+def na_qkvpacked(rank: int, qkv, kernel_size, *, stride=1, dilation=1, is_causal=False,
+                 scale=None, rpb=None, return_lse=False):
+    """Rank-generic fused neighborhood attention on packed q, k, v (see
+    ``na1d_qkvpacked``)."""
+    rank = _rank("na_qkvpacked", rank)
+    op = f"na{rank}d_qkvpacked"
+    kernel_size, stride, dilation, is_causal, scale, return_lse = _na_arguments(
+        op, rank, kernel_size, stride, dilation, is_causal, scale, return_lse)
+    if not isinstance(qkv, Tensor):
+        raise TypeError(f"[{op}] qkv must be a torch.Tensor, got "
+                        f"{type(qkv).__module__}.{type(qkv).__qualname__}")
+    if qkv.dim() != rank + 4 or qkv.shape[-3] != 3:
+        raise ValueError(f"[{op}] qkv has shape {tuple(qkv.shape)}; expected [B, {rank} spatial "
+                         "axes, 3, heads, D] (q, k and v along the third-from-last axis)")
+    if (torch.is_grad_enabled() and (qkv.requires_grad or rpb is not None and rpb.requires_grad)
+            and _plain_cpu((qkv,), (rpb,))):
+        if scale is None:
+            scale = qkv.shape[-1] ** -0.5
+        params = (rank, kernel_size, stride, dilation, is_causal, scale)
+        out, lse = _profiled("libna::na_forward", _NaQkvPackedEager.apply, qkv, rpb, params)
+        return (out, lse) if return_lse else out
+    # Otherwise what it stands for: compiled, traced and no-grad calls lose
+    # nothing (no gradient to stack; inductor fuses the stack).
+    q, k, v = qkv.unbind(-3)
+    return na(rank, q, k, v, kernel_size, stride=stride, dilation=dilation, is_causal=is_causal,
+              scale=scale, rpb=rpb, return_lse=return_lse)
+
+
+class _NaQkvPackedEager(torch.autograd.Function):
+    """``na`` on the views of a packed qkv, plain CPU tensors: its backward
+    writes dq, dk and dv into one gradient of qkv, with no stack (the
+    backward of unbind) copying them there."""
+
+    @staticmethod
+    def forward(ctx, qkv, rpb, params):
+        q, k, v = qkv.unbind(-3)
+        output = _eager_forward(q, k, v, rpb, None, None, params)
+        ctx.save_for_backward(qkv, *output, rpb)
+        ctx.params = params
+        ctx.set_materialize_grads(False)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        qkv, out, lse, rpb = ctx.saved_tensors
+        if dout is None and dlse is None:
+            return None, None, None
+        if dout is None:
+            dout = torch.zeros_like(out)
+        rank, kernel_size, stride, dilation, is_causal, scale = ctx.params
+        q, k, v = qkv.unbind(-3)
+        if torch.is_grad_enabled() or not _plain_cpu((qkv, out, dout), (rpb,), (lse, dlse)):
+            # Differentiable (the op refuses a double backward) or not plain.
+            dq, dk, dv, drpb, _, _ = na_backward(q, k, v, out, dout, lse, rpb, kernel_size,
+                                                 stride, dilation, is_causal, scale, None, None,
+                                                 dlse)
+            dqkv = torch.stack((dq, dk, dv), dim=-3)
+        else:
+            dqkv = torch.empty(qkv.shape, dtype=qkv.dtype)
+            drpb = _profiled("libna::na_backward", call_torch_cpu, "na_backward",
+                             (q, k, v, rpb, out, dout, lse, dlse), rank, kernel_size, stride,
+                             dilation, is_causal, scale, False, dqkv.unbind(-3))[3]
+        return dqkv, (drpb if rpb is not None else None), None
 
 
 def na_qk(rank: int, q, k, kernel_size, *, dilation=1, is_causal=False, rpb=None):
@@ -659,6 +730,16 @@ _NA_DOC = """{rank}D neighborhood attention, fused and differentiable (torch cus
     by every query too, in the same softmax; they are differentiable.
     """
 
+_QKVPACKED_DOC = """{rank}D neighborhood attention on a packed projection, fused and
+    differentiable: qkv [B, {spatial}, 3, heads, D] holds q, k and v along
+    its third-from-last axis, as a fused q/k/v Linear layer gives them
+    (FlashAttention's qkvpacked layout). The same results as
+    na{rank}d(*qkv.unbind(-3), ...); the gradient of qkv comes out in one
+    piece (eager CPU calls write dq, dk and dv into it rather than stacking
+    three). kernel_size, stride, dilation, is_causal, scale, rpb and
+    return_lse: as in na{rank}d.
+    """
+
 _QK_DOC = """{rank}D neighborhood attention scores q.k (+ rpb), unscaled,
     differentiable: [B, {spatial}, heads, prod(kernel_size)]; slots that a
     causal window does not fill hold -inf.
@@ -686,8 +767,11 @@ def merge_attentions(outs, lses):
 
 
 na1d, na2d, na3d = (_ops.rank_op(r, na, f"na{r}d", _NA_DOC) for r in (1, 2, 3))
+na1d_qkvpacked, na2d_qkvpacked, na3d_qkvpacked = (
+    _ops.rank_op(r, na_qkvpacked, f"na{r}d_qkvpacked", _QKVPACKED_DOC) for r in (1, 2, 3))
 na1d_qk, na2d_qk, na3d_qk = (_ops.rank_op(r, na_qk, f"na{r}d_qk", _QK_DOC) for r in (1, 2, 3))
 na1d_av, na2d_av, na3d_av = (_ops.rank_op(r, na_av, f"na{r}d_av", _AV_DOC) for r in (1, 2, 3))
 # The rank-generic wrappers are public too; the per-rank functions above call
 # them unwrapped, so that a call that does not fit names na2d, not na.
 na, na_qk, na_av = public(na), public(na_qk), public(na_av)
+na_qkvpacked = public(na_qkvpacked)
