@@ -922,3 +922,26 @@ def test_qkvpacked_bad_input():
     with pytest.raises(TypeError, match=r"\[na2d_qkvpacked\] got an unexpected keyword argument "
                                         r"additional_keys"):
         lt.na2d_qkvpacked(qkv, 3, additional_keys=qkv)
+
+
+def test_dead_functorch_wrappers_act_as_the_tensors_they_wrap():
+    """A tensor kept from inside torch.func.grad (a dead wrapper) reaching
+    the eager path is unwrapped as torch.autograd.Function.apply does: same
+    output, and the gradient reaches the wrapped tensor."""
+    captured = []
+
+    def f(x):
+        captured.append(x)
+        return (x * 2).sum()
+
+    t = torch.randn(1, 5, 5, 1, 4, requires_grad=True)
+    torch.func.grad(f)(t)
+    (dead,) = captured
+    assert torch._C._functorch.is_functorch_wrapped_tensor(dead)
+    out = lt.na2d(dead, dead, dead, 3)
+    plain = t.detach().clone().requires_grad_()
+    ref = lt.na2d(plain, plain, plain, 3)
+    assert torch.equal(out, ref)
+    out.sum().backward()
+    ref.sum().backward()
+    assert torch.equal(t.grad, plain.grad)

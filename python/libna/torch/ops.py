@@ -371,6 +371,17 @@ class _NaForwardEager(torch.autograd.Function):
         return (*_forward_grads(ctx, dout, dlse), None)
 
 
+def _c_apply(function):
+    """function.apply without the Python layer in front of it (argument
+    binding for setup_context and functorch bookkeeping, ~2 us), for the
+    eager paths, where no functorch transform is active (_unmodified); the
+    caller unwraps dead functorch wrappers as that layer does. Falls back to
+    function.apply where torch's internals differ."""
+    apply = torch._C._FunctionBase.__dict__.get("apply")
+    return function.apply if apply is None else apply.__get__(None, function)
+
+
+_unwrap_if_dead = getattr(torch._C._functorch, "unwrap_if_dead", lambda t: t)
 _PLAIN = (Tensor, torch.nn.Parameter)
 _CORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -621,7 +632,8 @@ def na(rank: int, q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False
     else:
         params = (rank, kernel_size, stride, dilation, is_causal, scale)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            forward = _NaForwardEager.apply
+            q, k, v, rpb, xk, xv = (None if t is None else _unwrap_if_dead(t) for t in tensors)
+            forward = _NA_FORWARD_APPLY
         else:  # nothing to differentiate: no autograd node (~15 us a call)
             forward = _eager_forward
         out, lse = _profiled("libna::na_forward", forward, q, k, v, rpb, xk, xv, params)
@@ -647,7 +659,8 @@ def na_qkvpacked(rank: int, qkv, kernel_size, *, stride=1, dilation=1, is_causal
         if scale is None:
             scale = qkv.shape[-1] ** -0.5
         params = (rank, kernel_size, stride, dilation, is_causal, scale)
-        out, lse = _profiled("libna::na_forward", _NaQkvPackedEager.apply, qkv, rpb, params)
+        out, lse = _profiled("libna::na_forward", _NA_QKVPACKED_APPLY, _unwrap_if_dead(qkv),
+                             None if rpb is None else _unwrap_if_dead(rpb), params)
         return (out, lse) if return_lse else out
     # Otherwise what it stands for: compiled, traced and no-grad calls lose
     # nothing (no gradient to stack; inductor fuses the stack).
@@ -691,6 +704,10 @@ class _NaQkvPackedEager(torch.autograd.Function):
                              (q, k, v, rpb, out, dout, lse, dlse), rank, kernel_size, stride,
                              dilation, is_causal, scale, False, dqkv.unbind(-3))[3]
         return dqkv, (drpb if rpb is not None else None), None
+
+
+_NA_FORWARD_APPLY = _c_apply(_NaForwardEager)
+_NA_QKVPACKED_APPLY = _c_apply(_NaQkvPackedEager)
 
 
 def na_qk(rank: int, q, k, kernel_size, *, dilation=1, is_causal=False, rpb=None):
