@@ -392,13 +392,13 @@ nb::tuple call_op(const std::string& op, const std::vector<InObject>& inputs, co
   const libna::Plan plan = make_plan(call, op, views, params, want_lse);
   std::vector<TensorView> outputs(plan.outputs().size());
   nb::list result, workspaces;
+  const bool on_host = !wrap_host.is_none();
   for (std::size_t i = 0; i < outputs.size(); ++i) {
     const libna::Plan::Output& o = plan.outputs()[i];
     if (!o.wanted) {
       result.append(nb::none());
       continue;
     }
-    const bool on_host = !wrap_host.is_none();
     if (on_host && o.spec.device.type != libna::DeviceType::cpu) {
       call.fail("outputs on the host were asked for (wrap_host), but " + o.name + " is on " +
                 libna::device_name(o.spec.device));

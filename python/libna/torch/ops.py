@@ -308,6 +308,31 @@ def _save_forward(ctx, q, k, v, rpb, xk, xv, output, params):
     ctx.set_materialize_grads(False)
 
 
+def _direct_backward(q, k, v, out, dout, lse, rpb, xk, xv, dlse) -> bool:
+    """Whether a backward may call the core directly: no graph of it is
+    wanted (create_graph needs the libna::na_backward op, whose formula
+    refuses a double backward with a clear error) and its tensors are plain
+    CPU ones."""
+    return (not torch.is_grad_enabled()
+            and _plain_cpu((q, k, v, out, dout), (rpb, xk, xv), (lse, dlse)))
+
+
+def _op_backward(params, q, k, v, out, dout, lse, rpb, xk, xv, dlse):
+    """(dq, dk, dv, drpb, dxk, dxv) through the libna::na_backward op."""
+    _, kernel_size, stride, dilation, is_causal, scale = params
+    return na_backward(q, k, v, out, dout, lse, rpb, kernel_size, stride, dilation, is_causal,
+                       scale, xk, xv, dlse)
+
+
+def _core_backward(params, q, k, v, out, dout, lse, rpb, xk, xv, dlse, into=()):
+    """(dq, dk, dv, drpb, dxk, dxv) from the core directly (see
+    _direct_backward), the first ones written into `into` where given."""
+    rank, kernel_size, stride, dilation, is_causal, scale = params
+    return _profiled("libna::na_backward", call_torch_cpu, "na_backward",
+                     (q, k, v, rpb, out, dout, lse, dlse, xk, xv), rank, kernel_size, stride,
+                     dilation, is_causal, scale, False, into)
+
+
 def _forward_grads(ctx, dout, dlse):
     """(dq, dk, dv, drpb, dxk, dxv) of a saved forward, None where an input
     was not given or nothing flows back."""
@@ -316,19 +341,11 @@ def _forward_grads(ctx, dout, dlse):
         return (None,) * 6
     if dout is None:
         dout = torch.zeros_like(out)
-    rank, kernel_size, stride, dilation, is_causal, scale = ctx.params
     # d lse / d logits = the softmax probabilities p, so an lse gradient adds
     # p * dlse to the logits' gradient: the kernels take it in their row terms.
-    if torch.is_grad_enabled() or not _plain_cpu((q, k, v, out, dout), (rpb, xk, xv), (lse, dlse)):
-        # The op (whose own formula refuses a double backward with a clear
-        # error), also for anything but plain CPU tensors.
-        grads = na_backward(q, k, v, out, dout, lse, rpb, kernel_size, stride, dilation,
-                            is_causal, scale, xk, xv, dlse)
-    else:
-        grads = _profiled("libna::na_backward", call_torch_cpu, "na_backward",
-                          (q, k, v, rpb, out, dout, lse, dlse, xk, xv), rank, kernel_size,
-                          stride, dilation, is_causal, scale)
-    dq, dk, dv, drpb, dxk, dxv = grads
+    args = (q, k, v, out, dout, lse, rpb, xk, xv, dlse)
+    backward = _core_backward if _direct_backward(*args) else _op_backward
+    dq, dk, dv, drpb, dxk, dxv = backward(ctx.params, *args)
     return (dq, dk, dv, (drpb if rpb is not None else None), (dxk if xk is not None else None),
             (dxv if xv is not None else None))
 
@@ -690,19 +707,14 @@ class _NaQkvPackedEager(torch.autograd.Function):
             return None, None, None
         if dout is None:
             dout = torch.zeros_like(out)
-        rank, kernel_size, stride, dilation, is_causal, scale = ctx.params
         q, k, v = qkv.unbind(-3)
-        if torch.is_grad_enabled() or not _plain_cpu((qkv, out, dout), (rpb,), (lse, dlse)):
-            # Differentiable (the op refuses a double backward) or not plain.
-            dq, dk, dv, drpb, _, _ = na_backward(q, k, v, out, dout, lse, rpb, kernel_size,
-                                                 stride, dilation, is_causal, scale, None, None,
-                                                 dlse)
-            dqkv = torch.stack((dq, dk, dv), dim=-3)
-        else:
+        args = (q, k, v, out, dout, lse, rpb, None, None, dlse)
+        if _direct_backward(*args):
             dqkv = torch.empty(qkv.shape, dtype=qkv.dtype)
-            drpb = _profiled("libna::na_backward", call_torch_cpu, "na_backward",
-                             (q, k, v, rpb, out, dout, lse, dlse), rank, kernel_size, stride,
-                             dilation, is_causal, scale, False, dqkv.unbind(-3))[3]
+            drpb = _core_backward(ctx.params, *args, into=dqkv.unbind(-3))[3]
+        else:
+            dq, dk, dv, drpb, _, _ = _op_backward(ctx.params, *args)
+            dqkv = torch.stack((dq, dk, dv), dim=-3)
         return dqkv, (drpb if rpb is not None else None), None
 
 
