@@ -212,6 +212,7 @@ void run_block(Block& b) {
     if (!progressed && b.error.empty()) b.error = deadlock_report(b);
   }
   acquire(&b.fibers);  // what the block's threads did
+  for (unsigned t = 0; t < threads; ++t) forget_frames(b.fibers[t]);
   if (b.error.empty()) {
     try {
       check_shared_guards(b);

@@ -197,9 +197,10 @@ struct KernelError {
 // fibers.cpp: the stack of the calling OS thread's i-th fiber (kept across
 // blocks); f set up to start in fiber_main(&f) when first switched to; the
 // switches between the scheduler and a fiber; AddressSanitizer's end of a
-// switch, on arrival.
+// switch, on arrival; f's stack cleared of the frames it stopped in for good.
 void* fiber_stack(std::size_t i);
 void prepare(Fiber& f);
+void forget_frames(const Fiber& f);
 void switch_to_fiber(Block& b, Fiber& f);
 void switch_to_scheduler(Block& b, Fiber& f);
 void asan_finish(void* fake_stack, const void** bottom, std::size_t* size);
