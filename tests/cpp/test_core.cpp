@@ -921,15 +921,19 @@ void test_concurrent_callers() {
 
   // Each caller starts at another op, so that different ops overlap; a caller
   // that finds the pool busy runs its job on its own thread.
-  constexpr int kCallers = 4, kRounds = 4;
+  constexpr int kCallers = 4, kRounds = 4, kChanges = 8;
   std::vector<std::vector<int>> differ(kCallers, std::vector<int>(ops.size(), 0));
   std::vector<std::string> errors(kCallers);
   std::atomic<int> callers_running{kCallers};
+  std::atomic<int> changes{0};  // thread-count changes the setter made
   std::vector<std::thread> callers;
   for (int c = 0; c < kCallers; ++c) {
     callers.emplace_back([&, c] {
       try {
-        for (std::size_t i = 0; i < kRounds * ops.size(); ++i) {
+        // At least kRounds rounds, and on until the setter has changed the
+        // thread count a few times: on a loaded machine the callers could
+        // otherwise finish before the setter thread is first scheduled.
+        for (std::size_t i = 0; i < kRounds * ops.size() || changes < kChanges; ++i) {
           const std::size_t op = (c + i) % ops.size();
           differ[c][op] += ops[op].run() != lone[op];
         }
@@ -939,7 +943,6 @@ void test_concurrent_callers() {
       --callers_running;
     });
   }
-  int changes = 0;
   std::thread setter([&] {
     while (callers_running > 0) {
       libna::set_num_threads(1 + changes++ % 4);
@@ -956,7 +959,7 @@ void test_concurrent_callers() {
     CHECK_MSG(runs_that_differ == 0, ops[op].name + ": " + std::to_string(runs_that_differ) +
                                          " concurrent runs differ from a lone run");
   }
-  CHECK_MSG(changes > 1, "the thread count changed while the callers ran");
+  CHECK_MSG(changes >= kChanges, "the thread count changed while the callers ran");
   libna::set_num_threads(initial);
 }
 
