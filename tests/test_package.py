@@ -105,6 +105,8 @@ _WARNINGS_OF_IMPORT = """
     ("LIBNA_CPU_SAVED_PROBS_BYTES", "1.5", "16777216 (16 MiB, the default)"),
     ("LIBNA_CPU_SAVED_PROBS_BYTES", "", "16777216 (16 MiB, the default)"),
     ("LIBNA_CPU_SAVED_PROBS_BYTES", "16M", "16777216 (16 MiB, the default)"),
+    ("LIBNA_HOST_CACHE_BYTES", "-1", "268435456 (256 MiB, the default)"),
+    ("LIBNA_HOST_CACHE_BYTES", "1G", "268435456 (256 MiB, the default)"),
     ("LIBNA_CPU_ROW_PAIRS", "2", "the kernel set's choice"),
     ("LIBNA_CPU_ROW_PAIRS", "yes", "the kernel set's choice"),
     ("LIBNA_CPU_ROW_PAIRS", "", "the kernel set's choice"),
@@ -128,6 +130,7 @@ def test_invalid_environment_value_warns_once(variable, value, used):
     ("LIBNA_NUM_THREADS", "2"), ("LIBNA_NUM_THREADS", "1024"), ("LIBNA_NUM_THREADS", "+3"),
     ("LIBNA_CPU_SAVED_PROBS_BYTES", "0"), ("LIBNA_CPU_SAVED_PROBS_BYTES", "1048576"),
     ("LIBNA_CPU_ROW_PAIRS", "0"), ("LIBNA_CPU_ROW_PAIRS", "1"),
+    ("LIBNA_HOST_CACHE_BYTES", "0"), ("LIBNA_HOST_CACHE_BYTES", "1073741824"),
 ])
 def test_valid_environment_value_does_not_warn(variable, value):
     result = run_python(_WARNINGS_OF_IMPORT, env={variable: value})

@@ -839,6 +839,65 @@ def test_cpu_outputs_from_libna_are_freed():
         assert grown < 2 * 32 * 2**20, (name, grown)
 
 
+def test_freed_outputs_are_reused_and_fully_written():
+    """A dead CPU output of 1 MiB or more is kept (libna.host_cache_info) and
+    handed to the next output of its size, which the kernels then write
+    whole: outputs and gradients computed into reused memory that was
+    filled with NaN are bitwise the first ones (fresh memory of this size
+    comes zeroed from the OS, which would hide an element left unwritten)."""
+    libna.empty_host_cache()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 48, 48, 4, 32, generator=g) for _ in range(3))  # 1.2 MB each
+    dout = torch.randn(q.shape, generator=g)
+
+    def run():
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse = lt.na2d(*leaves, 7, dilation=(1, 2), return_lse=True)
+        out.backward(dout)
+        return [out.detach(), lse.detach()] + [x.grad for x in leaves]
+
+    first = [x.clone() for x in run()]
+    start = libna.host_cache_info()
+    assert start["blocks"] >= 4 and start["bytes"] <= start["limit"], start  # out, dq, dk, dv
+    for _ in range(2):
+        results = run()
+        pointers = {x.data_ptr() for x in results}
+        for result in results:
+            result.fill_(float("nan"))
+        del results, result  # (each name: the outputs die here)
+        again = run()
+        reused = pointers & {x.data_ptr() for x in again}
+        assert len(reused) >= 4, "the NaN-filled outputs were not reused"
+        for result, expected in zip(again, first):
+            assert torch.equal(result, expected)
+        del again, result
+    assert libna.host_cache_info()["reused"] >= start["reused"] + 8
+    libna.empty_host_cache()
+    assert libna.host_cache_info()["blocks"] == 0
+
+
+def test_host_cache_limit():
+    """LIBNA_HOST_CACHE_BYTES bounds the kept outputs (the oldest go first);
+    0 keeps none."""
+    from _run_python import run_python
+
+    script = """
+        import json, torch, libna, libna.torch as lt
+        x = torch.randn(1, 2**15, 1, 16)  # outputs of 2 MiB
+        outs = [lt.na1d(x + i, x, x, 3) for i in range(5)]
+        del outs
+        print(json.dumps(libna.host_cache_info()))
+    """
+    import json
+
+    for limit, blocks in ((0, 0), (5 * 2**20, 2), (2**30, 5)):
+        result = run_python(script, env={"LIBNA_HOST_CACHE_BYTES": str(limit)})
+        assert result.returncode == 0, result.stderr
+        info = json.loads(result.stdout.splitlines()[-1])
+        assert info["limit"] == limit, info
+        assert (info["blocks"], info["bytes"]) == (blocks, blocks * 2**21), info
+
+
 _QKVPACKED_CASES = {
     "1d-causal-lse": ((2, 11), dict(kernel_size=5, is_causal=True, return_lse=True)),
     "2d-rpb-dilation": ((1, 7, 9), dict(kernel_size=3, dilation=(2, 1), rpb=True)),

@@ -81,6 +81,26 @@ def build_info() -> dict:
     return info
 
 
+@_public
+def host_cache_info() -> dict:
+    """The freed host outputs libna keeps for reuse: ``blocks`` and
+    ``bytes`` kept now, their ``limit`` (``LIBNA_HOST_CACHE_BYTES``, default
+    256 MiB; 0 keeps none) and ``reused``, the outputs served from them so
+    far. libna allocates the outputs of CPU ``libna.torch`` calls itself; when
+    one of 1 MiB or more dies, its memory is kept and handed to the next
+    output of the same size, which then pays no page faults."""
+    if _C is None:
+        return {"blocks": 0, "bytes": 0, "limit": 0, "reused": 0}
+    return _C.host_cache_info()
+
+
+@_public
+def empty_host_cache() -> None:
+    """Frees the host outputs libna keeps for reuse (see host_cache_info)."""
+    if _C is not None:
+        _C.empty_host_cache()
+
+
 _EMULATED_ARCHS = (75, 80, 86, 89, 90)
 
 
@@ -141,6 +161,6 @@ def include_dir() -> str:
 __all__ = [
     *_OPS,
     "merge_attentions", "merge_attentions_backward",
-    "build_info", "set_num_threads", "get_num_threads",
+    "build_info", "set_num_threads", "get_num_threads", "host_cache_info", "empty_host_cache",
     "cmake_dir", "include_dir", "reference", "cuda_emulator",
 ]

@@ -147,18 +147,19 @@ struct Call {
 // for frameworks whose CPU allocation costs more than importing a capsule
 // (torch.empty: ~2 us a call; importing: ~0.5 us). The consumer renames the
 // capsule and calls the deleter when its array dies; a capsule never
-// consumed frees the memory itself.
+// consumed frees the memory itself. The memory comes from libna::host_allocate,
+// whose cache of freed blocks spares repeated calls the page faults of fresh
+// memory.
 struct HostOutput {
   nb::dlpack::dltensor tensor;
   void* manager_ctx = nullptr;
   void (*deleter)(HostOutput*) = nullptr;
   std::int64_t shape[libna::kMaxDims] = {}, strides[libna::kMaxDims] = {};
+  std::size_t bytes = 0;  // at tensor.data, from libna::host_allocate
 };
 
-constexpr std::size_t kHostAlignment = 64;
-
 void free_host_output(HostOutput* t) {
-  ::operator delete(t->tensor.data, std::align_val_t{kHostAlignment});
+  libna::host_free(t->tensor.data, t->bytes);
   delete t;
 }
 
@@ -184,9 +185,8 @@ std::pair<nb::object, TensorView> host_output(const TensorView& spec, DType dtyp
     t->strides[i] = view.strides[i] = count;
     count *= spec.shape[i];
   }
-  const std::size_t bytes = std::max<std::size_t>(
-      static_cast<std::size_t>(count) * libna::dtype_size(dtype), 1);
-  t->tensor.data = view.data = ::operator new(bytes, std::align_val_t{kHostAlignment});
+  t->bytes = static_cast<std::size_t>(count) * libna::dtype_size(dtype);
+  t->tensor.data = view.data = libna::host_allocate(t->bytes);
   t->tensor.device = {nb::device::cpu::value, 0};
   t->tensor.ndim = spec.ndim;
   t->tensor.dtype = dlpack_dtype(dtype);
@@ -559,6 +559,18 @@ NB_MODULE(_C, m) {
   m.def("get_num_threads", &libna::get_num_threads);
   m.attr("max_num_threads") = libna::kMaxNumThreads;
   m.def("environment_warnings", &libna::environment_warnings);
+  m.def("host_cache_info", [] {
+    const libna::HostCacheInfo info = libna::host_cache_info();
+    nb::dict d;
+    d["blocks"] = info.blocks;
+    d["bytes"] = info.bytes;
+    d["limit"] = info.limit;
+    d["reused"] = info.reused;
+    return d;
+  }, "The freed host outputs libna keeps for reuse: blocks, bytes, limit "
+     "(LIBNA_HOST_CACHE_BYTES) and reused (allocations served from them so far).");
+  m.def("empty_host_cache", &libna::empty_host_cache,
+        "Frees the host outputs libna keeps for reuse.");
   m.def("set_cuda_emulator", &libna::set_cuda_emulator, nb::arg("arch"), nb::arg("checks") = false);
   m.def("cuda_emulator_arch", &libna::cuda_emulator_arch);
   m.def("cuda_emulator_checks", &libna::cuda_emulator_checks);

@@ -14,7 +14,9 @@
 //       kernels) against float64 (the scalar ones) on the same data,
 //   (h) concurrent callers: threads calling forward and backward ops at once,
 //       while another changes the thread count, get bitwise the results of
-//       lone calls (a ThreadSanitizer build runs this to find races).
+//       lone calls (a ThreadSanitizer build runs this to find races),
+//   (i) host memory for outputs: freed large blocks come back for the same
+//       size, within LIBNA_HOST_CACHE_BYTES, from threads at once.
 // Prints one line per failure and a summary; exits non-zero on any failure.
 #include <libna/libna.h>
 
@@ -963,6 +965,49 @@ void test_concurrent_callers() {
   libna::set_num_threads(initial);
 }
 
+void test_host_memory() {
+  libna::empty_host_cache();
+  const libna::HostCacheInfo start = libna::host_cache_info();
+  CHECK(start.blocks == 0 && start.bytes == 0);
+  const std::size_t large = (std::size_t{3} << 20) + 5;  // rounded up to 64 KiB inside
+  void* a = libna::host_allocate(large);
+  CHECK(reinterpret_cast<std::uintptr_t>(a) % 64 == 0);
+  std::memset(a, 1, large);  // all of it is ours
+  libna::host_free(a, large);
+  if (start.limit >= (std::size_t{4} << 20)) {
+    CHECK(libna::host_cache_info().blocks == 1);
+    void* b = libna::host_allocate(large + 7);  // the same rounded size: the same block
+    CHECK(b == a);
+    CHECK(libna::host_cache_info().reused == start.reused + 1);
+    libna::host_free(b, large + 7);
+  }
+  void* small = libna::host_allocate(100);  // not kept
+  CHECK(reinterpret_cast<std::uintptr_t>(small) % 64 == 0);
+  libna::host_free(small, 100);
+  libna::host_free(nullptr, large);
+
+  // Threads allocating, writing and freeing blocks of a few sizes at once.
+  std::vector<std::thread> threads;
+  std::atomic<int> corrupt{0};
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([t, &corrupt] {
+      for (int i = 0; i < 50; ++i) {
+        const std::size_t bytes = (std::size_t{1} << 20) * (1 + (t + i) % 3);
+        auto* p = static_cast<unsigned char*>(libna::host_allocate(bytes));
+        std::memset(p, t, bytes);
+        if (p[bytes - 1] != t || p[0] != t) ++corrupt;
+        libna::host_free(p, bytes);
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  CHECK(corrupt == 0);
+  const libna::HostCacheInfo after = libna::host_cache_info();
+  CHECK(after.bytes <= after.limit);
+  libna::empty_host_cache();
+  CHECK(libna::host_cache_info().blocks == 0);
+}
+
 }  // namespace
 
 int main() {
@@ -981,7 +1026,7 @@ int main() {
       {"threads", test_threads},           {"composition", test_composition},
       {"cpu_kernels", test_cpu_kernels},   {"vectorised_vs_scalar", test_vectorised_against_scalar},
       {"concurrent_callers", test_concurrent_callers}, {"dtypes", test_dtypes},
-      {"plan", test_plan},
+      {"plan", test_plan},                 {"host_memory", test_host_memory},
   };
   for (const auto& [name, fn] : tests) {
     const int failed_before = g_failed;

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <array>
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -336,8 +337,28 @@ LIBNA_API std::vector<std::string> cuda_emulator_launches();
 LIBNA_API std::vector<float> cuda_emulator_self_test(const std::string& kernel);
 LIBNA_API int get_num_threads();
 
+// ---- host memory for outputs ---------------------------------------------------
+// 64-byte aligned host memory, for outputs that a binding allocates on its
+// caller's behalf (libna's Python module does for PyTorch CPU tensors).
+// host_free keeps a freed block of 1 MiB or more, up to LIBNA_HOST_CACHE_BYTES
+// of them in all (default 256 MiB; 0 keeps none), and host_allocate hands it
+// out again for the next request of the same size (rounded up to 64 KiB):
+// fresh memory of that size costs a page fault per 4 KiB page on first touch,
+// which repeated calls of one shape would otherwise pay every time. Both are
+// thread-safe; `bytes` must be the size the block was allocated with.
+LIBNA_API void* host_allocate(std::size_t bytes);
+LIBNA_API void host_free(void* data, std::size_t bytes) noexcept;
+struct HostCacheInfo {
+  std::size_t blocks = 0, bytes = 0;  // kept now
+  std::size_t limit = 0;              // LIBNA_HOST_CACHE_BYTES
+  std::uint64_t reused = 0;           // allocations served from kept blocks, so far
+};
+LIBNA_API HostCacheInfo host_cache_info();
+// Frees the kept blocks (later frees keep blocks again).
+LIBNA_API void empty_host_cache();
+
 // libna reads its environment variables (LIBNA_NUM_THREADS,
-// LIBNA_CPU_SAVED_PROBS_BYTES) once per process and uses the default for an
+// LIBNA_CPU_SAVED_PROBS_BYTES, LIBNA_HOST_CACHE_BYTES) once per process and uses the default for an
 // invalid value. The first call returns a message for each such value (which
 // libna otherwise prints to stderr when it reads them); later calls, none.
 LIBNA_API std::vector<std::string> environment_warnings();

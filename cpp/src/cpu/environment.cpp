@@ -87,6 +87,11 @@ const Parsed& parsed() {
         " (" + std::to_string(tuning::kDefaultSavedProbsBytes >> 20) + " MiB, the default)",
         p.warnings);
     p.settings.row_pairs = read_switch("LIBNA_CPU_ROW_PAIRS", "the kernel set's choice", p.warnings);
+    p.settings.host_cache_bytes = read_integer(
+        "LIBNA_HOST_CACHE_BYTES", "a whole number of bytes (0 or more)", 0,
+        std::numeric_limits<std::int64_t>::max(), tuning::kDefaultHostCacheBytes,
+        " (" + std::to_string(tuning::kDefaultHostCacheBytes >> 20) + " MiB, the default)",
+        p.warnings);
     return p;
   }();
   return result;

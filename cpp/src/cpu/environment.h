@@ -15,6 +15,7 @@ struct Environment {
   // chooses (pairs with AVX-512, where they are faster). For comparing the
   // two ways, which give bitwise equal results.
   int row_pairs;
+  std::int64_t host_cache_bytes;  // LIBNA_HOST_CACHE_BYTES, else 256 MiB (tuning.h)
 };
 
 // The first call reads the variables; an invalid value is replaced by the

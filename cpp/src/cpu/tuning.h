@@ -79,4 +79,13 @@ inline constexpr std::int64_t kSavedBalanceDenominator = 4;
 // cost of that memory.
 inline constexpr std::int64_t kDefaultSavedProbsBytes = std::int64_t{16} << 20;
 
+// Host outputs (host_memory.cpp): the default of LIBNA_HOST_CACHE_BYTES, the
+// freed blocks kept for reuse in all, and the size from which a block is kept
+// (smaller ones the C allocator's own free lists reuse). A kept block spares
+// the next output of its size the page faults of fresh memory (a 51 MB
+// output: 12,500 of them, a quarter of a 112x112x4-head forward's time here),
+// at the cost of that memory held while unused.
+inline constexpr std::int64_t kDefaultHostCacheBytes = std::int64_t{256} << 20;
+inline constexpr std::size_t kHostCachedFrom = std::size_t{1} << 20;
+
 }  // namespace libna::cpu::tuning
