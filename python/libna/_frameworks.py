@@ -63,6 +63,9 @@ def _capsule(to_dlpack, x):
         return x
 
 
+# The NumPy dtypes libna takes as they are, by dtype.char: float16, float32,
+# float64 (bfloat16 arrives as ml_dtypes' type, viewed as uint16).
+_NUMPY_FLOATS = "efd"
 # NumPy dtypes by the names the binding allocates outputs by.
 _NUMPY_DTYPES = {name: _numpy_dtype(name)
                  for name in ("float16", "bfloat16", "float32", "float64")}
@@ -78,10 +81,10 @@ def plain_numpy(arrays, optional=()) -> bool:
     is a NumPy float16/32/64 array: the common NumPy call, whose outputs
     need no conversion (see call_numpy)."""
     for x in arrays:
-        if type(x) is not np.ndarray or x.dtype.char not in "efd":
+        if type(x) is not np.ndarray or x.dtype.char not in _NUMPY_FLOATS:
             return False
     for x in optional:
-        if x is not None and (type(x) is not np.ndarray or x.dtype.char not in "efd"):
+        if x is not None and (type(x) is not np.ndarray or x.dtype.char not in _NUMPY_FLOATS):
             return False
     return True
 
@@ -106,7 +109,7 @@ def _plain_family(named: dict, optional) -> str | None:
             continue
         kind = type(x)
         if kind is np.ndarray:
-            if x.dtype.char not in "efd" or family == "torch":
+            if x.dtype.char not in _NUMPY_FLOATS or family == "torch":
                 return None
             family = "numpy"
             continue
@@ -133,6 +136,15 @@ def _torch_exports():
     return dtypes, to_dlpack, torch.empty, from_dlpack
 
 
+def _call_torch_host(op, capsules, rank, kernel_size, stride, dilation, is_causal, scale,
+                     want_lse):
+    """_C.call on DLPack capsules of CPU torch tensors, the outputs allocated
+    by libna (libna::host_allocate, which reuses freed large ones) and
+    imported by torch."""
+    return _C.call(op, capsules, rank, kernel_size, stride, dilation, is_causal, scale, want_lse,
+                   None, False, 0, _torch_exports()[3])
+
+
 def call_torch_cpu(op, tensors, rank=0, kernel_size=(), stride=(), dilation=(), is_causal=(),
                    scale=None, want_lse=False, into=()):
     """The compiled op `op` on plain, dense CPU torch tensors of libna's
@@ -145,11 +157,11 @@ def call_torch_cpu(op, tensors, rank=0, kernel_size=(), stride=(), dilation=(), 
     cannot be resized in place). `into`: tensors (views, any strides) that the
     first outputs are written into, in the op's output order; the rest are
     allocated by torch."""
-    dtypes, to_dlpack, empty, from_dlpack = _torch_exports()
+    dtypes, to_dlpack, empty, _ = _torch_exports()
     capsules = [None if x is None else to_dlpack(x) for x in tensors]
     if not into:
-        return _C.call(op, capsules, rank, kernel_size, stride, dilation, is_causal, scale,
-                       want_lse, None, False, 0, from_dlpack)
+        return _call_torch_host(op, capsules, rank, kernel_size, stride, dilation, is_causal,
+                                scale, want_lse)
     given = list(into)
 
     def alloc(shape, dtype_name):
@@ -229,9 +241,9 @@ class Arrays:
             # faster than a call of Tensor.__dlpack__ (a Python method).
             to_dlpack = _torch_exports()[1]
             inputs = [None if x is None else _capsule(to_dlpack, x) for x in inputs]
-            if self._device == "cpu":  # (see call_torch_cpu)
-                return _C.call(op, inputs, rank, kernel_size, stride, dilation, is_causal, scale,
-                               want_lse, None, False, 0, _torch_exports()[3])
+            if self._device == "cpu":
+                return _call_torch_host(op, inputs, rank, kernel_size, stride, dilation,
+                                        is_causal, scale, want_lse)
             alloc = self._alloc_torch
         elif self.family == "numpy":
             alloc = _alloc_numpy
@@ -251,7 +263,7 @@ class Arrays:
 
     def _prepare_numpy(self, name, x):
         char = x.dtype.char
-        if char in "efd":  # float16, float32, float64
+        if char in _NUMPY_FLOATS:
             return x
         if char == "H":
             self._refuse_uint16(name)
