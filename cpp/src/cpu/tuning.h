@@ -83,8 +83,9 @@ inline constexpr std::int64_t kDefaultSavedProbsBytes = std::int64_t{16} << 20;
 // freed blocks kept for reuse in all, and the size from which a block is kept
 // (smaller ones the C allocator's own free lists reuse). A kept block spares
 // the next output of its size the page faults of fresh memory (a 51 MB
-// output: 12,500 of them, a quarter of a 112x112x4-head forward's time here),
-// at the cost of that memory held while unused.
+// output, 112x112 at batch 8 with 4 heads of 32: 12,500 of them, 11 % of the
+// forward's time here and 38 % of the backward's), at the cost of that memory
+// held while unused.
 inline constexpr std::int64_t kDefaultHostCacheBytes = std::int64_t{256} << 20;
 inline constexpr std::size_t kHostCachedFrom = std::size_t{1} << 20;
 
