@@ -38,6 +38,12 @@
 #include <typeinfo>
 #include <vector>
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#endif
+
 namespace {
 
 int g_passed = 0, g_failed = 0;
@@ -1002,6 +1008,42 @@ void test_host_memory() {
   }
   for (std::thread& t : threads) t.join();
   CHECK(corrupt == 0);
+#if defined(__unix__) || defined(__APPLE__)
+  // fork() while threads allocate and free: every child can allocate and free
+  // a cached size (the cache's lock is not left held in it), within 10 s.
+  std::atomic<bool> stop{false};
+  for (int t = 0; t < 2; ++t) {
+    threads[t] = std::thread([&stop] {
+      while (!stop) libna::host_free(libna::host_allocate(std::size_t{2} << 20), std::size_t{2} << 20);
+    });
+  }
+  int hung = 0, failed = 0;
+  for (int i = 0; i < 20; ++i) {
+    const pid_t child = fork();
+    if (child == 0) {
+      void* p = libna::host_allocate(std::size_t{2} << 20);
+      libna::host_free(p, std::size_t{2} << 20);
+      _exit(p != nullptr ? 0 : 1);
+    }
+    int status = 0;
+    bool done = false;
+    for (int wait = 0; wait < 1000 && !done; ++wait) {  // 10 s
+      done = waitpid(child, &status, WNOHANG) == child;
+      if (!done) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    if (!done) {
+      kill(child, SIGKILL);
+      waitpid(child, &status, 0);
+      ++hung;
+    } else if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+      ++failed;
+    }
+  }
+  stop = true;
+  for (int t = 0; t < 2; ++t) threads[t].join();
+  CHECK_MSG(hung == 0 && failed == 0, std::to_string(hung) + " forked children hung, " +
+                                          std::to_string(failed) + " failed");
+#endif
   const libna::HostCacheInfo after = libna::host_cache_info();
   CHECK(after.bytes <= after.limit);
   libna::empty_host_cache();

@@ -7,6 +7,10 @@
 #include <mutex>
 #include <new>
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
+
 #include "cpu/environment.h"
 #include "cpu/tuning.h"
 #include "libna/na.h"
@@ -32,8 +36,22 @@ struct Block {
   std::size_t size;
 };
 
+class HostCache;
+HostCache& cache();
+
 class HostCache {
  public:
+  HostCache() {
+#if defined(__unix__) || defined(__APPLE__)
+    // fork() copies the cache with its lock; a child forked while another
+    // thread held it would wait on it forever. The forking thread takes it
+    // around fork(), so that no other thread is inside, and both sides let
+    // it go.
+    pthread_atfork([] { cache().mutex_.lock(); }, [] { cache().mutex_.unlock(); },
+                   [] { cache().mutex_.unlock(); });
+#endif
+  }
+
   void* take(std::size_t size) {
     std::lock_guard<std::mutex> lock(mutex_);
     for (auto it = kept_.rbegin(); it != kept_.rend(); ++it) {  // the most recent first
