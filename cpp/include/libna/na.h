@@ -358,9 +358,10 @@ LIBNA_API HostCacheInfo host_cache_info();
 LIBNA_API void empty_host_cache();
 
 // libna reads its environment variables (LIBNA_NUM_THREADS,
-// LIBNA_CPU_SAVED_PROBS_BYTES, LIBNA_HOST_CACHE_BYTES) once per process and uses the default for an
-// invalid value. The first call returns a message for each such value (which
-// libna otherwise prints to stderr when it reads them); later calls, none.
+// LIBNA_CPU_SAVED_PROBS_BYTES, LIBNA_HOST_CACHE_BYTES) once per process and
+// uses the default for an invalid value. The first call returns a message for
+// each such value (which libna otherwise prints to stderr when it reads them);
+// later calls, none.
 LIBNA_API std::vector<std::string> environment_warnings();
 
 // ---- build description ------------------------------------------------------

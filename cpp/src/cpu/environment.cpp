@@ -55,6 +55,15 @@ std::int64_t read_integer(const char* variable, const std::string& expected, std
   return fallback;
 }
 
+// A size in bytes (0 or more) from `variable`, else `fallback` (a whole
+// number of MiB, as the warning names it).
+std::int64_t read_bytes(const char* variable, std::int64_t fallback,
+                        std::vector<std::string>& warnings) {
+  return read_integer(variable, "a whole number of bytes (0 or more)", 0,
+                      std::numeric_limits<std::int64_t>::max(), fallback,
+                      " (" + std::to_string(fallback >> 20) + " MiB, the default)", warnings);
+}
+
 // 0 or 1 from `variable`; -1 when it is unset, or not 0 or 1 (then with a
 // message in `warnings` saying that `fallback_is` is used instead).
 int read_switch(const char* variable, const std::string& fallback_is,
@@ -81,17 +90,11 @@ const Parsed& parsed() {
         kMaxNumThreads,
         std::min(available_cores(), kMaxNumThreads), " (the cores this process may use)",
         p.warnings));
-    p.settings.saved_probs_bytes = read_integer(
-        "LIBNA_CPU_SAVED_PROBS_BYTES", "a whole number of bytes (0 or more)", 0,
-        std::numeric_limits<std::int64_t>::max(), tuning::kDefaultSavedProbsBytes,
-        " (" + std::to_string(tuning::kDefaultSavedProbsBytes >> 20) + " MiB, the default)",
-        p.warnings);
+    p.settings.saved_probs_bytes =
+        read_bytes("LIBNA_CPU_SAVED_PROBS_BYTES", tuning::kDefaultSavedProbsBytes, p.warnings);
     p.settings.row_pairs = read_switch("LIBNA_CPU_ROW_PAIRS", "the kernel set's choice", p.warnings);
-    p.settings.host_cache_bytes = read_integer(
-        "LIBNA_HOST_CACHE_BYTES", "a whole number of bytes (0 or more)", 0,
-        std::numeric_limits<std::int64_t>::max(), tuning::kDefaultHostCacheBytes,
-        " (" + std::to_string(tuning::kDefaultHostCacheBytes >> 20) + " MiB, the default)",
-        p.warnings);
+    p.settings.host_cache_bytes =
+        read_bytes("LIBNA_HOST_CACHE_BYTES", tuning::kDefaultHostCacheBytes, p.warnings);
     return p;
   }();
   return result;
