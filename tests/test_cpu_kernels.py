@@ -279,3 +279,31 @@ def test_float16_is_float32_rounded_to_nearest_even(scale):
                                   lse16, 5)
     for name, g16, g32 in zip(("dq", "dk", "dv"), grads16, grads32):
         np.testing.assert_array_equal(g16, g32.astype(np.float16), err_msg=name)
+
+
+def test_consecutive_calls_pack_their_own_rows():
+    """A thread keeps its row caches from call to call (row_cache.h: a reset
+    forgets only how many entries are in use); a call must never find rows
+    packed for an earlier one, whose keys (batch, head, row, tile) are the
+    same whenever the shapes are. Calls of one shape on different data, with
+    a larger call between them (which grows the caches), on one thread: each
+    forward matches the float64 reference and each backward the float64
+    (scalar, uncached) kernels."""
+    rng = np.random.default_rng(7)
+    # (One head: with two, each head's rows happen to move the other's hints.)
+    small = [rng.standard_normal((1, 7, 9, 1, 8)).astype(np.float32) for _ in range(7)]
+    large = [rng.standard_normal((2, 12, 20, 2, 8)).astype(np.float32) for _ in range(4)]
+    threads = libna.get_num_threads()
+    libna.set_num_threads(1)
+    try:
+        for q, k, v, dout in (small[:4], small[3:], large, small[:4], small[3:]):
+            out, lse = libna.na2d(q, k, v, 5, return_lse=True)
+            grads = libna.na2d_backward(q, k, v, out, dout, lse, 5)
+            wide = [x.astype(np.float64) for x in (q, k, v, out, dout)]
+            np.testing.assert_allclose(out, libna.reference.na2d(*wide[:3], 5), rtol=1e-5,
+                                       atol=1e-5)
+            expected = libna.na2d_backward(*wide, lse.astype(np.float64), 5)
+            for name, got, want in zip(("dq", "dk", "dv"), grads, expected):
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
+    finally:
+        libna.set_num_threads(threads)

@@ -127,13 +127,15 @@ def _plain_family(named: dict, optional) -> str | None:
 @functools.lru_cache(maxsize=None)
 def _torch_exports():
     """(torch dtypes by name, torch's C DLPack exporter, torch.empty, its
-    DLPack importer), looked up once (an import statement per call costs
-    about a microsecond)."""
+    DLPack importer of capsules), looked up once (an import statement per
+    call costs about a microsecond). The importer is torch's C function where
+    it has one: torch.utils.dlpack.from_dlpack checks for an array object
+    before it calls it, a fifth of its cost for a capsule."""
     import torch
     from torch.utils.dlpack import from_dlpack, to_dlpack
 
     dtypes = {name: getattr(torch, name) for name in ("float16", "bfloat16", "float32", "float64")}
-    return dtypes, to_dlpack, torch.empty, from_dlpack
+    return dtypes, to_dlpack, torch.empty, getattr(torch._C, "_from_dlpack", from_dlpack)
 
 
 def _call_torch_host(op, capsules, rank, kernel_size, stride, dilation, is_causal, scale,

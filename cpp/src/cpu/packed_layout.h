@@ -67,27 +67,39 @@ struct ColumnLayout {
   }
 };
 
-// Group positions [lo[g], hi[g]) of each dilation group g: the columns of a
+// Group positions [lo(g), hi(g)) of each dilation group g: the columns of a
 // packed row to fill. Positions outside [0, group_len) are the zero padding
-// (at most ColumnLayout::kPad either side); lo >= hi: none.
-struct ColumnRanges {
-  std::vector<std::int64_t> lo, hi;
+// (at most ColumnLayout::kPad either side); lo >= hi: none. Up to
+// kInlineGroups groups are held inline: every call's set-up makes a few of
+// these, and small dilations then allocate nothing.
+class ColumnRanges {
+ public:
+  static constexpr std::int64_t kInlineGroups = 4;
 
-  explicit ColumnRanges(std::int64_t groups = 0)
-      : lo(groups, std::numeric_limits<std::int64_t>::max()),
-        hi(groups, std::numeric_limits<std::int64_t>::min()) {}
+  explicit ColumnRanges(std::int64_t groups = 0) : groups_(groups) {
+    if (groups > kInlineGroups) heap_.resize(2 * groups);
+    std::int64_t* b = bounds();
+    for (std::int64_t grp = 0; grp < groups; ++grp) {
+      b[2 * grp] = std::numeric_limits<std::int64_t>::max();
+      b[2 * grp + 1] = std::numeric_limits<std::int64_t>::min();
+    }
+  }
+  std::int64_t groups() const { return groups_; }
+  std::int64_t lo(std::int64_t grp) const { return bounds()[2 * grp]; }
+  std::int64_t hi(std::int64_t grp) const { return bounds()[2 * grp + 1]; }
   void add(std::int64_t grp, std::int64_t begin, std::int64_t end) {
-    lo[grp] = std::min(lo[grp], begin);
-    hi[grp] = std::max(hi[grp], end);
+    std::int64_t* b = bounds();
+    b[2 * grp] = std::min(b[2 * grp], begin);
+    b[2 * grp + 1] = std::max(b[2 * grp + 1], end);
   }
   // The packed columns [first, end) that span every range (end <= first:
   // none).
   std::pair<std::int64_t, std::int64_t> span_columns(const ColumnLayout& layout) const {
     std::int64_t first = layout.width, end = 0;
-    for (std::size_t grp = 0; grp < lo.size(); ++grp) {
-      if (lo[grp] >= hi[grp]) continue;
-      first = std::min(first, layout.group_base[grp] + lo[grp]);
-      end = std::max(end, layout.group_base[grp] + hi[grp]);
+    for (std::int64_t grp = 0; grp < groups_; ++grp) {
+      if (lo(grp) >= hi(grp)) continue;
+      first = std::min(first, layout.group_base[grp] + lo(grp));
+      end = std::max(end, layout.group_base[grp] + hi(grp));
     }
     return {first, end};
   }
@@ -104,6 +116,15 @@ struct ColumnRanges {
     }
     return all;
   }
+
+ private:
+  // lo(g) at [2g], hi(g) at [2g + 1].
+  std::int64_t* bounds() { return groups_ > kInlineGroups ? heap_.data() : inline_; }
+  const std::int64_t* bounds() const { return groups_ > kInlineGroups ? heap_.data() : inline_; }
+
+  std::int64_t groups_;
+  std::int64_t inline_[2 * kInlineGroups] = {};
+  std::vector<std::int64_t> heap_;
 };
 
 }  // namespace libna::cpu::LIBNA_SIMD_NS

@@ -66,8 +66,8 @@ class PackSource {
     std::int64_t c[Rank];
     row_coords<Rank>(g_, r, c);
     for (std::int64_t grp = 0; grp < layout_.dilation; ++grp) {
-      const std::int64_t end = std::min(cols.hi[grp], layout_.group_len[grp]);
-      for (std::int64_t i = std::max<std::int64_t>(cols.lo[grp], 0); i < end; ++i) {
+      const std::int64_t end = std::min(cols.hi(grp), layout_.group_len[grp]);
+      for (std::int64_t i = std::max<std::int64_t>(cols.lo(grp), 0); i < end; ++i) {
         c[Rank - 1] = grp + i * layout_.dilation;
         prefetch(src + row_offset<Rank>(source_, b, c, h));
       }
@@ -105,7 +105,7 @@ class PackSource {
     std::int64_t c[Rank];
     row_coords<Rank>(g_, r, c);
     for (std::int64_t grp = 0; grp < layout_.dilation; ++grp) {
-      const std::int64_t len = layout_.group_len[grp], lo = cols.lo[grp], hi = cols.hi[grp];
+      const std::int64_t len = layout_.group_len[grp], lo = cols.lo(grp), hi = cols.hi(grp);
       if (lo >= hi) continue;
       float* base = dst + layout_.group_base[grp];
       alignas(32) static constexpr float kZeros[kLanes] = {};

@@ -30,8 +30,12 @@ class RowCache {
     row_floats_ = dim * stride;
     stride_ = stride;
     data_ = memory_.reserve(capacity * row_floats_);  // only the packed columns are touched
-    entries_.assign(capacity, Entry{});
-    hints_.assign(capacity, 0);
+    // Entries are taken in order, so the used ones are a prefix: a reset
+    // only forgets how long it is (a small call resets once per thread, and
+    // clearing every entry cost as much as its kernel's set-up).
+    entries_.resize(capacity);
+    hints_.resize(capacity);
+    used_ = 0;
     stamp_ = 1;
   }
   void next_item() { ++stamp_; }
@@ -47,23 +51,29 @@ class RowCache {
     std::int64_t* hint = nullptr;
     if (!hints_.empty()) {
       hint = &hints_[static_cast<std::size_t>(r) % hints_.size()];
-      Entry& e = entries_[static_cast<std::size_t>(*hint)];
-      if (e.b == b && e.h == h && e.r == r && e.tile == tile) {
-        e.stamp = stamp_;
-        if (finite) *finite = *finite && e.finite;
-        return e.row;
+      if (*hint < used_) {  // (a hint from before the last reset may point past them)
+        Entry& e = entries_[static_cast<std::size_t>(*hint)];
+        if (e.b == b && e.h == h && e.r == r && e.tile == tile) {
+          e.stamp = stamp_;
+          if (finite) *finite = *finite && e.finite;
+          return e.row;
+        }
       }
     }
+    // The row, or the least recently used entry not pinned by this item; an
+    // entry never used is older than all (the first of them: used ones stay
+    // a prefix).
     Entry* victim = nullptr;
-    for (Entry& e : entries_) {
-      if (e.b == b && e.h == h && e.r == r && e.tile == tile) {
-        e.stamp = stamp_;
-        if (finite) *finite = *finite && e.finite;
-        *hint = &e - entries_.data();
-        return e.row;
+    for (Entry* e = entries_.data(); e != entries_.data() + used_; ++e) {
+      if (e->b == b && e->h == h && e->r == r && e->tile == tile) {
+        e->stamp = stamp_;
+        if (finite) *finite = *finite && e->finite;
+        *hint = e - entries_.data();
+        return e->row;
       }
-      if (e.stamp < stamp_ && (!victim || e.stamp < victim->stamp)) victim = &e;
+      if (e->stamp < stamp_ && (!victim || e->stamp < victim->stamp)) victim = e;
     }
+    if (used_ < static_cast<std::int64_t>(entries_.size())) victim = &entries_[used_++];
     if (!victim) throw std::logic_error("libna: RowCache is smaller than one item's rows");
     if (cols.span(source.layout()) > stride_) {
       throw std::logic_error("libna: a packed row is wider than its RowCache's stride");
@@ -87,6 +97,7 @@ class RowCache {
   GrowingBuffer memory_;
   float* data_ = nullptr;
   std::int64_t row_floats_ = 0, stride_ = 0, stamp_ = 1;
+  std::int64_t used_ = 0;  // entries_[0, used_) hold rows packed since the last reset
   std::vector<Entry> entries_;
   std::vector<std::int64_t> hints_;  // by r % capacity: an entry index, maybe stale
 };

@@ -45,8 +45,7 @@ class Pool {
     num_threads_ = n;
   }
 
-  void run(std::int64_t n, std::int64_t grain,
-           const std::function<void(std::int64_t, std::int64_t)>& fn) {
+  void run(std::int64_t n, std::int64_t grain, RangeFn fn) {
     if (n <= 0) return;
     grain = std::max<std::int64_t>(grain, 1);
     std::unique_lock<std::mutex> job_lock(job_mutex_, std::try_to_lock);
@@ -151,7 +150,7 @@ class Pool {
   // that entered here has left (active_), so that a late worker can never take
   // a chunk of the next job with the previous job's function.
   void work() {
-    const std::function<void(std::int64_t, std::int64_t)>* fn;
+    const RangeFn* fn;
     std::int64_t total, chunk;
     {
       std::lock_guard<std::mutex> lock(state_mutex_);
@@ -188,7 +187,7 @@ class Pool {
   int num_threads_;
   bool stopping_ = false;
   std::uint64_t generation_ = 0;
-  const std::function<void(std::int64_t, std::int64_t)>* fn_ = nullptr;
+  const RangeFn* fn_ = nullptr;
   std::int64_t total_ = 0, chunk_ = 1, pending_chunks_ = 0;
   int active_ = 0;
   std::atomic<std::int64_t> next_{0};
@@ -197,8 +196,7 @@ class Pool {
 
 }  // namespace
 
-void parallel_for(std::int64_t n, std::int64_t grain,
-                  const std::function<void(std::int64_t, std::int64_t)>& fn) {
+void parallel_for(std::int64_t n, std::int64_t grain, RangeFn fn) {
   Pool::instance().run(n, grain, fn);
 }
 

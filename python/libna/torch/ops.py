@@ -431,9 +431,9 @@ def _plain_cpu(required, optional=(), any_dtype=()) -> bool:
     if type(q) not in _PLAIN:
         return False
     dtype = q.dtype
-    if dtype not in _CORE_DTYPES:
+    if dtype not in _CORE_DTYPES or not q.is_cpu or q.layout is not torch.strided:
         return False
-    for t in required:
+    for t in required[1:]:
         if (type(t) not in _PLAIN or t.dtype is not dtype or not t.is_cpu
                 or t.layout is not torch.strided):
             return False
@@ -446,6 +446,16 @@ def _plain_cpu(required, optional=(), any_dtype=()) -> bool:
                               or t.layout is not torch.strided):
             return False
     return not torch.is_autocast_enabled("cpu") and _unmodified()
+
+
+def _records_grad(tensors) -> bool:
+    """Whether autograd records a call on `tensors` (None for an absent one)."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def _profiled(name, fn, *args):
@@ -606,6 +616,8 @@ def _per_axis(op, name, value, rank, boolean=False):
 
 def _rank(fn: str, rank) -> int:
     """The spatial rank argument of the rank-generic wrappers."""
+    if type(rank) is int and 0 < rank < 4:  # the common case: nothing more to check
+        return int(rank)  # (int: dynamo may pass a symbolic int for whose type it says int)
     rank = _static(rank)
     if not _ops._is_int(rank) or rank not in (1, 2, 3):
         raise ValueError(f"[{fn}] rank={rank!r} must be 1, 2 or 3")
@@ -617,7 +629,9 @@ def _na_arguments(op, rank, kernel_size, stride, dilation, is_causal, scale, ret
     and return_lse as a bool (TypeError / ValueError naming a bad one)."""
     axes = _ops.common_arguments(rank, kernel_size, stride, dilation, is_causal, scale, return_lse)
     if axes is not None:  # plain ints and bools: nothing more to check here
-        return (*(list(a) for a in axes), scale, return_lse)
+        kernel_size, stride, dilation, is_causal = axes
+        return (list(kernel_size), list(stride), list(dilation), list(is_causal), scale,
+                return_lse)
     return (_per_axis(op, "kernel_size", kernel_size, rank),
             _per_axis(op, "stride", stride, rank),
             _per_axis(op, "dilation", dilation, rank),
@@ -648,8 +662,8 @@ def na(rank: int, q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False
                               xv)
     else:
         params = (rank, kernel_size, stride, dilation, is_causal, scale)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            q, k, v, rpb, xk, xv = (None if t is None else _unwrap_if_dead(t) for t in tensors)
+        if _records_grad(tensors):
+            q, k, v, rpb, xk, xv = [None if t is None else _unwrap_if_dead(t) for t in tensors]
             forward = _NA_FORWARD_APPLY
         else:  # nothing to differentiate: no autograd node (~15 us a call)
             forward = _eager_forward
