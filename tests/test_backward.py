@@ -350,3 +350,34 @@ def test_lse_gradient_refuses_a_wrong_shape(rng):
     for module in (libna, reference):
         with pytest.raises(ValueError, match=r"\[na1d_backward\] .*dlse .*shape"):
             module.na1d_backward(q, k, v, out, out, lse, 3, dlse=lse[:, :4])
+
+
+def test_numpy_backward_short_path_is_the_checked_path(monkeypatch):
+    """na2d_backward on plain NumPy arrays goes straight to the core, as the
+    forward does (no Arrays, no Python-side argument checks): its gradients
+    are bitwise those of the checked path (the same call on torch tensors,
+    which goes through Arrays), with and without rpb and dlse, and a call the
+    core refuses says the same on both paths."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    q, k, v, dout = (rng.standard_normal((1, 6, 7, 2, 8)).astype(np.float32) for _ in range(4))
+    rpb = rng.standard_normal((2, 5, 5)).astype(np.float32)
+    out, lse = libna.na2d(q, k, v, 3, rpb=rpb, return_lse=True)
+    dlse = rng.standard_normal(lse.shape).astype(np.float32)
+    cases = ({}, {"rpb": rpb}, {"dlse": dlse}, {"rpb": rpb, "dlse": dlse, "dilation": 2})
+    as_torch = lambda x: torch.from_numpy(x) if isinstance(x, np.ndarray) else x  # noqa: E731
+    checked = [libna.na2d_backward(*map(as_torch, (q, k, v, out, dout, lse)), 3,
+                                   **{name: as_torch(x) for name, x in kw.items()})
+               for kw in cases]
+    with pytest.raises(ValueError) as refused:
+        libna.na2d_backward(*map(as_torch, (q, k, v, out, dout, lse)), 9)
+    monkeypatch.setattr(_ops, "Arrays", None)  # the short path never builds one
+    for kw, expected in zip(cases, checked):
+        grads = libna.na2d_backward(q, k, v, out, dout, lse, 3, **kw)
+        assert len(grads) == (4 if "rpb" in kw else 3)
+        for got, want in zip(grads, expected):
+            assert type(got) is np.ndarray
+            np.testing.assert_array_equal(got, want.numpy())
+    with pytest.raises(ValueError) as fast_refused:
+        libna.na2d_backward(q, k, v, out, dout, lse, 9)
+    assert str(fast_refused.value) == str(refused.value)

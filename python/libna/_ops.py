@@ -194,6 +194,14 @@ def na_av(rank, attn, v, kernel_size, *, dilation=1, is_causal=False):
 def na_backward(rank, q, k, v, out, dout, lse, kernel_size, *, stride=1, dilation=1,
                 is_causal=False, scale=None, rpb=None, additional_keys=None,
                 additional_values=None, dlse=None):
+    if type(q) is np.ndarray and additional_keys is None and additional_values is None:
+        # The common NumPy call goes straight to the core, as na's does.
+        axes = common_arguments(rank, kernel_size, stride, dilation, is_causal, scale, False)
+        if (axes is not None and _C is not None
+                and plain_numpy((q, k, v, out, dout, lse), (rpb, dlse))):
+            grads = call_numpy("na_backward", (q, k, v, rpb, out, dout, lse, dlse), rank, *axes,
+                               scale)
+            return tuple(g for g in grads if g is not None)
     op = f"na{rank}d_backward"
     if _C is None:
         return getattr(reference, op)(
