@@ -617,7 +617,7 @@ def _per_axis(op, name, value, rank, boolean=False):
 def _rank(fn: str, rank) -> int:
     """The spatial rank argument of the rank-generic wrappers."""
     if type(rank) is int and 0 < rank < 4:  # the common case: nothing more to check
-        return int(rank)  # (int: dynamo may pass a symbolic int for whose type it says int)
+        return int(rank)  # (int(): under torch.compile a symbolic int passes this test)
     rank = _static(rank)
     if not _ops._is_int(rank) or rank not in (1, 2, 3):
         raise ValueError(f"[{fn}] rank={rank!r} must be 1, 2 or 3")
