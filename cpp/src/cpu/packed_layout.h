@@ -84,7 +84,6 @@ class ColumnRanges {
       b[2 * grp + 1] = std::numeric_limits<std::int64_t>::min();
     }
   }
-  std::int64_t groups() const { return groups_; }
   std::int64_t lo(std::int64_t grp) const { return bounds()[2 * grp]; }
   std::int64_t hi(std::int64_t grp) const { return bounds()[2 * grp + 1]; }
   void add(std::int64_t grp, std::int64_t begin, std::int64_t end) {

@@ -685,8 +685,7 @@ def na_qkvpacked(rank: int, qkv, kernel_size, *, stride=1, dilation=1, is_causal
     if qkv.dim() != rank + 4 or qkv.shape[-3] != 3:
         raise ValueError(f"[{op}] qkv has shape {tuple(qkv.shape)}; expected [B, {rank} spatial "
                          "axes, 3, heads, D] (q, k and v along the third-from-last axis)")
-    if (torch.is_grad_enabled() and (qkv.requires_grad or rpb is not None and rpb.requires_grad)
-            and _plain_cpu((qkv,), (rpb,))):
+    if _records_grad((qkv, rpb)) and _plain_cpu((qkv,), (rpb,)):
         if scale is None:
             scale = qkv.shape[-1] ** -0.5
         params = (rank, kernel_size, stride, dilation, is_causal, scale)
