@@ -110,7 +110,7 @@ results = []
 def run(fn, q, k, v, kernel, **kw):
     out, lse = fn(q, k, v, kernel, return_lse=True, **kw)
     results.extend([np.asarray(out, np.float32), np.asarray(lse, np.float32)])
-for rows in (7, 8, 13):
+for rows in (7, 8, 9, 13):  # groups of pairs end in a pair, a row or both
     run(libna.na2d, *inputs((2, rows, 19, 4, 16)), 5)
     run(libna.na2d, *inputs((1, rows, 11, 2, 8)), (3, 5), dilation=(2, 1))
     run(libna.na2d, *inputs((1, rows, 11, 2, 8)), (4, 3), is_causal=(True, False))
@@ -149,26 +149,34 @@ np.savez(OUT, *results)
 @pytest.mark.parametrize("name", ["portable", "avx2", "avx512"])
 def test_row_pairs_are_bitwise_single_rows(name, tmp_path):
     """The forward computed two query rows at a time, or in 1D two lane
-    blocks of a row (LIBNA_CPU_ROW_PAIRS=1), gives the outputs and
-    log-sum-exps of one row or block at a time bit for bit, in every kernel
-    set this CPU runs (with AVX-512 a pair is one 16-lane register, elsewhere
-    two 8-lane halves)."""
+    blocks of a row (LIBNA_CPU_ROW_PAIRS=1), and with groups of two or three
+    row pairs sharing their loads (LIBNA_CPU_PAIR_GROUP), gives the outputs
+    and log-sum-exps of one row or block at a time bit for bit, in every
+    kernel set this CPU runs (with AVX-512 a pair is one 16-lane register,
+    elsewhere two 8-lane halves)."""
     if name not in sets_this_cpu_runs():
         pytest.skip(f"this CPU does not run the {name} kernels")
+    settings = {"single": {"LIBNA_CPU_ROW_PAIRS": "0"},
+                "pairs": {"LIBNA_CPU_ROW_PAIRS": "1", "LIBNA_CPU_PAIR_GROUP": "1"},
+                "groups of 2": {"LIBNA_CPU_ROW_PAIRS": "1", "LIBNA_CPU_PAIR_GROUP": "2"},
+                "groups of 3": {"LIBNA_CPU_ROW_PAIRS": "1", "LIBNA_CPU_PAIR_GROUP": "3"}}
     saved = {}
-    for pairs in ("0", "1"):
-        out = tmp_path / f"pairs{pairs}.npz"
+    for i, (setting, env) in enumerate(settings.items()):
+        out = tmp_path / f"setting{i}.npz"
         result = run_python(f"OUT = {str(out)!r}\n" + ROW_PAIR_CASES, timeout=300,
-                            env={"LIBNA_CPU_KERNELS": name, "LIBNA_CPU_ROW_PAIRS": pairs})
+                            env={"LIBNA_CPU_KERNELS": name, **env})
         assert result.returncode == 0, result.stdout + result.stderr
         with np.load(out) as data:
-            saved[pairs] = [data[key] for key in sorted(data.files, key=lambda s: int(s[4:]))]
-    assert len(saved["0"]) == len(saved["1"]) == 2 * 28
-    for i, (single, paired) in enumerate(zip(saved["0"], saved["1"])):
-        np.testing.assert_array_equal(paired, single, err_msg=f"result {i}")
+            saved[setting] = [data[key] for key in sorted(data.files, key=lambda s: int(s[4:]))]
+    for setting in settings:
+        assert len(saved[setting]) == 2 * 33, setting
+        if setting == "single":
+            continue
+        for i, (single, computed) in enumerate(zip(saved["single"], saved[setting])):
+            np.testing.assert_array_equal(computed, single, err_msg=f"{setting}: result {i}")
     # The inf and NaN values reach the outputs of the rows that see them, and
     # no others.
-    out = saved["1"][-2]
+    out = saved["groups of 3"][-2]
     assert not np.isfinite(out[0, 8:10, 2:5, 0]).all() and np.isfinite(out[0, :7, :, 0]).all()
 
 

@@ -110,6 +110,9 @@ _WARNINGS_OF_IMPORT = """
     ("LIBNA_CPU_ROW_PAIRS", "2", "the kernel set's choice"),
     ("LIBNA_CPU_ROW_PAIRS", "yes", "the kernel set's choice"),
     ("LIBNA_CPU_ROW_PAIRS", "", "the kernel set's choice"),
+    ("LIBNA_CPU_PAIR_GROUP", "0", "the kernel set's choice"),
+    ("LIBNA_CPU_PAIR_GROUP", "4", "the kernel set's choice"),
+    ("LIBNA_CPU_PAIR_GROUP", "three", "the kernel set's choice"),
 ])
 def test_invalid_environment_value_warns_once(variable, value, used):
     result = run_python(_WARNINGS_OF_IMPORT, env={variable: value})
@@ -130,6 +133,7 @@ def test_invalid_environment_value_warns_once(variable, value, used):
     ("LIBNA_NUM_THREADS", "2"), ("LIBNA_NUM_THREADS", "1024"), ("LIBNA_NUM_THREADS", "+3"),
     ("LIBNA_CPU_SAVED_PROBS_BYTES", "0"), ("LIBNA_CPU_SAVED_PROBS_BYTES", "1048576"),
     ("LIBNA_CPU_ROW_PAIRS", "0"), ("LIBNA_CPU_ROW_PAIRS", "1"),
+    ("LIBNA_CPU_PAIR_GROUP", "1"), ("LIBNA_CPU_PAIR_GROUP", "3"),
     ("LIBNA_HOST_CACHE_BYTES", "0"), ("LIBNA_HOST_CACHE_BYTES", "1073741824"),
 ])
 def test_valid_environment_value_does_not_warn(variable, value):

@@ -5,6 +5,7 @@
 #include <charconv>
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
 #include <limits>
 #include <string>
 #include <thread>
@@ -64,15 +65,19 @@ std::int64_t read_bytes(const char* variable, std::int64_t fallback,
                       " (" + std::to_string(fallback >> 20) + " MiB, the default)", warnings);
 }
 
-// 0 or 1 from `variable`; -1 when it is unset, or not 0 or 1 (then with a
-// message in `warnings` saying that `fallback_is` is used instead).
-int read_switch(const char* variable, const std::string& fallback_is,
+// One of `choices` from `variable`; -1 when it is unset, or not one of them
+// (then with a message in `warnings` saying that `fallback_is` is used
+// instead; `expected` names the choices).
+int read_choice(const char* variable, std::initializer_list<int> choices,
+                const std::string& expected, const std::string& fallback_is,
                 std::vector<std::string>& warnings) {
   const char* text = std::getenv(variable);
   if (text == nullptr) return -1;
   const std::string value(text);
-  if (value == "0" || value == "1") return value == "1" ? 1 : 0;
-  warnings.push_back(std::string(variable) + "='" + value + "' is not 0 or 1; using " +
+  for (const int choice : choices) {
+    if (value == std::to_string(choice)) return choice;
+  }
+  warnings.push_back(std::string(variable) + "='" + value + "' is not " + expected + "; using " +
                      fallback_is + " instead");
   return -1;
 }
@@ -92,7 +97,10 @@ const Parsed& parsed() {
         p.warnings));
     p.settings.saved_probs_bytes =
         read_bytes("LIBNA_CPU_SAVED_PROBS_BYTES", tuning::kDefaultSavedProbsBytes, p.warnings);
-    p.settings.row_pairs = read_switch("LIBNA_CPU_ROW_PAIRS", "the kernel set's choice", p.warnings);
+    p.settings.row_pairs =
+        read_choice("LIBNA_CPU_ROW_PAIRS", {0, 1}, "0 or 1", "the kernel set's choice", p.warnings);
+    p.settings.pair_group = std::max(0, read_choice("LIBNA_CPU_PAIR_GROUP", {1, 2, 3}, "1, 2 or 3",
+                                                    "the kernel set's choice", p.warnings));
     p.settings.host_cache_bytes =
         read_bytes("LIBNA_HOST_CACHE_BYTES", tuning::kDefaultHostCacheBytes, p.warnings);
     return p;

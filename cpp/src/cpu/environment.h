@@ -15,6 +15,10 @@ struct Environment {
   // chooses (pairs with AVX-512, where they are faster). For comparing the
   // two ways, which give bitwise equal results.
   int row_pairs;
+  // LIBNA_CPU_PAIR_GROUP: 1, 2 or 3 row pairs the fused forward computes
+  // together, sharing their loads (pair_groups.h); unset (0), the kernel set
+  // chooses (3 with AVX-512). Results are bitwise equal either way.
+  int pair_group;
   std::int64_t host_cache_bytes;  // LIBNA_HOST_CACHE_BYTES, else 256 MiB (tuning.h)
 };
 

@@ -19,7 +19,9 @@
 //
 // Rows are computed two at a time where a row has a partner, the next row of
 // its dilation group along the second-to-last axis (pair_kernels.h): the two
-// share most key rows, and each load of keys or values serves both.
+// share most key rows, and each load of keys or values serves both. With
+// AVX-512, up to three consecutive pairs go together (pair_groups.h), each
+// load serving all of them.
 //
 // Work items are (b, h, column tile, row), rows innermost (column_tiles.h),
 // and each thread packs the rows an item reads, only the tile's columns, into
@@ -40,6 +42,7 @@
 #include "cpu/neighbour_rows.h"
 #include "cpu/packed_layout.h"
 #include "cpu/packing.h"
+#include "cpu/pair_groups.h"
 #include "cpu/pair_kernels.h"
 #include "cpu/pair_rows.h"
 #include "cpu/row_cache.h"
@@ -58,6 +61,8 @@ struct Forward : LaneKernel<Rank, T> {
   // Rows two at a time (Rank >= 2), or in 1D with long windows, a row's
   // lane blocks two at a time (LIBNA_CPU_ROW_PAIRS, else the set's choice).
   const bool row_pairs, block_pairs;
+  // Row pairs computed together (pair_groups.h); 1 without row pairs.
+  const std::int64_t pairs_per_group;
 
   // Per-thread working memory.
   struct Scratch {
@@ -67,6 +72,17 @@ struct Forward : LaneKernel<Rank, T> {
     std::vector<const float*> key_ptrs, value_rows;
     RowCaches rows;  // a: q (own) and k (window); b: v (window)
     PairRows pair;  // row pairs: the second row's key rows and the union
+    // Groups of pairs: each pair's rows, coordinates, joined q lanes,
+    // logits and outputs, and the union of their key rows.
+    struct GroupPair {
+      RowList key_rows;  // the first row's
+      PairRows rows;
+      std::int64_t ca[Rank], cb[Rank];
+      const float *q_a, *q_b;
+      std::vector<float> q, logits, out;  // [d][16], [u][j][16], [d][16]
+      std::vector<const float*> value_rows;  // its union's (masked values only)
+    } group_pairs[kMaxGroupPairs];
+    GroupRows group;
     std::vector<std::pair<std::int64_t, LaneWindows>> blocks;  // block pairs: a row's blocks
   };
 
@@ -80,32 +96,58 @@ struct Forward : LaneKernel<Rank, T> {
           return query_lanes(this->last(), columns_layout.group_len[grp], i0, lanes);
         }),
         row_pairs(Rank >= 2 && row_pairs_wanted()),
-        block_pairs(Rank == 1 && row_pairs_wanted() && geometry.axes[Rank - 1].kernel >= 2 * kLanes) {
+        block_pairs(Rank == 1 && row_pairs_wanted() && geometry.axes[Rank - 1].kernel >= 2 * kLanes),
+        pairs_per_group(row_pairs ? pairs_per_group_wanted() : 1) {
     this->set_row_stride(columns.own, columns.window);
   }
 
   void start(Scratch& s) const {
     // Items of a chunk are mostly consecutive rows, or rows of the next tile;
     // a pair sees at most twice a row's window rows, and its q rows are two.
-    const std::int64_t windows = row_pairs ? 2 * tuning::kRowCacheWindows : tuning::kRowCacheWindows;
-    s.rows.reset(windows * g.window_rows(), this->k_dim, this->v_dim, this->row_stride,
-                 row_pairs ? 2 : 1);
+    // A group of n pairs (2n rows, step apart) sees at most k + 2n - 1 of the
+    // positions along the second-to-last axis, k its kernel size there: its
+    // window rows, twice (as a row's), for the next group to reuse.
+    std::int64_t capacity = tuning::kRowCacheWindows * g.window_rows();
+    if constexpr (Rank >= 2) {
+      if (pairs_per_group > 1) {
+        const std::int64_t k_rows = g.axes[Rank - 2].kernel;
+        capacity = capacity / k_rows * (k_rows + 2 * pairs_per_group - 1);
+      } else if (row_pairs) {
+        capacity *= 2;
+      }
+    }
+    s.rows.reset(capacity, this->k_dim, this->v_dim, this->row_stride, 2 * pairs_per_group);
   }
 
   // The queries of one (b, h, row) in one column tile, eight at a time; with
-  // row pairs, those of the row and its partner, or none if the row is the
-  // partner of the one before.
+  // row pairs, those of the rows the row leads (itself and its partner, or
+  // a group of pairs, rows_led), or none if an earlier row leads it.
   void row(const TiledRow& at, Scratch& s) const {
     std::int64_t c[Rank];
     row_coords<Rank>(g, at.row, c);
     if constexpr (Rank >= 2) {
       if (row_pairs) {
-        const std::int64_t partner =
-            partner_row(c[Rank - 2], g.axes[Rank - 2].dilation, g.spatial[Rank - 2]);
-        if (partner == -2) return;  // computed with row - step
-        if (partner >= 0) return pair(at, c, s);
+        const std::int64_t step = g.axes[Rank - 2].dilation;
+        const std::int64_t n = rows_led(c[Rank - 2], step, g.spatial[Rank - 2], pairs_per_group);
+        if (n == 0) return;  // computed with an earlier row
+        if (n >= 4) {
+          group(at, c, n / 2, s);
+        } else if (n >= 2) {
+          pair(at, c, s);
+        }
+        if (n % 2 == 0) return;
+        // The last row of its dilation group, without a partner.
+        TiledRow last = at;
+        last.row += (n - 1) * step;
+        c[Rank - 2] += (n - 1) * step;
+        return single(last, c, s);
       }
     }
+    single(at, c, s);
+  }
+
+  // One query row by itself.
+  void single(const TiledRow& at, std::int64_t* c, Scratch& s) const {
     key_rows_of<Rank>(g, c, this->bias_strides, s.key_rows);
     const std::int64_t hk = at.h / this->heads_per_kv, t = at.tile_index;
     RowCaches& rows = s.rows;
@@ -241,6 +283,112 @@ struct Forward : LaneKernel<Rank, T> {
                       s.out.data() + kLanes, kPairLanes);
     store_lse(b, x.ca, h, grp, x.wa, pair::low(max_logit), pair::low(sum));
     store_lse(b, x.cb, h, grp, x.wb, pair::high(max_logit), pair::high(sum));
+  }
+
+  // Rows at.row, at.row + step, ... (coordinates c on), 2 * n_pairs rows of
+  // one dilation group, as n_pairs row pairs whose products share their
+  // loads (pair_groups.h).
+  void group(const TiledRow& at, const std::int64_t* c, std::int64_t n_pairs, Scratch& s) const {
+    const std::int64_t step = g.axes[Rank - 2].dilation;
+    const std::int64_t hk = at.h / this->heads_per_kv, t = at.tile_index;
+    RowCaches& rows = s.rows;
+    rows.next_item();
+    for (std::int64_t p = 0; p < n_pairs; ++p) {
+      auto& x = s.group_pairs[p];
+      std::copy(c, c + Rank, x.ca);
+      x.ca[Rank - 2] += 2 * p * step;
+      std::copy(x.ca, x.ca + Rank, x.cb);
+      x.cb[Rank - 2] += step;
+      key_rows_of<Rank>(g, x.ca, this->bias_strides, x.key_rows);
+      key_rows_of<Rank>(g, x.cb, this->bias_strides, x.rows.b);
+      x.rows.unite(x.key_rows);
+      x.q_a = rows.own_a.get(q, at.b, at.h, at.row + 2 * p * step, t, columns.own[t]);
+      x.q_b = rows.own_a.get(q, at.b, at.h, at.row + (2 * p + 1) * step, t, columns.own[t]);
+    }
+    s.group.unite(n_pairs, [&](std::int64_t p) -> const RowList& {
+      return s.group_pairs[p].rows.rows.rows;
+    });
+    rows.load_window(k, v, at.b, hk, s.group.rows, t, columns.window[t]);
+    this->for_query_blocks(at.tile, [&](std::int64_t grp, const LaneWindows& w) {
+      group_block(at.b, at.h, grp, w, n_pairs, s);
+    });
+  }
+
+  // One block of query lanes of a group's rows: pair_block for each pair,
+  // with the q.k and P.V products of all pairs together.
+  void group_block(std::int64_t b, std::int64_t h, std::int64_t grp, const LaneWindows& w,
+                   std::int64_t n_pairs, Scratch& s) const {
+    const std::int64_t dim_k = this->k_dim, dim_v = this->v_dim, window = w.window;
+    const float* q_joined[kMaxGroupPairs] = {};
+    float *logits[kMaxGroupPairs] = {}, *out[kMaxGroupPairs] = {};
+    for (std::int64_t p = 0; p < n_pairs; ++p) {
+      auto& x = s.group_pairs[p];
+      this->prefetch_lanes(args.out, b, x.ca, h, grp, w);
+      this->prefetch_lanes(args.out, b, x.cb, h, grp, w);
+      // The pair's q lanes joined once per block ([d][16]: row a's lanes,
+      // then row b's), where a pair alone joins them in its q.k loop.
+      x.q.resize(dim_k * kPairLanes);
+      const float *qa = this->lanes_at(x.q_a, grp, w), *qb = this->lanes_at(x.q_b, grp, w);
+      for (std::int64_t d = 0; d < dim_k; ++d) {
+        pair::store(x.q.data() + d * kPairLanes, pair::join(simd::load(qa + d * this->row_stride),
+                                                            simd::load(qb + d * this->row_stride)));
+      }
+      x.logits.resize(x.rows.rows.rows.size * window * kPairLanes);
+      x.out.resize(dim_v * kPairLanes);
+      q_joined[p] = x.q.data();
+      logits[p] = x.logits.data();
+      out[p] = x.out.data();
+    }
+    this->window_rows(s.rows.bases_a, grp, w, s.key_ptrs);
+    qk_group_rows(s.group, n_pairs, q_joined, s.key_ptrs.data(), this->row_stride, dim_k, window,
+                  logits);
+
+    i32x8 lo_row, hi_row;
+    w.entry_bounds(&lo_row, &hi_row);  // (the same lanes in every row)
+    const i32x16 lo = pair::join(lo_row, lo_row), hi = pair::join(hi_row, hi_row);
+    f32x16 max_logit[kMaxGroupPairs], sum[kMaxGroupPairs];
+    bool mask_values = false;
+    for (std::int64_t p = 0; p < n_pairs; ++p) {
+      auto& x = s.group_pairs[p];
+      const Halves halves = row_pair(x.q_a, x.q_b, w, x.ca, x.cb);
+      const bool masked = pair_masked(halves, x.rows);
+      pair_bias_and_mask(*this, h, halves, masked, lo, hi, x.key_rows, x.rows, x.logits.data());
+      softmax_pair(x.logits.data(), x.rows.rows.rows.size * window, &max_logit[p], &sum[p]);
+      mask_values = mask_values || (masked && !s.rows.window_finite_b);
+    }
+
+    this->window_rows(s.rows.bases_b, grp, w, s.value_rows);
+    if (mask_values) {
+      // Values that may be inf or NaN where probabilities are 0: each pair
+      // by itself, reading only its lanes' entries (pv_pair_range).
+      for (std::int64_t p = 0; p < n_pairs; ++p) {
+        auto& x = s.group_pairs[p];
+        const std::int64_t n = x.rows.rows.rows.size;
+        x.value_rows.resize(n);
+        for (std::int64_t r = 0, u = 0; r < s.group.rows.size; ++r) {
+          if (s.group.index[p][r] >= 0) x.value_rows[u++] = s.value_rows[r];
+        }
+        const Halves halves = row_pair(x.q_a, x.q_b, w, x.ca, x.cb);
+        pv_pair_range(x.logits.data(), x.value_rows.data(), n, window, this->row_stride, dim_v,
+                      x.out.data(), pair_masked(halves, x.rows), lo, hi, x.rows.halves.data());
+      }
+    } else if (n_pairs == 3) {
+      pv_group_range<3>(s.group, logits, s.value_rows.data(), window, this->row_stride, dim_v,
+                        out);
+    } else {
+      pv_group_range<2>(s.group, logits, s.value_rows.data(), window, this->row_stride, dim_v,
+                        out);
+    }
+
+    for (std::int64_t p = 0; p < n_pairs; ++p) {
+      auto& x = s.group_pairs[p];
+      const f32x16 factor = pair::inverse_or_zero(sum[p]);
+      this->store_lanes(args.out, b, x.ca, h, grp, w, pair::low(factor), x.out.data(), kPairLanes);
+      this->store_lanes(args.out, b, x.cb, h, grp, w, pair::high(factor),
+                        x.out.data() + kLanes, kPairLanes);
+      store_lse(b, x.ca, h, grp, w, pair::low(max_logit[p]), pair::low(sum[p]));
+      store_lse(b, x.cb, h, grp, w, pair::high(max_logit[p]), pair::high(sum[p]));
+    }
   }
 };
 

@@ -1,0 +1,232 @@
+// Groups of row pairs: up to three row pairs of the fused forward
+// (pair_kernels.h) whose products share their loads. The pairs of a group are
+// consecutive along the second-to-last axis (rows y, y + s, ..., y + 5 s of
+// one dilation group, s its step), so they read mostly the same key rows:
+// each load of eight key or value columns then feeds one 16-lane FMA per pair
+// that sees the row, two or three where a pair alone does one. A pair alone
+// is bound by its loads (one 32-byte broadcast per FMA, and a shuffle per
+// channel to join its q halves); three pairs with their q halves joined once
+// per block run about 1.6x as many FMAs per cycle (measured on AVX-512).
+// Each pair keeps its own logits, softmax, rpb, masks and outputs, and the
+// group computes, for each pair, exactly the products and sums the pair
+// alone computes, in the same order: the results are bitwise equal.
+// Included inside the per-instruction-set namespace and target region of
+// fast_kernels_impl.h (LIBNA_SIMD_NS), like every header of the vectorised
+// kernels.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/neighbour_rows.h"
+#include "cpu/pair_kernels.h"
+#include "cpu/pair_rows.h"
+#include "cpu/tuning.h"
+
+#pragma GCC diagnostic ignored "-Wpsabi"  // (as pair_kernels.h)
+
+namespace libna::cpu::LIBNA_SIMD_NS {
+
+inline constexpr int kMaxGroupPairs = 3;
+
+// How many row pairs the fused forward computes together:
+// LIBNA_CPU_PAIR_GROUP, else the kernel set's choice (three with AVX-512,
+// where 32 registers hold three pairs' accumulators; elsewhere one: a pair
+// alone is already two or four registers per vector).
+inline std::int64_t pairs_per_group_wanted() {
+  const int setting = environment().pair_group;
+#if defined(LIBNA_SIMD_WIDE_REGISTERS)
+  constexpr int kByDefault = kMaxGroupPairs;
+#else
+  constexpr int kByDefault = 1;
+#endif
+  return setting > 0 ? setting : kByDefault;
+}
+
+// The rows that position `row` of an axis of `rows` positions leads, in
+// groups of `pairs` row pairs of step `step` (its dilation): 1 to 2 * pairs
+// (each dilation group's positions, from its first, in groups of 2 * pairs;
+// the last may be shorter), or 0 if it does not lead one. With one pair per
+// group, as partner_row: 2 with a partner, 1 without.
+inline std::int64_t rows_led(std::int64_t row, std::int64_t step, std::int64_t rows,
+                             std::int64_t pairs) {
+  if ((row / step) % (2 * pairs) != 0) return 0;
+  return std::min(2 * pairs, (rows - 1 - row) / step + 1);
+}
+
+// The key rows of a group: the union of its pairs' unions (PairRows::rows),
+// in increasing order, with each one's index in each pair's union (-1: the
+// pair does not read it) and which pairs read it (bit p).
+struct GroupRows {
+  RowList rows;  // rows.rows and rows.size only
+  std::vector<std::int64_t> index[kMaxGroupPairs];
+  std::vector<std::uint8_t> readers;
+
+  // (union_of(p): pair p's union, PairRows::rows.rows.)
+  template <typename UnionOf>
+  void unite(std::int64_t n_pairs, const UnionOf& union_of) {
+    std::vector<std::int64_t>& all = rows.rows;
+    all.clear();
+    for (std::int64_t p = 0; p < n_pairs; ++p) {
+      const RowList& u = union_of(p);
+      all.insert(all.end(), u.rows.begin(), u.rows.begin() + u.size);
+    }
+    std::sort(all.begin(), all.end());
+    all.erase(std::unique(all.begin(), all.end()), all.end());
+    rows.size = static_cast<std::int64_t>(all.size());
+    readers.assign(all.size(), 0);
+    for (std::int64_t p = 0; p < n_pairs; ++p) {
+      const RowList& u = union_of(p);
+      index[p].assign(all.size(), -1);
+      for (std::int64_t i = 0, r = 0; i < u.size; ++i) {  // both increasing
+        while (all[r] != u.rows[i]) ++r;
+        index[p][r] = i;
+        readers[r] |= static_cast<std::uint8_t>(1u << p);
+      }
+    }
+  }
+};
+
+// The accumulators of the group kernels: G pairs' N vectors each.
+template <int G, int N>
+LIBNA_ALWAYS_INLINE void set_zero(f32x16 (&acc)[G][N]) {
+#pragma GCC unroll 8
+  for (int g = 0; g < G; ++g) {
+#pragma GCC unroll 8
+    for (int j = 0; j < N; ++j) acc[g][j] = pair::splat(0.0f);
+  }
+}
+// out[g][first + j][16] = acc[g][j].
+template <int G, int N>
+LIBNA_ALWAYS_INLINE void store_all(const f32x16 (&acc)[G][N], float* const* out,
+                                   std::int64_t first) {
+#pragma GCC unroll 8
+  for (int g = 0; g < G; ++g) {
+#pragma GCC unroll 8
+    for (int j = 0; j < N; ++j) pair::store(out[g] + (first + j) * kPairLanes, acc[g][j]);
+  }
+}
+
+// logits of each of `Count` pairs (out[g] + (j0 + j) * 16, j < N) for one key
+// row: as qk_pair_chunk, with each pair's q halves joined ([d][16] at q[g]),
+// one load of keys for all of them.
+template <int Count, int N>
+void qk_group_chunk(const float* const* q, const float* key, std::int64_t j0, std::int64_t width,
+                    std::int64_t dim, float* const* out) {
+  f32x16 acc[Count][N];
+  set_zero(acc);
+  for (std::int64_t d = 0; d < dim; ++d) {
+    f32x16 qd[Count];
+#pragma GCC unroll 8
+    for (int g = 0; g < Count; ++g) qd[g] = pair::load(q[g] + d * kPairLanes);
+    const float* kd = key + j0 + d * width;
+#pragma GCC unroll 8
+    for (int j = 0; j < N; ++j) {
+      const f32x16 x = pair::twice(kd + j);
+#pragma GCC unroll 8
+      for (int g = 0; g < Count; ++g) acc[g][j] += qd[g] * x;
+    }
+  }
+  store_all(acc, out, j0);
+}
+
+// Each pair's logits ([u][j][16] over its union rows, at logits[p]) for the
+// group's key rows (at keys[r], window positions j < window).
+inline void qk_group_rows(const GroupRows& rows, std::int64_t n_pairs, const float* const* q,
+                          const float* const* keys, std::int64_t width, std::int64_t dim,
+                          std::int64_t window, float* const* logits) {
+  for (std::int64_t r = 0; r < rows.rows.size; ++r) {
+    const float* q_of[kMaxGroupPairs] = {};
+    float* out[kMaxGroupPairs] = {};
+    int count = 0;
+    for (std::int64_t p = 0; p < n_pairs; ++p) {
+      if (rows.index[p][r] < 0) continue;
+      q_of[count] = q[p];
+      out[count++] = logits[p] + rows.index[p][r] * window * kPairLanes;
+    }
+    std::int64_t j = 0;
+    const auto run = [&](auto count_constant) {
+      constexpr int C = decltype(count_constant)::value;
+      for_register_blocks<kPairQkPositions>(window, j, [&](auto n) {
+        qk_group_chunk<C, decltype(n)::value>(q_of, keys[r], j, width, dim, out);
+      });
+    };
+    if (count == 1) run(std::integral_constant<int, 1>());
+    if (count == 2) run(std::integral_constant<int, 2>());
+    if (count == 3) run(std::integral_constant<int, 3>());
+  }
+}
+
+// One key row's products for the pairs in `Readers` (bit g: pair g), as
+// pv_pair_chunk's unmasked loop: acc[g][j] += probs[g][c][16] * value(d0 + j,
+// c + lane).
+template <int G, int N, int Readers>
+LIBNA_ALWAYS_INLINE void pv_group_row(f32x16 (&acc)[G][N], const float* const* probs,
+                                      const float* values, std::int64_t window,
+                                      std::int64_t width) {
+  for (std::int64_t c = 0; c < window; ++c) {
+    f32x16 p[G];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) {
+      if ((Readers >> g) & 1) p[g] = pair::load(probs[g] + c * kPairLanes);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < N; ++j) {
+      const f32x16 x = pair::twice(values + j * width + c);
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g) {
+        if ((Readers >> g) & 1) acc[g][j] += p[g] * x;
+      }
+    }
+  }
+}
+
+// out[g][j][16] = the sum over the group's key rows u that pair g reads and
+// positions c of probs[g][index_g(u)][c][16] * value(u, d0 + j, c + lane),
+// for N channels (values finite where probabilities are 0: see
+// pv_pair_range for the masked reads).
+template <int G, int N>
+void pv_group_chunk(const GroupRows& rows, const float* const* probs,
+                    const float* const* value_rows, std::int64_t window, std::int64_t width,
+                    std::int64_t d0, float* const* out) {
+  f32x16 acc[G][N];
+  set_zero(acc);
+  for (std::int64_t u = 0; u < rows.rows.size; ++u) {
+    const float* at[G];
+    for (int g = 0; g < G; ++g) {
+      at[g] = probs[g] + std::max<std::int64_t>(rows.index[g][u], 0) * window * kPairLanes;
+    }
+    const float* values = value_rows[u] + d0 * width;
+    switch (rows.readers[u]) {
+#define LIBNA_GROUP_READERS(R)                                                      \
+  case R:                                                                           \
+    if constexpr (R < (1 << G)) pv_group_row<G, N, R>(acc, at, values, window, width); \
+    break;
+      LIBNA_GROUP_READERS(1)
+      LIBNA_GROUP_READERS(2)
+      LIBNA_GROUP_READERS(3)
+      LIBNA_GROUP_READERS(4)
+      LIBNA_GROUP_READERS(5)
+      LIBNA_GROUP_READERS(6)
+      LIBNA_GROUP_READERS(7)
+#undef LIBNA_GROUP_READERS
+      default: break;
+    }
+  }
+  store_all(acc, out, d0);
+}
+
+// out[g][d][16] for d < dim_v of the G pairs (pv_group_chunk, channels in
+// register blocks).
+template <int G>
+void pv_group_range(const GroupRows& rows, const float* const* probs,
+                    const float* const* value_rows, std::int64_t window, std::int64_t width,
+                    std::int64_t dim_v, float* const* out) {
+  std::int64_t d = 0;
+  for_register_blocks<kPairPvChannels>(dim_v, d, [&](auto n) {
+    pv_group_chunk<G, decltype(n)::value>(rows, probs, value_rows, window, width, d, out);
+  });
+}
+
+}  // namespace libna::cpu::LIBNA_SIMD_NS
