@@ -36,8 +36,10 @@ static void store(f32x16 (&acc)[G][N], float* out) {
 constexpr int kPositions = 7;
 
 // One pair, its q halves joined in the loop (the pair kernel before groups).
-__attribute__((noinline)) void pair_joining(const float* qa, const float* qb, const float* key,
-                                            long width, long dim, float* out) {
+// (q: row a's eight lanes at q + d * 16, row b's at q + d * 16 + 8.)
+__attribute__((noinline)) void pair_joining(const float* q, const float* key, long width,
+                                            long dim, float* out) {
+  const float *qa = q, *qb = q + 8;
   f32x16 acc[1][kPositions] = {};
   for (long d = 0; d < dim; ++d) {
     const f32x16 qd = (f32x16)_mm512_insertf32x8(
@@ -86,33 +88,15 @@ int main() {
   struct Variant {
     const char* name;
     int fmas_per_position;
-    void (*run)(const float*, const float*, long, long, long, float*);
+    void (*run)(const float* q, const float* key, long width, long dim, float* out);
   };
   const Variant variants[] = {
-      {"one pair, q halves joined in the loop", 1,
-       [](const float* q, const float* k, long j0, long w, long d, float* o) {
-         pair_joining(q, q + 8, k + j0, w, d, o);
-       }},
-      {"one pair, q joined beforehand", 1,
-       [](const float* q, const float* k, long j0, long w, long d, float* o) {
-         pairs_sharing<1>(q, k + j0, w, d, o);
-       }},
-      {"two pairs per key load", 2,
-       [](const float* q, const float* k, long j0, long w, long d, float* o) {
-         pairs_sharing<2>(q, k + j0, w, d, o);
-       }},
-      {"three pairs per key load", 3,
-       [](const float* q, const float* k, long j0, long w, long d, float* o) {
-         pairs_sharing<3>(q, k + j0, w, d, o);
-       }},
-      {"16 columns of one row, 64-byte key loads", 1,
-       [](const float* q, const float* k, long j0, long w, long d, float* o) {
-         wide_rows<1>(q, k + j0, w, d, o);
-       }},
-      {"16 columns of two rows, 64-byte key loads", 2,
-       [](const float* q, const float* k, long j0, long w, long d, float* o) {
-         wide_rows<2>(q, k + j0, w, d, o);
-       }},
+      {"one pair, q halves joined in the loop", 1, pair_joining},
+      {"one pair, q joined beforehand", 1, pairs_sharing<1>},
+      {"two pairs per key load", 2, pairs_sharing<2>},
+      {"three pairs per key load", 3, pairs_sharing<3>},
+      {"16 columns of one row, 64-byte key loads", 1, wide_rows<1>},
+      {"16 columns of two rows, 64-byte key loads", 2, wide_rows<2>},
   };
   std::printf("| q.k inner loop | G FMA/s |\n|---|---:|\n");
   for (const Variant& v : variants) {
@@ -121,7 +105,7 @@ int main() {
       const auto start = std::chrono::steady_clock::now();
       for (int i = 0; i < calls; ++i) {
         // Lane blocks start every 8 columns, as in a packed row.
-        v.run(q.data(), key.data() + (i % rows) * dim * width, (i % 7) * 8 + 2, width, dim,
+        v.run(q.data(), key.data() + (i % rows) * dim * width + (i % 7) * 8 + 2, width, dim,
               out.data());
       }
       best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() -
