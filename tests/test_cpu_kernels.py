@@ -189,7 +189,7 @@ def run(q, k, v, kernel, **kw):
     dout = rng.standard_normal(out.shape).astype(out.dtype)
     grads = getattr(libna, f"na{rank}d_backward")(q, k, v, out, dout, lse, kernel, **kw)
     results.extend(np.asarray(g, np.float32) for g in grads)
-for rows in (7, 8, 13):     # an odd last row keeps no partner
+for rows in (7, 8, 9, 13):  # an odd last row keeps no partner; groups end in a pair, a row or both
     run(*inputs((2, rows, 14, 4, 16)), 7 if rows >= 7 else rows)
     run(*inputs((1, rows, 11, 2, 8)), (3, 5), dilation=(2, 1))
     run(*inputs((1, rows, 11, 2, 8)), (4, 3), is_causal=(True, False))
@@ -215,17 +215,25 @@ np.savez(OUT, *results)
 @pytest.mark.parametrize("name", ["portable", "avx2", "avx512"])
 def test_backward_row_pairs_are_bitwise_single_rows(name, tmp_path):
     """The backward's query pass computing two query rows at a time
-    (LIBNA_CPU_ROW_PAIRS=1) and its key pass two key rows at a time (2D,
-    the schedule that keeps P and dS) gives the gradients of one row at a
-    time bit for bit, and so does the schedule that computes P and dS again
-    (LIBNA_CPU_SAVED_PROBS_BYTES=0; 3D always), its query pass in pairs, in
-    every kernel set this CPU runs: rpb, dilation, causal, stride, GQA,
-    strips, odd row counts, 3D, and inf/NaN inputs."""
+    (LIBNA_CPU_ROW_PAIRS=1), or groups of two or three such pairs sharing
+    their loads (LIBNA_CPU_PAIR_GROUP), and its key pass two key rows at a
+    time (2D, the schedule that keeps P and dS) gives the gradients of one row
+    at a time bit for bit, and so does the schedule that computes P and dS
+    again (LIBNA_CPU_SAVED_PROBS_BYTES=0; 3D always), its query pass in pairs
+    or groups, in every kernel set this CPU runs: rpb, dilation, causal,
+    stride, GQA, strips, odd row counts, 3D, and inf/NaN inputs."""
     if name not in sets_this_cpu_runs():
         pytest.skip(f"this CPU does not run the {name} kernels")
     saved = {}
-    settings = {"single": {"LIBNA_CPU_ROW_PAIRS": "0"}, "pairs": {"LIBNA_CPU_ROW_PAIRS": "1"},
-                "recompute": {"LIBNA_CPU_ROW_PAIRS": "1", "LIBNA_CPU_SAVED_PROBS_BYTES": "0"}}
+    pairs = {"LIBNA_CPU_ROW_PAIRS": "1"}
+    settings = {"single": {"LIBNA_CPU_ROW_PAIRS": "0"},
+                "pairs": {**pairs, "LIBNA_CPU_PAIR_GROUP": "1"},
+                "groups of 2": {**pairs, "LIBNA_CPU_PAIR_GROUP": "2"},
+                "groups of 3": {**pairs, "LIBNA_CPU_PAIR_GROUP": "3"},
+                "recompute": {**pairs, "LIBNA_CPU_PAIR_GROUP": "1",
+                              "LIBNA_CPU_SAVED_PROBS_BYTES": "0"},
+                "recompute, groups of 3": {**pairs, "LIBNA_CPU_PAIR_GROUP": "3",
+                                           "LIBNA_CPU_SAVED_PROBS_BYTES": "0"}}
     for label, env in settings.items():
         out = tmp_path / f"{label}.npz"
         result = run_python(f"OUT = {str(out)!r}\n" + BACKWARD_PAIR_CASES, timeout=300,
@@ -233,13 +241,13 @@ def test_backward_row_pairs_are_bitwise_single_rows(name, tmp_path):
         assert result.returncode == 0, result.stdout + result.stderr
         with np.load(out) as data:
             saved[label] = [data[key] for key in sorted(data.files, key=lambda s: int(s[4:]))]
-    assert len(saved["single"]) == 3 * 5 * 3 + 4 + 4 + 3 + 3 + 4 + 3 + 3
-    for label in ("pairs", "recompute"):
+    assert len(saved["single"]) == 4 * 5 * 3 + 4 + 4 + 3 + 3 + 4 + 3 + 3
+    for label in settings:
         assert len(saved[label]) == len(saved["single"])
         for i, (single, other) in enumerate(zip(saved["single"], saved[label])):
             np.testing.assert_array_equal(other, single, err_msg=f"{label}: result {i}")
     # The inf and NaN reach the gradients of what sees them, and no others.
-    dq = saved["pairs"][-3]
+    dq = saved["groups of 3"][-3]
     assert not np.isfinite(dq[0, 7:10, 2:5, 0]).all() and np.isfinite(dq[0, 3:7, :, 0]).all()
 
 

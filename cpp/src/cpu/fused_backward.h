@@ -42,7 +42,7 @@ void na_backward(const detail::BackwardArgs& args) {
   const std::int64_t tiles = pass.query_tiles.count;
   const SavedPlan plan =
       saved_plan<Rank>(g, tables, g.batch * heads_kv * tiles, saved, pass.ring_rows,
-                       pass.row_pairs);
+                       pass.row_pairs, pass.pairs_per_group);
   const std::int64_t query_items = g.batch * heads * tiles * layout.rows;
   // lse and D in the packed column layout (the key pass reads their padding
   // too), then the rpb-gradient partials.
@@ -63,19 +63,14 @@ void na_backward(const detail::BackwardArgs& args) {
     std::fill(partial, partial + bias_head, 0.0f);
     return partial;
   };
-  const auto query_item = [&](const TiledRow& at, const QueryTile& tile, Scratch& s) {
-    pass.query_row(at, tile, partial_of(at, at.row), s);
-  };
-  const auto query_pair = [&](const TiledRow& at, std::int64_t row_b, const QueryTile& tile,
-                              Scratch& s) {
-    pass.query_pair(at, row_b, tile, partial_of(at, at.row), partial_of(at, row_b), s);
-  };
+  const auto query_rows = [&](const TiledRow& at, std::int64_t led, const QueryTile& tile,
+                              Scratch& s) { pass.query_led(at, led, tile, partial_of, s); };
 
   if (plan.slots == 0) {
-    run_recomputing_backward(pass, query_item, query_pair);
+    run_recomputing_backward(pass, query_rows);
   } else {
     saved.slots = plan.slots;
-    run_saved_backward(pass, plan, saved, query_item, query_pair);
+    run_saved_backward(pass, plan, saved, query_rows);
   }
   if (args.drpb) {
     store_bias_grad<T>(bias_layout, bias_partials, query_items, tiles * layout.rows, *args.drpb);

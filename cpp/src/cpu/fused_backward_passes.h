@@ -33,6 +33,7 @@
 #include "cpu/neighbour_rows.h"
 #include "cpu/packed_layout.h"
 #include "cpu/packing.h"
+#include "cpu/pair_groups.h"
 #include "cpu/pair_kernels.h"
 #include "cpu/pair_rows.h"
 #include "cpu/row_cache.h"
@@ -68,8 +69,11 @@ struct Backward : LaneKernel<Rank, T> {
   std::vector<Strip> strip_list;
   // 2D and 3D: the query pass takes rows two at a time (query_pair), and in
   // 2D, keeping P and dS, so does the key pass (key_pair);
-  // LIBNA_CPU_ROW_PAIRS, else the kernel set's choice.
+  // LIBNA_CPU_ROW_PAIRS, else the kernel set's choice. The query pass
+  // takes up to pairs_per_group pairs together (pair_groups.h, as the
+  // forward; 1 without row pairs).
   const bool row_pairs;
+  const std::int64_t pairs_per_group;
 
   struct Scratch {
     std::vector<float> probs, dlogits;  // [row][window position][lane]
@@ -86,6 +90,17 @@ struct Backward : LaneKernel<Rank, T> {
     SavedProbs saved;  // saved.data null: the key pass computes P and dS again
     PairRows pair;     // query_pair: the second row's key rows and the union
     PairRows key_pair;  // key_pair: the second key row's query rows and the union
+    // query_group: each pair's rows, packed q and dout rows, q and dout
+    // lanes joined ([d][16]), P, dS and dq; the union of their key rows.
+    struct GroupPair {
+      RowList key_rows;  // the first row's
+      PairRows rows;
+      std::int64_t ca[Rank], cb[Rank], row_a, row_b;
+      const float *q_a, *q_b, *dout_a, *dout_b;
+      float *bias_grad_a, *bias_grad_b;
+      std::vector<float> q, dout, probs, dlogits, acc;
+    } group_pairs[kMaxGroupPairs];
+    GroupRows group;
     GrowingBuffer saved_memory;
   };
 
@@ -107,7 +122,8 @@ struct Backward : LaneKernel<Rank, T> {
         key_columns(*this, key_tiles, [&](std::int64_t grp, std::int64_t i0, std::int64_t lanes) {
           return key_lanes(t.axis[Rank - 1], grp, this->last().dilation, i0, lanes);
         }),
-        row_pairs(Rank >= 2 && row_pairs_wanted()) {
+        row_pairs(Rank >= 2 && row_pairs_wanted()),
+        pairs_per_group(row_pairs ? pairs_per_group_wanted() : 1) {
     std::vector<ColumnRanges> strip_columns;
     if (ring_rows) {
       strip_list = saved_strips(*this, t, query_tiles);
@@ -122,7 +138,18 @@ struct Backward : LaneKernel<Rank, T> {
 
   // (capacity: of the window-row caches, RowCaches::reset.)
   void start_query_pass(Scratch& s, std::int64_t capacity) const {
-    s.query_rows.reset(capacity, this->k_dim, this->v_dim, this->row_stride, row_pairs ? 2 : 1);
+    s.query_rows.reset(capacity, this->k_dim, this->v_dim, this->row_stride,
+                       row_pairs ? 2 * pairs_per_group : 1);
+  }
+  // The most key rows a query-pass item reads with groups of pairs: 2n rows
+  // (n pairs per group, step apart) see at most k + 2n - 1 positions along
+  // the second-to-last axis, k its kernel size there.
+  std::int64_t item_window_rows() const {
+    if constexpr (Rank >= 2) {
+      const std::int64_t k_rows = g.axes[Rank - 2].kernel;
+      return g.window_rows() / k_rows * (k_rows + 2 * pairs_per_group - 1);
+    }
+    return g.window_rows();
   }
   void start_key_pass(Scratch& s, std::int64_t capacity) const {
     s.key_rows.reset(capacity, this->k_dim, this->v_dim, this->row_stride);
@@ -238,6 +265,29 @@ struct Backward : LaneKernel<Rank, T> {
     if (bias_grad) {
       add_bias_grad(w, s.rows_list, this->last().kernel, this->bias_strides[Rank],
                     s.dlogits.data(), bias_grad);
+    }
+  }
+
+  // The query rows at.row leads (led of them: rows_led): itself, a pair, or
+  // a group of pairs, and a last row of its dilation group without a
+  // partner. partial_of(at, row): row's rpb-gradient partial.
+  template <typename PartialOf>
+  void query_led(const TiledRow& at, std::int64_t led, const QueryTile& tile,
+                 const PartialOf& partial_of, Scratch& s) const {
+    if (led == 1) return query_row(at, tile, partial_of(at, at.row), s);
+    if constexpr (Rank >= 2) {
+      const std::int64_t step = g.axes[Rank - 2].dilation;
+      if (led >= 4) {
+        query_group(at, led / 2, tile, partial_of, s);
+      } else {
+        query_pair(at, at.row + step, tile, partial_of(at, at.row),
+                   partial_of(at, at.row + step), s);
+      }
+      if (led % 2 == 1) {
+        TiledRow last = at;
+        last.row += (led - 1) * step;
+        query_row(last, tile, partial_of(at, last.row), s);
+      }
     }
   }
 
@@ -362,6 +412,171 @@ struct Backward : LaneKernel<Rank, T> {
       if (bias_grad_b && ib >= 0) {
         add_bias_grad_row(w, s.pair.b.bias[ib], kernel, step, ds + kLanes, kPairLanes,
                           bias_grad_b);
+      }
+    }
+  }
+
+  // Rows at.row, at.row + step, ... (2 * n_pairs rows of one dilation group)
+  // as n_pairs row pairs whose products share their loads (pair_groups.h):
+  // what query_pair does for each pair, bit for bit.
+  template <typename PartialOf>
+  void query_group(const TiledRow& at, std::int64_t n_pairs, const QueryTile& tile,
+                   const PartialOf& partial_of, Scratch& s) const {
+    const std::int64_t step = g.axes[Rank - 2].dilation;
+    const std::int64_t hk = at.h / this->heads_per_kv, t = at.tile_index;
+    for (std::int64_t p = 0; p < n_pairs; ++p) {
+      auto& x = s.group_pairs[p];
+      x.row_a = at.row + 2 * p * step;
+      x.row_b = x.row_a + step;
+      row_coords<Rank>(g, x.row_a, x.ca);
+      row_coords<Rank>(g, x.row_b, x.cb);
+      key_rows_of<Rank>(g, x.ca, this->bias_strides, x.key_rows);
+      key_rows_of<Rank>(g, x.cb, this->bias_strides, x.rows.b);
+      x.rows.unite(x.key_rows);
+      x.bias_grad_a = partial_of(at, x.row_a);
+      x.bias_grad_b = partial_of(at, x.row_b);
+    }
+    s.group.unite(n_pairs, [&](std::int64_t p) -> const RowList& {
+      return s.group_pairs[p].rows.rows.rows;
+    });
+    s.query_rows.next_item();
+    s.query_rows.load_window(k, v, at.b, hk, s.group.rows, t, tile.kv_columns);
+    auto [q_cache, dout_cache] = q_and_dout_caches(s);
+    for (std::int64_t p = 0; p < n_pairs; ++p) {
+      auto& x = s.group_pairs[p];
+      x.q_a = q_cache->get(q_scaled, at.b, at.h, x.row_a, t, tile.q_columns);
+      x.q_b = q_cache->get(q_scaled, at.b, at.h, x.row_b, t, tile.q_columns);
+      x.dout_a = dout_cache->get(dout, at.b, at.h, x.row_a, t, tile.q_columns);
+      x.dout_b = dout_cache->get(dout, at.b, at.h, x.row_b, t, tile.q_columns);
+    }
+    this->for_query_blocks(at.tile, [&](std::int64_t grp, const LaneWindows& w) {
+      const std::int64_t block = layout.block(grp, w.i0);
+      const bool own = block >= tile.own.begin && block < tile.own.end;
+      query_group_block(at.b, at.h, n_pairs, grp, w, own, s);
+    });
+  }
+
+  // query_pair_block for each pair of a group, the q.k, dout.v and dS.k
+  // products of all pairs together.
+  LIBNA_NOINLINE void query_group_block(std::int64_t b, std::int64_t h, std::int64_t n_pairs,
+                                        std::int64_t grp, const LaneWindows& w, bool own,
+                                        Scratch& s) const {
+    const std::int64_t dim = this->k_dim, dim_v = this->v_dim, window = w.window;
+    const std::int64_t width = this->row_stride, col0 = layout.group_base[grp] + w.i0;
+    const std::int64_t kernel = this->last().kernel, head = h % this->heads_per_kv;
+    const std::int64_t step = this->bias_strides[Rank];
+    i32x8 lo_row, hi_row;
+    w.entry_bounds(&lo_row, &hi_row);  // (the same lanes in every row)
+    const i32x16 lo = pair::join(lo_row, lo_row), hi = pair::join(hi_row, hi_row);
+    const float* q_joined[kMaxGroupPairs] = {};
+    const float* dout_joined[kMaxGroupPairs] = {};
+    float *probs[kMaxGroupPairs] = {}, *dlogits[kMaxGroupPairs] = {}, *acc[kMaxGroupPairs] = {};
+    bool masked[kMaxGroupPairs] = {};
+    const auto join_lanes = [&](const float* a, const float* b, std::int64_t channels,
+                                std::vector<float>& out) {
+      out.resize(channels * kPairLanes);
+      for (std::int64_t d = 0; d < channels; ++d) {
+        pair::store(out.data() + d * kPairLanes,
+                    pair::join(simd::load(a + d * width), simd::load(b + d * width)));
+      }
+    };
+    for (std::int64_t p = 0; p < n_pairs; ++p) {
+      auto& x = s.group_pairs[p];
+      if (own) {
+        this->prefetch_lanes(args.dq, b, x.ca, h, grp, w);
+        this->prefetch_lanes(args.dq, b, x.cb, h, grp, w);
+      }
+      join_lanes(this->lanes_at(x.q_a, grp, w), this->lanes_at(x.q_b, grp, w), dim, x.q);
+      join_lanes(this->lanes_at(x.dout_a, grp, w), this->lanes_at(x.dout_b, grp, w), dim_v,
+                 x.dout);
+      const std::int64_t entries = x.rows.rows.rows.size * window;
+      x.probs.resize(entries * kPairLanes);
+      x.dlogits.resize(entries * kPairLanes);
+      q_joined[p] = x.q.data();
+      dout_joined[p] = x.dout.data();
+      probs[p] = x.probs.data();
+      dlogits[p] = x.dlogits.data();
+      masked[p] = pair_masked(row_pair(x.q_a, x.q_b, w, x.ca, x.cb), x.rows);
+    }
+
+    // P, then dP, then dS = P (dP - D), as query_pair_block computes them.
+    this->window_rows(s.query_rows.bases_a, grp, w, s.ptrs_b);  // k
+    qk_group_rows(s.group, n_pairs, q_joined, s.ptrs_b.data(), width, dim, window, probs);
+    for (std::int64_t p = 0; p < n_pairs; ++p) {
+      auto& x = s.group_pairs[p];
+      const f32x16 lse_v = pair::join(simd::load(lse + scalar_row(b, h, x.row_a) + col0),
+                                      simd::load(lse + scalar_row(b, h, x.row_b) + col0));
+      pair_bias_and_mask(*this, h, row_pair(x.q_a, x.q_b, w, x.ca, x.cb), masked[p], lo, hi,
+                         x.key_rows, x.rows, probs[p]);
+      const std::int64_t entries = x.rows.rows.rows.size * window;
+      for (std::int64_t e = 0; e < entries; ++e) {
+        pair::store(probs[p] + e * kPairLanes,
+                    pair::exp_nonpositive(pair::load(probs[p] + e * kPairLanes) - lse_v));
+      }
+    }
+    this->window_rows(s.query_rows.bases_b, grp, w, s.ptrs_a);  // v
+    qk_group_rows(s.group, n_pairs, dout_joined, s.ptrs_a.data(), width, dim_v, window,
+                  dlogits);
+    bool mask_keys = false;
+    for (std::int64_t p = 0; p < n_pairs; ++p) {
+      auto& x = s.group_pairs[p];
+      const f32x16 delta_v = pair::join(simd::load(delta + scalar_row(b, h, x.row_a) + col0),
+                                        simd::load(delta + scalar_row(b, h, x.row_b) + col0));
+      const std::int64_t n = x.rows.rows.rows.size, entries = n * window;
+      for (std::int64_t e = 0; e < entries; ++e) {
+        const f32x16 pe = pair::load(probs[p] + e * kPairLanes);
+        pair::store(dlogits[p] + e * kPairLanes,
+                    pe * (pair::load(dlogits[p] + e * kPairLanes) - delta_v));
+      }
+      if (masked[p]) {
+        for (std::int64_t u = 0; u < n; ++u) {
+          x.rows.mask(u, lo, hi, dlogits[p] + u * window * kPairLanes, window, 0.0f);
+        }
+      }
+      for (std::int64_t u = 0; s.saved.data && u < n; ++u) {
+        const float* pu = probs[p] + u * window * kPairLanes;
+        const float* ds = dlogits[p] + u * window * kPairLanes;
+        const std::int64_t ia = x.rows.rows.index_a[u], ib = x.rows.rows.index_b[u];
+        if (ia >= 0) {
+          s.saved.save_query_row(head, x.row_a, x.key_rows.slot[ia] / kernel, col0, w, pu, ds,
+                                 kPairLanes);
+        }
+        if (ib >= 0) {
+          s.saved.save_query_row(head, x.row_b, x.rows.b.slot[ib] / kernel, col0, w,
+                                 pu + kLanes, ds + kLanes, kPairLanes);
+        }
+      }
+      mask_keys = mask_keys || (masked[p] && !s.query_rows.window_finite_a);
+    }
+
+    if (!own) return;
+    // dq = scale * dS . k (ptrs_b: the key rows)
+    for (std::int64_t p = 0; p < n_pairs; ++p) {
+      s.group_pairs[p].acc.resize(dim * kPairLanes);
+      acc[p] = s.group_pairs[p].acc.data();
+    }
+    pv_group_or_pairs(s.group, n_pairs, dlogits, s.ptrs_b.data(), window, width, dim, acc,
+                      mask_keys, masked, lo, hi,
+                      [&](std::int64_t p) -> const PairRows& { return s.group_pairs[p].rows; },
+                      s.ptrs_a);
+    for (std::int64_t p = 0; p < n_pairs; ++p) {
+      auto& x = s.group_pairs[p];
+      this->store_lanes(args.dq, b, x.ca, h, grp, w, simd::splat(this->scale), acc[p],
+                        kPairLanes);
+      this->store_lanes(args.dq, b, x.cb, h, grp, w, simd::splat(this->scale), acc[p] + kLanes,
+                        kPairLanes);
+      // The rpb gradient: each half's dS by relative position, its key rows
+      // in order (as add_bias_grad sums one row's).
+      for (std::int64_t u = 0; u < x.rows.rows.rows.size; ++u) {
+        const float* ds = dlogits[p] + u * window * kPairLanes;
+        const std::int64_t ia = x.rows.rows.index_a[u], ib = x.rows.rows.index_b[u];
+        if (x.bias_grad_a && ia >= 0) {
+          add_bias_grad_row(w, x.key_rows.bias[ia], kernel, step, ds, kPairLanes, x.bias_grad_a);
+        }
+        if (x.bias_grad_b && ib >= 0) {
+          add_bias_grad_row(w, x.rows.b.bias[ib], kernel, step, ds + kLanes, kPairLanes,
+                            x.bias_grad_b);
+        }
       }
     }
   }

@@ -23,13 +23,12 @@ namespace libna::cpu::LIBNA_SIMD_NS {
 // Runs the backward computing P and dS again in the key pass: the query pass
 // over (b, h, tile, row) items, then the key pass over (b, kv head, tile,
 // row) items (at.h: the kv head); tiled rows, as in the forward.
-// query_item(at, tile, scratch) runs one query-pass item; with row pairs
-// (pass.row_pairs), query_pair(at, row_b, tile, scratch) runs a row and the
-// next of its dilation group along the second-to-last axis together, and
-// the partner's own item does nothing (as in the forward).
-template <int Rank, typename T, typename QueryItem, typename QueryPair>
-void run_recomputing_backward(const Backward<Rank, T>& pass, const QueryItem& query_item,
-                              const QueryPair& query_pair) {
+// query_rows(at, led, tile, scratch) runs the query-pass rows at.row leads:
+// itself, or with row pairs (pass.row_pairs) it and the next led - 1 of its
+// dilation group along the second-to-last axis (rows_led), whose own items
+// then do nothing (as in the forward).
+template <int Rank, typename T, typename QueryRows>
+void run_recomputing_backward(const Backward<Rank, T>& pass, const QueryRows& query_rows) {
   using Scratch = typename Backward<Rank, T>::Scratch;
   const Geometry<Rank>& g = pass.g;
   const std::int64_t heads_kv = pass.args.k.shape[Rank + 1], rows = pass.layout.rows;
@@ -39,21 +38,22 @@ void run_recomputing_backward(const Backward<Rank, T>& pass, const QueryItem& qu
   for_tiled_rows<Scratch>(
       g.batch, g.heads, rows, pass.query_tiles,
       [&](Scratch& s) {
-        pass.start_query_pass(s, tuning::kRowCacheWindows * g.window_rows());
+        pass.start_query_pass(s, tuning::kRowCacheWindows * (pass.pairs_per_group > 1
+                                                                 ? pass.item_window_rows()
+                                                                 : g.window_rows()));
         pass.start_saving(s, SavedProbs());
       },
       [&](const TiledRow& at, Scratch& s) {
+        std::int64_t led = 1;
         if (step) {
           std::int64_t c[Rank];
           row_coords<Rank>(g, at.row, c);
-          const std::int64_t partner = partner_row(c[kPairAxis], step, g.spatial[kPairAxis]);
-          if (partner == -2) return;  // computed with its partner
-          // (Rows number the leading axes with the second-to-last fastest.)
-          if (partner >= 0) {
-            return query_pair(at, at.row + step, pass.query_tile(at.tile_index), s);
-          }
+          led = rows_led(c[kPairAxis], step, g.spatial[kPairAxis], pass.pairs_per_group);
+          if (led == 0) return;  // computed with an earlier row
         }
-        query_item(at, pass.query_tile(at.tile_index), s);
+        // (Rows number the leading axes with the second-to-last fastest:
+        // the rows led are at.row + i * step.)
+        query_rows(at, led, pass.query_tile(at.tile_index), s);
       });
   for_tiled_rows<Scratch>(
       g.batch, heads_kv, rows, pass.key_tiles,

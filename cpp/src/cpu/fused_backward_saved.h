@@ -43,33 +43,32 @@ struct SavedPlan {
   std::vector<std::int64_t> key_partner, key_ready;
 };
 
-// The order of the saved pipeline's query rows: visit(row, partner,
-// done_upto, newest) for each row in turn, where partner is row's partner
-// (partner_row; -1 without pairs) and, counting row and its partner as done,
-// every row up to done_upto is done and newest is the largest done. Both
-// saved_plan (sizing the ring) and run_saved_backward walk it.
+// The order of the saved pipeline's query rows: visit(row, led, done_upto,
+// newest) for each row in turn, where row leads `led` rows (rows_led: with
+// row pairs of step `step`, `pairs` of them per group, row, row + step, ...;
+// 0 if an earlier row leads it; 1 without pairs) and, counting those as
+// done, every row up to done_upto is done and newest is the largest done.
+// Both saved_plan (sizing the ring) and run_saved_backward walk it.
 template <typename Visit>
-void walk_query_rows(std::int64_t rows, std::int64_t step, const Visit& visit) {
+void walk_query_rows(std::int64_t rows, std::int64_t step, std::int64_t pairs,
+                     const Visit& visit) {
   std::vector<char> done(rows, 0);
   std::int64_t done_upto = -1, newest = -1;
   for (std::int64_t row = 0; row < rows; ++row) {
-    const std::int64_t partner = step ? partner_row(row, step, rows) : -1;
-    if (partner != -2) {
-      done[row] = 1;
-      newest = std::max(newest, row);
-      if (partner >= 0) {
-        done[partner] = 1;
-        newest = std::max(newest, partner);
-      }
+    const std::int64_t led = step ? rows_led(row, step, rows, pairs) : 1;
+    for (std::int64_t i = 0; i < led; ++i) {
+      done[row + i * step] = 1;
+      newest = std::max(newest, row + i * step);
     }
     while (done_upto + 1 < rows && done[done_upto + 1]) ++done_upto;
-    visit(row, partner, done_upto, newest);
+    visit(row, led, done_upto, newest);
   }
 }
 
 template <int Rank>
 SavedPlan saved_plan(const Geometry<Rank>& g, const Tables<Rank>& tables, std::int64_t items,
-                     SavedProbs layout, std::int64_t ring_rows, bool row_pairs) {
+                     SavedProbs layout, std::int64_t ring_rows, bool row_pairs,
+                     std::int64_t pairs_per_group) {
   SavedPlan plan;
   if (ring_rows == 0) return plan;  // 3D: k^3 values per query
   const std::int64_t step = Rank == 2 && row_pairs ? g.axes[0].dilation : 0;
@@ -118,8 +117,8 @@ SavedPlan saved_plan(const Geometry<Rank>& g, const Tables<Rank>& tables, std::i
   // row), found by walking the pipeline's order.
   std::int64_t slots = ring_rows, next = 0;
   const std::int64_t keys = static_cast<std::int64_t>(plan.key_order.size());
-  walk_query_rows(rows, step, [&](std::int64_t, std::int64_t, std::int64_t done_upto,
-                                  std::int64_t newest) {
+  walk_query_rows(rows, step, pairs_per_group, [&](std::int64_t, std::int64_t,
+                                                   std::int64_t done_upto, std::int64_t newest) {
     for (; next < keys && plan.key_ready[next] <= done_upto; ++next) {
       for (const std::int64_t r : {plan.key_order[next], plan.key_partner[next]}) {
         if (r >= 0 && first_query_row[r] >= 0) {
@@ -164,14 +163,13 @@ void prefetch_rows(const Backward<Rank, T>& pass, std::int64_t b, std::int64_t h
 
 // Runs the backward keeping P and dS (`saved`, with plan.slots slots): each
 // (b, kv head, strip) runs down the rows, query row y of every query head,
-// then the key rows whose query rows are all done. query_item(at, tile,
-// scratch) runs one query-pass item; with row pairs (pass.row_pairs),
-// query_pair(at, row_b, tile, scratch) runs rows at.row and row_b (the next
-// of its dilation group) together, and row_b is skipped when its turn comes.
-template <int Rank, typename T, typename QueryItem, typename QueryPair>
+// then the key rows whose query rows are all done. query_rows(at, led,
+// tile, scratch) runs the query-pass rows at.row leads (walk_query_rows:
+// with row pairs, at.row and the next led - 1 rows of its dilation group,
+// which are skipped when their turn comes).
+template <int Rank, typename T, typename QueryRows>
 void run_saved_backward(const Backward<Rank, T>& pass, const SavedPlan& plan,
-                        const SavedProbs& saved, const QueryItem& query_item,
-                        const QueryPair& query_pair) {
+                        const SavedProbs& saved, const QueryRows& query_rows) {
   using Scratch = typename Backward<Rank, T>::Scratch;
   using QueryTile = typename Backward<Rank, T>::QueryTile;
   const Geometry<Rank>& g = pass.g;
@@ -191,21 +189,20 @@ void run_saved_backward(const Backward<Rank, T>& pass, const SavedPlan& plan,
       const QueryTile tile{strip.keys, strip.kv_columns, strip.q_columns};
       // The rows run in order: a window and the row it adds; the q and
       // dout rows of the ring's query rows and the next, every query head.
-      // (A pair's window: the union of two rows'.)
-      pass.start_query_pass(s, pair_step ? 2 * g.window_rows() + 2 : g.window_rows() + 1);
-      pass.start_key_pass(s, (plan.slots + 1) * pass.heads_per_kv);
+      // (A pair's window: the union of two rows'; a group's, with the rows
+      // the next group adds.)
+      const std::int64_t group_rows = 2 * pass.pairs_per_group;
+      pass.start_query_pass(s, pass.pairs_per_group > 1
+                                   ? pass.item_window_rows() + group_rows
+                                   : pair_step ? 2 * g.window_rows() + 2 : g.window_rows() + 1);
+      pass.start_key_pass(s, (std::max(plan.slots, group_rows) + 1) * pass.heads_per_kv);
       std::int64_t next_key = 0;
-      walk_query_rows(layout.rows, pair_step, [&](std::int64_t row, std::int64_t partner,
-                                                   std::int64_t done_upto, std::int64_t) {
+      walk_query_rows(layout.rows, pair_step, pass.pairs_per_group,
+                      [&](std::int64_t row, std::int64_t led, std::int64_t done_upto, std::int64_t) {
         if (row + 1 < layout.rows) prefetch_rows(pass, b, hk, row + 1, strip, s);
-        if (partner != -2) {  // (-2: done as a partner)
+        if (led > 0) {  // (0: done with an earlier row)
           for (std::int64_t h = hk * pass.heads_per_kv; h < (hk + 1) * pass.heads_per_kv; ++h) {
-            const TiledRow at{0, b, h, row, t, strip.queries};
-            if (partner >= 0) {
-              query_pair(at, partner, tile, s);
-            } else {
-              query_item(at, tile, s);
-            }
+            query_rows(TiledRow{0, b, h, row, t, strip.queries}, led, tile, s);
           }
         }
         // The key rows whose query rows are all done.

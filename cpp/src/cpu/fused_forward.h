@@ -80,7 +80,6 @@ struct Forward : LaneKernel<Rank, T> {
       std::int64_t ca[Rank], cb[Rank];
       const float *q_a, *q_b;
       std::vector<float> q, logits, out;  // [d][16], [u][j][16], [d][16]
-      std::vector<const float*> value_rows;  // its union's (masked values only)
     } group_pairs[kMaxGroupPairs];
     GroupRows group;
     std::vector<std::pair<std::int64_t, LaneWindows>> blocks;  // block pairs: a row's blocks
@@ -347,38 +346,22 @@ struct Forward : LaneKernel<Rank, T> {
     w.entry_bounds(&lo_row, &hi_row);  // (the same lanes in every row)
     const i32x16 lo = pair::join(lo_row, lo_row), hi = pair::join(hi_row, hi_row);
     f32x16 max_logit[kMaxGroupPairs], sum[kMaxGroupPairs];
-    bool mask_values = false;
+    bool masked[kMaxGroupPairs] = {}, mask_values = false;
     for (std::int64_t p = 0; p < n_pairs; ++p) {
       auto& x = s.group_pairs[p];
       const Halves halves = row_pair(x.q_a, x.q_b, w, x.ca, x.cb);
-      const bool masked = pair_masked(halves, x.rows);
-      pair_bias_and_mask(*this, h, halves, masked, lo, hi, x.key_rows, x.rows, x.logits.data());
+      masked[p] = pair_masked(halves, x.rows);
+      pair_bias_and_mask(*this, h, halves, masked[p], lo, hi, x.key_rows, x.rows,
+                         x.logits.data());
       softmax_pair(x.logits.data(), x.rows.rows.rows.size * window, &max_logit[p], &sum[p]);
-      mask_values = mask_values || (masked && !s.rows.window_finite_b);
+      mask_values = mask_values || (masked[p] && !s.rows.window_finite_b);
     }
 
     this->window_rows(s.rows.bases_b, grp, w, s.value_rows);
-    if (mask_values) {
-      // Values that may be inf or NaN where probabilities are 0: each pair
-      // by itself, reading only its lanes' entries (pv_pair_range).
-      for (std::int64_t p = 0; p < n_pairs; ++p) {
-        auto& x = s.group_pairs[p];
-        const std::int64_t n = x.rows.rows.rows.size;
-        x.value_rows.resize(n);
-        for (std::int64_t r = 0, u = 0; r < s.group.rows.size; ++r) {
-          if (s.group.index[p][r] >= 0) x.value_rows[u++] = s.value_rows[r];
-        }
-        const Halves halves = row_pair(x.q_a, x.q_b, w, x.ca, x.cb);
-        pv_pair_range(x.logits.data(), x.value_rows.data(), n, window, this->row_stride, dim_v,
-                      x.out.data(), pair_masked(halves, x.rows), lo, hi, x.rows.halves.data());
-      }
-    } else if (n_pairs == 3) {
-      pv_group_range<3>(s.group, logits, s.value_rows.data(), window, this->row_stride, dim_v,
-                        out);
-    } else {
-      pv_group_range<2>(s.group, logits, s.value_rows.data(), window, this->row_stride, dim_v,
-                        out);
-    }
+    pv_group_or_pairs(s.group, n_pairs, logits, s.value_rows.data(), window, this->row_stride,
+                      dim_v, out, mask_values, masked, lo, hi,
+                      [&](std::int64_t p) -> const PairRows& { return s.group_pairs[p].rows; },
+                      s.key_ptrs);
 
     for (std::int64_t p = 0; p < n_pairs; ++p) {
       auto& x = s.group_pairs[p];

@@ -229,4 +229,33 @@ void pv_group_range(const GroupRows& rows, const float* const* probs,
   });
 }
 
+// out[p][d][16] for d < dim_v of each of the n_pairs pairs: the P.V sums
+// (pv_pair_range's) of its probabilities probs[p] over its union rows, whose
+// values are value_rows[r] for the group's key rows r. All pairs together
+// (pv_group_range), unless `masked_reads`: then values may be inf or NaN
+// where probabilities are 0, and each pair goes by itself, reading only its
+// lanes' entries where masked[p] (pv_pair_range). pair_rows(p): pair p's
+// PairRows; `rows_of_pair`: scratch for a pair's value rows.
+template <typename PairRowsOf>
+void pv_group_or_pairs(const GroupRows& rows, std::int64_t n_pairs, const float* const* probs,
+                       const float* const* value_rows, std::int64_t window, std::int64_t width,
+                       std::int64_t dim_v, float* const* out, bool masked_reads,
+                       const bool* masked, const i32x16& lo, const i32x16& hi,
+                       const PairRowsOf& pair_rows, std::vector<const float*>& rows_of_pair) {
+  if (!masked_reads) {
+    if (n_pairs == 3) return pv_group_range<3>(rows, probs, value_rows, window, width, dim_v, out);
+    return pv_group_range<2>(rows, probs, value_rows, window, width, dim_v, out);
+  }
+  for (std::int64_t p = 0; p < n_pairs; ++p) {
+    const PairRows& pair = pair_rows(p);
+    const std::int64_t n = pair.rows.rows.size;
+    rows_of_pair.resize(n);
+    for (std::int64_t r = 0, u = 0; r < rows.rows.size; ++r) {
+      if (rows.index[p][r] >= 0) rows_of_pair[u++] = value_rows[r];
+    }
+    pv_pair_range(probs[p], rows_of_pair.data(), n, window, width, dim_v, out[p], masked[p], lo,
+                  hi, pair.halves.data());
+  }
+}
+
 }  // namespace libna::cpu::LIBNA_SIMD_NS
