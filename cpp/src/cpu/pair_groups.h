@@ -57,11 +57,10 @@ inline std::int64_t rows_led(std::int64_t row, std::int64_t step, std::int64_t r
 
 // The key rows of a group: the union of its pairs' unions (PairRows::rows),
 // in increasing order, with each one's index in each pair's union (-1: the
-// pair does not read it) and which pairs read it (bit p).
+// pair does not read it).
 struct GroupRows {
   RowList rows;  // rows.rows and rows.size only
   std::vector<std::int64_t> index[kMaxGroupPairs];
-  std::vector<std::uint8_t> readers;
 
   // (union_of(p): pair p's union, PairRows::rows.rows.)
   template <typename UnionOf>
@@ -75,14 +74,12 @@ struct GroupRows {
     std::sort(all.begin(), all.end());
     all.erase(std::unique(all.begin(), all.end()), all.end());
     rows.size = static_cast<std::int64_t>(all.size());
-    readers.assign(all.size(), 0);
     for (std::int64_t p = 0; p < n_pairs; ++p) {
       const RowList& u = union_of(p);
       index[p].assign(all.size(), -1);
       for (std::int64_t i = 0, r = 0; i < u.size; ++i) {  // both increasing
         while (all[r] != u.rows[i]) ++r;
         index[p][r] = i;
-        readers[r] |= static_cast<std::uint8_t>(1u << p);
       }
     }
   }
@@ -158,74 +155,67 @@ inline void qk_group_rows(const GroupRows& rows, std::int64_t n_pairs, const flo
   }
 }
 
-// One key row's products for the pairs in `Readers` (bit g: pair g), as
-// pv_pair_chunk's unmasked loop: acc[g][j] += probs[g][c][16] * value(d0 + j,
-// c + lane).
-template <int G, int N, int Readers>
-LIBNA_ALWAYS_INLINE void pv_group_row(f32x16 (&acc)[G][N], const float* const* probs,
-                                      const float* values, std::int64_t window,
-                                      std::int64_t width) {
-  for (std::int64_t c = 0; c < window; ++c) {
-    f32x16 p[G];
+// One key row's products for `Count` of the pairs that read it, as
+// pv_pair_chunk's unmasked loop: out[g][j][16] (+)= the sum over positions c
+// of probs[g][c][16] * value(j, c + lane) (value(j, c) at values + j * width
+// + c), for N channels; each pair's sums start at 0 where first[g], else
+// from out[g] (where its earlier key rows left them: the same sums in the
+// same order as one register accumulator across the rows).
+template <int Count, int N>
+void pv_group_row(const float* const* probs, const float* values, std::int64_t window,
+                  std::int64_t width, const bool* first, float* const* out) {
+  f32x16 acc[Count][N];
 #pragma GCC unroll 8
-    for (int g = 0; g < G; ++g) {
-      if ((Readers >> g) & 1) p[g] = pair::load(probs[g] + c * kPairLanes);
+  for (int g = 0; g < Count; ++g) {
+#pragma GCC unroll 8
+    for (int j = 0; j < N; ++j) {
+      acc[g][j] = first[g] ? pair::splat(0.0f) : pair::load(out[g] + j * kPairLanes);
     }
+  }
+  for (std::int64_t c = 0; c < window; ++c) {
+    f32x16 p[Count];
+#pragma GCC unroll 8
+    for (int g = 0; g < Count; ++g) p[g] = pair::load(probs[g] + c * kPairLanes);
 #pragma GCC unroll 8
     for (int j = 0; j < N; ++j) {
       const f32x16 x = pair::twice(values + j * width + c);
 #pragma GCC unroll 8
-      for (int g = 0; g < G; ++g) {
-        if ((Readers >> g) & 1) acc[g][j] += p[g] * x;
-      }
+      for (int g = 0; g < Count; ++g) acc[g][j] += p[g] * x;
     }
   }
+  store_all(acc, out, 0);
 }
 
-// out[g][j][16] = the sum over the group's key rows u that pair g reads and
-// positions c of probs[g][index_g(u)][c][16] * value(u, d0 + j, c + lane),
-// for N channels (values finite where probabilities are 0: see
-// pv_pair_range for the masked reads).
-template <int G, int N>
-void pv_group_chunk(const GroupRows& rows, const float* const* probs,
-                    const float* const* value_rows, std::int64_t window, std::int64_t width,
-                    std::int64_t d0, float* const* out) {
-  f32x16 acc[G][N];
-  set_zero(acc);
-  for (std::int64_t u = 0; u < rows.rows.size; ++u) {
-    const float* at[G];
-    for (int g = 0; g < G; ++g) {
-      at[g] = probs[g] + std::max<std::int64_t>(rows.index[g][u], 0) * window * kPairLanes;
-    }
-    const float* values = value_rows[u] + d0 * width;
-    switch (rows.readers[u]) {
-#define LIBNA_GROUP_READERS(R)                                                      \
-  case R:                                                                           \
-    if constexpr (R < (1 << G)) pv_group_row<G, N, R>(acc, at, values, window, width); \
-    break;
-      LIBNA_GROUP_READERS(1)
-      LIBNA_GROUP_READERS(2)
-      LIBNA_GROUP_READERS(3)
-      LIBNA_GROUP_READERS(4)
-      LIBNA_GROUP_READERS(5)
-      LIBNA_GROUP_READERS(6)
-      LIBNA_GROUP_READERS(7)
-#undef LIBNA_GROUP_READERS
-      default: break;
-    }
-  }
-  store_all(acc, out, d0);
-}
-
-// out[g][d][16] for d < dim_v of the G pairs (pv_group_chunk, channels in
-// register blocks).
-template <int G>
-void pv_group_range(const GroupRows& rows, const float* const* probs,
-                    const float* const* value_rows, std::int64_t window, std::int64_t width,
-                    std::int64_t dim_v, float* const* out) {
+// out[p][d][16] for d < dim_v of the n_pairs pairs: the sum over the
+// group's key rows u that pair p reads and positions c of
+// probs[p][index_p(u)][c][16] * value(u, d, c + lane) (values finite where
+// probabilities are 0: see pv_pair_range for the masked reads). Channels in
+// register blocks; each key row runs for the pairs that read it.
+inline void pv_group_range(const GroupRows& rows, std::int64_t n_pairs,
+                           const float* const* probs, const float* const* value_rows,
+                           std::int64_t window, std::int64_t width, std::int64_t dim_v,
+                           float* const* out) {
   std::int64_t d = 0;
   for_register_blocks<kPairPvChannels>(dim_v, d, [&](auto n) {
-    pv_group_chunk<G, decltype(n)::value>(rows, probs, value_rows, window, width, d, out);
+    constexpr int N = decltype(n)::value;
+    bool started[kMaxGroupPairs] = {};
+    for (std::int64_t u = 0; u < rows.rows.size; ++u) {
+      const float* probs_of[kMaxGroupPairs] = {};
+      float* out_of[kMaxGroupPairs] = {};
+      bool first[kMaxGroupPairs] = {};
+      int count = 0;
+      for (std::int64_t p = 0; p < n_pairs; ++p) {
+        if (rows.index[p][u] < 0) continue;
+        probs_of[count] = probs[p] + rows.index[p][u] * window * kPairLanes;
+        out_of[count] = out[p] + d * kPairLanes;
+        first[count++] = !started[p];
+        started[p] = true;
+      }
+      const float* values = value_rows[u] + d * width;
+      if (count == 1) pv_group_row<1, N>(probs_of, values, window, width, first, out_of);
+      if (count == 2) pv_group_row<2, N>(probs_of, values, window, width, first, out_of);
+      if (count == 3) pv_group_row<3, N>(probs_of, values, window, width, first, out_of);
+    }
   });
 }
 
@@ -243,8 +233,7 @@ void pv_group_or_pairs(const GroupRows& rows, std::int64_t n_pairs, const float*
                        const bool* masked, const i32x16& lo, const i32x16& hi,
                        const PairRowsOf& pair_rows, std::vector<const float*>& rows_of_pair) {
   if (!masked_reads) {
-    if (n_pairs == 3) return pv_group_range<3>(rows, probs, value_rows, window, width, dim_v, out);
-    return pv_group_range<2>(rows, probs, value_rows, window, width, dim_v, out);
+    return pv_group_range(rows, n_pairs, probs, value_rows, window, width, dim_v, out);
   }
   for (std::int64_t p = 0; p < n_pairs; ++p) {
     const PairRows& pair = pair_rows(p);
