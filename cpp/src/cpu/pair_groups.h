@@ -1,12 +1,14 @@
-// Groups of row pairs: up to three row pairs of the fused forward
-// (pair_kernels.h) whose products share their loads. The pairs of a group are
+// Groups of row pairs: up to three row pairs (pair_kernels.h) of the fused
+// forward or of the backward's query pass whose products share their loads
+// (q.k and P.V; in the backward q.k, dout.v and dS.k). The pairs of a group are
 // consecutive along the second-to-last axis (rows y, y + s, ..., y + 5 s of
 // one dilation group, s its step), so they read mostly the same key rows:
 // each load of eight key or value columns then feeds one 16-lane FMA per pair
 // that sees the row, two or three where a pair alone does one. A pair alone
 // is bound by its loads (one 32-byte broadcast per FMA, and a shuffle per
 // channel to join its q halves); three pairs with their q halves joined once
-// per block run about 1.6x as many FMAs per cycle (measured on AVX-512).
+// per block run about 1.8x as many FMAs per second (AVX-512, keys in L1:
+// benchmarks/cpu/qk_inner_loop.cpp).
 // Each pair keeps its own logits, softmax, rpb, masks and outputs, and the
 // group computes, for each pair, exactly the products and sums the pair
 // alone computes, in the same order: the results are bitwise equal.
