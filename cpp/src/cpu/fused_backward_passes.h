@@ -92,10 +92,8 @@ struct Backward : LaneKernel<Rank, T> {
     PairRows key_pair;  // key_pair: the second key row's query rows and the union
     // query_group: each pair's rows, packed q and dout rows, q and dout
     // lanes joined ([d][16]), P, dS and dq; the union of their key rows.
-    struct GroupPair {
-      RowList key_rows;  // the first row's
-      PairRows rows;
-      std::int64_t ca[Rank], cb[Rank], row_a, row_b;
+    struct GroupPair : GroupPairRows<Rank> {
+      std::int64_t row_a, row_b;
       const float *q_a, *q_b, *dout_a, *dout_b;
       float *bias_grad_a, *bias_grad_b;
       std::vector<float> q, dout, probs, dlogits, acc;
@@ -145,10 +143,7 @@ struct Backward : LaneKernel<Rank, T> {
   // (n pairs per group, step apart) see at most k + 2n - 1 positions along
   // the second-to-last axis, k its kernel size there.
   std::int64_t item_window_rows() const {
-    if constexpr (Rank >= 2) {
-      const std::int64_t k_rows = g.axes[Rank - 2].kernel;
-      return g.window_rows() / k_rows * (k_rows + 2 * pairs_per_group - 1);
-    }
+    if constexpr (Rank >= 2) return group_window_rows(g, pairs_per_group);
     return g.window_rows();
   }
   void start_key_pass(Scratch& s, std::int64_t capacity) const {
@@ -277,17 +272,17 @@ struct Backward : LaneKernel<Rank, T> {
     if (led == 1) return query_row(at, tile, partial_of(at, at.row), s);
     if constexpr (Rank >= 2) {
       const std::int64_t step = g.axes[Rank - 2].dilation;
-      if (led >= 4) {
-        query_group(at, led / 2, tile, partial_of, s);
-      } else {
-        query_pair(at, at.row + step, tile, partial_of(at, at.row),
-                   partial_of(at, at.row + step), s);
-      }
-      if (led % 2 == 1) {
-        TiledRow last = at;
-        last.row += (led - 1) * step;
-        query_row(last, tile, partial_of(at, last.row), s);
-      }
+      run_rows_led(
+          led, [&](std::int64_t n_pairs) { query_group(at, n_pairs, tile, partial_of, s); },
+          [&] {
+            query_pair(at, at.row + step, tile, partial_of(at, at.row),
+                       partial_of(at, at.row + step), s);
+          },
+          [&](std::int64_t i) {
+            TiledRow last = at;
+            last.row += i * step;
+            query_row(last, tile, partial_of(at, last.row), s);
+          });
     }
   }
 
@@ -428,17 +423,13 @@ struct Backward : LaneKernel<Rank, T> {
       auto& x = s.group_pairs[p];
       x.row_a = at.row + 2 * p * step;
       x.row_b = x.row_a + step;
-      row_coords<Rank>(g, x.row_a, x.ca);
-      row_coords<Rank>(g, x.row_b, x.cb);
-      key_rows_of<Rank>(g, x.ca, this->bias_strides, x.key_rows);
-      key_rows_of<Rank>(g, x.cb, this->bias_strides, x.rows.b);
-      x.rows.unite(x.key_rows);
+      std::int64_t ca[Rank];
+      row_coords<Rank>(g, x.row_a, ca);
+      x.set(g, ca, step, this->bias_strides);
       x.bias_grad_a = partial_of(at, x.row_a);
       x.bias_grad_b = partial_of(at, x.row_b);
     }
-    s.group.unite(n_pairs, [&](std::int64_t p) -> const RowList& {
-      return s.group_pairs[p].rows.rows.rows;
-    });
+    s.group.unite(s.group_pairs, n_pairs);
     s.query_rows.next_item();
     s.query_rows.load_window(k, v, at.b, hk, s.group.rows, t, tile.kv_columns);
     auto [q_cache, dout_cache] = q_and_dout_caches(s);
@@ -465,29 +456,21 @@ struct Backward : LaneKernel<Rank, T> {
     const std::int64_t width = this->row_stride, col0 = layout.group_base[grp] + w.i0;
     const std::int64_t kernel = this->last().kernel, head = h % this->heads_per_kv;
     const std::int64_t step = this->bias_strides[Rank];
-    i32x8 lo_row, hi_row;
-    w.entry_bounds(&lo_row, &hi_row);  // (the same lanes in every row)
-    const i32x16 lo = pair::join(lo_row, lo_row), hi = pair::join(hi_row, hi_row);
+    auto& first = s.group_pairs[0];
+    i32x16 lo, hi;  // (the same lanes in every pair)
+    pair_bounds(row_pair(first.q_a, first.q_b, w, first.ca, first.cb), &lo, &hi);
     const float* q_joined[kMaxGroupPairs] = {};
     const float* dout_joined[kMaxGroupPairs] = {};
     float *probs[kMaxGroupPairs] = {}, *dlogits[kMaxGroupPairs] = {}, *acc[kMaxGroupPairs] = {};
     bool masked[kMaxGroupPairs] = {};
-    const auto join_lanes = [&](const float* a, const float* b, std::int64_t channels,
-                                std::vector<float>& out) {
-      out.resize(channels * kPairLanes);
-      for (std::int64_t d = 0; d < channels; ++d) {
-        pair::store(out.data() + d * kPairLanes,
-                    pair::join(simd::load(a + d * width), simd::load(b + d * width)));
-      }
-    };
     for (std::int64_t p = 0; p < n_pairs; ++p) {
       auto& x = s.group_pairs[p];
       if (own) {
         this->prefetch_lanes(args.dq, b, x.ca, h, grp, w);
         this->prefetch_lanes(args.dq, b, x.cb, h, grp, w);
       }
-      join_lanes(this->lanes_at(x.q_a, grp, w), this->lanes_at(x.q_b, grp, w), dim, x.q);
-      join_lanes(this->lanes_at(x.dout_a, grp, w), this->lanes_at(x.dout_b, grp, w), dim_v,
+      join_lanes(this->lanes_at(x.q_a, grp, w), this->lanes_at(x.q_b, grp, w), width, dim, x.q);
+      join_lanes(this->lanes_at(x.dout_a, grp, w), this->lanes_at(x.dout_b, grp, w), width, dim_v,
                  x.dout);
       const std::int64_t entries = x.rows.rows.rows.size * window;
       x.probs.resize(entries * kPairLanes);
@@ -555,10 +538,8 @@ struct Backward : LaneKernel<Rank, T> {
       s.group_pairs[p].acc.resize(dim * kPairLanes);
       acc[p] = s.group_pairs[p].acc.data();
     }
-    pv_group_or_pairs(s.group, n_pairs, dlogits, s.ptrs_b.data(), window, width, dim, acc,
-                      mask_keys, masked, lo, hi,
-                      [&](std::int64_t p) -> const PairRows& { return s.group_pairs[p].rows; },
-                      s.ptrs_a);
+    pv_group_or_pairs(s.group, s.group_pairs, n_pairs, dlogits, s.ptrs_b.data(), window, width,
+                      dim, acc, mask_keys, masked, lo, hi, s.ptrs_a);
     for (std::int64_t p = 0; p < n_pairs; ++p) {
       auto& x = s.group_pairs[p];
       this->store_lanes(args.dq, b, x.ca, h, grp, w, simd::splat(this->scale), acc[p],

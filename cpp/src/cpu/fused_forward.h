@@ -72,12 +72,9 @@ struct Forward : LaneKernel<Rank, T> {
     std::vector<const float*> key_ptrs, value_rows;
     RowCaches rows;  // a: q (own) and k (window); b: v (window)
     PairRows pair;  // row pairs: the second row's key rows and the union
-    // Groups of pairs: each pair's rows, coordinates, joined q lanes,
-    // logits and outputs, and the union of their key rows.
-    struct GroupPair {
-      RowList key_rows;  // the first row's
-      PairRows rows;
-      std::int64_t ca[Rank], cb[Rank];
+    // Groups of pairs: each pair's rows, its packed q rows, joined q lanes,
+    // logits and outputs; the union of their key rows.
+    struct GroupPair : GroupPairRows<Rank> {
       const float *q_a, *q_b;
       std::vector<float> q, logits, out;  // [d][16], [u][j][16], [d][16]
     } group_pairs[kMaxGroupPairs];
@@ -109,8 +106,7 @@ struct Forward : LaneKernel<Rank, T> {
     std::int64_t capacity = tuning::kRowCacheWindows * g.window_rows();
     if constexpr (Rank >= 2) {
       if (pairs_per_group > 1) {
-        const std::int64_t k_rows = g.axes[Rank - 2].kernel;
-        capacity = capacity / k_rows * (k_rows + 2 * pairs_per_group - 1);
+        capacity = tuning::kRowCacheWindows * group_window_rows(g, pairs_per_group);
       } else if (row_pairs) {
         capacity *= 2;
       }
@@ -127,19 +123,18 @@ struct Forward : LaneKernel<Rank, T> {
     if constexpr (Rank >= 2) {
       if (row_pairs) {
         const std::int64_t step = g.axes[Rank - 2].dilation;
-        const std::int64_t n = rows_led(c[Rank - 2], step, g.spatial[Rank - 2], pairs_per_group);
-        if (n == 0) return;  // computed with an earlier row
-        if (n >= 4) {
-          group(at, c, n / 2, s);
-        } else if (n >= 2) {
-          pair(at, c, s);
-        }
-        if (n % 2 == 0) return;
-        // The last row of its dilation group, without a partner.
-        TiledRow last = at;
-        last.row += (n - 1) * step;
-        c[Rank - 2] += (n - 1) * step;
-        return single(last, c, s);
+        const std::int64_t led = rows_led(c[Rank - 2], step, g.spatial[Rank - 2], pairs_per_group);
+        // (led 0: computed with an earlier row.)
+        run_rows_led(
+            led, [&](std::int64_t n_pairs) { group(at, c, n_pairs, s); },
+            [&] { pair(at, c, s); },
+            [&](std::int64_t i) {  // the last row of its dilation group, without a partner
+              TiledRow last = at;
+              last.row += i * step;
+              c[Rank - 2] += i * step;
+              single(last, c, s);
+            });
+        return;
       }
     }
     single(at, c, s);
@@ -292,21 +287,15 @@ struct Forward : LaneKernel<Rank, T> {
     const std::int64_t hk = at.h / this->heads_per_kv, t = at.tile_index;
     RowCaches& rows = s.rows;
     rows.next_item();
-    for (std::int64_t p = 0; p < n_pairs; ++p) {
+    std::int64_t ca[Rank];
+    std::copy(c, c + Rank, ca);
+    for (std::int64_t p = 0; p < n_pairs; ++p, ca[Rank - 2] += 2 * step) {
       auto& x = s.group_pairs[p];
-      std::copy(c, c + Rank, x.ca);
-      x.ca[Rank - 2] += 2 * p * step;
-      std::copy(x.ca, x.ca + Rank, x.cb);
-      x.cb[Rank - 2] += step;
-      key_rows_of<Rank>(g, x.ca, this->bias_strides, x.key_rows);
-      key_rows_of<Rank>(g, x.cb, this->bias_strides, x.rows.b);
-      x.rows.unite(x.key_rows);
+      x.set(g, ca, step, this->bias_strides);
       x.q_a = rows.own_a.get(q, at.b, at.h, at.row + 2 * p * step, t, columns.own[t]);
       x.q_b = rows.own_a.get(q, at.b, at.h, at.row + (2 * p + 1) * step, t, columns.own[t]);
     }
-    s.group.unite(n_pairs, [&](std::int64_t p) -> const RowList& {
-      return s.group_pairs[p].rows.rows.rows;
-    });
+    s.group.unite(s.group_pairs, n_pairs);
     rows.load_window(k, v, at.b, hk, s.group.rows, t, columns.window[t]);
     this->for_query_blocks(at.tile, [&](std::int64_t grp, const LaneWindows& w) {
       group_block(at.b, at.h, grp, w, n_pairs, s);
@@ -324,14 +313,9 @@ struct Forward : LaneKernel<Rank, T> {
       auto& x = s.group_pairs[p];
       this->prefetch_lanes(args.out, b, x.ca, h, grp, w);
       this->prefetch_lanes(args.out, b, x.cb, h, grp, w);
-      // The pair's q lanes joined once per block ([d][16]: row a's lanes,
-      // then row b's), where a pair alone joins them in its q.k loop.
-      x.q.resize(dim_k * kPairLanes);
-      const float *qa = this->lanes_at(x.q_a, grp, w), *qb = this->lanes_at(x.q_b, grp, w);
-      for (std::int64_t d = 0; d < dim_k; ++d) {
-        pair::store(x.q.data() + d * kPairLanes, pair::join(simd::load(qa + d * this->row_stride),
-                                                            simd::load(qb + d * this->row_stride)));
-      }
+      // (A pair alone joins its q halves in its q.k loop.)
+      join_lanes(this->lanes_at(x.q_a, grp, w), this->lanes_at(x.q_b, grp, w), this->row_stride,
+                 dim_k, x.q);
       x.logits.resize(x.rows.rows.rows.size * window * kPairLanes);
       x.out.resize(dim_v * kPairLanes);
       q_joined[p] = x.q.data();
@@ -342,9 +326,9 @@ struct Forward : LaneKernel<Rank, T> {
     qk_group_rows(s.group, n_pairs, q_joined, s.key_ptrs.data(), this->row_stride, dim_k, window,
                   logits);
 
-    i32x8 lo_row, hi_row;
-    w.entry_bounds(&lo_row, &hi_row);  // (the same lanes in every row)
-    const i32x16 lo = pair::join(lo_row, lo_row), hi = pair::join(hi_row, hi_row);
+    auto& first = s.group_pairs[0];
+    i32x16 lo, hi;  // (the same lanes in every pair)
+    pair_bounds(row_pair(first.q_a, first.q_b, w, first.ca, first.cb), &lo, &hi);
     f32x16 max_logit[kMaxGroupPairs], sum[kMaxGroupPairs];
     bool masked[kMaxGroupPairs] = {}, mask_values = false;
     for (std::int64_t p = 0; p < n_pairs; ++p) {
@@ -358,10 +342,8 @@ struct Forward : LaneKernel<Rank, T> {
     }
 
     this->window_rows(s.rows.bases_b, grp, w, s.value_rows);
-    pv_group_or_pairs(s.group, n_pairs, logits, s.value_rows.data(), window, this->row_stride,
-                      dim_v, out, mask_values, masked, lo, hi,
-                      [&](std::int64_t p) -> const PairRows& { return s.group_pairs[p].rows; },
-                      s.key_ptrs);
+    pv_group_or_pairs(s.group, s.group_pairs, n_pairs, logits, s.value_rows.data(), window,
+                      this->row_stride, dim_v, out, mask_values, masked, lo, hi, s.key_ptrs);
 
     for (std::int64_t p = 0; p < n_pairs; ++p) {
       auto& x = s.group_pairs[p];

@@ -57,6 +57,64 @@ inline std::int64_t rows_led(std::int64_t row, std::int64_t step, std::int64_t r
   return std::min(2 * pairs, (rows - 1 - row) / step + 1);
 }
 
+// The rows led (rows_led) as they run: led / 2 pairs, together
+// (group(n_pairs), for two or more) or alone (pair()), then the last row by
+// itself when led is odd (single(i), i = led - 1: its place among the rows
+// led).
+template <typename Group, typename Pair, typename Single>
+void run_rows_led(std::int64_t led, const Group& group, const Pair& pair, const Single& single) {
+  if (led >= 4) {
+    group(led / 2);
+  } else if (led >= 2) {
+    pair();
+  }
+  if (led % 2 == 1) single(led - 1);
+}
+
+// The most key rows (positions of the leading axes) a group of `pairs` row
+// pairs reads: its 2 pairs rows, step apart along the second-to-last axis,
+// see at most k + 2 pairs - 1 positions there, k the kernel size there.
+template <int Rank>
+std::int64_t group_window_rows(const Geometry<Rank>& g, std::int64_t pairs) {
+  static_assert(Rank >= 2, "rows pair along the second-to-last axis");
+  const std::int64_t k_rows = g.axes[Rank - 2].kernel;
+  return g.window_rows() / k_rows * (k_rows + 2 * pairs - 1);
+}
+
+// One pair of a group (the forward's and the backward's group pairs derive
+// from it): its rows' coordinates, the first row's key rows and the union
+// with the second's.
+template <int Rank>
+struct GroupPairRows {
+  std::int64_t ca[Rank], cb[Rank];
+  RowList key_rows;  // the first row's
+  PairRows rows;
+
+  // The rows at coordinates c_a and one step further along the
+  // second-to-last axis.
+  void set(const Geometry<Rank>& g, const std::int64_t* c_a, std::int64_t step,
+           const std::int64_t* bias_strides) {
+    std::copy(c_a, c_a + Rank, ca);
+    std::copy(c_a, c_a + Rank, cb);
+    cb[Rank - 2] += step;
+    key_rows_of<Rank>(g, ca, bias_strides, key_rows);
+    key_rows_of<Rank>(g, cb, bias_strides, rows.b);
+    rows.unite(key_rows);
+  }
+};
+
+// lanes[d][16] = the eight lanes at a + d * stride, then those at b + d *
+// stride, for d < channels: a pair's q (or dout) halves joined once per
+// block, for the group kernels.
+inline void join_lanes(const float* a, const float* b, std::int64_t stride,
+                       std::int64_t channels, std::vector<float>& lanes) {
+  lanes.resize(channels * kPairLanes);
+  for (std::int64_t d = 0; d < channels; ++d) {
+    pair::store(lanes.data() + d * kPairLanes,
+                pair::join(simd::load(a + d * stride), simd::load(b + d * stride)));
+  }
+}
+
 // The key rows of a group: the union of its pairs' unions (PairRows::rows),
 // in increasing order, with each one's index in each pair's union (-1: the
 // pair does not read it).
@@ -64,20 +122,20 @@ struct GroupRows {
   RowList rows;  // rows.rows and rows.size only
   std::vector<std::int64_t> index[kMaxGroupPairs];
 
-  // (union_of(p): pair p's union, PairRows::rows.rows.)
-  template <typename UnionOf>
-  void unite(std::int64_t n_pairs, const UnionOf& union_of) {
+  // (pairs: GroupPairRows, or types derived from it.)
+  template <typename Pair>
+  void unite(const Pair* pairs, std::int64_t n_pairs) {
     std::vector<std::int64_t>& all = rows.rows;
     all.clear();
     for (std::int64_t p = 0; p < n_pairs; ++p) {
-      const RowList& u = union_of(p);
+      const RowList& u = pairs[p].rows.rows.rows;
       all.insert(all.end(), u.rows.begin(), u.rows.begin() + u.size);
     }
     std::sort(all.begin(), all.end());
     all.erase(std::unique(all.begin(), all.end()), all.end());
     rows.size = static_cast<std::int64_t>(all.size());
     for (std::int64_t p = 0; p < n_pairs; ++p) {
-      const RowList& u = union_of(p);
+      const RowList& u = pairs[p].rows.rows.rows;
       index[p].assign(all.size(), -1);
       for (std::int64_t i = 0, r = 0; i < u.size; ++i) {  // both increasing
         while (all[r] != u.rows[i]) ++r;
@@ -226,19 +284,21 @@ inline void pv_group_range(const GroupRows& rows, std::int64_t n_pairs,
 // values are value_rows[r] for the group's key rows r. All pairs together
 // (pv_group_range), unless `masked_reads`: then values may be inf or NaN
 // where probabilities are 0, and each pair goes by itself, reading only its
-// lanes' entries where masked[p] (pv_pair_range). pair_rows(p): pair p's
-// PairRows; `rows_of_pair`: scratch for a pair's value rows.
-template <typename PairRowsOf>
-void pv_group_or_pairs(const GroupRows& rows, std::int64_t n_pairs, const float* const* probs,
-                       const float* const* value_rows, std::int64_t window, std::int64_t width,
-                       std::int64_t dim_v, float* const* out, bool masked_reads,
-                       const bool* masked, const i32x16& lo, const i32x16& hi,
-                       const PairRowsOf& pair_rows, std::vector<const float*>& rows_of_pair) {
+// lanes' entries where masked[p] (pv_pair_range). pairs: the group's pairs
+// (GroupPairRows or derived); `rows_of_pair`: scratch for a pair's value
+// rows.
+template <typename Pair>
+void pv_group_or_pairs(const GroupRows& rows, const Pair* pairs, std::int64_t n_pairs,
+                       const float* const* probs, const float* const* value_rows,
+                       std::int64_t window, std::int64_t width, std::int64_t dim_v,
+                       float* const* out, bool masked_reads, const bool* masked,
+                       const i32x16& lo, const i32x16& hi,
+                       std::vector<const float*>& rows_of_pair) {
   if (!masked_reads) {
     return pv_group_range(rows, n_pairs, probs, value_rows, window, width, dim_v, out);
   }
   for (std::int64_t p = 0; p < n_pairs; ++p) {
-    const PairRows& pair = pair_rows(p);
+    const PairRows& pair = pairs[p].rows;
     const std::int64_t n = pair.rows.rows.size;
     rows_of_pair.resize(n);
     for (std::int64_t r = 0, u = 0; r < rows.rows.size; ++r) {
