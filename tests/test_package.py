@@ -22,6 +22,7 @@ def test_build_info():
     assert "cpu" in info["backends"]
     assert isinstance(info["cuda_architectures"], list)
     assert info["simd"] and info["compiler"]
+    assert isinstance(info["cpu_amx"], bool)
     assert info["num_threads"] == libna.get_num_threads() >= 1
 
 
@@ -113,6 +114,8 @@ _WARNINGS_OF_IMPORT = """
     ("LIBNA_CPU_PAIR_GROUP", "0", "the kernel set's choice"),
     ("LIBNA_CPU_PAIR_GROUP", "4", "the kernel set's choice"),
     ("LIBNA_CPU_PAIR_GROUP", "three", "the kernel set's choice"),
+    ("LIBNA_CPU_AMX", "2", "1 (AMX where the CPU has it)"),
+    ("LIBNA_CPU_AMX", "on", "1 (AMX where the CPU has it)"),
 ])
 def test_invalid_environment_value_warns_once(variable, value, used):
     result = run_python(_WARNINGS_OF_IMPORT, env={variable: value})
@@ -134,6 +137,7 @@ def test_invalid_environment_value_warns_once(variable, value, used):
     ("LIBNA_CPU_SAVED_PROBS_BYTES", "0"), ("LIBNA_CPU_SAVED_PROBS_BYTES", "1048576"),
     ("LIBNA_CPU_ROW_PAIRS", "0"), ("LIBNA_CPU_ROW_PAIRS", "1"),
     ("LIBNA_CPU_PAIR_GROUP", "1"), ("LIBNA_CPU_PAIR_GROUP", "3"),
+    ("LIBNA_CPU_AMX", "0"), ("LIBNA_CPU_AMX", "1"),
     ("LIBNA_HOST_CACHE_BYTES", "0"), ("LIBNA_HOST_CACHE_BYTES", "1073741824"),
 ])
 def test_valid_environment_value_does_not_warn(variable, value):

@@ -63,7 +63,9 @@ def get_num_threads() -> int:
 def build_info() -> dict:
     """What this build of libna contains: version, dtypes, backends, CUDA
     architectures, the CPU kernel set ("avx512", "avx2" or "portable", which
-    LIBNA_CPU_KERNELS can force), SIMD level, compiler and CPU thread count.
+    LIBNA_CPU_KERNELS can force), SIMD level, whether the bfloat16 forward
+    runs on AMX tiles (``cpu_amx``; LIBNA_CPU_AMX=0 turns them off), compiler
+    and CPU thread count.
     Raises ValueError if LIBNA_CPU_KERNELS names a set this CPU cannot run."""
     if _C is None:
         return {
@@ -73,6 +75,7 @@ def build_info() -> dict:
             "cuda_architectures": [],
             "cpu_kernels": "none",
             "simd": "none",
+            "cpu_amx": False,
             "compiler": "none (compiled core not loaded)",
             "num_threads": 1,
         }

@@ -497,6 +497,7 @@ nb::dict build_info() {
   d["cuda_architectures"] = info.cuda_architectures;
   d["cpu_kernels"] = info.cpu_kernels;
   d["simd"] = info.simd;
+  d["cpu_amx"] = info.cpu_amx;
   d["compiler"] = info.compiler;
   return d;
 }

@@ -101,6 +101,8 @@ const Parsed& parsed() {
         read_choice("LIBNA_CPU_ROW_PAIRS", {0, 1}, "0 or 1", "the kernel set's choice", p.warnings);
     p.settings.pair_group = std::max(0, read_choice("LIBNA_CPU_PAIR_GROUP", {1, 2, 3}, "1, 2 or 3",
                                                     "the kernel set's choice", p.warnings));
+    p.settings.amx = read_choice("LIBNA_CPU_AMX", {0, 1}, "0 or 1", "1 (AMX where the CPU has it)",
+                                 p.warnings);
     p.settings.host_cache_bytes =
         read_bytes("LIBNA_HOST_CACHE_BYTES", tuning::kDefaultHostCacheBytes, p.warnings);
     return p;

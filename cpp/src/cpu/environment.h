@@ -19,6 +19,9 @@ struct Environment {
   // together, sharing their loads (pair_groups.h); unset (0), the kernel set
   // chooses (3 with AVX-512). Results are bitwise equal either way.
   int pair_group;
+  // LIBNA_CPU_AMX: 0 keeps the bfloat16 forward off the AMX tiles
+  // (amx_forward.cpp); unset (-1) or 1, it runs there where the CPU has them.
+  int amx;
   std::int64_t host_cache_bytes;  // LIBNA_HOST_CACHE_BYTES, else 256 MiB (tuning.h)
 };
 

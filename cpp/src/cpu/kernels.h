@@ -59,6 +59,16 @@ struct Geometry {
   }
 };
 
+// The coordinates along the leading axes (all but the last) of `row`, the
+// rows' row-major index: what packed rows and tiles number their rows by.
+template <int Rank>
+void row_coords(const Geometry<Rank>& g, std::int64_t row, std::int64_t* c) {
+  for (int a = Rank - 2; a >= 0; --a) {
+    c[a] = row % g.spatial[a];
+    row /= g.spatial[a];
+  }
+}
+
 // Element offset of [b, *c, h, 0] in t.
 template <int Rank>
 inline std::int64_t row_offset(const TensorView& t, std::int64_t b, const std::int64_t* c,

@@ -22,14 +22,6 @@ namespace libna::cpu::LIBNA_SIMD_NS {
 
 using simd::kLanes;
 
-template <int Rank>
-void row_coords(const Geometry<Rank>& g, std::int64_t row, std::int64_t* c) {
-  for (int a = Rank - 2; a >= 0; --a) {
-    c[a] = row % g.spatial[a];
-    row /= g.spatial[a];
-  }
-}
-
 // How packed tensors lay out the spatial positions: `row` enumerates the
 // positions of all but the last spatial axis; `col` is the last axis, with
 // each dilation group's positions stored contiguously from group_base[g], so

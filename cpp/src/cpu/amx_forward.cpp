@@ -1,0 +1,840 @@
+// The fused forward for bfloat16 inputs on CPUs with AMX (Intel Xeon from
+// Sapphire Rapids on): q.k and P.V as tile products (TDPBF16PS, 16x16 fp32
+// accumulators over 32 bf16 products each), the softmax in AVX-512.
+//
+// One work item is a tile of 16 queries: consecutive positions of one
+// dilation group along the last spatial axis, at one position of the leading
+// axes, for one head. Its 16 queries share their window along the leading
+// axes (the window rows) and together read a run of key columns along the
+// last (the union of their windows, at most 16 + kernel + stride). For each
+// window row and each 16 keys of that run, one tile product gives
+// S^T = K . Q^T, keys by queries: a query is a lane of a 16-float vector, so
+// the softmax runs down the keys with lane-wise max and sum, masking the keys
+// outside each query's own window. P^T, rounded to bf16 in key pairs, is the
+// B operand of O^T = V^T . P^T, whose A operand is V transposed
+// ([channel][key], packed once per call); the 16 x dim_v result is
+// transposed into the output rows, each scaled by 1/sum.
+//
+// What differs from the float32 kernels: P is rounded to bf16 before P.V (as
+// FlashAttention and NATTEN's GPU kernels do), so outputs are within bf16's
+// precision of the exact result but not the float32 kernels' bits. Keys
+// outside a query's window enter the products with P = 0, which is exact
+// unless a value is not finite (0 * inf is NaN): such values stay out of
+// V^T and are added to the outputs of the queries that attend to them
+// afterwards, so that a NaN or inf reaches those and no others.
+//
+// Used when all of these hold (runs() checks them, backend.cpp asks): the
+// CPU has AMX-TILE, AMX-BF16 and AVX512-BF16 and the kernel set is avx512,
+// the OS grants the tile state (arch_prctl), LIBNA_CPU_AMX is not 0, the
+// inputs are bfloat16, the head dim is a multiple of 32 and v's of 16, and
+// q, k, v and out have unit channel stride.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <vector>
+
+#include "backend.h"
+#include "cpu/amx_forward.h"
+#include "cpu/environment.h"
+#include "cpu/kernels.h"
+#include "cpu/thread_pool.h"
+#include "dispatch.h"
+#include "libna/window.h"
+#include "numeric.h"
+
+#include <cpuid.h>
+#include <immintrin.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#if defined(__clang__)
+#define LIBNA_AMX_BEGIN                                                                          \
+  _Pragma("clang attribute push(__attribute__((target(\"avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,amx-tile,amx-bf16,avx2,fma,f16c\"))), apply_to = function)")
+#define LIBNA_AMX_END _Pragma("clang attribute pop")
+#else
+#define LIBNA_AMX_BEGIN \
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,amx-tile,amx-bf16,avx2,fma,f16c\")")
+#define LIBNA_AMX_END _Pragma("GCC pop_options")
+#endif
+
+namespace libna::cpu::amx {
+
+namespace {
+
+// Whether this CPU and OS run tile products: the CPUID bits, and the Linux
+// permission to use the tile data state (granted once per process).
+bool cpu_has_amx() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+      !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq")) {
+    return false;
+  }
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  __cpuid_count(7, 0, eax, ebx, ecx, edx);
+  const bool amx_bf16 = (edx >> 22) & 1u, amx_tile = (edx >> 24) & 1u;
+  __cpuid_count(7, 1, eax, ebx, ecx, edx);
+  const bool avx512_bf16 = (eax >> 5) & 1u;
+  if (!amx_bf16 || !amx_tile || !avx512_bf16) return false;
+  constexpr long kRequestPermission = 0x1023;  // ARCH_REQ_XCOMP_PERM
+  constexpr long kTileData = 18;               // XFEATURE_XTILEDATA
+  return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+bool available() {
+  static const bool usable = cpu_has_amx();
+  return usable && environment().amx != 0;
+}
+
+bool runs(const detail::ForwardArgs& args) {
+  if (args.q.dtype != DType::bfloat16 || !available()) return false;
+  const int rank = args.params.rank;
+  const std::int64_t dim = args.q.shape[rank + 2], dim_v = args.v.shape[rank + 2];
+  if (dim % 32 != 0 || dim_v % 16 != 0 || dim == 0 || dim_v == 0) return false;
+  for (const TensorView* t : {&args.q, &args.k, &args.v, &args.out}) {
+    if (t->strides[rank + 2] != 1) return false;
+  }
+  // The rpb's reversed rows (below) cover the window of a non-causal query
+  // without stride along the last axis, the only windows rpb is defined for.
+  const int last = rank - 1;
+  if (args.rpb && (args.params.is_causal[last] || args.params.stride[last] != 1)) return false;
+  return true;
+}
+
+}  // namespace libna::cpu::amx
+
+LIBNA_AMX_BEGIN
+
+namespace libna::cpu::amx {
+
+namespace {
+
+constexpr int kTile = 16;        // queries per tile, keys per S tile, channels per output tile
+constexpr int kKeyPairs = 16;    // key pairs per P.V product (32 keys)
+constexpr int kChannels = 32;    // channels per q.k product
+constexpr int kBiasPad = kTile;  // zeros either side of a reversed rpb row
+
+
+struct alignas(64) TileConfig {
+  std::uint8_t palette = 1, start_row = 0;
+  std::uint8_t reserved[14] = {};
+  std::uint16_t bytes_per_row[16] = {};
+  std::uint8_t rows[16] = {};
+};
+
+// Every tile this kernel uses is 16 rows of 64 bytes. For S^T: tmm0, tmm4
+// and tmm5 accumulate, tmm1, tmm3 and tmm7 hold keys, tmm2 Q^T. For O^T:
+// tmm4..7 accumulate (64 output channels), tmm1 and tmm3 hold V^T, tmm2 and
+// tmm0 P^T.
+TileConfig tile_config() {
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) {
+    c.bytes_per_row[t] = 64;
+    c.rows[t] = kTile;
+  }
+  return c;
+}
+
+// 2^t in the lanes of `in`, 0 in the others; t <= 0 (a logit minus the
+// maximum, times log2(e)). 2^t = 2^n 2^f, n = round(t), |f| <= 1/2, 2^f by
+// its Taylor polynomial of degree 6 (relative error below 2e-7); -inf gives 0
+// and NaN stays NaN.
+inline __m512 exp2_masked(__mmask16 in, __m512 t) {
+  t = _mm512_max_ps(_mm512_set1_ps(-150.0f), t);  // NaN: the second operand, t
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(in, p, n);
+}
+
+// float -> bf16, round to nearest even, NaN kept quiet: numeric.h's
+// to_bfloat16 on 16 lanes (AVX512-BF16's conversion flushes subnormals).
+inline __m256i to_bf16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(
+      _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet));
+}
+
+// r[i][j] <- r[j][i] (16 x 16 floats, or 32-bit words).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int m = 0; m < 4; ++m) {
+    t[m] = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x88);
+    t[4 + m] = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xdd);
+    t[8 + m] = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88);
+    t[12 + m] = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xdd);
+  }
+  for (int m = 0; m < 4; ++m) {
+    r[m] = _mm512_shuffle_f32x4(t[m], t[8 + m], 0x88);
+    r[8 + m] = _mm512_shuffle_f32x4(t[m], t[8 + m], 0xdd);
+    r[4 + m] = _mm512_shuffle_f32x4(t[4 + m], t[12 + m], 0x88);
+    r[12 + m] = _mm512_shuffle_f32x4(t[4 + m], t[12 + m], 0xdd);
+  }
+}
+bool finite(std::uint16_t bf16) { return (bf16 & 0x7f80u) != 0x7f80u; }
+
+// A tile's 16 queries (positions first .. first + 15 of dilation group grp
+// along the last axis; those past the group's end idle): each one's window
+// along that axis [lo, hi), in group positions, and their union.
+struct TileLanes {
+  alignas(64) std::int32_t lo[kTile], hi[kTile];
+  std::int64_t grp, first, union_lo, union_hi;
+  __mmask16 lanes = 0;
+
+  TileLanes(std::int64_t group, std::int64_t first_position, std::int64_t len, const AxisParams& axis)
+      : grp(group), first(first_position), union_lo(len), union_hi(0) {
+    for (int l = 0; l < kTile; ++l) {
+      lo[l] = hi[l] = 0;
+      const std::int64_t iq = first + l;
+      if (iq >= len) continue;
+      std::int64_t start = 0, count = 0;
+      group_window(iq, len, axis, &start, &count);
+      lo[l] = static_cast<std::int32_t>(start);
+      hi[l] = static_cast<std::int32_t>(start + count);
+      union_lo = std::min(union_lo, start);
+      union_hi = std::max(union_hi, start + count);
+      lanes |= static_cast<__mmask16>(1u << l);
+    }
+  }
+};
+
+// The per-call layout: rows (positions of the leading axes), the last axis'
+// dilation groups and their tiles of 16 queries, and V transposed.
+template <int Rank>
+struct Layout {
+  const Geometry<Rank>& g;
+  std::int64_t rows, extent, dilation;
+  std::vector<std::int64_t> group_len, group_column;  // a group's length, its first V^T column
+  std::vector<TileLanes> tiles_of_row;               // the tiles of every row
+  std::int64_t vt_width = 0;                          // V^T columns of a row (groups + padding)
+
+  explicit Layout(const Geometry<Rank>& geometry)
+      : g(geometry), rows(geometry.tokens / geometry.spatial[Rank - 1]),
+        extent(geometry.spatial[Rank - 1]), dilation(geometry.axes[Rank - 1].dilation) {
+    for (std::int64_t grp = 0; grp < dilation; ++grp) {
+      const std::int64_t len = group_length(extent, dilation, grp);
+      group_len.push_back(len);
+      group_column.push_back(vt_width);
+      // A P.V product reads 32 keys from anywhere in the group: 32 zero
+      // columns after it keep the reads inside the row.
+      vt_width += len + 2 * kKeyPairs;
+      for (std::int64_t first = 0; first < len; first += kTile) {
+        tiles_of_row.push_back(TileLanes(grp, first, len, geometry.axes[Rank - 1]));
+      }
+    }
+  }
+  std::int64_t tiles() const { return static_cast<std::int64_t>(tiles_of_row.size()); }
+};
+
+// Offset of [b, leading coords of `row`, x, h, 0] in t (x along the last axis).
+template <int Rank>
+std::int64_t token_offset(const TensorView& t, std::int64_t b, const std::int64_t* lead,
+                          std::int64_t x, std::int64_t h) {
+  std::int64_t off = b * t.strides[0] + h * t.strides[Rank + 1] + x * t.strides[Rank];
+  for (int a = 0; a < Rank - 1; ++a) off += lead[a] * t.strides[1 + a];
+  return off;
+}
+
+// The tokens [b, lead, x, h] of a tile's active lanes (x: their positions
+// along the last axis), null for the idle ones.
+template <int Rank, typename T>
+void lane_tokens(const TensorView& t, std::int64_t b, const std::int64_t* lead, std::int64_t grp,
+                 std::int64_t first, std::int64_t dilation, std::int64_t h, __mmask16 lanes,
+                 T** tokens) {
+  for (int l = 0; l < 16; ++l) {
+    tokens[l] = (lanes >> l) & 1u
+                    ? static_cast<T*>(t.data) + token_offset<Rank>(t, b, lead, grp + (first + l) * dilation, h)
+                    : nullptr;
+  }
+}
+
+// A value of v that is not finite, left out of V^T (a zero there) and added
+// to the outputs of the queries that attend to it (Forward::add_non_finite):
+// in a tile product it would meet the zero probabilities of the queries that
+// do not, and 0 * inf is NaN.
+struct NonFinite {
+  std::int64_t item;    // its (batch, kv head, row), as pack_values numbers them
+  std::int64_t column;  // its V^T column
+  std::int64_t channel;
+  float value;
+};
+
+// The non-finite values of v, by item: all[start[i] .. start[i + 1]) are
+// item i's (start is empty when v is finite).
+struct NonFiniteValues {
+  std::vector<NonFinite> all;
+  std::vector<std::int64_t> start;
+};
+
+// V^T of every (batch, kv head, row): [dim_v][vt_width] bf16, non-finite
+// values zero and listed in `non_finite`.
+template <int Rank>
+void pack_values(const TensorView& v, const Layout<Rank>& layout, std::uint16_t* vt,
+                 NonFiniteValues& non_finite) {
+  const std::int64_t kv_heads = v.shape[Rank + 1], dim_v = v.shape[Rank + 2];
+  const std::int64_t width = layout.vt_width, items = layout.g.batch * kv_heads * layout.rows;
+  const auto* data = static_cast<const std::uint16_t*>(v.data);
+  std::mutex found_lock;
+  std::vector<NonFinite>& found = non_finite.all;
+  found.clear();
+  non_finite.start.clear();
+  parallel_for(items, 1, [&](std::int64_t begin, std::int64_t end) {
+    std::vector<NonFinite> mine;
+    for (std::int64_t item = begin; item < end; ++item) {
+      const std::int64_t row = item % layout.rows, bh = item / layout.rows;
+      const std::int64_t b = bh / kv_heads, h = bh % kv_heads;
+      std::int64_t lead[Rank > 1 ? Rank - 1 : 1] = {};
+      row_coords<Rank>(layout.g, row, lead);
+      std::uint16_t* out = vt + item * dim_v * width;
+      std::memset(out, 0, sizeof(std::uint16_t) * dim_v * width);
+      for (std::int64_t x = 0; x < layout.extent; ++x) {
+        const std::int64_t column =
+            layout.group_column[x % layout.dilation] + x / layout.dilation;
+        const std::uint16_t* token = data + token_offset<Rank>(v, b, lead, x, h);
+        for (std::int64_t c = 0; c < dim_v; ++c) {
+          const std::uint16_t value = token[c];
+          if (finite(value)) {
+            out[c * width + column] = value;
+          } else {
+            mine.push_back({item, column, c, detail::to_float(detail::BFloat16{value})});
+          }
+        }
+      }
+    }
+    if (!mine.empty()) {
+      const std::lock_guard<std::mutex> guard(found_lock);
+      found.insert(found.end(), mine.begin(), mine.end());
+    }
+  });
+  if (found.empty()) return;
+  std::sort(found.begin(), found.end(), [](const NonFinite& x, const NonFinite& y) {
+    return x.item != y.item ? x.item < y.item : x.column != y.column ? x.column < y.column
+                                                                     : x.channel < y.channel;
+  });
+  non_finite.start.assign(items + 1, 0);
+  for (const NonFinite& f : found) ++non_finite.start[f.item + 1];
+  for (std::int64_t i = 0; i < items; ++i) non_finite.start[i + 1] += non_finite.start[i];
+}
+
+// One row of the window of a tile: where its keys are, and its rpb row.
+struct WindowRow {
+  std::int64_t key_offset;  // of [b, leading coords, 0, kv head, 0] in k
+  std::int64_t vt_row;      // its V^T, among the rows of one (batch, kv head)
+  std::int64_t bias_row;    // its reversed rpb row, among one head's
+};
+
+template <int Rank>
+void window_rows(const Geometry<Rank>& g, const TensorView& k, const NaParams& p,
+                 std::int64_t b, std::int64_t hk, std::int64_t row,
+                 std::vector<WindowRow>& out) {
+  out.clear();
+  std::int64_t lead[Rank > 1 ? Rank - 1 : 1] = {};
+  row_coords<Rank>(g, row, lead);
+  AxisWindow w[Rank > 1 ? Rank - 1 : 1];
+  std::int64_t count = 1;
+  for (int a = 0; a < Rank - 1; ++a) {
+    w[a] = axis_window(lead[a], g.axes[a]);
+    count *= w[a].count;
+  }
+  std::int64_t t[Rank > 1 ? Rank - 1 : 1] = {};
+  for (std::int64_t i = 0; i < count; ++i) {
+    WindowRow r{b * k.strides[0] + hk * k.strides[Rank + 1], 0, 0};
+    for (int a = 0; a < Rank - 1; ++a) {
+      const std::int64_t pos = w[a].first + t[a] * w[a].step;
+      r.key_offset += pos * k.strides[1 + a];
+      r.vt_row = r.vt_row * g.spatial[a] + pos;
+      r.bias_row = r.bias_row * (2 * p.kernel_size[a] - 1) + w[a].rpb_first + t[a];
+    }
+    out.push_back(r);
+    for (int a = Rank - 2; a >= 0; --a) {  // odometer, last leading axis fastest
+      if (++t[a] < w[a].count) break;
+      t[a] = 0;
+    }
+  }
+}
+
+// Loads tile A from `at` (rows `stride` bytes apart) and adds A . B to tile
+// Acc. A macro: GCC's tile intrinsics spell their register numbers into the
+// assembly, so they must be literals.
+#define LIBNA_TILE_PRODUCT(Acc, A, B, at, stride) \
+  do {                                           \
+    _tile_loadd(A, at, stride);                  \
+    _tile_dpbf16ps(Acc, A, B);                   \
+  } while (0)
+
+// O^T channels [16 t, 16 t + 16) += V^T . P^T, P^T in tmm2 (odd = 0) or tmm0.
+inline void accumulate_output(int t, int odd, const void* a, std::int64_t stride) {
+  switch (t + 4 * odd) {
+    case 0: LIBNA_TILE_PRODUCT(4, 1, 2, a, stride); break;
+    case 1: LIBNA_TILE_PRODUCT(5, 3, 2, a, stride); break;
+    case 2: LIBNA_TILE_PRODUCT(6, 1, 2, a, stride); break;
+    case 3: LIBNA_TILE_PRODUCT(7, 3, 2, a, stride); break;
+    case 4: LIBNA_TILE_PRODUCT(4, 1, 0, a, stride); break;
+    case 5: LIBNA_TILE_PRODUCT(5, 3, 0, a, stride); break;
+    case 6: LIBNA_TILE_PRODUCT(6, 1, 0, a, stride); break;
+    default: LIBNA_TILE_PRODUCT(7, 3, 0, a, stride); break;
+  }
+}
+
+inline void store_output(int tile, float* o) {
+  switch (tile) {
+    case 0: _tile_stored(4, o, 64); break;
+    case 1: _tile_stored(5, o, 64); break;
+    case 2: _tile_stored(6, o, 64); break;
+    default: _tile_stored(7, o, 64); break;
+  }
+}
+
+// The keys of one S^T product: 16 rows `stride` bytes apart, and where the
+// 16 x 16 scores go.
+struct KeyTile {
+  const std::uint16_t* keys;
+  std::int64_t stride;
+  float* scores;
+};
+
+// The scratch of one thread, kept between calls (see thread_scratch.h).
+struct Scratch {
+  std::vector<float> scores;              // S^T, then P: [window row][key][lane]
+  std::vector<std::uint32_t> probs;       // P^T in key pairs: [window row][32 keys][lane]
+  std::vector<std::uint32_t> queries;     // Q^T in channel pairs: [dim / 2][lane]
+  std::vector<float> output;              // O^T: [dim_v][lane]
+  std::vector<std::uint16_t> edge_keys;   // per window row: 16 key rows past the group's end
+  std::vector<KeyTile> key_tiles;
+  std::vector<__mmask16> masks;  // per key of the run: the lanes whose window holds it
+};
+
+Scratch& scratch() {
+  thread_local Scratch s;
+  return s;
+}
+
+template <typename V>
+void reserve(V& v, std::int64_t n) {
+  if (static_cast<std::int64_t>(v.size()) < n) v.resize(n);
+}
+
+// The window rows of every row, built once per call (key offsets without the
+// batch and head).
+template <int Rank>
+struct WindowTableOf {
+  std::vector<WindowRow> all;
+  std::vector<std::int64_t> start;  // row r's: all[start[r] .. start[r + 1])
+
+  WindowTableOf(const Geometry<Rank>& g, const TensorView& k, const NaParams& p, std::int64_t rows) {
+    std::vector<WindowRow> one;
+    for (std::int64_t r = 0; r < rows; ++r) {
+      start.push_back(static_cast<std::int64_t>(all.size()));
+      window_rows<Rank>(g, k, p, 0, 0, r, one);
+      all.insert(all.end(), one.begin(), one.end());
+    }
+    start.push_back(static_cast<std::int64_t>(all.size()));
+  }
+  const WindowRow* rows(std::int64_t r) const { return all.data() + start[r]; }
+  std::int64_t count(std::int64_t r) const { return start[r + 1] - start[r]; }
+};
+
+template <int Rank>
+struct Forward {
+  using WindowTable = WindowTableOf<Rank>;
+  const detail::ForwardArgs& args;
+  const Geometry<Rank>& g;
+  const Layout<Rank>& layout;
+  const std::uint16_t* vt;
+  const WindowTable& windows;
+  const NonFiniteValues& non_finite;
+  std::int64_t key_lowest, key_highest;  // k's element offsets: [lowest, highest) is inside it
+  const float* bias;  // reversed rpb rows, [head][rpb row][bias_width]; null without rpb
+  std::int64_t bias_rows, bias_width;
+  std::int64_t dim, dim_v, heads_per_kv;
+  float scale;
+
+  // Fetches into cache the keys and V^T columns that the same tile of the
+  // next row reads and this one does not (the window rows it adds): a tile
+  // load waits for each of its 16 rows, and those rows come from memory.
+  void prefetch_next_row(std::int64_t b, std::int64_t hk, std::int64_t row, std::int64_t grp,
+                         std::int64_t union_lo, std::int64_t union_hi) const {
+    const TensorView& k = args.k;
+    const auto* k_data = static_cast<const char*>(k.data);
+    const auto* vt_head = reinterpret_cast<const char*>(
+        vt + (b * args.v.shape[Rank + 1] + hk) * layout.rows * dim_v * layout.vt_width);
+    const std::int64_t key_base = b * k.strides[0] + hk * k.strides[Rank + 1];
+    const std::int64_t key_bytes = dim * 2, column_bytes = (union_hi - union_lo) * 2;
+    const WindowRow *now = windows.rows(row), *next = windows.rows(row + 1);
+    const std::int64_t now_count = windows.count(row), next_count = windows.count(row + 1);
+    for (std::int64_t i = 0; i < next_count; ++i) {
+      const WindowRow& r = next[i];
+      bool known = false;
+      for (std::int64_t c = 0; c < now_count; ++c) known |= now[c].vt_row == r.vt_row;
+      if (known) continue;
+      for (std::int64_t j = union_lo; j < union_hi; ++j) {
+        const char* key =
+            k_data + 2 * (key_base + r.key_offset + (grp + j * layout.dilation) * k.strides[Rank]);
+        for (std::int64_t at = 0; at < key_bytes; at += 64) _mm_prefetch(key + at, _MM_HINT_T0);
+      }
+      const char* columns = vt_head + 2 * (r.vt_row * dim_v * layout.vt_width +
+                                           layout.group_column[grp] + union_lo);
+      for (std::int64_t c = 0; c < dim_v; ++c) {
+        const char* at = columns + c * layout.vt_width * 2;
+        _mm_prefetch(at, _MM_HINT_T0);
+        _mm_prefetch(at + column_bytes - 1, _MM_HINT_T0);
+      }
+    }
+  }
+
+  // O^T[channel][lane] += p * value for each non-finite value of v in the
+  // tile's window and each lane that attends to it (p: its probability as
+  // the products used it, rounded to bf16), as the products would have added
+  // it without the zero probabilities of the other lanes.
+  void add_non_finite(std::int64_t b, std::int64_t hk, std::int64_t grp, std::int64_t union_lo,
+                      std::int64_t union_hi, const WindowRow* rows, std::int64_t window,
+                      const __mmask16* holds, const std::uint32_t* probs, std::int64_t row_pairs,
+                      float* o) const {
+    const std::int64_t first_column = layout.group_column[grp];
+    for (std::int64_t w = 0; w < window; ++w) {
+      const std::int64_t item = (b * args.v.shape[Rank + 1] + hk) * layout.rows + rows[w].vt_row;
+      for (std::int64_t e = non_finite.start[item]; e < non_finite.start[item + 1]; ++e) {
+        const NonFinite& f = non_finite.all[e];
+        const std::int64_t j = f.column - first_column;
+        if (j < union_lo || j >= union_hi) continue;
+        const std::int64_t i = j - union_lo;
+        for (int l = 0; l < kTile; ++l) {
+          if (!((holds[i] >> l) & 1u)) continue;
+          const std::uint32_t pair = probs[w * row_pairs + (i / 2) * kTile + l];
+          const auto bits = static_cast<std::uint16_t>(i % 2 ? pair >> 16 : pair & 0xffffu);
+          o[f.channel * kTile + l] += detail::to_float(detail::BFloat16{bits}) * f.value;
+        }
+      }
+    }
+  }
+
+  void tile(std::int64_t b, std::int64_t h, std::int64_t row, std::int64_t tile_index,
+            Scratch& s) const {
+    const TensorView &q = args.q, &k = args.k, &out = args.out;
+    const AxisParams& axis = g.axes[Rank - 1];
+    const TileLanes& lanes_of = layout.tiles_of_row[tile_index];
+    const std::int64_t grp = lanes_of.grp, first = lanes_of.first;
+    const std::int64_t len = layout.group_len[grp], dil = layout.dilation;
+    const std::int64_t hk = h / heads_per_kv;
+    std::int64_t lead[Rank > 1 ? Rank - 1 : 1] = {};
+    row_coords<Rank>(g, row, lead);
+    const std::int32_t *lo = lanes_of.lo, *hi = lanes_of.hi;
+    const std::int64_t union_lo = lanes_of.union_lo, union_hi = lanes_of.union_hi;
+    const __mmask16 lanes = lanes_of.lanes;
+    const std::int64_t keys = union_hi - union_lo;
+    const std::int64_t key_tiles = (keys + kTile - 1) / kTile;
+    const std::int64_t pair_tiles = (keys + 2 * kKeyPairs - 1) / (2 * kKeyPairs);
+
+    const WindowRow* rows = windows.rows(row);
+    const std::int64_t window = windows.count(row);
+    const std::int64_t key_base = b * k.strides[0] + hk * k.strides[Rank + 1];
+    if (row + 1 < layout.rows) prefetch_next_row(b, hk, row, grp, union_lo, union_hi);
+    const std::int64_t row_floats = key_tiles * kTile * kTile;
+    const std::int64_t row_pairs = pair_tiles * kKeyPairs * kTile;
+    reserve(s.scores, window * row_floats);
+    reserve(s.probs, window * row_pairs);
+    reserve(s.edge_keys, window * kTile * dim);
+    reserve(s.masks, keys);
+    float* scores = s.scores.data();
+    std::uint32_t* probs = s.probs.data();
+
+    // Q^T in channel pairs (the B operand of S^T = K . Q^T); idle lanes zero.
+    std::uint32_t* qt = s.queries.data();
+    const std::uint16_t* queries[kTile];
+    lane_tokens<Rank>(q, b, lead, grp, first, dil, h, lanes, queries);
+    for (std::int64_t c = 0; c < dim; c += kChannels) {
+      __m512 r[kTile];
+      for (int l = 0; l < kTile; ++l) {
+        r[l] = queries[l] ? _mm512_loadu_ps(queries[l] + c) : _mm512_setzero_ps();
+      }
+      transpose16(r);
+      for (int p = 0; p < kTile; ++p) _mm512_storeu_ps(qt + (c / 2 + p) * kTile, r[p]);
+    }
+
+    // S^T, 16 keys by 16 queries per product, three products in flight (a
+    // tile product's result is ready some 16 cycles after it starts).
+    const auto* k_data = static_cast<const std::uint16_t*>(k.data);
+    const std::int64_t key_stride = dil * k.strides[Rank] * 2;  // bytes between keys
+    s.key_tiles.clear();
+    for (std::int64_t w = 0; w < window; ++w) {
+      for (std::int64_t kt = 0; kt < key_tiles; ++kt) {
+        const std::int64_t j0 = union_lo + kt * kTile;
+        KeyTile t{k_data + (key_base + rows[w].key_offset) + (grp + j0 * dil) * k.strides[Rank], key_stride,
+                  scores + w * row_floats + kt * kTile * kTile};
+        const std::int64_t first_key = (key_base + rows[w].key_offset) + (grp + j0 * dil) * k.strides[Rank];
+        const std::int64_t last_key = first_key + (kTile - 1) * dil * k.strides[Rank];
+        // Rows past the group's end are read as they are (their scores are
+        // masked) unless they lie outside k: then a copy of the rows there are.
+        if (std::min(first_key, last_key) < key_lowest || std::max(first_key, last_key) + dim > key_highest) {
+          std::uint16_t* edge = s.edge_keys.data() + w * kTile * dim;
+          std::memset(edge, 0, sizeof(std::uint16_t) * kTile * dim);
+          for (std::int64_t j = j0; j < len; ++j) {
+            std::memcpy(edge + (j - j0) * dim,
+                        k_data + (key_base + rows[w].key_offset) + (grp + j * dil) * k.strides[Rank],
+                        sizeof(std::uint16_t) * dim);
+          }
+          t.keys = edge;
+          t.stride = dim * 2;
+        }
+        s.key_tiles.push_back(t);
+      }
+    }
+    const std::int64_t products = static_cast<std::int64_t>(s.key_tiles.size());
+    for (std::int64_t i = 0; i < products; i += 3) {
+      const KeyTile* t = s.key_tiles.data() + i;
+      const std::int64_t n = std::min<std::int64_t>(3, products - i);
+      _tile_zero(0);
+      if (n > 1) _tile_zero(4);
+      if (n > 2) _tile_zero(5);
+      for (std::int64_t c = 0; c < dim; c += kChannels) {
+        _tile_loadd(2, qt + (c / 2) * kTile, 64);
+        LIBNA_TILE_PRODUCT(0, 1, 2, t[0].keys + c, t[0].stride);
+        if (n > 1) LIBNA_TILE_PRODUCT(4, 3, 2, t[1].keys + c, t[1].stride);
+        if (n > 2) LIBNA_TILE_PRODUCT(5, 7, 2, t[2].keys + c, t[2].stride);
+      }
+      _tile_stored(0, t[0].scores, 64);
+      if (n > 1) _tile_stored(4, t[1].scores, 64);
+      if (n > 2) _tile_stored(5, t[2].scores, 64);
+    }
+
+    // Softmax down the keys, one lane per query: the lanes whose window
+    // holds each key of the run, then the logits and their maximum.
+    __mmask16* holds = s.masks.data();
+    {
+      const __m512i lane_lo = _mm512_load_si512(lo), lane_hi = _mm512_load_si512(hi);
+      for (std::int64_t j = union_lo; j < union_hi; ++j) {
+        const __m512i jv = _mm512_set1_epi32(static_cast<std::int32_t>(j));
+        holds[j - union_lo] = lanes & _mm512_cmpge_epi32_mask(jv, lane_lo) &
+                              _mm512_cmplt_epi32_mask(jv, lane_hi);
+      }
+    }
+    const __m512 scale_v = _mm512_set1_ps(scale);
+    __m512 max_logit = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    const std::int64_t kernel = axis.kernel;
+    for (std::int64_t w = 0; w < window; ++w) {
+      float* row_scores = scores + w * row_floats;
+      if (bias) {
+        // Lane l's rpb index along the last axis is j - (first + l) + kernel - 1:
+        // a reversed row makes the 16 lanes' biases one load.
+        const float* bias_row = bias + (h * bias_rows + rows[w].bias_row) * bias_width +
+                                kBiasPad + 2 * kernel - 2 - (union_lo - first + kernel - 1);
+        for (std::int64_t i = 0; i < keys; ++i) {
+          const __m512 x = _mm512_fmadd_ps(_mm512_loadu_ps(row_scores + i * kTile), scale_v,
+                                           _mm512_loadu_ps(bias_row - i));
+          _mm512_storeu_ps(row_scores + i * kTile, x);
+          max_logit = _mm512_mask_max_ps(max_logit, holds[i], max_logit, x);
+        }
+      } else {
+        for (std::int64_t i = 0; i < keys; ++i) {
+          const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(row_scores + i * kTile), scale_v);
+          _mm512_storeu_ps(row_scores + i * kTile, x);
+          max_logit = _mm512_mask_max_ps(max_logit, holds[i], max_logit, x);
+        }
+      }
+    }
+    // exp(x - shift) = 2^(x log2(e) - shift log2(e)), shift = the maximum (0
+    // where it is -inf: a query that attends to nothing).
+    const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    const __m512 shift = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(max_logit, neg_inf, _CMP_EQ_OQ),
+                                              max_logit, _mm512_setzero_ps());
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+    const __m512 shift_log2e = _mm512_mul_ps(shift, log2e);
+    __m512 sum = _mm512_setzero_ps();
+    // Lane l of the bf16 pair (p[j], p[j + 1]): interleave two conversions.
+    const __m512i interleave = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+        23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const std::int64_t padded = pair_tiles * 2 * kKeyPairs;
+    for (std::int64_t w = 0; w < window; ++w) {
+      const float* row_scores = scores + w * row_floats;
+      std::uint32_t* row_probs = probs + w * row_pairs;
+      for (std::int64_t i = 0; i < padded; i += 2) {
+        const __m512 p0 = i < keys ? exp2_masked(holds[i], _mm512_fmsub_ps(_mm512_loadu_ps(row_scores + i * kTile), log2e, shift_log2e))
+                                   : _mm512_setzero_ps();
+        const __m512 p1 = i + 1 < keys ? exp2_masked(holds[i + 1], _mm512_fmsub_ps(_mm512_loadu_ps(row_scores + (i + 1) * kTile), log2e, shift_log2e))
+                                       : _mm512_setzero_ps();
+        sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+        // P rounds to bf16 here (AVX512-BF16's conversion, nearest even; it
+        // flushes subnormal probabilities, below 1e-38, to zero).
+        const __m512i pair = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);
+        _mm512_storeu_si512(row_probs + i / 2 * kTile, _mm512_permutexvar_epi16(interleave, pair));
+      }
+    }
+
+    // O^T = V^T . P^T, 64 channels at a time.
+    float* o = s.output.data();
+    const std::int64_t vt_stride = layout.vt_width * 2;  // bytes between V^T channels
+    const std::uint16_t* vt_head =
+        vt + (b * (args.v.shape[Rank + 1]) + hk) * layout.rows * dim_v * layout.vt_width;
+    for (std::int64_t c0 = 0; c0 < dim_v; c0 += 4 * kTile) {
+      const int outputs = static_cast<int>(std::min<std::int64_t>(4, (dim_v - c0) / kTile));
+      for (int t = 0; t < outputs; ++t) {
+        switch (t) {
+          case 0: _tile_zero(4); break;
+          case 1: _tile_zero(5); break;
+          case 2: _tile_zero(6); break;
+          default: _tile_zero(7); break;
+        }
+      }
+      // B operands alternate between tmm2 and tmm0 and A operands between
+      // tmm1 and tmm3, so that a load need not wait for the product before.
+      std::int64_t step = 0;
+      for (std::int64_t w = 0; w < window; ++w) {
+        const std::uint16_t* vt_row = vt_head + rows[w].vt_row * dim_v * layout.vt_width +
+                                      layout.group_column[grp] + union_lo;
+        for (std::int64_t pt = 0; pt < pair_tiles; ++pt, ++step) {
+          const std::uint32_t* p = probs + w * row_pairs + pt * kKeyPairs * kTile;
+          if (step % 2 == 0) {
+            _tile_loadd(2, p, 64);
+          } else {
+            _tile_loadd(0, p, 64);
+          }
+          for (int t = 0; t < outputs; ++t) {
+            accumulate_output(t, step % 2, vt_row + (c0 + t * kTile) * layout.vt_width + pt * 2 * kKeyPairs,
+                              vt_stride);
+          }
+        }
+      }
+      for (int t = 0; t < outputs; ++t) store_output(t, o + (c0 + t * kTile) * kTile);
+    }
+
+    if (!non_finite.start.empty()) add_non_finite(b, hk, grp, union_lo, union_hi, rows, window, holds, probs, row_pairs, o);
+
+    // Transpose into the output rows, each scaled by 1/sum; and lse.
+    alignas(64) float sums[kTile], maxima[kTile];
+    _mm512_storeu_ps(sums, sum);
+    _mm512_storeu_ps(maxima, max_logit);
+    alignas(64) float norms[kTile];
+    for (int l = 0; l < kTile; ++l) norms[l] = detail::softmax_normaliser(sums[l]);
+    std::uint16_t* tokens[kTile];
+    lane_tokens<Rank>(out, b, lead, grp, first, dil, h, lanes, tokens);
+    for (std::int64_t c = 0; c < dim_v; c += kTile) {
+      __m512 r[kTile];
+      for (int i = 0; i < kTile; ++i) r[i] = _mm512_loadu_ps(o + (c + i) * kTile);
+      transpose16(r);
+      for (int l = 0; l < kTile; ++l) {
+        if (tokens[l]) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(tokens[l] + c),
+                              to_bf16(_mm512_mul_ps(r[l], _mm512_set1_ps(norms[l]))));
+        }
+      }
+    }
+    for (int l = 0; l < kTile; ++l) {
+      if (!tokens[l]) continue;
+      const std::int64_t x = grp + (first + l) * dil;
+      if (args.lse) {
+        std::int64_t coords[Rank];
+        for (int a = 0; a < Rank - 1; ++a) coords[a] = lead[a];
+        coords[Rank - 1] = x;
+        float* lse = static_cast<float*>(args.lse->data);
+        lse[row_offset<Rank>(*args.lse, b, coords, 0) + h * args.lse->strides[Rank + 1]] =
+            detail::softmax_lse(maxima[l], sums[l]);
+      }
+    }
+  }
+};
+
+template <int Rank>
+void forward(const detail::ForwardArgs& args) {
+  const Geometry<Rank> g(args.q, args.params);
+  const Layout<Rank> layout(g);
+  const std::int64_t kv_heads = args.k.shape[Rank + 1];
+  const std::int64_t dim = args.q.shape[Rank + 2], dim_v = args.v.shape[Rank + 2];
+
+  thread_local std::vector<std::uint16_t> vt;
+  const std::int64_t vt_size = g.batch * kv_heads * layout.rows * dim_v * layout.vt_width;
+  if (static_cast<std::int64_t>(vt.size()) < vt_size) {
+    vt = std::vector<std::uint16_t>();
+    vt.resize(vt_size);
+  }
+  thread_local NonFiniteValues non_finite;
+  pack_values<Rank>(args.v, layout, vt.data(), non_finite);
+
+  // rpb rows along the last axis, reversed and zero-padded, so that the 16
+  // lanes' biases for one key are one load (see Forward::tile).
+  const std::int64_t kernel = g.axes[Rank - 1].kernel;
+  std::vector<float> bias;
+  std::int64_t bias_rows = 1;
+  const std::int64_t bias_width = 2 * kernel - 1 + 2 * kBiasPad;
+  if (args.rpb) {
+    const BiasBuffer<Rank, float> buffer(args.params, g.heads);
+    const std::vector<float> rpb = buffer.template load_from<detail::BFloat16>(*args.rpb);
+    const std::int64_t span = 2 * kernel - 1;
+    bias_rows = buffer.strides[0] / span;
+    bias.assign(g.heads * bias_rows * bias_width, 0.0f);
+    for (std::int64_t r = 0; r < g.heads * bias_rows; ++r) {
+      for (std::int64_t i = 0; i < span; ++i) {
+        bias[r * bias_width + kBiasPad + span - 1 - i] = rpb[r * span + i];
+      }
+    }
+  }
+
+  const WindowTableOf<Rank> windows(g, args.k, args.params, layout.rows);
+  std::int64_t key_lowest = 0, key_highest = 1;
+  for (int d = 0; d < args.k.ndim; ++d) {
+    const std::int64_t span = (args.k.shape[d] - 1) * args.k.strides[d];
+    (span < 0 ? key_lowest : key_highest) += span;
+  }
+  const Forward<Rank> f{args, g, layout, vt.data(), windows, non_finite, key_lowest, key_highest, args.rpb ? bias.data() : nullptr, bias_rows,
+                        bias_width, dim, dim_v, g.heads / kv_heads,
+                        static_cast<float>(args.scale)};
+  const std::int64_t tiles = layout.tiles();
+  parallel_for(g.batch * g.heads * layout.rows * tiles, tiles, [&](std::int64_t begin, std::int64_t end) {
+    Scratch& s = scratch();
+    reserve(s.queries, dim / 2 * kTile);
+    reserve(s.output, dim_v * kTile);
+    const TileConfig config = tile_config();
+    _tile_loadconfig(&config);
+    for (std::int64_t item = begin; item < end; ++item) {
+      const std::int64_t tile = item % tiles, rest = item / tiles;
+      const std::int64_t row = rest % layout.rows, bh = rest / layout.rows;
+      f.tile(bh / g.heads, bh % g.heads, row, tile, s);
+    }
+    _tile_release();
+  });
+}
+
+}  // namespace
+
+void na_forward(const detail::ForwardArgs& args) {
+  detail::dispatch_rank(args.params.rank, "na_forward", [&](auto rank) {
+    forward<decltype(rank)::value>(args);
+  });
+}
+
+}  // namespace libna::cpu::amx
+
+LIBNA_AMX_END
