@@ -268,12 +268,14 @@ def test_alternate_runs_settings_in_turn_and_prints_medians(capsys):
 
     calls = []
 
-    def fake_run(name, value, shape, kernel, mode, n_calls, threads):
+    def fake_run(name, value, shape, kernel, mode, n_calls, threads, dtype):
+        assert dtype == "bfloat16"
         calls.append((name, value))
         return {"0": [4.0, 6.0, 5.0], "1": [2.0, 3.0, 2.5]}[value][sum(v == value for _, v in calls) - 1]
 
     assert alternate.main(["--env", "LIBNA_CPU_ROW_PAIRS=0,1", "--shape", "8,14,14,8,32",
-                           "--pass", "backward", "--rounds", "3"], run=fake_run) == 0
+                           "--pass", "backward", "--rounds", "3", "--dtype", "bfloat16"],
+                          run=fake_run) == 0
     assert calls == [("LIBNA_CPU_ROW_PAIRS", "0"), ("LIBNA_CPU_ROW_PAIRS", "1")] * 3
     out = capsys.readouterr().out
     assert "| 0 | 5.000 | 1.00x | 4.000 6.000 5.000 |" in out
@@ -293,3 +295,7 @@ def test_alternate_times_a_real_call():
     for mode in ("forward", "backward"):
         ms = alternate.run_one("LIBNA_CPU_ROW_PAIRS", "1", (1, 9, 9, 2, 8), 3, mode, 2, 1)
         assert 0 < ms < 10_000
+    pytest.importorskip("ml_dtypes")
+    ms = alternate.run_one("LIBNA_CPU_AMX", "1", (1, 9, 9, 2, 32), 3, "forward", 2, 1,
+                           dtype="bfloat16")
+    assert 0 < ms < 10_000

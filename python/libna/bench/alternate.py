@@ -7,8 +7,8 @@ On a shared VM whose speed drifts by tens of percent from one minute to the
 next, two settings timed one after the other compare the machine's phases,
 not the settings. Here each round runs one fresh process per setting, in
 turn, and each process times ``--calls`` calls of ``libna.na{rank}d`` (or
-its backward) on NumPy float32 arrays of ``--shape`` ([B, *spatial, heads,
-D]) after one warm-up call and reports its best; the table gives each
+its backward) on NumPy arrays of ``--shape`` ([B, *spatial, heads, D];
+``--dtype`` float32, float16 or bfloat16) after one warm-up call and reports its best; the table gives each
 setting's median over the rounds, every round's value, and the ratio of the
 medians to the first setting's. Settings that libna reads once per process
 (LIBNA_CPU_ROW_PAIRS, LIBNA_CPU_KERNELS, LIBNA_CPU_SAVED_PROBS_BYTES, ...)
@@ -28,12 +28,16 @@ _CHILD = """
 import sys, time
 import numpy as np, libna
 shape, kernel, mode, calls, threads = {shape!r}, {kernel!r}, {mode!r}, {calls!r}, {threads!r}
+dtype = {dtype!r}
+if dtype == "bfloat16":
+    import ml_dtypes
+    dtype = ml_dtypes.bfloat16
 libna.set_num_threads(threads)
 rank = len(shape) - 3
 forward = getattr(libna, f"na{{rank}}d")
 backward = getattr(libna, f"na{{rank}}d_backward")
 rng = np.random.default_rng(0)
-q, k, v, dout = (rng.standard_normal(shape, dtype=np.float32) for _ in range(4))
+q, k, v, dout = (rng.standard_normal(shape, dtype=np.float32).astype(dtype) for _ in range(4))
 out, lse = forward(q, k, v, kernel, return_lse=True)
 call = ((lambda: forward(q, k, v, kernel)) if mode == "forward"
         else (lambda: backward(q, k, v, out, dout, lse, kernel)))
@@ -68,10 +72,11 @@ def _settings(text: str) -> tuple:
     return name, tuple(choices)
 
 
-def run_one(name: str, value: str, shape, kernel, mode: str, calls: int, threads: int) -> float:
+def run_one(name: str, value: str, shape, kernel, mode: str, calls: int, threads: int,
+            dtype: str = "float32") -> float:
     """One fresh process with name=value: its best of `calls` calls, in ms."""
     code = _CHILD.format(shape=tuple(shape), kernel=kernel, mode=mode, calls=calls,
-                         threads=threads)
+                         threads=threads, dtype=dtype)
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", **{name: value})
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=env, timeout=600, check=False)
@@ -93,6 +98,8 @@ def main(argv=None, run=run_one) -> int:
                         help="kernel size: an int, or one per spatial axis (default 7)")
     parser.add_argument("--pass", dest="mode", choices=("forward", "backward"),
                         default="forward", help="what to time (default forward)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="the inputs' dtype (default float32; bfloat16 needs ml_dtypes)")
     parser.add_argument("--rounds", type=int, default=5, help="alternations (default 5)")
     parser.add_argument("--calls", type=int, default=8,
                         help="timed calls per process, the best kept (default 8)")
@@ -114,9 +121,9 @@ def main(argv=None, run=run_one) -> int:
     for _ in range(args.rounds):
         for value in values:
             times[value].append(run(name, value, args.shape, kernel, args.mode,
-                                    args.calls, args.threads))
+                                    args.calls, args.threads, dtype=args.dtype))
     shape = "x".join(map(str, args.shape))
-    print(f"# {args.mode}, shape {shape}, kernel {kernel}, float32, {args.threads} "
+    print(f"# {args.mode}, shape {shape}, kernel {kernel}, {args.dtype}, {args.threads} "
           f"thread(s); {args.rounds} alternating rounds of fresh processes, best of "
           f"{args.calls} calls each")
     print(f"| {name} | median ms | vs {name}={values[0]} | every round (ms) |")
