@@ -300,7 +300,9 @@ struct NonFiniteValues {
 };
 
 // V^T of every (batch, kv head, row): [dim_v][vt_width] bf16, non-finite
-// values zero and listed in `non_finite`.
+// values zero and listed in `non_finite`. Sixteen tokens of a dilation group
+// at a time go through a transpose of 16 x 16 channel pairs; the rest, and
+// blocks that hold a non-finite value, one value at a time.
 template <int Rank>
 void pack_values(const TensorView& v, const Layout<Rank>& layout, std::uint16_t* vt,
                  NonFiniteValues& non_finite) {
@@ -311,6 +313,10 @@ void pack_values(const TensorView& v, const Layout<Rank>& layout, std::uint16_t*
   std::vector<NonFinite>& found = non_finite.all;
   found.clear();
   non_finite.start.clear();
+  // Channel 2p of 16 tokens, then channel 2p + 1, from their 16 channel pairs.
+  const __m512i split = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1,
+                                         30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i exponent = _mm512_set1_epi16(0x7f80);
   parallel_for(items, 1, [&](std::int64_t begin, std::int64_t end) {
     std::vector<NonFinite> mine;
     for (std::int64_t item = begin; item < end; ++item) {
@@ -319,19 +325,57 @@ void pack_values(const TensorView& v, const Layout<Rank>& layout, std::uint16_t*
       std::int64_t lead[Rank > 1 ? Rank - 1 : 1] = {};
       row_coords<Rank>(layout.g, row, lead);
       std::uint16_t* out = vt + item * dim_v * width;
-      std::memset(out, 0, sizeof(std::uint16_t) * dim_v * width);
-      for (std::int64_t x = 0; x < layout.extent; ++x) {
-        const std::int64_t column =
-            layout.group_column[x % layout.dilation] + x / layout.dilation;
+      auto one_at_a_time = [&](std::int64_t x, std::int64_t c0, std::int64_t c1) {
+        const std::int64_t column = layout.group_column[x % layout.dilation] + x / layout.dilation;
         const std::uint16_t* token = data + token_offset<Rank>(v, b, lead, x, h);
-        for (std::int64_t c = 0; c < dim_v; ++c) {
+        for (std::int64_t c = c0; c < c1; ++c) {
           const std::uint16_t value = token[c];
           if (finite(value)) {
             out[c * width + column] = value;
           } else {
+            out[c * width + column] = 0;
             mine.push_back({item, column, c, detail::to_float(detail::BFloat16{value})});
           }
         }
+      };
+      for (std::int64_t grp = 0; grp < layout.dilation; ++grp) {
+        const std::int64_t len = layout.group_len[grp], column0 = layout.group_column[grp];
+        for (std::int64_t c = 0; c < dim_v; ++c) {  // the zero columns after the group
+          std::memset(out + c * width + column0 + len, 0, sizeof(std::uint16_t) * 2 * kKeyPairs);
+        }
+        std::int64_t i = 0;
+        for (; i + kTile <= len; i += kTile) {
+          const std::uint16_t* tokens[kTile];
+          for (int t = 0; t < kTile; ++t) {
+            tokens[t] = data + token_offset<Rank>(v, b, lead, grp + (i + t) * layout.dilation, h);
+          }
+          std::int64_t c = 0;
+          for (; c + 2 * kTile <= dim_v; c += 2 * kTile) {
+            __m512 r[kTile];
+            __mmask32 bad = 0;
+            for (int t = 0; t < kTile; ++t) {
+              r[t] = _mm512_loadu_ps(tokens[t] + c);
+              bad |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(_mm512_castps_si512(r[t]), exponent),
+                                             exponent);
+            }
+            if (bad) {
+              for (int t = 0; t < kTile; ++t) one_at_a_time(grp + (i + t) * layout.dilation, c, c + 2 * kTile);
+              continue;
+            }
+            transpose16(r);
+            for (int p = 0; p < kTile; ++p) {
+              const __m512i halves = _mm512_permutexvar_epi16(split, _mm512_castps_si512(r[p]));
+              std::uint16_t* at = out + (c + 2 * p) * width + column0 + i;
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(at), _mm512_castsi512_si256(halves));
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(at + width),
+                                  _mm512_extracti64x4_epi64(halves, 1));
+            }
+          }
+          if (c < dim_v) {
+            for (int t = 0; t < kTile; ++t) one_at_a_time(grp + (i + t) * layout.dilation, c, dim_v);
+          }
+        }
+        for (; i < len; ++i) one_at_a_time(grp + i * layout.dilation, 0, dim_v);
       }
     }
     if (!mine.empty()) {
@@ -737,8 +781,10 @@ struct Forward {
     alignas(64) float sums[kTile], maxima[kTile];
     _mm512_storeu_ps(sums, sum);
     _mm512_storeu_ps(maxima, max_logit);
+    // 1/sum, 0 for a query that attends to nothing (detail::softmax_normaliser).
     alignas(64) float norms[kTile];
-    for (int l = 0; l < kTile; ++l) norms[l] = detail::softmax_normaliser(sums[l]);
+    _mm512_storeu_ps(norms, _mm512_maskz_div_ps(_mm512_cmp_ps_mask(sum, _mm512_setzero_ps(), _CMP_NEQ_UQ),
+                                                _mm512_set1_ps(1.0f), sum));
     std::uint16_t* tokens[kTile];
     lane_tokens<Rank>(out, b, lead, grp, first, dil, h, lanes, tokens);
     for (std::int64_t c = 0; c < dim_v; c += kTile) {
