@@ -46,6 +46,13 @@
 #include "libna/window.h"
 #include "numeric.h"
 
+// GCC 12 takes the AVX-512 intrinsics' deliberately undefined operands
+// (`__m512i __Y = __Y;` in _mm512_undefined_epi32) for uninitialised reads
+// once they are inlined here, and warns at every use; there is no read.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 #include <cpuid.h>
 #include <immintrin.h>
 #if defined(__linux__)
