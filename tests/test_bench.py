@@ -127,6 +127,7 @@ def test_table_every_method_checked_and_timed():
     code, out = bench(*TINY, "--no-memory")
     assert code == 0, out
     assert "machine:" in out and "libna:" in out and "simd=" in out and "torch:" in out
+    assert "amx=on" in out or "amx=off" in out
     assert "correctness: every method agrees with libna" in out
     for section in ("forward", "backward"):
         for method in ("libna", "gather", "sdpa-mask", "sdpa-full", "swin"):

@@ -7,12 +7,13 @@ On a shared VM whose speed drifts by tens of percent from one minute to the
 next, two settings timed one after the other compare the machine's phases,
 not the settings. Here each round runs one fresh process per setting, in
 turn, and each process times ``--calls`` calls of ``libna.na{rank}d`` (or
-its backward) on NumPy arrays of ``--shape`` ([B, *spatial, heads, D];
-``--dtype`` float32, float16 or bfloat16) after one warm-up call and reports its best; the table gives each
-setting's median over the rounds, every round's value, and the ratio of the
-medians to the first setting's. Settings that libna reads once per process
-(LIBNA_CPU_ROW_PAIRS, LIBNA_CPU_KERNELS, LIBNA_CPU_SAVED_PROBS_BYTES, ...)
-can only be compared this way.
+its backward) on NumPy arrays of ``--shape`` ([B, *spatial, heads,
+D]; ``--dtype`` float32, float16 or bfloat16) after one warm-up call and
+reports its best; the table gives each setting's median over the rounds,
+every round's value, and the ratio of the medians to the first setting's.
+Settings that libna reads once per process (LIBNA_CPU_ROW_PAIRS,
+LIBNA_CPU_KERNELS, LIBNA_CPU_AMX, LIBNA_CPU_SAVED_PROBS_BYTES, ...) can only
+be compared this way.
 """
 
 from __future__ import annotations

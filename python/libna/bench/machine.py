@@ -70,7 +70,8 @@ def machine_lines(threads):
         f"{' (' + ' '.join(flags) + ')' if flags else ''}{avail}, {platform.system()} "
         f"{platform.machine()}",
         f"libna:   {info.get('version')} backends={','.join(info.get('backends', []))} "
-        f"simd={info.get('simd')} compiler={info.get('compiler')}",
+        f"simd={info.get('simd')} amx={'on' if info.get('cpu_amx') else 'off'} "
+        f"compiler={info.get('compiler')}",
         f"torch:   {torch.__version__}, numpy {np.__version__}, python "
         f"{platform.python_version()}",
         f"threads: {threads} (libna and torch); OPENBLAS_NUM_THREADS="
