@@ -131,7 +131,6 @@ constexpr int kKeyPairs = 16;    // key pairs per P.V product (32 keys)
 constexpr int kChannels = 32;    // channels per q.k product
 constexpr int kBiasPad = kTile;  // zeros either side of a reversed rpb row
 
-
 struct alignas(64) TileConfig {
   std::uint8_t palette = 1, start_row = 0;
   std::uint8_t reserved[14] = {};
@@ -168,6 +167,17 @@ inline __m512 exp2_masked(__mmask16 in, __m512 t) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_maskz_scalef_ps(in, p, n);
+}
+
+// The probabilities of key i of a run of `keys` for the 16 lanes, from its
+// logits: exp(logit - shift) where the window holds the key, else 0 (and 0
+// past the run's end). A function, not a lambda, so that it is compiled with
+// this unit's target and returns its vector in a register.
+inline __m512 probability(const float* logits, const __mmask16* holds, std::int64_t keys,
+                          std::int64_t i, __m512 log2e, __m512 shift_log2e) {
+  if (i >= keys) return _mm512_setzero_ps();
+  const __m512 logit = _mm512_loadu_ps(logits + i * kTile);
+  return exp2_masked(holds[i], _mm512_fmsub_ps(logit, log2e, shift_log2e));
 }
 
 // float -> bf16, round to nearest even, NaN kept quiet: numeric.h's
@@ -221,7 +231,8 @@ struct TileLanes {
   std::int64_t grp, first, union_lo, union_hi;
   __mmask16 lanes = 0;
 
-  TileLanes(std::int64_t group, std::int64_t first_position, std::int64_t len, const AxisParams& axis)
+  TileLanes(std::int64_t group, std::int64_t first_position, std::int64_t len,
+            const AxisParams& axis)
       : grp(group), first(first_position), union_lo(len), union_hi(0) {
     for (int l = 0; l < kTile; ++l) {
       lo[l] = hi[l] = 0;
@@ -239,7 +250,7 @@ struct TileLanes {
 };
 
 // The per-call layout: rows (positions of the leading axes), the last axis'
-// dilation groups and their tiles of 16 queries, and V transposed.
+// dilation groups with their columns in V^T, and the tiles of a row.
 template <int Rank>
 struct Layout {
   const Geometry<Rank>& g;
@@ -266,7 +277,7 @@ struct Layout {
   std::int64_t tiles() const { return static_cast<std::int64_t>(tiles_of_row.size()); }
 };
 
-// Offset of [b, leading coords of `row`, x, h, 0] in t (x along the last axis).
+// Element offset of [b, *lead, x, h, 0] in t (x along the last axis).
 template <int Rank>
 std::int64_t token_offset(const TensorView& t, std::int64_t b, const std::int64_t* lead,
                           std::int64_t x, std::int64_t h) {
@@ -281,10 +292,10 @@ template <int Rank, typename T>
 void lane_tokens(const TensorView& t, std::int64_t b, const std::int64_t* lead, std::int64_t grp,
                  std::int64_t first, std::int64_t dilation, std::int64_t h, __mmask16 lanes,
                  T** tokens) {
-  for (int l = 0; l < 16; ++l) {
-    tokens[l] = (lanes >> l) & 1u
-                    ? static_cast<T*>(t.data) + token_offset<Rank>(t, b, lead, grp + (first + l) * dilation, h)
-                    : nullptr;
+  for (int l = 0; l < kTile; ++l) {
+    const std::int64_t x = grp + (first + l) * dilation;
+    tokens[l] = (lanes >> l) & 1u ? static_cast<T*>(t.data) + token_offset<Rank>(t, b, lead, x, h)
+                                  : nullptr;
   }
 }
 
@@ -366,7 +377,9 @@ void pack_values(const TensorView& v, const Layout<Rank>& layout, std::uint16_t*
                                              exponent);
             }
             if (bad) {
-              for (int t = 0; t < kTile; ++t) one_at_a_time(grp + (i + t) * layout.dilation, c, c + 2 * kTile);
+              for (int t = 0; t < kTile; ++t) {
+                one_at_a_time(grp + (i + t) * layout.dilation, c, c + 2 * kTile);
+              }
               continue;
             }
             transpose16(r);
@@ -379,7 +392,9 @@ void pack_values(const TensorView& v, const Layout<Rank>& layout, std::uint16_t*
             }
           }
           if (c < dim_v) {
-            for (int t = 0; t < kTile; ++t) one_at_a_time(grp + (i + t) * layout.dilation, c, dim_v);
+            for (int t = 0; t < kTile; ++t) {
+              one_at_a_time(grp + (i + t) * layout.dilation, c, dim_v);
+            }
           }
         }
         for (; i < len; ++i) one_at_a_time(grp + i * layout.dilation, 0, dim_v);
@@ -402,15 +417,15 @@ void pack_values(const TensorView& v, const Layout<Rank>& layout, std::uint16_t*
 
 // One row of the window of a tile: where its keys are, and its rpb row.
 struct WindowRow {
-  std::int64_t key_offset;  // of [b, leading coords, 0, kv head, 0] in k
+  std::int64_t key_offset;  // of [0, leading coords, 0, 0, 0] in k
   std::int64_t vt_row;      // its V^T, among the rows of one (batch, kv head)
   std::int64_t bias_row;    // its reversed rpb row, among one head's
 };
 
+// The window rows of the queries of `row`, leading axis by leading axis.
 template <int Rank>
 void window_rows(const Geometry<Rank>& g, const TensorView& k, const NaParams& p,
-                 std::int64_t b, std::int64_t hk, std::int64_t row,
-                 std::vector<WindowRow>& out) {
+                 std::int64_t row, std::vector<WindowRow>& out) {
   out.clear();
   std::int64_t lead[Rank > 1 ? Rank - 1 : 1] = {};
   row_coords<Rank>(g, row, lead);
@@ -422,7 +437,7 @@ void window_rows(const Geometry<Rank>& g, const TensorView& k, const NaParams& p
   }
   std::int64_t t[Rank > 1 ? Rank - 1 : 1] = {};
   for (std::int64_t i = 0; i < count; ++i) {
-    WindowRow r{b * k.strides[0] + hk * k.strides[Rank + 1], 0, 0};
+    WindowRow r{0, 0, 0};
     for (int a = 0; a < Rank - 1; ++a) {
       const std::int64_t pos = w[a].first + t[a] * w[a].step;
       r.key_offset += pos * k.strides[1 + a];
@@ -479,13 +494,13 @@ struct KeyTile {
 
 // The scratch of one thread, kept between calls (see thread_scratch.h).
 struct Scratch {
-  std::vector<float> scores;              // S^T, then P: [window row][key][lane]
-  std::vector<std::uint32_t> probs;       // P^T in key pairs: [window row][32 keys][lane]
-  std::vector<std::uint32_t> queries;     // Q^T in channel pairs: [dim / 2][lane]
-  std::vector<float> output;              // O^T: [dim_v][lane]
-  std::vector<std::uint16_t> edge_keys;   // per window row: 16 key rows past the group's end
-  std::vector<KeyTile> key_tiles;
-  std::vector<__mmask16> masks;  // per key of the run: the lanes whose window holds it
+  std::vector<float> scores;             // S^T, then the logits: [window row][key][lane]
+  std::vector<std::uint32_t> probs;      // P^T in key pairs: [window row][key / 2][lane]
+  std::vector<std::uint32_t> queries;    // Q^T in channel pairs: [dim / 2][lane]
+  std::vector<float> output;             // O^T: [dim_v][lane]
+  std::vector<std::uint16_t> edge_keys;  // per window row: copies of 16 keys at k's end
+  std::vector<KeyTile> key_tiles;        // the S^T products of a tile
+  std::vector<__mmask16> masks;          // per key of the run: the lanes whose window holds it
 };
 
 Scratch& scratch() {
@@ -501,15 +516,15 @@ void reserve(V& v, std::int64_t n) {
 // The window rows of every row, built once per call (key offsets without the
 // batch and head).
 template <int Rank>
-struct WindowTableOf {
+struct WindowTable {
   std::vector<WindowRow> all;
   std::vector<std::int64_t> start;  // row r's: all[start[r] .. start[r + 1])
 
-  WindowTableOf(const Geometry<Rank>& g, const TensorView& k, const NaParams& p, std::int64_t rows) {
+  WindowTable(const Geometry<Rank>& g, const TensorView& k, const NaParams& p, std::int64_t rows) {
     std::vector<WindowRow> one;
     for (std::int64_t r = 0; r < rows; ++r) {
       start.push_back(static_cast<std::int64_t>(all.size()));
-      window_rows<Rank>(g, k, p, 0, 0, r, one);
+      window_rows<Rank>(g, k, p, r, one);
       all.insert(all.end(), one.begin(), one.end());
     }
     start.push_back(static_cast<std::int64_t>(all.size()));
@@ -518,14 +533,14 @@ struct WindowTableOf {
   std::int64_t count(std::int64_t r) const { return start[r + 1] - start[r]; }
 };
 
+// One call's forward: its inputs, layout and tables, and the work of a tile.
 template <int Rank>
 struct Forward {
-  using WindowTable = WindowTableOf<Rank>;
   const detail::ForwardArgs& args;
   const Geometry<Rank>& g;
   const Layout<Rank>& layout;
   const std::uint16_t* vt;
-  const WindowTable& windows;
+  const WindowTable<Rank>& windows;
   const NonFiniteValues& non_finite;
   std::int64_t key_lowest, key_highest;  // k's element offsets: [lowest, highest) is inside it
   const float* bias;  // reversed rpb rows, [head][rpb row][bias_width]; null without rpb
@@ -643,18 +658,18 @@ struct Forward {
     for (std::int64_t w = 0; w < window; ++w) {
       for (std::int64_t kt = 0; kt < key_tiles; ++kt) {
         const std::int64_t j0 = union_lo + kt * kTile;
-        KeyTile t{k_data + (key_base + rows[w].key_offset) + (grp + j0 * dil) * k.strides[Rank], key_stride,
-                  scores + w * row_floats + kt * kTile * kTile};
-        const std::int64_t first_key = (key_base + rows[w].key_offset) + (grp + j0 * dil) * k.strides[Rank];
+        const std::int64_t row_start = key_base + rows[w].key_offset + grp * k.strides[Rank];
+        const std::int64_t first_key = row_start + j0 * dil * k.strides[Rank];
         const std::int64_t last_key = first_key + (kTile - 1) * dil * k.strides[Rank];
+        KeyTile t{k_data + first_key, key_stride, scores + w * row_floats + kt * kTile * kTile};
         // Rows past the group's end are read as they are (their scores are
         // masked) unless they lie outside k: then a copy of the rows there are.
-        if (std::min(first_key, last_key) < key_lowest || std::max(first_key, last_key) + dim > key_highest) {
+        if (std::min(first_key, last_key) < key_lowest ||
+            std::max(first_key, last_key) + dim > key_highest) {
           std::uint16_t* edge = s.edge_keys.data() + w * kTile * dim;
           std::memset(edge, 0, sizeof(std::uint16_t) * kTile * dim);
           for (std::int64_t j = j0; j < len; ++j) {
-            std::memcpy(edge + (j - j0) * dim,
-                        k_data + (key_base + rows[w].key_offset) + (grp + j * dil) * k.strides[Rank],
+            std::memcpy(edge + (j - j0) * dim, k_data + row_start + j * dil * k.strides[Rank],
                         sizeof(std::uint16_t) * dim);
           }
           t.keys = edge;
@@ -733,10 +748,8 @@ struct Forward {
       const float* row_scores = scores + w * row_floats;
       std::uint32_t* row_probs = probs + w * row_pairs;
       for (std::int64_t i = 0; i < padded; i += 2) {
-        const __m512 p0 = i < keys ? exp2_masked(holds[i], _mm512_fmsub_ps(_mm512_loadu_ps(row_scores + i * kTile), log2e, shift_log2e))
-                                   : _mm512_setzero_ps();
-        const __m512 p1 = i + 1 < keys ? exp2_masked(holds[i + 1], _mm512_fmsub_ps(_mm512_loadu_ps(row_scores + (i + 1) * kTile), log2e, shift_log2e))
-                                       : _mm512_setzero_ps();
+        const __m512 p0 = probability(row_scores, holds, keys, i, log2e, shift_log2e);
+        const __m512 p1 = probability(row_scores, holds, keys, i + 1, log2e, shift_log2e);
         sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
         // P rounds to bf16 here (AVX512-BF16's conversion, nearest even; it
         // flushes subnormal probabilities, below 1e-38, to zero).
@@ -774,15 +787,18 @@ struct Forward {
             _tile_loadd(0, p, 64);
           }
           for (int t = 0; t < outputs; ++t) {
-            accumulate_output(t, step % 2, vt_row + (c0 + t * kTile) * layout.vt_width + pt * 2 * kKeyPairs,
-                              vt_stride);
+            const std::uint16_t* values =
+                vt_row + (c0 + t * kTile) * layout.vt_width + pt * 2 * kKeyPairs;
+            accumulate_output(t, step % 2, values, vt_stride);
           }
         }
       }
       for (int t = 0; t < outputs; ++t) store_output(t, o + (c0 + t * kTile) * kTile);
     }
 
-    if (!non_finite.start.empty()) add_non_finite(b, hk, grp, union_lo, union_hi, rows, window, holds, probs, row_pairs, o);
+    if (!non_finite.start.empty()) {
+      add_non_finite(b, hk, grp, union_lo, union_hi, rows, window, holds, probs, row_pairs, o);
+    }
 
     // Transpose into the output rows, each scaled by 1/sum; and lse.
     alignas(64) float sums[kTile], maxima[kTile];
@@ -790,8 +806,8 @@ struct Forward {
     _mm512_storeu_ps(maxima, max_logit);
     // 1/sum, 0 for a query that attends to nothing (detail::softmax_normaliser).
     alignas(64) float norms[kTile];
-    _mm512_storeu_ps(norms, _mm512_maskz_div_ps(_mm512_cmp_ps_mask(sum, _mm512_setzero_ps(), _CMP_NEQ_UQ),
-                                                _mm512_set1_ps(1.0f), sum));
+    const __mmask16 attends = _mm512_cmp_ps_mask(sum, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+    _mm512_storeu_ps(norms, _mm512_maskz_div_ps(attends, _mm512_set1_ps(1.0f), sum));
     std::uint16_t* tokens[kTile];
     lane_tokens<Rank>(out, b, lead, grp, first, dil, h, lanes, tokens);
     for (std::int64_t c = 0; c < dim_v; c += kTile) {
@@ -855,17 +871,20 @@ void forward(const detail::ForwardArgs& args) {
     }
   }
 
-  const WindowTableOf<Rank> windows(g, args.k, args.params, layout.rows);
+  const WindowTable<Rank> windows(g, args.k, args.params, layout.rows);
   std::int64_t key_lowest = 0, key_highest = 1;
   for (int d = 0; d < args.k.ndim; ++d) {
     const std::int64_t span = (args.k.shape[d] - 1) * args.k.strides[d];
     (span < 0 ? key_lowest : key_highest) += span;
   }
-  const Forward<Rank> f{args, g, layout, vt.data(), windows, non_finite, key_lowest, key_highest, args.rpb ? bias.data() : nullptr, bias_rows,
-                        bias_width, dim, dim_v, g.heads / kv_heads,
+  const Forward<Rank> f{args,        g,           layout,     vt.data(),
+                        windows,     non_finite,  key_lowest, key_highest,
+                        args.rpb ? bias.data() : nullptr, bias_rows, bias_width,
+                        dim,         dim_v,       g.heads / kv_heads,
                         static_cast<float>(args.scale)};
   const std::int64_t tiles = layout.tiles();
-  parallel_for(g.batch * g.heads * layout.rows * tiles, tiles, [&](std::int64_t begin, std::int64_t end) {
+  const std::int64_t items = g.batch * g.heads * layout.rows * tiles;
+  parallel_for(items, tiles, [&](std::int64_t begin, std::int64_t end) {
     Scratch& s = scratch();
     reserve(s.queries, dim / 2 * kTile);
     reserve(s.output, dim_v * kTile);
