@@ -548,39 +548,6 @@ struct Forward {
   std::int64_t dim, dim_v, heads_per_kv;
   float scale;
 
-  // Fetches into cache the keys and V^T columns that the same tile of the
-  // next row reads and this one does not (the window rows it adds): a tile
-  // load waits for each of its 16 rows, and those rows come from memory.
-  void prefetch_next_row(std::int64_t b, std::int64_t hk, std::int64_t row, std::int64_t grp,
-                         std::int64_t union_lo, std::int64_t union_hi) const {
-    const TensorView& k = args.k;
-    const auto* k_data = static_cast<const char*>(k.data);
-    const auto* vt_head = reinterpret_cast<const char*>(
-        vt + (b * args.v.shape[Rank + 1] + hk) * layout.rows * dim_v * layout.vt_width);
-    const std::int64_t key_base = b * k.strides[0] + hk * k.strides[Rank + 1];
-    const std::int64_t key_bytes = dim * 2, column_bytes = (union_hi - union_lo) * 2;
-    const WindowRow *now = windows.rows(row), *next = windows.rows(row + 1);
-    const std::int64_t now_count = windows.count(row), next_count = windows.count(row + 1);
-    for (std::int64_t i = 0; i < next_count; ++i) {
-      const WindowRow& r = next[i];
-      bool known = false;
-      for (std::int64_t c = 0; c < now_count; ++c) known |= now[c].vt_row == r.vt_row;
-      if (known) continue;
-      for (std::int64_t j = union_lo; j < union_hi; ++j) {
-        const char* key =
-            k_data + 2 * (key_base + r.key_offset + (grp + j * layout.dilation) * k.strides[Rank]);
-        for (std::int64_t at = 0; at < key_bytes; at += 64) _mm_prefetch(key + at, _MM_HINT_T0);
-      }
-      const char* columns = vt_head + 2 * (r.vt_row * dim_v * layout.vt_width +
-                                           layout.group_column[grp] + union_lo);
-      for (std::int64_t c = 0; c < dim_v; ++c) {
-        const char* at = columns + c * layout.vt_width * 2;
-        _mm_prefetch(at, _MM_HINT_T0);
-        _mm_prefetch(at + column_bytes - 1, _MM_HINT_T0);
-      }
-    }
-  }
-
   // O^T[channel][lane] += p * value for each non-finite value of v in the
   // tile's window and each lane that attends to it (p: its probability as
   // the products used it, rounded to bf16), as the products would have added
@@ -627,7 +594,6 @@ struct Forward {
     const WindowRow* rows = windows.rows(row);
     const std::int64_t window = windows.count(row);
     const std::int64_t key_base = b * k.strides[0] + hk * k.strides[Rank + 1];
-    if (row + 1 < layout.rows) prefetch_next_row(b, hk, row, grp, union_lo, union_hi);
     const std::int64_t row_floats = key_tiles * kTile * kTile;
     const std::int64_t row_pairs = pair_tiles * kKeyPairs * kTile;
     reserve(s.scores, window * row_floats);
