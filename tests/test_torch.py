@@ -954,6 +954,33 @@ def test_qkvpacked_is_na_on_the_unbound_views(name):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("name", ["2d-rpb-dilation", "3d"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_qkvpacked_under_autocast_keeps_one_gradient(name, dtype):
+    """Inside CPU autocast (a bf16/fp16 projection feeding it, as a NAT
+    block's under torch.autocast), na{n}d_qkvpacked still takes the packed
+    node: it casts float32 qkv and rpb to the autocast dtype, and the
+    gradient of qkv comes out in one piece, equal to the unbound call's."""
+    qkv32, kw = _qkvpacked_inputs(name)
+    rank = qkv32.dim() - 4
+    packed = getattr(lt, f"na{rank}d_qkvpacked")
+    plain = getattr(lt, f"na{rank}d")
+    leaves = [qkv32] + ([kw["rpb"]] if "rpb" in kw else [])
+    for source in (qkv32, qkv32.detach().to(dtype).requires_grad_()):
+        inputs = [source] + leaves[1:]
+        with torch.autocast("cpu", dtype=dtype):
+            out = packed(source, **kw)
+            ref = plain(*source.unbind(-3), **kw)
+        assert "NaQkvPackedEager" in type(out.grad_fn).__name__
+        assert out.dtype == dtype and torch.equal(out, ref)
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        grads = torch.autograd.grad((out.float() * weight).sum(), inputs)
+        ref_grads = torch.autograd.grad((ref.float() * weight).sum(), inputs)
+        assert grads[0].dtype == source.dtype
+        for a, b in zip(grads, ref_grads):
+            assert torch.equal(a, b)
+
+
 def test_qkvpacked_gradcheck_and_no_double_backward():
     qkv, kw = _qkvpacked_inputs("2d-rpb-dilation", torch.float64)
     rpb = kw.pop("rpb")

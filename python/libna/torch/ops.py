@@ -448,6 +448,24 @@ def _plain_cpu(required, optional=(), any_dtype=()) -> bool:
     return not torch.is_autocast_enabled("cpu") and _unmodified()
 
 
+def _packed_eager(qkv, rpb) -> bool:
+    """Whether a recorded na_qkvpacked call takes _NaQkvPackedEager: plain
+    dense CPU tensors, in or out of CPU autocast (whose casts the caller then
+    applies, so the gradient of qkv still comes out in one piece)."""
+    if not torch.is_autocast_enabled("cpu"):
+        return _plain_cpu((qkv,), (rpb,))
+    autocast_dtype = torch.get_autocast_dtype("cpu")
+    dtypes = set()
+    for t in (qkv, rpb):
+        if t is None:
+            continue
+        if (type(t) not in _PLAIN or not t.is_cpu or t.layout is not torch.strided
+                or not t.is_floating_point()):
+            return False
+        dtypes.add(t.dtype if t.dtype == torch.float64 else autocast_dtype)
+    return len(dtypes) == 1 and dtypes.pop() in _CORE_DTYPES and _unmodified()
+
+
 def _records_grad(tensors) -> bool:
     """Whether autograd records a call on `tensors` (None for an absent one)."""
     if not torch.is_grad_enabled():
@@ -685,7 +703,9 @@ def na_qkvpacked(rank: int, qkv, kernel_size, *, stride=1, dilation=1, is_causal
     if qkv.dim() != rank + 4 or qkv.shape[-3] != 3:
         raise ValueError(f"[{op}] qkv has shape {tuple(qkv.shape)}; expected [B, {rank} spatial "
                          "axes, 3, heads, D] (q, k and v along the third-from-last axis)")
-    if _records_grad((qkv, rpb)) and _plain_cpu((qkv,), (rpb,)):
+    if _records_grad((qkv, rpb)) and _packed_eager(qkv, rpb):
+        if torch.is_autocast_enabled("cpu"):
+            qkv, rpb = _autocast(qkv, rpb)  # recorded casts; a bf16 projection needs none
         if scale is None:
             scale = qkv.shape[-1] ** -0.5
         params = (rank, kernel_size, stride, dilation, is_causal, scale)
