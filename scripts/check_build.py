@@ -43,7 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # bad-input paths, and the portable kernels (LIBNA_CPU_KERNELS=portable).
 NUMERICAL = ("tests/test_forward.py", "tests/test_backward.py", "tests/test_composition.py",
              "tests/test_bad_input.py", "tests/test_properties.py", "tests/test_nan_locality.py",
-             "tests/test_softmax_edges.py", "tests/test_cpu_kernels.py", "tests/test_amx.py")
+             "tests/test_softmax_edges.py", "tests/test_cpu_kernels.py", "tests/test_amx.py",
+             "tests/test_amx_backward.py")
 # Under the sanitizers also threads and fork, and the CUDA kernels under the
 # emulator (its fibers switch stacks, which AddressSanitizer is told of).
 SANITIZED = NUMERICAL + ("tests/test_concurrency.py", "tests/test_cuda_emulator.py")

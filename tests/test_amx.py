@@ -213,8 +213,8 @@ def test_same_bits_on_one_thread_and_two(tmp_path):
 
 
 def test_autograd_through_the_amx_forward():
-    """The backward (vectorised kernels) takes the AMX forward's output and
-    lse: bf16 gradients within bf16 precision of the float64 ones."""
+    """The backward takes the AMX forward's output and lse: bf16 gradients
+    within bf16 precision of the float64 ones."""
     g = torch.Generator().manual_seed(9)
     q, k, v = (torch.randn(1, 14, 14, 2, 32, generator=g).bfloat16().requires_grad_()
                for _ in range(3))

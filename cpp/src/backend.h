@@ -138,7 +138,8 @@ const detail::Backend& backend();
 // "avx512", "avx2" or "portable": the vectorised kernels this process runs (LIBNA_CPU_KERNELS).
 std::string kernel_set_name();
 std::string simd_level();
-bool amx_forward_in_use();
+// Whether bfloat16 calls run on AMX tiles where they apply (cpu/amx.h).
+bool amx_in_use();
 }  // namespace libna::cpu
 
 // cuda/backend.cu; a build without CUDA links cuda/no_cuda.cpp instead,

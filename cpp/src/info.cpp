@@ -52,7 +52,7 @@ BuildInfo build_info() {
   info.cuda_architectures = cuda::architectures();
   info.cpu_kernels = cpu::kernel_set_name();
   info.simd = cpu::simd_level();
-  info.cpu_amx = cpu::amx_forward_in_use();
+  info.cpu_amx = cpu::amx_in_use();
 #if defined(__clang__)
   info.compiler = "clang " __clang_version__;
 #elif defined(__GNUC__)

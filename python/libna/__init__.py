@@ -64,7 +64,7 @@ def build_info() -> dict:
     """What this build of libna contains: version, dtypes, backends, CUDA
     architectures, the CPU kernel set ("avx512", "avx2" or "portable", which
     LIBNA_CPU_KERNELS can force), SIMD level, whether the bfloat16 forward
-    runs on AMX tiles (``cpu_amx``; LIBNA_CPU_AMX=0 turns them off), compiler
+    and backward run on AMX tiles (``cpu_amx``; LIBNA_CPU_AMX=0 turns them off), compiler
     and CPU thread count.
     Raises ValueError if LIBNA_CPU_KERNELS names a set this CPU cannot run."""
     if _C is None:

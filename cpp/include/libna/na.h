@@ -372,8 +372,8 @@ struct BuildInfo {
   std::vector<std::string> cuda_architectures;
   std::string cpu_kernels;  // "avx512", "avx2" or "portable" (LIBNA_CPU_KERNELS)
   std::string simd;                         // SIMD level the CPU backend uses
-  // Whether the CPU backend computes the bfloat16 forward on AMX tiles: the
-  // CPU has AMX-BF16, the kernel set is avx512, LIBNA_CPU_AMX is not 0.
+  // Whether the CPU backend computes the bfloat16 forward and backward on AMX
+  // tiles: the CPU has AMX-BF16, the kernel set is avx512, LIBNA_CPU_AMX is not 0.
   bool cpu_amx = false;
   std::string compiler;
 };

@@ -29,7 +29,6 @@
 // inputs are bfloat16, the head dim is a multiple of 32 and v's of 16, and
 // q, k, v and out have unit channel stride.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -38,7 +37,8 @@
 #include <vector>
 
 #include "backend.h"
-#include "cpu/amx_forward.h"
+#include "cpu/amx.h"
+#include "cpu/amx_tiles.h"
 #include "cpu/environment.h"
 #include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
@@ -46,28 +46,10 @@
 #include "libna/window.h"
 #include "numeric.h"
 
-// GCC 12 takes the AVX-512 intrinsics' deliberately undefined operands
-// (`__m512i __Y = __Y;` in _mm512_undefined_epi32) for uninitialised reads
-// once they are inlined here, and warns at every use; there is no read.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
 #include <cpuid.h>
-#include <immintrin.h>
 #if defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
-#endif
-
-#if defined(__clang__)
-#define LIBNA_AMX_BEGIN                                                                          \
-  _Pragma("clang attribute push(__attribute__((target(\"avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,amx-tile,amx-bf16,avx2,fma,f16c\"))), apply_to = function)")
-#define LIBNA_AMX_END _Pragma("clang attribute pop")
-#else
-#define LIBNA_AMX_BEGIN \
-  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,amx-tile,amx-bf16,avx2,fma,f16c\")")
-#define LIBNA_AMX_END _Pragma("GCC pop_options")
 #endif
 
 namespace libna::cpu::amx {
@@ -104,7 +86,7 @@ bool available() {
 }
 
 bool runs(const detail::ForwardArgs& args) {
-  if (args.q.dtype != DType::bfloat16 || !available()) return false;
+  if (args.q.dtype != DType::bfloat16) return false;
   const int rank = args.params.rank;
   const std::int64_t dim = args.q.shape[rank + 2], dim_v = args.v.shape[rank + 2];
   if (dim % 32 != 0 || dim_v % 16 != 0 || dim == 0 || dim_v == 0) return false;
@@ -126,18 +108,6 @@ namespace libna::cpu::amx {
 
 namespace {
 
-constexpr int kTile = 16;        // queries per tile, keys per S tile, channels per output tile
-constexpr int kKeyPairs = 16;    // key pairs per P.V product (32 keys)
-constexpr int kChannels = 32;    // channels per q.k product
-constexpr int kBiasPad = kTile;  // zeros either side of a reversed rpb row
-
-struct alignas(64) TileConfig {
-  std::uint8_t palette = 1, start_row = 0;
-  std::uint8_t reserved[14] = {};
-  std::uint16_t bytes_per_row[16] = {};
-  std::uint8_t rows[16] = {};
-};
-
 // Every tile this kernel uses is 16 rows of 64 bytes. For S^T: tmm0, tmm4
 // and tmm5 accumulate, tmm1, tmm3 and tmm7 hold keys, tmm2 Q^T. For O^T:
 // tmm4..7 accumulate (64 output channels), tmm1 and tmm3 hold V^T, tmm2 and
@@ -151,24 +121,6 @@ TileConfig tile_config() {
   return c;
 }
 
-// 2^t in the lanes of `in`, 0 in the others; t <= 0 (a logit minus the
-// maximum, times log2(e)). 2^t = 2^n 2^f, n = round(t), |f| <= 1/2, 2^f by
-// its Taylor polynomial of degree 6 (relative error below 2e-7); -inf gives 0
-// and NaN stays NaN.
-inline __m512 exp2_masked(__mmask16 in, __m512 t) {
-  t = _mm512_max_ps(_mm512_set1_ps(-150.0f), t);  // NaN: the second operand, t
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_scalef_ps(in, p, n);
-}
-
 // The probabilities of key i of a run of `keys` for the 16 lanes, from its
 // logits: exp(logit - shift) where the window holds the key, else 0 (and 0
 // past the run's end). A function, not a lambda, so that it is compiled with
@@ -178,125 +130,6 @@ inline __m512 probability(const float* logits, const __mmask16* holds, std::int6
   if (i >= keys) return _mm512_setzero_ps();
   const __m512 logit = _mm512_loadu_ps(logits + i * kTile);
   return exp2_masked(holds[i], _mm512_fmsub_ps(logit, log2e, shift_log2e));
-}
-
-// float -> bf16, round to nearest even, NaN kept quiet: numeric.h's
-// to_bfloat16 on 16 lanes (AVX512-BF16's conversion flushes subnormals).
-inline __m256i to_bf16(__m512 x) {
-  const __m512i u = _mm512_castps_si512(x);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(
-      _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
-  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(
-      _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
-  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet));
-}
-
-// r[i][j] <- r[j][i] (16 x 16 floats, or 32-bit words).
-inline void transpose16(__m512 r[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
-    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
-    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
-    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
-    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
-    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
-  }
-  for (int m = 0; m < 4; ++m) {
-    t[m] = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x88);
-    t[4 + m] = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xdd);
-    t[8 + m] = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88);
-    t[12 + m] = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xdd);
-  }
-  for (int m = 0; m < 4; ++m) {
-    r[m] = _mm512_shuffle_f32x4(t[m], t[8 + m], 0x88);
-    r[8 + m] = _mm512_shuffle_f32x4(t[m], t[8 + m], 0xdd);
-    r[4 + m] = _mm512_shuffle_f32x4(t[4 + m], t[12 + m], 0x88);
-    r[12 + m] = _mm512_shuffle_f32x4(t[4 + m], t[12 + m], 0xdd);
-  }
-}
-bool finite(std::uint16_t bf16) { return (bf16 & 0x7f80u) != 0x7f80u; }
-
-// A tile's 16 queries (positions first .. first + 15 of dilation group grp
-// along the last axis; those past the group's end idle): each one's window
-// along that axis [lo, hi), in group positions, and their union.
-struct TileLanes {
-  alignas(64) std::int32_t lo[kTile], hi[kTile];
-  std::int64_t grp, first, union_lo, union_hi;
-  __mmask16 lanes = 0;
-
-  TileLanes(std::int64_t group, std::int64_t first_position, std::int64_t len,
-            const AxisParams& axis)
-      : grp(group), first(first_position), union_lo(len), union_hi(0) {
-    for (int l = 0; l < kTile; ++l) {
-      lo[l] = hi[l] = 0;
-      const std::int64_t iq = first + l;
-      if (iq >= len) continue;
-      std::int64_t start = 0, count = 0;
-      group_window(iq, len, axis, &start, &count);
-      lo[l] = static_cast<std::int32_t>(start);
-      hi[l] = static_cast<std::int32_t>(start + count);
-      union_lo = std::min(union_lo, start);
-      union_hi = std::max(union_hi, start + count);
-      lanes |= static_cast<__mmask16>(1u << l);
-    }
-  }
-};
-
-// The per-call layout: rows (positions of the leading axes), the last axis'
-// dilation groups with their columns in V^T, and the tiles of a row.
-template <int Rank>
-struct Layout {
-  const Geometry<Rank>& g;
-  std::int64_t rows, extent, dilation;
-  std::vector<std::int64_t> group_len, group_column;  // a group's length, its first V^T column
-  std::vector<TileLanes> tiles_of_row;               // the tiles of every row
-  std::int64_t vt_width = 0;                          // V^T columns of a row (groups + padding)
-
-  explicit Layout(const Geometry<Rank>& geometry)
-      : g(geometry), rows(geometry.tokens / geometry.spatial[Rank - 1]),
-        extent(geometry.spatial[Rank - 1]), dilation(geometry.axes[Rank - 1].dilation) {
-    for (std::int64_t grp = 0; grp < dilation; ++grp) {
-      const std::int64_t len = group_length(extent, dilation, grp);
-      group_len.push_back(len);
-      group_column.push_back(vt_width);
-      // A P.V product reads 32 keys from anywhere in the group: 32 zero
-      // columns after it keep the reads inside the row.
-      vt_width += len + 2 * kKeyPairs;
-      for (std::int64_t first = 0; first < len; first += kTile) {
-        tiles_of_row.push_back(TileLanes(grp, first, len, geometry.axes[Rank - 1]));
-      }
-    }
-  }
-  std::int64_t tiles() const { return static_cast<std::int64_t>(tiles_of_row.size()); }
-};
-
-// Element offset of [b, *lead, x, h, 0] in t (x along the last axis).
-template <int Rank>
-std::int64_t token_offset(const TensorView& t, std::int64_t b, const std::int64_t* lead,
-                          std::int64_t x, std::int64_t h) {
-  std::int64_t off = b * t.strides[0] + h * t.strides[Rank + 1] + x * t.strides[Rank];
-  for (int a = 0; a < Rank - 1; ++a) off += lead[a] * t.strides[1 + a];
-  return off;
-}
-
-// The tokens [b, lead, x, h] of a tile's active lanes (x: their positions
-// along the last axis), null for the idle ones.
-template <int Rank, typename T>
-void lane_tokens(const TensorView& t, std::int64_t b, const std::int64_t* lead, std::int64_t grp,
-                 std::int64_t first, std::int64_t dilation, std::int64_t h, __mmask16 lanes,
-                 T** tokens) {
-  for (int l = 0; l < kTile; ++l) {
-    const std::int64_t x = grp + (first + l) * dilation;
-    tokens[l] = (lanes >> l) & 1u ? static_cast<T*>(t.data) + token_offset<Rank>(t, b, lead, x, h)
-                                  : nullptr;
-  }
 }
 
 // A value of v that is not finite, left out of V^T (a zero there) and added
@@ -415,52 +248,6 @@ void pack_values(const TensorView& v, const Layout<Rank>& layout, std::uint16_t*
   for (std::int64_t i = 0; i < items; ++i) non_finite.start[i + 1] += non_finite.start[i];
 }
 
-// One row of the window of a tile: where its keys are, and its rpb row.
-struct WindowRow {
-  std::int64_t key_offset;  // of [0, leading coords, 0, 0, 0] in k
-  std::int64_t vt_row;      // its V^T, among the rows of one (batch, kv head)
-  std::int64_t bias_row;    // its reversed rpb row, among one head's
-};
-
-// The window rows of the queries of `row`, leading axis by leading axis.
-template <int Rank>
-void window_rows(const Geometry<Rank>& g, const TensorView& k, const NaParams& p,
-                 std::int64_t row, std::vector<WindowRow>& out) {
-  out.clear();
-  std::int64_t lead[Rank > 1 ? Rank - 1 : 1] = {};
-  row_coords<Rank>(g, row, lead);
-  AxisWindow w[Rank > 1 ? Rank - 1 : 1];
-  std::int64_t count = 1;
-  for (int a = 0; a < Rank - 1; ++a) {
-    w[a] = axis_window(lead[a], g.axes[a]);
-    count *= w[a].count;
-  }
-  std::int64_t t[Rank > 1 ? Rank - 1 : 1] = {};
-  for (std::int64_t i = 0; i < count; ++i) {
-    WindowRow r{0, 0, 0};
-    for (int a = 0; a < Rank - 1; ++a) {
-      const std::int64_t pos = w[a].first + t[a] * w[a].step;
-      r.key_offset += pos * k.strides[1 + a];
-      r.vt_row = r.vt_row * g.spatial[a] + pos;
-      r.bias_row = r.bias_row * (2 * p.kernel_size[a] - 1) + w[a].rpb_first + t[a];
-    }
-    out.push_back(r);
-    for (int a = Rank - 2; a >= 0; --a) {  // odometer, last leading axis fastest
-      if (++t[a] < w[a].count) break;
-      t[a] = 0;
-    }
-  }
-}
-
-// Loads tile A from `at` (rows `stride` bytes apart) and adds A . B to tile
-// Acc. A macro: GCC's tile intrinsics spell their register numbers into the
-// assembly, so they must be literals.
-#define LIBNA_TILE_PRODUCT(Acc, A, B, at, stride) \
-  do {                                           \
-    _tile_loadd(A, at, stride);                  \
-    _tile_dpbf16ps(Acc, A, B);                   \
-  } while (0)
-
 // O^T channels [16 t, 16 t + 16) += V^T . P^T, P^T in tmm2 (odd = 0) or tmm0.
 inline void accumulate_output(int t, int odd, const void* a, std::int64_t stride) {
   switch (t + 4 * odd) {
@@ -484,21 +271,13 @@ inline void store_output(int tile, float* o) {
   }
 }
 
-// The keys of one S^T product: 16 rows `stride` bytes apart, and where the
-// 16 x 16 scores go.
-struct KeyTile {
-  const std::uint16_t* keys;
-  std::int64_t stride;
-  float* scores;
-};
-
 // The scratch of one thread, kept between calls (see thread_scratch.h).
 struct Scratch {
   std::vector<float> scores;             // S^T, then the logits: [window row][key][lane]
   std::vector<std::uint32_t> probs;      // P^T in key pairs: [window row][key / 2][lane]
   std::vector<std::uint32_t> queries;    // Q^T in channel pairs: [dim / 2][lane]
   std::vector<float> output;             // O^T: [dim_v][lane]
-  std::vector<std::uint16_t> edge_keys;  // per window row: copies of 16 keys at k's end
+  std::vector<std::uint16_t> edge_keys;  // per key tile: copies of 16 keys at k's end
   std::vector<KeyTile> key_tiles;        // the S^T products of a tile
   std::vector<__mmask16> masks;          // per key of the run: the lanes whose window holds it
 };
@@ -507,31 +286,6 @@ Scratch& scratch() {
   thread_local Scratch s;
   return s;
 }
-
-template <typename V>
-void reserve(V& v, std::int64_t n) {
-  if (static_cast<std::int64_t>(v.size()) < n) v.resize(n);
-}
-
-// The window rows of every row, built once per call (key offsets without the
-// batch and head).
-template <int Rank>
-struct WindowTable {
-  std::vector<WindowRow> all;
-  std::vector<std::int64_t> start;  // row r's: all[start[r] .. start[r + 1])
-
-  WindowTable(const Geometry<Rank>& g, const TensorView& k, const NaParams& p, std::int64_t rows) {
-    std::vector<WindowRow> one;
-    for (std::int64_t r = 0; r < rows; ++r) {
-      start.push_back(static_cast<std::int64_t>(all.size()));
-      window_rows<Rank>(g, k, p, r, one);
-      all.insert(all.end(), one.begin(), one.end());
-    }
-    start.push_back(static_cast<std::int64_t>(all.size()));
-  }
-  const WindowRow* rows(std::int64_t r) const { return all.data() + start[r]; }
-  std::int64_t count(std::int64_t r) const { return start[r + 1] - start[r]; }
-};
 
 // One call's forward: its inputs, layout and tables, and the work of a tile.
 template <int Rank>
@@ -542,7 +296,7 @@ struct Forward {
   const std::uint16_t* vt;
   const WindowTable<Rank>& windows;
   const NonFiniteValues& non_finite;
-  std::int64_t key_lowest, key_highest;  // k's element offsets: [lowest, highest) is inside it
+  Extent keys_extent;  // k's element offsets
   const float* bias;  // reversed rpb rows, [head][rpb row][bias_width]; null without rpb
   std::int64_t bias_rows, bias_width;
   std::int64_t dim, dim_v, heads_per_kv;
@@ -598,7 +352,7 @@ struct Forward {
     const std::int64_t row_pairs = pair_tiles * kKeyPairs * kTile;
     reserve(s.scores, window * row_floats);
     reserve(s.probs, window * row_pairs);
-    reserve(s.edge_keys, window * kTile * dim);
+    reserve(s.edge_keys, window * key_tiles * kTile * dim);
     reserve(s.masks, keys);
     float* scores = s.scores.data();
     std::uint32_t* probs = s.probs.data();
@@ -619,28 +373,15 @@ struct Forward {
     // S^T, 16 keys by 16 queries per product, three products in flight (a
     // tile product's result is ready some 16 cycles after it starts).
     const auto* k_data = static_cast<const std::uint16_t*>(k.data);
-    const std::int64_t key_stride = dil * k.strides[Rank] * 2;  // bytes between keys
     s.key_tiles.clear();
     for (std::int64_t w = 0; w < window; ++w) {
       for (std::int64_t kt = 0; kt < key_tiles; ++kt) {
         const std::int64_t j0 = union_lo + kt * kTile;
         const std::int64_t row_start = key_base + rows[w].key_offset + grp * k.strides[Rank];
-        const std::int64_t first_key = row_start + j0 * dil * k.strides[Rank];
-        const std::int64_t last_key = first_key + (kTile - 1) * dil * k.strides[Rank];
-        KeyTile t{k_data + first_key, key_stride, scores + w * row_floats + kt * kTile * kTile};
-        // Rows past the group's end are read as they are (their scores are
-        // masked) unless they lie outside k: then a copy of the rows there are.
-        if (std::min(first_key, last_key) < key_lowest ||
-            std::max(first_key, last_key) + dim > key_highest) {
-          std::uint16_t* edge = s.edge_keys.data() + w * kTile * dim;
-          std::memset(edge, 0, sizeof(std::uint16_t) * kTile * dim);
-          for (std::int64_t j = j0; j < len; ++j) {
-            std::memcpy(edge + (j - j0) * dim, k_data + row_start + j * dil * k.strides[Rank],
-                        sizeof(std::uint16_t) * dim);
-          }
-          t.keys = edge;
-          t.stride = dim * 2;
-        }
+        const KeyTile t = key_tile(k_data, row_start + j0 * dil * k.strides[Rank],
+                                   dil * k.strides[Rank], len - j0, dim, keys_extent,
+                                   s.edge_keys.data() + (w * key_tiles + kt) * kTile * dim,
+                                   scores + w * row_floats + kt * kTile * kTile);
         s.key_tiles.push_back(t);
       }
     }
@@ -837,14 +578,9 @@ void forward(const detail::ForwardArgs& args) {
     }
   }
 
-  const WindowTable<Rank> windows(g, args.k, args.params, layout.rows);
-  std::int64_t key_lowest = 0, key_highest = 1;
-  for (int d = 0; d < args.k.ndim; ++d) {
-    const std::int64_t span = (args.k.shape[d] - 1) * args.k.strides[d];
-    (span < 0 ? key_lowest : key_highest) += span;
-  }
+  const WindowTable<Rank> windows(g, args.k, args.v, args.params, layout.rows);
   const Forward<Rank> f{args,        g,           layout,     vt.data(),
-                        windows,     non_finite,  key_lowest, key_highest,
+                        windows,     non_finite,  Extent(args.k),
                         args.rpb ? bias.data() : nullptr, bias_rows, bias_width,
                         dim,         dim_v,       g.heads / kv_heads,
                         static_cast<float>(args.scale)};

@@ -1,7 +1,7 @@
 // CPU backend entry points: dispatch rank and dtype once, to the kernels
 // instantiated per rank in the generated cpu_rank*.cpp files.
 #include "backend.h"
-#include "cpu/amx_forward.h"
+#include "cpu/amx.h"
 #include "cpu/environment.h"
 #include "dispatch.h"
 
@@ -147,7 +147,7 @@ void na_forward(const detail::ForwardArgs& args) {
 #if defined(LIBNA_HAVE_X86_KERNELS)
   // bfloat16 on AMX tiles where they apply (amx_forward.cpp); the avx512 set
   // chosen, so that LIBNA_CPU_KERNELS=avx2 or portable also turns them off.
-  if (args.q.dtype == DType::bfloat16 && kernel_set() == KernelSet::avx512 && amx::runs(args)) {
+  if (amx_in_use() && amx::runs(args)) {
     amx::na_forward(args);
     return;
   }
@@ -156,7 +156,15 @@ void na_forward(const detail::ForwardArgs& args) {
 }
 void na_qk(const detail::QkArgs& args) { LIBNA_DISPATCH_FAST(na_qk, args, args.q.dtype); }
 void na_av(const detail::AvArgs& args) { LIBNA_DISPATCH_FAST(na_av, args, args.attn.dtype); }
-void na_backward(const detail::BackwardArgs& args) { LIBNA_DISPATCH_FAST(na_backward, args, args.q.dtype); }
+void na_backward(const detail::BackwardArgs& args) {
+#if defined(LIBNA_HAVE_X86_KERNELS)
+  if (amx_in_use() && amx::runs(args)) {  // as the forward
+    amx::na_backward(args);
+    return;
+  }
+#endif
+  LIBNA_DISPATCH_FAST(na_backward, args, args.q.dtype);
+}
 
 void na_qk_backward(const detail::QkBackwardArgs& args) {
   LIBNA_DISPATCH_FAST(na_qk_backward, args, args.q.dtype);
@@ -189,7 +197,7 @@ std::string kernel_set_name() {
   return "portable";
 }
 
-bool amx_forward_in_use() {
+bool amx_in_use() {
 #if defined(LIBNA_HAVE_X86_KERNELS)
   return kernel_set() == KernelSet::avx512 && amx::available();
 #else

@@ -1,5 +1,6 @@
-// The bfloat16 forward on AMX tiles (amx_forward.cpp), which backend.cpp
-// runs instead of the vectorised kernels where it applies.
+// The bfloat16 forward and backward on AMX tiles (amx_forward.cpp,
+// amx_backward.cpp), which backend.cpp runs instead of the vectorised
+// kernels where they apply.
 #pragma once
 
 #include "backend.h"
@@ -12,5 +13,9 @@ bool available();
 bool runs(const detail::ForwardArgs& args);
 // Computes the forward of arguments that runs() accepts.
 void na_forward(const detail::ForwardArgs& args);
+// Whether the AMX backward computes these arguments (see amx_backward.cpp).
+bool runs(const detail::BackwardArgs& args);
+// Computes the backward of arguments that runs() accepts.
+void na_backward(const detail::BackwardArgs& args);
 
 }  // namespace libna::cpu::amx

@@ -1,0 +1,681 @@
+// The fused backward for bfloat16 inputs on CPUs with AMX: the five products
+// of attention's gradient as tile products (TDPBF16PS), the softmax terms in
+// AVX-512, on the forward's tiles (amx_forward.cpp): 16 queries of one row
+// and dilation group along the last axis, the run of keys their windows
+// cover in each window row.
+//
+// Per tile, with lanes = queries and P = exp(scale q.k + rpb - lse):
+//   S^T = K . Q^T and dP^T = V . dO^T   (keys by queries, 16 x 16 products)
+//   dS = P (dP - D), D = dout . out - dlse, lane-wise down the keys
+//   dq^T = K^T . (scale dS)^T           (K^T packed once per (batch, head))
+//   dk += (scale dS)^T . Q, dv += P^T . dO
+// dk and dv accumulate in float32, per (batch, kv head), in the column
+// layout of the forward's V^T (a dilation group's keys consecutive, padding
+// after it), and are rounded to bf16 once every query head of the kv head
+// has added to them. A work item is one (batch, kv head): its accumulators
+// are its own, so the gradients are the same bits whatever the thread count.
+//
+// P and scale dS are rounded to bf16 for the products (FlashAttention's and
+// NATTEN's GPU backward do the same); the gradients are within bf16's
+// precision of the exact ones but not the float32 kernels' bits.
+//
+// A product adds 0 x value for the keys outside a query's window, which is
+// NaN when the value is not finite: non-finite values of q, k and dout stay
+// out of the operands of the products that would multiply them by such
+// zeros (dk's q, dq's K^T, dv's dout; zeros there) and are added to the
+// gradients of the keys or queries of their neighbourhood afterwards, so
+// that a NaN reaches those and no others, as in the vectorised kernels
+// (v and rpb enter only terms that are masked lane by lane).
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "backend.h"
+#include "cpu/amx.h"
+#include "cpu/amx_tiles.h"
+#include "cpu/kernels.h"
+#include "cpu/thread_pool.h"
+#include "dispatch.h"
+#include "libna/na.h"
+#include "libna/window.h"
+#include "numeric.h"
+
+namespace libna::cpu::amx {
+
+bool runs(const detail::BackwardArgs& args) {
+  if (args.q.dtype != DType::bfloat16 ||
+      (args.dlse != nullptr && args.dlse->dtype != DType::float32)) {
+    return false;
+  }
+  const int rank = args.params.rank;
+  const std::int64_t dim = args.q.shape[rank + 2], dim_v = args.v.shape[rank + 2];
+  if (dim % 32 != 0 || dim_v % 32 != 0 || dim == 0 || dim_v == 0) return false;
+  for (const TensorView* t : {&args.q, &args.k, &args.v, &args.out, &args.dout, &args.dq,
+                              &args.dk, &args.dv}) {
+    if (t->strides[rank + 2] != 1) return false;
+  }
+  const int last = rank - 1;
+  if (args.rpb && (args.params.is_causal[last] || args.params.stride[last] != 1)) return false;
+  // A work item is a (batch, kv head): fewer than the threads would idle
+  // some, where the vectorised kernels split the rows.
+  return args.q.shape[0] * args.k.shape[rank + 1] >= get_num_threads();
+}
+
+}  // namespace libna::cpu::amx
+
+LIBNA_AMX_BEGIN
+
+namespace libna::cpu::amx {
+
+namespace {
+
+// tmm0, tmm4 and tmm5 accumulate (S^T, dP^T, dq^T, dk, dv); tmm1 and tmm3
+// hold A operands of 16 x 32 bf16 (keys, values, K^T), tmm2 B operands of 16
+// pairs (Q^T, dO^T, dS^T); tmm6 holds 16 keys x 16 queries (dS^T or P^T)
+// and tmm7 the 8 query pairs x 16 channels of q or dout that it multiplies.
+TileConfig backward_config() {
+  TileConfig c;
+  for (int t = 0; t < 6; ++t) {
+    c.bytes_per_row[t] = 64;
+    c.rows[t] = kTile;
+  }
+  c.bytes_per_row[6] = 2 * kTile;
+  c.rows[6] = kTile;
+  c.bytes_per_row[7] = 64;
+  c.rows[7] = kTile / 2;
+  return c;
+}
+
+// Accumulator tile `i` % 3: tmm0, tmm4 or tmm5.
+inline void zero_accumulator(int i) {
+  switch (i % 3) {
+    case 0: _tile_zero(0); break;
+    case 1: _tile_zero(4); break;
+    default: _tile_zero(5); break;
+  }
+}
+inline void store_accumulator(int i, void* at, std::int64_t stride) {
+  switch (i % 3) {
+    case 0: _tile_stored(0, at, stride); break;
+    case 1: _tile_stored(4, at, stride); break;
+    default: _tile_stored(5, at, stride); break;
+  }
+}
+// Accumulator i % 3 += A (loaded from `a`, into tmm1 or tmm3 by `odd`) . tmm2.
+inline void accumulate_pairs(int i, int odd, const void* a, std::int64_t stride) {
+  switch (i % 3 + 3 * odd) {
+    case 0: LIBNA_TILE_PRODUCT(0, 1, 2, a, stride); break;
+    case 1: LIBNA_TILE_PRODUCT(4, 1, 2, a, stride); break;
+    case 2: LIBNA_TILE_PRODUCT(5, 1, 2, a, stride); break;
+    case 3: LIBNA_TILE_PRODUCT(0, 3, 2, a, stride); break;
+    case 4: LIBNA_TILE_PRODUCT(4, 3, 2, a, stride); break;
+    default: LIBNA_TILE_PRODUCT(5, 3, 2, a, stride); break;
+  }
+}
+// The float32 16 x 16 block at `acc` (rows `stride` bytes apart) += tmm6 .
+// (the 8 x 16 pairs at `b`), through accumulator i % 3.
+inline void accumulate_block(int i, float* acc, std::int64_t stride, const void* b) {
+  _tile_loadd(7, b, 64);
+  switch (i % 3) {
+    case 0:
+      _tile_loadd(0, acc, stride);
+      _tile_dpbf16ps(0, 6, 7);
+      _tile_stored(0, acc, stride);
+      break;
+    case 1:
+      _tile_loadd(4, acc, stride);
+      _tile_dpbf16ps(4, 6, 7);
+      _tile_stored(4, acc, stride);
+      break;
+    default:
+      _tile_loadd(5, acc, stride);
+      _tile_dpbf16ps(5, 6, 7);
+      _tile_stored(5, acc, stride);
+      break;
+  }
+}
+
+// The 16 x 16 results of `products` A operands times the B operand (channel
+// pairs [width / 2][lane]), three in flight.
+inline void key_products(const KeyTile* t, std::int64_t products, const std::uint32_t* b,
+                         std::int64_t width) {
+  for (std::int64_t i = 0; i < products; i += 3) {
+    const int n = static_cast<int>(std::min<std::int64_t>(3, products - i));
+    for (int j = 0; j < n; ++j) zero_accumulator(j);
+    for (std::int64_t c = 0; c < width; c += kChannels) {
+      _tile_loadd(2, b + (c / 2) * kTile, 64);
+      for (int j = 0; j < n; ++j) accumulate_pairs(j, j % 2, t[i + j].keys + c, t[i + j].stride);
+    }
+    for (int j = 0; j < n; ++j) store_accumulator(j, t[i + j].scores, 64);
+  }
+}
+
+// A value left out of a product's operand: its lane (or key column), channel
+// and value.
+struct LeftOut {
+  std::int64_t at, channel;
+  float value;
+};
+
+// Channels [c, c + 32) of 16 tokens (null: zeros) into r, as 16 channel
+// pairs each, and per token the mask of the bf16 values that are not
+// finite; returns whether any is not.
+inline bool load_tokens(const std::uint16_t* const* tokens, std::int64_t c, __m512 r[kTile],
+                        __mmask32 bad[kTile]) {
+  const __m512i exponent = _mm512_set1_epi16(0x7f80);
+  __mmask32 any = 0;
+  for (int l = 0; l < kTile; ++l) {
+    r[l] = tokens[l] ? _mm512_loadu_ps(tokens[l] + c) : _mm512_setzero_ps();
+    bad[l] = _mm512_cmpeq_epi16_mask(_mm512_and_si512(_mm512_castps_si512(r[l]), exponent),
+                                     exponent);
+    any |= bad[l];
+  }
+  return any != 0;
+}
+
+// Lists the values of `bad` (token t's at its key `at0 + t`, channels from
+// c) in `left_out` and zeroes them in r.
+inline void leave_out(const std::uint16_t* const* tokens, std::int64_t c, std::int64_t at0,
+                      __m512 r[kTile], const __mmask32 bad[kTile], std::vector<LeftOut>& left_out) {
+  for (int t = 0; t < kTile; ++t) {
+    if (!bad[t]) continue;
+    for (int i = 0; i < 2 * kTile; ++i) {
+      if ((bad[t] >> i) & 1u) {
+        left_out.push_back({at0 + t, c + i, detail::to_float(detail::BFloat16{tokens[t][c + i]})});
+      }
+    }
+    r[t] = _mm512_castsi512_ps(_mm512_maskz_mov_epi16(~bad[t], _mm512_castps_si512(r[t])));
+  }
+}
+
+// The 16 lanes' tokens (null: idle, zeros) as the two B operands: channel
+// pairs [width / 2][lane] (as they are: what they multiply is masked lane by
+// lane) and lane pairs [width / 16][8][32] (lanes 2p and 2p + 1 interleaved,
+// 16 channels), where non-finite values are zeros and listed in `left_out`
+// (at = the lane).
+inline void pack_lanes(const std::uint16_t* const* tokens, std::int64_t width,
+                       std::uint32_t* channel_pairs, std::uint16_t* lane_pairs,
+                       std::vector<LeftOut>& left_out) {
+  alignas(64) std::uint16_t low[32], high[32];
+  for (int i = 0; i < kTile; ++i) {
+    low[2 * i] = static_cast<std::uint16_t>(i);
+    low[2 * i + 1] = static_cast<std::uint16_t>(32 + i);
+    high[2 * i] = static_cast<std::uint16_t>(16 + i);
+    high[2 * i + 1] = static_cast<std::uint16_t>(48 + i);
+  }
+  const __m512i take_low = _mm512_load_si512(low), take_high = _mm512_load_si512(high);
+  left_out.clear();
+  for (std::int64_t c = 0; c < width; c += kChannels) {
+    __m512 r[kTile], finite_r[kTile];
+    __mmask32 bad[kTile];
+    const bool any = load_tokens(tokens, c, r, bad);
+    const __m512* pairs_of = r;
+    if (any) {
+      std::copy(r, r + kTile, finite_r);
+      leave_out(tokens, c, 0, finite_r, bad, left_out);
+      pairs_of = finite_r;
+    }
+    std::uint16_t* block = lane_pairs + (c / kTile) * (kTile / 2) * 32;
+    for (int p = 0; p < kTile / 2; ++p) {
+      const __m512i a = _mm512_castps_si512(pairs_of[2 * p]);
+      const __m512i b = _mm512_castps_si512(pairs_of[2 * p + 1]);
+      _mm512_storeu_si512(block + p * 32, _mm512_permutex2var_epi16(a, take_low, b));
+      _mm512_storeu_si512(block + (kTile / 2 + p) * 32, _mm512_permutex2var_epi16(a, take_high, b));
+    }
+    transpose16(r);
+    for (int p = 0; p < kTile; ++p) _mm512_storeu_ps(channel_pairs + (c / 2 + p) * kTile, r[p]);
+  }
+}
+
+// bf16 -> float32, 16 values.
+inline __m512 widen(const std::uint16_t* x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
+}
+
+// K^T of one row: [dim][width] bf16, a dilation group's keys in its columns
+// (Layout::group_column) and zeros after them; non-finite values are zeros
+// too, listed in `left_out` (at = the column).
+template <int Rank>
+void transpose_keys(const TensorView& k, const Layout<Rank>& layout, std::int64_t b,
+                    const std::int64_t* lead, std::int64_t h, std::uint16_t* out,
+                    std::vector<LeftOut>& left_out) {
+  const std::int64_t dim = k.shape[Rank + 2], width = layout.vt_width;
+  const auto* data = static_cast<const std::uint16_t*>(k.data);
+  const __m512i split = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1,
+                                         30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  for (std::int64_t grp = 0; grp < layout.dilation; ++grp) {
+    const std::int64_t len = layout.group_len[grp], column0 = layout.group_column[grp];
+    for (std::int64_t c = 0; c < dim; ++c) {
+      std::memset(out + c * width + column0 + len, 0, sizeof(std::uint16_t) * 2 * kKeyPairs);
+    }
+    for (std::int64_t i = 0; i < len; i += kTile) {
+      const std::int64_t n = std::min<std::int64_t>(kTile, len - i);
+      const std::uint16_t* tokens[kTile];
+      for (int t = 0; t < kTile; ++t) {
+        tokens[t] = t < n ? data + token_offset<Rank>(k, b, lead, grp + (i + t) * layout.dilation, h)
+                          : nullptr;
+      }
+      for (std::int64_t c = 0; c < dim; c += kChannels) {
+        __m512 r[kTile];
+        __mmask32 bad[kTile];
+        if (load_tokens(tokens, c, r, bad)) leave_out(tokens, c, column0 + i, r, bad, left_out);
+        transpose16(r);  // r[p]: channels c + 2p and c + 2p + 1 of the 16 tokens
+        for (int p = 0; p < kTile; ++p) {
+          alignas(64) std::uint16_t halves[2 * kTile];
+          _mm512_store_si512(halves, _mm512_permutexvar_epi16(split, _mm512_castps_si512(r[p])));
+          std::uint16_t* at = out + (c + 2 * p) * width + column0 + i;
+          std::memcpy(at, halves, sizeof(std::uint16_t) * n);
+          std::memcpy(at + width, halves + kTile, sizeof(std::uint16_t) * n);
+        }
+      }
+    }
+  }
+}
+
+// The scratch of one thread, kept between calls.
+struct Scratch {
+  std::vector<float> scores, dprobs;           // S^T, dP^T: [window row][key][lane]
+  std::vector<std::uint16_t> prob_rows;        // P^T in bf16, the same layout
+  std::vector<std::uint16_t> dscore_rows;      // (scale dS)^T in bf16, the same layout
+  std::vector<std::uint32_t> dscore_pairs;     // (scale dS)^T in key pairs: [window row][key / 2][lane]
+  std::vector<std::uint32_t> queries, grads;   // Q^T, dO^T in channel pairs: [channel / 2][lane]
+  std::vector<std::uint16_t> query_pairs, grad_pairs;  // q, dout in lane pairs (pack_lanes)
+  std::vector<float> dq;                       // dq^T: [channel][lane]
+  std::vector<std::uint16_t> edges;            // key_tile's copies, per product
+  std::vector<KeyTile> products;
+  std::vector<__mmask16> masks;                // per key of the run: the lanes whose window holds it
+  std::vector<std::uint16_t> keys_t;           // K^T of the item's rows: [row][dim][vt_width]
+  std::vector<float> dk, dv;                   // the item's accumulators: [row][vt_width][dim]
+  std::vector<LeftOut> left_queries, left_grads;  // a tile's, at = the lane
+  std::vector<LeftOut> left_keys;              // an item's, at = the column, by row:
+  std::vector<std::int64_t> left_keys_start;   // row r's: [start[r], start[r + 1])
+};
+
+Scratch& scratch() {
+  thread_local Scratch s;
+  return s;
+}
+
+// dq^T[channel] (its 16 lanes at `dq`) += (scale dS)^T[j][lane] * value for
+// the lanes whose window holds key j of the run (a left-out value of k;
+// `ds_rows`: the window row's (scale dS)^T in bf16, [key][lane]).
+inline void add_left_out(std::int64_t j, std::int64_t keys, const __mmask16* holds, float value,
+                         const std::uint16_t* ds_rows, float* dq) {
+  if (j < 0 || j >= keys) return;
+  for (int l = 0; l < kTile; ++l) {
+    if ((holds[j] >> l) & 1u) {
+      dq[l] += detail::to_float(detail::BFloat16{ds_rows[j * kTile + l]}) * value;
+    }
+  }
+}
+
+// One call's backward: its inputs, layout and tables, the work of an item
+// and of a tile.
+template <int Rank>
+struct Backward {
+  const detail::BackwardArgs& args;
+  const Geometry<Rank>& g;
+  const Layout<Rank>& layout;
+  const WindowTable<Rank>& windows;
+  Extent keys_extent, values_extent;
+  const float* bias;  // reversed rpb rows, [head][rpb row][bias_width]; null without rpb
+  std::int64_t bias_rows, bias_width;
+  std::int64_t dim, dim_v, heads_per_kv;
+  float scale;
+
+  // lse (as the backward uses it) and D of the tile's lanes; 0 for idle ones.
+  void row_terms(std::int64_t b, std::int64_t h, const std::int64_t* lead, const TileLanes& tl,
+                 float* lse, float* delta) const {
+    const auto* out = static_cast<const std::uint16_t*>(args.out.data);
+    const auto* dout = static_cast<const std::uint16_t*>(args.dout.data);
+    for (int l = 0; l < kTile; ++l) {
+      lse[l] = delta[l] = 0.0f;
+      if (!((tl.lanes >> l) & 1u)) continue;
+      std::int64_t c[Rank];
+      for (int a = 0; a < Rank - 1; ++a) c[a] = lead[a];
+      c[Rank - 1] = tl.grp + (tl.first + l) * layout.dilation;
+      const std::uint16_t* o = out + row_offset<Rank>(args.out, b, c, h);
+      const std::uint16_t* d = dout + row_offset<Rank>(args.dout, b, c, h);
+      __m512 dot = _mm512_setzero_ps();
+      for (std::int64_t i = 0; i < dim_v; i += kTile) {
+        dot = _mm512_fmadd_ps(widen(o + i), widen(d + i), dot);
+      }
+      float terms = _mm512_reduce_add_ps(dot);
+      if (args.dlse) {
+        terms -= static_cast<const float*>(args.dlse->data)[row_offset<Rank>(*args.dlse, b, c, 0) +
+                                                             h * args.dlse->strides[Rank + 1]];
+      }
+      delta[l] = terms;
+      lse[l] = detail::backward_lse(static_cast<const float*>(
+          args.lse.data)[row_offset<Rank>(args.lse, b, c, 0) + h * args.lse.strides[Rank + 1]]);
+    }
+  }
+
+  // The A operands of S^T (from k) or dP^T (from v) of every window row.
+  void operands(const TensorView& t, std::int64_t b, std::int64_t hk, const WindowRow* rows,
+                std::int64_t window, bool values, const TileLanes& tl, std::int64_t key_tiles,
+                std::int64_t width, float* results, std::int64_t row_floats, Scratch& s) const {
+    const auto* data = static_cast<const std::uint16_t*>(t.data);
+    const std::int64_t base = b * t.strides[0] + hk * t.strides[Rank + 1];
+    const std::int64_t step = layout.dilation * t.strides[Rank];
+    const std::int64_t len = layout.group_len[tl.grp];
+    s.products.clear();
+    for (std::int64_t w = 0; w < window; ++w) {
+      const std::int64_t row_start = base + (values ? rows[w].value_offset : rows[w].key_offset) +
+                                     tl.grp * t.strides[Rank];
+      for (std::int64_t kt = 0; kt < key_tiles; ++kt) {
+        const std::int64_t j0 = tl.union_lo + kt * kTile;
+        s.products.push_back(key_tile(data, row_start + j0 * step, step, len - j0, width,
+                                      values ? values_extent : keys_extent,
+                                      s.edges.data() + (w * key_tiles + kt) * kTile * width,
+                                      results + w * row_floats + kt * kTile * kTile));
+      }
+    }
+  }
+
+  // One tile of 16 queries of head h.
+  void tile(std::int64_t b, std::int64_t h, std::int64_t row, const TileLanes& tl,
+            float* bias_grad, Scratch& s) const {
+    const AxisParams& axis = g.axes[Rank - 1];
+    const std::int64_t grp = tl.grp, dil = layout.dilation;
+    const std::int64_t hk = h / heads_per_kv;
+    std::int64_t lead[Rank > 1 ? Rank - 1 : 1] = {};
+    row_coords<Rank>(g, row, lead);
+    const std::int64_t union_lo = tl.union_lo, keys = tl.union_hi - tl.union_lo;
+    const std::int64_t key_tiles = (keys + kTile - 1) / kTile;
+    const std::int64_t pair_tiles = (keys + 2 * kKeyPairs - 1) / (2 * kKeyPairs);
+    const std::int64_t key_rows = pair_tiles * 2 * kKeyPairs;  // keys of a window row, padded
+    const WindowRow* rows = windows.rows(row);
+    const std::int64_t window = windows.count(row);
+    const std::int64_t row_floats = key_tiles * kTile * kTile;
+    const std::int64_t row_pairs = pair_tiles * kKeyPairs * kTile;
+    reserve(s.scores, window * row_floats);
+    reserve(s.dprobs, window * row_floats);
+    reserve(s.prob_rows, window * key_rows * kTile);
+    reserve(s.dscore_rows, window * key_rows * kTile);
+    reserve(s.dscore_pairs, window * row_pairs);
+    reserve(s.edges, window * key_tiles * kTile * std::max(dim, dim_v));
+    reserve(s.masks, keys);
+
+    // The B operands from q and dout.
+    const std::uint16_t* lanes_of[kTile];
+    lane_tokens<Rank>(args.q, b, lead, grp, tl.first, dil, h, tl.lanes, lanes_of);
+    pack_lanes(lanes_of, dim, s.queries.data(), s.query_pairs.data(), s.left_queries);
+    lane_tokens<Rank>(args.dout, b, lead, grp, tl.first, dil, h, tl.lanes, lanes_of);
+    pack_lanes(lanes_of, dim_v, s.grads.data(), s.grad_pairs.data(), s.left_grads);
+    alignas(64) float lse[kTile], delta[kTile];
+    row_terms(b, h, lead, tl, lse, delta);
+
+    // S^T = K . Q^T and dP^T = V . dO^T.
+    operands(args.k, b, hk, rows, window, false, tl, key_tiles, dim, s.scores.data(), row_floats, s);
+    key_products(s.products.data(), static_cast<std::int64_t>(s.products.size()),
+                 s.queries.data(), dim);
+    operands(args.v, b, hk, rows, window, true, tl, key_tiles, dim_v, s.dprobs.data(), row_floats,
+             s);
+    key_products(s.products.data(), static_cast<std::int64_t>(s.products.size()), s.grads.data(),
+                 dim_v);
+
+    // P and dS lane-wise down the keys, masked to each lane's window.
+    __mmask16* holds = s.masks.data();
+    {
+      const __m512i lane_lo = _mm512_load_si512(tl.lo), lane_hi = _mm512_load_si512(tl.hi);
+      for (std::int64_t i = 0; i < keys; ++i) {
+        const __m512i jv = _mm512_set1_epi32(static_cast<std::int32_t>(union_lo + i));
+        holds[i] = tl.lanes & _mm512_cmpge_epi32_mask(jv, lane_lo) &
+                   _mm512_cmplt_epi32_mask(jv, lane_hi);
+      }
+    }
+    const __m512 scale_v = _mm512_set1_ps(scale), log2e = _mm512_set1_ps(1.44269504088896341f);
+    const __m512 lse_log2e = _mm512_mul_ps(_mm512_load_ps(lse), log2e);
+    const __m512 delta_v = _mm512_load_ps(delta);
+    const __m512i interleave = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+        23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const std::int64_t kernel = axis.kernel;
+    for (std::int64_t w = 0; w < window; ++w) {
+      const float* row_scores = s.scores.data() + w * row_floats;
+      const float* row_dprobs = s.dprobs.data() + w * row_floats;
+      std::uint16_t* p_rows = s.prob_rows.data() + w * key_rows * kTile;
+      std::uint16_t* ds_rows = s.dscore_rows.data() + w * key_rows * kTile;
+      std::uint32_t* ds_pairs = s.dscore_pairs.data() + w * row_pairs;
+      // Lane l's rpb index along the last axis is j - (first + l) + kernel - 1
+      // (the forward's reversed rows); its gradient goes to the same place.
+      const std::int64_t bias_at = (h % heads_per_kv * bias_rows + rows[w].bias_row) * bias_width +
+                                   kBiasPad + 2 * kernel - 2 - (union_lo - tl.first + kernel - 1);
+      const float* bias_row = bias ? bias + (h * bias_rows + rows[w].bias_row) * bias_width +
+                                         kBiasPad + 2 * kernel - 2 -
+                                         (union_lo - tl.first + kernel - 1)
+                                   : nullptr;
+      for (std::int64_t i = 0; i < key_rows; i += 2) {
+        __m512 ds[2];
+        for (int e = 0; e < 2; ++e) {
+          const std::int64_t j = i + e;
+          if (j >= keys) {
+            ds[e] = _mm512_setzero_ps();
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(p_rows + j * kTile), _mm256_setzero_si256());
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(ds_rows + j * kTile), _mm256_setzero_si256());
+            continue;
+          }
+          __m512 x = _mm512_mul_ps(_mm512_loadu_ps(row_scores + j * kTile), scale_v);
+          if (bias_row) x = _mm512_add_ps(x, _mm512_loadu_ps(bias_row - j));
+          const __m512 p = exp2_masked(holds[j], _mm512_fmsub_ps(x, log2e, lse_log2e));
+          const __m512 dp = _mm512_sub_ps(_mm512_loadu_ps(row_dprobs + j * kTile), delta_v);
+          const __m512 d = _mm512_maskz_mul_ps(holds[j], p, dp);
+          if (bias_grad) {
+            float* at = bias_grad + bias_at - j;
+            _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), d));
+          }
+          ds[e] = _mm512_mul_ps(d, scale_v);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(p_rows + j * kTile),
+                              (__m256i)_mm512_cvtneps_pbh(p));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(ds_rows + j * kTile),
+                              (__m256i)_mm512_cvtneps_pbh(ds[e]));
+        }
+        const __m512i pair = (__m512i)_mm512_cvtne2ps_pbh(ds[1], ds[0]);
+        _mm512_storeu_si512(ds_pairs + i / 2 * kTile, _mm512_permutexvar_epi16(interleave, pair));
+      }
+    }
+
+    // dq^T = K^T . (scale dS)^T, 48 channels at a time.
+    const std::int64_t kt_stride = layout.vt_width * 2;  // bytes between K^T channels
+    const std::int64_t column = layout.group_column[grp] + union_lo;
+    for (std::int64_t c0 = 0; c0 < dim; c0 += 3 * kTile) {
+      const int blocks = static_cast<int>(std::min<std::int64_t>(3, (dim - c0) / kTile));
+      for (int t = 0; t < blocks; ++t) zero_accumulator(t);
+      int odd = 0;
+      for (std::int64_t w = 0; w < window; ++w) {
+        const std::uint16_t* kt_row =
+            s.keys_t.data() + rows[w].vt_row * dim * layout.vt_width + column;
+        for (std::int64_t pt = 0; pt < pair_tiles; ++pt) {
+          _tile_loadd(2, s.dscore_pairs.data() + w * row_pairs + pt * kKeyPairs * kTile, 64);
+          for (int t = 0; t < blocks; ++t, odd ^= 1) {
+            accumulate_pairs(t, odd, kt_row + (c0 + t * kTile) * layout.vt_width + pt * 2 * kKeyPairs,
+                             kt_stride);
+          }
+        }
+      }
+      for (int t = 0; t < blocks; ++t) {
+        store_accumulator(t, s.dq.data() + (c0 + t * kTile) * kTile, 64);
+      }
+    }
+    if (!s.left_keys.empty()) {
+      for (std::int64_t w = 0; w < window; ++w) {
+        const std::int64_t r = rows[w].vt_row;
+        for (std::int64_t e = s.left_keys_start[r]; e < s.left_keys_start[r + 1]; ++e) {
+          const LeftOut& f = s.left_keys[e];
+          add_left_out(f.at - column, keys, holds, f.value, s.dscore_rows.data() + w * key_rows * kTile,
+                       s.dq.data() + f.channel * kTile);
+        }
+      }
+    }
+    std::uint16_t* dq_tokens[kTile];
+    lane_tokens<Rank>(args.dq, b, lead, grp, tl.first, dil, h, tl.lanes, dq_tokens);
+    for (std::int64_t c = 0; c < dim; c += kTile) {
+      __m512 r[kTile];
+      for (int i = 0; i < kTile; ++i) r[i] = _mm512_loadu_ps(s.dq.data() + (c + i) * kTile);
+      transpose16(r);
+      for (int l = 0; l < kTile; ++l) {
+        if (dq_tokens[l]) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dq_tokens[l] + c), to_bf16(r[l]));
+        }
+      }
+    }
+
+    // dk += (scale dS)^T . Q and dv += P^T . dO, 16 keys by 16 channels per product.
+    for (std::int64_t w = 0; w < window; ++w) {
+      const std::int64_t first_column = rows[w].vt_row * layout.vt_width + column;
+      for (std::int64_t kt = 0; kt < key_tiles; ++kt) {
+        _tile_loadd(6, s.dscore_rows.data() + (w * key_rows + kt * kTile) * kTile, 2 * kTile);
+        float* dk = s.dk.data() + (first_column + kt * kTile) * dim;
+        for (std::int64_t c = 0; c < dim; c += kTile) {
+          accumulate_block(static_cast<int>(c / kTile), dk + c, dim * 4,
+                           s.query_pairs.data() + c / kTile * (kTile / 2) * 32);
+        }
+        _tile_loadd(6, s.prob_rows.data() + (w * key_rows + kt * kTile) * kTile, 2 * kTile);
+        float* dv = s.dv.data() + (first_column + kt * kTile) * dim_v;
+        for (std::int64_t c = 0; c < dim_v; c += kTile) {
+          accumulate_block(static_cast<int>(c / kTile), dv + c, dim_v * 4,
+                           s.grad_pairs.data() + c / kTile * (kTile / 2) * 32);
+        }
+      }
+    }
+    // The values of q and dout left out of those.
+    for (const auto& [left_out, rows_of, acc, width] :
+         {std::tuple{&s.left_queries, s.dscore_rows.data(), s.dk.data(), dim},
+          std::tuple{&s.left_grads, s.prob_rows.data(), s.dv.data(), dim_v}}) {
+      for (const LeftOut& f : *left_out) {
+        for (std::int64_t w = 0; w < window; ++w) {
+          const std::int64_t first_column = rows[w].vt_row * layout.vt_width + column;
+          for (std::int64_t j = 0; j < keys; ++j) {
+            if (!((holds[j] >> f.at) & 1u)) continue;
+            const std::uint16_t weight = rows_of[(w * key_rows + j) * kTile + f.at];
+            acc[(first_column + j) * width + f.channel] +=
+                detail::to_float(detail::BFloat16{weight}) * f.value;
+          }
+        }
+      }
+    }
+  }
+
+  // dk and dv of one row from the accumulators, in bf16.
+  void store_keys(std::int64_t b, std::int64_t hk, std::int64_t row, const Scratch& s) const {
+    std::int64_t lead[Rank > 1 ? Rank - 1 : 1] = {};
+    row_coords<Rank>(g, row, lead);
+    for (std::int64_t x = 0; x < layout.extent; ++x) {
+      const std::int64_t column =
+          row * layout.vt_width + layout.group_column[x % layout.dilation] + x / layout.dilation;
+      for (const auto& [grad, acc, width] :
+           {std::tuple{&args.dk, s.dk.data(), dim}, std::tuple{&args.dv, s.dv.data(), dim_v}}) {
+        auto* token = static_cast<std::uint16_t*>(grad->data) + token_offset<Rank>(*grad, b, lead, x, hk);
+        const float* from = acc + column * width;
+        for (std::int64_t c = 0; c < width; c += kTile) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(token + c), to_bf16(_mm512_loadu_ps(from + c)));
+        }
+      }
+    }
+  }
+
+  // Every query head of kv head hk at batch b.
+  void item(std::int64_t b, std::int64_t hk, float* bias_grad, Scratch& s) const {
+    const std::int64_t rows = layout.rows, width = layout.vt_width;
+    reserve(s.keys_t, rows * dim * width);
+    reserve(s.dk, rows * width * dim);
+    reserve(s.dv, rows * width * dim_v);
+    std::fill(s.dk.begin(), s.dk.begin() + rows * width * dim, 0.0f);
+    std::fill(s.dv.begin(), s.dv.begin() + rows * width * dim_v, 0.0f);
+    s.left_keys.clear();
+    s.left_keys_start.assign(1, 0);
+    for (std::int64_t r = 0; r < rows; ++r) {
+      std::int64_t lead[Rank > 1 ? Rank - 1 : 1] = {};
+      row_coords<Rank>(g, r, lead);
+      transpose_keys<Rank>(args.k, layout, b, lead, hk, s.keys_t.data() + r * dim * width,
+                           s.left_keys);
+      s.left_keys_start.push_back(static_cast<std::int64_t>(s.left_keys.size()));
+    }
+    for (std::int64_t h = hk * heads_per_kv; h < (hk + 1) * heads_per_kv; ++h) {
+      for (std::int64_t r = 0; r < rows; ++r) {
+        for (const TileLanes& tl : layout.tiles_of_row) tile(b, h, r, tl, bias_grad, s);
+      }
+    }
+    for (std::int64_t r = 0; r < rows; ++r) store_keys(b, hk, r, s);
+  }
+};
+
+template <int Rank>
+void backward(const detail::BackwardArgs& args) {
+  const Geometry<Rank> g(args.q, args.params);
+  const Layout<Rank> layout(g);
+  const std::int64_t kv_heads = args.k.shape[Rank + 1], heads_per_kv = g.heads / kv_heads;
+  const std::int64_t dim = args.q.shape[Rank + 2], dim_v = args.v.shape[Rank + 2];
+
+  // rpb rows reversed and padded as in the forward; the gradient in the same
+  // layout, one partial per item, summed in item order (deterministic).
+  const std::int64_t kernel = g.axes[Rank - 1].kernel, span = 2 * kernel - 1;
+  const std::int64_t bias_width = span + 2 * kBiasPad;
+  std::int64_t bias_rows = 1;
+  std::vector<float> bias;
+  const BiasBuffer<Rank, float> bias_layout(args.params, g.heads);
+  if (args.rpb) {
+    const std::vector<float> rpb = bias_layout.template load_from<detail::BFloat16>(*args.rpb);
+    bias_rows = bias_layout.strides[0] / span;
+    bias.assign(g.heads * bias_rows * bias_width, 0.0f);
+    for (std::int64_t r = 0; r < g.heads * bias_rows; ++r) {
+      for (std::int64_t i = 0; i < span; ++i) {
+        bias[r * bias_width + kBiasPad + span - 1 - i] = rpb[r * span + i];
+      }
+    }
+  }
+  const std::int64_t items = g.batch * kv_heads;
+  const std::int64_t partial_size = heads_per_kv * bias_rows * bias_width;
+  std::vector<float> partials(args.rpb ? items * partial_size : 0, 0.0f);
+
+  const WindowTable<Rank> windows(g, args.k, args.v, args.params, layout.rows);
+  const Backward<Rank> bw{args,       g,          layout,        windows,
+                          Extent(args.k), Extent(args.v),
+                          args.rpb ? bias.data() : nullptr, bias_rows, bias_width,
+                          dim,        dim_v,      heads_per_kv,  static_cast<float>(args.scale)};
+  parallel_for(items, 1, [&](std::int64_t begin, std::int64_t end) {
+    Scratch& s = scratch();
+    reserve(s.queries, dim / 2 * kTile);
+    reserve(s.grads, dim_v / 2 * kTile);
+    reserve(s.query_pairs, dim * kTile);
+    reserve(s.grad_pairs, dim_v * kTile);
+    reserve(s.dq, dim * kTile);
+    const TileConfig config = backward_config();
+    _tile_loadconfig(&config);
+    for (std::int64_t item = begin; item < end; ++item) {
+      bw.item(item / kv_heads, item % kv_heads,
+              args.rpb ? partials.data() + item * partial_size : nullptr, s);
+    }
+    _tile_release();
+  });
+
+  if (args.rpb) {
+    std::vector<float> grad(bias_layout.size, 0.0f);
+    for (std::int64_t item = 0; item < items; ++item) {
+      const std::int64_t hk = item % kv_heads;
+      for (std::int64_t r = 0; r < heads_per_kv * bias_rows; ++r) {
+        const float* from = partials.data() + item * partial_size + r * bias_width + kBiasPad;
+        float* to = grad.data() + (hk * heads_per_kv * bias_rows + r) * span;
+        for (std::int64_t i = 0; i < span; ++i) to[i] += from[span - 1 - i];
+      }
+    }
+    bias_layout.template store_to<detail::BFloat16>(grad, *args.drpb);
+  }
+}
+
+}  // namespace
+
+void na_backward(const detail::BackwardArgs& args) {
+  detail::dispatch_rank(args.params.rank, "na_backward", [&](auto rank) {
+    backward<decltype(rank)::value>(args);
+  });
+}
+
+}  // namespace libna::cpu::amx
+
+LIBNA_AMX_END
