@@ -72,20 +72,19 @@ namespace libna::cpu::amx {
 
 namespace {
 
-// tmm0, tmm4 and tmm5 accumulate (S^T, dP^T, dq^T, dk, dv); tmm1 and tmm3
-// hold A operands of 16 x 32 bf16 (keys, values, K^T), tmm2 B operands of 16
-// pairs (Q^T, dO^T, dS^T); tmm6 holds 16 keys x 16 queries (dS^T or P^T)
-// and tmm7 the 8 query pairs x 16 channels of q or dout that it multiplies.
+// tmm0, tmm4 and tmm5 accumulate (S^T, dP^T, dq^T, dk, dv); tmm1 holds A
+// operands of 16 x 32 bf16 (keys, values, K^T), tmm2 B operands of 16 pairs
+// (Q^T, dO^T, dS^T); tmm6 holds 16 keys x 16 queries (dS^T or P^T), and
+// tmm7 and tmm3 the 8 query pairs x 16 channels of q or dout that it
+// multiplies (32 channels, kept for a whole pass over the keys).
 TileConfig backward_config() {
   TileConfig c;
-  for (int t = 0; t < 6; ++t) {
+  for (int t = 0; t < 8; ++t) {
     c.bytes_per_row[t] = 64;
     c.rows[t] = kTile;
   }
   c.bytes_per_row[6] = 2 * kTile;
-  c.rows[6] = kTile;
-  c.bytes_per_row[7] = 64;
-  c.rows[7] = kTile / 2;
+  c.rows[3] = c.rows[7] = kTile / 2;
   return c;
 }
 
@@ -104,38 +103,24 @@ inline void store_accumulator(int i, void* at, std::int64_t stride) {
     default: _tile_stored(5, at, stride); break;
   }
 }
-// Accumulator i % 3 += A (loaded from `a`, into tmm1 or tmm3 by `odd`) . tmm2.
-inline void accumulate_pairs(int i, int odd, const void* a, std::int64_t stride) {
-  switch (i % 3 + 3 * odd) {
+// Accumulator i % 3 += A (loaded from `a` into tmm1) . tmm2.
+inline void accumulate_pairs(int i, const void* a, std::int64_t stride) {
+  switch (i % 3) {
     case 0: LIBNA_TILE_PRODUCT(0, 1, 2, a, stride); break;
     case 1: LIBNA_TILE_PRODUCT(4, 1, 2, a, stride); break;
-    case 2: LIBNA_TILE_PRODUCT(5, 1, 2, a, stride); break;
-    case 3: LIBNA_TILE_PRODUCT(0, 3, 2, a, stride); break;
-    case 4: LIBNA_TILE_PRODUCT(4, 3, 2, a, stride); break;
-    default: LIBNA_TILE_PRODUCT(5, 3, 2, a, stride); break;
+    default: LIBNA_TILE_PRODUCT(5, 1, 2, a, stride); break;
   }
 }
-// The float32 16 x 16 block at `acc` (rows `stride` bytes apart) += tmm6 .
-// (the 8 x 16 pairs at `b`), through accumulator i % 3.
-inline void accumulate_block(int i, float* acc, std::int64_t stride, const void* b) {
-  _tile_loadd(7, b, 64);
-  switch (i % 3) {
-    case 0:
-      _tile_loadd(0, acc, stride);
-      _tile_dpbf16ps(0, 6, 7);
-      _tile_stored(0, acc, stride);
-      break;
-    case 1:
-      _tile_loadd(4, acc, stride);
-      _tile_dpbf16ps(4, 6, 7);
-      _tile_stored(4, acc, stride);
-      break;
-    default:
-      _tile_loadd(5, acc, stride);
-      _tile_dpbf16ps(5, 6, 7);
-      _tile_stored(5, acc, stride);
-      break;
-  }
+
+// The float32 16 x 32 block at `acc` (rows `stride` bytes apart) += tmm6 .
+// (tmm7 | tmm3): 16 keys by 32 channels.
+inline void accumulate_block(float* acc, std::int64_t stride) {
+  _tile_loadd(0, acc, stride);
+  _tile_loadd(4, acc + kTile, stride);
+  _tile_dpbf16ps(0, 6, 7);
+  _tile_dpbf16ps(4, 6, 3);
+  _tile_stored(0, acc, stride);
+  _tile_stored(4, acc + kTile, stride);
 }
 
 // The 16 x 16 results of `products` A operands times the B operand (channel
@@ -147,7 +132,7 @@ inline void key_products(const KeyTile* t, std::int64_t products, const std::uin
     for (int j = 0; j < n; ++j) zero_accumulator(j);
     for (std::int64_t c = 0; c < width; c += kChannels) {
       _tile_loadd(2, b + (c / 2) * kTile, 64);
-      for (int j = 0; j < n; ++j) accumulate_pairs(j, j % 2, t[i + j].keys + c, t[i + j].stride);
+      for (int j = 0; j < n; ++j) accumulate_pairs(j, t[i + j].keys + c, t[i + j].stride);
     }
     for (int j = 0; j < n; ++j) store_accumulator(j, t[i + j].scores, 64);
   }
@@ -228,12 +213,6 @@ inline void pack_lanes(const std::uint16_t* const* tokens, std::int64_t width,
     transpose16(r);
     for (int p = 0; p < kTile; ++p) _mm512_storeu_ps(channel_pairs + (c / 2 + p) * kTile, r[p]);
   }
-}
-
-// bf16 -> float32, 16 values.
-inline __m512 widen(const std::uint16_t* x) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(
-      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
 }
 
 // K^T of one row: [dim][width] bf16, a dilation group's keys in its columns
@@ -329,29 +308,44 @@ struct Backward {
 
   // lse (as the backward uses it) and D of the tile's lanes; 0 for idle ones.
   void row_terms(std::int64_t b, std::int64_t h, const std::int64_t* lead, const TileLanes& tl,
-                 float* lse, float* delta) const {
-    const auto* out = static_cast<const std::uint16_t*>(args.out.data);
-    const auto* dout = static_cast<const std::uint16_t*>(args.dout.data);
+                 const std::uint16_t* const* grads, float* lse, float* delta) const {
+    // D: bf16 pair products summed in float32 per lane (VDPBF16PS), then
+    // across each lane's 16 partial sums through a transpose.
+    const std::uint16_t* outs[kTile];
+    lane_tokens<Rank>(args.out, b, lead, tl.grp, tl.first, layout.dilation, h, tl.lanes, outs);
+    __m512 dots[kTile];
     for (int l = 0; l < kTile; ++l) {
-      lse[l] = delta[l] = 0.0f;
-      if (!((tl.lanes >> l) & 1u)) continue;
-      std::int64_t c[Rank];
-      for (int a = 0; a < Rank - 1; ++a) c[a] = lead[a];
-      c[Rank - 1] = tl.grp + (tl.first + l) * layout.dilation;
-      const std::uint16_t* o = out + row_offset<Rank>(args.out, b, c, h);
-      const std::uint16_t* d = dout + row_offset<Rank>(args.dout, b, c, h);
-      __m512 dot = _mm512_setzero_ps();
-      for (std::int64_t i = 0; i < dim_v; i += kTile) {
-        dot = _mm512_fmadd_ps(widen(o + i), widen(d + i), dot);
+      dots[l] = _mm512_setzero_ps();
+      if (!outs[l]) continue;
+      for (std::int64_t i = 0; i < dim_v; i += kChannels) {
+        dots[l] = _mm512_dpbf16_ps(dots[l], (__m512bh)_mm512_loadu_si512(outs[l] + i),
+                                   (__m512bh)_mm512_loadu_si512(grads[l] + i));
       }
-      float terms = _mm512_reduce_add_ps(dot);
-      if (args.dlse) {
-        terms -= static_cast<const float*>(args.dlse->data)[row_offset<Rank>(*args.dlse, b, c, 0) +
-                                                             h * args.dlse->strides[Rank + 1]];
+    }
+    transpose16(dots);
+    __m512 sum = dots[0];
+    for (int i = 1; i < kTile; ++i) sum = _mm512_add_ps(sum, dots[i]);
+    _mm512_store_ps(delta, sum);
+    std::int64_t c[Rank];
+    for (int a = 0; a < Rank - 1; ++a) c[a] = lead[a];
+    c[Rank - 1] = tl.grp + tl.first * layout.dilation;
+    const std::int64_t step = layout.dilation * args.lse.strides[Rank];
+    const float* lse_in = static_cast<const float*>(args.lse.data) +
+                          row_offset<Rank>(args.lse, b, c, 0) + h * args.lse.strides[Rank + 1];
+    const float* dlse_in = nullptr;
+    std::int64_t dlse_step = 0;
+    if (args.dlse) {
+      dlse_step = layout.dilation * args.dlse->strides[Rank];
+      dlse_in = static_cast<const float*>(args.dlse->data) + row_offset<Rank>(*args.dlse, b, c, 0) +
+                h * args.dlse->strides[Rank + 1];
+    }
+    for (int l = 0; l < kTile; ++l) {
+      if (!outs[l]) {
+        lse[l] = delta[l] = 0.0f;
+        continue;
       }
-      delta[l] = terms;
-      lse[l] = detail::backward_lse(static_cast<const float*>(
-          args.lse.data)[row_offset<Rank>(args.lse, b, c, 0) + h * args.lse.strides[Rank + 1]]);
+      lse[l] = detail::backward_lse(lse_in[l * step]);
+      if (dlse_in) delta[l] -= dlse_in[l * dlse_step];
     }
   }
 
@@ -408,7 +402,7 @@ struct Backward {
     lane_tokens<Rank>(args.dout, b, lead, grp, tl.first, dil, h, tl.lanes, lanes_of);
     pack_lanes(lanes_of, dim_v, s.grads.data(), s.grad_pairs.data(), s.left_grads);
     alignas(64) float lse[kTile], delta[kTile];
-    row_terms(b, h, lead, tl, lse, delta);
+    row_terms(b, h, lead, tl, lanes_of, lse, delta);
 
     // S^T = K . Q^T and dP^T = V . dO^T.
     operands(args.k, b, hk, rows, window, false, tl, key_tiles, dim, s.scores.data(), row_floats, s);
@@ -486,14 +480,13 @@ struct Backward {
     for (std::int64_t c0 = 0; c0 < dim; c0 += 3 * kTile) {
       const int blocks = static_cast<int>(std::min<std::int64_t>(3, (dim - c0) / kTile));
       for (int t = 0; t < blocks; ++t) zero_accumulator(t);
-      int odd = 0;
       for (std::int64_t w = 0; w < window; ++w) {
         const std::uint16_t* kt_row =
             s.keys_t.data() + rows[w].vt_row * dim * layout.vt_width + column;
         for (std::int64_t pt = 0; pt < pair_tiles; ++pt) {
           _tile_loadd(2, s.dscore_pairs.data() + w * row_pairs + pt * kKeyPairs * kTile, 64);
-          for (int t = 0; t < blocks; ++t, odd ^= 1) {
-            accumulate_pairs(t, odd, kt_row + (c0 + t * kTile) * layout.vt_width + pt * 2 * kKeyPairs,
+          for (int t = 0; t < blocks; ++t) {
+            accumulate_pairs(t, kt_row + (c0 + t * kTile) * layout.vt_width + pt * 2 * kKeyPairs,
                              kt_stride);
           }
         }
@@ -525,24 +518,24 @@ struct Backward {
       }
     }
 
-    // dk += (scale dS)^T . Q and dv += P^T . dO, 16 keys by 16 channels per product.
-    for (std::int64_t w = 0; w < window; ++w) {
-      const std::int64_t first_column = rows[w].vt_row * layout.vt_width + column;
-      for (std::int64_t kt = 0; kt < key_tiles; ++kt) {
-        _tile_loadd(6, s.dscore_rows.data() + (w * key_rows + kt * kTile) * kTile, 2 * kTile);
-        float* dk = s.dk.data() + (first_column + kt * kTile) * dim;
-        for (std::int64_t c = 0; c < dim; c += kTile) {
-          accumulate_block(static_cast<int>(c / kTile), dk + c, dim * 4,
-                           s.query_pairs.data() + c / kTile * (kTile / 2) * 32);
-        }
-        _tile_loadd(6, s.prob_rows.data() + (w * key_rows + kt * kTile) * kTile, 2 * kTile);
-        float* dv = s.dv.data() + (first_column + kt * kTile) * dim_v;
-        for (std::int64_t c = 0; c < dim_v; c += kTile) {
-          accumulate_block(static_cast<int>(c / kTile), dv + c, dim_v * 4,
-                           s.grad_pairs.data() + c / kTile * (kTile / 2) * 32);
+    // dk += (scale dS)^T . Q and dv += P^T . dO, 16 keys by 32 channels at a
+    // time, the 32 channels of q or dout in tmm7 and tmm3 for all the keys.
+    for (const auto& [rows_of, pairs, acc, width] :
+         {std::tuple{s.dscore_rows.data(), s.query_pairs.data(), s.dk.data(), dim},
+          std::tuple{s.prob_rows.data(), s.grad_pairs.data(), s.dv.data(), dim_v}}) {
+      for (std::int64_t c = 0; c < width; c += 2 * kTile) {
+        _tile_loadd(7, pairs + c / kTile * (kTile / 2) * 32, 64);
+        _tile_loadd(3, pairs + (c / kTile + 1) * (kTile / 2) * 32, 64);
+        for (std::int64_t w = 0; w < window; ++w) {
+          float* keys_acc = acc + (rows[w].vt_row * layout.vt_width + column) * width + c;
+          for (std::int64_t kt = 0; kt < key_tiles; ++kt) {
+            _tile_loadd(6, rows_of + (w * key_rows + kt * kTile) * kTile, 2 * kTile);
+            accumulate_block(keys_acc + kt * kTile * width, width * 4);
+          }
         }
       }
     }
+
     // The values of q and dout left out of those.
     for (const auto& [left_out, rows_of, acc, width] :
          {std::tuple{&s.left_queries, s.dscore_rows.data(), s.dk.data(), dim},
