@@ -371,96 +371,60 @@ struct Backward {
     }
   }
 
-  // One tile of 16 queries of head h.
-  void tile(std::int64_t b, std::int64_t h, std::int64_t row, const TileLanes& tl,
-            float* bias_grad, Scratch& s) const {
-    const AxisParams& axis = g.axes[Rank - 1];
-    const std::int64_t grp = tl.grp, dil = layout.dilation;
-    const std::int64_t hk = h / heads_per_kv;
-    std::int64_t lead[Rank > 1 ? Rank - 1 : 1] = {};
-    row_coords<Rank>(g, row, lead);
-    const std::int64_t union_lo = tl.union_lo, keys = tl.union_hi - tl.union_lo;
-    const std::int64_t key_tiles = (keys + kTile - 1) / kTile;
-    const std::int64_t pair_tiles = (keys + 2 * kKeyPairs - 1) / (2 * kKeyPairs);
-    const std::int64_t key_rows = pair_tiles * 2 * kKeyPairs;  // keys of a window row, padded
-    const WindowRow* rows = windows.rows(row);
-    const std::int64_t window = windows.count(row);
-    const std::int64_t row_floats = key_tiles * kTile * kTile;
-    const std::int64_t row_pairs = pair_tiles * kKeyPairs * kTile;
-    reserve(s.scores, window * row_floats);
-    reserve(s.dprobs, window * row_floats);
-    reserve(s.prob_rows, window * key_rows * kTile);
-    reserve(s.dscore_rows, window * key_rows * kTile);
-    reserve(s.dscore_pairs, window * row_pairs);
-    reserve(s.edges, window * key_tiles * kTile * std::max(dim, dim_v));
-    reserve(s.masks, keys);
-
-    // The B operands from q and dout.
-    const std::uint16_t* lanes_of[kTile];
-    lane_tokens<Rank>(args.q, b, lead, grp, tl.first, dil, h, tl.lanes, lanes_of);
-    pack_lanes(lanes_of, dim, s.queries.data(), s.query_pairs.data(), s.left_queries);
-    lane_tokens<Rank>(args.dout, b, lead, grp, tl.first, dil, h, tl.lanes, lanes_of);
-    pack_lanes(lanes_of, dim_v, s.grads.data(), s.grad_pairs.data(), s.left_grads);
-    alignas(64) float lse[kTile], delta[kTile];
-    row_terms(b, h, lead, tl, lanes_of, lse, delta);
-
-    // S^T = K . Q^T and dP^T = V . dO^T.
-    operands(args.k, b, hk, rows, window, false, tl, key_tiles, dim, s.scores.data(), row_floats, s);
+  // S^T = K . Q^T and dP^T = V . dO^T.
+  void score_products(const TileShape<Rank>& t, Scratch& s) const {
+    operands(args.k, t.b, t.hk, t.rows, t.window, false, t.lanes, t.key_tiles, dim,
+             s.scores.data(), t.row_floats(), s);
     key_products(s.products.data(), static_cast<std::int64_t>(s.products.size()),
                  s.queries.data(), dim);
-    operands(args.v, b, hk, rows, window, true, tl, key_tiles, dim_v, s.dprobs.data(), row_floats,
-             s);
-    key_products(s.products.data(), static_cast<std::int64_t>(s.products.size()), s.grads.data(),
-                 dim_v);
+    operands(args.v, t.b, t.hk, t.rows, t.window, true, t.lanes, t.key_tiles, dim_v,
+             s.dprobs.data(), t.row_floats(), s);
+    key_products(s.products.data(), static_cast<std::int64_t>(s.products.size()),
+                 s.grads.data(), dim_v);
+  }
 
-    // P and dS lane-wise down the keys, masked to each lane's window.
-    __mmask16* holds = s.masks.data();
-    {
-      const __m512i lane_lo = _mm512_load_si512(tl.lo), lane_hi = _mm512_load_si512(tl.hi);
-      for (std::int64_t i = 0; i < keys; ++i) {
-        const __m512i jv = _mm512_set1_epi32(static_cast<std::int32_t>(union_lo + i));
-        holds[i] = tl.lanes & _mm512_cmpge_epi32_mask(jv, lane_lo) &
-                   _mm512_cmplt_epi32_mask(jv, lane_hi);
-      }
-    }
+  // P and scale dS lane-wise down the keys, masked to each lane's window: in
+  // bf16 rows for dk and dv, in key pairs for dq; dS into the rpb gradient.
+  void probabilities(const TileShape<Rank>& t, const float* lse, const float* delta,
+                     const __mmask16* holds, float* bias_grad, Scratch& s) const {
     const __m512 scale_v = _mm512_set1_ps(scale), log2e = _mm512_set1_ps(1.44269504088896341f);
     const __m512 lse_log2e = _mm512_mul_ps(_mm512_load_ps(lse), log2e);
     const __m512 delta_v = _mm512_load_ps(delta);
     const __m512i interleave = _mm512_set_epi16(
         31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const std::int64_t kernel = axis.kernel;
-    for (std::int64_t w = 0; w < window; ++w) {
-      const float* row_scores = s.scores.data() + w * row_floats;
-      const float* row_dprobs = s.dprobs.data() + w * row_floats;
-      std::uint16_t* p_rows = s.prob_rows.data() + w * key_rows * kTile;
-      std::uint16_t* ds_rows = s.dscore_rows.data() + w * key_rows * kTile;
-      std::uint32_t* ds_pairs = s.dscore_pairs.data() + w * row_pairs;
-      // Lane l's rpb index along the last axis is j - (first + l) + kernel - 1
-      // (the forward's reversed rows); its gradient goes to the same place.
-      const std::int64_t bias_at = (h % heads_per_kv * bias_rows + rows[w].bias_row) * bias_width +
-                                   kBiasPad + 2 * kernel - 2 - (union_lo - tl.first + kernel - 1);
-      const float* bias_row = bias ? bias + (h * bias_rows + rows[w].bias_row) * bias_width +
-                                         kBiasPad + 2 * kernel - 2 -
-                                         (union_lo - tl.first + kernel - 1)
-                                   : nullptr;
-      for (std::int64_t i = 0; i < key_rows; i += 2) {
+    const std::int64_t kernel = g.axes[Rank - 1].kernel;
+    // Lane l's rpb index along the last axis is j - (first + l) + kernel - 1
+    // (the forward's reversed rows); its gradient goes to the same place.
+    const std::int64_t reversed = kBiasPad + 2 * kernel - 2 - (t.lanes.union_lo - t.lanes.first + kernel - 1);
+    for (std::int64_t w = 0; w < t.window; ++w) {
+      const float* row_scores = s.scores.data() + w * t.row_floats();
+      const float* row_dprobs = s.dprobs.data() + w * t.row_floats();
+      std::uint16_t* p_rows = s.prob_rows.data() + w * t.key_rows() * kTile;
+      std::uint16_t* ds_rows = s.dscore_rows.data() + w * t.key_rows() * kTile;
+      std::uint32_t* ds_pairs = s.dscore_pairs.data() + w * t.row_pairs();
+      const std::int64_t bias_row = t.rows[w].bias_row;
+      const float* bias_of = bias ? bias + (t.h * bias_rows + bias_row) * bias_width + reversed : nullptr;
+      float* bias_grad_of =
+          bias_grad ? bias_grad + (t.h % heads_per_kv * bias_rows + bias_row) * bias_width + reversed
+                    : nullptr;
+      for (std::int64_t i = 0; i < t.key_rows(); i += 2) {
         __m512 ds[2];
         for (int e = 0; e < 2; ++e) {
           const std::int64_t j = i + e;
-          if (j >= keys) {
+          if (j >= t.keys) {
             ds[e] = _mm512_setzero_ps();
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(p_rows + j * kTile), _mm256_setzero_si256());
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(ds_rows + j * kTile), _mm256_setzero_si256());
             continue;
           }
           __m512 x = _mm512_mul_ps(_mm512_loadu_ps(row_scores + j * kTile), scale_v);
-          if (bias_row) x = _mm512_add_ps(x, _mm512_loadu_ps(bias_row - j));
+          if (bias_of) x = _mm512_add_ps(x, _mm512_loadu_ps(bias_of - j));
           const __m512 p = exp2_masked(holds[j], _mm512_fmsub_ps(x, log2e, lse_log2e));
           const __m512 dp = _mm512_sub_ps(_mm512_loadu_ps(row_dprobs + j * kTile), delta_v);
           const __m512 d = _mm512_maskz_mul_ps(holds[j], p, dp);
-          if (bias_grad) {
-            float* at = bias_grad + bias_at - j;
+          if (bias_grad_of) {
+            float* at = bias_grad_of - j;
             _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), d));
           }
           ds[e] = _mm512_mul_ps(d, scale_v);
@@ -473,85 +437,111 @@ struct Backward {
         _mm512_storeu_si512(ds_pairs + i / 2 * kTile, _mm512_permutexvar_epi16(interleave, pair));
       }
     }
+  }
 
-    // dq^T = K^T . (scale dS)^T, 48 channels at a time.
+  // dq = (K^T . (scale dS)^T)^T, 48 channels at a time, plus the left-out
+  // values of k; written to the lanes' dq tokens.
+  void query_grads(const TileShape<Rank>& t, const __mmask16* holds, Scratch& s) const {
     const std::int64_t kt_stride = layout.vt_width * 2;  // bytes between K^T channels
-    const std::int64_t column = layout.group_column[grp] + union_lo;
     for (std::int64_t c0 = 0; c0 < dim; c0 += 3 * kTile) {
       const int blocks = static_cast<int>(std::min<std::int64_t>(3, (dim - c0) / kTile));
-      for (int t = 0; t < blocks; ++t) zero_accumulator(t);
-      for (std::int64_t w = 0; w < window; ++w) {
+      for (int i = 0; i < blocks; ++i) zero_accumulator(i);
+      for (std::int64_t w = 0; w < t.window; ++w) {
         const std::uint16_t* kt_row =
-            s.keys_t.data() + rows[w].vt_row * dim * layout.vt_width + column;
-        for (std::int64_t pt = 0; pt < pair_tiles; ++pt) {
-          _tile_loadd(2, s.dscore_pairs.data() + w * row_pairs + pt * kKeyPairs * kTile, 64);
-          for (int t = 0; t < blocks; ++t) {
-            accumulate_pairs(t, kt_row + (c0 + t * kTile) * layout.vt_width + pt * 2 * kKeyPairs,
+            s.keys_t.data() + t.rows[w].vt_row * dim * layout.vt_width + t.column;
+        for (std::int64_t pt = 0; pt < t.pair_tiles; ++pt) {
+          _tile_loadd(2, s.dscore_pairs.data() + w * t.row_pairs() + pt * kKeyPairs * kTile, 64);
+          for (int i = 0; i < blocks; ++i) {
+            accumulate_pairs(i, kt_row + (c0 + i * kTile) * layout.vt_width + pt * 2 * kKeyPairs,
                              kt_stride);
           }
         }
       }
-      for (int t = 0; t < blocks; ++t) {
-        store_accumulator(t, s.dq.data() + (c0 + t * kTile) * kTile, 64);
+      for (int i = 0; i < blocks; ++i) {
+        store_accumulator(i, s.dq.data() + (c0 + i * kTile) * kTile, 64);
       }
     }
     if (!s.left_keys.empty()) {
-      for (std::int64_t w = 0; w < window; ++w) {
-        const std::int64_t r = rows[w].vt_row;
+      for (std::int64_t w = 0; w < t.window; ++w) {
+        const std::int64_t r = t.rows[w].vt_row;
         for (std::int64_t e = s.left_keys_start[r]; e < s.left_keys_start[r + 1]; ++e) {
           const LeftOut& f = s.left_keys[e];
-          add_left_out(f.at - column, keys, holds, f.value, s.dscore_rows.data() + w * key_rows * kTile,
-                       s.dq.data() + f.channel * kTile);
+          add_left_out(f.at - t.column, t.keys, holds, f.value,
+                       s.dscore_rows.data() + w * t.key_rows() * kTile, s.dq.data() + f.channel * kTile);
         }
       }
     }
-    std::uint16_t* dq_tokens[kTile];
-    lane_tokens<Rank>(args.dq, b, lead, grp, tl.first, dil, h, tl.lanes, dq_tokens);
+    std::uint16_t* tokens[kTile];
+    lane_tokens<Rank>(args.dq, t.b, t.lead, t.lanes.grp, t.lanes.first, layout.dilation, t.h,
+                      t.lanes.lanes, tokens);
     for (std::int64_t c = 0; c < dim; c += kTile) {
       __m512 r[kTile];
       for (int i = 0; i < kTile; ++i) r[i] = _mm512_loadu_ps(s.dq.data() + (c + i) * kTile);
       transpose16(r);
       for (int l = 0; l < kTile; ++l) {
-        if (dq_tokens[l]) {
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dq_tokens[l] + c), to_bf16(r[l]));
-        }
+        if (tokens[l]) _mm256_storeu_si256(reinterpret_cast<__m256i*>(tokens[l] + c), to_bf16(r[l]));
       }
     }
+  }
 
-    // dk += (scale dS)^T . Q and dv += P^T . dO, 16 keys by 32 channels at a
-    // time, the 32 channels of q or dout in tmm7 and tmm3 for all the keys.
-    for (const auto& [rows_of, pairs, acc, width] :
-         {std::tuple{s.dscore_rows.data(), s.query_pairs.data(), s.dk.data(), dim},
-          std::tuple{s.prob_rows.data(), s.grad_pairs.data(), s.dv.data(), dim_v}}) {
+  // dk += (scale dS)^T . Q and dv += P^T . dO, 16 keys by 32 channels at a
+  // time (the 32 channels of q or dout in tmm7 and tmm3 for all the keys),
+  // plus the left-out values of q and dout.
+  void key_grads(const TileShape<Rank>& t, const __mmask16* holds, Scratch& s) const {
+    for (const auto& [rows_of, pairs, acc, width, left_out] :
+         {std::tuple{s.dscore_rows.data(), s.query_pairs.data(), s.dk.data(), dim, &s.left_queries},
+          std::tuple{s.prob_rows.data(), s.grad_pairs.data(), s.dv.data(), dim_v, &s.left_grads}}) {
       for (std::int64_t c = 0; c < width; c += 2 * kTile) {
         _tile_loadd(7, pairs + c / kTile * (kTile / 2) * 32, 64);
         _tile_loadd(3, pairs + (c / kTile + 1) * (kTile / 2) * 32, 64);
-        for (std::int64_t w = 0; w < window; ++w) {
-          float* keys_acc = acc + (rows[w].vt_row * layout.vt_width + column) * width + c;
-          for (std::int64_t kt = 0; kt < key_tiles; ++kt) {
-            _tile_loadd(6, rows_of + (w * key_rows + kt * kTile) * kTile, 2 * kTile);
+        for (std::int64_t w = 0; w < t.window; ++w) {
+          float* keys_acc = acc + (t.rows[w].vt_row * layout.vt_width + t.column) * width + c;
+          for (std::int64_t kt = 0; kt < t.key_tiles; ++kt) {
+            _tile_loadd(6, rows_of + (w * t.key_rows() + kt * kTile) * kTile, 2 * kTile);
             accumulate_block(keys_acc + kt * kTile * width, width * 4);
           }
         }
       }
-    }
-
-    // The values of q and dout left out of those.
-    for (const auto& [left_out, rows_of, acc, width] :
-         {std::tuple{&s.left_queries, s.dscore_rows.data(), s.dk.data(), dim},
-          std::tuple{&s.left_grads, s.prob_rows.data(), s.dv.data(), dim_v}}) {
       for (const LeftOut& f : *left_out) {
-        for (std::int64_t w = 0; w < window; ++w) {
-          const std::int64_t first_column = rows[w].vt_row * layout.vt_width + column;
-          for (std::int64_t j = 0; j < keys; ++j) {
+        for (std::int64_t w = 0; w < t.window; ++w) {
+          const std::int64_t first_column = t.rows[w].vt_row * layout.vt_width + t.column;
+          for (std::int64_t j = 0; j < t.keys; ++j) {
             if (!((holds[j] >> f.at) & 1u)) continue;
-            const std::uint16_t weight = rows_of[(w * key_rows + j) * kTile + f.at];
+            const std::uint16_t weight = rows_of[(w * t.key_rows() + j) * kTile + f.at];
             acc[(first_column + j) * width + f.channel] +=
                 detail::to_float(detail::BFloat16{weight}) * f.value;
           }
         }
       }
     }
+  }
+
+  // One tile of 16 queries of head h.
+  void tile(std::int64_t b, std::int64_t h, std::int64_t row, const TileLanes& tl,
+            float* bias_grad, Scratch& s) const {
+    const TileShape<Rank> t(g, layout, windows, b, h, heads_per_kv, row, tl);
+    reserve(s.scores, t.window * t.row_floats());
+    reserve(s.dprobs, t.window * t.row_floats());
+    reserve(s.prob_rows, t.window * t.key_rows() * kTile);
+    reserve(s.dscore_rows, t.window * t.key_rows() * kTile);
+    reserve(s.dscore_pairs, t.window * t.row_pairs());
+    reserve(s.edges, t.window * t.key_tiles * kTile * std::max(dim, dim_v));
+    reserve(s.masks, t.keys);
+
+    // The B operands from q and dout, and the row terms.
+    const std::uint16_t* tokens[kTile];
+    lane_tokens<Rank>(args.q, b, t.lead, tl.grp, tl.first, layout.dilation, h, tl.lanes, tokens);
+    pack_lanes(tokens, dim, s.queries.data(), s.query_pairs.data(), s.left_queries);
+    lane_tokens<Rank>(args.dout, b, t.lead, tl.grp, tl.first, layout.dilation, h, tl.lanes, tokens);
+    pack_lanes(tokens, dim_v, s.grads.data(), s.grad_pairs.data(), s.left_grads);
+    alignas(64) float lse[kTile], delta[kTile];
+    row_terms(b, h, t.lead, tl, tokens, lse, delta);
+
+    score_products(t, s);
+    window_masks(tl, s.masks.data());
+    probabilities(t, lse, delta, s.masks.data(), bias_grad, s);
+    query_grads(t, s.masks.data(), s);
+    key_grads(t, s.masks.data(), s);
   }
 
   // dk and dv of one row from the accumulators, in bf16.

@@ -306,13 +306,12 @@ struct Forward {
   // tile's window and each lane that attends to it (p: its probability as
   // the products used it, rounded to bf16), as the products would have added
   // it without the zero probabilities of the other lanes.
-  void add_non_finite(std::int64_t b, std::int64_t hk, std::int64_t grp, std::int64_t union_lo,
-                      std::int64_t union_hi, const WindowRow* rows, std::int64_t window,
-                      const __mmask16* holds, const std::uint32_t* probs, std::int64_t row_pairs,
-                      float* o) const {
-    const std::int64_t first_column = layout.group_column[grp];
-    for (std::int64_t w = 0; w < window; ++w) {
-      const std::int64_t item = (b * args.v.shape[Rank + 1] + hk) * layout.rows + rows[w].vt_row;
+  void add_non_finite(const TileShape<Rank>& t, const __mmask16* holds, Scratch& s) const {
+    const std::int64_t union_lo = t.lanes.union_lo, union_hi = t.lanes.union_hi;
+    const std::int64_t first_column = layout.group_column[t.lanes.grp];
+    for (std::int64_t w = 0; w < t.window; ++w) {
+      const std::int64_t item =
+          (t.b * args.v.shape[Rank + 1] + t.hk) * layout.rows + t.rows[w].vt_row;
       for (std::int64_t e = non_finite.start[item]; e < non_finite.start[item + 1]; ++e) {
         const NonFinite& f = non_finite.all[e];
         const std::int64_t j = f.column - first_column;
@@ -320,126 +319,103 @@ struct Forward {
         const std::int64_t i = j - union_lo;
         for (int l = 0; l < kTile; ++l) {
           if (!((holds[i] >> l) & 1u)) continue;
-          const std::uint32_t pair = probs[w * row_pairs + (i / 2) * kTile + l];
+          const std::uint32_t pair = s.probs[w * t.row_pairs() + (i / 2) * kTile + l];
           const auto bits = static_cast<std::uint16_t>(i % 2 ? pair >> 16 : pair & 0xffffu);
-          o[f.channel * kTile + l] += detail::to_float(detail::BFloat16{bits}) * f.value;
+          s.output[f.channel * kTile + l] += detail::to_float(detail::BFloat16{bits}) * f.value;
         }
       }
     }
   }
 
-  void tile(std::int64_t b, std::int64_t h, std::int64_t row, std::int64_t tile_index,
-            Scratch& s) const {
-    const TensorView &q = args.q, &k = args.k, &out = args.out;
-    const AxisParams& axis = g.axes[Rank - 1];
-    const TileLanes& lanes_of = layout.tiles_of_row[tile_index];
-    const std::int64_t grp = lanes_of.grp, first = lanes_of.first;
-    const std::int64_t len = layout.group_len[grp], dil = layout.dilation;
-    const std::int64_t hk = h / heads_per_kv;
-    std::int64_t lead[Rank > 1 ? Rank - 1 : 1] = {};
-    row_coords<Rank>(g, row, lead);
-    const std::int32_t *lo = lanes_of.lo, *hi = lanes_of.hi;
-    const std::int64_t union_lo = lanes_of.union_lo, union_hi = lanes_of.union_hi;
-    const __mmask16 lanes = lanes_of.lanes;
-    const std::int64_t keys = union_hi - union_lo;
-    const std::int64_t key_tiles = (keys + kTile - 1) / kTile;
-    const std::int64_t pair_tiles = (keys + 2 * kKeyPairs - 1) / (2 * kKeyPairs);
-
-    const WindowRow* rows = windows.rows(row);
-    const std::int64_t window = windows.count(row);
-    const std::int64_t key_base = b * k.strides[0] + hk * k.strides[Rank + 1];
-    const std::int64_t row_floats = key_tiles * kTile * kTile;
-    const std::int64_t row_pairs = pair_tiles * kKeyPairs * kTile;
-    reserve(s.scores, window * row_floats);
-    reserve(s.probs, window * row_pairs);
-    reserve(s.edge_keys, window * key_tiles * kTile * dim);
-    reserve(s.masks, keys);
-    float* scores = s.scores.data();
-    std::uint32_t* probs = s.probs.data();
-
-    // Q^T in channel pairs (the B operand of S^T = K . Q^T); idle lanes zero.
-    std::uint32_t* qt = s.queries.data();
+  // Q^T in channel pairs (the B operand of S^T = K . Q^T); idle lanes zero.
+  void transpose_queries(const TileShape<Rank>& t, Scratch& s) const {
     const std::uint16_t* queries[kTile];
-    lane_tokens<Rank>(q, b, lead, grp, first, dil, h, lanes, queries);
+    lane_tokens<Rank>(args.q, t.b, t.lead, t.lanes.grp, t.lanes.first, layout.dilation, t.h,
+                      t.lanes.lanes, queries);
     for (std::int64_t c = 0; c < dim; c += kChannels) {
       __m512 r[kTile];
       for (int l = 0; l < kTile; ++l) {
         r[l] = queries[l] ? _mm512_loadu_ps(queries[l] + c) : _mm512_setzero_ps();
       }
       transpose16(r);
-      for (int p = 0; p < kTile; ++p) _mm512_storeu_ps(qt + (c / 2 + p) * kTile, r[p]);
+      for (int p = 0; p < kTile; ++p) _mm512_storeu_ps(s.queries.data() + (c / 2 + p) * kTile, r[p]);
     }
+  }
 
-    // S^T, 16 keys by 16 queries per product, three products in flight (a
-    // tile product's result is ready some 16 cycles after it starts).
+  // S^T, 16 keys by 16 queries per product, three products in flight (a
+  // tile product's result is ready some 16 cycles after it starts).
+  void score_products(const TileShape<Rank>& t, Scratch& s) const {
+    const TensorView& k = args.k;
     const auto* k_data = static_cast<const std::uint16_t*>(k.data);
+    const std::int64_t grp = t.lanes.grp, len = layout.group_len[grp];
+    const std::int64_t step = layout.dilation * k.strides[Rank];
+    const std::int64_t key_base = t.b * k.strides[0] + t.hk * k.strides[Rank + 1];
     s.key_tiles.clear();
-    for (std::int64_t w = 0; w < window; ++w) {
-      for (std::int64_t kt = 0; kt < key_tiles; ++kt) {
-        const std::int64_t j0 = union_lo + kt * kTile;
-        const std::int64_t row_start = key_base + rows[w].key_offset + grp * k.strides[Rank];
-        const KeyTile t = key_tile(k_data, row_start + j0 * dil * k.strides[Rank],
-                                   dil * k.strides[Rank], len - j0, dim, keys_extent,
-                                   s.edge_keys.data() + (w * key_tiles + kt) * kTile * dim,
-                                   scores + w * row_floats + kt * kTile * kTile);
-        s.key_tiles.push_back(t);
+    for (std::int64_t w = 0; w < t.window; ++w) {
+      const std::int64_t row_start = key_base + t.rows[w].key_offset + grp * k.strides[Rank];
+      for (std::int64_t kt = 0; kt < t.key_tiles; ++kt) {
+        const std::int64_t j0 = t.lanes.union_lo + kt * kTile;
+        s.key_tiles.push_back(key_tile(k_data, row_start + j0 * step, step, len - j0, dim,
+                                       keys_extent,
+                                       s.edge_keys.data() + (w * t.key_tiles + kt) * kTile * dim,
+                                       s.scores.data() + w * t.row_floats() + kt * kTile * kTile));
       }
     }
+    const std::uint32_t* qt = s.queries.data();
     const std::int64_t products = static_cast<std::int64_t>(s.key_tiles.size());
     for (std::int64_t i = 0; i < products; i += 3) {
-      const KeyTile* t = s.key_tiles.data() + i;
+      const KeyTile* kt = s.key_tiles.data() + i;
       const std::int64_t n = std::min<std::int64_t>(3, products - i);
       _tile_zero(0);
       if (n > 1) _tile_zero(4);
       if (n > 2) _tile_zero(5);
       for (std::int64_t c = 0; c < dim; c += kChannels) {
         _tile_loadd(2, qt + (c / 2) * kTile, 64);
-        LIBNA_TILE_PRODUCT(0, 1, 2, t[0].keys + c, t[0].stride);
-        if (n > 1) LIBNA_TILE_PRODUCT(4, 3, 2, t[1].keys + c, t[1].stride);
-        if (n > 2) LIBNA_TILE_PRODUCT(5, 7, 2, t[2].keys + c, t[2].stride);
+        LIBNA_TILE_PRODUCT(0, 1, 2, kt[0].keys + c, kt[0].stride);
+        if (n > 1) LIBNA_TILE_PRODUCT(4, 3, 2, kt[1].keys + c, kt[1].stride);
+        if (n > 2) LIBNA_TILE_PRODUCT(5, 7, 2, kt[2].keys + c, kt[2].stride);
       }
-      _tile_stored(0, t[0].scores, 64);
-      if (n > 1) _tile_stored(4, t[1].scores, 64);
-      if (n > 2) _tile_stored(5, t[2].scores, 64);
+      _tile_stored(0, kt[0].scores, 64);
+      if (n > 1) _tile_stored(4, kt[1].scores, 64);
+      if (n > 2) _tile_stored(5, kt[2].scores, 64);
     }
+  }
 
-    // Softmax down the keys, one lane per query: the lanes whose window
-    // holds each key of the run, then the logits and their maximum.
-    __mmask16* holds = s.masks.data();
-    {
-      const __m512i lane_lo = _mm512_load_si512(lo), lane_hi = _mm512_load_si512(hi);
-      for (std::int64_t j = union_lo; j < union_hi; ++j) {
-        const __m512i jv = _mm512_set1_epi32(static_cast<std::int32_t>(j));
-        holds[j - union_lo] = lanes & _mm512_cmpge_epi32_mask(jv, lane_lo) &
-                              _mm512_cmplt_epi32_mask(jv, lane_hi);
-      }
-    }
+  // The logits (scale S^T + rpb) in place of S^T, and each lane's maximum
+  // over the keys its window holds.
+  __m512 logits(const TileShape<Rank>& t, const __mmask16* holds, Scratch& s) const {
     const __m512 scale_v = _mm512_set1_ps(scale);
     __m512 max_logit = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    const std::int64_t kernel = axis.kernel;
-    for (std::int64_t w = 0; w < window; ++w) {
-      float* row_scores = scores + w * row_floats;
+    const std::int64_t kernel = g.axes[Rank - 1].kernel;
+    for (std::int64_t w = 0; w < t.window; ++w) {
+      float* row_scores = s.scores.data() + w * t.row_floats();
       if (bias) {
         // Lane l's rpb index along the last axis is j - (first + l) + kernel - 1:
         // a reversed row makes the 16 lanes' biases one load.
-        const float* bias_row = bias + (h * bias_rows + rows[w].bias_row) * bias_width +
-                                kBiasPad + 2 * kernel - 2 - (union_lo - first + kernel - 1);
-        for (std::int64_t i = 0; i < keys; ++i) {
+        const float* bias_row = bias + (t.h * bias_rows + t.rows[w].bias_row) * bias_width +
+                                kBiasPad + 2 * kernel - 2 -
+                                (t.lanes.union_lo - t.lanes.first + kernel - 1);
+        for (std::int64_t i = 0; i < t.keys; ++i) {
           const __m512 x = _mm512_fmadd_ps(_mm512_loadu_ps(row_scores + i * kTile), scale_v,
                                            _mm512_loadu_ps(bias_row - i));
           _mm512_storeu_ps(row_scores + i * kTile, x);
           max_logit = _mm512_mask_max_ps(max_logit, holds[i], max_logit, x);
         }
       } else {
-        for (std::int64_t i = 0; i < keys; ++i) {
+        for (std::int64_t i = 0; i < t.keys; ++i) {
           const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(row_scores + i * kTile), scale_v);
           _mm512_storeu_ps(row_scores + i * kTile, x);
           max_logit = _mm512_mask_max_ps(max_logit, holds[i], max_logit, x);
         }
       }
     }
-    // exp(x - shift) = 2^(x log2(e) - shift log2(e)), shift = the maximum (0
-    // where it is -inf: a query that attends to nothing).
+    return max_logit;
+  }
+
+  // P^T = exp(logit - shift) in bf16 key pairs (shift: the maximum, 0 where
+  // it is -inf: a query that attends to nothing); returns each lane's sum of P.
+  __m512 probabilities(const TileShape<Rank>& t, const __mmask16* holds, __m512 max_logit,
+                       Scratch& s) const {
     const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     const __m512 shift = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(max_logit, neg_inf, _CMP_EQ_OQ),
                                               max_logit, _mm512_setzero_ps());
@@ -450,13 +426,12 @@ struct Forward {
     const __m512i interleave = _mm512_set_epi16(
         31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const std::int64_t padded = pair_tiles * 2 * kKeyPairs;
-    for (std::int64_t w = 0; w < window; ++w) {
-      const float* row_scores = scores + w * row_floats;
-      std::uint32_t* row_probs = probs + w * row_pairs;
-      for (std::int64_t i = 0; i < padded; i += 2) {
-        const __m512 p0 = probability(row_scores, holds, keys, i, log2e, shift_log2e);
-        const __m512 p1 = probability(row_scores, holds, keys, i + 1, log2e, shift_log2e);
+    for (std::int64_t w = 0; w < t.window; ++w) {
+      const float* row_scores = s.scores.data() + w * t.row_floats();
+      std::uint32_t* row_probs = s.probs.data() + w * t.row_pairs();
+      for (std::int64_t i = 0; i < t.key_rows(); i += 2) {
+        const __m512 p0 = probability(row_scores, holds, t.keys, i, log2e, shift_log2e);
+        const __m512 p1 = probability(row_scores, holds, t.keys, i + 1, log2e, shift_log2e);
         sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
         // P rounds to bf16 here (AVX512-BF16's conversion, nearest even; it
         // flushes subnormal probabilities, below 1e-38, to zero).
@@ -464,16 +439,19 @@ struct Forward {
         _mm512_storeu_si512(row_probs + i / 2 * kTile, _mm512_permutexvar_epi16(interleave, pair));
       }
     }
+    return sum;
+  }
 
-    // O^T = V^T . P^T, 64 channels at a time.
+  // O^T = V^T . P^T, 64 channels at a time.
+  void value_products(const TileShape<Rank>& t, Scratch& s) const {
     float* o = s.output.data();
     const std::int64_t vt_stride = layout.vt_width * 2;  // bytes between V^T channels
     const std::uint16_t* vt_head =
-        vt + (b * (args.v.shape[Rank + 1]) + hk) * layout.rows * dim_v * layout.vt_width;
+        vt + (t.b * args.v.shape[Rank + 1] + t.hk) * layout.rows * dim_v * layout.vt_width;
     for (std::int64_t c0 = 0; c0 < dim_v; c0 += 4 * kTile) {
       const int outputs = static_cast<int>(std::min<std::int64_t>(4, (dim_v - c0) / kTile));
-      for (int t = 0; t < outputs; ++t) {
-        switch (t) {
+      for (int i = 0; i < outputs; ++i) {
+        switch (i) {
           case 0: _tile_zero(4); break;
           case 1: _tile_zero(5); break;
           case 2: _tile_zero(6); break;
@@ -483,31 +461,28 @@ struct Forward {
       // B operands alternate between tmm2 and tmm0 and A operands between
       // tmm1 and tmm3, so that a load need not wait for the product before.
       std::int64_t step = 0;
-      for (std::int64_t w = 0; w < window; ++w) {
-        const std::uint16_t* vt_row = vt_head + rows[w].vt_row * dim_v * layout.vt_width +
-                                      layout.group_column[grp] + union_lo;
-        for (std::int64_t pt = 0; pt < pair_tiles; ++pt, ++step) {
-          const std::uint32_t* p = probs + w * row_pairs + pt * kKeyPairs * kTile;
+      for (std::int64_t w = 0; w < t.window; ++w) {
+        const std::uint16_t* vt_row = vt_head + t.rows[w].vt_row * dim_v * layout.vt_width + t.column;
+        for (std::int64_t pt = 0; pt < t.pair_tiles; ++pt, ++step) {
+          const std::uint32_t* p = s.probs.data() + w * t.row_pairs() + pt * kKeyPairs * kTile;
           if (step % 2 == 0) {
             _tile_loadd(2, p, 64);
           } else {
             _tile_loadd(0, p, 64);
           }
-          for (int t = 0; t < outputs; ++t) {
+          for (int i = 0; i < outputs; ++i) {
             const std::uint16_t* values =
-                vt_row + (c0 + t * kTile) * layout.vt_width + pt * 2 * kKeyPairs;
-            accumulate_output(t, step % 2, values, vt_stride);
+                vt_row + (c0 + i * kTile) * layout.vt_width + pt * 2 * kKeyPairs;
+            accumulate_output(i, step % 2, values, vt_stride);
           }
         }
       }
-      for (int t = 0; t < outputs; ++t) store_output(t, o + (c0 + t * kTile) * kTile);
+      for (int i = 0; i < outputs; ++i) store_output(i, o + (c0 + i * kTile) * kTile);
     }
+  }
 
-    if (!non_finite.start.empty()) {
-      add_non_finite(b, hk, grp, union_lo, union_hi, rows, window, holds, probs, row_pairs, o);
-    }
-
-    // Transpose into the output rows, each scaled by 1/sum; and lse.
+  // The output rows from O^T, each scaled by 1/sum, and lse.
+  void store(const TileShape<Rank>& t, __m512 sum, __m512 max_logit, const Scratch& s) const {
     alignas(64) float sums[kTile], maxima[kTile];
     _mm512_storeu_ps(sums, sum);
     _mm512_storeu_ps(maxima, max_logit);
@@ -515,11 +490,12 @@ struct Forward {
     alignas(64) float norms[kTile];
     const __mmask16 attends = _mm512_cmp_ps_mask(sum, _mm512_setzero_ps(), _CMP_NEQ_UQ);
     _mm512_storeu_ps(norms, _mm512_maskz_div_ps(attends, _mm512_set1_ps(1.0f), sum));
+    const std::int64_t grp = t.lanes.grp, first = t.lanes.first, dil = layout.dilation;
     std::uint16_t* tokens[kTile];
-    lane_tokens<Rank>(out, b, lead, grp, first, dil, h, lanes, tokens);
+    lane_tokens<Rank>(args.out, t.b, t.lead, grp, first, dil, t.h, t.lanes.lanes, tokens);
     for (std::int64_t c = 0; c < dim_v; c += kTile) {
       __m512 r[kTile];
-      for (int i = 0; i < kTile; ++i) r[i] = _mm512_loadu_ps(o + (c + i) * kTile);
+      for (int i = 0; i < kTile; ++i) r[i] = _mm512_loadu_ps(s.output.data() + (c + i) * kTile);
       transpose16(r);
       for (int l = 0; l < kTile; ++l) {
         if (tokens[l]) {
@@ -528,18 +504,35 @@ struct Forward {
         }
       }
     }
+    if (!args.lse) return;
     for (int l = 0; l < kTile; ++l) {
       if (!tokens[l]) continue;
-      const std::int64_t x = grp + (first + l) * dil;
-      if (args.lse) {
-        std::int64_t coords[Rank];
-        for (int a = 0; a < Rank - 1; ++a) coords[a] = lead[a];
-        coords[Rank - 1] = x;
-        float* lse = static_cast<float*>(args.lse->data);
-        lse[row_offset<Rank>(*args.lse, b, coords, 0) + h * args.lse->strides[Rank + 1]] =
-            detail::softmax_lse(maxima[l], sums[l]);
-      }
+      std::int64_t coords[Rank];
+      for (int a = 0; a < Rank - 1; ++a) coords[a] = t.lead[a];
+      coords[Rank - 1] = grp + (first + l) * dil;
+      float* lse = static_cast<float*>(args.lse->data);
+      lse[row_offset<Rank>(*args.lse, t.b, coords, 0) + t.h * args.lse->strides[Rank + 1]] =
+          detail::softmax_lse(maxima[l], sums[l]);
     }
+  }
+
+  void tile(std::int64_t b, std::int64_t h, std::int64_t row, std::int64_t tile_index,
+            Scratch& s) const {
+    const TileShape<Rank> t(g, layout, windows, b, h, heads_per_kv, row,
+                            layout.tiles_of_row[tile_index]);
+    reserve(s.scores, t.window * t.row_floats());
+    reserve(s.probs, t.window * t.row_pairs());
+    reserve(s.edge_keys, t.window * t.key_tiles * kTile * dim);
+    reserve(s.masks, t.keys);
+    transpose_queries(t, s);
+    score_products(t, s);
+    __mmask16* holds = s.masks.data();
+    window_masks(t.lanes, holds);
+    const __m512 max_logit = logits(t, holds, s);
+    const __m512 sum = probabilities(t, holds, max_logit, s);
+    value_products(t, s);
+    if (!non_finite.start.empty()) add_non_finite(t, holds, s);
+    store(t, sum, max_logit, s);
   }
 };
 

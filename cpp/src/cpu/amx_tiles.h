@@ -146,6 +146,16 @@ struct TileLanes {
   }
 };
 
+// Per key of a tile's run (union_lo + i), the lanes whose window holds it.
+inline void window_masks(const TileLanes& t, __mmask16* holds) {
+  const __m512i lane_lo = _mm512_load_si512(t.lo), lane_hi = _mm512_load_si512(t.hi);
+  for (std::int64_t j = t.union_lo; j < t.union_hi; ++j) {
+    const __m512i jv = _mm512_set1_epi32(static_cast<std::int32_t>(j));
+    holds[j - t.union_lo] =
+        t.lanes & _mm512_cmpge_epi32_mask(jv, lane_lo) & _mm512_cmplt_epi32_mask(jv, lane_hi);
+  }
+}
+
 // The per-call layout: rows (positions of the leading axes), the last axis'
 // dilation groups with their columns in V^T, and the tiles of a row.
 template <int Rank>
@@ -299,6 +309,33 @@ struct WindowTable {
   std::int64_t count(std::int64_t r) const { return start[r + 1] - start[r]; }
 };
 
+
+// A tile's queries and where their keys are: what the phases of a tile share.
+template <int Rank>
+struct TileShape {
+  std::int64_t b, h, hk;
+  std::int64_t lead[Rank > 1 ? Rank - 1 : 1] = {};
+  const TileLanes& lanes;
+  std::int64_t keys;        // the run of keys of each window row
+  std::int64_t key_tiles;   // 16 keys per S^T product
+  std::int64_t pair_tiles;  // 32 keys (16 pairs) per product with P^T or dS^T as B
+  const WindowRow* rows;
+  std::int64_t window;
+  std::int64_t column;      // the run's first column in V^T or K^T (Layout::group_column)
+
+  TileShape(const Geometry<Rank>& g, const Layout<Rank>& layout, const WindowTable<Rank>& windows,
+            std::int64_t batch, std::int64_t head, std::int64_t heads_per_kv, std::int64_t row,
+            const TileLanes& tile)
+      : b(batch), h(head), hk(head / heads_per_kv), lanes(tile),
+        keys(tile.union_hi - tile.union_lo), key_tiles((keys + kTile - 1) / kTile),
+        pair_tiles((keys + 2 * kKeyPairs - 1) / (2 * kKeyPairs)), rows(windows.rows(row)),
+        window(windows.count(row)), column(layout.group_column[tile.grp] + tile.union_lo) {
+    row_coords<Rank>(g, row, lead);
+  }
+  std::int64_t key_rows() const { return pair_tiles * 2 * kKeyPairs; }  // keys, padded to pairs
+  std::int64_t row_floats() const { return key_tiles * kTile * kTile; }
+  std::int64_t row_pairs() const { return pair_tiles * kKeyPairs * kTile; }
+};
 
 }  // namespace libna::cpu::amx
 
