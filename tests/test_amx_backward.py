@@ -33,6 +33,14 @@ CASES = [
     ("1d-causal-wide-head", (50,), 2, 1, 128, 32, 9, 1, 2, True, False),
     ("3d", (5, 6, 19), 2, 2, 32, 32, (3, 3, 5), 1, (1, 2, 1), False, True),
 ]
+# Few (batch, kv head) pairs and tall enough to be cut into stripes of rows
+# when there are more threads than pairs (2 and 4 pairs: 2 to 6 stripes on
+# 4 to 12 threads).
+STRIPES = [
+    ("2d-stripes", (30, 20), 2, 1, 32, 32, 5, 1, 1, False, True),
+    ("2d-stripes-dilated-gqa", (30, 20), 4, 2, 32, 32, 3, 1, (2, 1), False, True),
+]
+CASES += STRIPES
 # Where it does not apply (value dim not a multiple of 32): the other kernels, bit for bit.
 OTHER_KERNELS = [
     ("value-dim-16", (9, 13), 2, 2, 32, 16, 3, 1, 1, False, True),
@@ -85,6 +93,7 @@ def backward(x, dtype=torch.bfloat16):
 
 def backward_elsewhere(named, tmp_path, env):
     """{name: grads} of the same backward calls in a fresh process with `env`."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     arrays = {}
     for name, x in named.items():
         for key in ("q", "k", "v", "rpb", "out", "dout"):
@@ -144,14 +153,21 @@ def test_other_shapes_run_the_other_kernels(case, without_amx):
         assert same_bits(g, o)
 
 
-def test_same_bits_on_one_thread_and_two(tmp_path):
-    """A work item is a (batch, kv head) with its own dk/dv accumulators and
-    rpb partial, summed in item order."""
-    named = {case[0]: backward_inputs(case, seed=i) for i, case in enumerate(CASES[:3])}
-    one = backward_elsewhere(named, tmp_path, {"LIBNA_NUM_THREADS": "1"})
-    for name, inputs in named.items():
-        for g, o in zip(backward(inputs), one[name]):
-            assert same_bits(g, o), name
+def test_same_bits_whatever_the_threads(tmp_path):
+    """A work item is a (batch, kv head) with its own dk/dv accumulators, or
+    with more threads than those a stripe of its rows (STRIPES on 4, 8 and
+    12 threads), and the rpb gradient is summed from per-row partials in one
+    order: the gradients are the same bits on any number of threads."""
+    named = {case[0]: backward_inputs(case, seed=NAMES.index(case[0]))
+             for case in CASES[:3] + STRIPES}
+    mine = {name: backward(inputs) for name, inputs in named.items()}
+    for threads in ("1", "4", "8", "12"):
+        other = backward_elsewhere(named, tmp_path / threads, {"LIBNA_NUM_THREADS": threads})
+        for name in named:
+            if threads != "1" and name not in [c[0] for c in STRIPES]:
+                continue  # fewer pairs than threads, too short to cut: the other kernels run
+            for g, o in zip(mine[name], other[name]):
+                assert same_bits(g, o), (name, threads)
 
 
 def test_qkv_views_and_autograd():

@@ -7,13 +7,18 @@
 // Per tile, with lanes = queries and P = exp(scale q.k + rpb - lse):
 //   S^T = K . Q^T and dP^T = V . dO^T   (keys by queries, 16 x 16 products)
 //   dS = P (dP - D), D = dout . out - dlse, lane-wise down the keys
-//   dq^T = K^T . (scale dS)^T           (K^T packed once per (batch, head))
+//   dq^T = K^T . (scale dS)^T           (K^T packed once per work item)
 //   dk += (scale dS)^T . Q, dv += P^T . dO
 // dk and dv accumulate in float32, per (batch, kv head), in the column
 // layout of the forward's V^T (a dilation group's keys consecutive, padding
 // after it), and are rounded to bf16 once every query head of the kv head
-// has added to them. A work item is one (batch, kv head): its accumulators
-// are its own, so the gradients are the same bits whatever the thread count.
+// has added to them. A work item is one (batch, kv head), or with fewer of
+// those than threads (2D only) one stripe of its rows: the stripe owns the
+// dq of its query rows and the dk and dv of its key rows, and computes the
+// tiles of its neighbours' query rows whose windows reach into it again
+// (for their contributions to its keys). Each key gets the same products in
+// the same order either way, and the rpb gradient is summed from one partial
+// per query row, so the gradients are the same bits whatever the threads.
 //
 // P and scale dS are rounded to bf16 for the products (FlashAttention's and
 // NATTEN's GPU backward do the same); the gradients are within bf16's
@@ -45,6 +50,24 @@
 
 namespace libna::cpu::amx {
 
+namespace {
+
+// The stripes of rows each (batch, kv head) is cut into: one when there are
+// as many pairs as threads, else enough for the threads (2D only: a stripe
+// is at least as tall as a window's reach, which it recomputes of each
+// neighbour; 1D has one row, 3D rows reach across the middle axis).
+std::int64_t stripes(const detail::BackwardArgs& args) {
+  const int rank = args.params.rank;
+  const std::int64_t pairs = args.q.shape[0] * args.k.shape[rank + 1];
+  const std::int64_t threads = get_num_threads();
+  if (pairs >= threads || rank != 2) return 1;
+  const std::int64_t reach = args.params.kernel_size[0] * args.params.dilation[0];
+  const std::int64_t most = std::max<std::int64_t>(1, args.q.shape[1] / reach);
+  return std::min((threads + pairs - 1) / pairs, most);
+}
+
+}  // namespace
+
 bool runs(const detail::BackwardArgs& args) {
   if (args.q.dtype != DType::bfloat16 ||
       (args.dlse != nullptr && args.dlse->dtype != DType::float32)) {
@@ -59,9 +82,9 @@ bool runs(const detail::BackwardArgs& args) {
   }
   const int last = rank - 1;
   if (args.rpb && (args.params.is_causal[last] || args.params.stride[last] != 1)) return false;
-  // A work item is a (batch, kv head): fewer than the threads would idle
-  // some, where the vectorised kernels split the rows.
-  return args.q.shape[0] * args.k.shape[rank + 1] >= get_num_threads();
+  // Fewer work items than threads would idle some, where the vectorised
+  // kernels split the rows finer.
+  return args.q.shape[0] * args.k.shape[rank + 1] * stripes(args) >= get_num_threads();
 }
 
 }  // namespace libna::cpu::amx
@@ -272,6 +295,7 @@ struct Scratch {
   std::vector<LeftOut> left_queries, left_grads;  // a tile's, at = the lane
   std::vector<LeftOut> left_keys;              // an item's, at = the column, by row:
   std::vector<std::int64_t> left_keys_start;   // row r's: [start[r], start[r + 1])
+  std::vector<std::int64_t> query_rows;        // the item's
 };
 
 Scratch& scratch() {
@@ -291,6 +315,12 @@ inline void add_left_out(std::int64_t j, std::int64_t keys, const __mmask16* hol
     }
   }
 }
+
+// The rows [first, end) of a (batch, kv head) that a work item owns.
+struct Stripe {
+  std::int64_t first, end;
+  bool owns(std::int64_t row) const { return row >= first && row < end; }
+};
 
 // One call's backward: its inputs, layout and tables, the work of an item
 // and of a tile.
@@ -405,9 +435,7 @@ struct Backward {
       std::uint32_t* ds_pairs = s.dscore_pairs.data() + w * t.row_pairs();
       const std::int64_t bias_row = t.rows[w].bias_row;
       const float* bias_of = bias ? bias + (t.h * bias_rows + bias_row) * bias_width + reversed : nullptr;
-      float* bias_grad_of =
-          bias_grad ? bias_grad + (t.h % heads_per_kv * bias_rows + bias_row) * bias_width + reversed
-                    : nullptr;
+      float* bias_grad_of = bias_grad ? bias_grad + bias_row * bias_width + reversed : nullptr;
       for (std::int64_t i = 0; i < t.key_rows(); i += 2) {
         __m512 ds[2];
         for (int e = 0; e < 2; ++e) {
@@ -487,7 +515,8 @@ struct Backward {
   // dk += (scale dS)^T . Q and dv += P^T . dO, 16 keys by 32 channels at a
   // time (the 32 channels of q or dout in tmm7 and tmm3 for all the keys),
   // plus the left-out values of q and dout.
-  void key_grads(const TileShape<Rank>& t, const __mmask16* holds, Scratch& s) const {
+  void key_grads(const TileShape<Rank>& t, const __mmask16* holds, const Stripe& stripe,
+                 Scratch& s) const {
     for (const auto& [rows_of, pairs, acc, width, left_out] :
          {std::tuple{s.dscore_rows.data(), s.query_pairs.data(), s.dk.data(), dim, &s.left_queries},
           std::tuple{s.prob_rows.data(), s.grad_pairs.data(), s.dv.data(), dim_v, &s.left_grads}}) {
@@ -495,6 +524,7 @@ struct Backward {
         _tile_loadd(7, pairs + c / kTile * (kTile / 2) * 32, 64);
         _tile_loadd(3, pairs + (c / kTile + 1) * (kTile / 2) * 32, 64);
         for (std::int64_t w = 0; w < t.window; ++w) {
+          if (!stripe.owns(t.rows[w].vt_row)) continue;
           float* keys_acc = acc + (t.rows[w].vt_row * layout.vt_width + t.column) * width + c;
           for (std::int64_t kt = 0; kt < t.key_tiles; ++kt) {
             _tile_loadd(6, rows_of + (w * t.key_rows() + kt * kTile) * kTile, 2 * kTile);
@@ -504,6 +534,7 @@ struct Backward {
       }
       for (const LeftOut& f : *left_out) {
         for (std::int64_t w = 0; w < t.window; ++w) {
+          if (!stripe.owns(t.rows[w].vt_row)) continue;
           const std::int64_t first_column = t.rows[w].vt_row * layout.vt_width + t.column;
           for (std::int64_t j = 0; j < t.keys; ++j) {
             if (!((holds[j] >> f.at) & 1u)) continue;
@@ -516,9 +547,12 @@ struct Backward {
     }
   }
 
-  // One tile of 16 queries of head h.
+  // One tile of 16 queries of head h: their dq and rpb gradient (into
+  // `bias_grad`, their row's partial of head h) if the stripe owns their
+  // row, and their contributions to the dk and dv of its key rows.
   void tile(std::int64_t b, std::int64_t h, std::int64_t row, const TileLanes& tl,
-            float* bias_grad, Scratch& s) const {
+            const Stripe& stripe, float* bias_grad, Scratch& s) const {
+    const bool owned = stripe.owns(row);
     const TileShape<Rank> t(g, layout, windows, b, h, heads_per_kv, row, tl);
     reserve(s.scores, t.window * t.row_floats());
     reserve(s.dprobs, t.window * t.row_floats());
@@ -539,9 +573,9 @@ struct Backward {
 
     score_products(t, s);
     window_masks(tl, s.masks.data());
-    probabilities(t, lse, delta, s.masks.data(), bias_grad, s);
-    query_grads(t, s.masks.data(), s);
-    key_grads(t, s.masks.data(), s);
+    probabilities(t, lse, delta, s.masks.data(), owned ? bias_grad : nullptr, s);
+    if (owned) query_grads(t, s.masks.data(), s);
+    key_grads(t, s.masks.data(), stripe, s);
   }
 
   // dk and dv of one row from the accumulators, in bf16.
@@ -562,29 +596,55 @@ struct Backward {
     }
   }
 
-  // Every query head of kv head hk at batch b.
-  void item(std::int64_t b, std::int64_t hk, float* bias_grad, Scratch& s) const {
+  // Every query head of kv head hk at batch b, for the rows of `stripe`.
+  // bias_grads: the (batch, kv head)'s rpb partials, [head of the group][row].
+  void item(std::int64_t b, std::int64_t hk, const Stripe& stripe, float* bias_grads,
+            Scratch& s) const {
     const std::int64_t rows = layout.rows, width = layout.vt_width;
+    // The query rows to compute: the stripe's and those whose windows reach
+    // into it; the key rows their windows read.
+    std::vector<std::int64_t>& queries = s.query_rows;
+    queries.clear();
+    std::int64_t keys_lo = rows, keys_hi = 0;
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const WindowRow* window = windows.rows(r);
+      bool reaches = stripe.owns(r);
+      for (std::int64_t w = 0; w < windows.count(r) && !reaches; ++w) {
+        reaches = stripe.owns(window[w].vt_row);
+      }
+      if (!reaches) continue;
+      queries.push_back(r);
+      for (std::int64_t w = 0; w < windows.count(r); ++w) {
+        keys_lo = std::min(keys_lo, window[w].vt_row);
+        keys_hi = std::max(keys_hi, window[w].vt_row + 1);
+      }
+    }
     reserve(s.keys_t, rows * dim * width);
     reserve(s.dk, rows * width * dim);
     reserve(s.dv, rows * width * dim_v);
-    std::fill(s.dk.begin(), s.dk.begin() + rows * width * dim, 0.0f);
-    std::fill(s.dv.begin(), s.dv.begin() + rows * width * dim_v, 0.0f);
+    std::fill(s.dk.begin() + stripe.first * width * dim, s.dk.begin() + stripe.end * width * dim,
+              0.0f);
+    std::fill(s.dv.begin() + stripe.first * width * dim_v,
+              s.dv.begin() + stripe.end * width * dim_v, 0.0f);
     s.left_keys.clear();
-    s.left_keys_start.assign(1, 0);
-    for (std::int64_t r = 0; r < rows; ++r) {
+    s.left_keys_start.assign(rows + 1, 0);
+    for (std::int64_t r = keys_lo; r < keys_hi; ++r) {
       std::int64_t lead[Rank > 1 ? Rank - 1 : 1] = {};
       row_coords<Rank>(g, r, lead);
       transpose_keys<Rank>(args.k, layout, b, lead, hk, s.keys_t.data() + r * dim * width,
                            s.left_keys);
-      s.left_keys_start.push_back(static_cast<std::int64_t>(s.left_keys.size()));
+      s.left_keys_start[r + 1] = static_cast<std::int64_t>(s.left_keys.size());
     }
+    for (std::int64_t r = keys_hi; r < rows; ++r) s.left_keys_start[r + 1] = s.left_keys_start[r];
     for (std::int64_t h = hk * heads_per_kv; h < (hk + 1) * heads_per_kv; ++h) {
-      for (std::int64_t r = 0; r < rows; ++r) {
-        for (const TileLanes& tl : layout.tiles_of_row) tile(b, h, r, tl, bias_grad, s);
+      for (const std::int64_t r : queries) {
+        float* bias_grad =
+            bias_grads ? bias_grads + ((h - hk * heads_per_kv) * rows + r) * bias_rows * bias_width
+                       : nullptr;
+        for (const TileLanes& tl : layout.tiles_of_row) tile(b, h, r, tl, stripe, bias_grad, s);
       }
     }
-    for (std::int64_t r = 0; r < rows; ++r) store_keys(b, hk, r, s);
+    for (std::int64_t r = stripe.first; r < stripe.end; ++r) store_keys(b, hk, r, s);
   }
 };
 
@@ -596,7 +656,7 @@ void backward(const detail::BackwardArgs& args) {
   const std::int64_t dim = args.q.shape[Rank + 2], dim_v = args.v.shape[Rank + 2];
 
   // rpb rows reversed and padded as in the forward; the gradient in the same
-  // layout, one partial per item, summed in item order (deterministic).
+  // layout, one partial per (batch, head, query row), summed in that order.
   const std::int64_t kernel = g.axes[Rank - 1].kernel, span = 2 * kernel - 1;
   const std::int64_t bias_width = span + 2 * kBiasPad;
   std::int64_t bias_rows = 1;
@@ -612,16 +672,16 @@ void backward(const detail::BackwardArgs& args) {
       }
     }
   }
-  const std::int64_t items = g.batch * kv_heads;
-  const std::int64_t partial_size = heads_per_kv * bias_rows * bias_width;
-  std::vector<float> partials(args.rpb ? items * partial_size : 0, 0.0f);
+  const std::int64_t rows = layout.rows, pairs = g.batch * kv_heads, cuts = stripes(args);
+  const std::int64_t partial_size = bias_rows * bias_width;  // of one head and query row
+  std::vector<float> partials(args.rpb ? pairs * heads_per_kv * rows * partial_size : 0, 0.0f);
 
   const WindowTable<Rank> windows(g, args.k, args.v, args.params, layout.rows);
   const Backward<Rank> bw{args,       g,          layout,        windows,
                           Extent(args.k), Extent(args.v),
                           args.rpb ? bias.data() : nullptr, bias_rows, bias_width,
                           dim,        dim_v,      heads_per_kv,  static_cast<float>(args.scale)};
-  parallel_for(items, 1, [&](std::int64_t begin, std::int64_t end) {
+  parallel_for(pairs * cuts, 1, [&](std::int64_t begin, std::int64_t end) {
     Scratch& s = scratch();
     reserve(s.queries, dim / 2 * kTile);
     reserve(s.grads, dim_v / 2 * kTile);
@@ -631,20 +691,28 @@ void backward(const detail::BackwardArgs& args) {
     const TileConfig config = backward_config();
     _tile_loadconfig(&config);
     for (std::int64_t item = begin; item < end; ++item) {
-      bw.item(item / kv_heads, item % kv_heads,
-              args.rpb ? partials.data() + item * partial_size : nullptr, s);
+      const std::int64_t pair = item / cuts, cut = item % cuts;
+      const Stripe stripe{rows * cut / cuts, rows * (cut + 1) / cuts};
+      bw.item(pair / kv_heads, pair % kv_heads, stripe,
+              args.rpb ? partials.data() + pair * heads_per_kv * rows * partial_size : nullptr, s);
     }
     _tile_release();
   });
 
   if (args.rpb) {
+    // Summed by (batch, kv head), head, query row: the same order whatever
+    // the stripes.
     std::vector<float> grad(bias_layout.size, 0.0f);
-    for (std::int64_t item = 0; item < items; ++item) {
-      const std::int64_t hk = item % kv_heads;
-      for (std::int64_t r = 0; r < heads_per_kv * bias_rows; ++r) {
-        const float* from = partials.data() + item * partial_size + r * bias_width + kBiasPad;
-        float* to = grad.data() + (hk * heads_per_kv * bias_rows + r) * span;
-        for (std::int64_t i = 0; i < span; ++i) to[i] += from[span - 1 - i];
+    for (std::int64_t pair = 0; pair < pairs; ++pair) {
+      for (std::int64_t hg = 0; hg < heads_per_kv; ++hg) {
+        float* to = grad.data() + ((pair % kv_heads) * heads_per_kv + hg) * bias_rows * span;
+        for (std::int64_t r = 0; r < rows; ++r) {
+          const float* partial = partials.data() + ((pair * heads_per_kv + hg) * rows + r) * partial_size;
+          for (std::int64_t br = 0; br < bias_rows; ++br) {
+            const float* from = partial + br * bias_width + kBiasPad;
+            for (std::int64_t i = 0; i < span; ++i) to[br * span + i] += from[span - 1 - i];
+          }
+        }
       }
     }
     bias_layout.template store_to<detail::BFloat16>(grad, *args.drpb);
