@@ -13,7 +13,7 @@
 // layout of the forward's V^T (a dilation group's keys consecutive, padding
 // after it), and are rounded to bf16 once every query head of the kv head
 // has added to them. A work item is one (batch, kv head), or with fewer of
-// those than threads (2D only) one stripe of its rows: the stripe owns the
+// those than threads (2D and 3D) one stripe of its rows: the stripe owns the
 // dq of its query rows and the dk and dv of its key rows, and computes the
 // tiles of its neighbours' query rows whose windows reach into it again
 // (for their contributions to its keys). Each key gets the same products in
@@ -53,14 +53,14 @@ namespace libna::cpu::amx {
 namespace {
 
 // The stripes of rows each (batch, kv head) is cut into: one when there are
-// as many pairs as threads, else enough for the threads (2D only: a stripe
-// is at least as tall as a window's reach, which it recomputes of each
-// neighbour; 1D has one row, 3D rows reach across the middle axis).
+// as many pairs as threads, else enough for the threads, each at least as
+// tall along the first axis as a window's reach there (which it recomputes
+// of each neighbour). 1D has one row: one stripe.
 std::int64_t stripes(const detail::BackwardArgs& args) {
   const int rank = args.params.rank;
   const std::int64_t pairs = args.q.shape[0] * args.k.shape[rank + 1];
   const std::int64_t threads = get_num_threads();
-  if (pairs >= threads || rank != 2) return 1;
+  if (pairs >= threads || rank == 1) return 1;
   const std::int64_t reach = args.params.kernel_size[0] * args.params.dilation[0];
   const std::int64_t most = std::max<std::int64_t>(1, args.q.shape[1] / reach);
   return std::min((threads + pairs - 1) / pairs, most);
