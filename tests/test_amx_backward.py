@@ -35,7 +35,7 @@ CASES = [
 ]
 # Few (batch, kv head) pairs and tall enough to be cut into stripes of rows
 # when there are more threads than pairs (2 and 4 pairs: 2 to 6 stripes on
-# 4 to 12 threads; in 3D, of whole planes' rows or not).
+# 4 to 12 threads; in 3D, of whole planes).
 STRIPES = [
     ("2d-stripes", (30, 20), 2, 1, 32, 32, 5, 1, 1, False, True),
     ("2d-stripes-dilated-gqa", (30, 20), 4, 2, 32, 32, 3, 1, (2, 1), False, True),

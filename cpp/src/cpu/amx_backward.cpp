@@ -18,7 +18,8 @@
 // tiles of its neighbours' query rows whose windows reach into it again
 // (for their contributions to its keys). Each key gets the same products in
 // the same order either way, and the rpb gradient is summed from one partial
-// per query row, so the gradients are the same bits whatever the threads.
+// per block of rows (RowCuts), so the gradients are the same bits whatever
+// the threads.
 //
 // P and scale dS are rounded to bf16 for the products (FlashAttention's and
 // NATTEN's GPU backward do the same); the gradients are within bf16's
@@ -52,19 +53,35 @@ namespace libna::cpu::amx {
 
 namespace {
 
-// The stripes of rows each (batch, kv head) is cut into: one when there are
-// as many pairs as threads, else enough for the threads, each at least as
-// tall along the first axis as a window's reach there (which it recomputes
-// of each neighbour). 1D has one row: one stripe.
-std::int64_t stripes(const detail::BackwardArgs& args) {
-  const int rank = args.params.rank;
-  const std::int64_t pairs = args.q.shape[0] * args.k.shape[rank + 1];
-  const std::int64_t threads = get_num_threads();
-  if (pairs >= threads || rank == 1) return 1;
-  const std::int64_t reach = args.params.kernel_size[0] * args.params.dilation[0];
-  const std::int64_t most = std::max<std::int64_t>(1, args.q.shape[1] / reach);
-  return std::min((threads + pairs - 1) / pairs, most);
-}
+// How the rows of each (batch, kv head) are cut: into blocks of rows as tall
+// along the first axis as a window's reach there (the rpb gradient is
+// summed from one partial per block, in block order), and into stripes of
+// whole blocks, one per work item: one stripe when there are as many pairs
+// as threads, else enough for the threads. A stripe recomputes the tiles of
+// its neighbours' rows whose windows reach into it: at most a block each
+// side. 1D has one row.
+struct RowCuts {
+  std::int64_t block = 1, blocks = 1, stripes = 1;
+
+  explicit RowCuts(const detail::BackwardArgs& args) {
+    const int rank = args.params.rank;
+    std::int64_t rows = 1;
+    for (int a = 0; a < rank - 1; ++a) rows *= args.q.shape[1 + a];
+    block = rows;  // 1D: the one row
+    if (rank > 1) {
+      block = args.params.kernel_size[0] * args.params.dilation[0];
+      for (int a = 1; a < rank - 1; ++a) block *= args.q.shape[1 + a];  // whole planes in 3D
+    }
+    blocks = (rows + block - 1) / block;
+    const std::int64_t pairs = args.q.shape[0] * args.k.shape[rank + 1];
+    const std::int64_t threads = get_num_threads();
+    if (pairs < threads) stripes = std::min((threads + pairs - 1) / pairs, blocks);
+  }
+  // The rows of stripe `cut`: whole blocks, as evenly as they go.
+  std::int64_t first_row(std::int64_t cut, std::int64_t rows) const {
+    return std::min(rows, block * (blocks * cut / stripes));
+  }
+};
 
 }  // namespace
 
@@ -84,7 +101,7 @@ bool runs(const detail::BackwardArgs& args) {
   if (args.rpb && (args.params.is_causal[last] || args.params.stride[last] != 1)) return false;
   // Fewer work items than threads would idle some, where the vectorised
   // kernels split the rows finer.
-  return args.q.shape[0] * args.k.shape[rank + 1] * stripes(args) >= get_num_threads();
+  return args.q.shape[0] * args.k.shape[rank + 1] * RowCuts(args).stripes >= get_num_threads();
 }
 
 }  // namespace libna::cpu::amx
@@ -597,9 +614,10 @@ struct Backward {
   }
 
   // Every query head of kv head hk at batch b, for the rows of `stripe`.
-  // bias_grads: the (batch, kv head)'s rpb partials, [head of the group][row].
+  // bias_grads: the (batch, kv head)'s rpb partials, [head of the group][block
+  // of rows], blocks `block` rows tall.
   void item(std::int64_t b, std::int64_t hk, const Stripe& stripe, float* bias_grads,
-            Scratch& s) const {
+            std::int64_t block, Scratch& s) const {
     const std::int64_t rows = layout.rows, width = layout.vt_width;
     // The query rows to compute: the stripe's and those whose windows reach
     // into it; the key rows their windows read.
@@ -638,9 +656,10 @@ struct Backward {
     for (std::int64_t r = keys_hi; r < rows; ++r) s.left_keys_start[r + 1] = s.left_keys_start[r];
     for (std::int64_t h = hk * heads_per_kv; h < (hk + 1) * heads_per_kv; ++h) {
       for (const std::int64_t r : queries) {
-        float* bias_grad =
-            bias_grads ? bias_grads + ((h - hk * heads_per_kv) * rows + r) * bias_rows * bias_width
-                       : nullptr;
+        const std::int64_t blocks = (rows + block - 1) / block;
+        float* bias_grad = bias_grads ? bias_grads + ((h - hk * heads_per_kv) * blocks + r / block) *
+                                                         bias_rows * bias_width
+                                      : nullptr;
         for (const TileLanes& tl : layout.tiles_of_row) tile(b, h, r, tl, stripe, bias_grad, s);
       }
     }
@@ -656,7 +675,7 @@ void backward(const detail::BackwardArgs& args) {
   const std::int64_t dim = args.q.shape[Rank + 2], dim_v = args.v.shape[Rank + 2];
 
   // rpb rows reversed and padded as in the forward; the gradient in the same
-  // layout, one partial per (batch, head, query row), summed in that order.
+  // layout, one partial per (batch, head, block of rows), summed in that order.
   const std::int64_t kernel = g.axes[Rank - 1].kernel, span = 2 * kernel - 1;
   const std::int64_t bias_width = span + 2 * kBiasPad;
   std::int64_t bias_rows = 1;
@@ -672,16 +691,18 @@ void backward(const detail::BackwardArgs& args) {
       }
     }
   }
-  const std::int64_t rows = layout.rows, pairs = g.batch * kv_heads, cuts = stripes(args);
-  const std::int64_t partial_size = bias_rows * bias_width;  // of one head and query row
-  std::vector<float> partials(args.rpb ? pairs * heads_per_kv * rows * partial_size : 0, 0.0f);
+  const std::int64_t rows = layout.rows, pairs = g.batch * kv_heads;
+  const RowCuts cuts(args);
+  const std::int64_t partial_size = bias_rows * bias_width;  // of one head and block of rows
+  std::vector<float> partials(args.rpb ? pairs * heads_per_kv * cuts.blocks * partial_size : 0,
+                              0.0f);
 
   const WindowTable<Rank> windows(g, args.k, args.v, args.params, layout.rows);
   const Backward<Rank> bw{args,       g,          layout,        windows,
                           Extent(args.k), Extent(args.v),
                           args.rpb ? bias.data() : nullptr, bias_rows, bias_width,
                           dim,        dim_v,      heads_per_kv,  static_cast<float>(args.scale)};
-  parallel_for(pairs * cuts, 1, [&](std::int64_t begin, std::int64_t end) {
+  parallel_for(pairs * cuts.stripes, 1, [&](std::int64_t begin, std::int64_t end) {
     Scratch& s = scratch();
     reserve(s.queries, dim / 2 * kTile);
     reserve(s.grads, dim_v / 2 * kTile);
@@ -691,23 +712,26 @@ void backward(const detail::BackwardArgs& args) {
     const TileConfig config = backward_config();
     _tile_loadconfig(&config);
     for (std::int64_t item = begin; item < end; ++item) {
-      const std::int64_t pair = item / cuts, cut = item % cuts;
-      const Stripe stripe{rows * cut / cuts, rows * (cut + 1) / cuts};
+      const std::int64_t pair = item / cuts.stripes, cut = item % cuts.stripes;
+      const Stripe stripe{cuts.first_row(cut, rows), cuts.first_row(cut + 1, rows)};
       bw.item(pair / kv_heads, pair % kv_heads, stripe,
-              args.rpb ? partials.data() + pair * heads_per_kv * rows * partial_size : nullptr, s);
+              args.rpb ? partials.data() + pair * heads_per_kv * cuts.blocks * partial_size
+                       : nullptr,
+              cuts.block, s);
     }
     _tile_release();
   });
 
   if (args.rpb) {
-    // Summed by (batch, kv head), head, query row: the same order whatever
-    // the stripes.
+    // Summed by (batch, kv head), head, block of rows: the same order
+    // whatever the stripes.
     std::vector<float> grad(bias_layout.size, 0.0f);
     for (std::int64_t pair = 0; pair < pairs; ++pair) {
       for (std::int64_t hg = 0; hg < heads_per_kv; ++hg) {
         float* to = grad.data() + ((pair % kv_heads) * heads_per_kv + hg) * bias_rows * span;
-        for (std::int64_t r = 0; r < rows; ++r) {
-          const float* partial = partials.data() + ((pair * heads_per_kv + hg) * rows + r) * partial_size;
+        for (std::int64_t blk = 0; blk < cuts.blocks; ++blk) {
+          const float* partial =
+              partials.data() + ((pair * heads_per_kv + hg) * cuts.blocks + blk) * partial_size;
           for (std::int64_t br = 0; br < bias_rows; ++br) {
             const float* from = partial + br * bias_width + kBiasPad;
             for (std::int64_t i = 0; i < span; ++i) to[br * span + i] += from[span - 1 - i];
