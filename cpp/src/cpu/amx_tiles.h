@@ -48,8 +48,8 @@ LIBNA_AMX_BEGIN
 namespace libna::cpu::amx {
 
 constexpr int kTile = 16;        // queries per tile, keys per S tile, channels per output tile
-constexpr int kKeyPairs = 16;    // key pairs per P.V product (32 keys)
-constexpr int kChannels = 32;    // channels per q.k product
+constexpr int kKeyPairs = 16;    // key pairs per product over keys (P.V, dS.K: 32 keys)
+constexpr int kChannels = 32;    // channels per product over channels (q.k, dout.v)
 constexpr int kBiasPad = kTile;  // zeros either side of a reversed rpb row
 
 struct alignas(64) TileConfig {
@@ -60,7 +60,7 @@ struct alignas(64) TileConfig {
 };
 
 // 2^t in the lanes of `in`, 0 in the others; t <= 0 (a logit minus the
-// maximum, times log2(e)). 2^t = 2^n 2^f, n = round(t), |f| <= 1/2, 2^f by
+// maximum or, in the backward, minus lse, times log2(e)). 2^t = 2^n 2^f, n = round(t), |f| <= 1/2, 2^f by
 // its Taylor polynomial of degree 6 (relative error below 2e-7); -inf gives 0
 // and NaN stays NaN.
 inline __m512 exp2_masked(__mmask16 in, __m512 t) {
