@@ -2,7 +2,7 @@
 that have AMX-BF16 (skipped elsewhere, saying so): dq, dk, dv and drpb within
 bf16's precision of the float64 backward of the same out, lse and dout, over
 ranks, kernel sizes, dilation, stride, causal windows, rpb, GQA, head dims
-and dlse; a different kernel from the one LIBNA_CPU_AMX=0 runs where it
+(32 to 160, q's and v's apart) and dlse; a different kernel from the one LIBNA_CPU_AMX=0 runs where it
 applies, the same bits where it does not; the same bits on one thread and on
 two; non-finite q, k and dout values (which stay out of the tile products)
 reaching only their neighbourhood's gradients."""
@@ -32,6 +32,8 @@ CASES = [
     ("1d-long-kernel", (90,), 2, 2, 32, 32, 63, 1, 1, False, True),
     ("1d-causal-wide-head", (50,), 2, 1, 128, 32, 9, 1, 2, True, False),
     ("3d", (5, 6, 19), 2, 2, 32, 32, (3, 3, 5), 1, (1, 2, 1), False, True),
+    # dq in 48 channels at a time with a 16-channel remainder; dk, dv in 32s.
+    ("2d-head-dims-160-96", (11, 19), 2, 2, 160, 96, 5, 1, 1, False, False),
 ]
 # Few (batch, kv head) pairs and tall enough to be cut into stripes of rows
 # when there are more threads than pairs (2 and 4 pairs: 2 to 6 stripes on
