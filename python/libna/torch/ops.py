@@ -421,12 +421,13 @@ def _eager(*tensors) -> bool:
             and _unmodified())
 
 
-def _plain_cpu(required, optional=(), any_dtype=()) -> bool:
+def _plain_cpu(required, optional=(), any_dtype=(), autocast_applied=False) -> bool:
     """Whether a call may go straight to the core: the tensors `required`,
     and those of `optional` and `any_dtype` that are not None, are plain,
     dense CPU tensors, those of `required` and `optional` of one of libna's
-    dtypes, outside autocast and the modes of ``_unmodified``. Anything else
-    takes the general path, which casts, explains what is wrong or traces."""
+    dtypes, outside autocast (or, with autocast_applied, after the caller
+    applied its casts) and the modes of ``_unmodified``. Anything else takes
+    the general path, which casts, explains what is wrong or traces."""
     q = required[0]
     if type(q) not in _PLAIN:
         return False
@@ -445,25 +446,7 @@ def _plain_cpu(required, optional=(), any_dtype=()) -> bool:
         if t is not None and (type(t) not in _PLAIN or not t.is_cpu
                               or t.layout is not torch.strided):
             return False
-    return not torch.is_autocast_enabled("cpu") and _unmodified()
-
-
-def _packed_eager(qkv, rpb) -> bool:
-    """Whether a recorded na_qkvpacked call takes _NaQkvPackedEager: plain
-    dense CPU tensors, in or out of CPU autocast (whose casts the caller then
-    applies, so the gradient of qkv still comes out in one piece)."""
-    if not torch.is_autocast_enabled("cpu"):
-        return _plain_cpu((qkv,), (rpb,))
-    autocast_dtype = torch.get_autocast_dtype("cpu")
-    dtypes = set()
-    for t in (qkv, rpb):
-        if t is None:
-            continue
-        if (type(t) not in _PLAIN or not t.is_cpu or t.layout is not torch.strided
-                or not t.is_floating_point()):
-            return False
-        dtypes.add(t.dtype if t.dtype == torch.float64 else autocast_dtype)
-    return len(dtypes) == 1 and dtypes.pop() in _CORE_DTYPES and _unmodified()
+    return (autocast_applied or not torch.is_autocast_enabled("cpu")) and _unmodified()
 
 
 def _records_grad(tensors) -> bool:
@@ -703,15 +686,17 @@ def na_qkvpacked(rank: int, qkv, kernel_size, *, stride=1, dilation=1, is_causal
     if qkv.dim() != rank + 4 or qkv.shape[-3] != 3:
         raise ValueError(f"[{op}] qkv has shape {tuple(qkv.shape)}; expected [B, {rank} spatial "
                          "axes, 3, heads, D] (q, k and v along the third-from-last axis)")
-    if _records_grad((qkv, rpb)) and _packed_eager(qkv, rpb):
-        if torch.is_autocast_enabled("cpu"):
-            qkv, rpb = _autocast(qkv, rpb)  # recorded casts; a bf16 projection needs none
-        if scale is None:
-            scale = qkv.shape[-1] ** -0.5
-        params = (rank, kernel_size, stride, dilation, is_causal, scale)
-        out, lse = _profiled("libna::na_forward", _NA_QKVPACKED_APPLY, _unwrap_if_dead(qkv),
-                             None if rpb is None else _unwrap_if_dead(rpb), params)
-        return (out, lse) if return_lse else out
+    # Inside autocast, its casts first (recorded; a bf16 projection needs
+    # none), so that the gradient of qkv still comes out in one piece.
+    if _records_grad((qkv, rpb)):
+        qkv, rpb = _autocast(qkv, rpb)
+        if _plain_cpu((qkv,), (rpb,), autocast_applied=True):
+            if scale is None:
+                scale = qkv.shape[-1] ** -0.5
+            params = (rank, kernel_size, stride, dilation, is_causal, scale)
+            out, lse = _profiled("libna::na_forward", _NA_QKVPACKED_APPLY, _unwrap_if_dead(qkv),
+                                 None if rpb is None else _unwrap_if_dead(rpb), params)
+            return (out, lse) if return_lse else out
     # Otherwise what it stands for: compiled, traced and no-grad calls lose
     # nothing (no gradient to stack; inductor fuses the stack).
     q, k, v = qkv.unbind(-3)
