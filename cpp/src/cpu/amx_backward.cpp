@@ -118,11 +118,7 @@ namespace {
 // tmm7 and tmm3 the 8 query pairs x 16 channels of q or dout that it
 // multiplies (32 channels, kept for a whole pass over the keys).
 TileConfig backward_config() {
-  TileConfig c;
-  for (int t = 0; t < 8; ++t) {
-    c.bytes_per_row[t] = 64;
-    c.rows[t] = kTile;
-  }
+  TileConfig c = full_tiles();
   c.bytes_per_row[6] = 2 * kTile;
   c.rows[3] = c.rows[7] = kTile / 2;
   return c;
@@ -396,36 +392,14 @@ struct Backward {
     }
   }
 
-  // The A operands of S^T (from k) or dP^T (from v) of every window row.
-  void operands(const TensorView& t, std::int64_t b, std::int64_t hk, const WindowRow* rows,
-                std::int64_t window, bool values, const TileLanes& tl, std::int64_t key_tiles,
-                std::int64_t width, float* results, std::int64_t row_floats, Scratch& s) const {
-    const auto* data = static_cast<const std::uint16_t*>(t.data);
-    const std::int64_t base = b * t.strides[0] + hk * t.strides[Rank + 1];
-    const std::int64_t step = layout.dilation * t.strides[Rank];
-    const std::int64_t len = layout.group_len[tl.grp];
-    s.products.clear();
-    for (std::int64_t w = 0; w < window; ++w) {
-      const std::int64_t row_start = base + (values ? rows[w].value_offset : rows[w].key_offset) +
-                                     tl.grp * t.strides[Rank];
-      for (std::int64_t kt = 0; kt < key_tiles; ++kt) {
-        const std::int64_t j0 = tl.union_lo + kt * kTile;
-        s.products.push_back(key_tile(data, row_start + j0 * step, step, len - j0, width,
-                                      values ? values_extent : keys_extent,
-                                      s.edges.data() + (w * key_tiles + kt) * kTile * width,
-                                      results + w * row_floats + kt * kTile * kTile));
-      }
-    }
-  }
-
   // S^T = K . Q^T and dP^T = V . dO^T.
   void score_products(const TileShape<Rank>& t, Scratch& s) const {
-    operands(args.k, t.b, t.hk, t.rows, t.window, false, t.lanes, t.key_tiles, dim,
-             s.scores.data(), t.row_floats(), s);
+    key_operands<Rank>(args.k, false, keys_extent, layout, t, s.edges.data(), s.scores.data(),
+                       s.products);
     key_products(s.products.data(), static_cast<std::int64_t>(s.products.size()),
                  s.queries.data(), dim);
-    operands(args.v, t.b, t.hk, t.rows, t.window, true, t.lanes, t.key_tiles, dim_v,
-             s.dprobs.data(), t.row_floats(), s);
+    key_operands<Rank>(args.v, true, values_extent, layout, t, s.edges.data(), s.dprobs.data(),
+                       s.products);
     key_products(s.products.data(), static_cast<std::int64_t>(s.products.size()),
                  s.grads.data(), dim_v);
   }

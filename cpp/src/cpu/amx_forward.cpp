@@ -108,19 +108,10 @@ namespace libna::cpu::amx {
 
 namespace {
 
-// Every tile this kernel uses is 16 rows of 64 bytes. For S^T: tmm0, tmm4
-// and tmm5 accumulate, tmm1, tmm3 and tmm7 hold keys, tmm2 Q^T. For O^T:
-// tmm4..7 accumulate (64 output channels), tmm1 and tmm3 hold V^T, tmm2 and
-// tmm0 P^T.
-TileConfig tile_config() {
-  TileConfig c;
-  for (int t = 0; t < 8; ++t) {
-    c.bytes_per_row[t] = 64;
-    c.rows[t] = kTile;
-  }
-  return c;
-}
-
+// Every tile this kernel uses is 16 rows of 64 bytes (full_tiles). For
+// S^T: tmm0, tmm4 and tmm5 accumulate, tmm1, tmm3 and tmm7 hold keys, tmm2
+// Q^T. For O^T: tmm4..7 accumulate (64 output channels), tmm1 and tmm3 hold
+// V^T, tmm2 and tmm0 P^T.
 // The probabilities of key i of a run of `keys` for the 16 lanes, from its
 // logits: exp(logit - shift) where the window holds the key, else 0 (and 0
 // past the run's end). A function, not a lambda, so that it is compiled with
@@ -345,22 +336,8 @@ struct Forward {
   // S^T, 16 keys by 16 queries per product, three products in flight (a
   // tile product's result is ready some 16 cycles after it starts).
   void score_products(const TileShape<Rank>& t, Scratch& s) const {
-    const TensorView& k = args.k;
-    const auto* k_data = static_cast<const std::uint16_t*>(k.data);
-    const std::int64_t grp = t.lanes.grp, len = layout.group_len[grp];
-    const std::int64_t step = layout.dilation * k.strides[Rank];
-    const std::int64_t key_base = t.b * k.strides[0] + t.hk * k.strides[Rank + 1];
-    s.key_tiles.clear();
-    for (std::int64_t w = 0; w < t.window; ++w) {
-      const std::int64_t row_start = key_base + t.rows[w].key_offset + grp * k.strides[Rank];
-      for (std::int64_t kt = 0; kt < t.key_tiles; ++kt) {
-        const std::int64_t j0 = t.lanes.union_lo + kt * kTile;
-        s.key_tiles.push_back(key_tile(k_data, row_start + j0 * step, step, len - j0, dim,
-                                       keys_extent,
-                                       s.edge_keys.data() + (w * t.key_tiles + kt) * kTile * dim,
-                                       s.scores.data() + w * t.row_floats() + kt * kTile * kTile));
-      }
-    }
+    key_operands<Rank>(args.k, false, keys_extent, layout, t, s.edge_keys.data(), s.scores.data(),
+                       s.key_tiles);
     const std::uint32_t* qt = s.queries.data();
     const std::int64_t products = static_cast<std::int64_t>(s.key_tiles.size());
     for (std::int64_t i = 0; i < products; i += 3) {
@@ -583,7 +560,7 @@ void forward(const detail::ForwardArgs& args) {
     Scratch& s = scratch();
     reserve(s.queries, dim / 2 * kTile);
     reserve(s.output, dim_v * kTile);
-    const TileConfig config = tile_config();
+    const TileConfig config = full_tiles();
     _tile_loadconfig(&config);
     for (std::int64_t item = begin; item < end; ++item) {
       const std::int64_t tile = item % tiles, rest = item / tiles;

@@ -59,6 +59,16 @@ struct alignas(64) TileConfig {
   std::uint8_t rows[16] = {};
 };
 
+// tmm0..tmm7 all 16 rows of 64 bytes.
+inline TileConfig full_tiles() {
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) {
+    c.bytes_per_row[t] = 64;
+    c.rows[t] = kTile;
+  }
+  return c;
+}
+
 // 2^t in the lanes of `in`, 0 in the others; t <= 0 (a logit minus the
 // maximum or, in the backward, minus lse, times log2(e)). 2^t = 2^n 2^f, n = round(t), |f| <= 1/2, 2^f by
 // its Taylor polynomial of degree 6 (relative error below 2e-7); -inf gives 0
@@ -336,6 +346,32 @@ struct TileShape {
   std::int64_t row_floats() const { return key_tiles * kTile * kTile; }
   std::int64_t row_pairs() const { return pair_tiles * kKeyPairs * kTile; }
 };
+
+// The A operands of a tile's products over keys, from k (or, with
+// `values`, v): window row by window row, 16 keys of the run each, their 16
+// x 16 results at `results` (window row w's from w * row_floats() on); rows
+// outside the tensor copied into `edges` (key_tile).
+template <int Rank>
+void key_operands(const TensorView& t, bool values, const Extent& extent,
+                  const Layout<Rank>& layout, const TileShape<Rank>& shape, std::uint16_t* edges,
+                  float* results, std::vector<KeyTile>& out) {
+  const auto* data = static_cast<const std::uint16_t*>(t.data);
+  const std::int64_t width = t.shape[Rank + 2], grp = shape.lanes.grp;
+  const std::int64_t base = shape.b * t.strides[0] + shape.hk * t.strides[Rank + 1];
+  const std::int64_t step = layout.dilation * t.strides[Rank], len = layout.group_len[grp];
+  out.clear();
+  for (std::int64_t w = 0; w < shape.window; ++w) {
+    const std::int64_t row_start =
+        base + (values ? shape.rows[w].value_offset : shape.rows[w].key_offset) +
+        grp * t.strides[Rank];
+    for (std::int64_t kt = 0; kt < shape.key_tiles; ++kt) {
+      const std::int64_t j0 = shape.lanes.union_lo + kt * kTile;
+      out.push_back(key_tile(data, row_start + j0 * step, step, len - j0, width, extent,
+                             edges + (w * shape.key_tiles + kt) * kTile * width,
+                             results + w * shape.row_floats() + kt * kTile * kTile));
+    }
+  }
+}
 
 }  // namespace libna::cpu::amx
 
